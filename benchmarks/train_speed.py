@@ -231,11 +231,13 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def build_comfy(family: str, size: str, device: torch.device, dtype: torch.dtype, inference_weights: bool,
-                seed: int = 0, attention: str = "default"):
+                seed: int = 0, attention: str = "default", weight_dtype: torch.dtype | None = None):
     """(ComfyDiffusionModel, adapters module, core package prefix) for family sd15|sdxl at size full|tiny.
 
     inference_weights: build under torch.inference_mode(), as ComfyUI's loader nodes do (the adapter then
-    clones the weights in the gradient path for the run; that copy shows in the peak memory)."""
+    clones the weights in the gradient path for the run; that copy shows in the peak memory).
+    weight_dtype: store the UNet's weights in this dtype (fp8) and compute in `dtype`, as ComfyUI's
+    "Load Diffusion Model" node does with weight_dtype fp8_e4m3fn (manual cast per layer)."""
     mm = _import_comfy(device, attention)
     import comfy.model_patcher
     import comfy.sd
@@ -248,9 +250,10 @@ def build_comfy(family: str, size: str, device: torch.device, dtype: torch.dtype
     with torch.inference_mode() if inference_weights else nullcontext():
         cfg = dict(UNET_CONFIGS[(family, size)])
         mc = (sm.SD15 if family == "sd15" else sm.SDXL)(cfg)
-        mc.set_inference_dtype(dtype, None)
+        store = weight_dtype or dtype
+        mc.set_inference_dtype(store, None if store == dtype else dtype)
         mc.unet_config.update(cfg)  # unet_extra_config overrides num_heads/num_head_channels: put ours back
-        mc.unet_config["dtype"] = dtype
+        mc.unet_config["dtype"] = store
         base = mc.get_model({}, device=load)
         randomize(base.diffusion_model, seed)
         model = comfy.model_patcher.ModelPatcher(base, load_device=load, offload_device=mm.unet_offload_device())
@@ -450,6 +453,9 @@ def parse_args(argv=None):
                    help="device peak for the fraction (default: table/measured)")
     p.add_argument("--inference-weights", choices=("on", "off"), default="on",
                    help="comfy: build weights under inference_mode like ComfyUI's loaders (default on)")
+    p.add_argument("--weight-dtype", choices=("default", "fp8_e4m3fn", "fp8_e5m2"), default="default",
+                   help="comfy: UNet weight storage (fp8: computed in --dtype, cast per layer, as ComfyUI's "
+                        "Load Diffusion Model weight_dtype); default: --dtype")
     p.add_argument("--reward-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="reward tower weights (default fp32, as the nodes load them)")
     p.add_argument("--comfy-attention", choices=("default", "pytorch"), default="default",
@@ -493,8 +499,9 @@ def main(argv=None) -> dict:
             model, core = build_core(args.size, device, dtype)
             adapters, session = None, nullcontext()
         else:
+            weight_dtype = None if args.weight_dtype == "default" else getattr(torch, args.weight_dtype.replace("fp8", "float8"))
             model, adapters, core = build_comfy(family, args.size, device, dtype, args.inference_weights == "on",
-                                                attention=args.comfy_attention)
+                                                attention=args.comfy_attention, weight_dtype=weight_dtype)
         if args.compile != "none":  # the UNet's __call__, hooks included; undone below
             model.net.compile(mode=None if args.compile == "default" else args.compile, dynamic=False)
         geometry = GEOMETRY[(family, args.size)]
@@ -540,7 +547,7 @@ def main(argv=None) -> dict:
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
         "peak_tflops": peak, "peak_source": source, "comfy_attention": attention,
-        "reward_dtype": args.reward_dtype,
+        "reward_dtype": args.reward_dtype, "weight_dtype": args.weight_dtype,
         "levers": {"no_checkpoint": args.no_checkpoint, "fused_adam": args.fused_adam, "autocast": args.autocast,
                    "no_cache": args.no_cache, "checkpoint_decode": args.checkpoint_decode,
                    "merge_nograd": args.merge_nograd, "se_early_exit": args.se_early_exit, "compile": args.compile,

@@ -167,8 +167,14 @@ def lora_weight_delta(
 def _at_least_fp32(*dtypes: torch.dtype) -> torch.dtype:
     out = torch.float32
     for d in dtypes:
-        out = torch.promote_types(out, d)
+        if not _is_fp8(d):  # torch does not promote float8 types; fp32 holds them exactly
+            out = torch.promote_types(out, d)
     return out
+
+
+def _is_fp8(dtype: torch.dtype) -> bool:
+    """float8 storage (ComfyUI's fp8_e4m3fn / fp8_e5m2 weight dtypes), computed in a wider dtype per layer."""
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 class LoRAAdapter(nn.Module):
@@ -549,12 +555,16 @@ class MergedWhenNoGrad:
     ~6 extra kernels per adapted layer per call. The original host weights are kept once (SD1.5 attn:
     0.17 GiB bf16; SDXL: 1.78 GiB, put them on the CPU there), so restoring is bit-exact.
 
+    Hosts stored in float8 (ComfyUI's fp8 weight dtypes) are never merged: 3 mantissa bits would round a
+    young LoRA's delta away, so the graph-free calls would sample the base model. There the hooks stay on.
+
     Always call `restore()` after sampling (a `finally`): an interrupted trajectory may stop merged.
     """
 
     def __init__(self, denoiser, lora: LoRA):
         self.denoiser, self.lora, self.merged = denoiser, lora, False
-        self.originals = [h.weight.detach().clone() for h in lora._hosts]
+        self.mergeable = not any(_is_fp8(h.weight.dtype) for h in lora._hosts)
+        self.originals = [h.weight.detach().clone() for h in lora._hosts] if self.mergeable else []
 
     @torch.no_grad()
     def _merge(self) -> None:
@@ -572,6 +582,6 @@ class MergedWhenNoGrad:
     def __call__(self, x, sigma, cond):
         if self.merged and torch.is_grad_enabled():
             self.restore()  # first differentiated call, or its recompute in backward
-        elif not self.merged and self.lora.enabled and not torch.is_grad_enabled():
+        elif self.mergeable and not self.merged and self.lora.enabled and not torch.is_grad_enabled():
             self._merge()
         return self.denoiser(x, sigma, cond)

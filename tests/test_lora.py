@@ -456,3 +456,71 @@ class TestSaveLoad:
     def test_metadata_type_error(self, tmp_path):
         with pytest.raises(TypeError, match="metadata"):
             save_lora(tmp_path / "x.safetensors", LoRA.attach(_net(), "to_k"), {1: "a"})
+
+
+class CastLinear(nn.Linear):
+    """Like comfy.ops.manual_cast.Linear: weights stored in a narrow dtype (fp8), cast to x's dtype per call."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _trained_lora(net, targets=(r"to_q$", r"to_k$")):
+    lora = LoRA.attach(net, targets, rank=2, alpha=2.0)
+    with torch.no_grad():
+        for a in lora.adapters:  # a trained LoRA: up is nonzero (a fresh one's delta is exactly 0)
+            a.up.normal_(generator=torch.Generator().manual_seed(1)).mul_(0.1)
+    return lora
+
+
+def test_merged_when_no_grad_equals_hooks_and_restores_exactly():
+    from focusfix_core.lora import MergedWhenNoGrad
+    torch.manual_seed(0)
+    net = Attention(8, 6)
+    lora = _trained_lora(net)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        hooked = net(x, ctx)
+        merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora)
+        got = merged(x, None, ctx)
+        assert merged.merged and not lora.enabled  # the hooks are idle, the weights carry the delta
+        assert not torch.equal(net.to_q.weight, before["to_q.weight"])
+    torch.testing.assert_close(got, hooked, rtol=1e-5, atol=1e-6)
+    merged.restore()
+    assert lora.enabled and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+
+
+def test_merged_when_no_grad_keeps_hooks_on_fp8_weights():
+    """fp8 storage would round the delta away (3 mantissa bits): the graph-free calls keep the hooks."""
+    from focusfix_core.lora import MergedWhenNoGrad
+    torch.manual_seed(0)
+    net = Attention(8, 6, linear=CastLinear)
+    with torch.no_grad():
+        for lin in (net.to_q, net.to_k, net.to_v):
+            lin.weight.data = lin.weight.data.to(torch.float8_e4m3fn)
+    lora = _trained_lora(net)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    w8 = net.to_q.weight.detach().clone()
+    with torch.no_grad():
+        hooked = net(x, ctx)
+        with lora.disabled():
+            base = net(x, ctx)
+        merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora)
+        got = merged(x, None, ctx)
+    assert not merged.mergeable and not merged.merged and lora.enabled
+    assert torch.equal(got, hooked) and not torch.allclose(got, base)  # the LoRA acts in graph-free calls
+    assert torch.equal(net.to_q.weight.view(torch.uint8), w8.view(torch.uint8))
+
+
+def test_merge_into_fp8_weights_sums_in_fp32():
+    """Baking a LoRA into fp8-stored weights (torch cannot promote float8) sums in fp32, stores fp8."""
+    torch.manual_seed(0)
+    net = Attention(8, 6, linear=CastLinear)
+    net.to_q.weight.data = net.to_q.weight.data.to(torch.float8_e4m3fn)
+    w = net.to_q.weight.detach().float().clone()
+    lora = _trained_lora(net, targets=(r"to_q$",))
+    delta = lora.adapters[0].weight_delta(1.0)
+    lora.merge()
+    assert net.to_q.weight.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(net.to_q.weight.float(), (w + delta).to(torch.float8_e4m3fn).float())

@@ -41,11 +41,14 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def _unet(config_cls, cfg: dict, seed: int):
+def _unet(config_cls, cfg: dict, seed: int, weight_dtype: torch.dtype = torch.float32):
+    """weight_dtype float8_*: weights stored in fp8 and cast to fp32 per layer (ComfyUI's manual cast), as the
+    "Load Diffusion Model" node's weight_dtype fp8_e4m3fn gives."""
     mc = config_cls(cfg)
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     for k, v in cfg.items():  # unet_extra_config overrides num_heads/num_head_channels: put ours back
         mc.unet_config[k] = v
+    mc.unet_config["dtype"] = weight_dtype
     model = mc.get_model({})
     randomize(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
@@ -56,24 +59,24 @@ _COMMON = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_cha
            "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
-def tiny_sd15(seed: int = 0):
+def tiny_sd15(seed: int = 0, weight_dtype: torch.dtype = torch.float32):
     """SD1.5 layout: attn2 in every level, context 32, eps prediction. -> (MODEL, CLIP)."""
     cfg = {**_COMMON, "adm_in_channels": None, "context_dim": WIDTH, "use_linear_in_transformer": False,
            "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
            "num_heads": 2, "num_head_channels": -1}
-    model = _unet(comfy.supported_models.SD15, cfg, seed)
+    model = _unet(comfy.supported_models.SD15, cfg, seed, weight_dtype)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(_CLIP_CFG)})
     randomize(clip.cond_stage_model, seed + 1)
     return model, clip
 
 
-def tiny_sdxl(seed: int = 0):
+def tiny_sdxl(seed: int = 0, weight_dtype: torch.dtype = torch.float32):
     """SDXL layout: no attention in level 0, linear proj_in, context = clip_l + clip_g (64), y = pooled + 6x256. -> (MODEL, CLIP)."""
     cfg = {**_COMMON, "adm_in_channels": WIDTH + 6 * 256, "num_classes": "sequential", "context_dim": 2 * WIDTH,
            "use_linear_in_transformer": True, "transformer_depth": [0, 2], "transformer_depth_middle": 1,
            "transformer_depth_output": [0, 0, 2, 2], "num_heads": -1, "num_head_channels": 16}
-    model = _unet(comfy.supported_models.SDXL, cfg, seed)
+    model = _unet(comfy.supported_models.SDXL, cfg, seed, weight_dtype)
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(_CLIP_CFG), "clip_g_model_config": dict(_CLIP_CFG)})
     randomize(clip.cond_stage_model, seed + 1)
@@ -113,9 +116,9 @@ def tiny_vae(seed: int = 0):
     return vae
 
 
-def tiny_checkpoint(layout: str = "sd15", seed: int = 0):
+def tiny_checkpoint(layout: str = "sd15", seed: int = 0, weight_dtype: torch.dtype = torch.float32):
     """(MODEL, CLIP, VAE) like CheckpointLoaderSimple returns, for layout 'sd15' or 'sdxl'."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    model, clip = (tiny_sd15 if layout == "sd15" else tiny_sdxl)(seed)
+    model, clip = (tiny_sd15 if layout == "sd15" else tiny_sdxl)(seed, weight_dtype)
     return model, clip, tiny_vae(seed)

@@ -107,6 +107,21 @@ def test_train_focus_n_fix(fresh, checkpoint, layout):
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model) and not model.patches
 
 
+def test_train_focus_n_fix_on_fp8_weights(fresh, tiny_models):
+    """SDXL on a 12 GB card is often loaded with weight_dtype fp8_e4m3fn (weights stored in fp8, computed in
+    a wider dtype per layer). Training must work there, and the LoRA must act in every sampler step."""
+    with torch.inference_mode():
+        checkpoint = tiny_models.tiny_checkpoint("sdxl", 0, weight_dtype=torch.float8_e4m3fn)
+    model = checkpoint[0]
+    weights = {n: p.view(torch.uint8).clone() for n, p in model.model.diffusion_model.named_parameters()}
+    assert {p.dtype for p in model.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
+    lora, curve, before, after, mask, report = _train_fix(fresh, checkpoint, iterations=3)
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in lora.tensors.items())
+    assert not torch.equal(before, after), "the fp8 model's images should change"
+    assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model) and not model.patches
+    assert all(torch.equal(p.view(torch.uint8), weights[n]) for n, p in model.model.diffusion_model.named_parameters())
+
+
 def test_train_focus_n_fix_painted_mask_and_conditioning(fresh, checkpoint, layout):
     model, clip, vae = checkpoint
     with torch.inference_mode():
