@@ -10,7 +10,9 @@ run in seconds on any machine. What it measures, per family:
   at least one kernel launch, so this is what CUDA graphs / torch.compile would remove.
 - **peak memory of the differentiated tail** (`LiveBytes`, below: storages alive at once): the part of
   `FixTrainer.train_step` that holds a graph, i.e. the last (K = 1) denoiser call with gradients
-  (checkpointed), the differentiable decode, the reward, the region loss against the cached I0 and M,
+  and the differentiable decode, both checkpointed block by block as the trainer does (`--variants`: also
+  the decode checkpointed as a whole; whole-call checkpointing, the trainer before block-wise
+  checkpointing; no checkpointing), the reward, the region loss against the cached I0 and M,
   backward and the AdamW step. The N - K graph-free calls before it hold one call's activations at a time,
   measured separately ("graph-free call").
 
@@ -18,6 +20,9 @@ Attention is ComfyUI's PyTorch SDPA path (its default on NVIDIA). On `meta` SDPA
 the attention matrices would count as materialised; `--attention flash` (default) routes SDPA to the flash
 kernel's own op (`aten._scaled_dot_product_flash_attention`, which has meta and autograd support), which
 keeps only the output and its log-sum-exp, as the GPU does. `--attention math` shows the materialising case.
+
+Not counted: the CUDA context, the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces,
+and models ComfyUI keeps on the GPU beside ours (text encoders: SD1.5 0.25 GB, SDXL 1.6 GB in fp16).
 
 Example:
     COMFYUI_DIR=/path/ComfyUI python benchmarks/cost_model.py --models sd15,sdxl --batches 1,4
@@ -139,6 +144,8 @@ def build(family: str, dtype: torch.dtype):
     base.model_sampling.to(META)
     core = f"{ts.PACK}.focusfix_core"
     reward = ts.build_reward(core, "full", META, torch.float32)  # fp32, as the nodes load rewards
+    for m in (base, vae.first_stage_model, reward):  # frozen, as in the trainer's step (and the adapter's clones)
+        m.requires_grad_(False)
     return dm, reward, core
 
 
@@ -189,14 +196,15 @@ def graph_free_peak(dm, core, family, lora, side: int, B: int) -> int:
     return live.peak
 
 
-def tail_peak(dm, reward, core, family, lora, side: int, B: int, checkpoint: bool = True,
-              checkpoint_decode: bool = False) -> dict:
+def tail_peak(dm, reward, core, family, lora, side: int, B: int, checkpoint: str = "blocks",
+              checkpoint_decode: bool = False) -> int:
     """Peak bytes above the weights of FixTrainer.train_step's differentiated part (module docstring):
     activations, LoRA gradients and AdamW state, the cached I0 and M."""
     denoisers = importlib.import_module(f"{core}.denoisers")
     lora_mod = importlib.import_module(f"{core}.lora")
     sampler = importlib.import_module(f"{core}.sampler")
     losses = importlib.import_module(f"{core}.losses")
+    blocks = dm.checkpoint_modules() if checkpoint == "blocks" else []
     decode = dm.decode
     if checkpoint_decode:
         def decode(z):
@@ -210,9 +218,9 @@ def tail_peak(dm, reward, core, family, lora, side: int, B: int, checkpoint: boo
             opt = torch.optim.AdamW(list(lora.parameters()), lr=1e-4, weight_decay=0.0)
             I0 = torch.rand(B, 3, side, side, device=META)  # cached base image and mask (FixTrainer.base)
             M = torch.rand(B, side, side, device=META)
-            with torch.enable_grad():
+            with torch.enable_grad(), sampler.checkpointed_modules(blocks):
                 z = sampler.sample(train, torch.randn(B, 4, side // 8, side // 8, device=META), sigmas,
-                                   _cond(family, B), K=1, checkpoint=checkpoint)
+                                   _cond(family, B), K=1, checkpoint=checkpoint == "call")
                 I = decode(z).float()
                 # reward_loss(reward(I)) + region_loss(I, I0, M).mean(), without their input checks (they need data)
                 region = losses._safe_norm(((1 - M[:, None]) * (I0 - I)).square().flatten(1).sum(1))
@@ -235,22 +243,28 @@ def run(family: str, args) -> dict:
     try:
         weights = {"unet": _bytes(dm.net), "vae": _bytes(dm.vae.first_stage_model), "reward": _bytes(reward),
                    "lora": _bytes(lora)}
+        # MergedWhenNoGrad's copy of the adapted weights: on meta it stays on the device (counted in each
+        # tail); on a GPU it is offloaded to pinned CPU memory, so the GPU peak is the tail's minus this
+        originals = sum(h.weight.numel() * h.weight.element_size() for h in lora._hosts)
         out = {"family": family, "image": side, "dtype": args.dtype, "attention": args.attention,
-               "weights_gib": {k: v / GIB for k, v in weights.items()},
+               "weights_gib": {k: v / GIB for k, v in weights.items()}, "merge_originals_gib": originals / GIB,
                "unet_parameters": sum(p.numel() for p in dm.net.parameters()), "per_batch": {}}
         with attention_mode(args.attention):
             for B in args.batches:
                 row = {"unet_call_hooks": unet_call(dm, core, family, lora, side, B, merged=False),
                        "unet_call_merged": unet_call(dm, core, family, lora, side, B, merged=True),
                        "graph_free_call_activation_gib": graph_free_peak(dm, core, family, lora, side, B) / GIB}
-                for name, kw in (("tail", {}), ("tail_no_checkpoint", {"checkpoint": False}),
-                                 ("tail_checkpoint_decode", {"checkpoint_decode": True})):
+                for name, kw in (("tail", {}), ("tail_decode_checkpointed", {"checkpoint_decode": True}),
+                                 ("tail_call_checkpoint", {"checkpoint": "call"}),
+                                 ("tail_no_checkpoint", {"checkpoint": "none"})):
                     if name != "tail" and not args.variants:
                         continue
                     above = tail_peak(dm, reward, core, family, lora, side, B, **kw) / GIB
-                    row[name] = {"above_weights_gib": above, "peak_gib": above + sum(weights.values()) / GIB}
+                    peak = above + sum(weights.values()) / GIB
+                    row[name] = {"above_weights_gib": above, "peak_gib": peak,
+                                 "peak_gib_originals_offloaded": peak - originals / GIB}
                 out["per_batch"][str(B)] = row
-                print(f"[cost_model] {family} b{B}: tail peak {row['tail']['peak_gib']:.2f} GiB, "
+                print(f"[cost_model] {family} b{B}: tail peak {row['tail']['peak_gib_originals_offloaded']:.2f} GiB, "
                       f"{row['unet_call_hooks']['kernels']} kernels/call with hooks, "
                       f"{row['unet_call_merged']['kernels']} merged", file=sys.stderr, flush=True)
     finally:
@@ -265,7 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="UNet and VAE weights")
     p.add_argument("--size-px", type=int, default=None, help="image side (default 512 / 1024)")
     p.add_argument("--attention", choices=("flash", "math"), default="flash")
-    p.add_argument("--variants", action="store_true", help="also no-checkpoint and checkpointed-decode tails")
+    p.add_argument("--variants", action="store_true",
+                   help="also the tails with the decode checkpointed as a whole, with whole-call checkpointing, "
+                        "without checkpointing")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if any(b < 1 for b in args.batches):

@@ -43,6 +43,9 @@ class DiffusionModel(Protocol):
         latent_channels: C of the sampler's state x: [B,C,h,w].
         latent_scale: image pixels per latent pixel (8 for SD's VAE, 1 for pixel-space models).
         name: a human-readable model name (goes into LoRA metadata).
+
+    Optional: `checkpoint_modules() -> list[nn.Module]`, the network's residual/attention blocks. Training
+    then gradient-checkpoints them one by one (`sampler.checkpointed_modules`) instead of whole calls.
     """
 
     net: nn.Module

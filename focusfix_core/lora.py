@@ -552,8 +552,15 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 class MergedWhenNoGrad:
     """Wrap a denoiser so its graph-free calls run on merged weights (W + scale * up @ down, no hooks) and
     its differentiated calls on the hooks. One merge and one restore per sampled trajectory, instead of
-    ~6 extra kernels per adapted layer per call. The original host weights are kept once (SD1.5 attn:
-    0.17 GiB bf16; SDXL: 1.78 GiB, put them on the CPU there), so restoring is bit-exact.
+    ~10 extra kernels per adapted layer per call (SD1.5 CFG call: 708 kernels merged vs 1988 hooked). The
+    original host weights are kept once, so restoring is bit-exact.
+
+    Args:
+        denoiser: the `denoiser(x, sigma, cond) -> x0` whose network the LoRA is attached to.
+        lora: the adapters.
+        offload: keep the original weights in (pinned) CPU memory, copied back once per trajectory. None:
+            when the hosts are on a GPU, where the copy would take device memory (SD1.5 attn: 0.17 GiB
+            bf16; SDXL: 1.78 GiB of a 12 GiB card) and the copy back is one host-to-device transfer.
 
     Hosts stored in float8 (ComfyUI's fp8 weight dtypes) are never merged: 3 mantissa bits would round a
     young LoRA's delta away, so the graph-free calls would sample the base model. There the hooks stay on.
@@ -561,22 +568,34 @@ class MergedWhenNoGrad:
     Always call `restore()` after sampling (a `finally`): an interrupted trajectory may stop merged.
     """
 
-    def __init__(self, denoiser, lora: LoRA):
+    def __init__(self, denoiser, lora: LoRA, offload: bool | None = None):
         self.denoiser, self.lora, self.merged = denoiser, lora, False
-        self.mergeable = not any(_is_fp8(h.weight.dtype) for h in lora._hosts)
-        self.originals = [h.weight.detach().clone() for h in lora._hosts] if self.mergeable else []
+        hosts = lora._hosts
+        self.mergeable = not any(_is_fp8(h.weight.dtype) for h in hosts)
+        if offload is None:
+            offload = any(h.weight.device.type == "cuda" for h in hosts)
+        self.offload = bool(offload)
+        self.originals = [self._keep(h.weight.detach()) for h in hosts] if self.mergeable else []
+
+    def _keep(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.offload:
+            return w.clone()
+        pin = w.device.type == "cuda"  # pinned: the copy back is an async DMA, not a staged copy
+        return torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=pin).copy_(w)
 
     @torch.no_grad()
     def _merge(self) -> None:
-        for host, adapter, w0 in zip(self.lora._hosts, self.lora.adapters, self.originals):
-            host.weight.copy_((w0.to(_at_least_fp32(w0.dtype)) + adapter.weight_delta(self.lora.strength)).to(w0.dtype))
+        # the hosts hold the originals here (never merged, or restored): add the delta in place
+        for host, adapter in zip(self.lora._hosts, self.lora.adapters):
+            w = host.weight
+            w.copy_((w.to(_at_least_fp32(w.dtype)) + adapter.weight_delta(self.lora.strength).to(w.device)).to(w.dtype))
         self.lora.enabled, self.merged = False, True
 
     @torch.no_grad()
     def restore(self) -> None:
         if self.merged:
             for host, w0 in zip(self.lora._hosts, self.originals):
-                host.weight.copy_(w0)
+                host.weight.copy_(w0, non_blocking=w0.is_pinned())
             self.lora.enabled, self.merged = True, False
 
     def __call__(self, x, sigma, cond):

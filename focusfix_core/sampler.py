@@ -5,15 +5,17 @@ Clark et al. 2024, "Directly Fine-Tuning Diffusion Models on Differentiable Rewa
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .denoisers import Cond, Denoiser, repeat_cond
 from .schedules import get_sigmas_uniform
 
-__all__ = ["sample", "seed_noise", "get_sigmas", "check_steps"]
+__all__ = ["sample", "seed_noise", "get_sigmas", "check_steps", "checkpointed_modules"]
 
 
 def check_steps(steps: int, K: int) -> None:
@@ -37,6 +39,39 @@ def seed_noise(seeds: Sequence[int], shape: Sequence[int], device=None, dtype=to
         g = torch.Generator().manual_seed(int(s))
         out.append(torch.randn(tuple(shape), generator=g))
     return torch.stack(out).to(device=device, dtype=dtype)
+
+
+@contextmanager
+def checkpointed_modules(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """While active, each module's forward runs under (non-reentrant) gradient checkpointing when grad is
+    on: backward keeps only each module's inputs and recomputes its activations one module at a time.
+
+    Used on a UNet's residual/attention blocks (with `sample(checkpoint=False)`), this costs the same FLOPs
+    as checkpointing the whole denoiser call (one recompute of the forward), and the backward peak holds
+    one block's activations instead of the whole network's; on a VAE decoder's blocks it costs one more
+    decode forward. Graph-free calls run the plain forward. The recompute calls the forward captured
+    here, so leaving the context before backward is fine.
+    """
+    patched = []
+    try:
+        for m in modules:
+            own = m.__dict__.get("forward")  # an instance-level forward someone else set, kept as is
+            orig = m.forward
+
+            def forward(*args, _orig=orig, **kwargs):
+                if torch.is_grad_enabled():
+                    return _checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+                return _orig(*args, **kwargs)
+
+            m.forward = forward
+            patched.append((m, own))
+        yield
+    finally:
+        for m, own in reversed(patched):
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
 
 
 def _call(denoiser: Denoiser, x, sigma, cond, use_checkpoint: bool):
@@ -68,7 +103,8 @@ def sample(
         lv_copies: DRaFT-LV: if n > 0, the last step is replaced by n re-noised copies of the final
             (graph-free) sample, each denoised with gradients; returns [B*n] (copies of an image adjacent).
         generator: noise for DRaFT-LV re-noising.
-        checkpoint: gradient-checkpoint each differentiated call.
+        checkpoint: gradient-checkpoint each differentiated call (off when the caller checkpoints the
+            network's blocks instead, see `checkpointed_modules`).
         callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}.
 
     Returns:

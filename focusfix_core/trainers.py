@@ -30,7 +30,7 @@ from .lora import LoRA, MergedWhenNoGrad
 from .records import StepRecord
 from .rewards.base import Reward
 from .saliency import mask_from_reward
-from .sampler import check_steps, get_sigmas, sample, seed_noise
+from .sampler import check_steps, checkpointed_modules, get_sigmas, sample, seed_noise
 
 __all__ = [
     "FixConfig",
@@ -365,6 +365,8 @@ class FixTrainer(_LoRATrainer):
             self.uncond = uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt])
         self.denoiser = CFGDenoiser(model.denoise, self.uncond, cfg.cfg_scale)
         self._train_denoiser = MergedWhenNoGrad(self.denoiser, self.lora)  # graph-free steps: no hooks
+        # where the model names its blocks, checkpoint them one by one instead of whole denoiser calls
+        self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._order: list[int] = []
         self.last_images: torch.Tensor | None = None
@@ -451,10 +453,12 @@ class FixTrainer(_LoRATrainer):
         idx = self._next_items()
         # DRaFT (mask_source "none") never reads I0: do not sample it
         I0, z0, M = self.base(idx) if cfg.mask_source != "none" else (None, None, None)
-        with torch.enable_grad(), _frozen(self.model.net, self.reward, *_decoders(self.model)):
+        blocks = self._checkpoint_modules
+        with (torch.enable_grad(), _frozen(self.model.net, self.reward, *_decoders(self.model)),
+              checkpointed_modules(blocks)):
             try:
                 z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
-                           lv_copies=cfg.lv_copies, generator=self.generator)
+                           lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks)
             finally:
                 self._train_denoiser.restore()
             I = self.model.decode(z).float()

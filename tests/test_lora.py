@@ -473,7 +473,10 @@ def _trained_lora(net, targets=(r"to_q$", r"to_k$")):
     return lora
 
 
-def test_merged_when_no_grad_equals_hooks_and_restores_exactly():
+@pytest.mark.parametrize("offload", [False, True])
+def test_merged_when_no_grad_equals_hooks_and_restores_exactly(offload):
+    """Merged graph-free calls equal the hooks; restore is bit-exact, also from offloaded (CPU) originals,
+    and a second trajectory merges again from the restored weights."""
     from focusfix_core.lora import MergedWhenNoGrad
     torch.manual_seed(0)
     net = Attention(8, 6)
@@ -482,13 +485,18 @@ def test_merged_when_no_grad_equals_hooks_and_restores_exactly():
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     with torch.no_grad():
         hooked = net(x, ctx)
-        merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora)
+        merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora, offload=offload)
+        assert merged.offload == offload and len(merged.originals) == 2
         got = merged(x, None, ctx)
         assert merged.merged and not lora.enabled  # the hooks are idle, the weights carry the delta
         assert not torch.equal(net.to_q.weight, before["to_q.weight"])
     torch.testing.assert_close(got, hooked, rtol=1e-5, atol=1e-6)
     merged.restore()
     assert lora.enabled and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    with torch.no_grad():
+        again = merged(x, None, ctx)
+    merged.restore()
+    assert torch.equal(again, got) and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
 
 
 def test_merged_when_no_grad_keeps_hooks_on_fp8_weights():

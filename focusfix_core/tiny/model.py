@@ -327,6 +327,10 @@ class TinyModel(nn.Module):
         """While active, every attn2 feeds its (q, k) to `store.add` (see focusfix_core.attention)."""
         return attention_capture(self.net, store, (self.cfg.image_size, self.cfg.image_size))
 
+    def checkpoint_modules(self) -> list[nn.Module]:
+        """The UNet's resnets and spatial transformers, for block-wise gradient checkpointing."""
+        return [m for m in self.net.modules() if isinstance(m, (ResnetBlock2D, Transformer2DModel))]
+
     # --- conveniences --------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int] | None = None, steps: int = 20,
