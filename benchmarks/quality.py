@@ -11,7 +11,8 @@ Three experiments, each on prompts and seeds disjoint from the ones it fine-tune
 2. attribute: the same with the attribute reward ("red is unsafe"; saliency masks) on prompts with a
    red object. The outside region holds the other object and the background.
 3. composition: base vs Separate-and-Enhance on held-out two-object prompts. Claim: the both-objects
-   rate rises by >= 10 points without lowering single-object alignment.
+   rate rises by >= 10 points without lowering single-object alignment. Its change columns compare the
+   single-object images with the base model's (whole image): what the preservation term should keep.
 
 The outside-mask change is measured against the base image of the same prompt and seed, outside the
 *exact* defect region of that base image (glitch boxes / red blobs from `tiny.evaluate`, dilated by
@@ -58,6 +59,7 @@ class Setting:
     se_lam_sep: float = 1.0
     se_lam_en: float = 1.0
     se_lam_preserve: float = 1.0
+    se_preservation: str = "auto"  # keys (to_k LoRA: exact, no UNet pass) or outputs (x0 MSE); see SeparateEnhanceConfig
 
 
 FULL = Setting()
@@ -180,14 +182,17 @@ def composition_experiment(model, s: Setting, log):
 
     def row(method, I, S, seconds):
         pair, single = summarize(evaluate(I, ps)), summarize(evaluate(S, ss))
+        # preservation: change of the single-object images against the base ones, whole image
+        mae, psnr = outside_change(S, S0, torch.zeros(S.shape[0], *S.shape[2:], dtype=torch.bool))
         return {"experiment": "composition", "method": method, "reward": None, "artifact": pair["artifact_rate"],
-                "red": None, "mae": None, "psnr": None, "alignment": single["alignment"],
+                "red": None, "mae": mae, "psnr": psnr if mae > 0 else float("inf"), "alignment": single["alignment"],
                 "both": pair["both_objects_rate"], "seconds": seconds}
 
     rows = [row("base", I0, S0, base_s)]
     cfg = SeparateEnhanceConfig(prompts=tuple(train_p), objects=tuple(tuple(sh for _, sh in parse_caption(p)) for p in train_p),
                                 height=32, width=32, iterations=s.se_iterations, batch_size=s.se_batch, lr=s.se_lr,
-                                lam_sep=s.se_lam_sep, lam_en=s.se_lam_en, lam_preserve=s.se_lam_preserve)
+                                lam_sep=s.se_lam_sep, lam_en=s.se_lam_en, lam_preserve=s.se_lam_preserve,
+                                preservation=s.se_preservation)
     t0 = time.perf_counter()
     trainer = SeparateEnhanceTrainer(model, cfg)
     for rec in trainer:

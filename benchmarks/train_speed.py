@@ -303,7 +303,8 @@ def make_trainer(core: str, kind: str, overrides: dict, batch: int, model, rewar
                                  cfg_scale=7.5, K=1, targets="attn", **common, **overrides)
         return trainers.FixTrainer(model, reward, cfg)
     cfg = trainers.SeparateEnhanceConfig(prompts=(SE_PROMPT,), objects=(SE_OBJECTS,), targets="to_k",
-                                         resolution=args.resolution or resolution, **common, **overrides)
+                                         resolution=args.resolution or resolution, preservation=args.preservation,
+                                         **common, **overrides)
     return trainers.SeparateEnhanceTrainer(model, cfg)
 
 
@@ -427,6 +428,8 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
            "cpu_seconds_per_iteration": {"median": statistics.median(cpu_times), "min": min(cpu_times)},
            "tflop_per_iteration": flops / 1e12, "achieved_tflops": flops / med / 1e12,
            "last_loss": last.loss, "history": history, **mem}
+    if kind == "se":
+        out["preservation"] = trainer.preservation  # what auto resolved to (none without the term)
     if parts is not None:
         out["breakdown_seconds"] = parts
     out["peak_memory_gib"] = out["peak_memory_bytes"] / 2**30
@@ -470,6 +473,9 @@ def parse_args(argv=None):
                    help="torch.compile the UNet (reduce-overhead = CUDA graphs; the merged LoRA leaves the hooks idle "
                         "in the graph-free calls)")
     g.add_argument("--no-cache", action="store_true", help="rebuild I0 and M every iteration (the 'before' of caching)")
+    g.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
+                   help="S&E preservation term: keys (the core's auto for a to_k LoRA; no UNet pass) or outputs "
+                        "(x0 MSE against the adapters-off model: two more UNet passes per step, the 'before')")
     g.add_argument("--checkpoint-decode", action="store_true", help="gradient-checkpoint the VAE decode")
     g.add_argument("--se-early-exit", action="store_true", help="accepted for older commands: the core's "
                    "S&E maps pass always stops after the last attention layer the maps need (since 0eafaf0)")
@@ -551,7 +557,7 @@ def main(argv=None) -> dict:
         "levers": {"no_checkpoint": args.no_checkpoint, "fused_adam": args.fused_adam, "autocast": args.autocast,
                    "no_cache": args.no_cache, "checkpoint_decode": args.checkpoint_decode,
                    "merge_nograd": args.merge_nograd, "se_early_exit": args.se_early_exit, "compile": args.compile,
-                   "inference_weights": args.inference_weights == "on" if args.backend == "comfy" else None},
+                   "preservation": args.preservation, "inference_weights": args.inference_weights == "on" if args.backend == "comfy" else None},
         "iters": args.iters, "warmup": args.warmup, "settings": settings, "cases": results,
     }
     return doc

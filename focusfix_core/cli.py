@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lam-sep", type=float, default=1.0)
     s.add_argument("--lam-en", type=float, default=1.0)
     s.add_argument("--lam-preserve", type=float, default=1.0)
+    s.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
+                   help="keys: keep the adapted to_k outputs on single-object prompts (exact, no extra UNet pass); "
+                        "outputs: x0 MSE against the base model (any --targets); auto: keys where possible")
     s.add_argument("--resolution", type=int, default=16)
 
     c = sub.add_parser("convert-reward", help="write a safetensors copy of a reward file (never unpickles code)")
@@ -341,8 +344,8 @@ def cmd_train_sne(a) -> dict:
     size = _size(model, None)
     cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, iterations=a.iterations, lr=a.lr, rank=a.rank,
                                 targets=a.targets, batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
-                                lam_en=a.lam_en, lam_preserve=a.lam_preserve, resolution=a.resolution,
-                                height=size, width=size)
+                                lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
+                                resolution=a.resolution, height=size, width=size)
     return run_separate_enhance(model, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every,
                                 model_note=note)
 

@@ -13,6 +13,8 @@ Every loss returns one value per sample ([B]); the trainer reduces.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import kornia
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ __all__ = [
     "separate_loss",
     "enhance_loss",
     "preservation_loss",
+    "key_change_loss",
 ]
 
 
@@ -226,3 +229,36 @@ def preservation_loss(x0: torch.Tensor, x0_base: torch.Tensor) -> torch.Tensor:
     if x0.shape != x0_base.shape or x0.ndim < 2:
         raise ValueError(f"x0_base must have the shape of x0 {tuple(x0.shape)}, got {tuple(x0_base.shape)}")
     return (x0 - x0_base.detach()).square().flatten(1).mean(1)  # (B,)
+
+
+def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor) -> torch.Tensor:
+    """Per-prompt relative change of the adapted text-side projections: sum_l ||dK_l||^2 / sum_l ||K_l||^2.
+
+    With a LoRA only on layers that read the text alone (cross-attention to_k / to_v), the model's output
+    for a prompt changes only through these layers' outputs on that prompt's text: zero change means the
+    prompt is drawn exactly as the base model draws it, at every noise and timestep, so preserving it
+    needs no UNet pass.
+
+    Args:
+        deltas: per adapted layer l, the LoRA's change of the layer's output on the prompts' text, [P,T,C_l].
+        base_energy: [P] sum_l ||K_l||^2 of the same layers' base outputs per prompt (> 0).
+
+    Returns:
+        [P] the relative change per prompt.
+
+    Example:
+        >>> key_change_loss([torch.ones(2, 2, 3)], torch.tensor([12.0, 6.0]))
+        tensor([0.5000, 1.0000])
+    """
+    if len(deltas) == 0:
+        raise ValueError("deltas is empty: key_change_loss needs at least one adapted layer")
+    _check_tensor(base_energy, "base_energy", "[P]")
+    P = base_energy.shape[0]
+    if base_energy.ndim != 1 or not bool(torch.isfinite(base_energy).all()) or not bool((base_energy > 0).all()):
+        raise ValueError(f"base_energy must be [P] finite and > 0, got shape {tuple(base_energy.shape)}")
+    for d in deltas:
+        _check_tensor(d, "each of deltas", "[P,T,C]")
+        if d.ndim < 1 or d.shape[0] != P:
+            raise ValueError(f"each of deltas must have P = {P} rows (one per prompt), got shape {tuple(d.shape)}")
+    num = sum(d.to(torch.promote_types(d.dtype, torch.float32)).square().flatten(1).sum(1) for d in deltas)  # (P,)
+    return num / base_energy.to(num.device, num.dtype)

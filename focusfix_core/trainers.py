@@ -4,7 +4,7 @@ Focus-N-Fix (Xing et al., CVPR 2025), eq. (2): L = -r(I) + lam * ||(1 - M(I0)) *
 base model's image for the same prompt and noise and M(I0) marks the region that may change; I is sampled
 with the LoRA, gradients through the last K steps only (DRaFT-K, Clark et al. 2024).
 Separate-and-Enhance (Bao et al., SIGGRAPH 2024): LoRA on cross-attention to_k, losses on the object tokens'
-cross-attention maps, plus a preservation term against the adapters-disabled model.
+cross-attention maps, plus a preservation term that keeps single-object prompts as the base model draws them.
 
 A trainer never prints, saves or draws: the consumer (CLI, ComfyUI node, test) shows progress, cancels by
 breaking the loop and saves what it has (`save_state`, or the LoRA itself).
@@ -25,7 +25,8 @@ from torch import nn
 from .attention import AttentionStore
 from .denoisers import CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond
 from .io import atomic_torch_save, load_training_state
-from .losses import enhance_loss, preservation_loss, region_loss, resize_mask, reward_loss, separate_loss
+from .losses import (enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask, reward_loss,
+                     separate_loss)
 from .lora import LoRA, MergedWhenNoGrad
 from .records import StepRecord
 from .rewards.base import Reward
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 MASK_SOURCES = ("heatmap", "saliency", "given", "none")
+PRESERVATIONS = ("auto", "keys", "outputs")
+# layers whose input is the prompt's text alone: a LoRA only there changes a prompt's image only through them
+_TEXT_SIDE = re.compile(r"(^|\.)attn2\.(to_k|to_v)$")
 
 
 class _StopForward(Exception):
@@ -172,6 +176,10 @@ class SeparateEnhanceConfig(_LoRAConfig):
     lam_sep: float = 1.0
     lam_en: float = 1.0
     lam_preserve: float = 1.0
+    # "keys": relative change of the adapted to_k/to_v outputs on the preserve prompts' text (exact, no UNet
+    # pass; only for LoRAs on those layers); "outputs": x0 MSE against the adapters-disabled model on random
+    # noisy latents (any targets, two more UNet passes per step); "auto": keys where possible
+    preservation: str = "auto"
     t_range: tuple[float, float] = (0.5, 1.0)  # fraction of the training timesteps (1 = pure noise)
     resolution: int = 16                     # attention maps at this h = w (16 for SD at 512 px)
     height: int = 512
@@ -192,6 +200,7 @@ class SeparateEnhanceConfig(_LoRAConfig):
         self._check_common()
         for name in ("lam_sep", "lam_en", "lam_preserve"):
             _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_choice("preservation", self.preservation, PRESERVATIONS)
         lo, hi = self.t_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {self.t_range}")
@@ -497,10 +506,28 @@ def _describe(reward) -> dict:
     return reward.describe() if hasattr(reward, "describe") else {"name": type(reward).__name__}
 
 
+def _run_until_stopped(run, handles) -> None:
+    """run(), which a hook may end early with _StopForward; the hooks' handles are removed either way."""
+    try:
+        run()
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _slots_by_storage(tensors: list[torch.Tensor]) -> list[int]:
+    """Slot of each tensor, shared by tensors that view the same memory the same way: [a, b, a] -> [0, 1, 0]."""
+    seen: dict[tuple, int] = {}
+    return [seen.setdefault((t.data_ptr(), t.shape, t.stride(), t.dtype), len(seen)) for t in tensors]
+
+
 class SeparateEnhanceTrainer(_LoRATrainer):
     """Separate-and-Enhance: LoRA on to_k; per step, random latents noised to a random timestep, one
     denoiser pass per prompt with attention capture, Separate + Enhance losses on the object maps, and a
-    preservation MSE against the adapters-disabled model on single-object prompts."""
+    preservation term on single-object prompts (cfg.preservation): the relative change of the adapted
+    keys on their text ("keys", no UNet pass), or the x0 MSE against the adapters-disabled model."""
 
     method = "separate-and-enhance"
 
@@ -519,10 +546,67 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             with torch.no_grad():
                 self.cond = model.encode_prompts(list(cfg.prompts))
                 self.pcond = model.encode_prompts(list(cfg.preserve_prompts)) if cfg.preserve_prompts else None
+            self.preservation = "none" if self.pcond is None or cfg.lam_preserve == 0 else self._setup_preservation()
         except BaseException:
             if lora is None:
                 self.lora.remove()
             raise
+
+    def _setup_preservation(self) -> str:
+        """Resolve cfg.preservation; for "keys", keep each adapted layer's input on the preserve prompts
+        (`_text`, deduplicated: the UNet hands every attn2 the same context) and the base outputs' energy."""
+        mode, names = self.cfg.preservation, self.lora.module_names
+        if mode == "outputs":
+            return mode
+        image_side = [n for n in names if not _TEXT_SIDE.search(n)]
+        if image_side:
+            if mode == "keys":
+                raise ValueError(f"preservation='keys' needs a LoRA only on cross-attention to_k / to_v (they read "
+                                 f"the text alone); targets {self.cfg.targets!r} also adapt {image_side[:3]}: use "
+                                 f"preservation='outputs' or targets='to_k'")
+            return "outputs"
+        P, b = len(self.cfg.preserve_prompts), self.cfg.batch_size
+        sig = self.model.sigmas.to(torch.float32)
+        chunks = []
+        for i in range(0, P, b):
+            rows = list(range(i, min(i + b, P)))
+            chunks.append(self._layer_inputs(rows, torch.zeros((len(rows), *self.latent_shape), device=self.device),
+                                             sig[-1].to(self.device).expand(len(rows))))
+        # the same input at another noise and timestep: a layer whose input moves reads the image too
+        probe = self._layer_inputs([0], torch.ones((1, *self.latent_shape), device=self.device),
+                                   sig[len(sig) // 2].to(self.device).expand(1))
+        text_only = all(c is not None for c in chunks) and probe is not None and all(
+            a.shape[1:] == q.shape[1:] and torch.equal(a[:1], q) for a, q in zip(chunks[0], probe))
+        if not text_only:
+            if mode == "keys":
+                raise ValueError("preservation='keys': an adapted layer did not run or read more than the text in "
+                                 "this model (a patched attention?); use preservation='outputs'")
+            return "outputs"
+        slots = [_slots_by_storage(c) for c in chunks]
+        self._slots = slots[0] if all(q == slots[0] for q in slots) else list(range(len(names)))
+        first = {k: i for i, k in reversed(list(enumerate(self._slots)))}  # slot -> first layer using it
+        self._text = {k: torch.cat([c[i] for c in chunks]) for k, i in first.items()}  # [P, T, C] per slot
+        with torch.no_grad(), self.lora.disabled():
+            self._key_energy = sum(h(self._text[k]).float().square().flatten(1).sum(1)
+                                   for h, k in zip(self.lora._hosts, self._slots))  # (P,)
+        return "keys"
+
+    def _layer_inputs(self, pidx: list[int], x, sigma) -> list[torch.Tensor] | None:
+        """Input of every adapted layer in one adapters-off pass on preserve prompts pidx (stopping once all
+        have run); None if one never ran (e.g. its attention was replaced by another node's patch)."""
+        hosts, got = self.lora._hosts, {}
+
+        def pre(i):
+            def hook(module, args, kwargs):
+                got.setdefault(i, args[0] if args else next(iter(kwargs.values())))
+                if len(got) == len(hosts):
+                    raise _StopForward
+            return hook
+
+        handles = [h.register_forward_pre_hook(pre(i), with_kwargs=True) for i, h in enumerate(hosts)]
+        with torch.no_grad(), self.lora.disabled():
+            _run_until_stopped(lambda: self.model.denoise(x, sigma, index_cond(self.pcond, pidx)), handles)
+        return [got[i] for i in range(len(hosts))] if len(got) == len(hosts) else None
 
     def _noisy(self, b: int):
         """Random latents noised at random timesteps in t_range: x = z + sigma * eps, z, eps ~ N(0, I)."""
@@ -553,13 +637,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             for name, m in self.model.net.named_modules():
                 if name.rsplit(".", 1)[-1] == "attn2":
                     handles.append(m.register_forward_hook(note(name)))
-            try:
-                self.model.denoise(x, sigma, index_cond(self.cond, idx))
-            except _StopForward:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
+            _run_until_stopped(lambda: self.model.denoise(x, sigma, index_cond(self.cond, idx)), handles)
         if self._stop_at is None:  # first call ran the whole net: remember the last layer that added a map
             grew = [n for (n, k), (_, k0) in zip(seen, [("", 0)] + seen) if k > k0]
             self._stop_at = grew[-1] if grew else None
@@ -580,7 +658,11 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             s, e = torch.cat(sep).mean(), torch.cat(en).mean()
             loss = cfg.lam_sep * s + cfg.lam_en * e
             p = None
-            if self.pcond is not None and cfg.lam_preserve > 0:
+            if self.preservation == "keys":  # every preserve prompt, exactly: no UNet pass
+                d = [a.delta(self._text[k]) * self.lora.strength for a, k in zip(self.lora.adapters, self._slots)]
+                p = key_change_loss(d, self._key_energy).mean()
+                loss = loss + cfg.lam_preserve * p
+            elif self.preservation == "outputs":
                 pidx = torch.randint(len(cfg.preserve_prompts), (cfg.batch_size,), generator=self.generator).tolist()
                 xp, sp = self._noisy(len(pidx))
                 pc = index_cond(self.pcond, pidx)
@@ -609,7 +691,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
     def metadata(self) -> dict:
         meta = super().metadata()
         meta.update(focusfix_lam_sep=self.cfg.lam_sep, focusfix_lam_en=self.cfg.lam_en,
-                    focusfix_lam_preserve=self.cfg.lam_preserve)
+                    focusfix_lam_preserve=self.cfg.lam_preserve, focusfix_preservation=self.preservation)
         return meta
 
 

@@ -127,6 +127,25 @@ class _LiveHW:
         return 2
 
 
+# ComfyUI attention functions with a correct backward. Its CPU default, sub-quadratic attention, runs
+# exp(out=) on key chunks once free memory is short (autograd refuses it); sage and ComfyUI's flash wrapper
+# have no backward at all.
+_ATTENTION_WITH_BACKWARD = ("attention_pytorch", "attention_basic", "attention_split", "attention_xformers")
+
+
+def _attention_for_training(previous=None):
+    """A `transformer_options["optimized_attention_override"]` that sends calls building a graph through
+    PyTorch SDPA unless ComfyUI's pick has a backward; chains an override another node set."""
+    import comfy.ldm.modules.attention as attention
+
+    def override(func, *args, **kwargs):
+        if torch.is_grad_enabled() and getattr(func, "__name__", "") not in _ATTENTION_WITH_BACKWARD:
+            func = attention.attention_pytorch
+        return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+
+    return override
+
+
 class ComfyDiffusionModel:
     """The core's `DiffusionModel` protocol on ComfyUI's MODEL (+ CLIP, VAE), SD1.5 and SDXL layouts.
 
@@ -170,6 +189,8 @@ class ComfyDiffusionModel:
         topts = dict(self.patcher.model_options.get("transformer_options", {}))
         # keys ComfyUI's sampler sets for attention patches; the whole batch counts as one chunk
         topts.update(sigmas=sigma, cond_or_uncond=[0])
+        if torch.is_grad_enabled():  # graph-free calls keep ComfyUI's fastest attention untouched
+            topts["optimized_attention_override"] = _attention_for_training(topts.get("optimized_attention_override"))
         x0 = self.base.apply_model(x, sigma.to(x.device), c_crossattn=cond["context"].to(x.device),
                                    transformer_options=topts, **kwargs)
         return x0.float()

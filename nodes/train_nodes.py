@@ -154,7 +154,8 @@ class FocusFixTrainSeparateEnhance:
                            min=0.0, max=100.0, step=0.01),
             "lam_en": tip("FLOAT", "lam_en: weight of the Enhance loss (weakest object's peak).", default=1.0,
                           min=0.0, max=100.0, step=0.01),
-            "lam_preserve": tip("FLOAT", "lam_preserve: keep single-object prompts as the base model draws them.",
+            "lam_preserve": tip("FLOAT", "lam_preserve: keep single-object prompts as the base model draws them "
+                                "(to_k LoRA: on their keys, exactly; other targets: on the denoiser output).",
                                 default=1.0, min=0.0, max=100.0, step=0.01),
             "resolution": tip("INT", "Attention map size r (16 for SD1.5 at 512 px, 32 for SDXL at 1024 px).",
                               default=16, min=2, max=128),
@@ -172,7 +173,8 @@ class FocusFixTrainSeparateEnhance:
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,
             targets=targets, lr=lr, iterations=iterations, seed=seed),
             checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name)
-        report = "\n".join([repr(run.lora), run.history[-1].summary()])
+        report = "\n".join([repr(run.lora), run.history[-1].summary(),
+                            f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}"])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
                 bchw_to_image(_maps_grid(run.A_after)), report)
 

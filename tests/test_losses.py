@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from focusfix_core.losses import (
     enhance_loss,
+    key_change_loss,
     preservation_loss,
     region_loss,
     resize_mask,
@@ -277,3 +278,30 @@ def test_preservation_gradcheck():
     x0 = torch.rand(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     base = torch.rand(2, 2, 3, 3, dtype=torch.float64)
     assert torch.autograd.gradcheck(preservation_loss, (x0, base))
+
+
+# ---------------------------------------------------------------- key_change_loss
+def test_key_change_value_per_prompt():
+    d1, d2 = torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)
+    d1[0] = 1.0                      # prompt 0: 12 in layer 1
+    d2[1, 0, 0] = 2.0                # prompt 1: 4 in layer 2
+    loss = key_change_loss([d1, d2], torch.tensor([24.0, 8.0]))
+    torch.testing.assert_close(loss, torch.tensor([0.5, 0.5]))
+    assert key_change_loss([torch.zeros(2, 3, 4)], torch.ones(2)).eq(0).all()
+
+
+@pytest.mark.parametrize("deltas, energy, match", [
+    ([], torch.ones(2), "deltas is empty"),
+    ([torch.ones(2, 3, 4)], torch.tensor([1.0, 0.0]), "base_energy must be"),
+    ([torch.ones(2, 3, 4)], torch.tensor([1.0, float("nan")]), "base_energy must be"),
+    ([torch.ones(3, 3, 4)], torch.ones(2), "P = 2 rows"),
+])
+def test_key_change_errors_name_the_input(deltas, energy, match):
+    with pytest.raises(ValueError, match=match):
+        key_change_loss(deltas, energy)
+
+
+def test_key_change_gradcheck():
+    d = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    energy = torch.rand(2, dtype=torch.float64) + 1
+    assert torch.autograd.gradcheck(lambda x: key_change_loss([x], energy).double(), (d,))

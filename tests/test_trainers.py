@@ -173,9 +173,11 @@ def se_cfg(**kw):
     return SeparateEnhanceConfig(**base)
 
 
-def test_separate_enhance_lowers_its_losses_and_preserves(small_model):
+@pytest.mark.parametrize("preservation, lam", [("outputs", 0.5), ("keys", 0.1)])
+def test_separate_enhance_lowers_its_losses_and_preserves(small_model, preservation, lam):
     from focusfix_core.losses import enhance_loss, separate_loss
-    trainer = SeparateEnhanceTrainer(small_model, se_cfg())
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg(preservation=preservation, lam_preserve=lam))
+    assert trainer.preservation == preservation
     assert trainer.cfg.preserve_prompts == ("a red circle", "a blue square")
     A0 = trainer.eval_maps()
     recs = list(trainer)
@@ -215,3 +217,94 @@ def test_failed_setup_leaves_no_hooks(small_model, square_reward):
     torch.testing.assert_close(I, I0)          # an untrained LoRA gives the base images
     trainer.lora.remove()
     assert hooks() == before
+
+
+def _count_denoise(model, monkeypatch) -> list:
+    calls, denoise = [], model.denoise
+    monkeypatch.setattr(model, "denoise", lambda *a, **k: calls.append(1) or denoise(*a, **k))
+    return calls
+
+
+def test_keys_preservation_reads_the_text_and_runs_no_unet_pass(small_model, monkeypatch):
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg())
+    assert trainer.preservation == "keys"                      # auto, to_k LoRA
+    assert trainer.metadata()["focusfix_preservation"] == "keys"
+    assert len(trainer._text) == 1 and trainer._text[0].shape[0] == 2   # one context shared by every attn2
+    # what each adapted layer reads for a preserve prompt is the same at any noise and timestep: the kept text
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
+    seen = trainer._layer_inputs([1, 0], x, small_model.sigmas.float()[[3, 7]])
+    for inp, k in zip(seen, trainer._slots):
+        torch.testing.assert_close(inp, trainer._text[k][[1, 0]], rtol=0, atol=0)
+    calls = _count_denoise(small_model, monkeypatch)
+    rec = trainer.train_step()
+    assert len(calls) == 1 and rec.preserve is not None        # the maps pass only
+    trainer.lora.remove()
+    out = SeparateEnhanceTrainer(small_model, se_cfg(preservation="outputs"))
+    calls.clear()
+    out.train_step()
+    assert len(calls) == 3                                     # maps + base + adapted passes
+    out.lora.remove()
+
+
+def _x0_change(trainer) -> float:
+    """Mean |x0(LoRA) - x0(base)| on the preserve prompts at fixed noisy latents."""
+    P = len(trainer.cfg.preserve_prompts)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(P, *trainer.latent_shape, generator=g) * 3
+    sigma = trainer.model.sigmas.float()[-3].expand(P)
+    with torch.no_grad():
+        with trainer.lora.disabled():
+            base = trainer.model.denoise(x, sigma, trainer.pcond)
+        return (trainer.model.denoise(x, sigma, trainer.pcond) - base).abs().mean().item()
+
+
+def test_keys_preservation_keeps_single_object_prompts(small_model):
+    free = SeparateEnhanceTrainer(small_model, se_cfg(lam_preserve=0.0, preserve_prompts=("a red circle",),
+                                                      iterations=6))
+    assert free.preservation == "none"
+    list(free)
+    change_free = _x0_change(free)
+    free.lora.remove()
+    kept = SeparateEnhanceTrainer(small_model, se_cfg(lam_preserve=50.0, preserve_prompts=("a red circle",),
+                                                      iterations=6))
+    recs = list(kept)
+    change_kept = _x0_change(kept)
+    kept.lora.remove()
+    assert change_free > 0
+    assert change_kept < 0.5 * change_free, (change_kept, change_free)
+    assert recs[0].preserve == 0.0 and recs[-1].preserve > 0   # the untrained LoRA changes no key
+
+
+def test_preservation_choice_follows_the_targets(small_model):
+    t = SeparateEnhanceTrainer(small_model, se_cfg(targets="attn"))
+    assert t.preservation == "outputs"                         # auto: attn1 reads the image
+    t.lora.remove()
+    with pytest.raises(ValueError, match="preservation='keys' needs a LoRA only on cross-attention"):
+        SeparateEnhanceTrainer(small_model, se_cfg(targets="attn", preservation="keys"))
+    with pytest.raises(ValueError, match="preservation must be one of"):
+        se_cfg(preservation="pixels")
+
+
+def test_keys_preservation_refused_when_a_patch_feeds_the_image_to_to_k(small_model):
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in small_model.net.modules())
+
+    attn2 = next(m for n, m in small_model.net.named_modules() if n.endswith("attn2"))
+    # another node's patch: the keys now also read the hidden state
+    h = attn2.register_forward_pre_hook(lambda m, args: (args[0], args[1] + args[0].mean((1, 2))[:, None, None]))
+    try:
+        before = hooks()
+        t = SeparateEnhanceTrainer(small_model, se_cfg())
+        assert t.preservation == "outputs"
+        t.lora.remove()
+        with pytest.raises(ValueError, match="read more than the text"):
+            SeparateEnhanceTrainer(small_model, se_cfg(preservation="keys"))
+        assert hooks() == before                               # no LoRA or capture hook left behind
+    finally:
+        h.remove()
+
+
+def test_slots_by_storage_shares_only_identical_views():
+    from focusfix_core.trainers import _slots_by_storage
+    a, b = torch.zeros(2, 5), torch.zeros(2, 5)
+    assert _slots_by_storage([a, b, a, a[:, :3], a.view(5, 2)]) == [0, 1, 0, 2, 3]

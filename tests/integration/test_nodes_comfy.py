@@ -167,6 +167,18 @@ def test_train_separate_enhance(fresh, checkpoint, layout):
     assert lora.method == "separate-and-enhance"
     assert lora.tensors and all("attn2_to_k" in k for k in lora.tensors)
     assert before.shape == after.shape and not torch.equal(before, after)
+    # a to_k LoRA: every attn2 of ComfyUI's UNet reads the text alone, so preservation runs on the keys
+    assert lora.metadata["focusfix_preservation"] == "keys" and "preservation: keys" in report
+    assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
+
+
+def test_separate_enhance_preservation_on_outputs_for_attn_targets(fresh, checkpoint):
+    model, clip, _ = checkpoint
+    lora, *_, report = fresh.run(
+        "FocusFixTrainSeparateEnhance", model=model, clip=clip, prompts="a cat and a dog | cat, dog",
+        lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2, targets="attn",
+        lr=1e-2, iterations=1, seed=0)
+    assert lora.metadata["focusfix_preservation"] == "outputs" and "preservation: outputs" in report
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
 
 
@@ -242,3 +254,40 @@ def test_training_is_reproducible_and_returns_plain_data(fresh, checkpoint):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors), "same seed, same LoRA"
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.requires_grad for v in a.tensors.values())
     assert all(isinstance(v, str) for v in a.metadata.values())
+
+
+class _LittleFreeMemory:
+    """comfy.model_management as ComfyUI's attention module sees it, with 1 MiB free: sub-quadratic
+    attention then splits keys into chunks (its path for large images on a CPU or a small card)."""
+
+    def __init__(self, mm):
+        self._mm = mm
+
+    def __getattr__(self, name):
+        return getattr(self._mm, name)
+
+    def get_free_memory(self, dev=None, torch_free_too=False):
+        return (2**20, 2**20) if torch_free_too else 2**20
+
+
+def test_training_through_chunked_sub_quadratic_attention(fresh, checkpoint, monkeypatch):
+    """ComfyUI's CPU default attention breaks autograd once it chunks keys (exp(out=) on a tensor that
+    needs grad); the training calls must go through an attention with a backward, graph-free ones need not."""
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.setattr(attention, "model_management", _LittleFreeMemory(attention.model_management))
+    used, sub_quad = [], attention.attention_sub_quad
+
+    @attention.wrap_attn
+    def attention_sub_quad(*args, **kwargs):  # ComfyUI's own, counting the calls that build a graph
+        used.append(torch.is_grad_enabled())
+        return sub_quad(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", attention_sub_quad)
+    model, clip, _ = checkpoint
+    lora, *_ = fresh.run(
+        "FocusFixTrainSeparateEnhance", model=model, clip=clip, prompts="a cat and a dog | cat, dog",
+        lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2, targets="attn",
+        lr=1e-2, iterations=1, seed=0)
+    assert lora.tensors
+    lora, *_ = _train_fix(fresh, checkpoint, iterations=1)
+    assert lora.tensors and used and not any(used)  # ComfyUI's pick ran in the graph-free calls only

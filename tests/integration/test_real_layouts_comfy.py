@@ -32,6 +32,7 @@ def test_real_layout_end_to_end(fresh, real, caplog):
                    lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=res, width=SIZE, height=SIZE, rank=2,
                    targets="to_k", lr=1e-2, iterations=1, seed=0)[0]
     assert sum(1 for k in se.tensors if k.endswith(".lora_down.weight")) == n_attn2
+    assert se.metadata["focusfix_preservation"] == "keys"
     (name,) = fresh.run("FocusFixSaveLoRA", lora=se, filename=f"real_{family}", overwrite=True)
     with caplog.at_level(logging.WARNING):
         patched, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(fresh.loras / name)), 1.0, 0)
