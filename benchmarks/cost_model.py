@@ -286,9 +286,7 @@ def parse_args(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")]
     if any(b < 1 for b in args.batches):
         p.error("--batches must be positive")
-    unknown = set(args.models.split(",")) - {"sd15", "sdxl"}
-    if unknown:
-        p.error(f"unknown --models {sorted(unknown)}; known: sd15, sdxl")
+    args.models = ts.parse_models(p, args.models)
     return args
 
 
@@ -296,7 +294,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t = time.perf_counter()
     doc = {"benchmark": "cost_model (issue 6)", "device": "meta (no data: shapes and dtypes only)",
-           "torch": torch.__version__, "models": [run(f, args) for f in args.models.split(",")]}
+           "torch": torch.__version__, "models": [run(f, args) for f in args.models]}
     doc["seconds"] = time.perf_counter() - t
     return doc
 

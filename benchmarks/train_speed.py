@@ -188,6 +188,15 @@ def build_core(size: str, device: torch.device, dtype: torch.dtype, seed: int = 
     return TinyModel.random(seed, config=TinyConfig()).to(device).eval(), "focusfix_core"
 
 
+def parse_models(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    """--models "sd15,sdxl" -> ["sd15", "sdxl"]; an unknown family is a usage error (cost_model, compile_check)."""
+    models = value.split(",")
+    unknown = set(models) - {"sd15", "sdxl"}
+    if unknown:
+        parser.error(f"unknown --models {sorted(unknown)}; known: sd15, sdxl")
+    return models
+
+
 def _import_comfy(device: torch.device, attention: str = "default"):
     root = os.environ.get("COMFYUI_DIR", "")
     if not root or not Path(root, "comfy").is_dir():
