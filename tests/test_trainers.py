@@ -225,11 +225,14 @@ def _count_denoise(model, monkeypatch) -> list:
     return calls
 
 
-def test_keys_preservation_reads_the_text_and_runs_no_unet_pass(small_model, monkeypatch):
-    trainer = SeparateEnhanceTrainer(small_model, se_cfg())
+@pytest.mark.parametrize("batch_size", [2, 1])  # 1: the two preserve prompts are captured in two passes
+def test_keys_preservation_reads_the_text_and_runs_no_unet_pass(small_model, monkeypatch, batch_size):
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg(batch_size=batch_size))
     assert trainer.preservation == "keys"                      # auto, to_k LoRA
     assert trainer.metadata()["focusfix_preservation"] == "keys"
     assert len(trainer._text) == 1 and trainer._text[0].shape[0] == 2   # one context shared by every attn2
+    torch.testing.assert_close(trainer._key_energy, torch.stack([                # per prompt, every layer
+        sum(h(trainer._text[0][i]).square().sum() for h in trainer.lora._hosts) for i in range(2)]))
     # what each adapted layer reads for a preserve prompt is the same at any noise and timestep: the kept text
     x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
     seen = trainer._layer_inputs([1, 0], x, small_model.sigmas.float()[[3, 7]])
@@ -237,7 +240,7 @@ def test_keys_preservation_reads_the_text_and_runs_no_unet_pass(small_model, mon
         torch.testing.assert_close(inp, trainer._text[k][[1, 0]], rtol=0, atol=0)
     calls = _count_denoise(small_model, monkeypatch)
     rec = trainer.train_step()
-    assert len(calls) == 1 and rec.preserve is not None        # the maps pass only
+    assert len(calls) == len({len(o) for o in trainer.cfg.objects}) and rec.preserve is not None  # maps pass only
     trainer.lora.remove()
     out = SeparateEnhanceTrainer(small_model, se_cfg(preservation="outputs"))
     calls.clear()
