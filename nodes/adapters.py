@@ -344,6 +344,22 @@ def training_session(dm: ComfyDiffusionModel, extra_modules: Sequence[nn.Module]
         mm.soft_empty_cache()
 
 
+def release_idle_models(dm: ComfyDiffusionModel) -> int:
+    """Unload every model ComfyUI holds on the compute device except this run's MODEL and VAE (and what is
+    patched onto them); return how many. Call once the prompts are encoded: a training step's activations are
+    outside ComfyUI's memory accounting, so idle models (text encoders, CLIP vision, other checkpoints)
+    would stay beside them for the whole run (SDXL's CLIP-L + CLIP-G: 1.6 GB). ComfyUI loads them again
+    when a later node needs them."""
+    import comfy.model_management as mm
+    ours = [dm.patcher] + ([dm.vae.patcher] if dm.vae is not None else [])
+    ours += [m for p in ours for m in p.model_patches_models()]
+    def ours_or_clone(m) -> bool:  # a clone shares our weights: unloading it would move them off the device
+        return m is not None and any(m is p or getattr(m, "is_clone", lambda _: False)(p) for p in ours)
+
+    keep = [lm for lm in mm.current_loaded_models if ours_or_clone(lm.model)]
+    return len(mm.free_memory(float("inf"), mm.get_torch_device(), keep_loaded=keep))
+
+
 # -- the FOCUSFIX_LORA type ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoraData:

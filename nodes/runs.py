@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
-from .adapters import ComfyDiffusionModel, LoraData, reward_on, training_session
+from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import log, run_with_progress
 from .lora_nodes import save_lora_data
 
@@ -46,6 +46,13 @@ def _checkpointer(trainer, every: int, name: str):
     return save
 
 
+def _release(dm: ComfyDiffusionModel) -> None:
+    """The prompts are encoded: free the device of every model the run does not use."""
+    n = release_idle_models(dm)
+    if n:
+        log.info(f"unloaded {n} idle model(s) (text encoders, other checkpoints) for the training run")
+
+
 def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, cond=None, uncond=None,
                     checkpoint_every: int = 0, checkpoint_name: str = "") -> FixRun:
     """Train Focus-N-Fix on ComfyUI models. `make_cfg()` builds the FixConfig (called inside the session,
@@ -56,6 +63,7 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
         cond, uncond = (c() if callable(c) else c for c in (cond, uncond))
         trainer = FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond)  # removes its LoRA if it fails
         try:
+            _release(dm)
             idx = list(range(len(trainer.items)))
             I0, _, M = trainer.base(idx)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
@@ -75,6 +83,7 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
             dm.token_indices(p, list(o))  # a missing word fails here, before any hook is attached
         trainer = SeparateEnhanceTrainer(dm, cfg)
         try:
+            _release(dm)
             before = trainer.eval_maps(cfg.seed)
             history = run_with_progress(trainer, cfg.iterations,
                                         on_record=_checkpointer(trainer, checkpoint_every, checkpoint_name))

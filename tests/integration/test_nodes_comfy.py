@@ -291,3 +291,21 @@ def test_training_through_chunked_sub_quadratic_attention(fresh, checkpoint, mon
     assert lora.tensors
     lora, *_ = _train_fix(fresh, checkpoint, iterations=1)
     assert lora.tensors and used and not any(used)  # ComfyUI's pick ran in the graph-free calls only
+
+
+def test_training_unloads_idle_models_and_keeps_its_own(fresh, checkpoint):
+    """Once the prompts are encoded, the text encoder (and any other idle model) leaves the device for the run;
+    the MODEL and VAE stay, and a later text encode loads the text encoder again."""
+    import comfy.model_management as mm
+    model, clip, vae = checkpoint
+
+    def loaded(patcher):
+        return any(lm.model is patcher for lm in mm.current_loaded_models)
+
+    fresh.run("CLIPTextEncode", clip=clip, text="a cat")
+    assert loaded(clip.patcher)
+    lora, *_ = _train_fix(fresh, checkpoint, iterations=1)
+    assert lora.tensors and not loaded(clip.patcher)
+    assert loaded(vae.patcher)
+    (cond,) = fresh.run("CLIPTextEncode", clip=clip, text="a dog")
+    assert loaded(clip.patcher) and torch.isfinite(cond[0][0]).all()
