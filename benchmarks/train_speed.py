@@ -566,7 +566,8 @@ def main(argv=None) -> dict:
         "levers": {"no_checkpoint": args.no_checkpoint, "fused_adam": args.fused_adam, "autocast": args.autocast,
                    "no_cache": args.no_cache, "checkpoint_decode": args.checkpoint_decode,
                    "merge_nograd": args.merge_nograd, "se_early_exit": args.se_early_exit, "compile": args.compile,
-                   "preservation": args.preservation, "inference_weights": args.inference_weights == "on" if args.backend == "comfy" else None},
+                   "preservation": args.preservation,
+                   "inference_weights": args.inference_weights == "on" if args.backend == "comfy" else None},
         "iters": args.iters, "warmup": args.warmup, "settings": settings, "cases": results,
     }
     return doc

@@ -353,6 +353,7 @@ def release_idle_models(dm: ComfyDiffusionModel) -> int:
     import comfy.model_management as mm
     ours = [dm.patcher] + ([dm.vae.patcher] if dm.vae is not None else [])
     ours += [m for p in ours for m in p.model_patches_models()]
+
     def ours_or_clone(m) -> bool:  # a clone shares our weights: unloading it would move them off the device
         return m is not None and any(m is p or getattr(m, "is_clone", lambda _: False)(p) for p in ours)
 
