@@ -8,10 +8,11 @@ a separate graph). Three calls, each with a rank-4 LoRA on attn q/k/v/out:
 
 - `hooks`: a graph-free call with the LoRA's forward hooks on;
 - `merged`: a graph-free call with the LoRA merged (`MergedWhenNoGrad`, what the trainer's N - K steps run);
-- `grad`: the differentiated call (hooks on, gradients enabled, the adapter's attention override active).
+- `grad`: the differentiated call (hooks on, gradients enabled).
 
 `--attention pytorch` (default) is ComfyUI's choice on NVIDIA GPUs (SDPA); `--attention default` is its pick on
-this machine (sub-quadratic on a CPU, which asks psutil for free memory inside every attention call).
+this machine (sub-quadratic on a CPU, which the adapter replaces by SDPA: it has no reliable backward, and it
+asks psutil for free memory inside every attention call, a graph break each).
 
 Example:
     COMFYUI_DIR=/path/ComfyUI python benchmarks/compile_check.py --models sd15,sdxl --size tiny

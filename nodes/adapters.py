@@ -133,13 +133,14 @@ class _LiveHW:
 _ATTENTION_WITH_BACKWARD = ("attention_pytorch", "attention_basic", "attention_split", "attention_xformers")
 
 
-def _attention_for_training(previous=None):
-    """A `transformer_options["optimized_attention_override"]` that sends calls building a graph through
-    PyTorch SDPA unless ComfyUI's pick has a backward; chains an override another node set."""
+def _attention_with_backward(previous=None):
+    """A `transformer_options["optimized_attention_override"]`: PyTorch SDPA unless ComfyUI's pick has a
+    backward, in every call, graph-free or not, so the base image I0 and the trained image I come from the same
+    kernel (an untrained LoRA gives I == I0 exactly); chains an override another node set."""
     import comfy.ldm.modules.attention as attention
 
     def override(func, *args, **kwargs):
-        if torch.is_grad_enabled() and getattr(func, "__name__", "") not in _ATTENTION_WITH_BACKWARD:
+        if getattr(func, "__name__", "") not in _ATTENTION_WITH_BACKWARD:
             func = attention.attention_pytorch
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
@@ -189,8 +190,7 @@ class ComfyDiffusionModel:
         topts = dict(self.patcher.model_options.get("transformer_options", {}))
         # keys ComfyUI's sampler sets for attention patches; the whole batch counts as one chunk
         topts.update(sigmas=sigma, cond_or_uncond=[0])
-        if torch.is_grad_enabled():  # graph-free calls keep ComfyUI's fastest attention untouched
-            topts["optimized_attention_override"] = _attention_for_training(topts.get("optimized_attention_override"))
+        topts["optimized_attention_override"] = _attention_with_backward(topts.get("optimized_attention_override"))
         x0 = self.base.apply_model(x, sigma.to(x.device), c_crossattn=cond["context"].to(x.device),
                                    transformer_options=topts, **kwargs)
         return x0.float()

@@ -272,7 +272,7 @@ class _LittleFreeMemory:
 
 def test_training_through_chunked_sub_quadratic_attention(fresh, checkpoint, monkeypatch):
     """ComfyUI's CPU default attention breaks autograd once it chunks keys (exp(out=) on a tensor that
-    needs grad); the training calls must go through an attention with a backward, graph-free ones need not."""
+    needs grad): a training run sends every call through an attention with a backward."""
     import comfy.ldm.modules.attention as attention
     monkeypatch.setattr(attention, "model_management", _LittleFreeMemory(attention.model_management))
     used, sub_quad = [], attention.attention_sub_quad
@@ -290,7 +290,22 @@ def test_training_through_chunked_sub_quadratic_attention(fresh, checkpoint, mon
         lr=1e-2, iterations=1, seed=0)
     assert lora.tensors
     lora, *_ = _train_fix(fresh, checkpoint, iterations=1)
-    assert lora.tensors and used and not any(used)  # ComfyUI's pick ran in the graph-free calls only
+    assert lora.tensors and not used  # not even the graph-free calls: I0 and I come from one kernel
+
+
+def test_untrained_lora_gives_the_base_image_exactly(fresh, checkpoint):
+    """Step 0 of Focus-N-Fix: the LoRA is still zero, so I == I0 and the region term is exactly 0, although
+    the base image comes from graph-free calls and I's last step from a call with gradients."""
+    import sys
+    pack = fresh.pack.__name__
+    runs, adapters = sys.modules[f"{pack}.nodes.runs"], sys.modules[f"{pack}.nodes.adapters"]
+    FixConfig = sys.modules[f"{pack}.focusfix_core.trainers"].FixConfig
+    model, clip, vae = checkpoint
+    dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+    run = runs.run_focus_n_fix(dm, adapters.load_reward_by_name("builtin:sharpness"), lambda: FixConfig(
+        prompts=("a cat",), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=3.0, K=1, lam=1.0,
+        mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=1))
+    assert run.history[0].region == 0.0
 
 
 def test_training_unloads_idle_models_and_keeps_its_own(fresh, checkpoint):
