@@ -278,7 +278,7 @@ def test_training_through_chunked_sub_quadratic_attention(fresh, checkpoint, mon
     used, sub_quad = [], attention.attention_sub_quad
 
     @attention.wrap_attn
-    def attention_sub_quad(*args, **kwargs):  # ComfyUI's own, counting the calls that build a graph
+    def attention_sub_quad(*args, **kwargs):  # ComfyUI's own, recording every call that reaches it
         used.append(torch.is_grad_enabled())
         return sub_quad(*args, **kwargs)
 
