@@ -309,7 +309,7 @@ def make_trainer(core: str, kind: str, overrides: dict, batch: int, model, rewar
     common = dict(rank=4, lr=1e-4, iterations=iterations, batch_size=batch, seed=0, height=side, width=side)
     if kind == "fix":
         cfg = trainers.FixConfig(prompts=(FIX_PROMPT,), seeds=tuple(range(batch)), steps=args.steps or steps,
-                                 cfg_scale=7.5, K=1, targets="attn", **common, **overrides)
+                                 cfg_scale=7.5, K=1, targets="attn", compile=args.compile, **common, **overrides)
         return trainers.FixTrainer(model, reward, cfg)
     cfg = trainers.SeparateEnhanceConfig(prompts=(SE_PROMPT,), objects=(SE_OBJECTS,), targets="to_k",
                                          resolution=args.resolution or resolution, preservation=args.preservation,
@@ -381,6 +381,14 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
 
     runs = {"sample_no_grad_lora_on": lambda: sampler.sample(denoiser, x, trainer.sigmas, cond, K=0),
             "sample_no_grad_lora_off": off, "sample_no_grad_lora_merged": merged, "decode_reward_fwd_bwd": tail}
+    if trainer.sampling_denoiser is not denoiser:  # --compile: the trainer's compiled graph-free steps
+        compiled = MergeWhenNoGrad(trainer.sampling_denoiser, trainer.lora)
+
+        def merged_compiled():
+            sampler.sample(compiled, x, trainer.sigmas, cond, K=0)
+            compiled.restore()
+
+        runs["sample_no_grad_lora_merged_compiled"] = merged_compiled
     out = {k: math.inf for k in runs}
     with autocast:
         for _ in range(reps):
@@ -478,9 +486,10 @@ def parse_args(argv=None):
     g.add_argument("--no-checkpoint", action="store_true", help="sample(..., checkpoint=False): no recompute at K=1")
     g.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True)")
     g.add_argument("--autocast", action="store_true", help="bf16 autocast around each iteration (adapters stay fp32)")
-    g.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune"), default="none",
-                   help="torch.compile the UNet (reduce-overhead = CUDA graphs; the merged LoRA leaves the hooks idle "
-                        "in the graph-free calls)")
+    g.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default="off",
+                   help="FixConfig.compile: torch.compile the graph-free sampler steps (LoRA merged, no hooks; "
+                        "reduce-overhead = CUDA graphs); the first iteration compiles. S&E steps all carry gradients: "
+                        "unaffected")
     g.add_argument("--no-cache", action="store_true", help="rebuild I0 and M every iteration (the 'before' of caching)")
     g.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
                    help="S&E preservation term: keys (the core's auto for a to_k LoRA; no UNet pass) or outputs "
@@ -517,8 +526,6 @@ def main(argv=None) -> dict:
             weight_dtype = None if args.weight_dtype == "default" else getattr(torch, args.weight_dtype.replace("fp8", "float8"))
             model, adapters, core = build_comfy(family, args.size, device, dtype, args.inference_weights == "on",
                                                 attention=args.comfy_attention, weight_dtype=weight_dtype)
-        if args.compile != "none":  # the UNet's __call__, hooks included; undone below
-            model.net.compile(mode=None if args.compile == "default" else args.compile, dynamic=False)
         geometry = GEOMETRY[(family, args.size)]
         # fp32 by default, as the nodes load rewards (load_reward_by_name); --reward-dtype bf16 is a lever
         reward_dtype = torch.bfloat16 if args.reward_dtype == "bf16" else torch.float32
@@ -541,8 +548,6 @@ def main(argv=None) -> dict:
             settings[family]["session_enter_bytes"] = int(mem1 - mem0)
             for name in names:
                 results.append({"model": family, **run_case(name, model, reward, core, geometry, args, device, dtype)})
-        if args.compile != "none":
-            model.net._compiled_call_impl = None
         del model, reward, session
         if adapters is not None:  # ComfyUI keeps loaded models: free them before the next family's peaks
             import comfy.model_management as mm

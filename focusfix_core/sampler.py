@@ -5,6 +5,7 @@ Clark et al. 2024, "Directly Fine-Tuning Diffusion Models on Differentiable Rewa
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -15,7 +16,12 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .denoisers import Cond, Denoiser, repeat_cond
 from .schedules import get_sigmas_uniform
 
-__all__ = ["sample", "seed_noise", "get_sigmas", "check_steps", "checkpointed_modules"]
+__all__ = ["sample", "seed_noise", "get_sigmas", "check_steps", "checkpointed_modules", "CompiledWhenNoGrad",
+           "compile_denoiser", "COMPILE_MODES"]
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 def check_steps(steps: int, K: int) -> None:
@@ -72,6 +78,56 @@ def checkpointed_modules(modules: Sequence[nn.Module]) -> Iterator[None]:
                 del m.forward
             else:
                 m.forward = own
+
+
+def compile_denoiser(denoiser: Denoiser, mode: str) -> Denoiser:
+    """`torch.compile` a denoiser for graph-free calls: static shapes (one graph per batch size; sigma is a
+    tensor, so the steps of a trajectory share it). mode: one of COMPILE_MODES other than "off"."""
+    def graph_free_call(x, sigma, cond):  # a function, not the module: module-level hooks then fire once
+        return denoiser(x, sigma, cond)
+
+    return torch.compile(graph_free_call, mode=None if mode == "default" else mode, dynamic=False)
+
+
+class CompiledWhenNoGrad:
+    """A denoiser whose graph-free calls run compiled and whose differentiated calls run eagerly.
+
+    The graph-free calls are the N - K steps of every trajectory (>= 90 % of a Focus-N-Fix iteration's
+    FLOPs at 50 steps); with the LoRA merged (`MergedWhenNoGrad`) they carry no hooks, and the merge writes
+    the weights in place, so a compiled graph (and a CUDA graph under "reduce-overhead", which reads the
+    weights by address) sees each iteration's LoRA without recompiling. The differentiated calls stay eager:
+    they run under block-wise checkpointing and build the graph backward needs.
+
+    If compiling fails (no working Triton or C++ compiler on this machine), it logs a warning once and runs
+    eagerly from then on: the results are the same, only slower.
+
+    Args:
+        denoiser: `denoiser(x, sigma, cond) -> x0`.
+        mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune" (see `torch.compile`).
+        compiler: `compiler(denoiser, mode) -> callable`, `compile_denoiser` by default.
+    """
+
+    def __init__(self, denoiser: Denoiser, mode: str, compiler: Callable = compile_denoiser):
+        if mode not in COMPILE_MODES[1:]:
+            raise ValueError(f"compile mode must be one of {list(COMPILE_MODES[1:])}, got {mode!r}")
+        from torch._dynamo.exc import TorchDynamoException  # also Inductor's and Triton's failures
+
+        self.denoiser, self.mode, self._compile_error = denoiser, mode, TorchDynamoException
+        self.compiled: Callable | None = compiler(denoiser, mode)
+        self.failure: str | None = None  # why compiling failed, when it did
+
+    def __call__(self, x, sigma, cond):
+        if torch.is_grad_enabled() or self.compiled is None:
+            return self.denoiser(x, sigma, cond)
+        try:
+            out = self.compiled(x, sigma, cond)
+        except self._compile_error as e:  # the compiler or tracer failed; a model error recurs eagerly below
+            cause = getattr(e, "inner_exception", None) or e  # the backend's own error, not dynamo's wrapper
+            self.compiled, self.failure = None, f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+            log.warning("torch.compile failed (%s); sampling without it", self.failure)
+            return self.denoiser(x, sigma, cond)
+        # under CUDA graphs the output lives in the graph's memory, overwritten by the next replay
+        return out.clone() if self.mode == "reduce-overhead" else out
 
 
 def _call(denoiser: Denoiser, x, sigma, cond, use_checkpoint: bool):

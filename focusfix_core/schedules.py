@@ -42,7 +42,8 @@ def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     sigma: [B]; sigmas: [T] ascending training sigmas -> t: [B] in [0, T-1].
     """
     log_sigmas = sigmas.log().to(sigma.device, torch.float32)
-    log_sigma = sigma.float().clamp_min(sigmas[0].item()).log()
+    # no .item(): a host sync per call on a GPU, and a graph break under torch.compile
+    log_sigma = torch.maximum(sigma.float(), sigmas[:1].to(sigma.device, torch.float32)).log()
     dists = log_sigma[:, None] - log_sigmas[None, :]                      # [B,T]
     low = dists.ge(0).cumsum(dim=1).argmax(dim=1).clamp(max=len(sigmas) - 2)
     high = low + 1

@@ -31,7 +31,8 @@ from .lora import LoRA, MergedWhenNoGrad
 from .records import StepRecord
 from .rewards.base import Reward
 from .saliency import mask_from_reward
-from .sampler import check_steps, checkpointed_modules, get_sigmas, sample, seed_noise
+from .sampler import (COMPILE_MODES, CompiledWhenNoGrad, check_steps, checkpointed_modules, compile_denoiser,
+                      get_sigmas, sample, seed_noise)
 
 __all__ = [
     "FixConfig",
@@ -117,6 +118,7 @@ class FixConfig(_LoRAConfig):
     threshold: float = 0.15             # top 15 % of the heatmap may change, by default
     dilation: int = 2                   # pixels added around the mask
     feather: float = 0.0
+    compile: str = "off"                # off | default | reduce-overhead | max-autotune: the graph-free steps
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(p.strip() for p in self.prompts if p and p.strip()))
@@ -136,6 +138,7 @@ class FixConfig(_LoRAConfig):
         _check_positive("cfg_scale", self.cfg_scale)
         _check_choice("mask_source", self.mask_source, MASK_SOURCES)
         _check_choice("mask_space", self.mask_space, ("pixel", "latent"))
+        _check_choice("compile", self.compile, COMPILE_MODES)
         if self.height < 8 or self.width < 8:
             raise ValueError(f"height and width must be >= 8 pixels, got {self.height}x{self.width}")
 
@@ -321,6 +324,17 @@ class _LoRATrainer:
                 "focusfix_steps_trained": self.step, "focusfix_config": json.dumps(cfg, sort_keys=True)}
 
 
+class _SwitchAfter:
+    """A denoiser whose first n calls go to `first` and later ones to `then`."""
+
+    def __init__(self, first, then, n: int):
+        self.first, self.then, self.n, self.calls = first, then, n, 0
+
+    def __call__(self, x, sigma, cond):
+        self.calls += 1
+        return (self.first if self.calls <= self.n else self.then)(x, sigma, cond)
+
+
 class FixTrainer(_LoRATrainer):
     """Focus-N-Fix (lam > 0 with a mask) or DRaFT-K/LV (lam = 0 or mask_source "none").
 
@@ -373,7 +387,10 @@ class FixTrainer(_LoRATrainer):
             self.cond = cond if cond is not None else model.encode_prompts(list(cfg.prompts))
             self.uncond = uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt])
         self.denoiser = CFGDenoiser(model.denoise, self.uncond, cfg.cfg_scale)
-        self._train_denoiser = MergedWhenNoGrad(self.denoiser, self.lora)  # graph-free steps: no hooks
+        # every graph-free call (I0, the N - K steps, previews) through one callable: compiled on request
+        self.sampling_denoiser = (self.denoiser if cfg.compile == "off"
+                                  else CompiledWhenNoGrad(self.denoiser, cfg.compile, compile_denoiser))
+        self._train_denoiser = MergedWhenNoGrad(self.sampling_denoiser, self.lora)  # graph-free steps: no hooks
         # where the model names its blocks, checkpoint them one by one instead of whole denoiser calls
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
@@ -412,13 +429,25 @@ class FixTrainer(_LoRATrainer):
             return M[i]
         return M[self.cfg.seeds.index(self.items[i][1])]
 
+    @contextmanager
+    def _as_in_a_step(self):
+        """The net as a training step's graph-free calls see it (frozen, its blocks' checkpoint wrappers idle
+        without grad): a compiled sampler then traces one graph for I0, previews and training, not three."""
+        with _frozen(self.model.net), checkpointed_modules(self._checkpoint_modules):
+            yield
+
     @torch.no_grad()
     def base(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached."""
         todo = [i for i in idx if i not in self._cache]
         if todo:
-            with self.lora.disabled():
-                z0 = sample(self.denoiser, self._noise(todo), self.sigmas, self._cond(todo), K=0, checkpoint=False)
+            denoiser = self.sampling_denoiser
+            if denoiser is not self.denoiser:
+                # compiled kernels round differently: the last K steps run eagerly like I's differentiated calls,
+                # so an untrained LoRA gives I == I0 bit for bit
+                denoiser = _SwitchAfter(denoiser, self.denoiser, self.cfg.steps - self.cfg.K)
+            with self.lora.disabled(), self._as_in_a_step():
+                z0 = sample(denoiser, self._noise(todo), self.sigmas, self._cond(todo), K=0, checkpoint=False)
                 I0 = self.model.decode(z0).float()
             src = self.cfg.mask_source
             if src == "given":
@@ -437,9 +466,14 @@ class FixTrainer(_LoRATrainer):
 
     @torch.no_grad()
     def sample_images(self, idx: list[int]) -> torch.Tensor:
-        """I: [b,3,H,W] for items idx with the LoRA as it is now (same noise as I0; no graph)."""
-        z = sample(self.denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False)
-        return self.model.decode(z).float()
+        """I: [b,3,H,W] for items idx with the LoRA as it is now, merged into the weights as a LoRA loader
+        merges it (same noise as I0; no graph)."""
+        with self._as_in_a_step():
+            try:
+                z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False)
+            finally:
+                self._train_denoiser.restore()
+            return self.model.decode(z).float()
 
     def _next_items(self) -> list[int]:
         """Cycle through the items in a seeded random order (same seed -> same batches)."""

@@ -1,5 +1,7 @@
 """Trainers on a small random tiny model: reward goes up, region term holds the outside, state resumes exactly."""
+import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -146,6 +148,7 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(rank=0), "rank"),
     (dict(mask_source="paint"), "mask_source"),
     (dict(lam=-1.0), "lam"),
+    (dict(compile="fast"), "compile must be one of"),
 ])
 def test_fix_config_errors_name_the_input(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -311,3 +314,82 @@ def test_slots_by_storage_shares_only_identical_views():
     from focusfix_core.trainers import _slots_by_storage
     a, b = torch.zeros(2, 5), torch.zeros(2, 5)
     assert _slots_by_storage([a, b, a, a[:, :3], a.view(5, 2)]) == [0, 1, 0, 2, 3]
+
+
+# -- compiled graph-free sampler steps (FixConfig.compile) -------------------------------------------------------
+@pytest.fixture
+def compiler(monkeypatch):
+    """FixConfig.compile through dynamo with an eager backend (no C++/Triton build): records the size of every
+    graph it is handed; `perturb` makes the compiled calls round differently from eager ones, as real kernels do."""
+    import torch._dynamo
+
+    import focusfix_core.trainers as tr
+    graphs, opts = [], {"perturb": 0.0}
+
+    def backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+
+        def run(*args):
+            out = gm.forward(*args)
+            return type(out)(o * (1 + opts["perturb"]) if torch.is_floating_point(o) else o for o in out)
+
+        return run
+
+    monkeypatch.setattr(tr, "compile_denoiser",
+                        lambda denoiser, mode: torch.compile(lambda x, s, c: denoiser(x, s, c), backend=backend,
+                                                             dynamic=False))
+    torch._dynamo.reset()
+    yield graphs, opts
+    torch._dynamo.reset()
+
+
+def test_compiled_sampler_traces_once_and_trains_like_eager(small_model, square_reward, compiler):
+    graphs, _ = compiler
+    cfg = fix_cfg(iterations=3)
+    eager, _ = run(small_model, square_reward, cfg)
+    expected = {k: v.clone() for k, v in eager.lora.state_dict().items()}
+    eager.lora.remove()
+    trainer, recs = run(small_model, square_reward, replace(cfg, compile="reduce-overhead"))
+    assert len(graphs) == 1                       # one graph, no break: I0, 3 trajectories, no recompile
+    trainer.sample_images([0, 1])                  # previews at the training batch size reuse it
+    assert len(graphs) == 1
+    for k, v in trainer.lora.state_dict().items():
+        assert torch.equal(v, expected[k]), k      # the eager backend computes what eager sampling does
+    assert recs[0].region == 0.0
+    assert json.loads(trainer.metadata()["focusfix_config"])["compile"] == "reduce-overhead"
+    trainer.lora.remove()
+
+
+def test_compiled_sampler_keeps_I_equal_I0_at_step_0(small_model, square_reward, compiler):
+    """Compiled kernels round differently from eager ones: I0's last K steps run eagerly, like I's
+    differentiated calls, so an untrained LoRA still gives I == I0 bit for bit."""
+    graphs, opts = compiler
+    opts["perturb"] = 1e-3
+    trainer, recs = run(small_model, square_reward, fix_cfg(iterations=2, compile="default", K=2))
+    assert graphs and recs[0].region == 0.0
+    assert recs[1].region > 0                     # the perturbation does reach the sampler
+    trainer.lora.remove()
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(small_model, square_reward, monkeypatch, caplog):
+    import torch._dynamo
+
+    import focusfix_core.trainers as tr
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(tr, "compile_denoiser", lambda d, mode: torch.compile(d, backend=broken))
+    torch._dynamo.reset()
+    cfg = fix_cfg(iterations=2)
+    eager, _ = run(small_model, square_reward, cfg)
+    expected = {k: v.clone() for k, v in eager.lora.state_dict().items()}
+    eager.lora.remove()
+    with caplog.at_level("WARNING", logger="focusfix_core.sampler"):
+        trainer, _ = run(small_model, square_reward, replace(cfg, compile="default"))
+    torch._dynamo.reset()
+    assert "no working C++ compiler" in trainer.sampling_denoiser.failure
+    assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1   # once, not per call
+    for k, v in trainer.lora.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    trainer.lora.remove()

@@ -308,6 +308,39 @@ def test_untrained_lora_gives_the_base_image_exactly(fresh, checkpoint):
     assert run.history[0].region == 0.0
 
 
+def test_compiled_sampler_holds_inside_comfyui(fresh, checkpoint, monkeypatch):
+    """FixConfig.compile through ComfyUI's UNet (GPU-free: dynamo with an eager backend that rounds 1e-3 off,
+    as compiled kernels round differently): one graph for I0, every training trajectory and the final
+    images, no break and no recompile; I == I0 exactly at step 0; the LoRA still trains."""
+    import sys
+
+    import torch._dynamo
+    pack = fresh.pack.__name__
+    runs, adapters = sys.modules[f"{pack}.nodes.runs"], sys.modules[f"{pack}.nodes.adapters"]
+    trainers = sys.modules[f"{pack}.focusfix_core.trainers"]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return lambda *args: type(out := gm.forward(*args))(o * 1.001 if o.is_floating_point() else o for o in out)
+
+    monkeypatch.setattr(trainers, "compile_denoiser", lambda denoiser, mode: torch.compile(
+        lambda x, s, c: denoiser(x, s, c), backend=backend, dynamic=False))
+    model, clip, vae = checkpoint
+    dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+    torch._dynamo.reset()
+    try:
+        run = runs.run_focus_n_fix(dm, adapters.load_reward_by_name("builtin:sharpness"), lambda: trainers.FixConfig(
+            prompts=("a cat",), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=3.0, K=1, lam=1.0,
+            mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=3, compile="reduce-overhead"))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1, graphs
+    assert run.history[0].region == 0.0
+    assert run.history[-1].region > 0 and all(torch.isfinite(torch.tensor(r.loss)) for r in run.history)
+    assert (run.I - run.I0).abs().max() > 0
+
+
 def test_training_unloads_idle_models_and_keeps_its_own(fresh, checkpoint):
     """Once the prompts are encoded, the text encoder (and any other idle model) leaves the device for the run;
     the MODEL and VAE stay, and a later text encode loads the text encoder again."""
