@@ -98,6 +98,10 @@ class CompiledWhenNoGrad:
     weights by address) sees each iteration's LoRA without recompiling. The differentiated calls stay eager:
     they run under block-wise checkpointing and build the graph backward needs.
 
+    `FixTrainer` wraps the model's own call, inside its `CFGDenoiser`: the guidance scale stays outside the
+    graph and prompts, sigmas and weights are its inputs, so a later run with other settings (same model,
+    size and batch) reuses the compiled graph.
+
     If compiling fails (no working Triton or C++ compiler on this machine), it logs a warning once and runs
     eagerly from then on: the results are the same, only slower.
 

@@ -387,9 +387,10 @@ class FixTrainer(_LoRATrainer):
             self.cond = cond if cond is not None else model.encode_prompts(list(cfg.prompts))
             self.uncond = uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt])
         self.denoiser = CFGDenoiser(model.denoise, self.uncond, cfg.cfg_scale)
-        # every graph-free call (I0, the N - K steps, previews) through one callable: compiled on request
-        self.sampling_denoiser = (self.denoiser if cfg.compile == "off"
-                                  else CompiledWhenNoGrad(self.denoiser, cfg.compile, compile_denoiser))
+        # every graph-free call (I0, the N - K steps, previews) through one callable, compiled on request; the
+        # model call alone is compiled, so another cfg_scale reuses its graph
+        self.sampling_denoiser = self.denoiser if cfg.compile == "off" else CFGDenoiser(
+            CompiledWhenNoGrad(model.denoise, cfg.compile, compile_denoiser), self.uncond, cfg.cfg_scale)
         self._train_denoiser = MergedWhenNoGrad(self.sampling_denoiser, self.lora)  # graph-free steps: no hooks
         # where the model names its blocks, checkpoint them one by one instead of whole denoiser calls
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())

@@ -358,6 +358,11 @@ def test_compiled_sampler_traces_once_and_trains_like_eager(small_model, square_
     assert recs[0].region == 0.0
     assert json.loads(trainer.metadata()["focusfix_config"])["compile"] == "reduce-overhead"
     trainer.lora.remove()
+    # a later run with other settings (cfg scale, steps, prompts, LoRA) reuses the graph: no recompile
+    other, _ = run(small_model, square_reward, replace(cfg, compile="default", cfg_scale=4.5, steps=6, rank=2,
+                                                       prompts=("a blue square",), negative_prompt="blurry"))
+    assert len(graphs) == 1
+    other.lora.remove()
 
 
 def test_compiled_sampler_keeps_I_equal_I0_at_step_0(small_model, square_reward, compiler):
@@ -388,7 +393,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(small_model, square_
     with caplog.at_level("WARNING", logger="focusfix_core.sampler"):
         trainer, _ = run(small_model, square_reward, replace(cfg, compile="default"))
     torch._dynamo.reset()
-    assert "no working C++ compiler" in trainer.sampling_denoiser.failure
+    assert "RuntimeError: no working C++ compiler" in trainer.sampling_denoiser.inner.failure
     assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1   # once, not per call
     for k, v in trainer.lora.state_dict().items():
         assert torch.equal(v, expected[k]), k

@@ -327,15 +327,21 @@ def test_compiled_sampler_holds_inside_comfyui(fresh, checkpoint, monkeypatch):
     monkeypatch.setattr(trainers, "compile_denoiser", lambda denoiser, mode: torch.compile(
         lambda x, s, c: denoiser(x, s, c), backend=backend, dynamic=False))
     model, clip, vae = checkpoint
-    dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+
+    def train(prompt, cfg_scale):
+        dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+        return runs.run_focus_n_fix(dm, adapters.load_reward_by_name("builtin:sharpness"), lambda: trainers.FixConfig(
+            prompts=(prompt,), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=cfg_scale, K=1, lam=1.0,
+            mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=3, compile="reduce-overhead"))
+
     torch._dynamo.reset()
     try:
-        run = runs.run_focus_n_fix(dm, adapters.load_reward_by_name("builtin:sharpness"), lambda: trainers.FixConfig(
-            prompts=("a cat",), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=3.0, K=1, lam=1.0,
-            mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=3, compile="reduce-overhead"))
+        run = train("a cat", 3.0)
+        assert len(graphs) == 1, graphs
+        train("a dog", 5.0)  # queued again with other settings, on a fresh clone: no recompile
+        assert len(graphs) == 1, graphs
     finally:
         torch._dynamo.reset()
-    assert len(graphs) == 1, graphs
     assert run.history[0].region == 0.0
     assert run.history[-1].region > 0 and all(torch.isfinite(torch.tensor(r.loss)) for r in run.history)
     assert (run.I - run.I0).abs().max() > 0
