@@ -75,7 +75,9 @@ def run(family: str, args) -> dict:
            "comfy_attention": comfy_attention.optimized_attention.__name__, "calls": {}}
     try:
         with adapters.training_session(dm):  # the trainer's setting: plain weights, model loaded
-            cond, uncond = (dm.encode_prompts([p]) for p in ("a cat and a dog", ""))
+            # prepared as the trainers prepare them: on the device, SDXL's y built once (CPU ops otherwise)
+            cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), (side // 8, side // 8))
+                            for p in ("a cat and a dog", ""))
             for kind in args.calls:
                 row = explain_call(dm, core, lora, kind, side, cond, uncond)
                 out["calls"][kind] = row

@@ -24,6 +24,7 @@ __all__ = [
     "index_cond",
     "repeat_cond",
     "cond_batch_size",
+    "prepare_cond",
     "EpsDenoiser",
     "VDenoiser",
     "CFGDenoiser",
@@ -46,6 +47,9 @@ class DiffusionModel(Protocol):
 
     Optional: `checkpoint_modules() -> list[nn.Module]`, the network's residual/attention blocks. Training
     then gradient-checkpoints them one by one (`sampler.checkpointed_modules`) instead of whole calls.
+    Optional: `prepare_cond(cond, latent_hw) -> Cond`, called once per encoded cond by the trainers (which
+    know the latent size): whatever `denoise` would rebuild from the cond at every call (SDXL's size
+    embeddings) is computed there once, so the sampler's calls stay on the device (no host sync, one graph).
     """
 
     net: nn.Module
@@ -80,6 +84,12 @@ def cond_batch_size(cond: Cond) -> int:
     if len(set(sizes.values())) != 1:
         raise ValueError(f"cond tensors must share their batch size, got {sizes}")
     return next(iter(sizes.values()))
+
+
+def prepare_cond(model, cond: Cond, latent_hw) -> Cond:
+    """`model.prepare_cond(cond, latent_hw)` where the model has one, else cond itself. latent_hw: (h, w)."""
+    prepare = getattr(model, "prepare_cond", None)
+    return cond if prepare is None else prepare(cond, tuple(int(s) for s in latent_hw))
 
 
 def cat_cond(*conds: Cond) -> Cond:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionStore
-from .denoisers import CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond
+from .denoisers import CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, prepare_cond
 from .io import atomic_torch_save, load_training_state
 from .losses import (enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask, reward_loss,
                      separate_loss)
@@ -384,8 +384,10 @@ class FixTrainer(_LoRATrainer):
         if cfg.mask_source != "given" and masks is not None:
             raise ValueError(f"masks were given but mask_source is {cfg.mask_source!r}: set mask_source='given'")
         with torch.no_grad():  # the text encoder is frozen: encode once
-            self.cond = cond if cond is not None else model.encode_prompts(list(cfg.prompts))
-            self.uncond = uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt])
+            hw = self.latent_shape[1:]
+            self.cond = prepare_cond(model, cond if cond is not None else model.encode_prompts(list(cfg.prompts)), hw)
+            self.uncond = prepare_cond(
+                model, uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt]), hw)
         self.denoiser = CFGDenoiser(model.denoise, self.uncond, cfg.cfg_scale)
         # every graph-free call (I0, the N - K steps, previews) through one callable, compiled on request; the
         # model call alone is compiled, so another cfg_scale reuses its graph
@@ -579,8 +581,10 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         try:
             self.latent_shape = (model.latent_channels, cfg.height // scale, cfg.width // scale)
             with torch.no_grad():
-                self.cond = model.encode_prompts(list(cfg.prompts))
-                self.pcond = model.encode_prompts(list(cfg.preserve_prompts)) if cfg.preserve_prompts else None
+                hw = self.latent_shape[1:]
+                self.cond = prepare_cond(model, model.encode_prompts(list(cfg.prompts)), hw)
+                self.pcond = (prepare_cond(model, model.encode_prompts(list(cfg.preserve_prompts)), hw)
+                              if cfg.preserve_prompts else None)
             self.preservation = "none" if self.pcond is None or cfg.lam_preserve == 0 else self._setup_preservation()
         except BaseException:
             if lora is None:

@@ -147,13 +147,21 @@ def _attention_with_backward(previous=None):
     return override
 
 
+def _y_key(latent_hw) -> str:
+    """The cond key of SDXL's y prepared for latents of size (h, w): a cond prepared for another size is
+    never read at this one."""
+    h, w = latent_hw
+    return f"y_{int(h)}x{int(w)}"
+
+
 class ComfyDiffusionModel:
     """The core's `DiffusionModel` protocol on ComfyUI's MODEL (+ CLIP, VAE), SD1.5 and SDXL layouts.
 
     `denoise` calls `BaseModel.apply_model`, which applies the model's own input scaling and eps/v/EDM
     parameterisation and returns x0, with the MODEL's `transformer_options` (attention patches). SDXL's
     `y` (pooled output + size embeddings) is built by the model's own `encode_adm` from the pooled
-    output kept in the cond under "pooled", at the size of the latent being denoised (as KSampler does).
+    output kept in the cond under "pooled", at the size of the latent being denoised (as KSampler does):
+    once per cond by `prepare_cond` (the trainers call it), else in each call.
 
     Args:
         model: a ComfyUI ModelPatcher; clone it first if you will patch it.
@@ -186,7 +194,8 @@ class ComfyDiffusionModel:
         self._hw.hw = tuple(x.shape[-2:])
         kwargs = {}
         if self.is_adm:
-            kwargs["y"] = cond["y"] if "y" in cond else self._adm(cond["pooled"], x.shape[-2:])
+            y = cond.get(_y_key(x.shape[-2:]), cond.get("y"))  # prepared for this size, or given
+            kwargs["y"] = y if y is not None else self._adm(cond["pooled"], x.shape[-2:])
         topts = dict(self.patcher.model_options.get("transformer_options", {}))
         # keys ComfyUI's sampler sets for attention patches; the whole batch counts as one chunk
         topts.update(sigmas=sigma, cond_or_uncond=[0])
@@ -216,6 +225,18 @@ class ComfyDiffusionModel:
                 layers += [*getattr(up, "block", []), *getattr(up, "attn", [])]
                 layers += [up.upsample] if isinstance(getattr(up, "upsample", None), nn.Module) else []
         return layers
+
+    def prepare_cond(self, cond: Cond, latent_hw) -> Cond:
+        """cond on the compute device, plus SDXL's y for latents of size latent_hw, both done once here instead
+        of in every denoiser call: ComfyUI hands text encodings over on its intermediate device (the CPU), and
+        its `encode_adm` embeds the sizes on the CPU after copying the pooled output there. Per call, each is a
+        host sync on a GPU (the host can no longer queue kernels ahead), and under torch.compile CPU ops in the
+        graph rule out CUDA graphs."""
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        key = _y_key(latent_hw)
+        if self.is_adm and "pooled" in cond and key not in cond:
+            cond[key] = self._adm(cond["pooled"], latent_hw).to(self.device)
+        return cond
 
     def _adm(self, pooled: torch.Tensor, latent_hw) -> torch.Tensor:
         """SDXL y: [B, adm] from the pooled output and the image size (8 x latent, as KSampler does)."""
@@ -475,18 +496,14 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     from ..focusfix_core.sampler import get_sigmas, sample, seed_noise
     _check_size(width, height, dm.latent_scale)
     tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
-    cond, uncond = dm.encode_prompts([prompt]), dm.encode_prompts([negative])
+    hw = (height // dm.latent_scale, width // dm.latent_scale)
+    cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
     sigmas = get_sigmas(dm.sigmas, steps).to(dm.device)
-    x = seed_noise([seed], (dm.latent_channels, height // dm.latent_scale, width // dm.latent_scale), device=dm.device)
+    x = seed_noise([seed], (dm.latent_channels, *hw), device=dm.device)
     store = AttentionStore([tokens], resolution=resolution, keep_grad=False)
-    cond, uncond = _to(cond, dm.device), _to(uncond, dm.device)
     with dm.attention_capture(store):
         z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale), x * sigmas[0], sigmas, cond, K=0, checkpoint=False)
     return store.maps(), z
-
-
-def _to(cond: Cond, device) -> Cond:
-    return {k: v.to(device) for k, v in cond.items()}
 
 
 def _check_size(width: int, height: int, scale: int) -> None:

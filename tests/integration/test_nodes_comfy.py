@@ -308,6 +308,36 @@ def test_untrained_lora_gives_the_base_image_exactly(fresh, checkpoint):
     assert run.history[0].region == 0.0
 
 
+def test_sdxl_size_embeddings_are_built_once_per_cond(fresh, monkeypatch):
+    """prepare_cond: SDXL's y (ComfyUI's encode_adm: CPU ops and a copy of the pooled output to the CPU) is built
+    once per cond row, not in every denoiser call, with the same x0; a cond prepared for another latent size
+    is never read at this one."""
+    import sys
+    pack = fresh.pack.__name__
+    runs, adapters = sys.modules[f"{pack}.nodes.runs"], sys.modules[f"{pack}.nodes.adapters"]
+    FixConfig = sys.modules[f"{pack}.focusfix_core.trainers"].FixConfig
+    model, clip, vae = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
+    dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+    calls = []
+    real = dm.base.encode_adm
+    monkeypatch.setattr(dm.base, "encode_adm", lambda **kw: calls.append(1) or real(**kw))
+    g = torch.Generator().manual_seed(0)
+    with adapters.training_session(dm), torch.no_grad():
+        cond = dm.encode_prompts(["a cat", "a dog"])
+        prepared = dm.prepare_cond(cond, (8, 8))
+        assert len(calls) == 2 and all(v.device == dm.device for v in prepared.values())
+        for side in (8, 4):  # the prepared size, and another one (built per call from "pooled", as before)
+            x, sigma = torch.randn(2, 4, side, side, generator=g), torch.tensor([3.0, 3.0])
+            assert torch.equal(dm.denoise(x, sigma, prepared), dm.denoise(x, sigma, cond))
+        assert len(calls) == 2 + 2 * 2 + 2       # the unprepared calls and the 4x4 call built their own
+    calls.clear()
+    run = runs.run_focus_n_fix(dm, adapters.load_reward_by_name("builtin:sharpness"), lambda: FixConfig(
+        prompts=("a cat", "a dog"), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=3.0, K=1, lam=1.0,
+        mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, batch_size=2))
+    assert len(run.history) == 2
+    assert len(calls) == 3                        # two prompts and the negative, once each; before: every call
+
+
 def test_compiled_sampler_holds_inside_comfyui(fresh, checkpoint, monkeypatch):
     """FixConfig.compile through ComfyUI's UNet (GPU-free: dynamo with an eager backend that rounds 1e-3 off,
     as compiled kernels round differently): one graph for I0, every training trajectory and the final
