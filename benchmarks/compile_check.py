@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -58,31 +59,82 @@ def explain_call(dm, core: str, lora, kind: str, side: int, cond, uncond) -> dic
         if kind == "merged":
             call.restore()
     reasons = Counter(f"{_where(b)}: {' '.join(str(b.reason).split())[:240]}" for b in ex.break_reasons)
+    off = off_device_nodes(ex.graphs, dm.device)
     return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count, "ops": ex.op_count,
             "break_reasons": [{"count": n, "where_and_why": r} for r, n in reasons.most_common(10)],
+            "off_device_nodes": sum(off.values()),
+            "off_device_examples": [{"count": n, "node": k} for k, n in off.most_common(5)],
             "seconds": time.perf_counter() - t}
 
 
+def off_device_nodes(graphs, device: torch.device) -> Counter:
+    """Graph nodes whose tensor values live on another device type than the model: work on the CPU inside a
+    GPU call (a host sync or a copy each call), and the reason CUDA graphs would be skipped for the graph."""
+    out = Counter()
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            for v in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(v, torch.Tensor) and v.device.type != device.type:
+                    out[f"{node.op} {str(node.target)[:60]} -> {v.device.type} {tuple(v.shape)}"] += 1
+    return out
+
+
+@contextmanager
+def on_meta(family: str):
+    """(dm, adapters, core) of the full architecture on PyTorch's meta device (cost_model's build; no data):
+    ComfyUI's compute device is meta meanwhile, so the adapter puts conds and latents there."""
+    import cost_model as cm  # noqa: E402  (builds the same configs on meta)
+    dm, _, core = cm.build(family, torch.bfloat16)
+    import comfy.model_management as mm
+    real = mm.get_torch_device
+    mm.get_torch_device = lambda: cm.META
+    try:
+        yield dm, ts._import_pack(), core
+    finally:
+        mm.get_torch_device = real
+
+
+def _meta_cond(dm, adapters, family: str, side: int) -> dict:
+    """A prepared cond on meta, as `prepare_cond` leaves it (its encode_adm cannot read meta data)."""
+    cond = {"context": torch.randn(1, 77, 768 if family == "sd15" else 2048, device=dm.device)}
+    if dm.is_adm:
+        cond[adapters._y_key((side // 8, side // 8))] = torch.randn(1, dm.base.adm_channels, device=dm.device)
+    return cond
+
+
 def run(family: str, args) -> dict:
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dm, adapters, core = ts.build_comfy(family, args.size, device, dtype, inference_weights=True,
-                                        attention=args.attention)
+    with ExitStack() as stack:
+        if args.device == "meta":
+            dm, adapters, core = stack.enter_context(on_meta(family))
+        else:
+            device = torch.device(args.device)
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dm, adapters, core = ts.build_comfy(family, args.size, device, dtype, inference_weights=True,
+                                                attention=args.attention)
+        return _run_calls(family, dm, adapters, core, args)
+
+
+def _run_calls(family: str, dm, adapters, core: str, args) -> dict:
     import comfy.ldm.modules.attention as comfy_attention
-    side = args.size_px or {"tiny": 64, "full": 512 if family == "sd15" else 1024}[args.size]
-    lora = importlib.import_module(f"{core}.lora").LoRA.attach(dm.net, "attn", rank=4)
-    out = {"family": family, "size": args.size, "image": side,
+    size = "full" if args.device == "meta" else args.size
+    side = args.size_px or {"tiny": 64, "full": 512 if family == "sd15" else 1024}[size]
+    lora = importlib.import_module(f"{core}.lora").LoRA.attach(dm.net, "attn", rank=4, device=dm.device)
+    out = {"family": family, "size": size, "image": side,
            "comfy_attention": comfy_attention.optimized_attention.__name__, "calls": {}}
     try:
-        with adapters.training_session(dm):  # the trainer's setting: plain weights, model loaded
+        # the trainer's setting: plain weights, model loaded (on meta: built that way)
+        with adapters.training_session(dm) if args.device != "meta" else nullcontext():
             # prepared as the trainers prepare them: on the device, SDXL's y built once (CPU ops otherwise)
-            cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), (side // 8, side // 8))
-                            for p in ("a cat and a dog", ""))
+            cond, uncond = ((_meta_cond(dm, adapters, family, side) for _ in range(2)) if args.device == "meta" else
+                            (dm.prepare_cond(dm.encode_prompts([p]), (side // 8, side // 8))
+                             for p in ("a cat and a dog", "")))
             for kind in args.calls:
                 row = explain_call(dm, core, lora, kind, side, cond, uncond)
                 out["calls"][kind] = row
                 print(f"[compile_check] {family} {kind}: {row['graphs']} graph(s), {row['graph_breaks']} break(s), "
-                      f"{row['ops']} ops, {row['seconds']:.1f} s", file=sys.stderr, flush=True)
+                      f"{row['ops']} ops, {row['off_device_nodes']} off-device node(s), {row['seconds']:.1f} s",
+                      file=sys.stderr, flush=True)
     finally:
         lora.remove()
     return out
@@ -96,7 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
                    help="pytorch: SDPA, ComfyUI's pick on NVIDIA; default: ComfyUI's pick on this machine")
     p.add_argument("--calls", default=",".join(CALLS), help=f"comma list of {', '.join(CALLS)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda | cpu | meta (the full architectures with no data, seconds: checks that each call "
+                        "stays on the model's device, which a CPU run cannot show; --size is ignored)")
     args = p.parse_args(argv)
     args.calls = args.calls.split(",")
     unknown = set(args.calls) - set(CALLS)
