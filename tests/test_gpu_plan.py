@@ -1,0 +1,67 @@
+"""benchmarks/gpu_plan.sh (issue 6): every step hands train_speed.py / compile_check.py arguments they accept, so
+a GPU session spends no device time on a typo. Run here with stand-ins for python3 and nvidia-smi."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_plan.sh"
+STEPS = ["sd15", "sd15-compile", "sd15-memory", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
+
+
+def _scripts():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import compile_check
+        import train_speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return train_speed, compile_check
+
+
+def _run(step: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "comfy").mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "COMFYUI_DIR": str(tmp_path / "comfy")}
+    log.write_text("")
+    proc = subprocess.run(["bash", str(SCRIPT), step], capture_output=True, text=True, env=env, timeout=60)
+    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
+    return proc, calls
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_each_step_passes_arguments_the_scripts_accept_6(step, tmp_path):
+    train_speed, compile_check = _scripts()
+    proc, calls = _run(step, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = [c for c in calls if c and c[0].startswith("benchmarks/")]
+    assert runs, calls
+    for argv in runs:
+        script, args = argv[0], argv[1:]
+        parse = {"benchmarks/train_speed.py": train_speed.parse_args,
+                 "benchmarks/compile_check.py": compile_check.parse_args}[script]
+        parsed = parse(args)  # argparse exits (SystemExit) on an argument the script does not take
+        assert parsed.device == "cuda"
+        if script.endswith("train_speed.py"):
+            assert (parsed.backend, parsed.size, parsed.dtype) == ("comfy", "full", "bf16")
+    if step.endswith("-compile"):
+        assert all("reduce-overhead" in argv for argv in runs)
+
+
+def test_unknown_step_and_missing_comfyui_are_refused_6(tmp_path):
+    proc, _ = _run("nope", tmp_path)
+    assert proc.returncode == 2 and "usage: gpu_plan.sh" in proc.stderr
+    env = {**os.environ, "COMFYUI_DIR": str(tmp_path / "missing")}
+    proc = subprocess.run(["bash", str(SCRIPT), "sd15"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "gpu_plan.sh pack" in proc.stderr
