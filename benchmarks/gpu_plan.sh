@@ -10,6 +10,8 @@
 #   sd15-compile   FixConfig.compile = reduce-overhead (CUDA graphs) on the Focus-N-Fix cases ~5 min
 #   sd15-memory    memory levers on fnf_b1/fnf_b4: --no-checkpoint, --checkpoint-decode,
 #                  --inference-weights off                                                ~5 min
+#   sd15-flags     ComfyUI launch flags an artist may use: --fast autotune (cuDNN autotuning),
+#                  --force-channels-last, on fnf_b1/fnf_b4                                ~4 min
 #   se             S&E with the older x0-MSE preservation (the default keys term is in sd15) ~1 min
 #   sdxl           SDXL baseline (draft_b1, fnf_b1)                                      ~6 min
 #   sdxl-compile   SDXL with reduce-overhead                                             ~8 min
@@ -34,8 +36,8 @@ if [ "$step" = pack ]; then
 fi
 
 case "$step" in
-    sd15|sd15-compile|sd15-memory|se|sdxl|sdxl-compile|sdxl-memory|compile-check) ;;
-    *) echo "usage: gpu_plan.sh pack|sd15|sd15-compile|sd15-memory|se|sdxl|sdxl-compile|sdxl-memory|compile-check" >&2
+    sd15|sd15-compile|sd15-memory|sd15-flags|se|sdxl|sdxl-compile|sdxl-memory|compile-check) ;;
+    *) echo "usage: gpu_plan.sh pack|sd15|sd15-compile|sd15-memory|sd15-flags|se|sdxl|sdxl-compile|sdxl-memory|compile-check" >&2
        exit 2 ;;
 esac
 export COMFYUI_DIR=${COMFYUI_DIR:-$PWD/.comfy/ComfyUI} PYTHONUNBUFFERED=1
@@ -62,6 +64,10 @@ case "$step" in
                    done
                    ts sd15_plain_weights --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
                        --inference-weights off ;;
+    sd15-flags)    ts sd15_fast_autotune --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
+                       --comfy-args="--fast autotune"
+                   ts sd15_channels_last --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
+                       --comfy-args="--force-channels-last" ;;
     se)            ts sd15_se_outputs --models sd15 --cases se_preserve_b4,se_b4 --preservation outputs \
                        --iters 10 --warmup 3 ;;
     sdxl)          ts sdxl_base --models sdxl --iters 3 --warmup 1 ;;

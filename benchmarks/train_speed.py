@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -197,16 +198,32 @@ def parse_models(parser: argparse.ArgumentParser, value: str) -> list[str]:
     return models
 
 
-def _import_comfy(device: torch.device, attention: str = "default"):
+_COMFY_ARGS = [""]  # the --comfy-args ComfyUI was imported with (its modules read them once)
+
+
+def _import_comfy(device: torch.device, attention: str = "default", comfy_args: str = ""):
     root = os.environ.get("COMFYUI_DIR", "")
     if not root or not Path(root, "comfy").is_dir():
         raise SystemExit(f"--backend comfy needs COMFYUI_DIR pointing at a ComfyUI checkout (got {root!r})")
     if root not in sys.path:
         sys.path.insert(0, root)
     import comfy.cli_args
-    comfy.cli_args.args.cpu = device.type == "cpu"  # read once when model_management is imported
+    args = comfy.cli_args.args
+    if "comfy.model_management" in sys.modules:  # imported for an earlier model: those flags stay
+        if comfy_args != _COMFY_ARGS[0]:
+            raise SystemExit(f"--comfy-args {comfy_args!r}: ComfyUI was already imported with {_COMFY_ARGS[0]!r}")
+    elif comfy_args:  # ComfyUI's own launch flags, as an artist starts it (read when its modules are imported)
+        _COMFY_ARGS[0] = comfy_args
+        parser = comfy.cli_args.parser
+        given = parser.parse_args(shlex.split(comfy_args))
+        for k, v in vars(given).items():
+            if v != parser.get_default(k):
+                setattr(args, k, v)
+        if isinstance(args.fast, list):  # as comfy.cli_args post-processes it: --fast alone = every feature
+            args.fast = set(args.fast) if args.fast else set(comfy.cli_args.PerformanceFeature)
+    args.cpu = device.type == "cpu"  # read once when model_management is imported
     if attention == "pytorch":  # ComfyUI's own default on NVIDIA GPUs; on CPU it picks sub-quadratic attention
-        comfy.cli_args.args.use_pytorch_cross_attention = True
+        args.use_pytorch_cross_attention = True
     import comfy.model_management as mm
     return mm
 
@@ -240,14 +257,15 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def build_comfy(family: str, size: str, device: torch.device, dtype: torch.dtype, inference_weights: bool,
-                seed: int = 0, attention: str = "default", weight_dtype: torch.dtype | None = None):
+                seed: int = 0, attention: str = "default", weight_dtype: torch.dtype | None = None,
+                comfy_args: str = ""):
     """(ComfyDiffusionModel, adapters module, core package prefix) for family sd15|sdxl at size full|tiny.
 
     inference_weights: build under torch.inference_mode(), as ComfyUI's loader nodes do (the adapter then
     clones the weights in the gradient path for the run; that copy shows in the peak memory).
     weight_dtype: store the UNet's weights in this dtype (fp8) and compute in `dtype`, as ComfyUI's
     "Load Diffusion Model" node does with weight_dtype fp8_e4m3fn (manual cast per layer)."""
-    mm = _import_comfy(device, attention)
+    mm = _import_comfy(device, attention, comfy_args)
     import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
@@ -482,6 +500,9 @@ def parse_args(argv=None):
                    help="comfy: ComfyUI's attention choice (default: its own pick, SDPA on NVIDIA, sub-quadratic on "
                         "CPU)"
                         " or pytorch (--use-pytorch-cross-attention: SDPA everywhere)")
+    p.add_argument("--comfy-args", default="",
+                   help="comfy: ComfyUI launch flags the run inherits, written with '=' as they start with dashes: "
+                        "--comfy-args='--fast autotune' (cuDNN autotuning) or --comfy-args=--force-channels-last")
     g = p.add_argument_group("levers (before/after switches)")
     g.add_argument("--no-checkpoint", action="store_true", help="sample(..., checkpoint=False): no recompute at K=1")
     g.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True)")
@@ -525,7 +546,8 @@ def main(argv=None) -> dict:
         else:
             weight_dtype = None if args.weight_dtype == "default" else getattr(torch, args.weight_dtype.replace("fp8", "float8"))
             model, adapters, core = build_comfy(family, args.size, device, dtype, args.inference_weights == "on",
-                                                attention=args.comfy_attention, weight_dtype=weight_dtype)
+                                                attention=args.comfy_attention, weight_dtype=weight_dtype,
+                                                comfy_args=args.comfy_args)
         geometry = GEOMETRY[(family, args.size)]
         # fp32 by default, as the nodes load rewards (load_reward_by_name); --reward-dtype bf16 is a lever
         reward_dtype = torch.bfloat16 if args.reward_dtype == "bf16" else torch.float32
@@ -567,7 +589,7 @@ def main(argv=None) -> dict:
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
         "peak_tflops": peak, "peak_source": source, "comfy_attention": attention,
-        "reward_dtype": args.reward_dtype, "weight_dtype": args.weight_dtype,
+        "reward_dtype": args.reward_dtype, "weight_dtype": args.weight_dtype, "comfy_args": args.comfy_args,
         "levers": {"no_checkpoint": args.no_checkpoint, "fused_adam": args.fused_adam, "autocast": args.autocast,
                    "no_cache": args.no_cache, "checkpoint_decode": args.checkpoint_decode,
                    "merge_nograd": args.merge_nograd, "se_early_exit": args.se_early_exit, "compile": args.compile,

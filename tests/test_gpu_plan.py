@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_plan.sh"
-STEPS = ["sd15", "sd15-compile", "sd15-memory", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
+STEPS = ["sd15", "sd15-compile", "sd15-memory", "sd15-flags", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
 
 
 def _scripts():
