@@ -12,6 +12,7 @@
 #                  --inference-weights off                                                ~5 min
 #   sd15-flags     ComfyUI launch flags an artist may use: --fast autotune (cuDNN autotuning),
 #                  --force-channels-last, on fnf_b1/fnf_b4                                ~4 min
+#   sd15-fp16      fnf_b1/fnf_b4 in fp16, ComfyUI's own dtype for SD1.5 on most GPUs (loss scaling on) ~3 min
 #   se             S&E with the older x0-MSE preservation (the default keys term is in sd15) ~1 min
 #   sdxl           SDXL baseline (draft_b1, fnf_b1)                                      ~6 min
 #   sdxl-compile   SDXL with reduce-overhead                                             ~8 min
@@ -36,8 +37,8 @@ if [ "$step" = pack ]; then
 fi
 
 case "$step" in
-    sd15|sd15-compile|sd15-memory|sd15-flags|se|sdxl|sdxl-compile|sdxl-memory|compile-check) ;;
-    *) echo "usage: gpu_plan.sh pack|sd15|sd15-compile|sd15-memory|sd15-flags|se|sdxl|sdxl-compile|sdxl-memory|compile-check" >&2
+    sd15|sd15-compile|sd15-memory|sd15-flags|sd15-fp16|se|sdxl|sdxl-compile|sdxl-memory|compile-check) ;;
+    *) echo "usage: gpu_plan.sh pack|sd15|sd15-compile|sd15-memory|sd15-flags|sd15-fp16|se|sdxl|sdxl-compile|sdxl-memory|compile-check" >&2
        exit 2 ;;
 esac
 export COMFYUI_DIR=${COMFYUI_DIR:-$PWD/.comfy/ComfyUI} PYTHONUNBUFFERED=1
@@ -49,7 +50,7 @@ fi
 mkdir -p "$out"
 nvidia-smi -L || true
 
-ts() {  # train_speed at the settings: full size, bf16, on the GPU
+ts() {  # train_speed at the settings: full size, bf16 (a later --dtype wins), on the GPU
     local name=$1; shift
     python3 benchmarks/train_speed.py --backend comfy --size full --device cuda --dtype bf16 "$@" > "$out/$name.json"
     echo "[gpu_plan] wrote $out/$name.json"
@@ -68,6 +69,7 @@ case "$step" in
                        --comfy-args="--fast autotune"
                    ts sd15_channels_last --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
                        --comfy-args="--force-channels-last" ;;
+    sd15-fp16)     ts sd15_fp16 --models sd15 --cases fnf_b1,fnf_b4 --dtype fp16 --iters 3 --warmup 1 ;;
     se)            ts sd15_se_outputs --models sd15 --cases se_preserve_b4,se_b4 --preservation outputs \
                        --iters 10 --warmup 3 ;;
     sdxl)          ts sdxl_base --models sdxl --iters 3 --warmup 1 ;;

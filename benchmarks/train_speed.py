@@ -480,7 +480,9 @@ def parse_args(argv=None):
     p.add_argument("--models", default=None, help="comma list of sd15, sdxl (comfy backend); default both")
     p.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}; default per model")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="default bf16 on cuda (the issue's setting), fp32 on cpu; fp16 is ComfyUI's own pick for SD1.5 "
+                        "and SDXL UNets on most GPUs (the trainer then scales the loss)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="override sampler steps (default 50; tiny 4)")
@@ -534,7 +536,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.threads:
         torch.set_num_threads(args.threads)
     families = ["tiny"] if args.backend == "core" else (args.models or "sd15,sdxl").split(",")

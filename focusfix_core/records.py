@@ -1,6 +1,7 @@
 """Step records: what a trainer yields after each optimizer step (STYLE rule 9)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 __all__ = ["StepRecord"]
@@ -20,6 +21,12 @@ class StepRecord:
     separate: float | None = None  # Separate-and-Enhance terms
     enhance: float | None = None
     preserve: float | None = None
+    loss_scale: float | None = None  # fp16 in the gradient path: the loss scale of this step (None: no scaling)
+
+    @property
+    def skipped(self) -> bool:
+        """The update was skipped: fp16 gradients overflowed at this loss scale, which is then halved."""
+        return not math.isfinite(self.grad_norm)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -30,5 +37,7 @@ class StepRecord:
             v = getattr(self, name)
             if v is not None:
                 parts.append(f"{name} {v:.4f}")
+        if self.skipped:
+            parts.append("update skipped (fp16 overflow; loss scale halved)")
         parts.append(f"{self.seconds:.2f}s")
         return "  ".join(parts)

@@ -228,6 +228,15 @@ def _frozen(*modules: nn.Module):
             p.requires_grad_(f)
 
 
+def _fp16_in_gradient_path(model) -> bool:
+    """Does backward pass through float16 compute? The model's `compute_dtypes` where it names them (ComfyUI
+    computes fp8-stored weights in fp16 or bf16), else the dtypes of the net's and decoder's weights."""
+    dtypes = getattr(model, "compute_dtypes", None)
+    if dtypes is None:
+        dtypes = {p.dtype for m in (model.net, *_decoders(model)) for p in m.parameters()}
+    return torch.float16 in set(dtypes)
+
+
 class _LoRATrainer:
     """Shared machinery: LoRA, optimizer, clipping, NaN guard, full-state save/resume."""
 
@@ -243,6 +252,10 @@ class _LoRATrainer:
         self.lora.to(self.device)
         self.params = [p for p in self.lora.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        # fp16 compute (ComfyUI's default for SD1.5/SDXL UNets on most GPUs) flushes the small gradients of a
+        # reward to zero on their way back to the adapters: scale the loss, as mixed-precision training does
+        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=100)
+                       if _fp16_in_gradient_path(model) else None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[StepRecord] = []
@@ -261,6 +274,7 @@ class _LoRATrainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": self.generator.get_state(),
             "history": [json.dumps(r.as_dict()) for r in self.history],
+            **({} if self.scaler is None else {"scaler": self.scaler.state_dict()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -271,6 +285,8 @@ class _LoRATrainer:
         self.generator.set_state(state["rng"])
         self.step = int(state["step"])
         self.history = [StepRecord(**json.loads(r)) for r in state.get("history", [])]
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self._good = self._snapshot()
 
     def save_state(self, path) -> None:
@@ -282,22 +298,33 @@ class _LoRATrainer:
 
     # -- one optimizer step ---------------------------------------------------------------------------------
     def _optimizer_step(self, loss: torch.Tensor) -> float:
-        """Backward, NaN guard, clip, step. On a non-finite loss/grad, restore the last good LoRA and raise."""
+        """Backward, NaN guard, clip, step. On a non-finite loss/grad, restore the last good LoRA and raise.
+
+        With fp16 in the gradient path the loss is scaled (`self.scaler`); a non-finite gradient there is an
+        overflow at that scale: the update is skipped (the returned norm is inf) and the scale halved."""
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.restore_last_good()
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}: stopped; the LoRA keeps "
                                      f"the weights of step {self.step} (lower lr or lam, or check the reward)")
-        loss.backward()
+        scaler = self.scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            self._scale_used = scaler.get_scale()
+            scaler.unscale_(self.optimizer)  # the adapters' own (fp32) gradients
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm) and (scaler is None or scaler.get_scale() <= 1.0):
             self.restore_last_good()
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}: stopped; the LoRA "
                                      f"keeps the weights of step {self.step}")
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            scaler.update()
         self._good = self._snapshot()
-        return grad_norm
+        return grad_norm if math.isfinite(grad_norm) else math.inf
 
     def restore_last_good(self) -> None:
         """Put back the LoRA of the last finished step (after an interrupt that may have hit mid-update)."""
@@ -312,7 +339,9 @@ class _LoRATrainer:
             yield self.train_step()
 
     def _record(self, t0: float, **terms) -> StepRecord:
-        rec = StepRecord(step=self.step, total=self.cfg.iterations, seconds=time.perf_counter() - t0, **terms)
+        scale = None if self.scaler is None else self._scale_used
+        rec = StepRecord(step=self.step, total=self.cfg.iterations, seconds=time.perf_counter() - t0,
+                         loss_scale=scale, **terms)
         self.history.append(rec)
         self.step += 1
         return rec

@@ -226,6 +226,12 @@ class ComfyDiffusionModel:
                 layers += [up.upsample] if isinstance(getattr(up, "upsample", None), nn.Module) else []
         return layers
 
+    @property
+    def compute_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes the UNet and the VAE compute in (fp8-stored weights compute in the manual-cast dtype)."""
+        unet = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
+        return (unet,) if self.vae is None else (unet, self.vae.vae_dtype)
+
     def prepare_cond(self, cond: Cond, latent_hw) -> Cond:
         """cond on the compute device, plus SDXL's y for latents of size latent_hw, both done once here instead
         of in every denoiser call: ComfyUI hands text encodings over on its intermediate device (the CPU), and

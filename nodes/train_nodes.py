@@ -126,10 +126,20 @@ class FocusFixTrainFocusNFix:
             threshold=threshold, dilation=dilation, saliency_method=saliency_method), masks=masks, cond=cond,
             uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name)
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
-        report = "\n".join([repr(run.lora), run.history[-1].summary(), *notes])
+        report = "\n".join([repr(run.lora), run.history[-1].summary(), *notes, *_precision_notes(run.history)])
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
                 b1hw_to_mask(M), report)
+
+
+def _precision_notes(history) -> list[str]:
+    """A report line when the model computes in fp16 and the trainer scaled the loss."""
+    scaled = [r for r in history if r.loss_scale is not None]
+    if not scaled:
+        return []
+    skipped = sum(r.skipped for r in scaled)
+    return [f"fp16 model: loss scaling on (last scale {scaled[-1].loss_scale:g}); {skipped} of {len(scaled)} "
+            f"updates skipped for fp16 overflow"]
 
 
 class FocusFixTrainSeparateEnhance:
@@ -174,7 +184,8 @@ class FocusFixTrainSeparateEnhance:
             targets=targets, lr=lr, iterations=iterations, seed=seed),
             checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name)
         report = "\n".join([repr(run.lora), run.history[-1].summary(),
-                            f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}"])
+                            f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}",
+                            *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
                 bchw_to_image(_maps_grid(run.A_after)), report)
 

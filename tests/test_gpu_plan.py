@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_plan.sh"
-STEPS = ["sd15", "sd15-compile", "sd15-memory", "sd15-flags", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
+STEPS = ["sd15", "sd15-compile", "sd15-memory", "sd15-flags", "sd15-fp16", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
 
 
 def _scripts():
@@ -54,7 +54,8 @@ def test_each_step_passes_arguments_the_scripts_accept_6(step, tmp_path):
         parsed = parse(args)  # argparse exits (SystemExit) on an argument the script does not take
         assert parsed.device == "cuda"
         if script.endswith("train_speed.py"):
-            assert (parsed.backend, parsed.size, parsed.dtype) == ("comfy", "full", "bf16")
+            assert (parsed.backend, parsed.size) == ("comfy", "full")
+            assert parsed.dtype == ("fp16" if step == "sd15-fp16" else "bf16")
     if step.endswith("-compile"):
         assert all("reduce-overhead" in argv for argv in runs)
 

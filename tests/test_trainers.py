@@ -398,3 +398,70 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(small_model, square_
     for k, v in trainer.lora.state_dict().items():
         assert torch.equal(v, expected[k]), k
     trainer.lora.remove()
+
+
+# -- fp16 compute: loss scaling ---------------------------------------------------------------------------------
+class _Faint(torch.nn.Module):
+    """A reward whose per-pixel gradients are small, as a real reward's are."""
+
+    name, has_heatmap = "faint", False
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, I):
+        return 1e-4 * self.inner(I)
+
+
+class _HalfModel:
+    """The tiny model with its weights stored and computed in fp16 and x0 handed back in fp32, as ComfyUI runs
+    SD1.5/SDXL UNets on most GPUs."""
+
+    def __init__(self, model):
+        self.inner, self.net, self.sigmas, self.name = model, model.net.half(), model.sigmas, "half"
+        self.latent_channels, self.latent_scale = model.latent_channels, model.latent_scale
+
+    def denoise(self, x, sigma, cond):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return self.inner.denoise(x.half(), sigma, {k: v.half() for k, v in cond.items()}).float()
+
+    def decode(self, z):
+        return self.inner.decode(z)
+
+    def encode_prompts(self, prompts):
+        return self.inner.encode_prompts(prompts)
+
+
+def _tiny(half: bool):
+    from focusfix_core.tiny.model import TinyConfig, TinyModel
+    model = TinyModel.random(seed=0, config=TinyConfig(image_size=16, channels=(16, 16, 32), heads=2, context_dim=16,
+                                                       text_layers=1))
+    return _HalfModel(model) if half else model
+
+
+def test_fp16_compute_trains_with_loss_scaling(square_reward, monkeypatch):
+    import focusfix_core.trainers as tr
+    cfg = fix_cfg(iterations=1, mask_source="saliency")
+    (fp32,), (fp16,) = (run(_tiny(half), _Faint(square_reward), cfg)[1] for half in (False, True))
+    assert fp32.loss_scale is None and fp16.loss_scale == 2.0**16
+    assert fp16.grad_norm == pytest.approx(fp32.grad_norm, rel=1e-2) and fp32.grad_norm > 0
+    monkeypatch.setattr(tr, "_fp16_in_gradient_path", lambda model: False)  # the trainer before
+    (unscaled,) = run(_tiny(True), _Faint(square_reward), cfg)[1]
+    assert unscaled.grad_norm == 0.0                   # the gradients flushed to zero: the LoRA never moves
+
+
+def test_fp16_overflow_skips_the_update_and_halves_the_scale(square_reward, tmp_path):
+    trainer = FixTrainer(_tiny(True), _Faint(square_reward), fix_cfg(iterations=3, mask_source="saliency"))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # far too high: fp16 activations overflow
+    start = {k: v.clone() for k, v in trainer.lora.state_dict().items()}
+    recs = [next(iter(trainer)) for _ in range(2)]
+    assert [r.skipped for r in recs] == [True, True] and "update skipped" in recs[0].summary()
+    assert [r.loss_scale for r in recs] == [2.0**100, 2.0**99]
+    assert all(torch.equal(v, start[k]) for k, v in trainer.lora.state_dict().items())  # nothing applied
+    trainer.save_state(tmp_path / "state.pt")
+    again = FixTrainer(_tiny(True), _Faint(square_reward), fix_cfg(iterations=3, mask_source="saliency"))
+    again.load_state(tmp_path / "state.pt")
+    assert again.scaler.get_scale() == 2.0**98 and again.history[0].skipped  # resumes with the scale it reached
+    trainer.lora.remove()
+    again.lora.remove()

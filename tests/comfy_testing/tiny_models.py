@@ -43,9 +43,11 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _unet(config_cls, cfg: dict, seed: int, weight_dtype: torch.dtype = torch.float32):
     """weight_dtype float8_*: weights stored in fp8 and cast to fp32 per layer (ComfyUI's manual cast), as the
-    "Load Diffusion Model" node's weight_dtype fp8_e4m3fn gives."""
+    "Load Diffusion Model" node's weight_dtype fp8_e4m3fn gives. float16 / bfloat16: stored and computed in it,
+    as ComfyUI runs SD1.5 and SDXL UNets on most GPUs (fp16)."""
     mc = config_cls(cfg)
-    mc.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
+    native = weight_dtype in (torch.float32, torch.float16, torch.bfloat16)
+    mc.set_inference_dtype(weight_dtype, None if native else torch.float32)
     for k, v in cfg.items():  # unet_extra_config overrides num_heads/num_head_channels: put ours back
         mc.unet_config[k] = v
     mc.unet_config["dtype"] = weight_dtype

@@ -122,6 +122,34 @@ def test_train_focus_n_fix_on_fp8_weights(fresh, tiny_models):
     assert all(torch.equal(p.view(torch.uint8), weights[n]) for n, p in model.model.diffusion_model.named_parameters())
 
 
+def test_fp16_unet_trains_with_loss_scaling(fresh, tiny_models, monkeypatch):
+    """ComfyUI computes SD1.5/SDXL UNets in fp16 on most GPUs. Without loss scaling a reward's small gradients
+    underflow on the way back through fp16 activations (here the gradient norm comes out 2.4x off; with the
+    harness's aesthetic reward it is exactly 0); with it the adapters get the gradients the fp32 model gives."""
+    import sys
+    pack = fresh.pack.__name__
+    runs, adapters = sys.modules[f"{pack}.nodes.runs"], sys.modules[f"{pack}.nodes.adapters"]
+    trainers = sys.modules[f"{pack}.focusfix_core.trainers"]
+
+    def train(dtype):
+        with torch.inference_mode():
+            model, clip, vae = tiny_models.tiny_checkpoint("sd15", 0, weight_dtype=dtype)
+        dm = adapters.ComfyDiffusionModel(model, clip, vae)
+        assert dm.compute_dtypes[0] == dtype
+        return runs.run_focus_n_fix(dm, adapters.load_reward_by_name("builtin:sharpness"), lambda: trainers.FixConfig(
+            prompts=("a cat",), seeds=(0, 1), height=SIZE, width=SIZE, steps=3, cfg_scale=3.0, K=1, lam=1.0,
+            mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, batch_size=2)).history
+
+    fp32, fp16 = train(torch.float32), train(torch.float16)
+    assert fp32[0].loss_scale is None and fp16[0].loss_scale == 2.0**16
+    assert fp16[0].grad_norm == pytest.approx(fp32[0].grad_norm, rel=0.01), (fp16[0], fp32[0])
+    *_, report = _train_fix(fresh, tiny_models.tiny_checkpoint("sd15", 0, weight_dtype=torch.float16), iterations=1)
+    assert "fp16 model: loss scaling on (last scale 65536); 0 of 1 updates skipped" in report
+    monkeypatch.setattr(trainers, "_fp16_in_gradient_path", lambda model: False)  # the trainer before
+    unscaled = train(torch.float16)[0].grad_norm
+    assert abs(unscaled - fp32[0].grad_norm) > 0.5 * fp32[0].grad_norm, (unscaled, fp32[0].grad_norm)
+
+
 def test_train_focus_n_fix_painted_mask_and_conditioning(fresh, checkpoint, layout):
     model, clip, vae = checkpoint
     with torch.inference_mode():
