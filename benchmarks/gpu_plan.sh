@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# The GPU plan of benchmarks/RESULTS.md (issue 6), one step per device-tool `run` call, each well under its
-# 10-minute limit. JSON lands in $OUT (./out when OUT is unset).
+# The GPU plan of benchmarks/RESULTS.md (issue 6) as named steps, several per device-tool `run` call (each call
+# must end inside its 10 minutes, and a fresh machine costs a minute or two to start, so few full calls are
+# best). Each step writes its JSON to $OUT (./out when OUT is unset) when it finishes, so a call cut off at its
+# limit still returns the steps it completed.
 #
 #   here, once:  COMFYUI_DIR=/path/ComfyUI bash benchmarks/gpu_plan.sh pack   # .comfy/ + .whl/ (.gitignore: never committed)
-#   on the GPU:  run(carry=[".comfy", ".whl"], command="bash benchmarks/gpu_plan.sh sd15", timeout_s=600)
+#   on the GPU:  run(carry=[".comfy", ".whl"], command="bash benchmarks/gpu_plan.sh sd15 sd15-compile", timeout_s=600)
 #
 # Steps (rough times on an H100, from the CPU runs and the cost model; measure them):
 #   sd15           SD1.5 baseline, all cases, with the breakdown                         ~4 min
 #   sd15-compile   FixConfig.compile = reduce-overhead (CUDA graphs) on the Focus-N-Fix cases ~5 min
-#   sd15-memory    memory levers on fnf_b1/fnf_b4: --no-checkpoint, --checkpoint-decode,
-#                  --inference-weights off                                                ~5 min
-#   sd15-flags     ComfyUI launch flags an artist may use: --fast autotune (cuDNN autotuning),
-#                  --force-channels-last, on fnf_b1/fnf_b4                                ~4 min
-#   sd15-fp16      fnf_b1/fnf_b4 in fp16, ComfyUI's own dtype for SD1.5 on most GPUs (loss scaling on) ~3 min
-#   se             S&E with the older x0-MSE preservation (the default keys term is in sd15) ~1 min
 #   sdxl           SDXL baseline (draft_b1, fnf_b1)                                      ~6 min
 #   sdxl-compile   SDXL with reduce-overhead                                             ~8 min
+#   se             S&E with the older x0-MSE preservation (the default keys term is in sd15) ~1 min
+#   sd15-fp16      fnf_b1/fnf_b4 in fp16, ComfyUI's own dtype for SD1.5 on most GPUs (loss scaling on) ~3 min
+#   sd15-memory    memory levers on fnf_b1/fnf_b4: --no-checkpoint, --checkpoint-decode,
+#                  --inference-weights off                                                ~5 min
 #   sdxl-memory    SDXL fnf_b1 with fp8 UNet weights                                     ~4 min
+#   sd15-flags     ComfyUI launch flags an artist may use: --fast autotune (cuDNN autotuning),
+#                  --force-channels-last, on fnf_b1/fnf_b4                                ~4 min
 #   compile-check  one graph per call, and no CPU work inside it, on the CUDA build      ~3 min
+# Suggested calls for a 30-minute budget, most important first: "sd15 sd15-compile", "sdxl sdxl-compile",
+# "se sd15-fp16 compile-check", then what time is left: "sd15-memory sdxl-memory", "sd15-flags".
 set -euo pipefail
-step=${1:-}
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
+STEPS=" sd15 sd15-compile sdxl sdxl-compile se sd15-fp16 sd15-memory sdxl-memory sd15-flags compile-check "
 
-if [ "$step" = pack ]; then
+if [ "${1:-}" = pack ]; then
     : "${COMFYUI_DIR:?set COMFYUI_DIR to a ComfyUI checkout}"
     py=${PYTHON:-python3}
     rm -rf .comfy && mkdir -p .comfy && cp -r "$COMFYUI_DIR" .comfy/ComfyUI && rm -rf .comfy/ComfyUI/.git
@@ -36,11 +40,13 @@ if [ "$step" = pack ]; then
     exit 0
 fi
 
-case "$step" in
-    sd15|sd15-compile|sd15-memory|sd15-flags|sd15-fp16|se|sdxl|sdxl-compile|sdxl-memory|compile-check) ;;
-    *) echo "usage: gpu_plan.sh pack|sd15|sd15-compile|sd15-memory|sd15-flags|sd15-fp16|se|sdxl|sdxl-compile|sdxl-memory|compile-check" >&2
-       exit 2 ;;
-esac
+[ $# -gt 0 ] || { echo "usage: gpu_plan.sh pack | STEP [STEP ...]; steps:$STEPS" >&2; exit 2; }
+for step in "$@"; do  # every name checked before any device time is spent
+    case "$STEPS" in
+        *" $step "*) ;;
+        *) echo "unknown step '$step'; usage: gpu_plan.sh pack | STEP [STEP ...]; steps:$STEPS" >&2; exit 2 ;;
+    esac
+done
 export COMFYUI_DIR=${COMFYUI_DIR:-$PWD/.comfy/ComfyUI} PYTHONUNBUFFERED=1
 [ -d "$COMFYUI_DIR" ] || { echo "no $COMFYUI_DIR: run 'gpu_plan.sh pack' here and carry .comfy and .whl" >&2; exit 2; }
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -53,30 +59,32 @@ nvidia-smi -L || true
 ts() {  # train_speed at the issue's settings: full size, bf16 (a later --dtype wins), on the GPU
     local name=$1; shift
     python3 benchmarks/train_speed.py --backend comfy --size full --device cuda --dtype bf16 "$@" > "$out/$name.json"
-    echo "[gpu_plan] wrote $out/$name.json"
+    echo "[gpu_plan] wrote $out/$name.json ($SECONDS s since the start)"
 }
 
-case "$step" in
-    sd15)          ts sd15_base --models sd15 --iters 5 --warmup 2 --breakdown ;;
-    sd15-compile)  ts sd15_compile --models sd15 --cases draft_b1,fnf_b1,fnf_b4 --compile reduce-overhead \
-                       --iters 5 --warmup 2 --breakdown ;;
-    sd15-memory)   for lever in no-checkpoint checkpoint-decode; do
-                       ts "sd15_$lever" --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 "--$lever"
-                   done
-                   ts sd15_plain_weights --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
-                       --inference-weights off ;;
-    sd15-flags)    ts sd15_fast_autotune --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
-                       --comfy-args="--fast autotune"
-                   ts sd15_channels_last --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
-                       --comfy-args="--force-channels-last" ;;
-    sd15-fp16)     ts sd15_fp16 --models sd15 --cases fnf_b1,fnf_b4 --dtype fp16 --iters 3 --warmup 1 ;;
-    se)            ts sd15_se_outputs --models sd15 --cases se_preserve_b4,se_b4 --preservation outputs \
-                       --iters 10 --warmup 3 ;;
-    sdxl)          ts sdxl_base --models sdxl --iters 3 --warmup 1 ;;
-    sdxl-compile)  ts sdxl_compile --models sdxl --cases draft_b1,fnf_b1 --compile reduce-overhead --iters 3 \
-                       --warmup 2 --breakdown ;;
-    sdxl-memory)   ts sdxl_fp8 --models sdxl --cases fnf_b1 --weight-dtype fp8_e4m3fn --iters 3 --warmup 1 ;;
-    compile-check) python3 benchmarks/compile_check.py --models sd15,sdxl --size full --device cuda \
-                       > "$out/compile_check.json"
-                   echo "[gpu_plan] wrote $out/compile_check.json" ;;
-esac
+for step in "$@"; do
+    case "$step" in
+        sd15)          ts sd15_base --models sd15 --iters 5 --warmup 2 --breakdown ;;
+        sd15-compile)  ts sd15_compile --models sd15 --cases draft_b1,fnf_b1,fnf_b4 --compile reduce-overhead \
+                           --iters 5 --warmup 2 --breakdown ;;
+        sdxl)          ts sdxl_base --models sdxl --iters 3 --warmup 1 ;;
+        sdxl-compile)  ts sdxl_compile --models sdxl --cases draft_b1,fnf_b1 --compile reduce-overhead --iters 3 \
+                           --warmup 2 --breakdown ;;
+        se)            ts sd15_se_outputs --models sd15 --cases se_preserve_b4,se_b4 --preservation outputs \
+                           --iters 10 --warmup 3 ;;
+        sd15-fp16)     ts sd15_fp16 --models sd15 --cases fnf_b1,fnf_b4 --dtype fp16 --iters 3 --warmup 1 ;;
+        sd15-memory)   for lever in no-checkpoint checkpoint-decode; do
+                           ts "sd15_$lever" --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 "--$lever"
+                       done
+                       ts sd15_plain_weights --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
+                           --inference-weights off ;;
+        sdxl-memory)   ts sdxl_fp8 --models sdxl --cases fnf_b1 --weight-dtype fp8_e4m3fn --iters 3 --warmup 1 ;;
+        sd15-flags)    ts sd15_fast_autotune --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
+                           --comfy-args="--fast autotune"
+                       ts sd15_channels_last --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
+                           --comfy-args="--force-channels-last" ;;
+        compile-check) python3 benchmarks/compile_check.py --models sd15,sdxl --size full --device cuda \
+                           > "$out/compile_check.json"
+                       echo "[gpu_plan] wrote $out/compile_check.json ($SECONDS s since the start)" ;;
+    esac
+done

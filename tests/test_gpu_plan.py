@@ -24,7 +24,7 @@ def _scripts():
     return train_speed, compile_check
 
 
-def _run(step: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _run(step: str | list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n')
@@ -35,7 +35,8 @@ def _run(step: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[l
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "COMFYUI_DIR": str(tmp_path / "comfy")}
     log.write_text("")
-    proc = subprocess.run(["bash", str(SCRIPT), step], capture_output=True, text=True, env=env, timeout=60)
+    steps = [step] if isinstance(step, str) else step
+    proc = subprocess.run(["bash", str(SCRIPT), *steps], capture_output=True, text=True, env=env, timeout=60)
     calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
     return proc, calls
 
@@ -60,8 +61,20 @@ def test_each_step_passes_arguments_the_scripts_accept_6(step, tmp_path):
         assert all("reduce-overhead" in argv for argv in runs)
 
 
+def test_several_steps_in_one_call_run_in_order_6(tmp_path):
+    proc, calls = _run(["se", "sd15-fp16", "compile-check"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = [c for c in calls if c and c[0].startswith("benchmarks/")]
+    assert [r[0].split("/")[1] for r in runs] == ["train_speed.py", "train_speed.py", "compile_check.py"]
+    assert "--preservation" in runs[0] and "fp16" in runs[1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compile_check.json", "sd15_fp16.json",
+                                                                     "sd15_se_outputs.json"]
+
+
 def test_unknown_step_and_missing_comfyui_are_refused_6(tmp_path):
-    proc, _ = _run("nope", tmp_path)
+    proc, calls = _run(["sd15", "nope"], tmp_path)  # refused before any step runs
+    assert proc.returncode == 2 and "unknown step 'nope'" in proc.stderr and calls == []
+    proc, _ = _run([], tmp_path)
     assert proc.returncode == 2 and "usage: gpu_plan.sh" in proc.stderr
     env = {**os.environ, "COMFYUI_DIR": str(tmp_path / "missing")}
     proc = subprocess.run(["bash", str(SCRIPT), "sd15"], capture_output=True, text=True, env=env, timeout=60)
