@@ -149,8 +149,8 @@ def parse_args(argv=None):
                    help="pytorch: SDPA, ComfyUI's pick on NVIDIA; default: ComfyUI's pick on this machine")
     p.add_argument("--calls", default=",".join(CALLS), help=f"comma list of {', '.join(CALLS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda | cpu | meta (the full architectures with no data, ~3 minutes on 2 cores: checks that each call "
-                        "stays on the model's device, which a CPU run cannot show; --size is ignored)")
+                   help="cuda | cpu | meta (the full architectures with no data, ~3 minutes on 2 cores: checks that "
+                        "each call stays on the model's device, which a CPU run cannot show; --size is ignored)")
     args = p.parse_args(argv)
     args.calls = args.calls.split(",")
     unknown = set(args.calls) - set(CALLS)
