@@ -256,6 +256,7 @@ class _LoRATrainer:
         # reward to zero on their way back to the adapters: scale the loss, as mixed-precision training does
         self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=100)
                        if _fp16_in_gradient_path(model) else None)
+        self._scale_used: float | None = None  # the loss scale of the last backward (the record's loss_scale)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[StepRecord] = []
@@ -339,9 +340,8 @@ class _LoRATrainer:
             yield self.train_step()
 
     def _record(self, t0: float, **terms) -> StepRecord:
-        scale = None if self.scaler is None else self._scale_used
         rec = StepRecord(step=self.step, total=self.cfg.iterations, seconds=time.perf_counter() - t0,
-                         loss_scale=scale, **terms)
+                         loss_scale=self._scale_used, **terms)
         self.history.append(rec)
         self.step += 1
         return rec
