@@ -51,10 +51,12 @@ import train_speed as ts  # noqa: E402  (same model configs, ComfyUI import and 
 
 META = torch.device("meta")
 GIB = 2**30
-# aten ops that only make a view (no kernel launch in eager CUDA)
+# aten ops that only make a view or allocate (no kernel launch in eager CUDA)
 _VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
              "squeeze", "split", "split_with_sizes", "chunk", "reshape", "detach", "alias", "as_strided",
-             "unbind", "narrow", "view_as", "_reshape_alias", "unflatten", "flatten"}
+             "unbind", "narrow", "view_as", "_reshape_alias", "unflatten", "flatten",
+             # allocation only: no kernel either (CFGDenoiser's empty CFG_PAIR marker is one)
+             "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -85,7 +87,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops that are not views (each is >= 1 kernel launch in eager mode)."""
+    """Counts aten ops that are not views or bare allocations (each is >= 1 kernel launch in eager mode)."""
 
     def __init__(self):
         super().__init__()

@@ -4,7 +4,10 @@ k-diffusion convention (Karras et al. 2022): x = x0 + sigma * eps. eps- and v-pr
 wrapped once here with the scalings c_skip, c_out, c_in (k-diffusion `external.py`).
 
 A conditioning `Cond` is a dict of batch-first tensors (`{"context": [B,T,D]}` for SD1.5, plus
-`{"y": [B,adm]}` for SDXL), so cond and uncond can be concatenated into one batched call.
+`{"y": [B,adm]}` for SDXL), so cond and uncond can be concatenated into one batched call. `CFGDenoiser`
+marks that call's cond with `CFG_PAIR`, an empty [2B, 0] tensor (its presence is the message, static for
+torch.compile): rows [:B] are the prompt's, rows [B:] the negative prompt's. A model whose extensions treat
+the halves differently (ComfyUI's `cond_or_uncond`) reads it; the others ignore it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ __all__ = [
     "repeat_cond",
     "cond_batch_size",
     "prepare_cond",
+    "Guidance",
+    "model_guidance",
+    "CFG_PAIR",
     "EpsDenoiser",
     "VDenoiser",
     "CFGDenoiser",
@@ -32,6 +38,9 @@ __all__ = [
 
 Cond = dict[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+# guidance(x, sigma, x0_cond, x0_uncond or None (scale 1: not computed), scale) -> x0, all [B,C,h,w] (sigma [B])
+Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+CFG_PAIR = "cfg_pair"
 
 
 @runtime_checkable
@@ -50,6 +59,8 @@ class DiffusionModel(Protocol):
     Optional: `prepare_cond(cond, latent_hw) -> Cond`, called once per encoded cond by the trainers (which
     know the latent size): whatever `denoise` would rebuild from the cond at every call (SDXL's size
     embeddings) is computed there once, so the sampler's calls stay on the device (no host sync, one graph).
+    Optional: `guidance_function() -> Guidance | None`, how this model combines the prompt's and the negative
+    prompt's predictions when it is not plain CFG (ComfyUI: a MODEL patched by RescaleCFG, CFGZeroStar, APG, ...).
     """
 
     net: nn.Module
@@ -90,6 +101,12 @@ def prepare_cond(model, cond: Cond, latent_hw) -> Cond:
     """`model.prepare_cond(cond, latent_hw)` where the model has one, else cond itself. latent_hw: (h, w)."""
     prepare = getattr(model, "prepare_cond", None)
     return cond if prepare is None else prepare(cond, tuple(int(s) for s in latent_hw))
+
+
+def model_guidance(model) -> Guidance | None:
+    """`model.guidance_function()` where the model has one, else None (plain CFG)."""
+    get = getattr(model, "guidance_function", None)
+    return None if get is None else get()
 
 
 def cat_cond(*conds: Cond) -> Cond:
@@ -154,17 +171,24 @@ class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022): x0 = x0_u + scale * (x0_c - x0_u), one batched call.
 
     denoiser: the inner `denoiser(x, sigma, cond) -> x0`; uncond: Cond with batch 1 or B.
+    guidance: replaces the formula above (`Guidance`; e.g. the MODEL's own in ComfyUI); called with
+        x0_uncond None at scale 1, where the negative prompt is not evaluated.
     """
 
-    def __init__(self, denoiser: Denoiser, uncond: Cond, scale: float):
+    def __init__(self, denoiser: Denoiser, uncond: Cond, scale: float, guidance: Guidance | None = None):
         super().__init__()
-        self.inner, self.uncond, self.scale = denoiser, uncond, float(scale)
+        self.inner, self.uncond, self.scale, self.guidance = denoiser, uncond, float(scale), guidance
 
     def forward(self, x, sigma, cond):
         B = x.shape[0]
         if self.scale == 1.0:  # no guidance: skip the unconditional half
-            return self.inner(x, sigma, cond)
+            x0 = self.inner(x, sigma, cond)
+            return x0 if self.guidance is None else self.guidance(x, sigma, x0, None, self.scale)
         uncond = self.uncond if cond_batch_size(self.uncond) == B else repeat_cond(self.uncond, B)
-        x0 = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
+        pair = cat_cond(cond, uncond)
+        pair[CFG_PAIR] = x.new_empty(2 * B, 0)
+        x0 = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), pair)
         x0_c, x0_u = x0.chunk(2)  # cond first: attention stores read the first half
+        if self.guidance is not None:
+            return self.guidance(x, sigma, x0_c, x0_u, self.scale)
         return x0_u + (x0_c - x0_u) * self.scale

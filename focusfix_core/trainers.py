@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionStore
-from .denoisers import CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, prepare_cond
+from .denoisers import CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, model_guidance, prepare_cond
 from .io import atomic_torch_save, load_training_state
 from .losses import (enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask, reward_loss,
                      separate_loss)
@@ -417,11 +417,12 @@ class FixTrainer(_LoRATrainer):
             self.cond = prepare_cond(model, cond if cond is not None else model.encode_prompts(list(cfg.prompts)), hw)
             self.uncond = prepare_cond(
                 model, uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt]), hw)
-        self.denoiser = CFGDenoiser(model.denoise, self.uncond, cfg.cfg_scale)
+        guidance = model_guidance(model)  # the model's own CFG where it has one (e.g. a patched ComfyUI MODEL)
+        self.denoiser = CFGDenoiser(model.denoise, self.uncond, cfg.cfg_scale, guidance)
         # every graph-free call (I0, the N - K steps, previews) through one callable, compiled on request; the
         # model call alone is compiled, so another cfg_scale reuses its graph
         self.sampling_denoiser = self.denoiser if cfg.compile == "off" else CFGDenoiser(
-            CompiledWhenNoGrad(model.denoise, cfg.compile, compile_denoiser), self.uncond, cfg.cfg_scale)
+            CompiledWhenNoGrad(model.denoise, cfg.compile, compile_denoiser), self.uncond, cfg.cfg_scale, guidance)
         self._train_denoiser = MergedWhenNoGrad(self.sampling_denoiser, self.lora)  # graph-free steps: no hooks
         # where the model names its blocks, checkpoint them one by one instead of whole denoiser calls
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())

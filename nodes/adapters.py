@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..focusfix_core.attention import attention_capture, word_token_indices
-from ..focusfix_core.denoisers import Cond, cat_cond
+from ..focusfix_core.denoisers import CFG_PAIR, Cond, Guidance, cat_cond
 from ..focusfix_core.lora import lora_metadata
 
 __all__ = [
@@ -147,6 +147,50 @@ def _attention_with_backward(previous=None):
     return override
 
 
+# model_options keys of guidance patches (comfy/samplers.py): pure functions of the predictions, run by _guidance
+_GUIDANCE_PATCHES = ("sampler_pre_cfg_function", "sampler_cfg_function", "sampler_post_cfg_function")
+# ... and of patches that replace how the model is called on ComfyUI's conditioning lists: not ours to follow
+_UNSUPPORTED_SAMPLER_PATCHES = ("sampler_calc_cond_batch_function",)
+
+
+class _NeedsComfyConds(Exception):
+    pass
+
+
+class _NoComfyConds:
+    """Stands in for ComfyUI's conditioning lists in a guidance patch's args: training calls the model on its own
+    conds, so a patch that runs the model again on ComfyUI's (Perturbed-Attention, Self-Attention Guidance, Perp-Neg)
+    stops at its first use of them."""
+
+    def _refuse(self, *args, **kwargs):
+        raise _NeedsComfyConds
+
+    __iter__ = __len__ = __getitem__ = __contains__ = __bool__ = __getattr__ = _refuse
+
+
+_NO_COMFY_CONDS = _NoComfyConds()
+
+
+def _patch_name(fn) -> str:
+    """A patch function's readable name: 'RescaleCFG.patch.<locals>.rescale_cfg' (module comfy_extras....)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    module = getattr(fn, "__module__", None)
+    return f"'{name}'" + (f" (from {module})" if module else "")
+
+
+def _run_patch(fn, args: dict):
+    try:
+        return fn(args)
+    except _NeedsComfyConds:
+        raise ValueError(f"the MODEL carries the guidance patch {_patch_name(fn)}, which runs the model again on "
+                         f"ComfyUI's own conditioning (as Perturbed-Attention, Self-Attention Guidance and Perp-Neg "
+                         f"do): training cannot follow it. Connect the MODEL from before that node to the FocusFix "
+                         f"node, and apply the patch to the sampler that uses the trained LoRA") from None
+    except Exception as e:
+        e.add_note(f"(in the MODEL's guidance patch {_patch_name(fn)}, run by FocusFix's sampler)")
+        raise
+
+
 def _y_key(latent_hw) -> str:
     """The cond key of SDXL's y prepared for latents of size (h, w): a cond prepared for another size is
     never read at this one."""
@@ -196,13 +240,62 @@ class ComfyDiffusionModel:
         if self.is_adm:
             y = cond.get(_y_key(x.shape[-2:]), cond.get("y"))  # prepared for this size, or given
             kwargs["y"] = y if y is not None else self._adm(cond["pooled"], x.shape[-2:])
-        topts = dict(self.patcher.model_options.get("transformer_options", {}))
-        # keys ComfyUI's sampler sets for attention patches; the whole batch counts as one chunk
-        topts.update(sigmas=sigma, cond_or_uncond=[0])
+        options = self.patcher.model_options
+        topts = dict(options.get("transformer_options", {}))
+        # what ComfyUI's sampler tells attention patches: which batch chunks are the prompt's (0) and the negative
+        # prompt's (1), as CFGDenoiser batches them (IPAdapter-style patches treat the two differently)
+        cond_or_uncond = [0, 1] if CFG_PAIR in cond else [0]
+        topts.update(sigmas=sigma, cond_or_uncond=cond_or_uncond)
         topts["optimized_attention_override"] = _attention_with_backward(topts.get("optimized_attention_override"))
-        x0 = self.base.apply_model(x, sigma.to(x.device), c_crossattn=cond["context"].to(x.device),
-                                   transformer_options=topts, **kwargs)
+        sigma = sigma.to(x.device)
+        c = {"c_crossattn": cond["context"].to(x.device), "transformer_options": topts, **kwargs}
+        wrapper = options.get("model_function_wrapper")  # another node's wrapper around the model call
+        if wrapper is None:
+            x0 = self.base.apply_model(x, sigma, **c)
+        else:
+            x0 = wrapper(self.base.apply_model,
+                         {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": cond_or_uncond})
         return x0.float()
+
+    def guidance_function(self) -> Guidance | None:
+        """ComfyUI's CFG as KSampler runs it with this MODEL's guidance patches (pre-CFG, CFG and post-CFG functions
+        other nodes set: RescaleCFG, CFGZeroStar, APG, Mahiro, ...), for `CFGDenoiser`; None without patches (plain
+        CFG). Raises ValueError for a patch training cannot run (one that replaces how the model is called on
+        ComfyUI's conditioning), naming it."""
+        options = self.patcher.model_options
+        for key in _UNSUPPORTED_SAMPLER_PATCHES:
+            if key in options:
+                raise ValueError(f"the MODEL carries {_patch_name(options[key])} ({key}, e.g. from Skip Layer "
+                                 f"Guidance), which runs the model on ComfyUI's own conditioning: training cannot "
+                                 f"follow it. Connect the MODEL from before that node to the FocusFix node, and apply "
+                                 f"the patch to the sampler that uses the trained LoRA")
+        if not any(options.get(key) for key in _GUIDANCE_PATCHES):
+            return None
+        return self._guidance
+
+    def _guidance(self, x, sigma, x0_cond, x0_uncond, scale):
+        """comfy.samplers.sampling_function's pre-CFG step + cfg_function, on one denoiser call's predictions.
+        x, x0_cond: [B,C,h,w]; x0_uncond: [B,C,h,w] or None (scale 1); sigma: [B] -> x0: [B,C,h,w]."""
+        options, model = self.patcher.model_options, self.base
+        if x0_uncond is None:  # cfg 1: ComfyUI skips the negative prompt and hands its patches zeros
+            x0_uncond = torch.zeros_like(x0_cond)
+        conds = [_NO_COMFY_CONDS, _NO_COMFY_CONDS if scale != 1.0 else None]
+        common = {"cond_scale": scale, "sigma": sigma, "input": x, "model": model, "model_options": options}
+        out = [x0_cond, x0_uncond]
+        for fn in options.get("sampler_pre_cfg_function", []):
+            out = _run_patch(fn, {**common, "conds": conds, "conds_out": out, "timestep": sigma})
+        x0_cond, x0_uncond = out[0], out[1]
+        fn = options.get("sampler_cfg_function")
+        if fn is not None:
+            x0 = x - _run_patch(fn, {**common, "cond": x - x0_cond, "uncond": x - x0_uncond, "timestep": sigma,
+                                     "cond_denoised": x0_cond, "uncond_denoised": x0_uncond,
+                                     "input_cond": conds[0], "input_uncond": conds[1]})
+        else:
+            x0 = x0_uncond + (x0_cond - x0_uncond) * scale
+        for fn in options.get("sampler_post_cfg_function", []):
+            x0 = _run_patch(fn, {**common, "denoised": x0, "cond": conds[0], "uncond": conds[1],
+                                 "cond_denoised": x0_cond, "uncond_denoised": x0_uncond})
+        return x0
 
     def checkpoint_modules(self) -> list[nn.Module]:
         """Blocks to gradient-checkpoint one by one in a training step: every layer of the UNet's blocks
@@ -508,7 +601,8 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     x = seed_noise([seed], (dm.latent_channels, *hw), device=dm.device)
     store = AttentionStore([tokens], resolution=resolution, keep_grad=False)
     with dm.attention_capture(store):
-        z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale), x * sigmas[0], sigmas, cond, K=0, checkpoint=False)
+        z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x * sigmas[0], sigmas, cond,
+                   K=0, checkpoint=False)
     return store.maps(), z
 
 

@@ -177,3 +177,31 @@ def test_schedule_roundtrip_and_sd_range():
     torch.testing.assert_close(sigma_to_t(t_to_sigma(t, sig), sig), t, atol=1e-3, rtol=1e-4)
     s = get_sigmas(sig, 10)
     assert len(s) == 11 and s[-1] == 0 and bool((s[:-1].diff() < 0).all())
+
+
+def test_cfg_denoiser_batches_a_marked_pair_and_hands_guidance_both_predictions():
+    from focusfix_core.denoisers import CFG_PAIR
+    seen = []
+
+    def inner(x, sigma, cond):
+        seen.append((len(x), CFG_PAIR in cond, cond.get(CFG_PAIR)))
+        return x * cond["context"].mean(dim=(1, 2))[:, None, None, None]
+
+    c, u = {"context": torch.full((2, 1, 1), 2.0)}, {"context": torch.full((1, 1, 1), 0.5)}
+    x, sigma = torch.randn(2, 1, 4, 4), torch.ones(2)
+    plain = CFGDenoiser(inner, u, 3.0)(x, sigma, c)
+    torch.testing.assert_close(plain, 0.5 * x + 3.0 * (2.0 - 0.5) * x)
+    assert seen[-1][:2] == (4, True) and seen[-1][2].shape == (4, 0)  # one call, marked: [prompt rows; negative rows]
+    got = []
+
+    def guidance(x_, sigma_, x0_c, x0_u, scale):
+        got.append((x0_c, x0_u, scale))
+        return x0_c if x0_u is None else x0_c - x0_u
+    out = CFGDenoiser(inner, u, 3.0, guidance)(x, sigma, c)
+    torch.testing.assert_close(got[0][0], 2.0 * x)
+    torch.testing.assert_close(got[0][1], 0.5 * x)
+    torch.testing.assert_close(out, 1.5 * x)
+    # scale 1: the negative prompt is not evaluated, the call is not a pair, guidance gets None for it
+    seen.clear()
+    out = CFGDenoiser(inner, u, 1.0, guidance)(x, sigma, c)
+    assert seen == [(2, False, None)] and got[-1][1] is None and got[-1][2] == 1.0

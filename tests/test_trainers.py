@@ -465,3 +465,33 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(square_reward, tmp_
     assert again.scaler.get_scale() == 2.0**98 and again.history[0].skipped  # resumes with the scale it reached
     trainer.lora.remove()
     again.lora.remove()
+
+
+def test_the_models_own_guidance_drives_every_cfg_call(small_model, square_reward, monkeypatch):
+    """A model with `guidance_function` (a patched ComfyUI MODEL): I0, the trajectories and I's differentiated
+    step all combine predictions through it (region exactly 0 at step 0); a model that refuses its patches
+    stops the trainer before anything is attached."""
+    calls = []
+
+    def guidance(x, sigma, x0_c, x0_u, scale):
+        calls.append(torch.is_grad_enabled())
+        return x0_u + (x0_c - x0_u) * scale * 0.5  # half the guidance: another image than plain CFG
+    plain = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+    plain_I0 = plain.base([0, 1])[0]
+    plain.lora.remove()
+    monkeypatch.setattr(small_model, "guidance_function", lambda: guidance, raising=False)
+    trainer, records = run(small_model, square_reward, fix_cfg(iterations=2, lr=1e-2))
+    steps = trainer.cfg.steps
+    assert len(calls) == steps + 2 * steps     # I0 of both items in one batch, then 2 iterations (batch 2)
+    assert calls.count(True) == 2              # K = 1 differentiated call per iteration
+    assert records[0].region == 0.0
+    assert (trainer.base([0, 1])[0] - plain_I0).abs().max() > 1e-3
+    trainer.lora.remove()
+
+    def refuse():
+        raise ValueError("the MODEL carries 'x', which training cannot follow")
+    monkeypatch.setattr(small_model, "guidance_function", refuse, raising=False)
+    hooks = sum(len(m._forward_hooks) for m in small_model.net.modules())
+    with pytest.raises(ValueError, match="training cannot follow"):
+        FixTrainer(small_model, square_reward, fix_cfg())
+    assert sum(len(m._forward_hooks) for m in small_model.net.modules()) == hooks

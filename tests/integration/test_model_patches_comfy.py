@@ -1,0 +1,134 @@
+"""Training follows the MODEL as KSampler samples it: guidance patches (RescaleCFG, CFGZeroStar, APG, ...), a
+UNet function wrapper, and attention patches that treat the prompt's and the negative prompt's halves of the
+batch differently. Each case compares one CFG call of ours with ComfyUI's own sampler on the same x and sigma."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+SIZE = 64
+CFG = 3.0
+
+
+def _node(comfy, class_type: str, **inputs):
+    """First output of a ComfyUI node (V1 or V3), run as ComfyUI runs it: inside inference mode."""
+    cls = comfy.node(class_type)
+    with torch.inference_mode():
+        out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return getattr(out, "result", out)[0]
+
+
+def _halves_patch(extra_options):
+    """An attn2 patch that halves the values of the negative prompt's rows only (cond_or_uncond == 1)."""
+    def patch(q, context, value, extra_options):
+        flags = extra_options["cond_or_uncond"]
+        rows = len(value) // len(flags)
+        scale = torch.cat([torch.full((rows,), 0.5 if f == 1 else 1.0) for f in flags]).to(value)
+        return q, context, value * scale[:, None, None]
+    return patch
+
+
+def _patched(comfy, model, kind: str):
+    if kind == "plain":
+        return model
+    if kind == "rescale_cfg":
+        return _node(comfy, "RescaleCFG", model=model, multiplier=0.7)
+    if kind == "cfg_zero_star":
+        return _node(comfy, "CFGZeroStar", model=model)
+    if kind == "apg":
+        return _node(comfy, "APG", model=model, eta=0.5, norm_threshold=2.0, momentum=0.0)
+    if kind == "cfg_norm":
+        return _node(comfy, "CFGNorm", model=model, strength=0.8)
+    if kind == "mahiro":
+        return _node(comfy, "Mahiro", model=model)
+    if kind == "tcfg":  # reads the (stand-in) ComfyUI conds to skip cfg 1, then only the predictions
+        return _node(comfy, "TCFG", model=model)
+    m = model.clone()
+    if kind == "uncond_attention":
+        m.set_model_attn2_patch(_halves_patch({}))
+    elif kind == "unet_wrapper":
+        m.set_model_unet_function_wrapper(lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) * 0.9)
+    return m
+
+
+def _comfy_x0(model, positive, negative, x, sigma: float, cfg: float):
+    """x0 of one call of ComfyUI's own CFGGuider (samplers.py: calc_cond_batch + pre-CFG + cfg_function) at x."""
+    import comfy.samplers
+    seen = {}
+
+    def one_call(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
+        seen["x"] = noise
+        seen["x0"] = model_k(noise, sigmas[0] * noise.new_ones(len(noise)), **(extra_args or {}))
+        return seen["x0"]
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    sigmas = torch.tensor([sigma, 0.0])
+    guider.sample(x / sigma, torch.zeros_like(x), comfy.samplers.KSAMPLER(one_call), sigmas, seed=0)
+    return seen["x"], seen["x0"]
+
+
+GUIDANCE = ["rescale_cfg", "cfg_zero_star", "apg", "cfg_norm", "mahiro", "tcfg"]
+
+
+@pytest.mark.parametrize("kind", ["plain", *GUIDANCE, "uncond_attention", "unet_wrapper"])
+@pytest.mark.parametrize("cfg", [CFG, 1.0])
+def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
+    pack = fresh.pack.__name__
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    CFGDenoiser = sys.modules[f"{pack}.focusfix_core.denoisers"].CFGDenoiser
+    model, clip, vae = checkpoint
+    patched = _patched(fresh, model, kind)
+    positive = _node(fresh, "CLIPTextEncode", clip=clip, text="a cat")
+    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)) * 3.0
+    with torch.inference_mode():
+        x_comfy, want = _comfy_x0(patched, positive, negative, x, 3.0, cfg)
+    dm = adapters.ComfyDiffusionModel(patched, clip, vae)
+    with adapters.training_session(dm), torch.no_grad():
+        hw = (SIZE // 8, SIZE // 8)
+        cond, uncond = (dm.prepare_cond(adapters.conditioning_to_cond(c, dm.is_adm), hw) for c in (positive, negative))
+        guidance = dm.guidance_function()
+        assert (guidance is None) == (kind in ("plain", "uncond_attention", "unet_wrapper"))
+        ours = CFGDenoiser(dm.denoise, uncond, cfg, guidance)(x_comfy.clone(), torch.tensor([3.0]), cond)
+        plain = CFGDenoiser(dm.denoise, uncond, cfg)(x_comfy.clone(), torch.tensor([3.0]), cond)
+    torch.testing.assert_close(ours, want.float(), rtol=1e-4, atol=1e-5)
+    if kind in GUIDANCE and cfg != 1.0:
+        assert (plain - want).abs().max() > 1e-3, "the patch should change the result (else this test proves nothing)"
+
+
+def test_training_follows_a_guidance_patch(fresh, checkpoint):
+    """Focus-N-Fix on a RescaleCFG MODEL: the base images I0 come from the patched guidance (they differ from the
+    plain MODEL's), and I's differentiated last step goes through it too (region exactly 0 at step 0)."""
+    pack = fresh.pack.__name__
+    runs, adapters = sys.modules[f"{pack}.nodes.runs"], sys.modules[f"{pack}.nodes.adapters"]
+    FixConfig = sys.modules[f"{pack}.focusfix_core.trainers"].FixConfig
+    model, clip, vae = checkpoint
+    reward = adapters.load_reward_by_name("builtin:sharpness")
+    I0 = {}
+    for kind in ("plain", "rescale_cfg"):
+        dm = adapters.ComfyDiffusionModel(_patched(fresh, model, kind).clone(), clip, vae)
+        run = runs.run_focus_n_fix(dm, reward, lambda: FixConfig(
+            prompts=("a cat",), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=CFG, K=1, lam=1.0,
+            mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2))
+        assert run.history[0].region == 0.0 and all(torch.isfinite(torch.tensor(r.loss)) for r in run.history)
+        I0[kind] = run.I0
+    assert (I0["plain"] - I0["rescale_cfg"]).abs().max() > 1e-3
+
+
+def test_a_patch_that_runs_the_model_on_comfy_conds_is_refused_by_name(fresh, checkpoint):
+    model, clip, vae = checkpoint
+    (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
+    kw = dict(clip=clip, vae=vae, reward=reward, prompts="a cat", negative_prompt="", seeds="0", width=SIZE,
+              height=SIZE, steps=2, cfg=CFG, K=1, lam=1.0, mask_source="heatmap", rank=2, targets="attn", lr=1e-2,
+              iterations=1, seed=0)
+    pag = _node(fresh, "PerturbedAttentionGuidance", model=model, scale=2.0)
+    with pytest.raises(ValueError, match=r"PerturbedAttentionGuidance.*runs the model again on ComfyUI's own"):
+        fresh.run("FocusFixTrainFocusNFix", model=pag, **kw)
+    swapped = model.clone()
+    swapped.set_model_sampler_calc_cond_batch_function(lambda args: None)
+    with pytest.raises(ValueError, match="sampler_calc_cond_batch_function.*Connect the MODEL from before"):
+        fresh.run("FocusFixTrainFocusNFix", model=swapped, **kw)
