@@ -45,6 +45,9 @@ def _patched(comfy, model, kind: str):
         return _node(comfy, "Mahiro", model=model)
     if kind == "tcfg":  # reads the (stand-in) ComfyUI conds to skip cfg 1, then only the predictions
         return _node(comfy, "TCFG", model=model)
+    if kind in ("v_prediction", "zsnr"):  # ModelSamplingDiscrete: the parameterisation and sigmas KSampler uses
+        return _node(comfy, "ModelSamplingDiscrete", model=model, sampling="v_prediction" if kind == "v_prediction"
+                     else "eps", zsnr=kind == "zsnr")
     m = model.clone()
     if kind == "uncond_attention":
         m.set_model_attn2_patch(_halves_patch({}))
@@ -74,7 +77,7 @@ def _comfy_x0(model, positive, negative, x, sigma: float, cfg: float):
 GUIDANCE = ["rescale_cfg", "cfg_zero_star", "apg", "cfg_norm", "mahiro", "tcfg"]
 
 
-@pytest.mark.parametrize("kind", ["plain", *GUIDANCE, "uncond_attention", "unet_wrapper"])
+@pytest.mark.parametrize("kind", ["plain", *GUIDANCE, "uncond_attention", "unet_wrapper", "v_prediction", "zsnr"])
 @pytest.mark.parametrize("cfg", [CFG, 1.0])
 def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
     pack = fresh.pack.__name__
@@ -92,7 +95,7 @@ def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
         hw = (SIZE // 8, SIZE // 8)
         cond, uncond = (dm.prepare_cond(adapters.conditioning_to_cond(c, dm.is_adm), hw) for c in (positive, negative))
         guidance = dm.guidance_function()
-        assert (guidance is None) == (kind in ("plain", "uncond_attention", "unet_wrapper"))
+        assert (guidance is None) == (kind not in GUIDANCE)
         ours = CFGDenoiser(dm.denoise, uncond, cfg, guidance)(x_comfy.clone(), torch.tensor([3.0]), cond)
         plain = CFGDenoiser(dm.denoise, uncond, cfg)(x_comfy.clone(), torch.tensor([3.0]), cond)
     torch.testing.assert_close(ours, want.float(), rtol=1e-4, atol=1e-5)
@@ -101,15 +104,16 @@ def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
 
 
 def test_training_follows_a_guidance_patch(fresh, checkpoint):
-    """Focus-N-Fix on a RescaleCFG MODEL: the base images I0 come from the patched guidance (they differ from the
-    plain MODEL's), and I's differentiated last step goes through it too (region exactly 0 at step 0)."""
+    """Focus-N-Fix on a RescaleCFG MODEL and on a v-prediction MODEL (ModelSamplingDiscrete): the base images I0
+    come from the patched MODEL (they differ from the plain MODEL's), and I's differentiated last step goes
+    through the same patch (region exactly 0 at step 0)."""
     pack = fresh.pack.__name__
     runs, adapters = sys.modules[f"{pack}.nodes.runs"], sys.modules[f"{pack}.nodes.adapters"]
     FixConfig = sys.modules[f"{pack}.focusfix_core.trainers"].FixConfig
     model, clip, vae = checkpoint
     reward = adapters.load_reward_by_name("builtin:sharpness")
     I0 = {}
-    for kind in ("plain", "rescale_cfg"):
+    for kind in ("plain", "rescale_cfg", "v_prediction"):
         dm = adapters.ComfyDiffusionModel(_patched(fresh, model, kind).clone(), clip, vae)
         run = runs.run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=("a cat",), seeds=(0,), height=SIZE, width=SIZE, steps=3, cfg_scale=CFG, K=1, lam=1.0,
@@ -117,6 +121,7 @@ def test_training_follows_a_guidance_patch(fresh, checkpoint):
         assert run.history[0].region == 0.0 and all(torch.isfinite(torch.tensor(r.loss)) for r in run.history)
         I0[kind] = run.I0
     assert (I0["plain"] - I0["rescale_cfg"]).abs().max() > 1e-3
+    assert (I0["plain"] - I0["v_prediction"]).abs().max() > 1e-3
 
 
 def test_a_patch_that_runs_the_model_on_comfy_conds_is_refused_by_name(fresh, checkpoint):
