@@ -33,6 +33,7 @@ __all__ = [
     "b1hw_to_mask",
     "ComfyDiffusionModel",
     "conditioning_to_cond",
+    "conditioning_ignored",
     "training_session",
     "LoraData",
     "register_reward_folder",
@@ -239,7 +240,7 @@ class ComfyDiffusionModel:
         kwargs = {}
         if self.is_adm:
             y = cond.get(_y_key(x.shape[-2:]), cond.get("y"))  # prepared for this size, or given
-            kwargs["y"] = y if y is not None else self._adm(cond["pooled"], x.shape[-2:])
+            kwargs["y"] = y if y is not None else self._adm(cond["pooled"], x.shape[-2:], cond.get("size"))
         options = self.patcher.model_options
         topts = dict(options.get("transformer_options", {}))
         # what ComfyUI's sampler tells attention patches: which batch chunks are the prompt's (0) and the negative
@@ -331,17 +332,24 @@ class ComfyDiffusionModel:
         its `encode_adm` embeds the sizes on the CPU after copying the pooled output there. Per call, each is a
         host sync on a GPU (the host can no longer queue kernels ahead), and under torch.compile CPU ops in the
         graph rule out CUDA graphs."""
+        size = cond.pop("size", None)  # the sizes live on in y (and a negative prompt without them can be batched)
         cond = {k: v.to(self.device) for k, v in cond.items()}
         key = _y_key(latent_hw)
         if self.is_adm and "pooled" in cond and key not in cond:
-            cond[key] = self._adm(cond["pooled"], latent_hw).to(self.device)
+            cond[key] = self._adm(cond["pooled"], latent_hw, size).to(self.device)
         return cond
 
-    def _adm(self, pooled: torch.Tensor, latent_hw) -> torch.Tensor:
-        """SDXL y: [B, adm] from the pooled output and the image size (8 x latent, as KSampler does)."""
+    def _adm(self, pooled: torch.Tensor, latent_hw, size: torch.Tensor | None = None) -> torch.Tensor:
+        """SDXL y: [B, adm] from the pooled output and the sizes: `size` [B, 6] where the conditioning gave them
+        (-1 = not given), else as KSampler does: the image size (8 x latent), no crop, target = size."""
         H, W = (int(s) * 8 for s in latent_hw)
-        rows = [self.base.encode_adm(pooled_output=p[None], width=W, height=H, target_width=W, target_height=H)
-                for p in pooled]
+        rows = []
+        for i, p in enumerate(pooled):
+            given = dict(zip(_SDXL_SIZE_KEYS, size[i].tolist())) if size is not None else {}
+            kw = {k: int(v) for k, v in given.items() if v >= 0}
+            kw.setdefault("width", W)
+            kw.setdefault("height", H)
+            rows.append(self.base.encode_adm(pooled_output=p[None], **kw))
         return torch.cat(rows).to(pooled.device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -394,28 +402,46 @@ class ComfyDiffusionModel:
         return mods
 
 
-def _cond_from(context: torch.Tensor, pooled: torch.Tensor | None, is_adm: bool) -> Cond:
+# SDXL's size conditioning (CLIPTextEncodeSDXL), in encode_adm's keyword order; -1 in a Cond row = not given
+_SDXL_SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+def _cond_from(context: torch.Tensor, pooled: torch.Tensor | None, is_adm: bool, extra: dict | None = None) -> Cond:
     cond = {"context": context.detach().clone().float()}
     if is_adm:
         if pooled is None:
             raise ValueError("this SDXL-type model needs the text encoder's pooled output, which is missing")
         cond["pooled"] = pooled.detach().clone().float().reshape(len(context), -1)
+        if extra is not None:  # "size": [B, 6], read once by prepare_cond
+            row = [float(extra.get(k, -1)) for k in _SDXL_SIZE_KEYS]
+            cond["size"] = torch.tensor([row] * len(context))
     return cond
 
 
 def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> Cond:
     """ComfyUI CONDITIONING ([[context [1,T,D], {"pooled_output": ...}], ...]) -> Cond with batch = entries.
 
-    Only the plain text part is used (areas, masks, control nets and timestep ranges are ignored)."""
+    The text encoding is used, with SDXL's pooled output and size conditioning (CLIPTextEncodeSDXL's width, height,
+    crops and target size); `conditioning_ignored` names what else the entries carry (areas, masks, ControlNets,
+    timestep ranges), which training does not follow."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
+    sized = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_SIZE_KEYS)
     conds = []
     for entry in conditioning:
         context, extra = entry[0], entry[1] if len(entry) > 1 else {}
         for row in range(len(context)):
             pooled = extra.get("pooled_output")
-            conds.append(_cond_from(context[row:row + 1], None if pooled is None else pooled[row:row + 1], is_adm))
+            conds.append(_cond_from(context[row:row + 1], None if pooled is None else pooled[row:row + 1], is_adm,
+                                    extra if sized else None))
     return cat_cond(*conds)
+
+
+def conditioning_ignored(conditioning, name: str = "positive") -> list[str]:
+    """Report lines naming what a CONDITIONING carries besides its text (and SDXL sizes): training ignores it."""
+    keys = sorted({k for entry in conditioning if len(entry) > 1 for k in entry[1]}
+                  - {"pooled_output", *_SDXL_SIZE_KEYS})
+    return [f"{name}: training uses the text encoding only; ignored {', '.join(keys)}"] if keys else []
 
 
 # -- leaving inference mode ---------------------------------------------------------------------------------

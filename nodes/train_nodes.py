@@ -13,7 +13,8 @@ from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
-from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_to_cond, mask_to_b1hw
+from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
+                       mask_to_b1hw)
 from .common import LORA, REWARD, log, parse_ints, parse_lines, tip
 from .runs import run_focus_n_fix, run_separate_enhance
 
@@ -85,7 +86,9 @@ class FocusFixTrainFocusNFix:
                         "negative are connected)."),
             "mask": tip("MASK", "Painted M (1 = may change): 1 mask for all images, or one per seed. "
                         "Connected = used (mask_source mask)."),
-            "positive": tip("CONDITIONING", "Use this conditioning instead of encoding the prompts (one entry per prompt)."),
+            "positive": tip("CONDITIONING", "Use this conditioning instead of encoding the prompts (one entry per prompt). "
+                            "Training reads the text encoding and SDXL's size conditioning; the report names any "
+                            "other part (area, mask, ControlNet, timestep range), which it ignores."),
             "negative": tip("CONDITIONING", "Use this negative conditioning instead of the negative prompt."),
             "threshold_mode": tip(list(THRESHOLD_MODES), "Mask threshold mode (heatmap/saliency sources).", default="top_percent"),
             "threshold": tip("FLOAT", "Mask cut-off or kept fraction.", default=0.15, min=0.0, max=1.0, step=0.01),
@@ -115,6 +118,10 @@ class FocusFixTrainFocusNFix:
         if mask is not None:
             masks, note = mask_to_b1hw(mask, (height, width))
             notes += [note] if note else []
+        for conditioning, name in ((positive, "positive"), (negative, "negative")):
+            notes += conditioning_ignored(conditioning, name) if conditioning is not None else []
+        if negative is not None and sum(len(c[0]) for c in negative) > 1:
+            notes.append("negative has several entries: the first is the negative prompt of every item")
         cond = (lambda: conditioning_to_cond(positive, dm.is_adm)) if positive is not None else None
         uncond = (lambda: {k: v[:1] for k, v in conditioning_to_cond(negative, dm.is_adm, "negative").items()}) \
             if negative is not None else None

@@ -77,30 +77,69 @@ def _comfy_x0(model, positive, negative, x, sigma: float, cfg: float):
 GUIDANCE = ["rescale_cfg", "cfg_zero_star", "apg", "cfg_norm", "mahiro", "tcfg"]
 
 
+def _ours_and_comfys(comfy, model, clip, vae, positive, negative, cfg: float):
+    """(x0 of our CFG call, ComfyUI's, ours with plain CFG) on the same x at sigma 3."""
+    pack = comfy.pack.__name__
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    CFGDenoiser = sys.modules[f"{pack}.focusfix_core.denoisers"].CFGDenoiser
+    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)) * 3.0
+    with torch.inference_mode():
+        x_comfy, want = _comfy_x0(model, positive, negative, x, 3.0, cfg)
+    dm = adapters.ComfyDiffusionModel(model, clip, vae)
+    with adapters.training_session(dm), torch.no_grad():
+        hw = (SIZE // 8, SIZE // 8)
+        cond, uncond = (dm.prepare_cond(adapters.conditioning_to_cond(c, dm.is_adm), hw) for c in (positive, negative))
+        ours = CFGDenoiser(dm.denoise, uncond, cfg, dm.guidance_function())(x_comfy.clone(), torch.tensor([3.0]), cond)
+        plain = CFGDenoiser(dm.denoise, uncond, cfg)(x_comfy.clone(), torch.tensor([3.0]), cond)
+    return ours, want.float(), plain
+
+
 @pytest.mark.parametrize("kind", ["plain", *GUIDANCE, "uncond_attention", "unet_wrapper", "v_prediction", "zsnr"])
 @pytest.mark.parametrize("cfg", [CFG, 1.0])
 def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
-    pack = fresh.pack.__name__
-    adapters = sys.modules[f"{pack}.nodes.adapters"]
-    CFGDenoiser = sys.modules[f"{pack}.focusfix_core.denoisers"].CFGDenoiser
     model, clip, vae = checkpoint
     patched = _patched(fresh, model, kind)
     positive = _node(fresh, "CLIPTextEncode", clip=clip, text="a cat")
     negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
-    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)) * 3.0
-    with torch.inference_mode():
-        x_comfy, want = _comfy_x0(patched, positive, negative, x, 3.0, cfg)
-    dm = adapters.ComfyDiffusionModel(patched, clip, vae)
-    with adapters.training_session(dm), torch.no_grad():
-        hw = (SIZE // 8, SIZE // 8)
-        cond, uncond = (dm.prepare_cond(adapters.conditioning_to_cond(c, dm.is_adm), hw) for c in (positive, negative))
-        guidance = dm.guidance_function()
-        assert (guidance is None) == (kind not in GUIDANCE)
-        ours = CFGDenoiser(dm.denoise, uncond, cfg, guidance)(x_comfy.clone(), torch.tensor([3.0]), cond)
-        plain = CFGDenoiser(dm.denoise, uncond, cfg)(x_comfy.clone(), torch.tensor([3.0]), cond)
-    torch.testing.assert_close(ours, want.float(), rtol=1e-4, atol=1e-5)
+    pack = fresh.pack.__name__
+    guidance = sys.modules[f"{pack}.nodes.adapters"].ComfyDiffusionModel(patched, clip, vae).guidance_function()
+    assert (guidance is None) == (kind not in GUIDANCE)
+    ours, want, plain = _ours_and_comfys(fresh, patched, clip, vae, positive, negative, cfg)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     if kind in GUIDANCE and cfg != 1.0:
         assert (plain - want).abs().max() > 1e-3, "the patch should change the result (else this test proves nothing)"
+
+
+def test_sdxl_size_conditioning_matches_comfyui_sampler(fresh):
+    """CLIPTextEncodeSDXL's sizes (here not the image's) reach SDXL's y as they do in KSampler; a negative prompt
+    from plain CLIP Text Encode (no sizes) batches with it."""
+    pack = fresh.pack.__name__
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    model, clip, vae = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
+    sized = _node(fresh, "CLIPTextEncodeSDXL", clip=clip, width=2048, height=1536, crop_w=32, crop_h=16,
+                  target_width=1024, target_height=768, text_g="a cat", text_l="a cat")
+    unsized = [[c, {"pooled_output": extra["pooled_output"]}] for c, extra in sized]
+    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    ours, want, _ = _ours_and_comfys(fresh, model, clip, vae, sized, negative, CFG)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+    without_sizes, _, _ = _ours_and_comfys(fresh, model, clip, vae, unsized, negative, CFG)
+    assert (without_sizes - want).abs().max() > 1e-4, "the sizes should matter (else this test proves nothing)"
+    assert "size" in adapters.conditioning_to_cond(sized, True) and adapters.conditioning_ignored(sized) == []
+
+
+def test_conditioning_parts_training_ignores_are_named_in_the_report(fresh, checkpoint):
+    model, clip, vae = checkpoint
+    (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
+    positive = _node(fresh, "ConditioningSetTimestepRange", start=0.0, end=0.5,
+                     conditioning=_node(fresh, "CLIPTextEncode", clip=clip, text="a cat"))
+    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    out = fresh.run("FocusFixTrainFocusNFix", model=model, vae=vae, reward=reward, prompts="", negative_prompt="",
+                    seeds="0", width=SIZE, height=SIZE, steps=2, cfg=CFG, K=1, lam=1.0, mask_source="heatmap", rank=2,
+                    targets="attn", lr=1e-2, iterations=1, seed=0, positive=positive, negative=negative + negative)
+    report = out[5]
+    assert "positive: training uses the text encoding only; ignored end_percent, start_percent" in report
+    assert "negative has several entries: the first is the negative prompt of every item" in report
+    assert "negative: training" not in report
 
 
 def test_training_follows_a_guidance_patch(fresh, checkpoint):
