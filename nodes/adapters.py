@@ -225,6 +225,12 @@ class ComfyDiffusionModel:
         scale = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
         self.latent_scale = int(scale) if isinstance(scale, (int, float)) else 8
         self.name = type(self.base.model_config).__name__    # "SD15", "SDXL", ...
+        in_channels = getattr(self.net, "in_channels", self.latent_channels)
+        if getattr(self.base, "concat_keys", ()) or in_channels != self.latent_channels:
+            raise ValueError(f"this MODEL ({self.name}) is an inpainting or image-conditioned model: its UNet takes "
+                             f"{in_channels} input channels, the {self.latent_channels} latent channels plus an image "
+                             f"and/or mask. FocusFix trains text-to-image models: load the checkpoint's base "
+                             f"(non-inpainting) version")
         self.is_adm = getattr(self.base, "adm_channels", 0) not in (0, None)
         self._hw = _LiveHW()
 

@@ -61,9 +61,10 @@ _COMMON = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_cha
            "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
-def tiny_sd15(seed: int = 0, weight_dtype: torch.dtype = torch.float32):
-    """SD1.5 layout: attn2 in every level, context 32, eps prediction. -> (MODEL, CLIP)."""
-    cfg = {**_COMMON, "adm_in_channels": None, "context_dim": WIDTH, "use_linear_in_transformer": False,
+def tiny_sd15(seed: int = 0, weight_dtype: torch.dtype = torch.float32, in_channels: int = 4):
+    """SD1.5 layout: attn2 in every level, context 32, eps prediction (in_channels 9: an inpainting UNet, the
+    latent + mask + masked image). -> (MODEL, CLIP)."""
+    cfg = {**_COMMON, "in_channels": in_channels, "adm_in_channels": None, "context_dim": WIDTH, "use_linear_in_transformer": False,
            "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
            "num_heads": 2, "num_head_channels": -1}
     model = _unet(comfy.supported_models.SD15, cfg, seed, weight_dtype)

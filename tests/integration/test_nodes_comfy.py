@@ -180,6 +180,16 @@ def test_train_focus_n_fix_bad_input(fresh, checkpoint, bad, match):
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
 
 
+def test_inpainting_model_is_refused_by_name(fresh, tiny_models):
+    model, clip = tiny_models.tiny_sd15(in_channels=9)
+    vae = tiny_models.tiny_vae()
+    with pytest.raises(ValueError, match="inpainting or image-conditioned model: its UNet takes 9 input channels"):
+        _train_fix(fresh, (model, clip, vae))
+    with pytest.raises(ValueError, match="load the checkpoint's base"):
+        fresh.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a cat and a dog", words="cat, dog",
+                  seed=0, steps=2, cfg=3.0, resolution=4, width=SIZE, height=SIZE)
+
+
 def test_validate_inputs_k_larger_than_steps(comfy):
     cls = comfy.node("FocusFixTrainFocusNFix")
     assert "K (5)" in cls.VALIDATE_INPUTS(steps=3, K=5)
