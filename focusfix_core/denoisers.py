@@ -30,6 +30,7 @@ __all__ = [
     "prepare_cond",
     "Guidance",
     "model_guidance",
+    "initial_x",
     "CFG_PAIR",
     "EpsDenoiser",
     "VDenoiser",
@@ -61,6 +62,8 @@ class DiffusionModel(Protocol):
     embeddings) is computed there once, so the sampler's calls stay on the device (no host sync, one graph).
     Optional: `guidance_function() -> Guidance | None`, how this model combines the prompt's and the negative
     prompt's predictions when it is not plain CFG (ComfyUI: a MODEL patched by RescaleCFG, CFGZeroStar, APG, ...).
+    Optional: `noise_scaling(noise, sigma) -> x`, the sampler's start x from standard noise at sigma (a float);
+    sigma * noise without it. (ComfyUI starts a full denoise at sqrt(1 + sigma^2) * noise, as KSampler does.)
     """
 
     net: nn.Module
@@ -107,6 +110,13 @@ def model_guidance(model) -> Guidance | None:
     """`model.guidance_function()` where the model has one, else None (plain CFG)."""
     get = getattr(model, "guidance_function", None)
     return None if get is None else get()
+
+
+def initial_x(model, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The sampler's start at sigma (sigmas[0]) from standard noise [B,C,h,w]: `model.noise_scaling` where the
+    model has one, else x = sigma * noise (x = x0 + sigma * eps with nothing known of x0)."""
+    scale = getattr(model, "noise_scaling", None)
+    return noise * sigma if scale is None else scale(noise, sigma)
 
 
 def cat_cond(*conds: Cond) -> Cond:

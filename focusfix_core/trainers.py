@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .attention import AttentionStore
-from .denoisers import CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, model_guidance, prepare_cond
+from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x, model_guidance,
+                        prepare_cond)
 from .io import atomic_torch_save, load_training_state
 from .losses import (enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask, reward_loss,
                      separate_loss)
@@ -408,6 +409,7 @@ class FixTrainer(_LoRATrainer):
         self.reward = reward
         self.latent_shape = (model.latent_channels, cfg.height // scale, cfg.width // scale)
         self.sigmas = get_sigmas(model.sigmas, cfg.steps).to(self.device)
+        self._sigma_max = float(self.sigmas[0])  # read once: the start x of every trajectory scales noise by it
         self.items = cfg.items
         self._given = self._check_given_masks(masks) if cfg.mask_source == "given" else None
         if cfg.mask_source != "given" and masks is not None:
@@ -448,7 +450,7 @@ class FixTrainer(_LoRATrainer):
     # -- I0 and M: computed once per item (the base model is frozen) ----------------------------------------
     def _noise(self, idx: list[int]) -> torch.Tensor:
         seeds = [self.items[i][1] for i in idx]
-        return seed_noise(seeds, self.latent_shape, device=self.device) * self.sigmas[0]
+        return initial_x(self.model, seed_noise(seeds, self.latent_shape, device=self.device), self._sigma_max)
 
     def _cond(self, idx: list[int]) -> Cond:
         rows = [self.cfg.prompts.index(self.items[i][0]) for i in idx]

@@ -14,6 +14,7 @@ ComfyUI is imported lazily inside functions, so this module (and every node modu
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -303,6 +304,16 @@ class ComfyDiffusionModel:
             x0 = _run_patch(fn, {**common, "denoised": x0, "cond": conds[0], "uncond": conds[1],
                                  "cond_denoised": x0_cond, "uncond_denoised": x0_uncond})
         return x0
+
+    def noise_scaling(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The start x of a full denoise from standard noise [B,C,h,w], as KSampler makes it: the MODEL's
+        model_sampling (eps / v: sqrt(1 + sigma^2) * noise at the top of the schedule, sigma * noise below),
+        so a trajectory from a seed is KSampler's (same seed, steps and cfg; scheduler "normal")."""
+        ms = self.patcher.get_model_object("model_sampling")
+        sigma_max = float(ms.sigma_max)
+        max_denoise = math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max  # Sampler.max_denoise
+        s = torch.tensor([sigma], device=noise.device)
+        return ms.noise_scaling(s, noise, torch.zeros_like(noise), max_denoise).to(noise.dtype)
 
     def checkpoint_modules(self) -> list[nn.Module]:
         """Blocks to gradient-checkpoint one by one in a training step: every layer of the UNet's blocks
@@ -623,18 +634,18 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
         A: [1, n_words, r, r] maps, z: [1, C, h, w] final latents.
     """
     from ..focusfix_core.attention import AttentionStore
-    from ..focusfix_core.denoisers import CFGDenoiser
+    from ..focusfix_core.denoisers import CFGDenoiser, initial_x
     from ..focusfix_core.sampler import get_sigmas, sample, seed_noise
     _check_size(width, height, dm.latent_scale)
     tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
     hw = (height // dm.latent_scale, width // dm.latent_scale)
     cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
     sigmas = get_sigmas(dm.sigmas, steps).to(dm.device)
-    x = seed_noise([seed], (dm.latent_channels, *hw), device=dm.device)
+    x = initial_x(dm, seed_noise([seed], (dm.latent_channels, *hw), device=dm.device), float(sigmas[0]))
     store = AttentionStore([tokens], resolution=resolution, keep_grad=False)
     with dm.attention_capture(store):
-        z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x * sigmas[0], sigmas, cond,
-                   K=0, checkpoint=False)
+        z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x, sigmas, cond, K=0,
+                   checkpoint=False)
     return store.maps(), z
 
 

@@ -495,3 +495,21 @@ def test_the_models_own_guidance_drives_every_cfg_call(small_model, square_rewar
     with pytest.raises(ValueError, match="training cannot follow"):
         FixTrainer(small_model, square_reward, fix_cfg())
     assert sum(len(m._forward_hooks) for m in small_model.net.modules()) == hooks
+
+
+def test_the_models_noise_scaling_starts_every_trajectory(small_model, square_reward, monkeypatch):
+    """A model with `noise_scaling` (ComfyUI: KSampler's sqrt(1 + sigma^2) at the top of the schedule) sets the start
+    x of I0's and I's trajectories; without it x = sigma_max * noise."""
+    from focusfix_core.sampler import seed_noise
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+    noise = seed_noise([0, 1], trainer.latent_shape)
+    torch.testing.assert_close(trainer._noise([0, 1]), noise * trainer.sigmas[0])
+    trainer.lora.remove()
+    seen = []
+    monkeypatch.setattr(small_model, "noise_scaling", lambda n, s: seen.append(s) or n * (1 + s * s) ** 0.5,
+                        raising=False)
+    trainer, records = run(small_model, square_reward, fix_cfg(iterations=1))
+    sigma_max = float(trainer.sigmas[0])
+    torch.testing.assert_close(trainer._noise([0, 1]), noise * (1 + sigma_max ** 2) ** 0.5)
+    assert seen and all(s == sigma_max for s in seen) and records[0].region == 0.0
+    trainer.lora.remove()

@@ -21,6 +21,7 @@ CLIP_VISION_FILE = "clip-vit-large-patch14.safetensors"            # models/clip
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.safetensors"         # models/focusfix_rewards (converted)
 SAFETY_FILE = "stable-diffusion-safety-checker.safetensors"         # models/focusfix_rewards
 REWARD_FILES = (AESTHETIC_FILE, SAFETY_FILE)
+NEGATIVE = "blurry, low quality"  # the KSamplers' and the trainers' negative prompt
 
 
 def load_pack():
@@ -126,7 +127,9 @@ def _checkpoint(g, pos=(0, 200)):
 
 
 def _sampler(g, model, pos_cond, neg_cond, latent, vae, x, y, title, prefix):
-    ks = g.add("KSampler", (x, y), title=title, seed=0, steps=20, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform")
+    # the trainers' sampler and defaults (seed 0, 20 steps, cfg 5, deterministic DDIM, "normal" sigmas): this KSampler
+    # draws the trainer's images for the same prompts
+    ks = g.add("KSampler", (x, y), title=title, seed=0, steps=20, cfg=5.0, sampler_name="ddim", scheduler="normal")
     g.link(model[0], model[1], ks, "model")
     g.link(pos_cond, "CONDITIONING", ks, "positive")
     g.link(neg_cond, "CONDITIONING", ks, "negative")
@@ -141,7 +144,7 @@ def _sampler(g, model, pos_cond, neg_cond, latent, vae, x, y, title, prefix):
 
 def _prompts(g, ckpt, text, x=350, y=700):
     pos = g.add("CLIPTextEncode", (x, y), title="Positive", text=text)
-    neg = g.add("CLIPTextEncode", (x, y + 220), title="Negative", text="blurry, low quality")
+    neg = g.add("CLIPTextEncode", (x, y + 220), title="Negative", text=NEGATIVE)
     g.link(ckpt, "CLIP", pos, "clip")
     g.link(ckpt, "CLIP", neg, "clip")
     lat = g.add("EmptyLatentImage", (x, y + 440), width=512, height=512, batch_size=1)
@@ -166,11 +169,12 @@ Pass 1: queue once. 'I0 to paint' saves the base images I0 the trainer makes for
 Pass 2: open that image in Load Image, right-click > Open in MaskEditor, paint what should change (hands, a face...). Queue again.
 
 The painted MASK replaces the reward's own localisation: the reward (here sharpness; an aesthetic model from models/focusfix_rewards works the same) is pushed up while everything outside the paint is held to I0 by lam * ||(1-M)(I0 - I)||.
-Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it."""
+Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it.
+The KSamplers use the trainer's settings (same prompts, seed 0, 20 steps, cfg 5, ddim with the normal scheduler): 'KSampler (base)' draws the trainer's I0 and 'KSampler (with the LoRA)' its after image. Change them together."""
 
 NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 
-1. KSampler makes an image; Score Images says how the reward rates it and where it dislikes it (heatmap).
+1. KSampler makes an image (with the trainer's settings: it is the trainer's base image I0 for seed 0); Score Images says how the reward rates it and where it dislikes it (heatmap).
 2. Saliency Mask turns that into the Focus-N-Fix mask M (1 = may change). Tune source/threshold/dilation here while looking at the overlay.
 3. Train Focus-N-Fix uses the same mask settings (mask_source saliency, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
 4. Compare shows before | after | change, the reward before/after and the change inside vs outside the mask (outside should stay near 0).
@@ -213,7 +217,7 @@ def fix_painted_region(specs) -> dict:
     reward = g.add("FocusFixLoadReward", (0, 450), reward_name="builtin:sharpness")
     paint = g.add("LoadImage", (0, 650), title="Load I0 (paint the mask here)", image="focusfix_I0_painted.png")
     train = g.add("FocusFixTrainFocusNFix", (400, 0), prompts="a photo of a woman waving her hand", seeds="0",
-                  mask_source="mask", lam=1.0, K=1, iterations=50, lr=1e-4, targets="attn")
+                  negative_prompt=NEGATIVE, mask_source="mask", lam=1.0, K=1, iterations=50, lr=1e-4, targets="attn")
     for out, inp in (("MODEL", "model"), ("CLIP", "clip"), ("VAE", "vae")):
         g.link(ck, out, train, inp)
     g.link(reward, "reward", train, "reward")
@@ -252,8 +256,8 @@ def fix_what_reward_dislikes(specs) -> dict:
     g.link(image, "IMAGE", sal, "image")
     g.link(reward, "reward", sal, "reward")
     _preview(g, sal, "overlay", (1650, 950), "Mask M (red = may change)")
-    train = g.add("FocusFixTrainFocusNFix", (400, -100), prompts=prompt, seeds="0, 1", mask_source="saliency",
-                  threshold_mode="top_percent", threshold=0.15, dilation=2, iterations=50)
+    train = g.add("FocusFixTrainFocusNFix", (400, -100), prompts=prompt, seeds="0, 1", negative_prompt=NEGATIVE,
+                  mask_source="saliency", threshold_mode="top_percent", threshold=0.15, dilation=2, iterations=50)
     for out, inp in (("MODEL", "model"), ("CLIP", "clip"), ("VAE", "vae")):
         g.link(ck, out, train, inp)
     g.link(reward, "reward", train, "reward")
@@ -339,8 +343,8 @@ def fix_with_aesthetic_safety(specs) -> dict:
     g.link(image, "IMAGE", sal, "image")
     g.link(reward, "reward", sal, "reward")
     _preview(g, sal, "overlay", (1650, 1250), "Mask M (red = may change)")
-    train = g.add("FocusFixTrainFocusNFix", (400, 0), prompts=prompt, seeds="0, 1", mask_source="saliency",
-                  threshold_mode="top_percent", threshold=0.15, dilation=2, iterations=50)
+    train = g.add("FocusFixTrainFocusNFix", (400, 0), prompts=prompt, seeds="0, 1", negative_prompt=NEGATIVE,
+                  mask_source="saliency", threshold_mode="top_percent", threshold=0.15, dilation=2, iterations=50)
     for out, inp in (("MODEL", "model"), ("CLIP", "clip"), ("VAE", "vae")):
         g.link(ck, out, train, inp)
     g.link(reward, "reward", train, "reward")

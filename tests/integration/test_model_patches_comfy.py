@@ -176,3 +176,36 @@ def test_a_patch_that_runs_the_model_on_comfy_conds_is_refused_by_name(fresh, ch
     swapped.set_model_sampler_calc_cond_batch_function(lambda args: None)
     with pytest.raises(ValueError, match="sampler_calc_cond_batch_function.*Connect the MODEL from before"):
         fresh.run("FocusFixTrainFocusNFix", model=swapped, **kw)
+
+
+def test_ksampler_draws_the_trainers_before_and_after_images(fresh, checkpoint):
+    """Same prompts, seed, steps and cfg, sampler ddim with the normal scheduler: KSampler on the MODEL draws the
+    Train node's before image I0, and on the MODEL with the trained LoRA its after image (the shipped workflows
+    rely on this). The images agree to 1e-5 here (float rounding); before the start x followed KSampler's
+    sqrt(1 + sigma^2) scaling, 2-3 % of the pixels were up to 2.8e-3 apart."""
+    pack = fresh.pack.__name__
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    model, clip, vae = checkpoint
+    (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
+    lora, _, before, after, _, _ = fresh.run(
+        "FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
+        negative_prompt="blurry", seeds="3", width=SIZE, height=SIZE, steps=4, cfg=CFG, K=1, lam=1.0,
+        mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, seed=0)
+    positive = _node(fresh, "CLIPTextEncode", clip=clip, text="a cat")
+    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    empty = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    images = {}
+    for name, m in (("before", model), ("after", _node(fresh, "FocusFixApplyLoRA", model=model, lora=lora,
+                                                         strength=1.0))):
+        latent = _node(fresh, "KSampler", model=m, seed=3, steps=4, cfg=CFG, sampler_name="ddim", scheduler="normal",
+                       positive=positive, negative=negative, latent_image=empty, denoise=1.0)
+        images[name] = _node(fresh, "VAEDecode", samples=latent, vae=vae)
+    assert (before - after).abs().max() > 1e-3, "two steps at lr 1e-2 should change the image"
+    torch.testing.assert_close(images["before"], before, rtol=0, atol=1e-4)
+    torch.testing.assert_close(images["after"], after, rtol=0, atol=1e-4)
+    # the start x is KSampler's (the latents themselves, for the base MODEL)
+    dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    sigma_max = float(dm.sigmas[-1])
+    torch.testing.assert_close(dm.noise_scaling(noise, sigma_max), noise * (1 + sigma_max ** 2) ** 0.5)
+    torch.testing.assert_close(dm.noise_scaling(noise, 2.0), noise * 2.0)
