@@ -86,3 +86,32 @@ def test_k_larger_than_steps_is_refused_before_running(comfy, wt):
     ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
     assert train in node_errors
     assert "K (30)" in json.dumps(node_errors[train]) and "steps (20)" in json.dumps(node_errors[train])
+
+
+def test_painted_region_workflow_ksamplers_draw_the_trainers_images(fresh, wt, layout, painted):
+    """Workflow 1 as shipped (shrunk, lr raised so two steps show): 'KSampler (base)' saves the trainer's I0 and
+    'KSampler (with the LoRA)' its after image, pixel for pixel in the 8-bit files (float rounding may move a
+    value by one level)."""
+    import numpy as np
+    import folder_paths
+    from PIL import Image
+    path = REPO / "workflows" / "api" / "focusfix_1_fix_painted_region.json"
+    api = wt.shrink(wt.swap_loader(json.loads(path.read_text()), layout))
+    for node in api.values():
+        if node["class_type"] == "FocusFixTrainFocusNFix":
+            node["inputs"]["lr"] = 1e-2
+    ex = fresh.execute(api)
+    assert ex.success
+    outputs = ex.history_result["outputs"]
+
+    def saved(pick):
+        (nid,) = [i for i, n in api.items() if n["class_type"] in ("SaveImage", "PreviewImage") and pick(n)]
+        (f,) = outputs[nid]["images"]
+        file = Path(folder_paths.get_directory_by_type(f["type"])) / f["subfolder"] / f["filename"]
+        return np.asarray(Image.open(file)).astype(int)
+
+    before = saved(lambda n: n["inputs"].get("filename_prefix") == "focusfix/before")  # KSampler (base)
+    after = saved(lambda n: n["inputs"].get("filename_prefix") == "focusfix/after")    # KSampler (with the LoRA)
+    assert np.abs(saved(lambda n: n["_meta"]["title"] == "I0 to paint") - before).max() <= 1
+    assert np.abs(saved(lambda n: n["_meta"]["title"] == "After (trainer)") - after).max() <= 1
+    assert np.abs(before - after).max() > 1, "two steps should change the image (else this test proves nothing)"
