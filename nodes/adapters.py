@@ -219,8 +219,9 @@ class ComfyDiffusionModel:
         self.patcher, self.clip, self.vae = model, clip, vae
         self.base = model.model                              # comfy.model_base.BaseModel
         self.net: nn.Module = self.base.diffusion_model      # kohya keys: lora_unet_<path>
-        ms = model.get_model_object("model_sampling")
+        ms = self._model_sampling = model.get_model_object("model_sampling")
         self.sigmas = ms.sigmas.detach().clone().float().cpu()  # [T] ascending
+        self._sigma_max = float(ms.sigma_max)                 # read once: noise_scaling runs every iteration
         self.latent_format = self.base.latent_format
         self.latent_channels = int(self.latent_format.latent_channels)
         scale = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
@@ -309,11 +310,9 @@ class ComfyDiffusionModel:
         """The start x of a full denoise from standard noise [B,C,h,w], as KSampler makes it: the MODEL's
         model_sampling (eps / v: sqrt(1 + sigma^2) * noise at the top of the schedule, sigma * noise below),
         so a trajectory from a seed is KSampler's (same seed, steps and cfg; scheduler "normal")."""
-        ms = self.patcher.get_model_object("model_sampling")
-        sigma_max = float(ms.sigma_max)
-        max_denoise = math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max  # Sampler.max_denoise
+        max_denoise = math.isclose(self._sigma_max, sigma, rel_tol=1e-05) or sigma > self._sigma_max  # as KSampler
         s = torch.tensor([sigma], device=noise.device)
-        return ms.noise_scaling(s, noise, torch.zeros_like(noise), max_denoise).to(noise.dtype)
+        return self._model_sampling.noise_scaling(s, noise, torch.zeros_like(noise), max_denoise).to(noise.dtype)
 
     def checkpoint_modules(self) -> list[nn.Module]:
         """Blocks to gradient-checkpoint one by one in a training step: every layer of the UNet's blocks
