@@ -181,6 +181,7 @@ def _patch_name(fn) -> str:
 
 
 def _run_patch(fn, args: dict):
+    """fn(args), with errors that say which of the MODEL's patches failed and why."""
     try:
         return fn(args)
     except _NeedsComfyConds:
@@ -254,9 +255,9 @@ class ComfyDiffusionModel:
         # what ComfyUI's sampler tells attention patches: which batch chunks are the prompt's (0) and the negative
         # prompt's (1), as CFGDenoiser batches them (IPAdapter-style patches treat the two differently)
         cond_or_uncond = [0, 1] if CFG_PAIR in cond else [0]
+        sigma = sigma.to(x.device)
         topts.update(sigmas=sigma, cond_or_uncond=cond_or_uncond)
         topts["optimized_attention_override"] = _attention_with_backward(topts.get("optimized_attention_override"))
-        sigma = sigma.to(x.device)
         c = {"c_crossattn": cond["context"].to(x.device), "transformer_options": topts, **kwargs}
         wrapper = options.get("model_function_wrapper")  # another node's wrapper around the model call
         if wrapper is None:
