@@ -228,6 +228,10 @@ class ComfyDiffusionModel:
         scale = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
         self.latent_scale = int(scale) if isinstance(scale, (int, float)) else 8
         self.name = type(self.base.model_config).__name__    # "SD15", "SDXL", ...
+        if not all(hasattr(self.net, k) for k in ("input_blocks", "middle_block", "output_blocks")):
+            raise ValueError(f"this MODEL ({self.name}, {type(self.net).__name__}) is not an SD-style UNet: FocusFix "
+                             f"trains SD1.x, SD2.x and SDXL-type checkpoints (their cross-attention layers carry the "
+                             f"LoRA and the attention maps)")
         in_channels = getattr(self.net, "in_channels", self.latent_channels)
         if getattr(self.base, "concat_keys", ()) or in_channels != self.latent_channels:
             raise ValueError(f"this MODEL ({self.name}) is an inpainting or image-conditioned model: its UNet takes "

@@ -86,6 +86,18 @@ def tiny_sdxl(seed: int = 0, weight_dtype: torch.dtype = torch.float32):
     return model, clip
 
 
+def tiny_flux(seed: int = 0):
+    """A Flux transformer (a DiT, not an SD-style UNet) at toy width: a MODEL FocusFix must refuse by name."""
+    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": WIDTH, "context_in_dim": WIDTH,
+           "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+           "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+    mc = comfy.supported_models.Flux(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    randomize(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 def narrow_real_layout(family: str = "sd15", seed: int = 0):
     """The real SD1.5 / SDXL block layout (depths, levels, attention placement: kohya keys and attention
     resolutions as in the real checkpoints) at narrow widths. -> (MODEL, CLIP, VAE)."""

@@ -190,6 +190,12 @@ def test_inpainting_model_is_refused_by_name(fresh, tiny_models):
                   seed=0, steps=2, cfg=3.0, resolution=4, width=SIZE, height=SIZE)
 
 
+def test_non_unet_model_is_refused_by_name(fresh, checkpoint, tiny_models):
+    _, clip, vae = checkpoint
+    with pytest.raises(ValueError, match=r"this MODEL \(Flux, Flux\) is not an SD-style UNet"):
+        _train_fix(fresh, (tiny_models.tiny_flux(), clip, vae))
+
+
 def test_validate_inputs_k_larger_than_steps(comfy):
     cls = comfy.node("FocusFixTrainFocusNFix")
     assert "K (5)" in cls.VALIDATE_INPUTS(steps=3, K=5)
