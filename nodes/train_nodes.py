@@ -73,7 +73,8 @@ class FocusFixTrainFocusNFix:
             "seeds": tip("STRING", "Seeds to train on: 0, 1, 2 or 0-3. Each (prompt, seed) is one training image.", default="0"),
             "width": tip("INT", "Image width in pixels.", default=512, min=16, max=4096, step=8),
             "height": tip("INT", "Image height in pixels.", default=512, min=16, max=4096, step=8),
-            "steps": tip("INT", "Sampler steps N (deterministic DDIM).", default=20, min=1, max=200),
+            "steps": tip("INT", "Sampler steps N (deterministic DDIM: KSampler with sampler ddim and scheduler normal "
+                         "draws the same images).", default=20, min=1, max=200),
             "cfg": tip("FLOAT", "Classifier-free guidance scale.", default=5.0, min=1.0, max=30.0, step=0.1),
             "K": tip("INT", "Differentiated last sampler steps (DRaFT-K); at most steps.", default=1, min=1, max=200),
             "lam": tip("FLOAT", "lam: weight of the region term ||(1-M)(I0-I)||; 0 = plain DRaFT.", default=1.0,
