@@ -75,11 +75,11 @@ class Comfy:
         return self.nodes.NODE_CLASS_MAPPINGS[class_type]
 
     def run(self, class_type: str, **inputs):
-        """Run one node the way ComfyUI does: inside torch.inference_mode()."""
+        """Run one node (V1, or V3 with its NodeOutput) the way ComfyUI does: inside torch.inference_mode()."""
         cls = self.node(class_type)
         with torch.inference_mode():
             out = getattr(cls(), cls.FUNCTION)(**inputs)
-        return out["result"] if isinstance(out, dict) else out
+        return out["result"] if isinstance(out, dict) else getattr(out, "result", out)
 
     def execute(self, prompt: dict) -> "object":
         """Validate and execute an API-format prompt with ComfyUI's PromptExecutor; returns the executor."""

@@ -12,14 +12,6 @@ SIZE = 64
 CFG = 3.0
 
 
-def _node(comfy, class_type: str, **inputs):
-    """First output of a ComfyUI node (V1 or V3), run as ComfyUI runs it: inside inference mode."""
-    cls = comfy.node(class_type)
-    with torch.inference_mode():
-        out = getattr(cls(), cls.FUNCTION)(**inputs)
-    return getattr(out, "result", out)[0]
-
-
 def _halves_patch(extra_options):
     """An attn2 patch that halves the values of the negative prompt's rows only (cond_or_uncond == 1)."""
     def patch(q, context, value, extra_options):
@@ -34,20 +26,20 @@ def _patched(comfy, model, kind: str):
     if kind == "plain":
         return model
     if kind == "rescale_cfg":
-        return _node(comfy, "RescaleCFG", model=model, multiplier=0.7)
+        return comfy.run("RescaleCFG", model=model, multiplier=0.7)[0]
     if kind == "cfg_zero_star":
-        return _node(comfy, "CFGZeroStar", model=model)
+        return comfy.run("CFGZeroStar", model=model)[0]
     if kind == "apg":
-        return _node(comfy, "APG", model=model, eta=0.5, norm_threshold=2.0, momentum=0.0)
+        return comfy.run("APG", model=model, eta=0.5, norm_threshold=2.0, momentum=0.0)[0]
     if kind == "cfg_norm":
-        return _node(comfy, "CFGNorm", model=model, strength=0.8)
+        return comfy.run("CFGNorm", model=model, strength=0.8)[0]
     if kind == "mahiro":
-        return _node(comfy, "Mahiro", model=model)
+        return comfy.run("Mahiro", model=model)[0]
     if kind == "tcfg":  # reads the (stand-in) ComfyUI conds to skip cfg 1, then only the predictions
-        return _node(comfy, "TCFG", model=model)
+        return comfy.run("TCFG", model=model)[0]
     if kind in ("v_prediction", "zsnr"):  # ModelSamplingDiscrete: the parameterisation and sigmas KSampler uses
-        return _node(comfy, "ModelSamplingDiscrete", model=model, sampling="v_prediction" if kind == "v_prediction"
-                     else "eps", zsnr=kind == "zsnr")
+        sampling = "v_prediction" if kind == "v_prediction" else "eps"
+        return comfy.run("ModelSamplingDiscrete", model=model, sampling=sampling, zsnr=kind == "zsnr")[0]
     m = model.clone()
     if kind == "uncond_attention":
         m.set_model_attn2_patch(_halves_patch({}))
@@ -99,8 +91,8 @@ def _ours_and_comfys(comfy, model, clip, vae, positive, negative, cfg: float):
 def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
     model, clip, vae = checkpoint
     patched = _patched(fresh, model, kind)
-    positive = _node(fresh, "CLIPTextEncode", clip=clip, text="a cat")
-    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
+    negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     pack = fresh.pack.__name__
     guidance = sys.modules[f"{pack}.nodes.adapters"].ComfyDiffusionModel(patched, clip, vae).guidance_function()
     assert (guidance is None) == (kind not in GUIDANCE)
@@ -116,10 +108,10 @@ def test_sdxl_size_conditioning_matches_comfyui_sampler(fresh):
     pack = fresh.pack.__name__
     adapters = sys.modules[f"{pack}.nodes.adapters"]
     model, clip, vae = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
-    sized = _node(fresh, "CLIPTextEncodeSDXL", clip=clip, width=2048, height=1536, crop_w=32, crop_h=16,
-                  target_width=1024, target_height=768, text_g="a cat", text_l="a cat")
+    sized = fresh.run("CLIPTextEncodeSDXL", clip=clip, width=2048, height=1536, crop_w=32, crop_h=16,
+                      target_width=1024, target_height=768, text_g="a cat", text_l="a cat")[0]
     unsized = [[c, {"pooled_output": extra["pooled_output"]}] for c, extra in sized]
-    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     ours, want, _ = _ours_and_comfys(fresh, model, clip, vae, sized, negative, CFG)
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     without_sizes, _, _ = _ours_and_comfys(fresh, model, clip, vae, unsized, negative, CFG)
@@ -130,9 +122,9 @@ def test_sdxl_size_conditioning_matches_comfyui_sampler(fresh):
 def test_conditioning_parts_training_ignores_are_named_in_the_report(fresh, checkpoint):
     model, clip, vae = checkpoint
     (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
-    positive = _node(fresh, "ConditioningSetTimestepRange", start=0.0, end=0.5,
-                     conditioning=_node(fresh, "CLIPTextEncode", clip=clip, text="a cat"))
-    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    text = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
+    positive = fresh.run("ConditioningSetTimestepRange", start=0.0, end=0.5, conditioning=text)[0]
+    negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     out = fresh.run("FocusFixTrainFocusNFix", model=model, vae=vae, reward=reward, prompts="", negative_prompt="",
                     seeds="0", width=SIZE, height=SIZE, steps=2, cfg=CFG, K=1, lam=1.0, mask_source="heatmap", rank=2,
                     targets="attn", lr=1e-2, iterations=1, seed=0, positive=positive, negative=negative + negative)
@@ -169,7 +161,7 @@ def test_a_patch_that_runs_the_model_on_comfy_conds_is_refused_by_name(fresh, ch
     kw = dict(clip=clip, vae=vae, reward=reward, prompts="a cat", negative_prompt="", seeds="0", width=SIZE,
               height=SIZE, steps=2, cfg=CFG, K=1, lam=1.0, mask_source="heatmap", rank=2, targets="attn", lr=1e-2,
               iterations=1, seed=0)
-    pag = _node(fresh, "PerturbedAttentionGuidance", model=model, scale=2.0)
+    pag = fresh.run("PerturbedAttentionGuidance", model=model, scale=2.0)[0]
     with pytest.raises(ValueError, match=r"PerturbedAttentionGuidance.*runs the model again on ComfyUI's own"):
         fresh.run("FocusFixTrainFocusNFix", model=pag, **kw)
     swapped = model.clone()
@@ -191,15 +183,15 @@ def test_ksampler_draws_the_trainers_before_and_after_images(fresh, checkpoint):
         "FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
         negative_prompt="blurry", seeds="3", width=SIZE, height=SIZE, steps=4, cfg=CFG, K=1, lam=1.0,
         mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, seed=0)
-    positive = _node(fresh, "CLIPTextEncode", clip=clip, text="a cat")
-    negative = _node(fresh, "CLIPTextEncode", clip=clip, text="blurry")
+    positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
+    negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     empty = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
     images = {}
-    for name, m in (("before", model), ("after", _node(fresh, "FocusFixApplyLoRA", model=model, lora=lora,
-                                                         strength=1.0))):
-        latent = _node(fresh, "KSampler", model=m, seed=3, steps=4, cfg=CFG, sampler_name="ddim", scheduler="normal",
-                       positive=positive, negative=negative, latent_image=empty, denoise=1.0)
-        images[name] = _node(fresh, "VAEDecode", samples=latent, vae=vae)
+    with_lora = fresh.run("FocusFixApplyLoRA", model=model, lora=lora, strength=1.0)[0]
+    for name, m in (("before", model), ("after", with_lora)):
+        latent = fresh.run("KSampler", model=m, seed=3, steps=4, cfg=CFG, sampler_name="ddim", scheduler="normal",
+                           positive=positive, negative=negative, latent_image=empty, denoise=1.0)[0]
+        images[name] = fresh.run("VAEDecode", samples=latent, vae=vae)[0]
     assert (before - after).abs().max() > 1e-3, "two steps at lr 1e-2 should change the image"
     torch.testing.assert_close(images["before"], before, rtol=0, atol=1e-4)
     torch.testing.assert_close(images["after"], after, rtol=0, atol=1e-4)
