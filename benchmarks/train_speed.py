@@ -415,12 +415,43 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
     return out
 
 
+def profile_iteration(step, device: torch.device, top: int = 12) -> dict:
+    """One training iteration `step()` under torch.profiler: how busy the device was, how many kernels the host
+    launched, and the ops that took the time (device time on cuda, host time on cpu). The profile that says
+    whether an iteration waits on the host (launches) or on the device (FLOPs, memory traffic)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    _sync(device)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        _sync(device)
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    ops = [e for e in events if e.key.startswith("aten::")]
+    out = {"wall_seconds": wall, "aten_op_calls": sum(e.count for e in ops),
+           "host_seconds_in_ops": sum(e.self_cpu_time_total for e in events) / 1e6}
+    if cuda:  # kernel rows carry the device time; the ops that launched them carry it too, so count kernels only
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA] or [  # else: rows with time, not ops
+            e for e in events if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "cuda"))]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        out.update(kernel_launches=sum(e.count for e in kernels), device_busy_seconds=busy,
+                   device_busy_fraction=busy / wall)
+        ranked, key = kernels, "self_device_time_total"
+    else:
+        ranked, key = ops, "self_cpu_time_total"
+    ranked = sorted(ranked, key=lambda e: getattr(e, key), reverse=True)[:top]
+    out["top"] = [{"name": e.key[:120], "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in ranked]
+    return out
+
+
 def run_case(name: str, model, reward, core: str, geometry, args, device: torch.device, dtype: torch.dtype) -> dict:
     kind, overrides, batch = CASES[name]
-    iterations = args.warmup + args.iters + 1  # + 1 counted for FLOPs
+    iterations = args.warmup + args.iters + 1 + int(args.profile)  # + 1 counted for FLOPs (+ 1 profiled)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                 if args.autocast or (args.backend == "core" and dtype == torch.bfloat16) else nullcontext())
-    times, cpu_times, first = [], [], None
+    times, cpu_times, first, profiled = [], [], None, None
     with _memory(device) as mem, levers(core, model, args):
         trainer = make_trainer(core, kind, overrides, batch, model, reward, geometry, args, iterations)
         try:
@@ -449,6 +480,12 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
             with FlopCounterMode(display=False) as counter, autocast:
                 next(it)
             flops = counter.get_total_flops()
+            if args.profile:
+                try:
+                    with autocast:
+                        profiled = profile_iteration(lambda: next(it), device)
+                except Exception as e:  # a diagnostic: it never costs the case its figures
+                    profiled = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             last = trainer.history[-1]
             history = [{k: v for k, v in r.as_dict().items() if v is not None and k not in ("total", "seconds")}
                        for r in trainer.history]
@@ -467,6 +504,8 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
         out["preservation"] = trainer.preservation  # what auto resolved to (none without the term)
     if parts is not None:
         out["breakdown_seconds"] = parts
+    if profiled is not None:
+        out["profile"] = profiled
     out["peak_memory_gib"] = out["peak_memory_bytes"] / 2**30
     return out
 
@@ -524,6 +563,9 @@ def parse_args(argv=None):
                    "merges the LoRA for the graph-free sampler steps (core MergedWhenNoGrad, since 0eafaf0)")
     p.add_argument("--breakdown", action="store_true",
                    help="Focus-N-Fix/DRaFT cases: time sampling (LoRA hooks on/off/merged) and decode+reward")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more iteration per case (torch.profiler): kernel launches, device-busy fraction "
+                        "(cuda) and the top ops; says whether an iteration waits on the host or on the device")
     args = p.parse_args(argv)
     unknown = [n for n in (args.cases or "").split(",") if n and n not in CASES]
     if unknown:

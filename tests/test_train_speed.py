@@ -54,6 +54,26 @@ def core_doc() -> dict:
     return _run("--backend", "core", "--size", "tiny", "--iters", "1", "--warmup", "0", "--device", "cpu")
 
 
+def test_profile_says_where_an_iteration_goes_6():
+    """--profile: one more iteration per case under torch.profiler, after the timed ones (which it leaves as they
+    are), with the host-side figures on a CPU: op calls, host seconds in ops and the ops that took the time."""
+    doc = _run("--backend", "core", "--size", "tiny", "--iters", "1", "--warmup", "0", "--device", "cpu",
+               "--cases", "fnf_b1,se_b4", "--profile")
+    _check(doc, ["fnf_b1", "se_b4"], ["tiny"])
+    for c in doc["cases"]:
+        prof = c["profile"]
+        assert "error" not in prof, prof
+        assert _positive(prof["wall_seconds"]) and _positive(prof["host_seconds_in_ops"])
+        assert prof["aten_op_calls"] > 100, prof["aten_op_calls"]
+        assert prof["top"] and all(t["name"].startswith("aten::") and t["calls"] >= 1 for t in prof["top"])
+        ms = [t["self_ms"] for t in prof["top"]]
+        assert ms == sorted(ms, reverse=True) and ms[0] > 0
+        assert "kernel_launches" not in prof  # device figures only on cuda
+        assert len(c["history"]) == 1 + 1 + 1  # timed, FLOP-counted, profiled
+    fnf, se = doc["cases"]
+    assert fnf["profile"]["aten_op_calls"] > se["profile"]["aten_op_calls"]  # 4 sampler steps vs one maps pass
+
+
 def test_train_speed_core_tiny_6(core_doc):
     cases = ["draft_b1", "fnf_b1", "fnf_b4", "se_preserve_b4", "se_b4"]
     assert core_doc["backend"] == "core" and core_doc["device"].startswith("cpu")
