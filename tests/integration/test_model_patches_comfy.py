@@ -1,6 +1,7 @@
 """Training follows the MODEL as KSampler samples it: guidance patches (RescaleCFG, CFGZeroStar, APG, ...), a
-UNet function wrapper, and attention patches that treat the prompt's and the negative prompt's halves of the
-batch differently. Each case compares one CFG call of ours with ComfyUI's own sampler on the same x and sigma."""
+UNet function wrapper, attention patches that treat the prompt's and the negative prompt's halves of the batch
+differently, v-prediction, SDXL's size conditioning, and the start of each trajectory. One CFG call of ours is
+compared with one of ComfyUI's own sampler on the same x and sigma, and whole runs with KSampler's images."""
 from __future__ import annotations
 
 import sys
@@ -12,14 +13,12 @@ SIZE = 64
 CFG = 3.0
 
 
-def _halves_patch(extra_options):
+def _halve_negative_values(q, context, value, extra_options):
     """An attn2 patch that halves the values of the negative prompt's rows only (cond_or_uncond == 1)."""
-    def patch(q, context, value, extra_options):
-        flags = extra_options["cond_or_uncond"]
-        rows = len(value) // len(flags)
-        scale = torch.cat([torch.full((rows,), 0.5 if f == 1 else 1.0) for f in flags]).to(value)
-        return q, context, value * scale[:, None, None]
-    return patch
+    flags = extra_options["cond_or_uncond"]
+    rows = len(value) // len(flags)
+    scale = torch.cat([torch.full((rows,), 0.5 if f == 1 else 1.0) for f in flags]).to(value)
+    return q, context, value * scale[:, None, None]
 
 
 def _patched(comfy, model, kind: str):
@@ -42,7 +41,7 @@ def _patched(comfy, model, kind: str):
         return comfy.run("ModelSamplingDiscrete", model=model, sampling=sampling, zsnr=kind == "zsnr")[0]
     m = model.clone()
     if kind == "uncond_attention":
-        m.set_model_attn2_patch(_halves_patch({}))
+        m.set_model_attn2_patch(_halve_negative_values)
     elif kind == "unet_wrapper":
         m.set_model_unet_function_wrapper(lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) * 0.9)
     return m
