@@ -46,6 +46,7 @@ def test_op_counter_skips_views_6():
     assert n.kernels == 2 and n.views == 3
 
 
+@pytest.mark.comfyui
 def test_cost_model_sd15_full_size_6():
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "comfy").is_dir():
         pytest.skip("COMFYUI_DIR is not set: the full-size cost model needs ComfyUI's model classes")

@@ -110,14 +110,10 @@ def _comfy_skip_reason() -> str | None:
         return "COMFYUI_DIR is not set: comfy-backend benchmark skipped (point it at a ComfyUI checkout)"
     if not Path(COMFYUI_DIR, "comfy").is_dir():
         return f"COMFYUI_DIR={COMFYUI_DIR!r} holds no ComfyUI checkout (no comfy/)"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import comfy.cli_args; "
-            "comfy.cli_args.args.cpu = True; import comfy.sd")  # as the harness does with --device cpu
-    probe = subprocess.run([sys.executable, "-c", code, COMFYUI_DIR], capture_output=True, text=True, timeout=120)
-    if probe.returncode:
-        return f"this python cannot import ComfyUI from {COMFYUI_DIR}: {probe.stderr.strip().splitlines()[-1:]}"
-    return None
+    return None  # one this python cannot import: tests/conftest.py skips the test (comfyui mark)
 
 
+@pytest.mark.comfyui
 def test_train_speed_comfy_tiny_6():
     reason = _comfy_skip_reason()
     if reason:
