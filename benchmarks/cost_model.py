@@ -121,7 +121,7 @@ def attention_mode(mode: str):
         F.scaled_dot_product_attention = orig
 
 
-def build(family: str, dtype: torch.dtype):
+def build(family: str, dtype: torch.dtype, reward_dtype: torch.dtype = torch.float32):
     """(ComfyDiffusionModel on meta, reward on meta, core package). Same configs as train_speed's full size."""
     ts._import_comfy(torch.device("cpu"), "pytorch")  # SDPA: ComfyUI's own choice on NVIDIA GPUs
     import comfy.model_patcher
@@ -145,7 +145,7 @@ def build(family: str, dtype: torch.dtype):
     dm = adapters.ComfyDiffusionModel(patcher, None, vae)  # reads the real sigma table first
     base.model_sampling.to(META)
     core = f"{ts.PACK}.focusfix_core"
-    reward = ts.build_reward(core, "full", META, torch.float32)  # fp32, as the nodes load rewards
+    reward = ts.build_reward(core, "full", META, reward_dtype)  # the tower as Load Reward's precision loads it
     for m in (base, vae.first_stage_model, reward):  # frozen, as in the trainer's step (and the adapter's clones)
         m.requires_grad_(False)
     return dm, reward, core
@@ -239,7 +239,7 @@ def tail_peak(dm, reward, core, family, lora, side: int, B: int, checkpoint: str
 def run(family: str, args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     side = args.size_px or {"sd15": 512, "sdxl": 1024}[family]
-    dm, reward, core = build(family, dtype)
+    dm, reward, core = build(family, dtype, ts.REWARD_DTYPES[args.reward_dtype])
     lora_mod = importlib.import_module(f"{core}.lora")
     lora = lora_mod.LoRA.attach(dm.net, "attn", rank=4, device=META)
     try:
@@ -248,7 +248,8 @@ def run(family: str, args) -> dict:
         # MergedWhenNoGrad's copy of the adapted weights: on meta it stays on the device (counted in each
         # tail); on a GPU it is offloaded to pinned CPU memory, so the GPU peak is the tail's minus this
         originals = sum(h.weight.numel() * h.weight.element_size() for h in lora._hosts)
-        out = {"family": family, "image": side, "dtype": args.dtype, "attention": args.attention,
+        out = {"family": family, "image": side, "dtype": args.dtype, "reward_dtype": args.reward_dtype,
+               "attention": args.attention,
                "weights_gib": {k: v / GIB for k, v in weights.items()}, "merge_originals_gib": originals / GIB,
                "unet_parameters": sum(p.numel() for p in dm.net.parameters()), "per_batch": {}}
         with attention_mode(args.attention):
@@ -280,6 +281,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,4", help="comma list of batch sizes")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="UNet and VAE weights")
     p.add_argument("--size-px", type=int, default=None, help="image side (default 512 / 1024)")
+    p.add_argument("--reward-dtype", choices=tuple(ts.REWARD_DTYPES), default="fp32",
+                   help="the reward's CLIP tower, as FocusFix Load Reward's precision (default fp32)")
     p.add_argument("--attention", choices=("flash", "math"), default="flash")
     p.add_argument("--variants", action="store_true",
                    help="also the tails with the decode checkpointed as a whole, with whole-call checkpointing, "

@@ -303,8 +303,13 @@ def build_comfy(family: str, size: str, device: torch.device, dtype: torch.dtype
     return adapters.ComfyDiffusionModel(model, clip, vae), adapters, f"{PACK}.focusfix_core"
 
 
+# the reward's CLIP tower precisions (FocusFix Load Reward's `precision`)
+REWARD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def build_reward(core: str, size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """CLIP ViT-L/14 tower + aesthetic head (random weights); a narrow tower at --size tiny."""
+    """CLIP ViT-L/14 tower in `dtype` + fp32 aesthetic head (random weights), as Load Reward's precision loads
+    them; a narrow tower at --size tiny."""
     clip_vision = importlib.import_module(f"{core}.rewards.clip_vision")
     aesthetic = importlib.import_module(f"{core}.rewards.aesthetic")
     if size == "full":
@@ -316,7 +321,8 @@ def build_reward(core: str, size: str, device: torch.device, dtype: torch.dtype,
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)  # scoped by fork_rng
         reward = aesthetic.AestheticReward(clip_vision.CLIPVisionTower(cfg), aesthetic.AestheticHead(widths))
-    return reward.to(dtype).eval().requires_grad_(False)
+    reward.tower.to(dtype)
+    return reward.eval().requires_grad_(False)
 
 
 # -- one case ---------------------------------------------------------------------------------------------------
@@ -535,8 +541,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-dtype", choices=("default", "fp8_e4m3fn", "fp8_e5m2"), default="default",
                    help="comfy: UNet weight storage (fp8: computed in --dtype, cast per layer, as ComfyUI's "
                         "Load Diffusion Model weight_dtype); default: --dtype")
-    p.add_argument("--reward-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="reward tower weights (default fp32, as the nodes load them)")
+    p.add_argument("--reward-dtype", choices=tuple(REWARD_DTYPES), default="fp32",
+                   help="the reward's CLIP tower weights, as FocusFix Load Reward's precision (default fp32); the "
+                        "head stays fp32")
     p.add_argument("--comfy-attention", choices=("default", "pytorch"), default="default",
                    help="comfy: ComfyUI's attention choice (default: its own pick, SDPA on NVIDIA, sub-quadratic on "
                         "CPU)"
@@ -594,9 +601,8 @@ def main(argv=None) -> dict:
                                                 attention=args.comfy_attention, weight_dtype=weight_dtype,
                                                 comfy_args=args.comfy_args)
         geometry = GEOMETRY[(family, args.size)]
-        # fp32 by default, as the nodes load rewards (load_reward_by_name); --reward-dtype bf16 is a lever
-        reward_dtype = torch.bfloat16 if args.reward_dtype == "bf16" else torch.float32
-        reward = build_reward(core, args.size, device, reward_dtype)
+        # the tower in fp32 by default, as Load Reward loads it; --reward-dtype bf16 = its precision input
+        reward = build_reward(core, args.size, device, REWARD_DTYPES[args.reward_dtype])
         if adapters is not None:
             session = adapters.training_session(model, [reward])
         side, steps, res = geometry

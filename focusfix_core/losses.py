@@ -231,7 +231,8 @@ def preservation_loss(x0: torch.Tensor, x0_base: torch.Tensor) -> torch.Tensor:
     return (x0 - x0_base.detach()).square().flatten(1).mean(1)  # (B,)
 
 
-def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor) -> torch.Tensor:
+def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor, *,
+                    check_energy: bool = True) -> torch.Tensor:
     """Per-prompt relative change of the adapted text-side projections: sum_l ||dK_l||^2 / sum_l ||K_l||^2.
 
     With a LoRA only on layers that read the text alone (cross-attention to_k / to_v), the model's output
@@ -242,6 +243,8 @@ def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor) -
     Args:
         deltas: per adapted layer l, the LoRA's change of the layer's output on the prompts' text, [P,T,C_l].
         base_energy: [P] sum_l ||K_l||^2 of the same layers' base outputs per prompt (> 0).
+        check_energy: check that base_energy is finite and > 0. The check reads the values on the host (a
+            device sync); a caller that checked them once, as the trainer does, passes False on every step.
 
     Returns:
         [P] the relative change per prompt.
@@ -254,7 +257,7 @@ def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor) -
         raise ValueError("deltas is empty: key_change_loss needs at least one adapted layer")
     _check_tensor(base_energy, "base_energy", "[P]")
     P = base_energy.shape[0]
-    if base_energy.ndim != 1 or not bool(torch.isfinite(base_energy).all()) or not bool((base_energy > 0).all()):
+    if base_energy.ndim != 1 or check_energy and not bool((torch.isfinite(base_energy) & (base_energy > 0)).all()):
         raise ValueError(f"base_energy must be [P] finite and > 0, got shape {tuple(base_energy.shape)}")
     for d in deltas:
         _check_tensor(d, "each of deltas", "[P,T,C]")

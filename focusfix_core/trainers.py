@@ -660,6 +660,11 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         with torch.no_grad(), self.lora.disabled():
             self._key_energy = sum(h(self._text[k]).float().square().flatten(1).sum(1)
                                    for h, k in zip(self.lora._hosts, self._slots))  # (P,)
+        # checked once here, not by key_change_loss at every step (each check is a host sync mid-step)
+        if not bool((torch.isfinite(self._key_energy) & (self._key_energy > 0)).all()):
+            raise ValueError("preservation='keys': the base model's adapted keys of a preserve prompt are zero or not "
+                             "finite, so their relative change is undefined; check preserve_prompts, or use "
+                             "preservation='outputs'")
         return "keys"
 
     def _layer_inputs(self, pidx: list[int], x, sigma) -> list[torch.Tensor] | None:
@@ -731,7 +736,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             p = None
             if self.preservation == "keys":  # every preserve prompt, exactly: no UNet pass
                 d = [a.delta(self._text[k]) * self.lora.strength for a, k in zip(self.lora.adapters, self._slots)]
-                p = key_change_loss(d, self._key_energy).mean()
+                p = key_change_loss(d, self._key_energy, check_energy=False).mean()
                 loss = loss + cfg.lam_preserve * p
             elif self.preservation == "outputs":
                 pidx = torch.randint(len(cfg.preserve_prompts), (cfg.batch_size,), generator=self.generator).tolist()

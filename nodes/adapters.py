@@ -589,9 +589,13 @@ def reward_choices() -> list[str]:
     return names
 
 
-def load_reward_by_name(name: str, clip_vision=None):
-    """A frozen Reward with ordinary (non-inference) weights, from a builtin name or a reward file name."""
+def load_reward_by_name(name: str, clip_vision=None, precision: str = "fp32"):
+    """A frozen Reward with ordinary (non-inference) weights, from a builtin name or a reward file name;
+    precision ("fp32", "bf16") is the CLIP tower's (`load_reward`'s tower_dtype)."""
     from ..focusfix_core.rewards import BUILTIN_REWARDS, load_reward
+    from ..focusfix_core.rewards.loading import TOWER_DTYPES
+    if precision not in TOWER_DTYPES:
+        raise ValueError(f"precision must be one of {list(TOWER_DTYPES)}, got {precision!r}")
     with torch.inference_mode(False):
         if name.startswith(BUILTIN_PREFIX):
             key = name[len(BUILTIN_PREFIX):]
@@ -604,7 +608,7 @@ def load_reward_by_name(name: str, clip_vision=None):
         tower = None
         if clip_vision is not None:
             tower = {k: v.detach().clone() for k, v in clip_vision.get_sd().items()}
-        return load_reward(path, clip_vision_tower=tower)
+        return load_reward(path, clip_vision_tower=tower, tower_dtype=TOWER_DTYPES[precision])
 
 
 @contextmanager

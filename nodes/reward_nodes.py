@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..focusfix_core import saliency, viz
+from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from ..focusfix_core.rewards.composite import WeightedSum
 from .adapters import b1hw_to_mask, bchw_to_image, grad_mode, image_to_bchw, load_reward_by_name, mask_to_b1hw, \
     reward_choices, reward_on
@@ -29,12 +30,16 @@ class FocusFixLoadReward:
     def INPUT_TYPES(cls):
         return {"required": {
             "reward_name": tip(reward_choices(), "builtin:* need no file; others are files in models/focusfix_rewards."),
-        }, "optional": {
+        }, "optional": {  # optional: API prompts saved before it existed stay valid
+            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower (aesthetic, safety), which "
+                             "holds nearly all its weights: fp32 (1.14 GiB for ViT-L/14) gives the most exact gradients; "
+                             "bf16 halves it (0.57 GiB), for 8-12 GB cards. Heads and thresholds stay fp32; rewards "
+                             "without a tower ignore this.", default="fp32"),
             "clip_vision": tip("CLIP_VISION", "CLIP ViT-L/14 image tower, for an aesthetic head stored without one."),
         }}
 
-    def execute(self, reward_name, clip_vision=None):
-        return (load_reward_by_name(reward_name, clip_vision),)
+    def execute(self, reward_name, precision="fp32", clip_vision=None):
+        return (load_reward_by_name(reward_name, clip_vision, precision),)
 
 
 class FocusFixCombineRewards:

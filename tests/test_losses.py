@@ -301,6 +301,15 @@ def test_key_change_errors_name_the_input(deltas, energy, match):
         key_change_loss(deltas, energy)
 
 
+def test_key_change_reads_no_values_when_told_they_were_checked():
+    """check_energy=False: nothing is read on the host (no device sync per step); meta tensors have no values."""
+    d, energy = torch.ones(2, 3, 4, device="meta"), torch.ones(2, device="meta")
+    out = key_change_loss([d], energy, check_energy=False)
+    assert out.shape == (2,) and out.device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the default check reads the values
+        key_change_loss([d], energy)
+
+
 def test_key_change_gradcheck():
     d = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
     energy = torch.rand(2, dtype=torch.float64) + 1

@@ -86,6 +86,55 @@ def checker_flags(e, sd, adjustment=0.0):
     return (co > 0).any(dim=1)
 
 
+# ---------------------------------------------------------------- tower precision
+
+
+def _dtypes(module):
+    return {p.dtype for p in module.parameters()} | {b.dtype for b in module.buffers() if b.is_floating_point()}
+
+
+def _grad_cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_bf16_tower_aesthetic_and_safety(tmp_path):
+    """tower_dtype halves the tower (the weights that matter) and keeps heads / concepts fp32; scores and
+    saliency stay close to the fp32 reward's."""
+    files = {"aesthetic": {**head_sd(), **tower_sd()}, "safety": safety_sd()}
+    I = images()
+    for family, sd in files.items():
+        path = tmp_path / f"{family}.safetensors"
+        save_file(sd, str(path))
+        dtype = torch.bfloat16
+        full, half = load_reward(path), load_reward(path, tower_dtype=dtype)
+        assert _dtypes(half.tower) == {dtype} and _dtypes(full.tower) == {torch.float32}
+        rest = [p for n, p in [*half.named_parameters(), *half.named_buffers()] if not n.startswith("tower.")]
+        assert rest and {p.dtype for p in rest} == {torch.float32}, family
+        tower_bytes = lambda r: sum(p.numel() * p.element_size() for p in r.tower.parameters())  # noqa: E731
+        assert tower_bytes(half) * 2 == tower_bytes(full)
+        s_full, s_half = full(I), half(I)
+        assert s_half.dtype == I.dtype == torch.float32 and torch.isfinite(s_half).all()
+        scale = s_full.abs().max().item() + 1e-3
+        assert (s_half - s_full).abs().max().item() < 0.05 * scale, (family, s_full, s_half)
+        g_full, g_half = saliency(full, I), saliency(half, I)
+        assert torch.isfinite(g_half).all() and _grad_cosine(g_full, g_half) > 0.95, family
+
+
+def test_tower_dtype_with_a_given_tower_and_bad_dtype(tmp_path):
+    path = tmp_path / "head.safetensors"
+    save_file(head_sd(), str(path))
+    tower = CLIPVisionTower.from_state_dict(tower_sd())
+    r = load_reward(path, clip_vision_tower=tower, tower_dtype=torch.bfloat16)
+    assert _dtypes(r.tower) == {torch.bfloat16}
+    assert _dtypes(tower) == {torch.float32}  # the caller's tower is not cast in place
+    assert load_reward(path, clip_vision_tower=tower).tower is tower  # same dtype: no copy
+    fp16_sd = {k: v.half() for k, v in tower_sd().items()}  # ComfyUI's get_sd() of an fp16 CLIP_VISION
+    assert _dtypes(load_reward(path, clip_vision_tower=fp16_sd, tower_dtype=torch.bfloat16).tower) == {torch.bfloat16}
+    for bad in (torch.float16, torch.int8):  # fp16: the image gradients underflow (see TOWER_DTYPES)
+        with pytest.raises(ValueError, match="tower_dtype must be one of"):
+            load_reward(path, clip_vision_tower=tower, tower_dtype=bad)
+
+
 # ---------------------------------------------------------------- aesthetic
 
 

@@ -291,6 +291,36 @@ def test_preservation_choice_follows_the_targets(small_model):
         se_cfg(preservation="pixels")
 
 
+def test_keys_preservation_checks_the_base_keys_once(small_model, monkeypatch):
+    """The base keys' energy is checked when the trainer is built (a clear error for zero keys), and the step's
+    key_change_loss reads no values (check_energy=False: no host sync mid-step)."""
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in small_model.net.modules())
+
+    to_k = [m for n, m in small_model.net.named_modules() if n.endswith("attn2.to_k")]
+    assert to_k
+    saved, before = [m.weight.detach().clone() for m in to_k], hooks()
+    try:
+        with torch.no_grad():
+            for m in to_k:
+                m.weight.zero_()
+        with pytest.raises(ValueError, match="adapted keys of a preserve prompt are zero"):
+            SeparateEnhanceTrainer(small_model, se_cfg(preservation="keys"))
+    finally:
+        with torch.no_grad():
+            for m, w in zip(to_k, saved):
+                m.weight.copy_(w)
+    assert hooks() == before                                   # no LoRA or capture hook left behind
+    import focusfix_core.trainers as trainers
+    seen = []
+    real = trainers.key_change_loss
+    monkeypatch.setattr(trainers, "key_change_loss", lambda d, e, **kw: seen.append(kw) or real(d, e, **kw))
+    t = SeparateEnhanceTrainer(small_model, se_cfg(preservation="keys"))
+    t.train_step()
+    t.lora.remove()
+    assert seen == [{"check_energy": False}]
+
+
 def test_keys_preservation_refused_when_a_patch_feeds_the_image_to_to_k(small_model):
     def hooks():
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in small_model.net.modules())

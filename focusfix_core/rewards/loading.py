@@ -28,10 +28,14 @@ from .clip_vision import CLIPVisionTower
 from .image import BrightnessReward, ColorTargetReward, SharpnessReward
 from .safety import SafetyReward, is_safety_checker
 
-__all__ = ["BUILTIN_REWARDS", "METADATA_KEY", "REWARD_FAMILIES", "build_reward", "convert_reward",
+__all__ = ["BUILTIN_REWARDS", "METADATA_KEY", "REWARD_FAMILIES", "TOWER_DTYPES", "build_reward", "convert_reward",
            "detect_reward_family", "load_reward"]
 
 METADATA_KEY = "focusfix_reward"
+# the precisions a CLIP reward tower may be loaded in (node input `precision`). No fp16: the reward's gradients
+# w.r.t. the image are tiny (full ViT-L/14, random weights, 512²: 2e-7 per pixel on average) and underflow in an
+# fp16 backward (saliency cosine 0.89 to fp32's, against 0.99992 in bf16)
+TOWER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REWARD_FAMILIES = ("aesthetic", "safety", "tiny_*")
 _FORMATS = ("aesthetic: LAION improved-aesthetic-predictor head 'layers.{0,2,4,6,7}.{weight,bias}' "
             "(+ optional CLIP ViT-L/14 tower); safety: SD safety checker 'vision_model.vision_model.*', "
@@ -92,17 +96,21 @@ def _tower_kwargs(metadata: Mapping[str, str]) -> dict:
     return kw
 
 
-def _as_tower(clip_vision_tower) -> CLIPVisionTower:
-    if isinstance(clip_vision_tower, CLIPVisionTower):
-        return clip_vision_tower
+def _as_tower(clip_vision_tower, dtype: torch.dtype) -> CLIPVisionTower:
+    if isinstance(clip_vision_tower, CLIPVisionTower):  # a copy in another dtype: the caller's tower is left as it is
+        tower = clip_vision_tower
+        same = tower.vision_model.embeddings.class_embedding.dtype == dtype
+        return tower if same else CLIPVisionTower.from_state_dict(tower.state_dict(), dtype=dtype,
+                                                                  heads=tower.cfg.heads, activation=tower.cfg.activation)
     if isinstance(clip_vision_tower, Mapping):
-        return CLIPVisionTower.from_state_dict(clip_vision_tower)
+        return CLIPVisionTower.from_state_dict(clip_vision_tower, dtype=dtype)
     raise TypeError("clip_vision_tower must be None, a CLIPVisionTower or a CLIP vision state dict, "
                     f"got {type(clip_vision_tower).__name__}")
 
 
 def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 clip_vision_tower: CLIPVisionTower | Mapping[str, torch.Tensor] | None = None) -> Reward:
+                 clip_vision_tower: CLIPVisionTower | Mapping[str, torch.Tensor] | None = None, *,
+                 tower_dtype: torch.dtype = torch.float32) -> Reward:
     """Build the Reward a state dict describes (see the module docstring for the formats).
 
     Args:
@@ -110,11 +118,17 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
         metadata: the file's metadata (`{}` for pickle formats).
         clip_vision_tower: CLIP ViT-L/14 for an aesthetic head stored alone: a CLIPVisionTower or a
             CLIP vision state dict (e.g. ComfyUI's CLIP_VISION `get_sd()`). A tower in the file wins.
+        tower_dtype: the CLIP tower's weights, float32 or bfloat16 (`TOWER_DTYPES`). The tower holds nearly
+            all of a CLIP reward's weights (ViT-L/14: 1.14 GiB in fp32); bf16 halves that, while the small
+            heads, concept embeddings and thresholds stay fp32. Tiny-world rewards ignore it.
 
     Raises:
-        ValueError: unknown layout, wrong shapes, or an aesthetic head with no tower.
+        ValueError: unknown layout, wrong shapes, an aesthetic head with no tower, or a tower_dtype that
+            is not a floating dtype.
         TypeError: clip_vision_tower of the wrong type.
     """
+    if tower_dtype not in TOWER_DTYPES.values():
+        raise ValueError(f"tower_dtype must be one of {list(TOWER_DTYPES.values())}, got {tower_dtype!r}")
     metadata = dict(metadata or {})
     family = detect_reward_family(sd, metadata)
     if family.startswith("tiny_"):
@@ -124,7 +138,7 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
             raise ValueError(f"reward family {family!r} needs focusfix_core.tiny.rewards, "
                              f"which failed to import: {e}") from e
         return load_tiny_reward(dict(sd), metadata)
-    tower_kw = _tower_kwargs(metadata)
+    tower_kw = {**_tower_kwargs(metadata), "dtype": tower_dtype}
     if family == "safety":
         return SafetyReward.from_state_dict(sd, **tower_kw)
     head = AestheticHead.from_state_dict(sd)
@@ -132,7 +146,7 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     if rest:
         tower = CLIPVisionTower.from_state_dict(rest, **tower_kw)
     elif clip_vision_tower is not None:
-        tower = _as_tower(clip_vision_tower)
+        tower = _as_tower(clip_vision_tower, tower_dtype)
     else:
         raise ValueError("the aesthetic head needs a CLIP ViT-L/14 image tower: connect a CLIP_VISION "
                          "(clip_vision_tower=) or use a file holding the head and the tower together")
@@ -140,11 +154,12 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
 
 
 def load_reward(path: str | os.PathLike,
-                clip_vision_tower: CLIPVisionTower | Mapping[str, torch.Tensor] | None = None) -> Reward:
+                clip_vision_tower: CLIPVisionTower | Mapping[str, torch.Tensor] | None = None, *,
+                tower_dtype: torch.dtype = torch.float32) -> Reward:
     """Load a reward file: `.safetensors`, or `.pt/.pth/.bin/.ckpt` via `torch.load(weights_only=True)`.
 
     Returns:
-        A frozen Reward in eval mode. See `build_reward` for `clip_vision_tower`.
+        A frozen Reward in eval mode. See `build_reward` for `clip_vision_tower` and `tower_dtype`.
 
     Raises:
         FileNotFoundError: no such file.
@@ -152,7 +167,7 @@ def load_reward(path: str | os.PathLike,
     """
     sd, metadata = load_tensor_file_with_metadata(path)
     try:
-        reward = build_reward(sd, metadata, clip_vision_tower)
+        reward = build_reward(sd, metadata, clip_vision_tower, tower_dtype=tower_dtype)
     except ValueError as e:
         raise ValueError(f"{str(path)!r}: {e}") from e
     return reward.eval().requires_grad_(False)

@@ -120,8 +120,8 @@ class SafetyReward(Reward):
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **kwargs) -> "SafetyReward":
         """Build from the checker's state dict (`vision_model.vision_model.*`, `visual_projection.weight`,
-        the four `SAFETY_KEYS`); `kwargs` go to `__init__` (tau, adjustment) and `heads`/`activation`
-        to `CLIPVisionTower.from_state_dict`.
+        the four `SAFETY_KEYS`); `kwargs` go to `__init__` (tau, adjustment) and `heads`/`activation`/`dtype`
+        to `CLIPVisionTower.from_state_dict` (the concept embeddings and thresholds stay fp32).
 
         Raises:
             ValueError: missing concept keys or a malformed tower.
@@ -130,7 +130,7 @@ class SafetyReward(Reward):
         if missing:
             raise ValueError(f"safety checker state dict must have {list(SAFETY_KEYS)} and a CLIP tower "
                              f"('vision_model.vision_model.*', 'visual_projection.weight'); missing {missing}")
-        tower_kw = {k: kwargs.pop(k) for k in ("heads", "activation") if k in kwargs}
+        tower_kw = {k: kwargs.pop(k) for k in ("heads", "activation", "dtype") if k in kwargs}
         tower = CLIPVisionTower.from_state_dict({k: v for k, v in sd.items() if k not in SAFETY_KEYS}, **tower_kw)
         return cls(tower, sd["concept_embeds"], sd["concept_embeds_weights"], sd["special_care_embeds"],
                    sd["special_care_embeds_weights"], **kwargs)

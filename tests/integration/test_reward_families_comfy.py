@@ -224,6 +224,34 @@ def test_train_focus_n_fix_with_saliency_mask(fresh, rewards, sd15, family):
     assert all(p.is_inference() for p in model.model.diffusion_model.parameters()) and not model.patches
 
 
+def test_precision_bf16_halves_the_towers_and_trains(fresh, bw, clip_vision, rewards, sd15):
+    """Load Reward's precision bf16: the CLIP towers (the aesthetic one from ComfyUI's fp16 CLIP_VISION, and the
+    safety checker's own) load in bf16, heads and concepts stay fp32, scores stay close to fp32's, and a
+    Focus-N-Fix run on their sum trains (finite losses, an image that changed)."""
+    dtype, precision = torch.bfloat16, "bf16"
+    (aesthetic,) = fresh.run("FocusFixLoadReward", reward_name=bw.AESTHETIC_FILE, precision=precision,
+                             clip_vision=clip_vision)
+    (safety,) = fresh.run("FocusFixLoadReward", reward_name=bw.SAFETY_FILE, precision=precision)
+    img = _images()
+    for half, full in ((aesthetic, rewards["aesthetic"]), (safety, rewards["safety"])):
+        assert {p.dtype for p in half.tower.parameters()} == {dtype}
+        assert {p.dtype for n, p in [*half.named_parameters(), *half.named_buffers()]
+                if not n.startswith("tower.")} == {torch.float32}
+        assert not any(p.is_inference() or p.requires_grad for p in half.parameters())
+        (s_half, _, _, _), (s_full, _, _, _) = (fresh.run("FocusFixScoreImages", image=img, reward=r)
+                                                for r in (half, full))
+        scale = max(abs(v) for v in s_full) + 1e-3
+        assert max(abs(a - b) for a, b in zip(s_half, s_full)) < 0.05 * scale, (s_half, s_full)
+    (both,) = fresh.run("FocusFixCombineRewards", reward_a=aesthetic, weight_a=1.0, reward_b=safety, weight_b=10.0)
+    model, clip, vae = sd15
+    lora, curve, before, after, mask, report = fresh.run(
+        "FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=both, prompts="a portrait",
+        negative_prompt="", seeds="0", width=SIZE, height=SIZE, steps=3, cfg=3.0, K=1, lam=1.0,
+        mask_source="saliency", rank=2, targets="attn", lr=1e-2, iterations=2, seed=0)
+    assert "step 2/2" in report and "nan" not in report.lower(), report
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
