@@ -16,7 +16,7 @@
 #   sd15-fp16      fnf_b1/fnf_b4 in fp16, ComfyUI's own dtype for SD1.5 on most GPUs (loss scaling on) ~3 min
 #   sd15-memory    memory levers on fnf_b1/fnf_b4: --no-checkpoint, --checkpoint-decode,
 #                  --inference-weights off                                                ~5 min
-#   sdxl-memory    SDXL fnf_b1 with fp8 UNet weights                                     ~4 min
+#   sdxl-memory    SDXL fnf_b1 with fp8 UNet weights, then with the reward tower in bf16 ~7 min
 #   sd15-flags     ComfyUI launch flags an artist may use: --fast autotune (cuDNN autotuning),
 #                  --force-channels-last, on fnf_b1/fnf_b4                                ~4 min
 #   compile-check  one graph per call, and no CPU work inside it, on the CUDA build      ~3 min
@@ -80,7 +80,8 @@ for step in "$@"; do
                        done
                        ts sd15_plain_weights --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
                            --inference-weights off ;;
-        sdxl-memory)   ts sdxl_fp8 --models sdxl --cases fnf_b1 --weight-dtype fp8_e4m3fn --iters 3 --warmup 1 ;;
+        sdxl-memory)   ts sdxl_fp8 --models sdxl --cases fnf_b1 --weight-dtype fp8_e4m3fn --iters 3 --warmup 1
+                       ts sdxl_reward_bf16 --models sdxl --cases fnf_b1 --reward-dtype bf16 --iters 3 --warmup 1 ;;
         sd15-flags)    ts sd15_fast_autotune --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
                            --comfy-args="--fast autotune"
                        ts sd15_channels_last --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
