@@ -292,6 +292,31 @@ def test_workflow_5_validates_at_full_size(comfy, wt, files):
     assert outputs
 
 
+def test_workflow_5_precision_old_prompts_and_bf16(fresh, wt, files):
+    """An API prompt saved before Load Reward had `precision` still validates; fp16 is refused by ComfyUI's
+    validation, naming the input; the workflow runs headless with both towers in bf16."""
+    import asyncio
+    import execution
+    api = wt.shrink(_workflow(wt))
+    loaders = [k for k, n in api.items() if n["class_type"] == "FocusFixLoadReward"]
+    assert len(loaders) == 2 and all(api[k]["inputs"]["precision"] == "fp32" for k in loaders)
+    old = json.loads(json.dumps(api))
+    for k in loaders:
+        del old[k]["inputs"]["precision"]
+    ok, err, _, node_errors = asyncio.run(execution.validate_prompt("old", old, None))
+    assert ok, (err, node_errors)
+    bad = json.loads(json.dumps(api))
+    bad[loaders[0]]["inputs"]["precision"] = "fp16"
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("bad", bad, None))  # ok: other outputs still run
+    assert list(node_errors) == [loaders[0]] and "precision: 'fp16' not in" in json.dumps(node_errors), node_errors
+    for k in loaders:
+        api[k]["inputs"]["precision"] = "bf16"
+    ex = fresh.execute(api)
+    errors = [d for e, d in ex.status_messages if e == "execution_error"]
+    assert ex.success and not errors, errors[:1]
+    assert len(list(fresh.loras.rglob("*.safetensors"))) == 1
+
+
 def test_workflow_5_runs_headless(fresh, wt, files, layout):
     api = wt.shrink(_workflow(wt, layout))
     ex = fresh.execute(api)
