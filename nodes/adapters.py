@@ -194,11 +194,11 @@ def _run_patch(fn, args: dict):
         raise
 
 
-def _y_key(latent_hw) -> str:
+def _y_key(latent_hw, negative: bool = False) -> str:
     """The cond key of SDXL's y prepared for latents of size (h, w): a cond prepared for another size is
-    never read at this one."""
+    never read at this one. negative: the y a negative prompt gets (models whose y depends on it)."""
     h, w = latent_hw
-    return f"y_{int(h)}x{int(w)}"
+    return f"y_{int(h)}x{int(w)}" + ("_negative" if negative else "")
 
 
 class ComfyDiffusionModel:
@@ -208,7 +208,8 @@ class ComfyDiffusionModel:
     parameterisation and returns x0, with the MODEL's `transformer_options` (attention patches). SDXL's
     `y` (pooled output + size embeddings) is built by the model's own `encode_adm` from the pooled
     output kept in the cond under "pooled", at the size of the latent being denoised (as KSampler does):
-    once per cond by `prepare_cond` (the trainers call it), else in each call.
+    once per cond by `prepare_cond` (the trainers call it), else in each call. For the SDXL refiner, whose y
+    depends on the prompt type, the negative half of a CFG batch gets the negative prompt's y.
 
     Args:
         model: a ComfyUI ModelPatcher; clone it first if you will patch it.
@@ -239,6 +240,9 @@ class ComfyDiffusionModel:
                              f"and/or mask. FocusFix trains text-to-image models: load the checkpoint's base "
                              f"(non-inpainting) version")
         self.is_adm = getattr(self.base, "adm_channels", 0) not in (0, None)
+        # the SDXL refiner embeds an aesthetic score in y: 6 for the prompt, 2.5 for the negative prompt unless the
+        # conditioning gives one (CLIPTextEncodeSDXLRefiner's ascore); KSampler tells encode_adm which prompt it is
+        self.adm_reads_prompt_type = type(self.base).__name__ == "SDXLRefiner"
         self._hw = _LiveHW()
 
     @property
@@ -252,8 +256,7 @@ class ComfyDiffusionModel:
         self._hw.hw = tuple(x.shape[-2:])
         kwargs = {}
         if self.is_adm:
-            y = cond.get(_y_key(x.shape[-2:]), cond.get("y"))  # prepared for this size, or given
-            kwargs["y"] = y if y is not None else self._adm(cond["pooled"], x.shape[-2:], cond.get("size"))
+            kwargs["y"] = self._y(cond, x.shape[-2:], CFG_PAIR in cond)
         options = self.patcher.model_options
         topts = dict(options.get("transformer_options", {}))
         # what ComfyUI's sampler tells attention patches: which batch chunks are the prompt's (0) and the negative
@@ -347,30 +350,51 @@ class ComfyDiffusionModel:
         unet = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
         return (unet,) if self.vae is None else (unet, self.vae.vae_dtype)
 
+    def _y(self, cond: Cond, latent_hw, pair: bool) -> torch.Tensor:
+        """SDXL's y [B, adm] for a denoiser call: prepared for this size, given, or built now. pair: rows [B/2:]
+        are the negative prompt's (CFGDenoiser's batch), which get the negative y where the model has one."""
+        y = cond.get(_y_key(latent_hw), cond.get("y"))
+        if y is None:
+            y = self._adm(cond["pooled"], latent_hw, cond.get("adm_args"))
+        if not (pair and self.adm_reads_prompt_type):
+            return y
+        B = y.shape[0] // 2
+        y_neg = cond.get(_y_key(latent_hw, negative=True))
+        if y_neg is None:
+            args = cond.get("adm_args")
+            y_neg = self._adm(cond["pooled"][B:], latent_hw, None if args is None else args[B:], negative=True)
+        else:
+            y_neg = y_neg[B:]
+        return torch.cat([y[:B], y_neg.to(y.device, y.dtype)])
+
     def prepare_cond(self, cond: Cond, latent_hw) -> Cond:
         """cond on the compute device, plus SDXL's y for latents of size latent_hw, both done once here instead
         of in every denoiser call: ComfyUI hands text encodings over on its intermediate device (the CPU), and
         its `encode_adm` embeds the sizes on the CPU after copying the pooled output there. Per call, each is a
         host sync on a GPU (the host can no longer queue kernels ahead), and under torch.compile CPU ops in the
         graph rule out CUDA graphs."""
-        size = cond.pop("size", None)  # the sizes live on in y (and a negative prompt without them can be batched)
+        args = cond.pop("adm_args", None)  # they live on in y (and a negative prompt without them can be batched)
         cond = {k: v.to(self.device) for k, v in cond.items()}
-        key = _y_key(latent_hw)
-        if self.is_adm and "pooled" in cond and key not in cond:
-            cond[key] = self._adm(cond["pooled"], latent_hw, size).to(self.device)
+        for negative in (False, True) if self.adm_reads_prompt_type else (False,):
+            key = _y_key(latent_hw, negative)
+            if self.is_adm and "pooled" in cond and key not in cond:
+                cond[key] = self._adm(cond["pooled"], latent_hw, args, negative).to(self.device)
         return cond
 
-    def _adm(self, pooled: torch.Tensor, latent_hw, size: torch.Tensor | None = None) -> torch.Tensor:
-        """SDXL y: [B, adm] from the pooled output and the sizes: `size` [B, 6] where the conditioning gave them
-        (-1 = not given), else as KSampler does: the image size (8 x latent), no crop, target = size."""
+    def _adm(self, pooled: torch.Tensor, latent_hw, args: torch.Tensor | None = None,
+             negative: bool = False) -> torch.Tensor:
+        """SDXL y: [B, adm] from the pooled output and `args` [B, 7] (`_SDXL_ADM_KEYS`) where the conditioning
+        gave them (-1 = not given), else as KSampler does: the image size (8 x latent), no crop, target = size,
+        and the refiner's aesthetic score for the prompt (negative=False) or the negative prompt."""
         H, W = (int(s) * 8 for s in latent_hw)
         rows = []
         for i, p in enumerate(pooled):
-            given = dict(zip(_SDXL_SIZE_KEYS, size[i].tolist())) if size is not None else {}
-            kw = {k: int(v) for k, v in given.items() if v >= 0}
+            given = dict(zip(_SDXL_ADM_KEYS, args[i].tolist())) if args is not None else {}
+            kw = {k: (v if k == "aesthetic_score" else int(v)) for k, v in given.items() if v >= 0}
             kw.setdefault("width", W)
             kw.setdefault("height", H)
-            rows.append(self.base.encode_adm(pooled_output=p[None], **kw))
+            rows.append(self.base.encode_adm(pooled_output=p[None], prompt_type="negative" if negative else "positive",
+                                             **kw))
         return torch.cat(rows).to(pooled.device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -423,8 +447,9 @@ class ComfyDiffusionModel:
         return mods
 
 
-# SDXL's size conditioning (CLIPTextEncodeSDXL), in encode_adm's keyword order; -1 in a Cond row = not given
-_SDXL_SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+# SDXL's size conditioning (CLIPTextEncodeSDXL) and the refiner's aesthetic score (CLIPTextEncodeSDXLRefiner's
+# ascore), encode_adm's keywords; -1 in a Cond row = not given
+_SDXL_ADM_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "aesthetic_score")
 
 
 def _cond_from(context: torch.Tensor, pooled: torch.Tensor | None, is_adm: bool, extra: dict | None = None) -> Cond:
@@ -433,9 +458,9 @@ def _cond_from(context: torch.Tensor, pooled: torch.Tensor | None, is_adm: bool,
         if pooled is None:
             raise ValueError("this SDXL-type model needs the text encoder's pooled output, which is missing")
         cond["pooled"] = pooled.detach().clone().float().reshape(len(context), -1)
-        if extra is not None:  # "size": [B, 6], read once by prepare_cond
-            row = [float(extra.get(k, -1)) for k in _SDXL_SIZE_KEYS]
-            cond["size"] = torch.tensor([row] * len(context))
+        if extra is not None:  # "adm_args": [B, 7], read once by prepare_cond
+            row = [float(extra.get(k, -1)) for k in _SDXL_ADM_KEYS]
+            cond["adm_args"] = torch.tensor([row] * len(context))
     return cond
 
 
@@ -447,7 +472,7 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
     timestep ranges), which training does not follow."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
-    sized = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_SIZE_KEYS)
+    sized = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_ADM_KEYS)
     conds = []
     for entry in conditioning:
         context, extra = entry[0], entry[1] if len(entry) > 1 else {}
@@ -461,7 +486,7 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
 def conditioning_ignored(conditioning, name: str = "positive") -> list[str]:
     """Report lines naming what a CONDITIONING carries besides its text (and SDXL sizes): training ignores it."""
     keys = sorted({k for entry in conditioning if len(entry) > 1 for k in entry[1]}
-                  - {"pooled_output", *_SDXL_SIZE_KEYS})
+                  - {"pooled_output", *_SDXL_ADM_KEYS})
     return [f"{name}: training uses the text encoding only; ignored {', '.join(keys)}"] if keys else []
 
 

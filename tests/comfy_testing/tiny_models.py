@@ -18,7 +18,7 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
 
-__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_vae", "tiny_checkpoint", "narrow_real_layout", "LAYOUTS"]
+__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sdxl_refiner", "tiny_vae", "tiny_checkpoint", "narrow_real_layout", "LAYOUTS"]
 
 LAYOUTS = ("sd15", "sdxl")
 WIDTH = 32  # text width of every tiny CLIP tower
@@ -82,6 +82,19 @@ def tiny_sdxl(seed: int = 0, weight_dtype: torch.dtype = torch.float32):
     model = _unet(comfy.supported_models.SDXL, cfg, seed, weight_dtype)
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(_CLIP_CFG), "clip_g_model_config": dict(_CLIP_CFG)})
+    randomize(clip.cond_stage_model, seed + 1)
+    return model, clip
+
+
+def tiny_sdxl_refiner(seed: int = 0):
+    """SDXL refiner layout: context = clip_g alone (32), y = pooled + 5x256 (sizes, crops and an aesthetic score,
+    which encode_adm sets by prompt type: 6 for the prompt, 2.5 for the negative prompt). -> (MODEL, CLIP)."""
+    cfg = {**_COMMON, "adm_in_channels": WIDTH + 5 * 256, "num_classes": "sequential", "context_dim": WIDTH,
+           "use_linear_in_transformer": True, "transformer_depth": [0, 2], "transformer_depth_middle": 1,
+           "transformer_depth_output": [0, 0, 2, 2], "num_heads": -1, "num_head_channels": 16}
+    model = _unet(comfy.supported_models.SDXLRefiner, cfg, seed)
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLRefinerClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_g_model_config": dict(_CLIP_CFG)})
     randomize(clip.cond_stage_model, seed + 1)
     return model, clip
 

@@ -115,7 +115,50 @@ def test_sdxl_size_conditioning_matches_comfyui_sampler(fresh):
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     without_sizes, _, _ = _ours_and_comfys(fresh, model, clip, vae, unsized, negative, CFG)
     assert (without_sizes - want).abs().max() > 1e-4, "the sizes should matter (else this test proves nothing)"
-    assert "size" in adapters.conditioning_to_cond(sized, True) and adapters.conditioning_ignored(sized) == []
+    assert "adm_args" in adapters.conditioning_to_cond(sized, True) and adapters.conditioning_ignored(sized) == []
+
+
+def _with_aesthetic_score(conditioning, score: float):
+    return [[c, {**extra, "aesthetic_score": score}] for c, extra in conditioning]
+
+
+@pytest.mark.parametrize("negative_node", ["CLIPTextEncode", "CLIPTextEncodeSDXLRefiner"])
+def test_sdxl_refiner_aesthetic_scores_match_comfyui_sampler(fresh, tiny_models, negative_node):
+    """The SDXL refiner's y carries an aesthetic score: KSampler gives the prompt 6 and the negative prompt 2.5
+    unless CLIPTextEncodeSDXLRefiner sets one (ascore). Our CFG call matches ComfyUI's with plain CLIP Text Encode
+    prompts (scores by prompt type, also through the trainers' own text path, encode_prompts) and with explicit
+    scores. Before, the negative prompt got the prompt's 6 and an explicit ascore was dropped."""
+    pack = fresh.pack.__name__
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    CFGDenoiser = sys.modules[f"{pack}.focusfix_core.denoisers"].CFGDenoiser
+    model, clip = tiny_models.tiny_sdxl_refiner(0)
+    vae = tiny_models.tiny_vae(0)
+    if negative_node == "CLIPTextEncode":
+        positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
+        negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
+    else:
+        positive, negative = (fresh.run("CLIPTextEncodeSDXLRefiner", clip=clip, ascore=score, width=SIZE, height=SIZE,
+                                        text=text)[0] for text, score in (("a cat", 7.5), ("blurry", 1.0)))
+    ours, want, _ = _ours_and_comfys(fresh, model, clip, vae, positive, negative, CFG)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)  # |x0| up to ~11 here
+    dm = adapters.ComfyDiffusionModel(model, clip, vae)
+    assert dm.adm_reads_prompt_type and not adapters.conditioning_ignored(positive)
+    # the old adapter's y: 6 for both prompts
+    old, _, _ = _ours_and_comfys(fresh, model, clip, vae, _with_aesthetic_score(positive, 6.0),
+                                 _with_aesthetic_score(negative, 6.0), CFG)
+    assert (old - want).abs().max() > 1e-2, "the scores should matter (else this test proves nothing)"
+    if negative_node == "CLIPTextEncode":
+        x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)) * 3.0
+        with torch.inference_mode():
+            x_comfy, _ = _comfy_x0(model, positive, negative, x, 3.0, CFG)
+        with adapters.training_session(dm), torch.no_grad():
+            hw = (SIZE // 8, SIZE // 8)
+            text = [dm.encode_prompts([p]) for p in ("a cat", "blurry")]
+            cond, uncond = (dm.prepare_cond(dict(c), hw) for c in text)
+            prepared = CFGDenoiser(dm.denoise, uncond, CFG)(x_comfy.clone(), torch.tensor([3.0]), cond)
+            per_call = CFGDenoiser(dm.denoise, text[1], CFG)(x_comfy.clone(), torch.tensor([3.0]), text[0])
+        torch.testing.assert_close(prepared, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(per_call, prepared, rtol=1e-5, atol=1e-5)  # y built in each call = prepared once
 
 
 def test_conditioning_parts_training_ignores_are_named_in_the_report(fresh, checkpoint):
@@ -174,9 +217,21 @@ def test_ksampler_draws_the_trainers_before_and_after_images(fresh, checkpoint):
     Train node's before image I0, and on the MODEL with the trained LoRA its after image (the shipped workflows
     rely on this). The images agree to 1e-5 here (float rounding); before the start x followed KSampler's
     sqrt(1 + sigma^2) scaling, 2-3 % of the pixels were up to 2.8e-3 apart."""
+    _ksampler_draws_the_trainers_images(fresh, *checkpoint)
+
+
+def test_ksampler_draws_the_refiners_before_and_after_images(fresh, tiny_models):
+    """The same on an SDXL refiner (built under inference mode like a loader's): its y's aesthetic scores
+    (6 for the prompt, 2.5 for the negative prompt, by prompt type) follow KSampler's."""
+    with torch.inference_mode():
+        model, clip = tiny_models.tiny_sdxl_refiner(0)
+        vae = tiny_models.tiny_vae(0)
+    _ksampler_draws_the_trainers_images(fresh, model, clip, vae)
+
+
+def _ksampler_draws_the_trainers_images(fresh, model, clip, vae):
     pack = fresh.pack.__name__
     adapters = sys.modules[f"{pack}.nodes.adapters"]
-    model, clip, vae = checkpoint
     (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
     lora, _, before, after, _, _ = fresh.run(
         "FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
