@@ -39,7 +39,8 @@ __all__ = [
 
 Cond = dict[str, torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
-# guidance(x, sigma, x0_cond, x0_uncond or None (scale 1: not computed), scale) -> x0, all [B,C,h,w] (sigma [B])
+# guidance(x, sigma, x0_cond, x0_uncond or None (scale 1: not computed), scale) -> x0, all [B,C,h,w] (sigma [B]).
+# A guidance with a true attribute `needs_uncond` gets the negative prompt's prediction at scale 1 too.
 Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 CFG_PAIR = "cfg_pair"
 
@@ -182,7 +183,7 @@ class CFGDenoiser(nn.Module):
 
     denoiser: the inner `denoiser(x, sigma, cond) -> x0`; uncond: Cond with batch 1 or B.
     guidance: replaces the formula above (`Guidance`; e.g. the MODEL's own in ComfyUI); called with
-        x0_uncond None at scale 1, where the negative prompt is not evaluated.
+        x0_uncond None at scale 1, where the negative prompt is not evaluated, unless `guidance.needs_uncond`.
     """
 
     def __init__(self, denoiser: Denoiser, uncond: Cond, scale: float, guidance: Guidance | None = None):
@@ -191,7 +192,7 @@ class CFGDenoiser(nn.Module):
 
     def forward(self, x, sigma, cond):
         B = x.shape[0]
-        if self.scale == 1.0:  # no guidance: skip the unconditional half
+        if self.scale == 1.0 and not getattr(self.guidance, "needs_uncond", False):  # skip the unconditional half
             x0 = self.inner(x, sigma, cond)
             return x0 if self.guidance is None else self.guidance(x, sigma, x0, None, self.scale)
         uncond = self.uncond if cond_batch_size(self.uncond) == B else repeat_cond(self.uncond, B)

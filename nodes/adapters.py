@@ -14,6 +14,7 @@ ComfyUI is imported lazily inside functions, so this module (and every node modu
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -288,7 +289,10 @@ class ComfyDiffusionModel:
                                  f"the patch to the sampler that uses the trained LoRA")
         if not any(options.get(key) for key in _GUIDANCE_PATCHES):
             return None
-        return self._guidance
+        guidance = functools.partial(self._guidance)
+        # a patch that reads the negative prompt's prediction at cfg 1 too (KSampler then computes it)
+        guidance.needs_uncond = bool(options.get("disable_cfg1_optimization", False))
+        return guidance
 
     def _guidance(self, x, sigma, x0_cond, x0_uncond, scale):
         """comfy.samplers.sampling_function's pre-CFG step + cfg_function, on one denoiser call's predictions.
@@ -296,7 +300,8 @@ class ComfyDiffusionModel:
         options, model = self.patcher.model_options, self.base
         if x0_uncond is None:  # cfg 1: ComfyUI skips the negative prompt and hands its patches zeros
             x0_uncond = torch.zeros_like(x0_cond)
-        conds = [_NO_COMFY_CONDS, _NO_COMFY_CONDS if scale != 1.0 else None]
+        conds = [_NO_COMFY_CONDS, None if scale == 1.0 and not options.get("disable_cfg1_optimization") else
+                 _NO_COMFY_CONDS]
         common = {"cond_scale": scale, "sigma": sigma, "input": x, "model": model, "model_options": options}
         out = [x0_cond, x0_uncond]
         for fn in options.get("sampler_pre_cfg_function", []):

@@ -205,3 +205,10 @@ def test_cfg_denoiser_batches_a_marked_pair_and_hands_guidance_both_predictions(
     seen.clear()
     out = CFGDenoiser(inner, u, 1.0, guidance)(x, sigma, c)
     assert seen == [(2, False, None)] and got[-1][1] is None and got[-1][2] == 1.0
+    # ... unless the guidance needs it (ComfyUI: a patch that set disable_cfg1_optimization)
+    seen.clear()
+    guidance.needs_uncond = True
+    out = CFGDenoiser(inner, u, 1.0, guidance)(x, sigma, c)
+    assert seen[0][:2] == (4, True) and got[-1][2] == 1.0
+    torch.testing.assert_close(got[-1][1], 0.5 * x)
+    torch.testing.assert_close(out, 1.5 * x)

@@ -42,6 +42,9 @@ def _patched(comfy, model, kind: str):
     m = model.clone()
     if kind == "uncond_attention":
         m.set_model_attn2_patch(_halve_negative_values)
+    elif kind == "post_cfg_at_cfg1":  # a post-CFG function that reads the negative prediction even at cfg 1
+        m.set_model_sampler_post_cfg_function(
+            lambda a: a["denoised"] + 0.5 * (a["cond_denoised"] - a["uncond_denoised"]), disable_cfg1_optimization=True)
     elif kind == "unet_wrapper":
         m.set_model_unet_function_wrapper(lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) * 0.9)
     return m
@@ -65,7 +68,7 @@ def _comfy_x0(model, positive, negative, x, sigma: float, cfg: float):
     return seen["x"], seen["x0"]
 
 
-GUIDANCE = ["rescale_cfg", "cfg_zero_star", "apg", "cfg_norm", "mahiro", "tcfg"]
+GUIDANCE = ["rescale_cfg", "cfg_zero_star", "apg", "cfg_norm", "mahiro", "tcfg", "post_cfg_at_cfg1"]
 
 
 def _ours_and_comfys(comfy, model, clip, vae, positive, negative, cfg: float):
