@@ -9,10 +9,14 @@ import torch
 
 @pytest.fixture
 def lora_data(comfy, checkpoint):
-    """A LoraData with random (non-zero) up weights on attn layers, exported by the core's kohya writer."""
+    return _lora_data(comfy, checkpoint[0])
+
+
+def _lora_data(comfy, model):
+    """A LoraData with random (non-zero) up weights on attn layers, exported by the core's kohya writer, and
+    x0 of a fixed input with the LoRA hooked."""
     from_adapters = comfy.pack.nodes.adapters
     LoRA = comfy.pack.focusfix_core.lora.LoRA
-    model = checkpoint[0]
     with torch.inference_mode(False):
         lora = LoRA.attach(model.model.diffusion_model, "attn", rank=2, alpha=1.0, generator=torch.Generator().manual_seed(0))
         try:
@@ -49,10 +53,20 @@ def _context_dim(model):
 
 
 def test_saved_lora_loads_in_stock_loader_and_matches_apply(fresh, checkpoint, lora_data, caplog):
+    _loads_in_stock_loader_and_matches_apply(fresh, checkpoint[0], *lora_data, caplog)
+
+
+def test_refiner_lora_loads_in_stock_loader_and_matches_apply(fresh, tiny_models, caplog):
+    """The same for an SDXL refiner's LoRA (its own block layout: attention from level 1, context 1280 in the
+    real model)."""
+    with torch.inference_mode():
+        model = tiny_models.tiny_sdxl_refiner(0)[0]
+    _loads_in_stock_loader_and_matches_apply(fresh, model, *_lora_data(fresh, model), caplog)
+
+
+def _loads_in_stock_loader_and_matches_apply(fresh, model, data, hooked, caplog):
     import comfy.sd
     import comfy.utils
-    model = checkpoint[0]
-    data, hooked = lora_data
     (name,) = fresh.run("FocusFixSaveLoRA", lora=data, filename="fixes/test", overwrite=False)
     assert name == "fixes/test.safetensors"
     path = fresh.loras / name
