@@ -473,23 +473,24 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
     """ComfyUI CONDITIONING ([[context [1,T,D], {"pooled_output": ...}], ...]) -> Cond with batch = entries.
 
     The text encoding is used, with SDXL's pooled output and size conditioning (CLIPTextEncodeSDXL's width, height,
-    crops and target size); `conditioning_ignored` names what else the entries carry (areas, masks, ControlNets,
+    crops and target size; CLIPTextEncodeSDXLRefiner's aesthetic score); `conditioning_ignored` names what else the entries carry (areas, masks, ControlNets,
     timestep ranges), which training does not follow."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
-    sized = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_ADM_KEYS)
+    given = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_ADM_KEYS)
     conds = []
     for entry in conditioning:
         context, extra = entry[0], entry[1] if len(entry) > 1 else {}
         for row in range(len(context)):
             pooled = extra.get("pooled_output")
             conds.append(_cond_from(context[row:row + 1], None if pooled is None else pooled[row:row + 1], is_adm,
-                                    extra if sized else None))
+                                    extra if given else None))
     return cat_cond(*conds)
 
 
 def conditioning_ignored(conditioning, name: str = "positive") -> list[str]:
-    """Report lines naming what a CONDITIONING carries besides its text (and SDXL sizes): training ignores it."""
+    """Report lines naming what a CONDITIONING carries besides its text (and SDXL's sizes and aesthetic score):
+    training ignores it."""
     keys = sorted({k for entry in conditioning if len(entry) > 1 for k in entry[1]}
                   - {"pooled_output", *_SDXL_ADM_KEYS})
     return [f"{name}: training uses the text encoding only; ignored {', '.join(keys)}"] if keys else []

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..focusfix_core import saliency, viz
-from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from ..focusfix_core.rewards.composite import WeightedSum
+from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from .adapters import b1hw_to_mask, bchw_to_image, grad_mode, image_to_bchw, load_reward_by_name, mask_to_b1hw, \
     reward_choices, reward_on
 from .common import REWARD, tip
