@@ -473,8 +473,8 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
     """ComfyUI CONDITIONING ([[context [1,T,D], {"pooled_output": ...}], ...]) -> Cond with batch = entries.
 
     The text encoding is used, with SDXL's pooled output and size conditioning (CLIPTextEncodeSDXL's width, height,
-    crops and target size; CLIPTextEncodeSDXLRefiner's aesthetic score); `conditioning_ignored` names what else the entries carry (areas, masks, ControlNets,
-    timestep ranges), which training does not follow."""
+    crops and target size; CLIPTextEncodeSDXLRefiner's aesthetic score); `conditioning_ignored` names what else
+    the entries carry (areas, masks, ControlNets, timestep ranges), which training does not follow."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
     given = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_ADM_KEYS)

@@ -31,10 +31,10 @@ class FocusFixLoadReward:
         return {"required": {
             "reward_name": tip(reward_choices(), "builtin:* need no file; others are files in models/focusfix_rewards."),
         }, "optional": {  # optional: API prompts saved before it existed stay valid
-            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower (aesthetic, safety), which "
-                             "holds nearly all its weights: fp32 (1.14 GiB for ViT-L/14) gives the most exact gradients; "
-                             "bf16 halves it (0.57 GiB), for 8-12 GB cards. Heads and thresholds stay fp32; rewards "
-                             "without a tower ignore this.", default="fp32"),
+            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower (aesthetic, safety), "
+                             "which holds nearly all its weights: fp32 (1.14 GiB for ViT-L/14) gives the most exact "
+                             "gradients; bf16 halves it (0.57 GiB), for 8-12 GB cards. Heads and thresholds stay "
+                             "fp32; rewards without a tower ignore this.", default="fp32"),
             "clip_vision": tip("CLIP_VISION", "CLIP ViT-L/14 image tower, for an aesthetic head stored without one."),
         }}
 

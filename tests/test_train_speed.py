@@ -86,7 +86,8 @@ def test_train_speed_core_tiny_6(core_doc):
 def test_train_speed_levers_6(core_doc):
     """Levers switch on, keep every figure valid; the S&E early exit changes no loss and saves FLOPs."""
     doc = _run("--backend", "core", "--size", "tiny", "--iters", "1", "--warmup", "0", "--device", "cpu",
-               "--cases", "draft_b1,se_b4", "--no-checkpoint", "--merge-nograd", "--se-early-exit", "--reward-dtype", "bf16")
+               "--cases", "draft_b1,se_b4", "--no-checkpoint", "--merge-nograd", "--se-early-exit",
+               "--reward-dtype", "bf16")
     assert doc["levers"]["no_checkpoint"] and doc["levers"]["merge_nograd"] and doc["levers"]["se_early_exit"]
     assert doc["reward_dtype"] == "bf16"
     _check(doc, ["draft_b1", "se_b4"], ["tiny"])

@@ -100,8 +100,10 @@ def _as_tower(clip_vision_tower, dtype: torch.dtype) -> CLIPVisionTower:
     if isinstance(clip_vision_tower, CLIPVisionTower):  # a copy in another dtype: the caller's tower is left as it is
         tower = clip_vision_tower
         same = tower.vision_model.embeddings.class_embedding.dtype == dtype
-        return tower if same else CLIPVisionTower.from_state_dict(tower.state_dict(), dtype=dtype,
-                                                                  heads=tower.cfg.heads, activation=tower.cfg.activation)
+        if same:
+            return tower
+        return CLIPVisionTower.from_state_dict(tower.state_dict(), dtype=dtype, heads=tower.cfg.heads,
+                                               activation=tower.cfg.activation)
     if isinstance(clip_vision_tower, Mapping):
         return CLIPVisionTower.from_state_dict(clip_vision_tower, dtype=dtype)
     raise TypeError("clip_vision_tower must be None, a CLIPVisionTower or a CLIP vision state dict, "

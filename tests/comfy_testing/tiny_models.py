@@ -18,7 +18,8 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
 
-__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sdxl_refiner", "tiny_vae", "tiny_checkpoint", "narrow_real_layout", "LAYOUTS"]
+__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sdxl_refiner", "tiny_vae", "tiny_checkpoint", "narrow_real_layout",
+           "LAYOUTS"]
 
 LAYOUTS = ("sd15", "sdxl")
 WIDTH = 32  # text width of every tiny CLIP tower
