@@ -243,7 +243,7 @@ class ComfyDiffusionModel:
         self.is_adm = getattr(self.base, "adm_channels", 0) not in (0, None)
         # the SDXL refiner embeds an aesthetic score in y: 6 for the prompt, 2.5 for the negative prompt unless the
         # conditioning gives one (CLIPTextEncodeSDXLRefiner's ascore); KSampler tells encode_adm which prompt it is
-        self.adm_reads_prompt_type = type(self.base).__name__ == "SDXLRefiner"
+        self.adm_reads_prompt_type = any(c.__name__ == "SDXLRefiner" for c in type(self.base).__mro__)
         self._hw = _LiveHW()
 
     @property
