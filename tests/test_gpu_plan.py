@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_plan.sh"
-STEPS = ["sd15", "sd15-compile", "sd15-memory", "sd15-flags", "sd15-fp16", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
+STEPS = ["smoke", "sd15", "sd15-compile", "sd15-memory", "sd15-flags", "sd15-fp16", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
 
 
 def _scripts():
@@ -24,10 +24,13 @@ def _scripts():
     return train_speed, compile_check
 
 
-def _run(step: str | list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _run(step: str | list[str], tmp_path: Path, fail_if: str = "") -> tuple[subprocess.CompletedProcess,
+                                                                            list[list[str]]]:
+    """Run the plan with a python3 stand-in that logs its arguments (and exits 1 when they contain fail_if)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n')
+    fail = f'case "$*" in *"{fail_if}"*) exit 1;; esac\n' if fail_if else ""
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n{fail}')
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
@@ -55,7 +58,7 @@ def test_each_step_passes_arguments_the_scripts_accept_6(step, tmp_path):
         parsed = parse(args)  # argparse exits (SystemExit) on an argument the script does not take
         assert parsed.device == "cuda"
         if script.endswith("train_speed.py"):
-            assert (parsed.backend, parsed.size) == ("comfy", "full")
+            assert (parsed.backend, parsed.size) == ("comfy", "tiny" if step == "smoke" else "full")
             assert parsed.dtype == ("fp16" if step == "sd15-fp16" else "bf16")
     if step.endswith("-compile"):
         assert all("reduce-overhead" in argv for argv in runs)
@@ -69,6 +72,16 @@ def test_several_steps_in_one_call_run_in_order_6(tmp_path):
     assert "--preservation" in runs[0] and "fp16" in runs[1]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compile_check.json", "sd15_fp16.json",
                                                                      "sd15_se_outputs.json"]
+
+
+def test_a_failed_run_is_noted_and_the_plan_goes_on_6(tmp_path):
+    """Device time is scarce: a run that fails (here every --breakdown run, i.e. sd15's) does not stop the steps
+    after it; the plan names it and exits 1 at the end."""
+    proc, calls = _run(["sd15", "se", "compile-check"], tmp_path, fail_if="--breakdown")
+    assert proc.returncode == 1
+    runs = [c for c in calls if c and c[0].startswith("benchmarks/")]
+    assert [r[0].split("/")[1] for r in runs] == ["train_speed.py", "train_speed.py", "compile_check.py"]
+    assert "[gpu_plan] failed: sd15_base (" in proc.stderr and "rc 1;" in proc.stdout
 
 
 def test_unknown_step_and_missing_comfyui_are_refused_6(tmp_path):

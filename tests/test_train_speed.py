@@ -36,6 +36,7 @@ def _check(doc: dict, cases: list[str], models: list[str]) -> None:
     for key in ("device", "torch", "dtype", "peak_source", "settings", "levers"):
         assert doc[key], key
     assert _positive(doc["peak_tflops"])
+    assert doc["failed_cases"] == [], [c.get("error") for c in doc["cases"]]
     assert sorted(doc["settings"]) == sorted(models)
     got = [(c["model"], c["case"]) for c in doc["cases"]]
     assert got == [(m, c) for m in models for c in cases]
@@ -105,6 +106,31 @@ def test_train_speed_bad_case_6():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--backend", "core", "--size", "tiny", "--cases", "nope",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode != 0 and "unknown --cases ['nope']" in proc.stderr
+
+
+def test_a_failed_case_keeps_the_other_cases_figures_6(monkeypatch):
+    """A case that fails (here a stand-in CUDA out-of-memory) is recorded with its error, the next case still
+    runs and keeps every figure, and the run lists it under failed_cases (the command line then exits 1)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import train_speed
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    real = train_speed.run_case
+
+    def flaky(name, *args):
+        if name == "draft_b1":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
+        return real(name, *args)
+
+    monkeypatch.setattr(train_speed, "run_case", flaky)
+    doc = train_speed.main(["--backend", "core", "--size", "tiny", "--iters", "1", "--warmup", "0", "--device", "cpu",
+                            "--cases", "draft_b1,se_b4"])
+    assert doc["failed_cases"] == ["tiny/draft_b1"]
+    bad, good = doc["cases"]
+    assert bad == {"model": "tiny", "case": "draft_b1",
+                   "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)"}
+    assert good["case"] == "se_b4" and _positive(good["fraction_of_peak"]) and _positive(good["iterations_per_second"])
 
 
 def _comfy_skip_reason() -> str | None:
