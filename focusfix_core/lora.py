@@ -373,6 +373,24 @@ class LoRA(nn.Module):
 
         return hook
 
+    @classmethod
+    def from_kohya(cls, net: nn.Module, tensors: dict[str, torch.Tensor], targets: str | Sequence[str] = "attn",
+                   rank: int = 4, alpha: float | None = None, prefix: str = "lora_unet") -> LoRA:
+        """`attach` adapters as a saved LoRA was attached (its targets, rank, alpha), then `load_kohya` its
+        tensors: the saved LoRA, hooked and trainable again (e.g. to continue training it). Adapters on CPU.
+
+        Raises:
+            ValueError: the tensors do not fit `net` (a LoRA of another model) or these targets/rank; nothing
+                stays attached.
+        """
+        lora = cls.attach(net, targets, rank, alpha, device="cpu")
+        try:
+            lora.load_kohya(tensors, prefix, strict=True)
+        except BaseException:
+            lora.remove()
+            raise
+        return lora
+
     @contextmanager
     def disabled(self) -> Iterator[LoRA]:
         """While active, the hosts run as if no adapter were attached (restores the previous state)."""

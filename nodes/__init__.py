@@ -4,7 +4,7 @@ This package imports without ComfyUI: every `comfy` / `folder_paths` import is i
 """
 from .adapters import register_reward_folder
 from .attention_nodes import FocusFixAttentionMaps
-from .lora_nodes import FocusFixApplyLoRA, FocusFixSaveLoRA
+from .lora_nodes import FocusFixApplyLoRA, FocusFixLoadLoRA, FocusFixSaveLoRA
 from .reward_nodes import FocusFixCombineRewards, FocusFixCompare, FocusFixLoadReward, FocusFixSaliencyMask, \
     FocusFixScoreImages
 from .train_nodes import FocusFixTrainFocusNFix, FocusFixTrainSeparateEnhance
@@ -18,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "FocusFixTrainFocusNFix": FocusFixTrainFocusNFix,
     "FocusFixTrainSeparateEnhance": FocusFixTrainSeparateEnhance,
     "FocusFixApplyLoRA": FocusFixApplyLoRA,
+    "FocusFixLoadLoRA": FocusFixLoadLoRA,
     "FocusFixSaveLoRA": FocusFixSaveLoRA,
     "FocusFixCompare": FocusFixCompare,
 }
@@ -31,6 +32,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FocusFixTrainFocusNFix": "FocusFix Train Focus-N-Fix",
     "FocusFixTrainSeparateEnhance": "FocusFix Train Separate-and-Enhance",
     "FocusFixApplyLoRA": "FocusFix Apply LoRA",
+    "FocusFixLoadLoRA": "FocusFix Load LoRA",
     "FocusFixSaveLoRA": "FocusFix Save LoRA",
     "FocusFixCompare": "FocusFix Compare",
 }

@@ -15,7 +15,9 @@ ComfyUI is imported lazily inside functions, so this module (and every node modu
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -584,6 +586,45 @@ class LoraData:
         targets = (lora.targets,) if isinstance(lora.targets, str) else tuple(lora.targets)
         return cls(tensors=tensors, metadata=lora_metadata(lora, trainer.metadata()), rank=lora.rank,
                    alpha=lora.alpha, targets=targets, method=trainer.method)
+
+    @classmethod
+    def from_file(cls, path) -> "LoraData":
+        """A LoRA file FocusFix saved (kohya tensors + its `focusfix_targets` metadata), read safely.
+
+        Raises:
+            ValueError: not a FocusFix LoRA, mixed ranks, bad metadata (naming the file and what to do).
+        """
+        from ..focusfix_core.lora import load_lora_file
+        name = os.path.basename(str(path))
+        tensors, metadata = load_lora_file(path)
+        if "focusfix_targets" not in metadata:
+            raise ValueError(f"{name!r} is not a LoRA FocusFix saved (its metadata has no 'focusfix_targets'). To "
+                             f"train a fix on top of another LoRA, apply that LoRA to the MODEL (Load LoRA) before "
+                             f"the FocusFix Train node")
+        ranks = {int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+        if len(ranks) != 1:
+            raise ValueError(f"{name!r}: FocusFix LoRAs have one rank for every layer, found ranks {sorted(ranks)}")
+        try:
+            targets = tuple(json.loads(metadata["focusfix_targets"]))
+            (rank,) = ranks
+            alpha = float(metadata.get("ss_network_alpha", rank))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name!r}: unreadable FocusFix metadata ({e})") from None
+        return cls(tensors={k: v.float() for k, v in tensors.items()}, metadata=dict(metadata), rank=rank,
+                   alpha=alpha, targets=targets, method=metadata.get("focusfix_method", "focus-n-fix"))
+
+    def attach(self, net: nn.Module):
+        """The core LoRA hooked onto `net` with these weights, trainable (adapters on CPU; remove() when done).
+
+        Raises:
+            ValueError: this LoRA does not fit `net` (trained on another model type)."""
+        from ..focusfix_core.lora import LoRA
+        targets = self.targets[0] if len(self.targets) == 1 else self.targets
+        try:
+            return LoRA.from_kohya(net, self.tensors, targets, self.rank, self.alpha)
+        except ValueError as e:
+            raise ValueError(f"the connected LoRA ({self!r}) does not fit this MODEL (trained on another model "
+                             f"type?): {e}") from None
 
     def __repr__(self) -> str:
         n = sum(1 for k in self.tensors if k.endswith(".lora_down.weight"))

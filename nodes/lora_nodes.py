@@ -4,7 +4,7 @@ from __future__ import annotations
 from .adapters import LoraData
 from .common import LORA, log, tip
 
-__all__ = ["FocusFixApplyLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data"]
+__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data"]
 
 
 def lora_patches(model, lora: LoraData) -> dict:
@@ -59,6 +59,34 @@ class FocusFixApplyLoRA:
         m = model.clone()
         m.add_patches(lora_patches(model, lora), strength)
         return (m,)
+
+
+class FocusFixLoadLoRA:
+    DESCRIPTION = ("Load a LoRA that FocusFix saved (models/loras), to train it further (a Train node's "
+                   "continue_from) or to apply it with FocusFix Apply LoRA.")
+    CATEGORY = "FocusFix/lora"
+    FUNCTION = "execute"
+    RETURN_TYPES = (LORA,)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("The LoRA, as a Train node gives it.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        try:
+            import folder_paths
+            names = folder_paths.get_filename_list("loras")
+        except ImportError:  # the pack imports without ComfyUI (tests, schema tools)
+            names = []
+        return {"required": {
+            "lora_name": tip(names, "A LoRA file FocusFix saved (Save LoRA or a checkpoint), in the loras folder."),
+        }}
+
+    def execute(self, lora_name):
+        import folder_paths
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)  # a name cannot leave the folder
+        lora = LoraData.from_file(path)
+        log.info(f"loaded LoRA {lora_name} ({lora!r})")
+        return (lora,)
 
 
 class FocusFixSaveLoRA:

@@ -1,7 +1,8 @@
 """The training runs behind the two training nodes: session, LoRA, progress/cancel, checkpoints, cleanup.
 
-The trainer attaches its seeded LoRA (and removes it itself if its setup fails); the run removes the hooks
-in `finally` whatever a step raises; a cancel (`InterruptProcessingException`) propagates with nothing returned.
+The trainer attaches its seeded LoRA (and removes it itself if its setup fails), or the run attaches the LoRA
+it continues (`continue_from`); the run removes the hooks in `finally` whatever a step raises; a cancel
+(`InterruptProcessingException`) propagates with nothing returned.
 """
 from __future__ import annotations
 
@@ -34,14 +35,42 @@ class SeparateEnhanceRun:
     A_after: torch.Tensor        # the same after
 
 
-def _checkpointer(trainer, every: int, name: str):
+def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
+    """The trainer's LoRA as data; a continued LoRA's metadata counts every step it was trained and keeps the
+    settings of the run it continued (focusfix_previous_config)."""
+    data = LoraData.from_trainer(trainer)
+    if continue_from is not None:
+        before = continue_from.metadata
+        try:
+            steps = int(before.get("focusfix_steps_trained", 0))
+        except ValueError:
+            steps = 0
+        data.metadata["focusfix_steps_trained"] = str(steps + trainer.step)
+        if "focusfix_config" in before:
+            data.metadata["focusfix_previous_config"] = before["focusfix_config"]
+    return data
+
+
+def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
+    """make(lora) with the continued LoRA attached to the MODEL (None: the trainer attaches a new one); the
+    attached LoRA is removed if the trainer cannot be built."""
+    lora = continue_from.attach(dm.net) if continue_from is not None else None
+    try:
+        return make(lora)
+    except BaseException:
+        if lora is not None:
+            lora.remove()
+        raise
+
+
+def _checkpointer(trainer, every: int, name: str, continue_from: LoraData | None = None):
     """on_record callback: atomically (re)write the LoRA every `every` steps; None when off."""
     if every <= 0:
         return None
 
     def save(rec):
         if (rec.step + 1) % every == 0:
-            path = save_lora_data(LoraData.from_trainer(trainer), name, overwrite=True)
+            path = save_lora_data(_lora_data(trainer, continue_from), name, overwrite=True)
             log.info(f"checkpoint after step {rec.step + 1}: {path}")
     return save
 
@@ -54,39 +83,44 @@ def _release(dm: ComfyDiffusionModel) -> None:
 
 
 def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, cond=None, uncond=None,
-                    checkpoint_every: int = 0, checkpoint_name: str = "") -> FixRun:
+                    checkpoint_every: int = 0, checkpoint_name: str = "",
+                    continue_from: LoraData | None = None) -> FixRun:
     """Train Focus-N-Fix on ComfyUI models. `make_cfg()` builds the FixConfig (called inside the session,
-    so a config error leaves nothing attached); cond/uncond: Cond or callables building them."""
+    so a config error leaves nothing attached); cond/uncond: Cond or callables building them; continue_from:
+    a LoRA to train further instead of a new one (I0 and M stay the base MODEL's)."""
     with training_session(dm, [reward]):
         r = reward_on(reward)[0]
         cfg: FixConfig = make_cfg()
         cond, uncond = (c() if callable(c) else c for c in (cond, uncond))
-        trainer = FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond)  # removes its LoRA if it fails
+        trainer = _trainer(lambda lora: FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond, lora=lora),
+                           continue_from, dm)
         try:
             _release(dm)
             idx = list(range(len(trainer.items)))
             I0, _, M = trainer.base(idx)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
-                                        _checkpointer(trainer, checkpoint_every, checkpoint_name))
+                                        _checkpointer(trainer, checkpoint_every, checkpoint_name, continue_from))
             I = trainer.sample_images(idx)
-            return FixRun(LoraData.from_trainer(trainer), history, I0, I, M)
+            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M)
         finally:
             trainer.lora.remove()
 
 
 def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every: int = 0,
-                         checkpoint_name: str = "") -> SeparateEnhanceRun:
-    """Train Separate-and-Enhance on ComfyUI models; maps before/after at the config's seed."""
+                         checkpoint_name: str = "", continue_from: LoraData | None = None) -> SeparateEnhanceRun:
+    """Train Separate-and-Enhance on ComfyUI models; maps before/after at the config's seed (before: with the
+    LoRA it continues, if any; preservation still holds the base model's prompts)."""
     with training_session(dm):
         cfg: SeparateEnhanceConfig = make_cfg()
         for p, o in zip(cfg.prompts, cfg.objects):
             dm.token_indices(p, list(o))  # a missing word fails here, before any hook is attached
-        trainer = SeparateEnhanceTrainer(dm, cfg)
+        trainer = _trainer(lambda lora: SeparateEnhanceTrainer(dm, cfg, lora=lora), continue_from, dm)
         try:
             _release(dm)
             before = trainer.eval_maps(cfg.seed)
-            history = run_with_progress(trainer, cfg.iterations,
-                                        on_record=_checkpointer(trainer, checkpoint_every, checkpoint_name))
-            return SeparateEnhanceRun(LoraData.from_trainer(trainer), history, before, trainer.eval_maps(cfg.seed))
+            history = run_with_progress(trainer, cfg.iterations, on_record=_checkpointer(
+                trainer, checkpoint_every, checkpoint_name, continue_from))
+            return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
+                                      trainer.eval_maps(cfg.seed))
         finally:
             trainer.lora.remove()

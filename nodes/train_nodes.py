@@ -37,6 +37,26 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
     }
 
 
+CONTINUE_INPUT = {
+    "continue_from": tip(LORA, "Train this FocusFix LoRA further (from a Train node or FocusFix Load LoRA) instead of "
+                         "a new one: its rank and targets are used, not the rank and targets inputs. The run's I0, "
+                         "masks and preservation still compare with the MODEL without any LoRA."),
+}
+
+
+def _continued_settings(continue_from, rank: int, targets: str, notes: list[str]):
+    """(rank, targets, alpha) for the config: the continued LoRA's, with a report note when the node's differ;
+    the node's own (alpha None = rank) for a new LoRA."""
+    if continue_from is None:
+        return rank, targets, None
+    t = continue_from.targets[0] if len(continue_from.targets) == 1 else continue_from.targets
+    note = f"continued {continue_from!r}, targets {t}"
+    if (int(rank), targets) != (continue_from.rank, t):
+        note += f" (the node's rank {rank} and targets {targets} are not used)"
+    notes.append(note)
+    return continue_from.rank, t, continue_from.alpha
+
+
 CHECKPOINT_INPUTS = {
     "checkpoint_every": tip("INT", "Save the LoRA every N steps into the loras folder (0 = off); a cancelled run "
                             "then keeps the last complete one.", default=0, min=0, max=100000),
@@ -95,6 +115,7 @@ class FocusFixTrainFocusNFix:
             "threshold": tip("FLOAT", "Mask cut-off or kept fraction.", default=0.15, min=0.0, max=1.0, step=0.01),
             "dilation": tip("INT", "Grow the mask by this many pixels.", default=2, min=0, max=256),
             "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (saliency source)."),
+            **CONTINUE_INPUT,
             **CHECKPOINT_INPUTS,
         }}
 
@@ -106,10 +127,11 @@ class FocusFixTrainFocusNFix:
 
     def execute(self, model, vae, reward, prompts, negative_prompt, seeds, width, height, steps, cfg, K, lam,
                 mask_source, rank, targets, lr, iterations, seed, clip=None, mask=None, positive=None, negative=None,
-                threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", checkpoint_every=0,
-                checkpoint_name="focusfix/checkpoint"):
+                threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", continue_from=None,
+                checkpoint_every=0, checkpoint_name="focusfix/checkpoint"):
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
         notes, lines = [], parse_lines(prompts) if positive is None else None
+        rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
         if mask is not None and mask_source != "mask":
             notes.append(f"a MASK is connected: it is used instead of mask_source {mask_source!r}")
             mask_source = "mask"
@@ -130,9 +152,10 @@ class FocusFixTrainFocusNFix:
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(parse_ints(seeds)), negative_prompt=negative_prompt, height=height,
             width=width, steps=steps, cfg_scale=cfg, K=K, lam=lam, mask_source={"mask": "given"}.get(mask_source, mask_source),
-            lr=lr, rank=rank, targets=targets, iterations=iterations, seed=seed, threshold_mode=threshold_mode,
-            threshold=threshold, dilation=dilation, saliency_method=saliency_method), masks=masks, cond=cond,
-            uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name)
+            lr=lr, rank=rank, alpha=alpha, targets=targets, iterations=iterations, seed=seed,
+            threshold_mode=threshold_mode, threshold=threshold, dilation=dilation, saliency_method=saliency_method),
+            masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
+            continue_from=continue_from)
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
         report = "\n".join([repr(run.lora), run.history[-1].summary(), *notes, *_precision_notes(run.history)])
         log.info(report)
@@ -180,20 +203,22 @@ class FocusFixTrainSeparateEnhance:
             "width": tip("INT", "Training latent width in pixels.", default=512, min=16, max=4096, step=8),
             "height": tip("INT", "Training latent height in pixels.", default=512, min=16, max=4096, step=8),
             **_lora_inputs("to_k", 1e-4, 200),
-        }, "optional": dict(CHECKPOINT_INPUTS)}
+        }, "optional": {**CONTINUE_INPUT, **CHECKPOINT_INPUTS}}
 
     def execute(self, model, clip, prompts, lam_sep, lam_en, lam_preserve, resolution, width, height, rank, targets,
-                lr, iterations, seed, checkpoint_every=0, checkpoint_name="focusfix/checkpoint"):
+                lr, iterations, seed, continue_from=None, checkpoint_every=0, checkpoint_name="focusfix/checkpoint"):
         dm = ComfyDiffusionModel(model.clone(), clip)
+        notes = []
+        rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
         parsed = [split_objects_prompt(line) for line in parse_lines(prompts)]
         run = run_separate_enhance(dm, lambda: SeparateEnhanceConfig(
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,
-            targets=targets, lr=lr, iterations=iterations, seed=seed),
-            checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name)
+            alpha=alpha, targets=targets, lr=lr, iterations=iterations, seed=seed),
+            checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name, continue_from=continue_from)
         report = "\n".join([repr(run.lora), run.history[-1].summary(),
                             f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}",
-                            *_precision_notes(run.history)])
+                            *notes, *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
                 bchw_to_image(_maps_grid(run.A_after)), report)
 

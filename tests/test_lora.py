@@ -359,6 +359,24 @@ class TestKohya:
         with pytest.raises(ValueError, match="lora_unet_"):
             a.load_kohya(sd, prefix="lora_te")
 
+    def test_from_kohya_continues_a_saved_lora(self):
+        """from_kohya hooks the saved adapters back on, trainable; a mismatch leaves nothing attached."""
+        net = _net()
+        x, c = _inputs()
+        a = LoRA.attach(net, "attn", rank=2, alpha=1.5)
+        _randomize(a)
+        out, sd = net(x, c), a.state_dict_kohya()
+        a.remove()
+        b = LoRA.from_kohya(net, sd, "attn", rank=2, alpha=1.5)
+        assert torch.equal(net(x, c), out) and b.module_names == a.module_names
+        assert all(p.requires_grad and p.device.type == "cpu" for p in b.parameters())
+        b.remove()
+        hooks = sum(len(m._forward_hooks) for m in net.modules())
+        for targets, rank, match in (("to_k", 2, "keys this LoRA does not know"), ("attn", 3, "shape mismatches")):
+            with pytest.raises(ValueError, match=match):
+                LoRA.from_kohya(net, sd, targets, rank=rank)
+            assert sum(len(m._forward_hooks) for m in net.modules()) == hooks == 0
+
     def test_missing_alpha_means_rank(self):
         a = LoRA.attach(_net(), "to_k", rank=2, alpha=1)
         sd = {k: v for k, v in a.state_dict_kohya().items() if not k.endswith("alpha")}

@@ -26,7 +26,7 @@ def _weights_untouched(model):
 
 def test_pack_lists_every_node(comfy):
     from_pack = set(comfy.pack.NODE_CLASS_MAPPINGS)
-    assert len(from_pack) == 10
+    assert len(from_pack) == 11
     assert from_pack <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
     for k in from_pack:
         assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[k].startswith("FocusFix ")

@@ -87,7 +87,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
     assert {k for k, v in ours.items() if v["category"] != "FocusFix/testing"} == {
         "FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask",
         "FocusFixAttentionMaps", "FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance", "FocusFixApplyLoRA",
-        "FocusFixSaveLoRA", "FocusFixCompare"}
+        "FocusFixLoadLoRA", "FocusFixSaveLoRA", "FocusFixCompare"}
     for k, v in ours.items():
         assert v["display_name"].startswith("FocusFix ")
         for group in ("required", "optional"):

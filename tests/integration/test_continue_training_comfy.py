@@ -1,0 +1,81 @@
+"""Training a FocusFix LoRA further: a Train node's `continue_from` takes the LoRA of an earlier run, straight from
+its Train node or from a file through FocusFix Load LoRA, and starts where that run ended; I0 and the masks stay
+the base MODEL's. A LoRA of another model, or one FocusFix did not save, is refused by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SIZE = 64
+
+
+def _hooks(net):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules())
+
+
+def _fix(comfy, checkpoint, **over):
+    model, clip, vae = checkpoint
+    (reward,) = comfy.run("FocusFixLoadReward", reward_name="builtin:sharpness")
+    kw = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="a cat", negative_prompt="", seeds="0, 1",
+              width=SIZE, height=SIZE, steps=3, cfg=3.0, K=1, lam=1.0, mask_source="saliency", rank=2,
+              targets="attn", lr=1e-2, iterations=2, seed=0)
+    kw.update(over)
+    return comfy.run("FocusFixTrainFocusNFix", **kw)
+
+
+def test_focus_n_fix_continues_from_the_train_node_and_from_a_file(fresh, checkpoint, layout):
+    model = checkpoint[0]
+    first, _, before, after, mask, _ = _fix(fresh, checkpoint)
+    (name,) = fresh.run("FocusFixSaveLoRA", lora=first, filename="fixes/first", overwrite=False)
+    (loaded,) = fresh.run("FocusFixLoadLoRA", lora_name=name)
+    assert (loaded.rank, loaded.alpha, loaded.targets, loaded.method) == (first.rank, first.alpha, first.targets,
+                                                                          first.method)
+    assert loaded.tensors.keys() == first.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], first.tensors[k]) for k in first.tensors)
+    for source in (first, loaded):
+        # a negligible step (Adam moves each weight by ~lr): the run starts where the first one ended
+        lora, _, before2, after2, mask2, report = _fix(fresh, checkpoint, continue_from=source, lr=1e-9,
+                                                       iterations=1, rank=4)
+        assert torch.equal(before2, before) and torch.equal(mask2, mask), "I0 and M stay the base MODEL's"
+        torch.testing.assert_close(after2, after, rtol=0, atol=2e-3)
+        assert (after - before).abs().max() > 1e-2, "the first run changed the images (else this proves nothing)"
+        assert lora.rank == 2 and "continued LoraData(focus-n-fix" in report and "rank 4" in report, report
+        assert lora.metadata["focusfix_steps_trained"] == "3"
+        assert lora.metadata["focusfix_previous_config"] == first.metadata["focusfix_config"]
+    more, *_ = _fix(fresh, checkpoint, continue_from=loaded, iterations=2)
+    assert any(not torch.equal(more.tensors[k], first.tensors[k]) for k in first.tensors)
+    assert _hooks(model.model.diffusion_model) == 0 and not model.patches
+    assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
+
+
+def test_separate_enhance_continues(fresh, checkpoint):
+    model, clip, _ = checkpoint
+    kw = dict(model=model, clip=clip, prompts="a cat and a dog | cat, dog", lam_sep=1.0, lam_en=1.0, lam_preserve=1.0,
+              resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k", lr=1e-2, iterations=2, seed=0)
+    first, _, maps_before, maps_after, _ = fresh.run("FocusFixTrainSeparateEnhance", **kw)
+    lora, _, maps_before2, _, report = fresh.run("FocusFixTrainSeparateEnhance", **{**kw, "lr": 1e-9, "iterations": 1},
+                                                 continue_from=first)
+    torch.testing.assert_close(maps_before2, maps_after, rtol=0, atol=1e-3)  # starts with the first run's LoRA
+    assert not torch.allclose(maps_before, maps_after, atol=1e-3)
+    assert lora.metadata["focusfix_preservation"] == "keys" and lora.metadata["focusfix_steps_trained"] == "3"
+    assert "continued" in report and _hooks(model.model.diffusion_model) == 0
+
+
+def test_a_lora_of_another_model_is_refused_and_nothing_stays_attached(fresh):
+    sd15 = fresh.run("FocusFixTestTinyCheckpoint", layout="sd15", seed=0)
+    sdxl = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
+    lora, *_ = _fix(fresh, sd15, iterations=1)
+    with pytest.raises(ValueError, match=r"the connected LoRA \(LoraData\(focus-n-fix.*does not fit this MODEL"):
+        _fix(fresh, sdxl, continue_from=lora)
+    assert _hooks(sdxl[0].model.diffusion_model) == 0
+
+
+def test_load_lora_refuses_a_lora_focusfix_did_not_save(fresh):
+    other = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(2, 8),
+             "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(8, 2)}
+    save_file(other, str(fresh.loras / "style.safetensors"), metadata={"ss_network_dim": "2"})
+    with pytest.raises(ValueError, match="'style.safetensors' is not a LoRA FocusFix saved.*Load LoRA"):
+        fresh.run("FocusFixLoadLoRA", lora_name="style.safetensors")
+    with pytest.raises(Exception, match="not found|does not exist|No such"):
+        fresh.run("FocusFixLoadLoRA", lora_name="../outside.safetensors")
