@@ -81,6 +81,19 @@ class FocusFixLoadLoRA:
             "lora_name": tip(names, "A LoRA file FocusFix saved (Save LoRA or a checkpoint), in the loras folder."),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, lora_name):
+        """The file's size and modification time: a rewritten file (a training checkpoint is replaced every
+        checkpoint_every steps) is read again instead of coming from ComfyUI's cache."""
+        import os
+
+        import folder_paths
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            return ""  # execute names the missing file
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
     def execute(self, lora_name):
         import folder_paths
         path = folder_paths.get_full_path_or_raise("loras", lora_name)  # a name cannot leave the folder

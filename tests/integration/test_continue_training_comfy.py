@@ -79,3 +79,23 @@ def test_load_lora_refuses_a_lora_focusfix_did_not_save(fresh):
         fresh.run("FocusFixLoadLoRA", lora_name="style.safetensors")
     with pytest.raises(Exception, match="not found|does not exist|No such"):
         fresh.run("FocusFixLoadLoRA", lora_name="../outside.safetensors")
+
+
+def test_load_lora_reads_a_rewritten_file_again(fresh, checkpoint):
+    """A checkpoint file is replaced during training: Load LoRA's IS_CHANGED follows the file, so ComfyUI reads
+    it again instead of serving the cached LoRA."""
+    import os
+    node = fresh.node("FocusFixLoadLoRA")
+    first, *_ = _fix(fresh, checkpoint, iterations=1)
+    (name,) = fresh.run("FocusFixSaveLoRA", lora=first, filename="fixes/ckpt", overwrite=False)
+    before = node.IS_CHANGED(lora_name=name)
+    assert before and node.IS_CHANGED(lora_name=name) == before
+    second, *_ = _fix(fresh, checkpoint, iterations=2)
+    path = fresh.loras / name
+    st = os.stat(path)
+    fresh.run("FocusFixSaveLoRA", lora=second, filename="fixes/ckpt", overwrite=True)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime even on a coarse clock
+    assert node.IS_CHANGED(lora_name=name) != before
+    (loaded,) = fresh.run("FocusFixLoadLoRA", lora_name=name)
+    assert all(torch.equal(loaded.tensors[k], second.tensors[k]) for k in second.tensors)
+    assert node.IS_CHANGED(lora_name="missing.safetensors") == ""
