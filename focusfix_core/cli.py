@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .io import atomic_write_text
-from .lora import save_lora
+from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
 from .sampler import sample
 from .trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer,
@@ -133,11 +133,19 @@ def _curves(history: list[StepRecord], names: Iterable[str]) -> torch.Tensor:
 
 # -- Focus-N-Fix ----------------------------------------------------------------------------------------------
 
+def _metadata(trainer, continue_from: SavedLoRA | None) -> dict:
+    meta = trainer.metadata()
+    return meta if continue_from is None else continued_metadata(meta, continue_from.metadata)
+
+
 def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: bool = False,
-            checkpoint_every: int = 0, model_note: str = "", quiet: bool = False) -> dict:
-    """Train Focus-N-Fix, then write the LoRA, before/after grid, curves and report into `out`."""
+            checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
+            continue_from: SavedLoRA | None = None) -> dict:
+    """Train Focus-N-Fix, then write the LoRA, before/after grid, curves and report into `out`.
+    continue_from: a saved LoRA to train further (cfg's rank/targets/alpha must be its own)."""
     t0 = time.perf_counter()
-    trainer = FixTrainer(model, reward, cfg, masks=masks)
+    lora = continue_from.attach(model.net) if continue_from is not None else None
+    trainer = FixTrainer(model, reward, cfg, masks=masks, lora=lora)
     if resume:
         trainer.load_state(out / "state.pt")
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
@@ -154,7 +162,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: boo
         Mb = (M >= 0.5).float()
         inside = float((diff * Mb).sum() / Mb.sum().clamp_min(1))
         outside = float((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, trainer.metadata(), overwrite=True)
+    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
     tiles = [I0, I] if M is None else [I0, mask_overlay(I0, M), I, heat_overlay(I, diff)]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
@@ -181,10 +189,13 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: boo
 
 def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, resume: bool = False,
                          checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
-                         sample_steps: int = 20, cfg_scale: float = 3.0) -> dict:
-    """Train Separate-and-Enhance, then write the LoRA, attention maps and samples before/after, and a report."""
+                         sample_steps: int = 20, cfg_scale: float = 3.0,
+                         continue_from: SavedLoRA | None = None) -> dict:
+    """Train Separate-and-Enhance, then write the LoRA, attention maps and samples before/after, and a report.
+    continue_from: as in `run_fix`."""
     t0 = time.perf_counter()
-    trainer = SeparateEnhanceTrainer(model, cfg)
+    lora = continue_from.attach(model.net) if continue_from is not None else None
+    trainer = SeparateEnhanceTrainer(model, cfg, lora=lora)
     if resume:
         trainer.load_state(out / "state.pt")
     with trainer.lora.disabled():
@@ -195,7 +206,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, resume
     train_seconds = time.perf_counter() - t0
     A1 = trainer.eval_maps()
     S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, trainer.metadata(), overwrite=True)
+    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
     from .losses import enhance_loss, separate_loss
 
     # attention grid: per prompt a row: [before maps..., after maps...] as heat images
@@ -271,6 +282,9 @@ def _add_lora_args(p, targets):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--continue-from", type=Path, default=None, metavar="LORA",
+                   help="train a LoRA FocusFix saved (an earlier run's lora.safetensors) further, with a fresh "
+                        "optimizer; its rank and targets replace --rank/--targets")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in OUT")
     p.add_argument("--checkpoint-every", type=int, default=10, help="save OUT/state.pt every N steps (0 = end only)")
 
@@ -325,29 +339,48 @@ def _size(model, size):
     return size or getattr(getattr(model, "cfg", None), "image_size", 512)
 
 
+def _continued(a) -> tuple[SavedLoRA | None, dict]:
+    """The LoRA --continue-from names (None without it) and the rank/targets/alpha config fields to use."""
+    if a.continue_from is None:
+        return None, {"rank": a.rank, "targets": a.targets}
+    if a.resume:
+        raise ValueError("--resume and --continue-from exclude each other: --resume finishes the run saved in "
+                         "OUT/state.pt (LoRA, optimizer, step); --continue-from starts a new run from a saved LoRA")
+    saved = read_focusfix_lora(a.continue_from)
+    targets = saved.targets[0] if len(saved.targets) == 1 else saved.targets
+    note = f"continuing {a.continue_from}: rank {saved.rank}, targets {targets}"
+    if (a.rank, a.targets) != (saved.rank, targets):
+        note += " (--rank/--targets not used)"
+    print(note, file=sys.stderr)
+    return saved, {"rank": saved.rank, "targets": targets, "alpha": saved.alpha}
+
+
 def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
+    saved, lora_kw = _continued(a)
     model, note = load_model(a.model)
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
-    cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, rank=a.rank,
-                    targets=a.targets, batch_size=a.batch_size, seed=a.seed, lam=a.lam, K=a.K, lv_copies=a.lv_copies,
+    cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
+                    batch_size=a.batch_size, seed=a.seed, lam=a.lam, K=a.K, lv_copies=a.lv_copies,
                     steps=a.steps, cfg_scale=a.cfg, mask_source=a.mask_source, threshold_mode=a.threshold_mode,
                     threshold=a.threshold, dilation=a.dilation, height=size, width=size)
-    return run_fix(model, reward, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every, model_note=note)
+    return run_fix(model, reward, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every, model_note=note,
+                   continue_from=saved)
 
 
 def cmd_train_sne(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
+    saved, lora_kw = _continued(a)
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
     size = _size(model, None)
-    cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, iterations=a.iterations, lr=a.lr, rank=a.rank,
-                                targets=a.targets, batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
+    cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, iterations=a.iterations, lr=a.lr, **lora_kw,
+                                batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
                                 lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
                                 resolution=a.resolution, height=size, width=size)
     return run_separate_enhance(model, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every,
-                                model_note=note)
+                                model_note=note, continue_from=saved)
 
 
 def cmd_demo(a) -> dict:

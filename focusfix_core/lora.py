@@ -16,6 +16,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,6 +38,9 @@ __all__ = [
     "lora_metadata",
     "save_lora",
     "load_lora_file",
+    "SavedLoRA",
+    "read_focusfix_lora",
+    "continued_metadata",
 ]
 
 # name -> (regex searched in module paths, host types that qualify)
@@ -565,6 +569,65 @@ def save_lora(
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(kohya tensors, metadata) from a .safetensors (or weights-only pickle) LoRA file."""
     return load_tensor_file_with_metadata(path)
+
+
+@dataclass(frozen=True)
+class SavedLoRA:
+    """A LoRA file FocusFix saved: kohya tensors (fp32), str metadata, and how it was attached."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float
+
+    @property
+    def method(self) -> str:
+        return self.metadata.get("focusfix_method", "focus-n-fix")
+
+    def attach(self, net: nn.Module) -> LoRA:
+        """This LoRA hooked onto `net` again, trainable (`LoRA.from_kohya`; ValueError if it does not fit)."""
+        targets = self.targets[0] if len(self.targets) == 1 else self.targets
+        return LoRA.from_kohya(net, self.tensors, targets, self.rank, self.alpha)
+
+
+def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
+    """Read a LoRA FocusFix saved (its metadata names the targets), to continue training or apply it.
+
+    Raises:
+        FileNotFoundError / ValueError: no such file, an unreadable file, a LoRA FocusFix did not save (no
+            `focusfix_targets`), or mixed ranks, naming the file and what to do.
+    """
+    name = os.path.basename(str(path))
+    tensors, metadata = load_lora_file(path)
+    if "focusfix_targets" not in metadata:
+        raise ValueError(f"{name!r} is not a LoRA FocusFix saved (its metadata has no 'focusfix_targets'). To "
+                         f"train a fix on top of another LoRA, apply that LoRA to the model first (in ComfyUI: "
+                         f"Load LoRA before the FocusFix Train node)")
+    ranks = {int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+    if len(ranks) != 1:
+        raise ValueError(f"{name!r}: FocusFix LoRAs have one rank for every layer, found ranks {sorted(ranks)}")
+    (rank,) = ranks
+    try:
+        targets = tuple(json.loads(metadata["focusfix_targets"]))
+        alpha = float(metadata.get("ss_network_alpha", rank))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name!r}: unreadable FocusFix metadata ({e})") from None
+    return SavedLoRA({k: v.float() for k, v in tensors.items()}, dict(metadata), targets, rank, alpha)
+
+
+def continued_metadata(metadata: dict, previous: dict) -> dict:
+    """LoRA metadata of a run that continued a LoRA with metadata `previous`: `focusfix_steps_trained` counts
+    the earlier steps too, and `focusfix_previous_config` keeps the earlier run's settings."""
+    out = dict(metadata)
+    try:
+        before = int(previous.get("focusfix_steps_trained", 0))
+    except ValueError:
+        before = 0
+    out["focusfix_steps_trained"] = str(before + int(metadata.get("focusfix_steps_trained", 0)))
+    if "focusfix_config" in previous:
+        out["focusfix_previous_config"] = previous["focusfix_config"]
+    return out
 
 
 class MergedWhenNoGrad:

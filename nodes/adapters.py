@@ -15,9 +15,7 @@ ComfyUI is imported lazily inside functions, so this module (and every node modu
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -28,7 +26,7 @@ from torch import nn
 
 from ..focusfix_core.attention import attention_capture, word_token_indices
 from ..focusfix_core.denoisers import CFG_PAIR, Cond, Guidance, cat_cond
-from ..focusfix_core.lora import lora_metadata
+from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora
 
 __all__ = [
     "image_to_bchw",
@@ -589,39 +587,19 @@ class LoraData:
 
     @classmethod
     def from_file(cls, path) -> "LoraData":
-        """A LoRA file FocusFix saved (kohya tensors + its `focusfix_targets` metadata), read safely.
-
-        Raises:
-            ValueError: not a FocusFix LoRA, mixed ranks, bad metadata (naming the file and what to do).
-        """
-        from ..focusfix_core.lora import load_lora_file
-        name = os.path.basename(str(path))
-        tensors, metadata = load_lora_file(path)
-        if "focusfix_targets" not in metadata:
-            raise ValueError(f"{name!r} is not a LoRA FocusFix saved (its metadata has no 'focusfix_targets'). To "
-                             f"train a fix on top of another LoRA, apply that LoRA to the MODEL (Load LoRA) before "
-                             f"the FocusFix Train node")
-        ranks = {int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")}
-        if len(ranks) != 1:
-            raise ValueError(f"{name!r}: FocusFix LoRAs have one rank for every layer, found ranks {sorted(ranks)}")
-        try:
-            targets = tuple(json.loads(metadata["focusfix_targets"]))
-            (rank,) = ranks
-            alpha = float(metadata.get("ss_network_alpha", rank))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{name!r}: unreadable FocusFix metadata ({e})") from None
-        return cls(tensors={k: v.float() for k, v in tensors.items()}, metadata=dict(metadata), rank=rank,
-                   alpha=alpha, targets=targets, method=metadata.get("focusfix_method", "focus-n-fix"))
+        """A LoRA file FocusFix saved (`focusfix_core.lora.read_focusfix_lora`: ValueError for any other)."""
+        saved = read_focusfix_lora(path)
+        return cls(tensors=saved.tensors, metadata=saved.metadata, rank=saved.rank, alpha=saved.alpha,
+                   targets=saved.targets, method=saved.method)
 
     def attach(self, net: nn.Module):
         """The core LoRA hooked onto `net` with these weights, trainable (adapters on CPU; remove() when done).
 
         Raises:
             ValueError: this LoRA does not fit `net` (trained on another model type)."""
-        from ..focusfix_core.lora import LoRA
-        targets = self.targets[0] if len(self.targets) == 1 else self.targets
+        saved = SavedLoRA(self.tensors, self.metadata, self.targets, self.rank, self.alpha)
         try:
-            return LoRA.from_kohya(net, self.tensors, targets, self.rank, self.alpha)
+            return saved.attach(net)
         except ValueError as e:
             raise ValueError(f"the connected LoRA ({self!r}) does not fit this MODEL (trained on another model "
                              f"type?): {e}") from None

@@ -6,10 +6,11 @@ it continues (`continue_from`); the run removes the hooks in `finally` whatever 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ..focusfix_core.lora import continued_metadata
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import log, run_with_progress
@@ -39,16 +40,9 @@ def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
     """The trainer's LoRA as data; a continued LoRA's metadata counts every step it was trained and keeps the
     settings of the run it continued (focusfix_previous_config)."""
     data = LoraData.from_trainer(trainer)
-    if continue_from is not None:
-        before = continue_from.metadata
-        try:
-            steps = int(before.get("focusfix_steps_trained", 0))
-        except ValueError:
-            steps = 0
-        data.metadata["focusfix_steps_trained"] = str(steps + trainer.step)
-        if "focusfix_config" in before:
-            data.metadata["focusfix_previous_config"] = before["focusfix_config"]
-    return data
+    if continue_from is None:
+        return data
+    return replace(data, metadata=continued_metadata(data.metadata, continue_from.metadata))
 
 
 def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):

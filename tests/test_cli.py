@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from focusfix_core import cli
 from focusfix_core.io import load_tensor_file_with_metadata
@@ -59,6 +60,39 @@ def test_interrupt_keeps_last_finished_step_and_resume_finishes(model_file, tmp_
     assert cli.main(fnf_args(model_file, out, "--resume")) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "done" and report["steps_trained"] == 3 and len(report["history"]) == 3
+
+
+def test_continue_from_a_saved_lora(model_file, tmp_path, capsys):
+    """--continue-from starts where the saved LoRA ended (a negligible step: the after images are the first run's),
+    with its rank; the metadata counts every step. Foreign files and --resume with it are refused by name."""
+    first = tmp_path / "first"
+    assert cli.main(fnf_args(model_file, first, "--rank", "2", "--lr", "0.05")) == 0
+    lora = first / "lora.safetensors"
+    more = tmp_path / "more"
+    assert cli.main(fnf_args(model_file, more, "--continue-from", str(lora), "--lr", "1e-9", "--iterations",
+                             "1")) == 0
+    assert f"continuing {lora}: rank 2, targets attn (--rank/--targets not used)" in capsys.readouterr().err
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (first, more))
+    assert r1["reward_before"] == r2["reward_before"]                      # I0: the base model's
+    assert r2["reward_after"] == pytest.approx(r1["reward_after"], abs=1e-4)
+    assert abs(r1["mean_reward_after"] - r1["mean_reward_before"]) > 1e-3, "the first run must change the images"
+    _, meta = load_tensor_file_with_metadata(more / "lora.safetensors")
+    _, meta1 = load_tensor_file_with_metadata(lora)
+    assert meta["ss_network_dim"] == "2" and meta["focusfix_steps_trained"] == "4"
+    assert meta["focusfix_previous_config"] == meta1["focusfix_config"]
+    args = fnf_args(model_file, tmp_path / "x", "--continue-from", str(lora), "--resume")
+    assert cli.main(args) == 2 and "--resume and --continue-from exclude each other" in capsys.readouterr().err
+    foreign = tmp_path / "style.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(foreign))
+    assert cli.main(fnf_args(model_file, tmp_path / "y", "--continue-from", str(foreign))) == 2
+    assert "'style.safetensors' is not a LoRA FocusFix saved" in capsys.readouterr().err
+    sne = ["train-sne", "--model", str(model_file), "--iterations", "1", "--resolution", "8", "--prompt",
+           "a red circle and a blue square | circle, square"]
+    assert cli.main([*sne, "--out", str(tmp_path / "s1")]) == 0
+    s1 = tmp_path / "s1" / "lora.safetensors"
+    assert cli.main([*sne, "--out", str(tmp_path / "s2"), "--continue-from", str(s1)]) == 0
+    _, meta = load_tensor_file_with_metadata(tmp_path / "s2" / "lora.safetensors")
+    assert meta["focusfix_steps_trained"] == "2" and meta["focusfix_method"] == "separate-and-enhance"
 
 
 def test_train_sne_and_errors(model_file, tmp_path, capsys):
