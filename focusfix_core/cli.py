@@ -347,7 +347,7 @@ def _continued(a) -> tuple[SavedLoRA | None, dict]:
         raise ValueError("--resume and --continue-from exclude each other: --resume finishes the run saved in "
                          "OUT/state.pt (LoRA, optimizer, step); --continue-from starts a new run from a saved LoRA")
     saved = read_focusfix_lora(a.continue_from)
-    targets = saved.targets[0] if len(saved.targets) == 1 else saved.targets
+    targets = saved.config_targets
     note = f"continuing {a.continue_from}: rank {saved.rank}, targets {targets}"
     if (a.rank, a.targets) != (saved.rank, targets):
         note += " (--rank/--targets not used)"

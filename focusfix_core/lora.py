@@ -585,10 +585,14 @@ class SavedLoRA:
     def method(self) -> str:
         return self.metadata.get("focusfix_method", "focus-n-fix")
 
+    @property
+    def config_targets(self) -> str | tuple[str, ...]:
+        """The targets as a config takes them: the preset name alone ("attn"), else the tuple."""
+        return self.targets[0] if len(self.targets) == 1 else self.targets
+
     def attach(self, net: nn.Module) -> LoRA:
         """This LoRA hooked onto `net` again, trainable (`LoRA.from_kohya`; ValueError if it does not fit)."""
-        targets = self.targets[0] if len(self.targets) == 1 else self.targets
-        return LoRA.from_kohya(net, self.tensors, targets, self.rank, self.alpha)
+        return LoRA.from_kohya(net, self.tensors, self.config_targets, self.rank, self.alpha)
 
 
 def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:

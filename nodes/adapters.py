@@ -592,14 +592,17 @@ class LoraData:
         return cls(tensors=saved.tensors, metadata=saved.metadata, rank=saved.rank, alpha=saved.alpha,
                    targets=saved.targets, method=saved.method)
 
+    def saved(self) -> SavedLoRA:
+        """The same LoRA as the core's SavedLoRA."""
+        return SavedLoRA(self.tensors, self.metadata, self.targets, self.rank, self.alpha)
+
     def attach(self, net: nn.Module):
         """The core LoRA hooked onto `net` with these weights, trainable (adapters on CPU; remove() when done).
 
         Raises:
             ValueError: this LoRA does not fit `net` (trained on another model type)."""
-        saved = SavedLoRA(self.tensors, self.metadata, self.targets, self.rank, self.alpha)
         try:
-            return saved.attach(net)
+            return self.saved().attach(net)
         except ValueError as e:
             raise ValueError(f"the connected LoRA ({self!r}) does not fit this MODEL (trained on another model "
                              f"type?): {e}") from None

@@ -49,7 +49,7 @@ def _continued_settings(continue_from, rank: int, targets: str, notes: list[str]
     the node's own (alpha None = rank) for a new LoRA."""
     if continue_from is None:
         return rank, targets, None
-    t = continue_from.targets[0] if len(continue_from.targets) == 1 else continue_from.targets
+    t = continue_from.saved().config_targets
     note = f"continued {continue_from!r}, targets {t}"
     if (int(rank), targets) != (continue_from.rank, t):
         note += f" (the node's rank {rank} and targets {targets} are not used)"
