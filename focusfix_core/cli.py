@@ -23,7 +23,8 @@ from . import __version__
 from .io import atomic_write_text
 from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .sampler import sample
+from .sampler import SAMPLERS, sample
+from .schedules import SCHEDULERS
 from .trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer,
                        split_objects_prompt)
 from .viz import heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
@@ -237,9 +238,9 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, resume
 def _samples(model, trainer, cfg, steps: int, cfg_scale: float) -> torch.Tensor:
     """One image per prompt, seed 0, with the LoRA as it is now. -> [P,3,H,W]."""
     from .denoisers import CFGDenoiser
-    from .sampler import get_sigmas, seed_noise
+    from .sampler import sampling_sigmas, seed_noise
 
-    sig = get_sigmas(model.sigmas, steps)
+    sig = sampling_sigmas(model, steps)
     den = CFGDenoiser(model.denoise, model.encode_prompts([""]), cfg_scale)
     x = seed_noise([0] * len(cfg.prompts), trainer.latent_shape) * sig[0]
     return model.decode(sample(den, x, sig, trainer.cond)).clamp(0, 1)
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--K", type=int, default=1, help="differentiated last sampler steps (DRaFT-K)")
     f.add_argument("--lv-copies", type=int, default=0, help="DRaFT-LV copies of the last step")
     f.add_argument("--steps", type=int, default=20)
+    f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
+    f.add_argument("--scheduler", default="normal", choices=SCHEDULERS)
     f.add_argument("--cfg", type=float, default=3.0)
     f.add_argument("--mask-source", default="heatmap", choices=["heatmap", "saliency", "none"])
     f.add_argument("--threshold-mode", default="top_percent", choices=["value", "top_percent", "otsu"])
@@ -363,7 +366,7 @@ def cmd_train_fnf(a) -> dict:
     size = _size(model, a.size)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, K=a.K, lv_copies=a.lv_copies,
-                    steps=a.steps, cfg_scale=a.cfg, mask_source=a.mask_source, threshold_mode=a.threshold_mode,
+                    steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg, mask_source=a.mask_source, threshold_mode=a.threshold_mode,
                     threshold=a.threshold, dilation=a.dilation, height=size, width=size)
     return run_fix(model, reward, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every, model_note=note,
                    continue_from=saved)

@@ -32,10 +32,10 @@ def _log(msg: str) -> None:
 def pick_worst_seeds(model, reward, prompt: str, candidates: range, n: int, steps: int, cfg_scale: float) -> list[int]:
     """The n seeds whose base image scores lowest under the reward (where there is something to fix)."""
     from .denoisers import CFGDenoiser
-    from .sampler import get_sigmas, sample, seed_noise
+    from .sampler import sample, sampling_sigmas, seed_noise
 
     size = model.cfg.image_size
-    sig = get_sigmas(model.sigmas, steps)
+    sig = sampling_sigmas(model, steps)
     den = CFGDenoiser(model.denoise, model.encode_prompts([""]), cfg_scale)
     seeds = list(candidates)
     cond = model.encode_prompts([prompt] * len(seeds))

@@ -1,6 +1,8 @@
-"""Differentiable deterministic DDIM (eta = 0, i.e. Euler in sigma space) with DRaFT-K truncation.
+"""Differentiable deterministic samplers (DDIM eta = 0, i.e. Euler in sigma space; DPM-Solver++(2M)) with
+DRaFT-K truncation.
 
 References: Song et al. 2021 (DDIM); Karras et al. 2022 (the sigma view: DDIM eta=0 == Euler);
+Lu et al. 2022, "DPM-Solver++" (2M: second order from the previous step's x0);
 Clark et al. 2024, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards" (DRaFT-K, DRaFT-LV).
 """
 from __future__ import annotations
@@ -14,14 +16,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .denoisers import Cond, Denoiser, repeat_cond
-from .schedules import get_sigmas_uniform
+from .schedules import scheduler_sigmas
 
-__all__ = ["sample", "seed_noise", "get_sigmas", "check_steps", "checkpointed_modules", "CompiledWhenNoGrad",
-           "compile_denoiser", "COMPILE_MODES"]
+__all__ = ["sample", "seed_noise", "sampling_sigmas", "check_sigmas", "check_steps", "checkpointed_modules",
+           "CompiledWhenNoGrad", "compile_denoiser", "COMPILE_MODES", "SAMPLERS"]
 
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# deterministic samplers, by KSampler's names: "ddim" and "euler" take the same step (as in ComfyUI)
+SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 
 
 def check_steps(steps: int, K: int) -> None:
@@ -32,9 +36,30 @@ def check_steps(steps: int, K: int) -> None:
         raise ValueError(f"K (gradient steps) must be between 0 and steps={steps}, got K={K}")
 
 
-def get_sigmas(model_sigmas: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` sampling sigmas from a model's [T] training sigmas. -> [steps + 1], descending, last 0."""
-    return get_sigmas_uniform(model_sigmas, steps)
+def sampling_sigmas(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    """`steps` sampling sigmas for a model -> [steps + 1], descending, last 0.
+
+    A model with its own `sampling_sigmas(steps, scheduler)` (the ComfyUI adapter: ComfyUI's scheduler list,
+    computed as KSampler computes it) gives them; otherwise `schedules.scheduler_sigmas` on `model.sigmas`."""
+    own = getattr(model, "sampling_sigmas", None)
+    sigmas = own(steps, scheduler) if own is not None else scheduler_sigmas(scheduler, model.sigmas, steps)
+    check_sigmas(sigmas, f"the {scheduler!r} scheduler's sigmas")
+    return sigmas
+
+
+def check_sigmas(sigmas, name: str = "sigmas") -> None:
+    """Raise ValueError unless `sigmas` is a full denoise: 1-D, >= 2 finite values, positive and non-increasing,
+    ending at 0."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if s.ndim != 1 or len(s) < 2:
+        raise ValueError(f"{name} must be a 1-D list of at least 2 values (steps + 1), got shape {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name} must be finite, got {s.tolist()}")
+    if float(s[-1]) != 0.0 or not bool((s[:-1] > 0).all()):
+        raise ValueError(f"{name} must be positive and end at 0 (a full denoise), got first {float(s[0]):.4g}, "
+                         f"last {float(s[-1]):.4g}: a partial schedule (e.g. from SplitSigmas) cannot be trained on")
+    if not bool((s[1:] <= s[:-1]).all()):
+        raise ValueError(f"{name} must not increase, got {[round(v, 4) for v in s.tolist()]}")
 
 
 def seed_noise(seeds: Sequence[int], shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -134,6 +159,19 @@ class CompiledWhenNoGrad:
         return out.clone() if self.mode == "reduce-overhead" else out
 
 
+def _multistep_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M)'s weight w_i of the previous x0 at each step: x0_i' = (1 + w_i) x0_i - w_i x0_{i-1}, with
+    w_i = 1 / (2 r_i), r_i = h_{i-1} / h_i, h_i = log(sigma_i / sigma_{i+1}). 0 at the first step and the
+    last (to sigma 0), as in k-diffusion. sigmas: [N+1] -> [N], on the sigmas' device (no host sync)."""
+    h = (sigmas[:-1] / sigmas[1:]).log()                     # [N]; inf at the last step
+    w = torch.zeros_like(h)
+    if len(h) > 1:
+        r = h[:-1] / h[1:]
+        ok = (sigmas[2:] > 0) & (r > 0) & torch.isfinite(r)  # a repeated sigma would divide by 0: first order
+        w[1:] = torch.where(ok, 0.5 / torch.where(ok, r, torch.ones_like(r)), torch.zeros_like(r))
+    return w
+
+
 def _call(denoiser: Denoiser, x, sigma, cond, use_checkpoint: bool):
     if use_checkpoint and torch.is_grad_enabled():
         # Recompute activations in backward: memory stays flat in K (one call's activations at a time).
@@ -152,8 +190,10 @@ def sample(
     generator: torch.Generator | None = None,
     checkpoint: bool = True,
     callback: Callable[[dict], None] | None = None,
+    sampler: str = "ddim",
 ) -> torch.Tensor:
-    """Deterministic DDIM (Euler in sigma space); gradients flow through the last K denoiser calls only.
+    """A deterministic sampler (DDIM = Euler in sigma space, or DPM-Solver++(2M)); gradients flow through the
+    last K denoiser calls only.
 
     Args:
         denoiser: `denoiser(x, sigma, cond) -> x0` (CFG already folded in, e.g. `CFGDenoiser`).
@@ -166,6 +206,8 @@ def sample(
         checkpoint: gradient-checkpoint each differentiated call (off when the caller checkpoints the
             network's blocks instead, see `checkpointed_modules`).
         callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}.
+        sampler: one of SAMPLERS. "ddim" / "euler": x' = x0 + (x - x0) sigma'/sigma. "dpmpp_2m": the same step
+            with x0 extrapolated from the previous call's (second order in log sigma), as KSampler's dpmpp_2m.
 
     Returns:
         x0: [B,C,h,w] ([B*n,...] with lv_copies=n) — the final sample.
@@ -178,13 +220,19 @@ def sample(
         raise ValueError(f"lv_copies must be >= 0, got {lv_copies}")
     if lv_copies and K < 1:
         raise ValueError("DRaFT-LV needs gradients: set K >= 1 with lv_copies > 0")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {list(SAMPLERS)}")
     grad = torch.is_grad_enabled() and K > 0
     s_in = x.new_ones(x.shape[0])
+    w = _multistep_weights(sigmas) if sampler == "dpmpp_2m" else None
+    old = None
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         with torch.set_grad_enabled(grad and i >= n - K):  # DRaFT-K: only the last K calls are differentiated
             denoised = _call(denoiser, x, sigma * s_in, cond, checkpoint)
-            x = denoised + (x - denoised) * (sigma_next / sigma)  # DDIM eta=0 == Euler step in sigma
+            d = denoised if old is None else (1 + w[i]) * denoised - w[i] * old
+            x = d + (x - d) * (sigma_next / sigma)  # DDIM eta=0 == Euler step in sigma
+        old = denoised if w is not None else None
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
     if not lv_copies:

@@ -14,8 +14,16 @@ __all__ = [
     "sigma_to_t",
     "t_to_sigma",
     "get_sigmas_uniform",
+    "get_sigmas_sgm_uniform",
+    "get_sigmas_simple",
     "get_sigmas_karras",
+    "get_sigmas_exponential",
+    "SCHEDULERS",
+    "scheduler_sigmas",
 ]
+
+# the core's schedules, by ComfyUI's scheduler names (a ComfyUI MODEL uses ComfyUI's own list instead)
+SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple")
 
 
 def scaled_linear_alphas_cumprod(n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
@@ -72,6 +80,25 @@ def get_sigmas_uniform(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([t_to_sigma(t, sigmas), t.new_zeros(1)])
 
 
+def get_sigmas_sgm_uniform(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Like `get_sigmas_uniform` but `steps` of `steps + 1` even timesteps, the last (t = 0) dropped (SGM's
+    "uniform", ComfyUI's sgm_uniform). sigmas: [T] ascending -> [steps + 1] descending, last = 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(len(sigmas) - 1, 0, steps + 1)[:-1]
+    return torch.cat([t_to_sigma(t, sigmas), t.new_zeros(1)])
+
+
+def get_sigmas_simple(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Every (T / steps)-th training sigma from the top (ComfyUI's "simple").
+    sigmas: [T] ascending -> [steps + 1] descending, last = 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    stride = len(sigmas) / steps
+    idx = torch.tensor([len(sigmas) - 1 - int(i * stride) for i in range(steps)])
+    return torch.cat([sigmas.float()[idx], torch.zeros(1)])
+
+
 def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) noise schedule. -> [steps + 1] descending, last = 0."""
     if steps < 1:
@@ -81,3 +108,31 @@ def get_sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float
     ramp = torch.linspace(0, 1, steps)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1)])
+
+
+def get_sigmas_exponential(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Sigmas evenly spaced in log sigma. -> [steps + 1] descending, last = 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    return torch.cat([torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp(), torch.zeros(1)])
+
+
+def scheduler_sigmas(scheduler: str, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` sampling sigmas by scheduler name (one of SCHEDULERS) from a model's training sigmas.
+
+    sigmas: [T] ascending -> [steps + 1] descending, last = 0.
+    """
+    lo, hi = float(sigmas[0]), float(sigmas[-1])
+    if scheduler == "normal":
+        return get_sigmas_uniform(sigmas, steps)
+    if scheduler == "sgm_uniform":
+        return get_sigmas_sgm_uniform(sigmas, steps)
+    if scheduler == "simple":
+        return get_sigmas_simple(sigmas, steps)
+    if scheduler == "karras":
+        return get_sigmas_karras(steps, lo, hi)
+    if scheduler == "exponential":
+        return get_sigmas_exponential(steps, lo, hi)
+    raise ValueError(f"unknown scheduler {scheduler!r}: expected one of {list(SCHEDULERS)}")

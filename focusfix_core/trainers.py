@@ -32,8 +32,8 @@ from .lora import LoRA, MergedWhenNoGrad
 from .records import StepRecord
 from .rewards.base import Reward
 from .saliency import mask_from_reward
-from .sampler import (COMPILE_MODES, CompiledWhenNoGrad, check_steps, checkpointed_modules, compile_denoiser,
-                      get_sigmas, sample, seed_noise)
+from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules,
+                      compile_denoiser, sample, sampling_sigmas, seed_noise)
 
 __all__ = [
     "FixConfig",
@@ -106,7 +106,10 @@ class FixConfig(_LoRAConfig):
     negative_prompt: str = ""
     height: int = 512                   # image size in pixels (latents are height // latent_scale)
     width: int = 512
-    steps: int = 20                     # sampler steps N
+    steps: int = 20                     # sampler steps N (len(sigmas) - 1 when sigmas are given)
+    sampler: str = "ddim"               # ddim (= euler) | dpmpp_2m: KSampler's deterministic samplers
+    scheduler: str = "normal"           # a name the model knows (schedules.SCHEDULERS; ComfyUI: its own list)
+    sigmas: tuple[float, ...] = ()      # an explicit schedule, [steps + 1] ending at 0; replaces steps and scheduler
     cfg_scale: float = 5.0
     K: int = 1                          # DRaFT-K: differentiated last steps
     lv_copies: int = 0                  # DRaFT-LV re-noised copies of the last step (0 = off)
@@ -130,6 +133,13 @@ class FixConfig(_LoRAConfig):
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
         self._check_common()
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        if not isinstance(self.scheduler, str) or not self.scheduler:
+            raise ValueError(f"scheduler must be a scheduler's name, got {self.scheduler!r}")
+        if self.sigmas:
+            object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+            check_sigmas(self.sigmas)
+            object.__setattr__(self, "steps", len(self.sigmas) - 1)
         check_steps(self.steps, self.K)
         if self.K < 1:
             raise ValueError("K must be >= 1 to train (K=0 builds no graph)")
@@ -408,7 +418,8 @@ class FixTrainer(_LoRATrainer):
             self.method = "draft"
         self.reward = reward
         self.latent_shape = (model.latent_channels, cfg.height // scale, cfg.width // scale)
-        self.sigmas = get_sigmas(model.sigmas, cfg.steps).to(self.device)
+        self.sigmas = (torch.tensor(cfg.sigmas, dtype=torch.float32) if cfg.sigmas else
+                       sampling_sigmas(model, cfg.steps, cfg.scheduler)).to(self.device)
         self._sigma_max = float(self.sigmas[0])  # read once: the start x of every trajectory scales noise by it
         self.items = cfg.items
         self._given = self._check_given_masks(masks) if cfg.mask_source == "given" else None
@@ -482,7 +493,8 @@ class FixTrainer(_LoRATrainer):
                 # so an untrained LoRA gives I == I0 bit for bit
                 denoiser = _SwitchAfter(denoiser, self.denoiser, self.cfg.steps - self.cfg.K)
             with self.lora.disabled(), self._as_in_a_step():
-                z0 = sample(denoiser, self._noise(todo), self.sigmas, self._cond(todo), K=0, checkpoint=False)
+                z0 = sample(denoiser, self._noise(todo), self.sigmas, self._cond(todo), K=0, checkpoint=False,
+                           sampler=self.cfg.sampler)
                 I0 = self.model.decode(z0).float()
             src = self.cfg.mask_source
             if src == "given":
@@ -505,7 +517,8 @@ class FixTrainer(_LoRATrainer):
         merges it (same noise as I0; no graph)."""
         with self._as_in_a_step():
             try:
-                z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False)
+                z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False,
+                           sampler=self.cfg.sampler)
             finally:
                 self._train_denoiser.restore()
             return self.model.decode(z).float()
@@ -536,7 +549,8 @@ class FixTrainer(_LoRATrainer):
               checkpointed_modules(blocks)):
             try:
                 z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
-                           lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks)
+                           lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks,
+                           sampler=cfg.sampler)
             finally:
                 self._train_denoiser.restore()
             I = self.model.decode(z).float()

@@ -319,6 +319,17 @@ class ComfyDiffusionModel:
                                  "cond_denoised": x0_cond, "uncond_denoised": x0_uncond})
         return x0
 
+    def sampling_sigmas(self, steps: int, scheduler: str) -> torch.Tensor:
+        """[steps + 1] sigmas as KSampler computes them for this MODEL: ComfyUI's scheduler of that name (also one
+        a custom node registered) on the MODEL's model_sampling."""
+        import comfy.samplers
+
+        from .common import scheduler_names
+        known = scheduler_names()
+        if scheduler not in known:
+            raise ValueError(f"unknown scheduler {scheduler!r}: this ComfyUI has {known}")
+        return comfy.samplers.calculate_sigmas(self._model_sampling, scheduler, steps).float().cpu()
+
     def noise_scaling(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
         """The start x of a full denoise from standard noise [B,C,h,w], as KSampler makes it: the MODEL's
         model_sampling (eps / v: sqrt(1 + sigma^2) * noise at the top of the schedule, sigma * noise below),
@@ -688,25 +699,26 @@ def reward_on(reward, *tensors: torch.Tensor):
 @torch.no_grad()
 def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str], *, seed: int, steps: int,
                           cfg_scale: float, width: int, height: int, resolution: int | str = 16,
-                          negative: str = ""):
-    """Sample `prompt` (deterministic DDIM) while averaging the words' cross-attention maps over all steps.
+                          negative: str = "", sampler: str = "ddim", scheduler: str = "normal"):
+    """Sample `prompt` (KSampler's deterministic `sampler` and `scheduler`) while averaging the words'
+    cross-attention maps over all steps.
 
     Returns:
         A: [1, n_words, r, r] maps, z: [1, C, h, w] final latents.
     """
     from ..focusfix_core.attention import AttentionStore
     from ..focusfix_core.denoisers import CFGDenoiser, initial_x
-    from ..focusfix_core.sampler import get_sigmas, sample, seed_noise
+    from ..focusfix_core.sampler import sample, sampling_sigmas, seed_noise
     _check_size(width, height, dm.latent_scale)
     tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
     hw = (height // dm.latent_scale, width // dm.latent_scale)
     cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
-    sigmas = get_sigmas(dm.sigmas, steps).to(dm.device)
+    sigmas = sampling_sigmas(dm, steps, scheduler).to(dm.device)
     x = initial_x(dm, seed_noise([seed], (dm.latent_channels, *hw), device=dm.device), float(sigmas[0]))
     store = AttentionStore([tokens], resolution=resolution, keep_grad=False)
     with dm.attention_capture(store):
         z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x, sigmas, cond, K=0,
-                   checkpoint=False)
+                   checkpoint=False, sampler=sampler)
     return store.maps(), z
 
 

@@ -8,7 +8,7 @@ from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.losses import enhance_loss, separate_loss
 from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, prompt_attention_maps
-from .common import tip
+from .common import sampler_inputs, tip
 
 __all__ = ["FocusFixAttentionMaps"]
 
@@ -40,9 +40,11 @@ class FocusFixAttentionMaps:
                               default=16, min=2, max=128),
             "width": tip("INT", "Image width in pixels.", default=512, min=16, max=4096, step=8),
             "height": tip("INT", "Image height in pixels.", default=512, min=16, max=4096, step=8),
-        }, "optional": {"vae": tip("VAE", "Decode the sampled image to draw the maps over it.")}}
+        }, "optional": {"vae": tip("VAE", "Decode the sampled image to draw the maps over it."),
+                        **sampler_inputs("The image is sampled")}}
 
-    def execute(self, model, clip, prompt, words, seed, steps, cfg, resolution, width, height, vae=None):
+    def execute(self, model, clip, prompt, words, seed, steps, cfg, resolution, width, height, vae=None,
+                sampler_name="ddim", scheduler="normal"):
         names = [w.strip() for w in words.split(",") if w.strip()]
         if not names:
             raise ValueError("words is empty: give the prompt words to map, e.g. cat, dog")
@@ -50,7 +52,7 @@ class FocusFixAttentionMaps:
         import comfy.model_management as mm
         mm.load_models_gpu([model] + ([vae.patcher] if vae is not None else []))
         A, z = prompt_attention_maps(dm, prompt, names, seed=seed, steps=steps, cfg_scale=cfg, width=width,
-                                     height=height, resolution=resolution)
+                                     height=height, resolution=resolution, sampler=sampler_name, scheduler=scheduler)
         A = A.float().cpu()
         I = dm.decode(z).float().cpu().clamp(0, 1) if vae is not None else torch.full((1, 3, height, width), 0.5)
         overlap = float(separate_loss(A)[0]) if len(names) > 1 else 0.0

@@ -7,7 +7,8 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["LORA", "REWARD", "tip", "parse_lines", "parse_ints", "run_with_progress", "log"]
+__all__ = ["LORA", "REWARD", "tip", "parse_lines", "parse_ints", "run_with_progress", "log", "scheduler_names",
+           "sampler_inputs"]
 
 LORA = "FOCUSFIX_LORA"      # adapters.LoraData
 REWARD = "FOCUSFIX_REWARD"  # a focusfix_core Reward module
@@ -17,6 +18,28 @@ log = logging.getLogger("FocusFix")
 def tip(kind: str, text: str, **options) -> tuple:
     """One V1 input spec: (type, {tooltip, **options})."""
     return (kind, {"tooltip": text, **options})
+
+
+def scheduler_names() -> list[str]:
+    """KSampler's scheduler names, also those a custom node registered (the core's SCHEDULERS without ComfyUI)."""
+    try:
+        import comfy.samplers
+    except ImportError:
+        from ..focusfix_core.schedules import SCHEDULERS
+        return list(SCHEDULERS)
+    return list(getattr(comfy.samplers, "SCHEDULER_HANDLERS", None) or comfy.samplers.KSampler.SCHEDULERS)
+
+
+def sampler_inputs(what: str) -> dict:
+    """The optional sampler_name and scheduler inputs (KSampler's names) of a node that samples: `what` says
+    what they sample. Optional, so prompts and workflows saved before they existed still load."""
+    from ..focusfix_core.sampler import SAMPLERS
+
+    return {
+        "sampler_name": tip(list(SAMPLERS), f"{what} with this KSampler sampler (deterministic ones only; ddim and "
+                            "euler are the same sampler).", default="ddim"),
+        "scheduler": tip(scheduler_names(), f"{what} with this KSampler scheduler.", default="normal"),
+    }
 
 
 def parse_lines(text: str, name: str = "prompts") -> list[str]:

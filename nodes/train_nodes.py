@@ -15,7 +15,7 @@ from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
-from .common import LORA, REWARD, log, parse_ints, parse_lines, tip
+from .common import LORA, REWARD, log, parse_ints, parse_lines, sampler_inputs, tip
 from .runs import run_focus_n_fix, run_separate_enhance
 
 __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
@@ -93,8 +93,8 @@ class FocusFixTrainFocusNFix:
             "seeds": tip("STRING", "Seeds to train on: 0, 1, 2 or 0-3. Each (prompt, seed) is one training image.", default="0"),
             "width": tip("INT", "Image width in pixels.", default=512, min=16, max=4096, step=8),
             "height": tip("INT", "Image height in pixels.", default=512, min=16, max=4096, step=8),
-            "steps": tip("INT", "Sampler steps N (deterministic DDIM: KSampler with sampler ddim and scheduler normal "
-                         "draws the same images).", default=20, min=1, max=200),
+            "steps": tip("INT", "Sampler steps N: KSampler with these steps, sampler_name and scheduler draws the "
+                         "same images.", default=20, min=1, max=200),
             "cfg": tip("FLOAT", "Classifier-free guidance scale.", default=5.0, min=1.0, max=30.0, step=0.1),
             "K": tip("INT", "Differentiated last sampler steps (DRaFT-K); at most steps.", default=1, min=1, max=200),
             "lam": tip("FLOAT", "lam: weight of the region term ||(1-M)(I0-I)||; 0 = plain DRaFT.", default=1.0,
@@ -117,6 +117,10 @@ class FocusFixTrainFocusNFix:
             "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (saliency source)."),
             **CONTINUE_INPUT,
             **CHECKPOINT_INPUTS,
+            **sampler_inputs("I0 and I are sampled"),
+            "sigmas": tip("SIGMAS", "Sample with these sigmas (a scheduler node such as BasicScheduler, KarrasScheduler "
+                          "or AlignYourStepsScheduler, as SamplerCustom uses them) instead of steps and scheduler; "
+                          "a full denoise, ending at 0."),
         }}
 
     @classmethod
@@ -128,7 +132,8 @@ class FocusFixTrainFocusNFix:
     def execute(self, model, vae, reward, prompts, negative_prompt, seeds, width, height, steps, cfg, K, lam,
                 mask_source, rank, targets, lr, iterations, seed, clip=None, mask=None, positive=None, negative=None,
                 threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", continue_from=None,
-                checkpoint_every=0, checkpoint_name="focusfix/checkpoint"):
+                checkpoint_every=0, checkpoint_name="focusfix/checkpoint", sampler_name="ddim", scheduler="normal",
+                sigmas=None):
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
         notes, lines = [], parse_lines(prompts) if positive is None else None
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
@@ -149,9 +154,11 @@ class FocusFixTrainFocusNFix:
         uncond = (lambda: {k: v[:1] for k, v in conditioning_to_cond(negative, dm.is_adm, "negative").items()}) \
             if negative is not None else None
         labels = lines or [f"positive[{i}]" for i in range(sum(len(c[0]) for c in positive))]
+        schedule = _schedule(sigmas, notes)
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(parse_ints(seeds)), negative_prompt=negative_prompt, height=height,
-            width=width, steps=steps, cfg_scale=cfg, K=K, lam=lam, mask_source={"mask": "given"}.get(mask_source, mask_source),
+            width=width, steps=steps, cfg_scale=cfg, K=K, sampler=sampler_name, scheduler=scheduler, sigmas=schedule,
+            lam=lam, mask_source={"mask": "given"}.get(mask_source, mask_source),
             lr=lr, rank=rank, alpha=alpha, targets=targets, iterations=iterations, seed=seed,
             threshold_mode=threshold_mode, threshold=threshold, dilation=dilation, saliency_method=saliency_method),
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
@@ -161,6 +168,15 @@ class FocusFixTrainFocusNFix:
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
                 b1hw_to_mask(M), report)
+
+
+def _schedule(sigmas, notes: list[str]) -> tuple[float, ...]:
+    """A connected SIGMAS as the config's sigmas (checked there), with a report note; () when none is."""
+    if sigmas is None:
+        return ()
+    values = tuple(float(s) for s in torch.as_tensor(sigmas).flatten().tolist())
+    notes.append(f"sigmas connected: {len(values) - 1} steps from them (the steps and scheduler inputs are not used)")
+    return values
 
 
 def _precision_notes(history) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "CONDITIONING", "LATENT", "CLIP_VISION",
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "SIGMAS", "IMAGE", "MASK", "CONDITIONING", "LATENT", "CLIP_VISION",
                 "FOCUSFIX_LORA", "FOCUSFIX_REWARD"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 FILE_LISTS = {("FocusFixLoadLoRA", "lora_name")}

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from focusfix_core.denoisers import CFGDenoiser
-from focusfix_core.sampler import check_steps, get_sigmas, sample, seed_noise
-from focusfix_core.schedules import (get_sigmas_karras, scaled_linear_alphas_cumprod, sigma_to_t,
+from focusfix_core.sampler import check_steps, sample, seed_noise
+from focusfix_core.schedules import (get_sigmas_karras, get_sigmas_uniform, scaled_linear_alphas_cumprod, sigma_to_t,
                                      sigmas_from_alphas_cumprod, t_to_sigma)
 
 
@@ -104,7 +104,7 @@ def test_block_checkpointing_gives_same_gradient_and_restores_forward():
     with torch.no_grad():
         c, u = model.encode_prompts(["a red circle", "a blue square"]), model.encode_prompts([""])
     den = CFGDenoiser(model.denoise, u, 3.0)
-    sigmas = get_sigmas(model.sigmas, 4)
+    sigmas = get_sigmas_uniform(model.sigmas, 4)
     x = seed_noise([0, 1], (3, 16, 16)) * sigmas[0]
     inner = next(m for n, m in model.net.named_modules() if n.endswith("attn2.to_q"))  # inside a checkpointed block
     calls = []
@@ -165,7 +165,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="K"):
         check_steps(4, 5)
     with pytest.raises(ValueError, match="steps"):
-        get_sigmas(torch.linspace(0.1, 10, 100), 0)
+        get_sigmas_uniform(torch.linspace(0.1, 10, 100), 0)
     with pytest.raises(ValueError, match="sigmas must end with 0"):
         sample(GaussianDenoiser(), torch.zeros(1, 1, 2, 2), torch.tensor([2.0, 1.0]), cond())
 
@@ -175,7 +175,7 @@ def test_schedule_roundtrip_and_sd_range():
     assert sig[0] == pytest.approx(0.0292, abs=1e-3) and sig[-1] == pytest.approx(14.61, abs=0.01)
     t = torch.tensor([0.0, 10.5, 999.0])
     torch.testing.assert_close(sigma_to_t(t_to_sigma(t, sig), sig), t, atol=1e-3, rtol=1e-4)
-    s = get_sigmas(sig, 10)
+    s = get_sigmas_uniform(sig, 10)
     assert len(s) == 11 and s[-1] == 0 and bool((s[:-1].diff() < 0).all())
 
 
@@ -212,3 +212,106 @@ def test_cfg_denoiser_batches_a_marked_pair_and_hands_guidance_both_predictions(
     assert seen[0][:2] == (4, True) and got[-1][2] == 1.0
     torch.testing.assert_close(got[-1][1], 0.5 * x)
     torch.testing.assert_close(out, 1.5 * x)
+
+
+# -- samplers and schedulers by KSampler's names ------------------------------------------------------------
+def _dpmpp_2m_reference(den, x, sigmas, c):
+    """DPM-Solver++(2M) written in log-sigma time t = -log sigma, as the paper states it (Lu et al. 2022)."""
+    old, ts = None, [-math.log(s) if s > 0 else math.inf for s in sigmas.tolist()]
+    for i in range(len(sigmas) - 1):
+        x0 = den(x, sigmas[i] * torch.ones(len(x)), c)
+        h = ts[i + 1] - ts[i]
+        if old is None or sigmas[i + 1] == 0:
+            d = x0
+        else:
+            r = (ts[i] - ts[i - 1]) / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * old
+        x = math.exp(-h) * x - math.expm1(-h) * d
+        old = x0
+    return x
+
+
+def test_dpmpp_2m_follows_the_solver_and_is_second_order():
+    """The same x as the solver written in log-sigma time; on Gaussian data (exact ODE solution known) doubling
+    the steps divides its error by more than 3 (second order), DDIM's by about 2 (first order)."""
+    den, mu, s = GaussianDenoiser(), 0.5, 0.7
+    errors = {"ddim": [], "dpmpp_2m": []}
+    for n in (16, 32):
+        sigmas = get_sigmas_karras(n, 0.03, 14.6)
+        x = seed_noise([1, 2], (1, 4, 4)) * sigmas[0]
+        exact = mu + (x - mu) * s / math.sqrt(s**2 + float(sigmas[0]) ** 2)
+        with torch.no_grad():
+            out = {name: sample(den, x, sigmas, cond(), sampler=name) for name in ("ddim", "euler", "dpmpp_2m")}
+            torch.testing.assert_close(out["dpmpp_2m"], _dpmpp_2m_reference(den, x, sigmas, cond()), rtol=1e-5,
+                                       atol=1e-5)
+        assert torch.equal(out["ddim"], out["euler"])  # one step rule, two names (as in ComfyUI)
+        for name in errors:
+            errors[name].append(float((out[name] - exact).abs().max()))
+    ratio = {name: e[0] / e[1] for name, e in errors.items()}
+    assert 1.6 < ratio["ddim"] < 2.5 and ratio["dpmpp_2m"] > 3, (errors, ratio)
+    assert errors["dpmpp_2m"][1] < errors["ddim"][1] / 5
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_dpmpp_2m_differentiates_the_last_k_calls(K):
+    """DRaFT-K is the same with the multistep sampler: K differentiated calls, and at K=3 the gradient also
+    flows through the previous call's x0 that the step extrapolates from (it differs from K=1's)."""
+    grads = []
+    for k in (1, K):
+        den = GaussianDenoiser()
+        out = sample(den, torch.ones(2, 1, 3, 3) * 5, get_sigmas_karras(6, 0.1, 10.0), cond(), K=k, checkpoint=False,
+                     sampler="dpmpp_2m")
+        assert den.grad_calls == k and den.calls == 6
+        out.sum().backward()
+        grads.append(float(den.p.grad))
+    assert grads[0] != 0
+    if K > 1:
+        assert abs(grads[1] - grads[0]) > 1e-3 * abs(grads[0])
+
+
+def test_dpmpp_2m_survives_a_repeated_sigma():
+    """A schedule with a repeated sigma (h = 0) takes a first-order step there instead of dividing by zero."""
+    sigmas = torch.tensor([10.0, 4.0, 4.0, 1.0, 0.0])
+    out = sample(GaussianDenoiser(), torch.ones(2, 1, 3, 3) * 10, sigmas, cond(), sampler="dpmpp_2m")
+    assert torch.isfinite(out).all()
+
+
+def test_core_schedulers_by_name():
+    from focusfix_core.schedules import SCHEDULERS, scheduler_sigmas
+    sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod()).float()
+    seen = {}
+    for name in SCHEDULERS:
+        s = scheduler_sigmas(name, sig, 12)
+        assert s.shape == (13,) and s[-1] == 0 and bool((s[:-1].diff() < 0).all()), name
+        assert float(s[0]) == pytest.approx(float(sig[-1]), rel=1e-4), name  # every one starts at sigma_max
+        seen[name] = s
+    assert float(seen["karras"][-2]) == pytest.approx(float(sig[0]), rel=1e-4)       # and ends at sigma_min
+    assert float(seen["exponential"][-2]) == pytest.approx(float(sig[0]), rel=1e-4)
+    assert float(seen["sgm_uniform"][-2]) > float(seen["normal"][-2])               # stops one even step early
+    assert float(seen["simple"][1]) == pytest.approx(float(sig[len(sig) - 1 - int(1000 / 12)]))
+    with pytest.raises(ValueError, match=r"unknown scheduler 'beta'.*normal"):
+        scheduler_sigmas("beta", sig, 12)
+
+
+def test_sampling_sigmas_prefers_the_models_own_and_checks_them():
+    from focusfix_core.sampler import check_sigmas, sampling_sigmas
+
+    class Own:
+        sigmas = torch.linspace(0.1, 10, 100)
+
+        def sampling_sigmas(self, steps, scheduler):
+            return torch.tensor([10.0, 5.0, 0.0]) if scheduler == "mine" else torch.tensor([10.0, 0.0, 5.0])
+
+    assert sampling_sigmas(Own(), 2, "mine").tolist() == [10.0, 5.0, 0.0]
+    with pytest.raises(ValueError, match="'odd' scheduler's sigmas must be positive and end at 0"):
+        sampling_sigmas(Own(), 2, "odd")
+    with pytest.raises(ValueError, match="must not increase"):
+        check_sigmas([1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="at least 2 values"):
+        check_sigmas([0.0])
+    with pytest.raises(ValueError, match="finite"):
+        check_sigmas([math.nan, 0.0])
+    with pytest.raises(ValueError, match="SplitSigmas"):
+        check_sigmas([14.6, 3.0, 1.0])
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler_ancestral'.*dpmpp_2m"):
+        sample(GaussianDenoiser(), torch.zeros(2, 1, 2, 2), torch.tensor([2.0, 0.0]), cond(), sampler="euler_ancestral")

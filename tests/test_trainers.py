@@ -149,10 +149,39 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(mask_source="paint"), "mask_source"),
     (dict(lam=-1.0), "lam"),
     (dict(compile="fast"), "compile must be one of"),
+    (dict(sampler="euler_ancestral"), r"sampler must be one of \['ddim', 'euler', 'dpmpp_2m'\]"),
+    (dict(scheduler=""), "scheduler must be a scheduler's name"),
+    (dict(sigmas=(14.6, 2.0)), "sigmas must be positive and end at 0"),
+    (dict(sigmas=(14.6, 1.0, 0.0), K=3), "K .* between 0 and steps=2"),
 ])
 def test_fix_config_errors_name_the_input(kw, match):
     with pytest.raises(ValueError, match=match):
         fix_cfg(**kw)
+
+
+def test_sampler_scheduler_and_sigmas_drive_every_trajectory(small_model, square_reward):
+    """The config's sampler and schedule are I0's, the training steps' and the previews': an untrained LoRA gives
+    I == I0 (region 0 at step 0) with dpmpp_2m on karras, whose images differ from ddim on normal; explicit
+    sigmas replace steps and scheduler."""
+    from focusfix_core.sampler import sampling_sigmas
+    from focusfix_core.schedules import get_sigmas_karras
+    cfg = fix_cfg(iterations=2, sampler="dpmpp_2m", scheduler="karras")
+    trainer, recs = run(small_model, square_reward, cfg)
+    assert recs[0].region == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(trainer.sigmas, sampling_sigmas(small_model, 4, "karras"))
+    I0 = trainer.base([0, 1])[0]
+    trainer.lora.remove()
+    plain = FixTrainer(small_model, square_reward, fix_cfg(iterations=2))
+    assert (plain.base([0, 1])[0] - I0).abs().max() > 1e-3
+    plain.lora.remove()
+    sig = get_sigmas_karras(6, float(small_model.sigmas[0]), float(small_model.sigmas[-1]))
+    given = fix_cfg(iterations=1, sampler="dpmpp_2m", steps=20, scheduler="normal", sigmas=tuple(sig.tolist()))
+    assert given.steps == 6
+    trainer = FixTrainer(small_model, square_reward, given)
+    torch.testing.assert_close(trainer.sigmas, sig)
+    trainer.lora.remove()
+    with pytest.raises(ValueError, match=r"unknown scheduler 'beta'"):
+        FixTrainer(small_model, square_reward, fix_cfg(scheduler="beta"))
 
 
 def test_trainer_input_errors(small_model, square_reward):

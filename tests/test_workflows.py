@@ -146,3 +146,19 @@ def test_workflow_5_wires_the_reward_files_and_explains_them():
                    "models/focusfix_rewards", "models/clip_vision", "CompVis/stable-diffusion-safety-checker",
                    "openai/clip-vit-large-patch14", *bw.REWARD_FILES, bw.CLIP_VISION_FILE):
         assert needle in note, needle
+
+
+def test_ksamplers_use_the_train_nodes_sampler_settings():
+    """A KSampler beside a Train Focus-N-Fix node draws its I0 only with the same steps, cfg, sampler_name and
+    scheduler (the workflow notes promise this)."""
+    checked = []
+    for path in API_FILES:
+        api = json.loads(path.read_text())
+        trains = [n["inputs"] for n in api.values() if n["class_type"] == "FocusFixTrainFocusNFix"]
+        samplers = [n["inputs"] for n in api.values() if n["class_type"] == "KSampler"]
+        for train in trains:
+            for ks in samplers:
+                for name in ("steps", "cfg", "sampler_name", "scheduler"):
+                    assert ks[name] == train[name], f"{path.name}: KSampler {name} {ks[name]!r} vs Train {train[name]!r}"
+                checked.append(path.name)
+    assert len(set(checked)) >= 3, checked  # workflows 1, 2 and 5 pair them

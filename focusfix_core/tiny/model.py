@@ -339,13 +339,13 @@ class TinyModel(nn.Module):
 
         seeds: one per prompt (default 0..B-1); an image depends only on its prompt and seed.
         """
-        from ..sampler import get_sigmas, sample, seed_noise
+        from ..sampler import sample, sampling_sigmas, seed_noise
 
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
         S, dev = self.cfg.image_size, self.sigmas.device
-        sigmas = get_sigmas(self.sigmas, steps).to(dev)
+        sigmas = sampling_sigmas(self, steps).to(dev)
         x = seed_noise(seeds, (3, S, S), device=dev) * sigmas[0]
         denoiser = CFGDenoiser(self.denoise, self.encode_prompts([""]), cfg_scale)
         return self.decode(sample(denoiser, x, sigmas, self.encode_prompts(list(prompts)))).clamp(0, 1)

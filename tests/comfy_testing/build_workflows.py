@@ -170,7 +170,7 @@ Pass 2: open that image in Load Image, right-click > Open in MaskEditor, paint w
 
 The painted MASK replaces the reward's own localisation: the reward (here sharpness; an aesthetic model from models/focusfix_rewards works the same) is pushed up while everything outside the paint is held to I0 by lam * ||(1-M)(I0 - I)||.
 Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it.
-The KSamplers use the trainer's settings (same prompts, seed 0, 20 steps, cfg 5, ddim with the normal scheduler): 'KSampler (base)' draws the trainer's I0 and 'KSampler (with the LoRA)' its after image. Change them together.
+The KSamplers use the trainer's settings (same prompts, seed 0, 20 steps, cfg 5, sampler ddim, scheduler normal): 'KSampler (base)' draws the trainer's I0 and 'KSampler (with the LoRA)' its after image. Change them together: the Train node takes KSampler's sampler_name (ddim, euler, dpmpp_2m) and scheduler too.
 Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Train node's continue_from and queue again: training goes on from that LoRA."""
 
 NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)

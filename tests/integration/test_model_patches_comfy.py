@@ -232,22 +232,60 @@ def test_ksampler_draws_the_refiners_before_and_after_images(fresh, tiny_models)
     _ksampler_draws_the_trainers_images(fresh, model, clip, vae)
 
 
-def _ksampler_draws_the_trainers_images(fresh, model, clip, vae):
-    pack = fresh.pack.__name__
-    adapters = sys.modules[f"{pack}.nodes.adapters"]
+@pytest.mark.parametrize("sampler_name, scheduler", [("dpmpp_2m", "karras"), ("euler", "beta"),
+                                                     ("ddim", "sgm_uniform")])
+def test_ksampler_draws_the_trainers_images_with_its_sampler_and_scheduler(fresh, checkpoint, sampler_name,
+                                                                           scheduler):
+    """The Train node's sampler_name and scheduler are KSampler's: with the same ones KSampler draws I0 and the
+    after image (beta is one of ComfyUI's own schedulers, which the core does not have)."""
+    _ksampler_draws_the_trainers_images(fresh, *checkpoint, sampler_name=sampler_name, scheduler=scheduler)
+
+
+def test_sampler_custom_draws_the_trainers_images_from_connected_sigmas(fresh, checkpoint):
+    """A SIGMAS input (here KarrasScheduler's) replaces steps and scheduler: SamplerCustom with the same sigmas
+    and sampler draws I0 and the after image; the report says the steps input was not used."""
+    model, clip, vae = checkpoint
+    sigmas = fresh.run("KarrasScheduler", steps=5, sigma_max=14.6, sigma_min=0.1, rho=7.0)[0]
+    lora, before, after, report = _train(fresh, model, clip, vae, sampler_name="dpmpp_2m", sigmas=sigmas)
+    assert "sigmas connected: 5 steps" in report
+    positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
+    negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
+    sampler = fresh.run("KSamplerSelect", sampler_name="dpmpp_2m")[0]
+    empty = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    with_lora = fresh.run("FocusFixApplyLoRA", model=model, lora=lora, strength=1.0)[0]
+    assert (before - after).abs().max() > 1e-3, "two steps at lr 1e-2 should change the image"
+    for m, image in ((model, before), (with_lora, after)):
+        latent = fresh.run("SamplerCustom", model=m, add_noise=True, noise_seed=3, cfg=CFG, positive=positive,
+                           negative=negative, sampler=sampler, sigmas=sigmas, latent_image=empty)[0]
+        torch.testing.assert_close(fresh.run("VAEDecode", samples=latent, vae=vae)[0], image, rtol=0, atol=1e-4)
+    partial = fresh.run("SplitSigmas", sigmas=sigmas, step=2)[0]  # the high half: it stops before sigma 0
+    with pytest.raises(ValueError, match="sigmas must be positive and end at 0"):
+        _train(fresh, model, clip, vae, sigmas=partial)
+
+
+def _train(fresh, model, clip, vae, **settings):
+    """Train Focus-N-Fix, two steps at lr 1e-2 on 'a cat', seed 3, 4 steps -> (lora, before, after, report)."""
     (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
-    lora, _, before, after, _, _ = fresh.run(
+    lora, _, before, after, _, report = fresh.run(
         "FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
         negative_prompt="blurry", seeds="3", width=SIZE, height=SIZE, steps=4, cfg=CFG, K=1, lam=1.0,
-        mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, seed=0)
+        mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, seed=0, **settings)
+    return lora, before, after, report
+
+
+def _ksampler_draws_the_trainers_images(fresh, model, clip, vae, sampler_name="ddim", scheduler="normal"):
+    pack = fresh.pack.__name__
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    lora, before, after, _ = _train(fresh, model, clip, vae, sampler_name=sampler_name, scheduler=scheduler)
     positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
     negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     empty = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
     images = {}
     with_lora = fresh.run("FocusFixApplyLoRA", model=model, lora=lora, strength=1.0)[0]
     for name, m in (("before", model), ("after", with_lora)):
-        latent = fresh.run("KSampler", model=m, seed=3, steps=4, cfg=CFG, sampler_name="ddim", scheduler="normal",
-                           positive=positive, negative=negative, latent_image=empty, denoise=1.0)[0]
+        latent = fresh.run("KSampler", model=m, seed=3, steps=4, cfg=CFG, sampler_name=sampler_name,
+                           scheduler=scheduler, positive=positive, negative=negative, latent_image=empty,
+                           denoise=1.0)[0]
         images[name] = fresh.run("VAEDecode", samples=latent, vae=vae)[0]
     assert (before - after).abs().max() > 1e-3, "two steps at lr 1e-2 should change the image"
     torch.testing.assert_close(images["before"], before, rtol=0, atol=1e-4)

@@ -75,6 +75,34 @@ def test_attention_maps(comfy, checkpoint, layout):
     assert _hooks(model.model.diffusion_model) == 0
 
 
+def test_attention_maps_sample_with_ksamplers_sampler_and_scheduler(comfy, checkpoint):
+    """The maps come from the image KSampler draws with the same seed, steps, cfg, sampler_name and scheduler
+    (here dpmpp_2m on karras): the node's sampled image equals KSampler's, and differs from ddim/normal's."""
+    import sys
+    model, clip, vae = checkpoint
+    adapters = sys.modules[f"{comfy.pack.__name__}.nodes.adapters"]
+    dm = adapters.ComfyDiffusionModel(model, clip, vae)
+    kw = dict(seed=5, steps=4, cfg_scale=3.0, width=SIZE, height=SIZE, resolution=4)
+    with torch.inference_mode():
+        _, z = adapters.prompt_attention_maps(dm, "a cat and a dog", ["cat", "dog"], sampler="dpmpp_2m",
+                                              scheduler="karras", **kw)
+        _, z_ddim = adapters.prompt_attention_maps(dm, "a cat and a dog", ["cat", "dog"], **kw)
+    positive = comfy.run("CLIPTextEncode", clip=clip, text="a cat and a dog")[0]
+    negative = comfy.run("CLIPTextEncode", clip=clip, text="")[0]
+    latent = comfy.run("KSampler", model=model, seed=5, steps=4, cfg=3.0, sampler_name="dpmpp_2m", scheduler="karras",
+                       positive=positive, negative=negative, denoise=1.0,
+                       latent_image={"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)})[0]
+    image = comfy.run("VAEDecode", samples=latent, vae=vae)[0]
+    with torch.inference_mode():
+        ours, ours_ddim = (adapters.bchw_to_image(dm.decode(x).float().cpu()) for x in (z, z_ddim))
+    torch.testing.assert_close(ours, image, rtol=0, atol=1e-4)
+    assert (ours_ddim - image).abs().max() > 1e-2
+    maps, *_ = comfy.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a cat and a dog", words="cat, dog",
+                         seed=5, steps=4, cfg=3.0, resolution=4, width=SIZE, height=SIZE, sampler_name="dpmpp_2m",
+                         scheduler="karras")
+    assert maps.shape == (2, SIZE, SIZE)
+
+
 def test_attention_maps_missing_word(comfy, checkpoint):
     model, clip, _ = checkpoint
     with pytest.raises(ValueError, match="'horse' not found"):
