@@ -65,6 +65,10 @@ class DiffusionModel(Protocol):
     prompt's predictions when it is not plain CFG (ComfyUI: a MODEL patched by RescaleCFG, CFGZeroStar, APG, ...).
     Optional: `noise_scaling(noise, sigma) -> x`, the sampler's start x from standard noise at sigma (a float);
     sigma * noise without it. (ComfyUI starts a full denoise at sqrt(1 + sigma^2) * noise, as KSampler does.)
+    Optional: `sampling_sigmas(steps, scheduler) -> [steps + 1]`, the model's own schedulers by name (ComfyUI's
+    list, as KSampler computes them); the core's `schedules.scheduler_sigmas` on `sigmas` without it.
+    Optional: `family` ("sd1" | "sd2" | "sdxl" | "sdxl_refiner", `lora.BASE_FAMILIES`) and `v_prediction`: written
+    into saved LoRAs so other UIs file them under the right base model.
     """
 
     net: nn.Module

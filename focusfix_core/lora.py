@@ -28,6 +28,8 @@ from .io import atomic_save_safetensors, load_tensor_file_with_metadata
 
 __all__ = [
     "MergedWhenNoGrad",
+    "BASE_FAMILIES",
+    "base_model_metadata",
     "TARGET_PRESETS",
     "resolve_targets",
     "lora_delta",
@@ -515,6 +517,39 @@ def _focusfix_version() -> str:
     except ImportError:
         return "unknown"
     return str(__version__)
+
+
+_STABILITY = "https://github.com/Stability-AI/generative-models"
+# family -> kohya's ss_base_model_version, the SAI model spec's architecture, its implementation
+BASE_FAMILIES = {
+    "sd1": ("sd_v1", "stable-diffusion-v1", "diffusers"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512", "diffusers"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _STABILITY),
+    "sdxl_refiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner", _STABILITY),
+}
+
+
+def base_model_metadata(family: str | None, *, v_prediction: bool = False, width: int = 512, height: int = 512,
+                        title: str = "FocusFix LoRA") -> dict[str, str]:
+    """The metadata other tools read to tell which base model a LoRA is for: kohya's `ss_base_model_version` /
+    `ss_v2` (A1111 and Forge file a LoRA under SD1, SD2 or SDXL by them and hide it for other checkpoints; a file
+    with metadata but without them counts as SD1) and the SAI model spec (`modelspec.*`). {} for a family not in
+    BASE_FAMILIES (e.g. the tiny model)."""
+    if family not in BASE_FAMILIES:
+        return {}
+    version, arch, impl = BASE_FAMILIES[family]
+    if family == "sd2" and v_prediction:
+        arch = "stable-diffusion-v2-768-v"
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(family == "sd2"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": impl,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
 
 
 def lora_metadata(lora: LoRA, metadata: dict | None = None) -> dict[str, str]:

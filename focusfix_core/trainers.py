@@ -28,7 +28,7 @@ from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond,
 from .io import atomic_torch_save, load_training_state
 from .losses import (enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask, reward_loss,
                      separate_loss)
-from .lora import LoRA, MergedWhenNoGrad
+from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
 from .records import StepRecord
 from .rewards.base import Reward
 from .saliency import mask_from_reward
@@ -359,8 +359,10 @@ class _LoRATrainer:
 
     def metadata(self) -> dict:
         """LoRA metadata: method, base model and every setting that shaped the weights."""
-        cfg = asdict(self.cfg)
-        return {"focusfix_method": self.method, "focusfix_base_model": getattr(self.model, "name", "unknown"),
+        cfg, m = asdict(self.cfg), self.model
+        base = base_model_metadata(getattr(m, "family", None), v_prediction=getattr(m, "v_prediction", False),
+                                   width=self.cfg.width, height=self.cfg.height, title=f"FocusFix {self.method}")
+        return {**base, "focusfix_method": self.method, "focusfix_base_model": getattr(m, "name", "unknown"),
                 "focusfix_steps_trained": self.step, "focusfix_config": json.dumps(cfg, sort_keys=True)}
 
 

@@ -244,6 +244,8 @@ class ComfyDiffusionModel:
         # the SDXL refiner embeds an aesthetic score in y: 6 for the prompt, 2.5 for the negative prompt unless the
         # conditioning gives one (CLIPTextEncodeSDXLRefiner's ascore); KSampler tells encode_adm which prompt it is
         self.adm_reads_prompt_type = any(c.__name__ == "SDXLRefiner" for c in type(self.base).__mro__)
+        self.family = _family(self.base.model_config)
+        self.v_prediction = any(c.__name__ == "V_PREDICTION" for c in type(ms).__mro__)
         self._hw = _LiveHW()
 
     @property
@@ -720,6 +722,14 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
         z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x, sigmas, cond, K=0,
                    checkpoint=False, sampler=sampler)
     return store.maps(), z
+
+
+def _family(model_config) -> str | None:
+    """The base-model family a LoRA on this model is for (`focusfix_core.lora.BASE_FAMILIES`), by the class
+    ComfyUI detected the checkpoint as (or one it derives from: SSD-1B and Vega are SDXL, SD 2.1 is SD20)."""
+    names = {c.__name__ for c in type(model_config).__mro__}
+    return next((family for cls, family in (("SDXLRefiner", "sdxl_refiner"), ("SDXL", "sdxl"), ("SD20", "sd2"),
+                                              ("SD15", "sd1")) if cls in names), None)
 
 
 def _check_size(width: int, height: int, scale: int) -> None:

@@ -550,3 +550,20 @@ def test_merge_into_fp8_weights_sums_in_fp32():
     lora.merge()
     assert net.to_q.weight.dtype == torch.float8_e4m3fn
     torch.testing.assert_close(net.to_q.weight.float(), (w + delta).to(torch.float8_e4m3fn).float())
+
+
+def test_base_model_metadata_files_the_lora_under_its_base():
+    """kohya's and the SAI model spec's base-model keys, as A1111/Forge read them: ss_base_model_version starting
+    "sdxl_" -> SDXL, ss_v2 "True" -> SD2, else SD1; nothing for a model of no known family."""
+    from focusfix_core.lora import BASE_FAMILIES, base_model_metadata
+    got = {f: base_model_metadata(f, width=1024, height=768) for f in BASE_FAMILIES}
+    assert got["sdxl"]["ss_base_model_version"].startswith("sdxl_") and got["sdxl"]["ss_v2"] == "False"
+    assert got["sdxl_refiner"]["ss_base_model_version"].startswith("sdxl_")
+    assert got["sd2"]["ss_v2"] == "True" and not got["sd2"]["ss_base_model_version"].startswith("sdxl_")
+    assert got["sd1"]["ss_base_model_version"] == "sd_v1" and got["sd1"]["ss_v2"] == "False"
+    assert got["sd1"]["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert {m["modelspec.resolution"] for m in got.values()} == {"1024x768"}
+    v = base_model_metadata("sd2", v_prediction=True)
+    assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["modelspec.prediction_type"] == "v"
+    assert base_model_metadata(None) == {} and base_model_metadata("tiny") == {}
+    assert all(isinstance(x, str) for m in got.values() for x in m.values())  # safetensors metadata is str -> str

@@ -572,3 +572,15 @@ def test_the_models_noise_scaling_starts_every_trajectory(small_model, square_re
     torch.testing.assert_close(trainer._noise([0, 1]), noise * (1 + sigma_max ** 2) ** 0.5)
     assert seen and all(s == sigma_max for s in seen) and records[0].region == 0.0
     trainer.lora.remove()
+
+
+def test_metadata_names_the_models_family(small_model, square_reward, monkeypatch):
+    """A model that names its family (the ComfyUI adapter) gets the base-model keys other UIs read; the tiny
+    model, which has none, gets none."""
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+    assert "ss_base_model_version" not in trainer.metadata()
+    monkeypatch.setattr(small_model, "family", "sdxl", raising=False)
+    meta = trainer.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.resolution"] == "16x16"
+    assert meta["modelspec.title"] == "FocusFix focus-n-fix"
+    trainer.lora.remove()

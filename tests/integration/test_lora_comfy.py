@@ -110,3 +110,44 @@ def test_apply_refuses_a_lora_for_another_layout(fresh, checkpoint, lora_data):
     other = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl" if "SD15" in type(checkpoint[0].model.model_config).__name__ else "sd15", seed=0)[0]
     with pytest.raises(ValueError, match="match no layer"):
         fresh.run("FocusFixApplyLoRA", model=other, lora=data, strength=1.0)
+
+
+def _a1111_version(meta: dict) -> str:
+    """How A1111 and Forge file a LoRA (extensions-builtin/Lora/network.py, NetworkOnDisk.detect_version): their
+    Lora tab hides a LoRA whose version differs from the loaded checkpoint's."""
+    if str(meta.get("ss_base_model_version", "")).startswith("sdxl_"):
+        return "SDXL"
+    if str(meta.get("ss_v2", "")) == "True":
+        return "SD2"
+    return "SD1" if meta else "Unknown"
+
+
+@pytest.mark.parametrize("kind, family, version", [("sd15", "sd1", "SD1"), ("sdxl", "sdxl", "SDXL"),
+                                                   ("refiner", "sdxl_refiner", "SDXL"), ("sd2_v", "sd2", "SD2")])
+def test_saved_lora_names_its_base_model_for_other_uis(fresh, tiny_models, kind, family, version):
+    """A trained LoRA's file says which base model it is for (kohya's ss_base_model_version / ss_v2, the SAI model
+    spec's architecture), so A1111/Forge show an SDXL fix for SDXL checkpoints; before, every FocusFix LoRA read
+    as SD1 there and was hidden while an SDXL checkpoint was loaded."""
+    from safetensors import safe_open
+    with torch.inference_mode():
+        if kind == "refiner":
+            model, clip = tiny_models.tiny_sdxl_refiner(0)
+        else:
+            model, clip, _ = tiny_models.tiny_checkpoint("sdxl" if kind == "sdxl" else "sd15", 0)
+        vae = tiny_models.tiny_vae(0)
+    if kind == "sd2_v":  # a v-prediction SD 2.x: the SD20 config and sampling ComfyUI detects for 768-v
+        import comfy.supported_models
+        model.model.model_config.__class__ = comfy.supported_models.SD20
+        model = fresh.run("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=False)[0]
+    (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
+    lora = fresh.run("FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
+                     negative_prompt="", seeds="0", width=64, height=48, steps=2, cfg=3.0, K=1, lam=1.0,
+                     mask_source="heatmap", rank=2, targets="attn", lr=1e-3, iterations=1, seed=0)[0]
+    (name,) = fresh.run("FocusFixSaveLoRA", lora=lora, filename=f"base_{kind}", overwrite=False)
+    with safe_open(str(fresh.loras / name), "pt") as f:
+        meta = f.metadata()
+    assert _a1111_version(meta) == version
+    arch = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base",
+            "sdxl_refiner": "stable-diffusion-xl-v1-refiner", "sd2": "stable-diffusion-v2-768-v"}[family]
+    assert meta["modelspec.architecture"] == f"{arch}/lora" and meta["modelspec.resolution"] == "64x48"
+    assert meta["modelspec.prediction_type"] == ("v" if kind == "sd2_v" else "epsilon")
