@@ -230,6 +230,23 @@ def test_validate_inputs_k_larger_than_steps(comfy):
     assert cls.VALIDATE_INPUTS(steps=3, K=3) is True
 
 
+def test_train_nodes_batch_size(fresh, checkpoint):
+    """batch_size reaches both trainers: one Focus-N-Fix step on all 4 (prompt, seed) items gives another LoRA
+    than one step on one item, and the saved settings say so; a batch larger than the items gets a report note.
+    Separate-and-Enhance batches prompts, each with its own noise."""
+    import json
+    model, clip, _ = checkpoint
+    loras = {b: _train_fix(fresh, checkpoint, iterations=1, batch_size=b)[0] for b in (1, 4)}
+    assert json.loads(loras[4].metadata["focusfix_config"])["batch_size"] == 4
+    assert any(not torch.equal(loras[1].tensors[k], loras[4].tensors[k]) for k in loras[1].tensors)
+    report = _train_fix(fresh, checkpoint, iterations=1, seeds="0", prompts="a cat", batch_size=2)[-1]
+    assert "batch_size 2 is more than the 1 (prompt, seed) items" in report
+    lora = fresh.run("FocusFixTrainSeparateEnhance", model=model, clip=clip, prompts="a cat and a dog | cat, dog",
+                     lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2,
+                     targets="to_k", lr=1e-2, iterations=1, seed=0, batch_size=2)[0]
+    assert json.loads(lora.metadata["focusfix_config"])["batch_size"] == 2
+
+
 def test_train_separate_enhance(fresh, checkpoint, layout):
     model, clip, _ = checkpoint
     lora, curve, before, after, report = fresh.run(
