@@ -261,15 +261,18 @@ def test_sampler_custom_draws_the_trainers_images_from_connected_sigmas(fresh, c
     partial = fresh.run("SplitSigmas", sigmas=sigmas, step=2)[0]  # the high half: it stops before sigma 0
     with pytest.raises(ValueError, match="sigmas must be positive and end at 0"):
         _train(fresh, model, clip, vae, sigmas=partial)
+    with pytest.raises(ValueError, match=r"K \(3\) is more than the 2 steps of the connected sigmas"):
+        _train(fresh, model, clip, vae, K=3, sigmas=fresh.run("KarrasScheduler", steps=2, sigma_max=14.6,
+                                                              sigma_min=0.1, rho=7.0)[0])
 
 
 def _train(fresh, model, clip, vae, **settings):
     """Train Focus-N-Fix, two steps at lr 1e-2 on 'a cat', seed 3, 4 steps -> (lora, before, after, report)."""
     (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
-    lora, _, before, after, _, report = fresh.run(
-        "FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
-        negative_prompt="blurry", seeds="3", width=SIZE, height=SIZE, steps=4, cfg=CFG, K=1, lam=1.0,
-        mask_source="heatmap", rank=2, targets="attn", lr=1e-2, iterations=2, seed=0, **settings)
+    kw = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="a cat", negative_prompt="blurry", seeds="3",
+              width=SIZE, height=SIZE, steps=4, cfg=CFG, K=1, lam=1.0, mask_source="heatmap", rank=2, targets="attn",
+              lr=1e-2, iterations=2, seed=0)
+    lora, _, before, after, _, report = fresh.run("FocusFixTrainFocusNFix", **{**kw, **settings})
     return lora, before, after, report
 
 
