@@ -61,22 +61,29 @@ class Setting:
     se_lam_en: float = 1.0
     se_lam_preserve: float = 1.0
     se_preservation: str = "auto"  # keys (to_k LoRA: exact, no UNet pass) or outputs (x0 MSE); see SeparateEnhanceConfig
-    attribute_objective: str = "probability"  # or "logit": fine-tune on -logit P(red) (evaluation stays -P(red))
+    attribute_objective: str = "probability"  # or "logit": fine-tune on -logit P(red) (evaluation stays -P(red)),
+    #                                             or "hinge": -max(logit P(red) - logit(hinge_target), 0)
+    hinge_target: float = 0.1                   # the hinge stops pushing once P(red) is below this
 
 
 class LogitAttribute(Reward):
     """-logit P(colour): the attribute reward without its saturating sigmoid. The same ranking, but its gradient
-    does not vanish on images the classifier is sure of (at P = 0.97, 34x the sigmoid's)."""
+    does not vanish on images the classifier is sure of (at P = 0.97, 34x the sigmoid's). With `target`, a hinge:
+    -max(logit P - logit(target), 0), which stops pushing an image once its P(colour) is below `target`."""
 
     has_heatmap = False
-    name = "tiny_attribute_logit"
 
-    def __init__(self, attribute):
+    def __init__(self, attribute, target: float | None = None):
         super().__init__()
+        if target is not None and not 0 < target < 1:
+            raise ValueError(f"hinge_target must be a probability in (0, 1), got {target}")
         self.attribute = attribute
+        self.floor = None if target is None else math.log(target / (1 - target))
+        self.name = "tiny_attribute_logit" if target is None else f"tiny_attribute_hinge_{target:g}"
 
     def score(self, I):
-        return -self.attribute.logit(I)
+        logit = self.attribute.logit(I)
+        return -logit if self.floor is None else -(logit - self.floor).clamp_min(0)
 
 
 FULL = Setting()
@@ -272,9 +279,10 @@ def main(argv=None) -> str:
     if a.only in (None, "attribute"):
         red = [q for q in SINGLE + all_prompts(2, held_out=False) if "red" in q]
         train_p, eval_p = _split(red)
-        if s.attribute_objective not in ("probability", "logit"):
-            raise ValueError(f"attribute_objective must be probability or logit, got {s.attribute_objective!r}")
-        train_reward = LogitAttribute(rewards["attribute"]) if s.attribute_objective == "logit" else None
+        if s.attribute_objective not in ("probability", "logit", "hinge"):
+            raise ValueError(f"attribute_objective must be probability, logit or hinge, got {s.attribute_objective!r}")
+        train_reward = None if s.attribute_objective == "probability" else LogitAttribute(
+            rewards["attribute"], s.hinge_target if s.attribute_objective == "hinge" else None)
         rows += fix_experiment(model, rewards["attribute"], "attribute", train_p, eval_p, s,
                                {"mask_source": "saliency", "threshold_mode": "value", "threshold": 0.3,
                                 "blur_sigma": 1.0, "dilation": 2}, log, train_reward)
