@@ -366,8 +366,9 @@ def cmd_train_fnf(a) -> dict:
     size = _size(model, a.size)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, K=a.K, lv_copies=a.lv_copies,
-                    steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg, mask_source=a.mask_source, threshold_mode=a.threshold_mode,
-                    threshold=a.threshold, dilation=a.dilation, height=size, width=size)
+                    steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg,
+                    mask_source=a.mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
+                    dilation=a.dilation, height=size, width=size)
     return run_fix(model, reward, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every, model_note=note,
                    continue_from=saved)
 

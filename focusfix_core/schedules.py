@@ -124,15 +124,13 @@ def scheduler_sigmas(scheduler: str, sigmas: torch.Tensor, steps: int) -> torch.
 
     sigmas: [T] ascending -> [steps + 1] descending, last = 0.
     """
-    lo, hi = float(sigmas[0]), float(sigmas[-1])
     if scheduler == "normal":
         return get_sigmas_uniform(sigmas, steps)
     if scheduler == "sgm_uniform":
         return get_sigmas_sgm_uniform(sigmas, steps)
     if scheduler == "simple":
         return get_sigmas_simple(sigmas, steps)
-    if scheduler == "karras":
-        return get_sigmas_karras(steps, lo, hi)
-    if scheduler == "exponential":
-        return get_sigmas_exponential(steps, lo, hi)
+    if scheduler in ("karras", "exponential"):  # these read the model's sigma range only
+        get = get_sigmas_karras if scheduler == "karras" else get_sigmas_exponential
+        return get(steps, float(sigmas[0]), float(sigmas[-1]))
     raise ValueError(f"unknown scheduler {scheduler!r}: expected one of {list(SCHEDULERS)}")

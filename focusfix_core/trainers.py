@@ -140,6 +140,9 @@ class FixConfig(_LoRAConfig):
             object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
             check_sigmas(self.sigmas)
             object.__setattr__(self, "steps", len(self.sigmas) - 1)
+            if self.K > self.steps:
+                raise ValueError(f"K ({self.K}) is more than the {self.steps} steps of the sigmas: lower K or give "
+                                 f"sigmas with more steps")
         check_steps(self.steps, self.K)
         if self.K < 1:
             raise ValueError("K must be >= 1 to train (K=0 builds no graph)")

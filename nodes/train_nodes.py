@@ -169,7 +169,7 @@ class FocusFixTrainFocusNFix:
         uncond = (lambda: {k: v[:1] for k, v in conditioning_to_cond(negative, dm.is_adm, "negative").items()}) \
             if negative is not None else None
         labels = lines or [f"positive[{i}]" for i in range(sum(len(c[0]) for c in positive))]
-        schedule = _schedule(sigmas, K, notes)
+        schedule = _schedule(sigmas, notes)
         seed_list = parse_ints(seeds)
         notes += _batch_note(batch_size, len(labels) * len(seed_list))
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
@@ -187,14 +187,11 @@ class FocusFixTrainFocusNFix:
                 b1hw_to_mask(M), report)
 
 
-def _schedule(sigmas, K: int, notes: list[str]) -> tuple[float, ...]:
+def _schedule(sigmas, notes: list[str]) -> tuple[float, ...]:
     """A connected SIGMAS as the config's sigmas (checked there), with a report note; () when none is."""
     if sigmas is None:
         return ()
     values = tuple(float(s) for s in torch.as_tensor(sigmas).flatten().tolist())
-    if K > len(values) - 1:
-        raise ValueError(f"K ({K}) is more than the {len(values) - 1} steps of the connected sigmas: lower K or give "
-                         f"sigmas with more steps")
     notes.append(f"sigmas connected: {len(values) - 1} steps from them (the steps and scheduler inputs are not used)")
     return values
 

@@ -152,7 +152,7 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(sampler="euler_ancestral"), r"sampler must be one of \['ddim', 'euler', 'dpmpp_2m'\]"),
     (dict(scheduler=""), "scheduler must be a scheduler's name"),
     (dict(sigmas=(14.6, 2.0)), "sigmas must be positive and end at 0"),
-    (dict(sigmas=(14.6, 1.0, 0.0), K=3), "K .* between 0 and steps=2"),
+    (dict(sigmas=(14.6, 1.0, 0.0), K=3), r"K \(3\) is more than the 2 steps of the sigmas"),
 ])
 def test_fix_config_errors_name_the_input(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -261,7 +261,7 @@ def test_sampler_custom_draws_the_trainers_images_from_connected_sigmas(fresh, c
     partial = fresh.run("SplitSigmas", sigmas=sigmas, step=2)[0]  # the high half: it stops before sigma 0
     with pytest.raises(ValueError, match="sigmas must be positive and end at 0"):
         _train(fresh, model, clip, vae, sigmas=partial)
-    with pytest.raises(ValueError, match=r"K \(3\) is more than the 2 steps of the connected sigmas"):
+    with pytest.raises(ValueError, match=r"K \(3\) is more than the 2 steps of the sigmas"):
         _train(fresh, model, clip, vae, K=3, sigmas=fresh.run("KarrasScheduler", steps=2, sigma_max=14.6,
                                                               sigma_min=0.1, rho=7.0)[0])
 
