@@ -62,28 +62,23 @@ class Setting:
     se_lam_preserve: float = 1.0
     se_preservation: str = "auto"  # keys (to_k LoRA: exact, no UNet pass) or outputs (x0 MSE); see SeparateEnhanceConfig
     attribute_objective: str = "probability"  # or "logit": fine-tune on -logit P(red) (evaluation stays -P(red)),
-    #                                             or "hinge": -max(logit P(red) - logit(hinge_target), 0)
-    hinge_target: float = 0.1                   # the hinge stops pushing once P(red) is below this
+    #                                             or "hinge": the same with FixConfig.reward_target = -logit(hinge_target)
+    hinge_target: float = 0.1                   # the hinge stops pushing an image once its P(red) is below this
 
 
 class LogitAttribute(Reward):
     """-logit P(colour): the attribute reward without its saturating sigmoid. The same ranking, but its gradient
-    does not vanish on images the classifier is sure of (at P = 0.97, 34x the sigmoid's). With `target`, a hinge:
-    -max(logit P - logit(target), 0), which stops pushing an image once its P(colour) is below `target`."""
+    does not vanish on images the classifier is sure of (at P = 0.97, 34x the sigmoid's)."""
 
     has_heatmap = False
+    name = "tiny_attribute_logit"
 
-    def __init__(self, attribute, target: float | None = None):
+    def __init__(self, attribute):
         super().__init__()
-        if target is not None and not 0 < target < 1:
-            raise ValueError(f"hinge_target must be a probability in (0, 1), got {target}")
         self.attribute = attribute
-        self.floor = None if target is None else math.log(target / (1 - target))
-        self.name = "tiny_attribute_logit" if target is None else f"tiny_attribute_hinge_{target:g}"
 
     def score(self, I):
-        logit = self.attribute.logit(I)
-        return -logit if self.floor is None else -(logit - self.floor).clamp_min(0)
+        return -self.attribute.logit(I)
 
 
 FULL = Setting()
@@ -160,9 +155,9 @@ def flagged_seeds(model, reward, prompts, s: Setting) -> list[int]:
 
 
 def fix_experiment(model, reward, exp: str, train_prompts, eval_prompts, s: Setting, mask_kw: dict, log,
-                   train_reward=None):
+                   train_reward=None, reward_target: float | None = None):
     """Base, DRaFT and Focus-N-Fix rows for one reward (fine-tuned on train_reward where given, which also
-    gives the saliency masks; the table's reward column is always `reward`)."""
+    gives the saliency masks, up to reward_target; the table's reward column is always `reward`)."""
     t0 = time.perf_counter()
     train_seeds = flagged_seeds(model, reward, train_prompts, s)
     log(f"  {exp}: fine-tuning seeds {train_seeds} ({time.perf_counter() - t0:.0f} s to pick)")
@@ -179,7 +174,7 @@ def fix_experiment(model, reward, exp: str, train_prompts, eval_prompts, s: Sett
     for method, lam, kw in (("DRaFT", 0.0, {"mask_source": "none"}), ("Focus-N-Fix", s.lam, mask_kw)):
         cfg = FixConfig(prompts=tuple(train_prompts), seeds=tuple(train_seeds), height=32, width=32,
                         steps=s.steps, cfg_scale=s.fix_cfg_scale, K=s.K, lam=lam, iterations=s.fix_iterations,
-                        batch_size=s.fix_batch, lr=s.fix_lr, **kw)
+                        batch_size=s.fix_batch, lr=s.fix_lr, reward_target=reward_target, **kw)
         t0 = time.perf_counter()
         trainer = FixTrainer(model, train_reward or reward, cfg)  # the LoRA stays attached until removed below
         for rec in trainer:
@@ -281,11 +276,14 @@ def main(argv=None) -> str:
         train_p, eval_p = _split(red)
         if s.attribute_objective not in ("probability", "logit", "hinge"):
             raise ValueError(f"attribute_objective must be probability, logit or hinge, got {s.attribute_objective!r}")
-        train_reward = None if s.attribute_objective == "probability" else LogitAttribute(
-            rewards["attribute"], s.hinge_target if s.attribute_objective == "hinge" else None)
+        train_reward = None if s.attribute_objective == "probability" else LogitAttribute(rewards["attribute"])
+        if s.attribute_objective == "hinge" and not 0 < s.hinge_target < 1:
+            raise ValueError(f"hinge_target must be a probability in (0, 1), got {s.hinge_target}")
+        # -logit P(red) reaches -logit(t) when P(red) falls to t: no more push on that image from then on
+        target = math.log((1 - s.hinge_target) / s.hinge_target) if s.attribute_objective == "hinge" else None
         rows += fix_experiment(model, rewards["attribute"], "attribute", train_p, eval_p, s,
                                {"mask_source": "saliency", "threshold_mode": "value", "threshold": 0.3,
-                                "blur_sigma": 1.0, "dilation": 2}, log, train_reward)
+                                "blur_sigma": 1.0, "dilation": 2}, log, train_reward, target)
     if a.only in (None, "composition"):
         rows += composition_experiment(model, s, log)
     out = table(rows)

@@ -152,9 +152,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: boo
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
-    idx = list(range(len(trainer.items)))
-    I0, _, M = trainer.base(idx)
-    I = trainer.sample_images(idx)
+    I0, I, M = trainer.before_after()
     with torch.no_grad():
         r0, r1 = reward(I0.clamp(0, 1)), reward(I.clamp(0, 1))
     diff = (I - I0).abs().mean(1)                                          # [n,H,W]
@@ -308,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3))
     f.add_argument("--reward", required=True, help="reward name or file")
     f.add_argument("--lam", type=float, default=1.0, help="lambda of the region term (0 = DRaFT)")
+    f.add_argument("--reward-target", type=float, default=None,
+                   help="no more push on an image once its reward reaches this (default: unbounded)")
     f.add_argument("--K", type=int, default=1, help="differentiated last sampler steps (DRaFT-K)")
     f.add_argument("--lv-copies", type=int, default=0, help="DRaFT-LV copies of the last step")
     f.add_argument("--steps", type=int, default=20)
@@ -365,7 +365,8 @@ def cmd_train_fnf(a) -> dict:
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
-                    batch_size=a.batch_size, seed=a.seed, lam=a.lam, K=a.K, lv_copies=a.lv_copies,
+                    batch_size=a.batch_size, seed=a.seed, lam=a.lam, reward_target=a.reward_target, K=a.K,
+                    lv_copies=a.lv_copies,
                     steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg,
                     mask_source=a.mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
                     dilation=a.dilation, height=size, width=size)

@@ -114,6 +114,7 @@ class FixConfig(_LoRAConfig):
     K: int = 1                          # DRaFT-K: differentiated last steps
     lv_copies: int = 0                  # DRaFT-LV re-noised copies of the last step (0 = off)
     lam: float = 1.0                    # lambda of the region term; 0 = plain DRaFT (region still logged)
+    reward_target: float | None = None  # no more push on an image once its reward reaches this (None: unbounded)
     mask_source: str = "heatmap"        # heatmap | saliency | given | none (plain DRaFT)
     mask_space: str = "pixel"           # pixel | latent: where the region term compares I0 and I
     saliency_method: str = "grad"       # grad | smoothgrad | grad_x_input
@@ -149,6 +150,8 @@ class FixConfig(_LoRAConfig):
         if self.lv_copies < 0:
             raise ValueError(f"lv_copies must be >= 0, got {self.lv_copies}")
         _check_positive("lam", self.lam, allow_zero=True)
+        if self.reward_target is not None and not math.isfinite(self.reward_target):
+            raise ValueError(f"reward_target must be a finite number or None, got {self.reward_target}")
         _check_positive("cfg_scale", self.cfg_scale)
         _check_choice("mask_source", self.mask_source, MASK_SOURCES)
         _check_choice("mask_space", self.mask_space, ("pixel", "latent"))
@@ -489,8 +492,13 @@ class FixTrainer(_LoRATrainer):
 
     @torch.no_grad()
     def base(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached."""
-        todo = [i for i in idx if i not in self._cache]
+        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached.
+
+        A batch with a new item is sampled whole, cached items too: kernels round differently at other batch
+        sizes, and the new item's I0 must equal its I in the step that trains it on this batch while the LoRA is
+        still untrained. (The region norm's gradient has full size at any I != I0: at a rounding-level
+        difference it points along the rounding noise, and Adam would take a full step along it.)"""
+        todo = [j for j, i in enumerate(idx) if i not in self._cache]  # positions in idx
         if todo:
             denoiser = self.sampling_denoiser
             if denoiser is not self.denoiser:
@@ -498,9 +506,10 @@ class FixTrainer(_LoRATrainer):
                 # so an untrained LoRA gives I == I0 bit for bit
                 denoiser = _SwitchAfter(denoiser, self.denoiser, self.cfg.steps - self.cfg.K)
             with self.lora.disabled(), self._as_in_a_step():
-                z0 = sample(denoiser, self._noise(todo), self.sigmas, self._cond(todo), K=0, checkpoint=False,
-                           sampler=self.cfg.sampler)
+                z0 = sample(denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False,
+                           sampler=self.cfg.sampler)[todo]
                 I0 = self.model.decode(z0).float()
+            todo = [idx[j] for j in todo]
             src = self.cfg.mask_source
             if src == "given":
                 M = torch.stack([self._given_mask(i) for i in todo])
@@ -515,6 +524,19 @@ class FixTrainer(_LoRATrainer):
                 self._cache[i] = (I0[j], z0[j], None if M is None else M[j].to(self.device))
         I0, z0, M = zip(*(self._cache[i] for i in idx))
         return torch.stack(I0), torch.stack(z0), None if M[0] is None else torch.stack(M)
+
+    @torch.no_grad()
+    def before_after(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """I0 [N,3,H,W], I [N,3,H,W] (the LoRA as it is now) and M [N,H,W] (None for "none") of every item,
+        batch_size items at a time: the peak memory stays a training batch's, however many items there are."""
+        idx, b = list(range(len(self.items))), self.cfg.batch_size
+        I0, I, M = [], [], []
+        for chunk in (idx[k:k + b] for k in range(0, len(idx), b)):
+            i0, _, m = self.base(chunk)
+            I0.append(i0)
+            I.append(self.sample_images(chunk))
+            M.append(m)
+        return torch.cat(I0), torch.cat(I), None if M[0] is None else torch.cat(M)
 
     @torch.no_grad()
     def sample_images(self, idx: list[int]) -> torch.Tensor:
@@ -561,7 +583,7 @@ class FixTrainer(_LoRATrainer):
             I = self.model.decode(z).float()
             n = max(cfg.lv_copies, 1)  # DRaFT-LV: n copies of each image, adjacent
             scores = self.reward(I)
-            loss = reward_loss(scores)
+            loss = reward_loss(scores, cfg.reward_target)
             region = None
             if M is not None:
                 if cfg.mask_space == "pixel":

@@ -90,11 +90,9 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
                            continue_from, dm)
         try:
             _release(dm)
-            idx = list(range(len(trainer.items)))
-            I0, _, M = trainer.base(idx)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
                                         _checkpointer(trainer, checkpoint_every, checkpoint_name, continue_from))
-            I = trainer.sample_images(idx)
+            I0, I, M = trainer.before_after()
             return FixRun(_lora_data(trainer, continue_from), history, I0, I, M)
         finally:
             trainer.lora.remove()

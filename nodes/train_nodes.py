@@ -22,6 +22,7 @@ __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
 
 MASK_SOURCES = ["heatmap", "saliency", "mask", "none"]  # "mask" = the MASK input (core: "given")
 CURVES_FIX = ("loss", "reward", "region")
+NO_TARGET = 1e9  # the reward_target widget's "never stop" (a FLOAT widget has no None)
 CURVES_SE = ("loss", "separate", "enhance", "preserve")
 
 
@@ -132,6 +133,10 @@ class FocusFixTrainFocusNFix:
             **CHECKPOINT_INPUTS,
             **sampler_inputs("I0 and I are sampled"),
             **_batch_input("(prompt, seed) items", "SD1.5 at 512 px, modelled: about 4 GiB at 1, 7.7 GiB at 4"),
+            "reward_target": tip("FLOAT", "Stop pushing an image once its reward reaches this (Score Images shows the "
+                                 "scores); from then on only the region term acts on it, pulling it back to I0 "
+                                 f"outside M. Guards against reward hacking. {NO_TARGET:g} = never stop.",
+                                 default=NO_TARGET, min=-NO_TARGET, max=NO_TARGET, step=0.01),
             "sigmas": tip("SIGMAS", "Sample with these sigmas (a scheduler node such as BasicScheduler, KarrasScheduler "
                           "or AlignYourStepsScheduler, as SamplerCustom uses them) instead of steps and scheduler; "
                           "a full denoise, ending at 0."),
@@ -148,7 +153,7 @@ class FocusFixTrainFocusNFix:
                 mask_source, rank, targets, lr, iterations, seed, clip=None, mask=None, positive=None, negative=None,
                 threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", continue_from=None,
                 checkpoint_every=0, checkpoint_name="focusfix/checkpoint", sampler_name="ddim", scheduler="normal",
-                sigmas=None, batch_size=1):
+                sigmas=None, batch_size=1, reward_target=NO_TARGET):
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
         notes, lines = [], parse_lines(prompts) if positive is None else None
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
@@ -175,7 +180,8 @@ class FocusFixTrainFocusNFix:
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(seed_list), negative_prompt=negative_prompt, height=height,
             width=width, steps=steps, cfg_scale=cfg, K=K, sampler=sampler_name, scheduler=scheduler, sigmas=schedule,
-            lam=lam, mask_source={"mask": "given"}.get(mask_source, mask_source),
+            lam=lam, reward_target=None if reward_target >= NO_TARGET else reward_target,
+            mask_source={"mask": "given"}.get(mask_source, mask_source),
             lr=lr, rank=rank, alpha=alpha, targets=targets, iterations=iterations, seed=seed, batch_size=batch_size,
             threshold_mode=threshold_mode, threshold=threshold, dilation=dilation, saliency_method=saliency_method),
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,

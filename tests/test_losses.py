@@ -154,6 +154,15 @@ def test_reward_loss_value_and_errors():
         reward_loss(torch.ones(2, 2))
 
 
+def test_reward_loss_target_stops_the_push_per_image():
+    """With a target, an image above it adds no gradient; the others are pushed as without one."""
+    s = torch.tensor([1.0, 3.0, 2.5], requires_grad=True)
+    loss = reward_loss(s, target=2.0)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), torch.tensor(-5.0 / 3))
+    torch.testing.assert_close(s.grad, torch.tensor([-1 / 3, 0.0, 0.0]))
+
+
 def test_reward_loss_gradcheck():
     s = torch.rand(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(reward_loss, (s,))

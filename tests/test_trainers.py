@@ -149,6 +149,7 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(mask_source="paint"), "mask_source"),
     (dict(lam=-1.0), "lam"),
     (dict(compile="fast"), "compile must be one of"),
+    (dict(reward_target=float("inf")), "reward_target must be a finite number"),
     (dict(sampler="euler_ancestral"), r"sampler must be one of \['ddim', 'euler', 'dpmpp_2m'\]"),
     (dict(scheduler=""), "scheduler must be a scheduler's name"),
     (dict(sigmas=(14.6, 2.0)), "sigmas must be positive and end at 0"),
@@ -583,4 +584,44 @@ def test_metadata_names_the_models_family(small_model, square_reward, monkeypatc
     meta = trainer.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.resolution"] == "16x16"
     assert meta["modelspec.title"] == "FocusFix focus-n-fix"
+    trainer.lora.remove()
+
+
+def test_reward_target_ends_the_push_once_reached(small_model, square_reward):
+    """Below the target the first step is the unbounded one (same LoRA); with a target every image has already
+    reached, training only holds the region: the LoRA stays at its start (I == I0, region 0 throughout)."""
+    cfg = fix_cfg(iterations=1)
+    free, _ = run(small_model, square_reward, cfg)
+    sd_free = {k: v.clone() for k, v in free.lora.state_dict().items()}
+    I0 = free.base([0, 1])[0]
+    scores = square_reward(I0)
+    free.lora.remove()
+    above, _ = run(small_model, square_reward, replace(cfg, reward_target=float(scores.max()) + 1.0))
+    for k, v in above.lora.state_dict().items():
+        torch.testing.assert_close(v, sd_free[k])
+    above.lora.remove()
+    reached, recs = run(small_model, square_reward, replace(cfg, iterations=3, reward_target=float(scores.min()) - 1.0))
+    assert all(r.region == pytest.approx(0.0, abs=1e-6) for r in recs)
+    assert all(float(v.abs().sum()) == 0 for k, v in reached.lora.state_dict().items() if "up" in k)
+    reached.lora.remove()
+
+
+def test_a_batch_with_a_new_item_is_sampled_whole(small_model, square_reward, monkeypatch):
+    """I0 of a new item comes from the batch that first trains it (kernels round differently at other batch
+    sizes), cached items keep their first I0, and a batch of cached items samples nothing; before_after()
+    goes batch_size items at a time."""
+    import focusfix_core.trainers as tr
+    batches = []
+    real = tr.sample
+    monkeypatch.setattr(tr, "sample", lambda den, x, *a, **k: batches.append(len(x)) or real(den, x, *a, **k))
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(seeds=(0, 1, 2), batch_size=2))
+    first = trainer.base([0])[0].clone()
+    trainer.base([0, 1])
+    trainer.base([1, 0])
+    assert batches == [1, 2]
+    torch.testing.assert_close(trainer.base([0])[0], first, rtol=0, atol=0)
+    batches.clear()
+    I0, I, M = trainer.before_after()
+    assert I0.shape == I.shape == (3, 3, 16, 16) and M.shape == (3, 16, 16)
+    assert batches == [2, 1, 1]  # I of [0, 1] (their I0 is cached), then I0 and I of [2]
     trainer.lora.remove()

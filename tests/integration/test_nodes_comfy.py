@@ -247,6 +247,20 @@ def test_train_nodes_batch_size(fresh, checkpoint):
     assert json.loads(lora.metadata["focusfix_config"])["batch_size"] == 2
 
 
+def test_train_focus_n_fix_reward_target(fresh, checkpoint):
+    """reward_target: with one every image is already above there is nothing to push, and the region term holds
+    I0 exactly (after == before; the region's gradient is exactly 0 while I == I0, since each I0 is sampled in the
+    batch that first trains it); the widget's default is "no target"."""
+    import json
+    lora, _, before, after, _, report = _train_fix(fresh, checkpoint, reward_target=-1000.0)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert json.loads(lora.metadata["focusfix_config"])["reward_target"] == -1000.0
+    assert "loss 1000.0000" in report and "region 0.0000" in report  # -min(r, -1000) + lam * 0
+    free = _train_fix(fresh, checkpoint)
+    assert not torch.equal(free[2], free[3])
+    assert json.loads(free[0].metadata["focusfix_config"])["reward_target"] is None
+
+
 def test_train_separate_enhance(fresh, checkpoint, layout):
     model, clip, _ = checkpoint
     lora, curve, before, after, report = fresh.run(
