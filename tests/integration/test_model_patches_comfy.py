@@ -247,7 +247,7 @@ def test_sampler_custom_draws_the_trainers_images_from_connected_sigmas(fresh, c
     model, clip, vae = checkpoint
     sigmas = fresh.run("KarrasScheduler", steps=5, sigma_max=14.6, sigma_min=0.1, rho=7.0)[0]
     lora, before, after, report = _train(fresh, model, clip, vae, sampler_name="dpmpp_2m", sigmas=sigmas)
-    assert "sigmas connected: 5 steps" in report
+    assert "sigmas connected: 5 steps" in report and "SamplerCustom draws these images" in report
     positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
     negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     sampler = fresh.run("KSamplerSelect", sampler_name="dpmpp_2m")[0]
@@ -279,7 +279,8 @@ def _train(fresh, model, clip, vae, **settings):
 def _ksampler_draws_the_trainers_images(fresh, model, clip, vae, sampler_name="ddim", scheduler="normal"):
     pack = fresh.pack.__name__
     adapters = sys.modules[f"{pack}.nodes.adapters"]
-    lora, before, after, _ = _train(fresh, model, clip, vae, sampler_name=sampler_name, scheduler=scheduler)
+    lora, before, after, report = _train(fresh, model, clip, vae, sampler_name=sampler_name, scheduler=scheduler)
+    assert f"steps 4, cfg {CFG:g}, sampler_name {sampler_name}, scheduler {scheduler}" in report
     positive = fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0]
     negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
     empty = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
