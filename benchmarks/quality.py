@@ -61,8 +61,9 @@ class Setting:
     se_lam_en: float = 1.0
     se_lam_preserve: float = 1.0
     se_preservation: str = "auto"  # keys (to_k LoRA: exact, no UNet pass) or outputs (x0 MSE); see SeparateEnhanceConfig
-    attribute_objective: str = "probability"  # or "logit": fine-tune on -logit P(red) (evaluation stays -P(red)),
-    #                                             or "hinge": the same with FixConfig.reward_target = -logit(hinge_target)
+    # "probability", or "logit": fine-tune on -logit P(red) (evaluation stays -P(red)), or "hinge": the same with
+    # FixConfig.reward_target = -logit(hinge_target)
+    attribute_objective: str = "probability"
     hinge_target: float = 0.1                   # the hinge stops pushing an image once its P(red) is below this
 
 

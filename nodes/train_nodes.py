@@ -137,9 +137,9 @@ class FocusFixTrainFocusNFix:
                                  "scores); from then on only the region term acts on it, pulling it back to I0 "
                                  f"outside M. Guards against reward hacking. {NO_TARGET:g} = never stop.",
                                  default=NO_TARGET, min=-NO_TARGET, max=NO_TARGET, step=0.01),
-            "sigmas": tip("SIGMAS", "Sample with these sigmas (a scheduler node such as BasicScheduler, KarrasScheduler "
-                          "or AlignYourStepsScheduler, as SamplerCustom uses them) instead of steps and scheduler; "
-                          "a full denoise, ending at 0."),
+            "sigmas": tip("SIGMAS", "Sample with these sigmas (a scheduler node such as BasicScheduler, "
+                          "KarrasScheduler or AlignYourStepsScheduler, as SamplerCustom uses them) instead of steps "
+                          "and scheduler; a full denoise, ending at 0."),
         }}
 
     @classmethod
@@ -187,8 +187,8 @@ class FocusFixTrainFocusNFix:
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
             continue_from=continue_from)
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
-        redraw = (f"KSampler draws these images with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, scheduler "
-                  f"{scheduler} (one run of batch size 1 per seed)" if sigmas is None else
+        redraw = (f"KSampler draws these images with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, "
+                  f"scheduler {scheduler} (one run of batch size 1 per seed)" if sigmas is None else
                   f"SamplerCustom draws these images with the connected sigmas, cfg {cfg:g} and sampler {sampler_name}")
         report = "\n".join([repr(run.lora), run.history[-1].summary(), redraw, *notes,
                             *_precision_notes(run.history)])

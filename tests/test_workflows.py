@@ -159,6 +159,7 @@ def test_ksamplers_use_the_train_nodes_sampler_settings():
         for train in trains:
             for ks in samplers:
                 for name in ("steps", "cfg", "sampler_name", "scheduler"):
-                    assert ks[name] == train[name], f"{path.name}: KSampler {name} {ks[name]!r} vs Train {train[name]!r}"
+                    assert ks[name] == train[name], \
+                        f"{path.name}: KSampler {name} {ks[name]!r} vs Train {train[name]!r}"
                 checked.append(path.name)
     assert len(set(checked)) >= 3, checked  # workflows 1, 2 and 5 pair them
