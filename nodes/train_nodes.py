@@ -187,14 +187,20 @@ class FocusFixTrainFocusNFix:
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
             continue_from=continue_from)
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
-        redraw = (f"KSampler draws these images with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, "
-                  f"scheduler {scheduler} (one run of batch size 1 per seed)" if sigmas is None else
-                  f"SamplerCustom draws these images with the connected sigmas, cfg {cfg:g} and sampler {sampler_name}")
-        report = "\n".join([repr(run.lora), run.history[-1].summary(), redraw, *notes,
+        report = "\n".join([repr(run.lora), run.history[-1].summary(),
+                            _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *notes,
                             *_precision_notes(run.history)])
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
                 b1hw_to_mask(M), report)
+
+
+def _redraw_note(steps: int, cfg: float, sampler_name: str, scheduler: str, sigmas) -> str:
+    """The report line that says how to draw the before/after images again outside the Train node."""
+    if sigmas is not None:
+        return f"SamplerCustom draws these images with the connected sigmas, cfg {cfg:g} and sampler {sampler_name}"
+    return (f"KSampler draws these images with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, "
+            f"scheduler {scheduler} (one run of batch size 1 per seed)")
 
 
 def _schedule(sigmas, notes: list[str]) -> tuple[float, ...]:
