@@ -21,15 +21,17 @@
 #   sd15-flags     ComfyUI launch flags an artist may use: --fast autotune (cuDNN autotuning),
 #                  --force-channels-last, on fnf_b1/fnf_b4                                ~4 min
 #   compile-check  one graph per call, and no CPU work inside it, on the CUDA build      ~3 min
+#   sd15-sampler   fnf_b1/fnf_b4 with dpmpp_2m on karras at 20 steps: the artist's fewer-steps lever
+#                  (a second-order sampler at 20 steps against the issue's DDIM at 50)    ~2 min
 # The baseline and compile steps profile one extra iteration per case (train_speed --profile: kernel launches,
 # device-busy fraction, top kernels), the profile issue 6 asks for where a goal is missed.
 # Suggested calls for a 30-minute budget, most important first: "smoke sd15", "sd15-compile", "sdxl sdxl-compile",
-# "se sd15-fp16 compile-check", then what time is left: "sd15-memory sdxl-memory", "sd15-flags".
+# "se sd15-fp16 compile-check", then what time is left: "sd15-memory sdxl-memory", "sd15-flags sd15-sampler".
 # A failed case is recorded in its JSON ("error", "failed_cases") and the plan goes on; it exits 1 at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
-STEPS=" smoke sd15 sd15-compile sdxl sdxl-compile se sd15-fp16 sd15-memory sdxl-memory sd15-flags compile-check "
+STEPS=" smoke sd15 sd15-compile sdxl sdxl-compile se sd15-fp16 sd15-memory sdxl-memory sd15-flags compile-check sd15-sampler "
 
 if [ "${1:-}" = pack ]; then
     : "${COMFYUI_DIR:?set COMFYUI_DIR to a ComfyUI checkout}"
@@ -94,6 +96,8 @@ for step in "$@"; do
                            --comfy-args="--fast autotune"
                        ts sd15_channels_last --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
                            --comfy-args="--force-channels-last" ;;
+        sd15-sampler)  ts sd15_dpmpp_2m_20 --models sd15 --cases fnf_b1,fnf_b4 --sampler dpmpp_2m --scheduler karras \
+                           --steps 20 --iters 3 --warmup 1 ;;
         compile-check) rc=0
                        python3 benchmarks/compile_check.py --models sd15,sdxl --size full --device cuda \
                            > "$out/compile_check.json" || rc=$?

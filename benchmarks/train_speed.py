@@ -333,7 +333,8 @@ def make_trainer(core: str, kind: str, overrides: dict, batch: int, model, rewar
     common = dict(rank=4, lr=1e-4, iterations=iterations, batch_size=batch, seed=0, height=side, width=side)
     if kind == "fix":
         cfg = trainers.FixConfig(prompts=(FIX_PROMPT,), seeds=tuple(range(batch)), steps=args.steps or steps,
-                                 cfg_scale=7.5, K=1, targets="attn", compile=args.compile, **common, **overrides)
+                                 sampler=args.sampler, scheduler=args.scheduler, cfg_scale=7.5, K=1, targets="attn",
+                                 compile=args.compile, **common, **overrides)
         return trainers.FixTrainer(model, reward, cfg)
     cfg = trainers.SeparateEnhanceConfig(prompts=(SE_PROMPT,), objects=(SE_OBJECTS,), targets="to_k",
                                          resolution=args.resolution or resolution, preservation=args.preservation,
@@ -384,6 +385,7 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
     graph-free sampling with the LoRA hooks on, off, and merged into the weights (MergeWhenNoGrad, merge and
     restore included), and decode + reward forward and backward on a fixed latent."""
     sampler = importlib.import_module(f"{core}.sampler")
+    how = dict(K=0, sampler=trainer.cfg.sampler)  # the trainer's own sampler
     idx = list(range(trainer.cfg.batch_size))
     x, cond = trainer._noise(idx), trainer._cond(idx)
     z = trainer.base(idx)[1].detach()
@@ -391,25 +393,25 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
     merge = MergeWhenNoGrad(denoiser, trainer.lora)
 
     def merged():
-        sampler.sample(merge, x, trainer.sigmas, cond, K=0)
+        sampler.sample(merge, x, trainer.sigmas, cond, **how)
         merge.restore()
 
     def off():
         with trainer.lora.disabled():
-            sampler.sample(denoiser, x, trainer.sigmas, cond, K=0)
+            sampler.sample(denoiser, x, trainer.sigmas, cond, **how)
 
     def tail():
         with torch.enable_grad():
             zg = z.clone().requires_grad_(True)
             torch.autograd.grad(trainer.reward(trainer.model.decode(zg).float()).sum(), zg)  # no weight grads
 
-    runs = {"sample_no_grad_lora_on": lambda: sampler.sample(denoiser, x, trainer.sigmas, cond, K=0),
+    runs = {"sample_no_grad_lora_on": lambda: sampler.sample(denoiser, x, trainer.sigmas, cond, **how),
             "sample_no_grad_lora_off": off, "sample_no_grad_lora_merged": merged, "decode_reward_fwd_bwd": tail}
     if trainer.sampling_denoiser is not denoiser:  # --compile: the trainer's compiled graph-free steps
         compiled = MergeWhenNoGrad(trainer.sampling_denoiser, trainer.lora)
 
         def merged_compiled():
-            sampler.sample(compiled, x, trainer.sigmas, cond, K=0)
+            sampler.sample(compiled, x, trainer.sigmas, cond, **how)
             compiled.restore()
 
         runs["sample_no_grad_lora_merged_compiled"] = merged_compiled
@@ -545,6 +547,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="override sampler steps (default 50; tiny 4)")
+    p.add_argument("--sampler", choices=("ddim", "euler", "dpmpp_2m"), default="ddim",
+                   help="Focus-N-Fix/DRaFT cases' sampler (FixConfig.sampler)")
+    p.add_argument("--scheduler", default="normal", help="their scheduler (ComfyUI's names; the core's for --backend core)")
     p.add_argument("--size-px", type=int, default=None, help="override the image side (default 512/1024; tiny 32/64)")
     p.add_argument("--resolution", type=int, default=None, help="override the S&E attention-map side")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -620,7 +625,8 @@ def main(argv=None) -> dict:
         if adapters is not None:
             session = adapters.training_session(model, [reward])
         side, steps, res = geometry
-        settings[family] = {"image": args.size_px or side, "steps": args.steps or steps, "cfg_scale": 7.5, "K": 1,
+        settings[family] = {"image": args.size_px or side, "steps": args.steps or steps, "sampler": args.sampler,
+                            "scheduler": args.scheduler, "cfg_scale": 7.5, "K": 1,
                             "lora": "rank 4 on attn q/k/v/out (S&E: attn2 to_k)",
                             "se_resolution": args.resolution or res,
                             "unet_parameters": sum(p.numel() for p in model.net.parameters()),

@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_plan.sh"
-STEPS = ["smoke", "sd15", "sd15-compile", "sd15-memory", "sd15-flags", "sd15-fp16", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check"]
+STEPS = ["smoke", "sd15", "sd15-compile", "sd15-memory", "sd15-flags", "sd15-fp16", "se", "sdxl", "sdxl-compile", "sdxl-memory", "compile-check",
+         "sd15-sampler"]
 
 
 def _scripts():

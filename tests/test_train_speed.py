@@ -102,6 +102,18 @@ def test_train_speed_levers_6(core_doc):
         assert fast["tflop_per_iteration"] < 0.8 * base["tflop_per_iteration"]
 
 
+def test_train_speed_sampler_and_scheduler_6():
+    """--sampler/--scheduler reach the Focus-N-Fix cases and the breakdown (the fewer-steps lever); the run
+    records them, and an untrained LoRA still gives I == I0 at step 0 with the multistep sampler."""
+    doc = _run("--backend", "core", "--size", "tiny", "--iters", "1", "--warmup", "0", "--device", "cpu",
+               "--cases", "fnf_b1", "--sampler", "dpmpp_2m", "--scheduler", "karras", "--steps", "6", "--breakdown")
+    _check(doc, ["fnf_b1"], ["tiny"])
+    assert doc["settings"]["tiny"]["sampler"] == "dpmpp_2m" and doc["settings"]["tiny"]["scheduler"] == "karras"
+    case = doc["cases"][0]
+    assert case["breakdown_seconds"]["sample_no_grad_lora_merged"] > 0
+    assert case["history"][0]["region"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_train_speed_bad_case_6():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--backend", "core", "--size", "tiny", "--cases", "nope",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120, cwd=REPO)
