@@ -60,6 +60,7 @@ class Setting:
     se_lam_sep: float = 1.0
     se_lam_en: float = 1.0
     se_lam_preserve: float = 1.0
+    se_seed: int = 0               # S&E's training seed (batch order, noise draws): run-to-run spread
     se_preservation: str = "auto"  # keys (to_k LoRA: exact, no UNet pass) or outputs (x0 MSE); see SeparateEnhanceConfig
     # "probability", or "logit": fine-tune on -logit P(red) (evaluation stays -P(red)), or "hinge": the same with
     # FixConfig.reward_target = -logit(hinge_target)
@@ -214,7 +215,7 @@ def composition_experiment(model, s: Setting, log):
     cfg = SeparateEnhanceConfig(prompts=tuple(train_p), objects=tuple(tuple(sh for _, sh in parse_caption(p)) for p in train_p),
                                 height=32, width=32, iterations=s.se_iterations, batch_size=s.se_batch, lr=s.se_lr,
                                 lam_sep=s.se_lam_sep, lam_en=s.se_lam_en, lam_preserve=s.se_lam_preserve,
-                                preservation=s.se_preservation)
+                                preservation=s.se_preservation, seed=s.se_seed)
     t0 = time.perf_counter()
     trainer = SeparateEnhanceTrainer(model, cfg)
     for rec in trainer:
