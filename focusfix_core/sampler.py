@@ -28,12 +28,14 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 
 
-def check_steps(steps: int, K: int) -> None:
-    """Raise ValueError unless 0 <= K <= steps (K = number of differentiated denoiser calls)."""
+def check_steps(steps: int, K: int, least_K: int = 0) -> None:
+    """Raise ValueError unless least_K <= K <= steps (K = number of differentiated denoiser calls; training
+    needs least_K=1, as K=0 builds no graph)."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0 <= K <= steps:
-        raise ValueError(f"K (gradient steps) must be between 0 and steps={steps}, got K={K}")
+        raise ValueError(f"steps ({steps}) must be at least 1")
+    if not least_K <= K <= steps:
+        raise ValueError(f"K ({K}) must be between {least_K} and steps ({steps}): K counts the last sampler steps "
+                         f"differentiated")
 
 
 def sampling_sigmas(model, steps: int, scheduler: str = "normal") -> torch.Tensor:

@@ -144,9 +144,7 @@ class FixConfig(_LoRAConfig):
             if self.K > self.steps:
                 raise ValueError(f"K ({self.K}) is more than the {self.steps} steps of the sigmas: lower K or give "
                                  f"sigmas with more steps")
-        check_steps(self.steps, self.K)
-        if self.K < 1:
-            raise ValueError("K must be >= 1 to train (K=0 builds no graph)")
+        check_steps(self.steps, self.K, least_K=1)
         if self.lv_copies < 0:
             raise ValueError(f"lv_copies must be >= 0, got {self.lv_copies}")
         _check_positive("lam", self.lam, allow_zero=True)

@@ -11,6 +11,7 @@ import torch
 from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.lora import TARGET_PRESETS
+from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
@@ -143,10 +144,16 @@ class FocusFixTrainFocusNFix:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps, K):
-        if not 1 <= K <= steps:  # ComfyUI skips its own range check for inputs named here
-            return (f"K ({K}) must be between 1 and steps ({steps}): K counts the last sampler steps differentiated "
-                    f"(with SIGMAS connected, set steps to their step count)")
+    def VALIDATE_INPUTS(cls, steps, K, sigmas=()):
+        # ComfyUI skips its own min/max check for inputs named here, and passes None for a linked one (steps from
+        # a PrimitiveInt shared with KSampler, a SIGMAS node): its value is known, and checked, only when it runs.
+        if K is not None and K < 1:
+            return f"K ({K}) must be at least 1"
+        try:
+            if steps is not None:  # with SIGMAS connected, their step count bounds K instead
+                check_steps(steps, K if K is not None and sigmas is not None else 1, least_K=1)
+        except ValueError as e:
+            return str(e)
         return True
 
     def execute(self, model, vae, reward, prompts, negative_prompt, seeds, width, height, steps, cfg, K, lam,

@@ -115,6 +115,16 @@ def test_focus_n_fix_validate_inputs_names_k_and_steps():
     msg = cls.VALIDATE_INPUTS(steps=4, K=6)
     assert isinstance(msg, str) and "K (6)" in msg and "steps (4)" in msg
     assert cls.VALIDATE_INPUTS(steps=4, K=4) is True
+    assert "K (0) must be at least 1" in cls.VALIDATE_INPUTS(steps=4, K=0)
+    assert "steps (0) must be at least 1" in cls.VALIDATE_INPUTS(steps=0, K=1)
+
+
+def test_focus_n_fix_validate_inputs_leaves_linked_inputs_to_run_time():
+    """ComfyUI passes None for a linked input at queue time; its value is checked when the node runs."""
+    cls = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainFocusNFix"]
+    assert cls.VALIDATE_INPUTS(steps=None, K=6) is True
+    assert cls.VALIDATE_INPUTS(steps=4, K=None) is True
+    assert cls.VALIDATE_INPUTS(steps=4, K=6, sigmas=None) is True  # SIGMAS' own step count bounds K
 
 
 def test_node_classes_are_thin():

@@ -88,6 +88,49 @@ def test_k_larger_than_steps_is_refused_before_running(comfy, wt):
     assert "K (30)" in json.dumps(node_errors[train]) and "steps (20)" in json.dumps(node_errors[train])
 
 
+def _linked(wt, layout: str):
+    """Workflow 2 with its steps shared the way artists share them: one PrimitiveInt drives KSampler's steps and
+    the Train node's (ComfyUI's validator then passes None for them)."""
+    path = next(p for p in API if "reward_dislikes" in p.stem)
+    api = wt.shrink(wt.swap_loader(json.loads(path.read_text()), layout))
+    api["900"] = {"class_type": "PrimitiveInt", "inputs": {"value": wt.SHRINK["steps"]}}
+    train = next(k for k, n in api.items() if n["class_type"] == "FocusFixTrainFocusNFix")
+    for node in api.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = ["900", 0]
+    return api, train
+
+
+def test_linked_steps_and_sigmas_pass_validation(comfy, wt):
+    import asyncio
+    import execution
+    api, train = _linked(wt, "sd15")
+    ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
+    assert ok and not node_errors, (err, node_errors)
+    # SIGMAS connected: their step count, not the steps widget, bounds K (checked when the node runs)
+    api[train]["inputs"].update(steps=20, K=25)
+    api["901"] = {"class_type": "BasicScheduler", "inputs": {"model": api[train]["inputs"]["model"],
+                                                            "scheduler": "karras", "steps": 30, "denoise": 1.0}}
+    api[train]["inputs"]["sigmas"] = ["901", 0]
+    ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
+    assert ok and not node_errors, (err, node_errors)
+    api[train]["inputs"]["K"] = 0  # a value still gets the range check ComfyUI skips for inputs we validate
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
+    assert "K (0) must be at least 1" in json.dumps(node_errors[train])
+
+
+def test_linked_steps_run_and_are_checked_when_the_node_runs(fresh, wt):
+    api, train = _linked(wt, "sd15")
+    ex = fresh.execute(api)
+    assert ex.success, [d for e, d in ex.status_messages if e == "execution_error"][:1]
+    api, train = _linked(wt, "sd15")
+    api[train]["inputs"]["K"] = wt.SHRINK["steps"] + 1
+    ex = fresh.execute(api)
+    errors = [d for e, d in ex.status_messages if e == "execution_error"]
+    assert errors and errors[0]["node_id"] == train
+    assert "K (4) must be between 1 and steps (3)" in errors[0]["exception_message"], errors[0]["exception_message"]
+
+
 def test_painted_region_workflow_ksamplers_draw_the_trainers_images(fresh, wt, layout, painted):
     """Workflow 1 as shipped (shrunk, lr raised so two steps show): 'KSampler (base)' saves the trainer's I0 and
     'KSampler (with the LoRA)' its after image, pixel for pixel in the 8-bit files (float rounding may move a
