@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -128,6 +128,19 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
     return trainer.history, status
 
 
+def _step_bar(desc: str, quiet: bool) -> Callable[[int], Callable[[dict], None]]:
+    """A `before_after(progress=...)` factory: a bar over the sampler steps to come."""
+    def progress(total: int) -> Callable[[dict], None]:
+        bar, done = ProgressBar(total, desc, stream=io.StringIO() if quiet else None), 0
+
+        def step(_info: dict) -> None:
+            nonlocal done
+            done += 1
+            bar.update(done)
+        return step
+    return progress
+
+
 def _curves(history: list[StepRecord], names: Iterable[str]) -> torch.Tensor:
     return plot_curves({n: [getattr(r, n) for r in history] for n in names})
 
@@ -152,7 +165,9 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: boo
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
-    I0, I, M = trainer.before_after()
+    # saved before the images are drawn: a Ctrl-C while they sample keeps the trained LoRA
+    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
+    I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
     with torch.no_grad():
         r0, r1 = reward(I0.clamp(0, 1)), reward(I.clamp(0, 1))
     diff = (I - I0).abs().mean(1)                                          # [n,H,W]
@@ -161,7 +176,6 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: boo
         Mb = (M >= 0.5).float()
         inside = float((diff * Mb).sum() / Mb.sum().clamp_min(1))
         outside = float((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
     tiles = [I0, I] if M is None else [I0, mask_overlay(I0, M), I, heat_overlay(I, diff)]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
@@ -203,9 +217,9 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, resume
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
+    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
     A1 = trainer.eval_maps()
     S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
     from .losses import enhance_loss, separate_loss
 
     # attention grid: per prompt a row: [before maps..., after maps...] as heat images
@@ -418,6 +432,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # after training (a Ctrl-C during it ends training and still writes the outputs)
+        print("interrupted: the folder keeps what was finished (lora.safetensors once training ended, state.pt "
+              "for --resume)", file=sys.stderr)
+        return 130
     files = result.get("files") or {k: v for k, v in result.items() if k == "output"}
     if result.get("status") and result["status"] != "done":
         print(f"note: {result['status']}", file=sys.stderr)

@@ -17,7 +17,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -393,12 +393,16 @@ class FixTrainer(_LoRATrainer):
         cond, uncond: optional precomputed conditioning (batch len(prompts) and 1), instead of encoding
             `cfg.prompts` / `cfg.negative_prompt` with the model's text encoder.
         lora: an attached LoRA to continue; a new one is attached otherwise.
+        on_sampler_step: called with `sample`'s step info after every sampler step the trainer takes (I0, I, the
+            training trajectory); it may raise to cancel (a node's check for ComfyUI's cancel button), so a long
+            step stops within one denoiser call.
     """
 
     method = "focus-n-fix"
 
     def __init__(self, model: DiffusionModel, reward: Reward, cfg: FixConfig, *, masks: torch.Tensor | None = None,
-                 cond: Cond | None = None, uncond: Cond | None = None, lora: LoRA | None = None, device=None):
+                 cond: Cond | None = None, uncond: Cond | None = None, lora: LoRA | None = None, device=None,
+                 on_sampler_step: Callable[[dict], None] | None = None):
         if not isinstance(cfg, FixConfig):
             raise TypeError(f"cfg must be a FixConfig, got {type(cfg).__name__}")
         if not isinstance(reward, nn.Module) or not callable(reward):
@@ -410,6 +414,7 @@ class FixTrainer(_LoRATrainer):
         if cfg.height % scale or cfg.width % scale:
             raise ValueError(f"height and width must be multiples of {scale} for this model, got {cfg.height}x{cfg.width}")
         super().__init__(model, cfg, lora, device)
+        self.on_sampler_step = on_sampler_step
         try:
             self._setup(reward, masks, cond, uncond)
         except BaseException:
@@ -489,8 +494,17 @@ class FixTrainer(_LoRATrainer):
             yield
 
     @torch.no_grad()
-    def base(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached.
+    def _step_callback(self, extra: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
+        """`sample`'s callback: on_sampler_step, then `extra` (either may be None)."""
+        fns = [f for f in (self.on_sampler_step, extra) if f is not None]
+        if len(fns) < 2:
+            return fns[0] if fns else None
+        return lambda info: [f(info) for f in fns]
+
+    def base(self, idx: list[int], callback: Callable[[dict], None] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached;
+        `callback` follows the sampler's steps when I0 is sampled.
 
         A batch with a new item is sampled whole, cached items too: kernels round differently at other batch
         sizes, and the new item's I0 must equal its I in the step that trains it on this batch while the LoRA is
@@ -505,7 +519,7 @@ class FixTrainer(_LoRATrainer):
                 denoiser = _SwitchAfter(denoiser, self.denoiser, self.cfg.steps - self.cfg.K)
             with self.lora.disabled(), self._as_in_a_step():
                 z0 = sample(denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False,
-                           sampler=self.cfg.sampler)[todo]
+                           callback=self._step_callback(callback), sampler=self.cfg.sampler)[todo]
                 I0 = self.model.decode(z0).float()
             todo = [idx[j] for j in todo]
             src = self.cfg.mask_source
@@ -524,26 +538,33 @@ class FixTrainer(_LoRATrainer):
         return torch.stack(I0), torch.stack(z0), None if M[0] is None else torch.stack(M)
 
     @torch.no_grad()
-    def before_after(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def before_after(self, progress: Callable[[int], Callable[[dict], None]] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """I0 [N,3,H,W], I [N,3,H,W] (the LoRA as it is now) and M [N,H,W] (None for "none") of every item,
-        batch_size items at a time: the peak memory stays a training batch's, however many items there are."""
+        batch_size items at a time: the peak memory stays a training batch's, however many items there are.
+
+        progress: called once with the number of sampler steps to come (I0 of items not seen in training, and
+        every I); the callback it returns follows each of them (a progress bar with previews)."""
         idx, b = list(range(len(self.items))), self.cfg.batch_size
+        chunks = [idx[k:k + b] for k in range(0, len(idx), b)]
+        new = [any(i not in self._cache for i in chunk) for chunk in chunks]
+        callback = None if progress is None else progress((len(self.sigmas) - 1) * (len(chunks) + sum(new)))
         I0, I, M = [], [], []
-        for chunk in (idx[k:k + b] for k in range(0, len(idx), b)):
-            i0, _, m = self.base(chunk)
+        for chunk in chunks:
+            i0, _, m = self.base(chunk, callback)
             I0.append(i0)
-            I.append(self.sample_images(chunk))
+            I.append(self.sample_images(chunk, callback))
             M.append(m)
         return torch.cat(I0), torch.cat(I), None if M[0] is None else torch.cat(M)
 
     @torch.no_grad()
-    def sample_images(self, idx: list[int]) -> torch.Tensor:
+    def sample_images(self, idx: list[int], callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """I: [b,3,H,W] for items idx with the LoRA as it is now, merged into the weights as a LoRA loader
-        merges it (same noise as I0; no graph)."""
+        merges it (same noise as I0; no graph); `callback` follows the sampler's steps."""
         with self._as_in_a_step():
             try:
                 z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False,
-                           sampler=self.cfg.sampler)
+                           callback=self._step_callback(callback), sampler=self.cfg.sampler)
             finally:
                 self._train_denoiser.restore()
             return self.model.decode(z).float()
@@ -575,7 +596,7 @@ class FixTrainer(_LoRATrainer):
             try:
                 z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
                            lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks,
-                           sampler=cfg.sampler)
+                           callback=self.on_sampler_step, sampler=cfg.sampler)
             finally:
                 self._train_denoiser.restore()
             I = self.model.decode(z).float()

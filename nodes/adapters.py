@@ -18,7 +18,7 @@ import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -701,9 +701,10 @@ def reward_on(reward, *tensors: torch.Tensor):
 @torch.no_grad()
 def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str], *, seed: int, steps: int,
                           cfg_scale: float, width: int, height: int, resolution: int | str = 16,
-                          negative: str = "", sampler: str = "ddim", scheduler: str = "normal"):
+                          negative: str = "", sampler: str = "ddim", scheduler: str = "normal",
+                          callback: Callable[[dict], None] | None = None):
     """Sample `prompt` (KSampler's deterministic `sampler` and `scheduler`) while averaging the words'
-    cross-attention maps over all steps.
+    cross-attention maps over all steps; `callback` follows the sampler's steps.
 
     Returns:
         A: [1, n_words, r, r] maps, z: [1, C, h, w] final latents.
@@ -720,7 +721,7 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     store = AttentionStore([tokens], resolution=resolution, keep_grad=False)
     with dm.attention_capture(store):
         z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x, sigmas, cond, K=0,
-                   checkpoint=False, sampler=sampler)
+                   checkpoint=False, callback=callback, sampler=sampler)
     return store.maps(), z
 
 

@@ -8,7 +8,7 @@ from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.losses import enhance_loss, separate_loss
 from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, prompt_attention_maps
-from .common import sampler_inputs, tip
+from .common import sampler_inputs, sampling_progress, tip
 
 __all__ = ["FocusFixAttentionMaps"]
 
@@ -52,7 +52,8 @@ class FocusFixAttentionMaps:
         import comfy.model_management as mm
         mm.load_models_gpu([model] + ([vae.patcher] if vae is not None else []))
         A, z = prompt_attention_maps(dm, prompt, names, seed=seed, steps=steps, cfg_scale=cfg, width=width,
-                                     height=height, resolution=resolution, sampler=sampler_name, scheduler=scheduler)
+                                     height=height, resolution=resolution, sampler=sampler_name, scheduler=scheduler,
+                                     callback=sampling_progress(model, steps))
         A = A.float().cpu()
         I = dm.decode(z).float().cpu().clamp(0, 1) if vae is not None else torch.full((1, 3, height, width), 0.5)
         overlap = float(separate_loss(A)[0]) if len(names) > 1 else 0.0

@@ -68,6 +68,26 @@ def parse_ints(text: str, name: str = "seeds") -> list[int]:
     return out
 
 
+def check_cancel(_info: dict | None = None) -> None:
+    """Raise ComfyUI's InterruptProcessingException once the cancel button was pressed (a sampler callback)."""
+    import comfy.model_management as mm
+    mm.throw_exception_if_processing_interrupted()
+
+
+def sampling_progress(model, total: int) -> Callable[[dict], None]:
+    """A callback for the core's `sample` over `total` sampler steps of `model` (a ModelPatcher): KSampler's
+    progress bar and latent previews (ComfyUI's preview method), and cancel within one step."""
+    import latent_preview
+    show, done = latent_preview.prepare_callback(model, total), 0
+
+    def callback(info: dict) -> None:
+        nonlocal done
+        check_cancel()
+        show(done, info["denoised"], info["x"], total)
+        done += 1
+    return callback
+
+
 def run_with_progress(records: Iterable, total: int, preview: Callable[[], torch.Tensor | None] | None = None,
                       on_record: Callable | None = None) -> list:
     """Consume a trainer's records with a ComfyUI progress bar (+ JPEG preview of `preview()` [1|B,3,H,W]);

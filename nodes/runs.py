@@ -13,7 +13,7 @@ import torch
 from ..focusfix_core.lora import continued_metadata
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
-from .common import log, run_with_progress
+from .common import check_cancel, log, run_with_progress, sampling_progress
 from .lora_nodes import save_lora_data
 
 __all__ = ["FixRun", "SeparateEnhanceRun", "run_focus_n_fix", "run_separate_enhance"]
@@ -86,13 +86,13 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
         r = reward_on(reward)[0]
         cfg: FixConfig = make_cfg()
         cond, uncond = (c() if callable(c) else c for c in (cond, uncond))
-        trainer = _trainer(lambda lora: FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond, lora=lora),
-                           continue_from, dm)
+        trainer = _trainer(lambda lora: FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond, lora=lora,
+                                                   on_sampler_step=check_cancel), continue_from, dm)
         try:
             _release(dm)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
                                         _checkpointer(trainer, checkpoint_every, checkpoint_name, continue_from))
-            I0, I, M = trainer.before_after()
+            I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
             return FixRun(_lora_data(trainer, continue_from), history, I0, I, M)
         finally:
             trainer.lora.remove()

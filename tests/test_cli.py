@@ -117,3 +117,26 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert summary["focus_n_fix"]["status"] == "done" and summary["separate_enhance"]["status"] == "done"
     assert (tmp_path / "demo" / "focus_n_fix" / "lora.safetensors").is_file()
     assert "summary:" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_drawing_before_after_keeps_the_trained_lora(model_file, tmp_path, monkeypatch, capsys):
+    """The LoRA is written as soon as training ends: a Ctrl-C while the before/after images sample loses only
+    the images, and the command says so instead of a traceback."""
+    out = tmp_path / "run"
+
+    def interrupted(self, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.FixTrainer, "before_after", interrupted)
+    assert cli.main(fnf_args(model_file, out)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    tensors, meta = load_tensor_file_with_metadata(out / "lora.safetensors")
+    assert meta["focusfix_steps_trained"] == "3" and (out / "state.pt").is_file()
+    assert not (out / "report.json").exists() and not list(out.glob("*.tmp"))
+
+
+def test_before_after_shows_a_bar_over_its_sampler_steps(model_file, tmp_path, capsys):
+    assert cli.main(fnf_args(model_file, tmp_path / "run")) == 0
+    err = capsys.readouterr().err
+    # 2 items in one batch of 2, I0 cached from training: 3 steps of I
+    assert "before/after images: 3/3" in err, err

@@ -625,3 +625,58 @@ def test_a_batch_with_a_new_item_is_sampled_whole(small_model, square_reward, mo
     assert I0.shape == I.shape == (3, 3, 16, 16) and M.shape == (3, 16, 16)
     assert batches == [2, 1, 1]  # I of [0, 1] (their I0 is cached), then I0 and I of [2]
     trainer.lora.remove()
+
+
+def test_before_after_progress_announces_and_follows_every_sampler_step(small_model, square_reward):
+    """progress(total) is called once; its callback follows exactly `total` sampler steps: I0 of the batches with
+    an item training never saw, and every I."""
+    cfg = fix_cfg(seeds=(0, 1, 2), batch_size=2, iterations=1)
+    for train in (False, True):
+        trainer = FixTrainer(small_model, square_reward, cfg)
+        if train:
+            list(trainer)  # one step on 2 of the 3 items: their batch's I0 is cached
+        totals, steps = [], []
+        trainer.before_after(progress=lambda total: totals.append(total) or steps.append)
+        new_chunks = 1 if train else 2
+        assert totals == [cfg.steps * (2 + new_chunks)] and len(steps) == totals[0]
+        assert all({"i", "x", "denoised"} <= set(info) for info in steps)
+        trainer.lora.remove()
+
+
+class _Cancel(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["train", "before_after"])
+def test_on_sampler_step_cancels_within_a_trajectory_and_leaves_the_trainer_whole(small_model, square_reward, where):
+    """A cancel raised from on_sampler_step stops mid-trajectory; nothing is half-done: no step counted, the
+    LoRA unchanged, enabled and unmerged, and the trainer trains on as one that was never cancelled (every batch
+    holds both items here: a cancelled step has drawn its batch from the seeded order)."""
+    cfg = fix_cfg(iterations=2)
+    calls = []
+
+    def cancel_at_3(info):
+        calls.append(info["i"])
+        if len(calls) == 3:
+            raise _Cancel
+
+    ref = FixTrainer(small_model, square_reward, cfg)
+    ref_records = list(ref)
+    ref.lora.remove()
+    trainer = FixTrainer(small_model, square_reward, cfg, on_sampler_step=cancel_at_3)
+    if where == "before_after":
+        trainer.on_sampler_step = None
+        trainer.train_step()
+        trainer.on_sampler_step = cancel_at_3
+    before = {k: v.clone() for k, v in trainer.lora.state_dict().items()}
+    with pytest.raises(_Cancel):
+        trainer.train_step() if where == "train" else trainer.before_after()
+    assert len(calls) == 3
+    assert trainer.step == (0 if where == "train" else 1)
+    assert trainer.lora.enabled and not trainer.lora.merged
+    for k, v in trainer.lora.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    trainer.on_sampler_step = None
+    records = [trainer.train_step() for _ in range(cfg.iterations - trainer.step)]
+    assert records[-1].loss == pytest.approx(ref_records[-1].loss, rel=1e-5)
+    trainer.lora.remove()

@@ -103,6 +103,23 @@ def test_attention_maps_sample_with_ksamplers_sampler_and_scheduler(comfy, check
     assert maps.shape == (2, SIZE, SIZE)
 
 
+def test_attention_maps_show_a_step_bar_and_cancel_within_sampling(fresh, checkpoint):
+    """As KSampler: one progress update per sampler step (with the latent preview ComfyUI is set to), and cancel
+    stops the sampling at the next step with the attention hooks removed."""
+    import comfy.model_management as mm
+    model, clip, _ = checkpoint
+    kw = dict(model=model, clip=clip, prompt="a cat and a dog", words="cat, dog", seed=0, steps=4, cfg=3.0,
+              resolution=4, width=SIZE, height=SIZE)
+    fresh.run("FocusFixAttentionMaps", **kw)
+    assert [(v, t) for v, t, _ in fresh.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    fresh.progress.clear()
+    fresh.interrupt_at = 2
+    with pytest.raises(mm.InterruptProcessingException):
+        fresh.run("FocusFixAttentionMaps", **kw)
+    assert [v for v, _, _ in fresh.progress] == [1, 2]
+    assert _hooks(model.model.diffusion_model) == 0
+
+
 def test_attention_maps_missing_word(comfy, checkpoint):
     model, clip, _ = checkpoint
     with pytest.raises(ValueError, match="'horse' not found"):
@@ -303,6 +320,42 @@ def test_cancel_mid_training_leaves_nothing(fresh, checkpoint):
     assert not any(fresh.loras.rglob("*.safetensors"))
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
     assert max(v for v, _, _ in fresh.progress) < 5
+
+
+def test_before_after_images_show_a_step_bar_and_cancel_within_it(fresh, checkpoint):
+    """After training, the before/after images sample with a step bar: 3 steps x (4 items' I + the I0 of the 2
+    items training never drew). Cancel there stops at the next step, returns nothing and leaves the MODEL clean."""
+    import comfy.model_management as mm
+    model = checkpoint[0]
+    _train_fix(fresh, checkpoint)  # 4 items, batch 1, 2 iterations
+    assert [(v, t) for v, t, _ in fresh.progress if t != 2] == [(v, 18) for v in range(1, 19)]
+    fresh.progress.clear()
+    fresh.interrupt_at, fresh.interrupt_total = 5, 18
+    with pytest.raises(mm.InterruptProcessingException):
+        _train_fix(fresh, checkpoint)
+    assert max(v for v, t, _ in fresh.progress if t == 18) == 5
+    assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
+
+
+def test_cancel_stops_a_training_step_within_one_sampler_step(fresh, checkpoint):
+    """Cancel pressed while a training step samples (here during I0's second UNet call) ends the run at the end
+    of that sampler step, not after the whole training step."""
+    import comfy.model_management as mm
+    model, clip, vae = checkpoint
+    calls = []
+
+    def unet(apply_model, args):
+        calls.append(1)
+        if len(calls) == 2:
+            mm.interrupt_current_processing(True)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(unet)
+    with pytest.raises(mm.InterruptProcessingException):
+        _train_fix(fresh, (patched, clip, vae), steps=10, iterations=3)
+    assert len(calls) == 2, len(calls)  # one UNet call per sampler step (CFG batched): it stopped right after
+    assert not fresh.progress  # before the first training step ended
+    assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
 
 
 def test_load_reward_files_from_the_rewards_folder(fresh):
