@@ -144,7 +144,7 @@ class FocusFixTrainFocusNFix:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps, K, sigmas=()):
+    def VALIDATE_INPUTS(cls, steps, K, seeds=None, sigmas=()):
         # ComfyUI skips its own min/max check for inputs named here, and passes None for a linked one (steps from
         # a PrimitiveInt shared with KSampler, a SIGMAS node): its value is known, and checked, only when it runs.
         if K is not None and K < 1:
@@ -152,6 +152,8 @@ class FocusFixTrainFocusNFix:
         try:
             if steps is not None:  # with SIGMAS connected, their step count bounds K instead
                 check_steps(steps, K if K is not None and sigmas is not None else 1, least_K=1)
+            if seeds is not None:
+                parse_ints(seeds)
         except ValueError as e:
             return str(e)
         return True
@@ -262,6 +264,16 @@ class FocusFixTrainSeparateEnhance:
         }, "optional": {**CONTINUE_INPUT, **CHECKPOINT_INPUTS,
                         **_batch_input("Prompts (each with its own noise; a prompt may repeat)",
                                        "each adds one UNet pass at the training size")}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompts):
+        # the prompt lines' format is known at queue time (unless prompts comes from a linked node: None)
+        try:
+            if prompts is not None:
+                _ = [split_objects_prompt(line) for line in parse_lines(prompts)]
+        except ValueError as e:
+            return str(e)
+        return True
 
     def execute(self, model, clip, prompts, lam_sep, lam_en, lam_preserve, resolution, width, height, rank, targets,
                 lr, iterations, seed, continue_from=None, checkpoint_every=0, checkpoint_name="focusfix/checkpoint",

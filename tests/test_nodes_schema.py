@@ -119,6 +119,19 @@ def test_focus_n_fix_validate_inputs_names_k_and_steps():
     assert "steps (0) must be at least 1" in cls.VALIDATE_INPUTS(steps=0, K=1)
 
 
+def test_prompts_and_seeds_formats_are_checked_at_queue_time():
+    fnf = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainFocusNFix"]
+    assert fnf.VALIDATE_INPUTS(steps=4, K=1, seeds="0, 2-4") is True
+    assert "seeds: 'x' is not an integer" in fnf.VALIDATE_INPUTS(steps=4, K=1, seeds="0, x")
+    assert "seeds is empty" in fnf.VALIDATE_INPUTS(steps=4, K=1, seeds=" ")
+    sne = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainSeparateEnhance"]
+    assert sne.VALIDATE_INPUTS(prompts="a cat and a dog | cat, dog\n# a comment") is True
+    assert "needs object words after '|'" in sne.VALIDATE_INPUTS(prompts="a cat and a dog")
+    assert "at least two object words" in sne.VALIDATE_INPUTS(prompts="a cat and a dog | cat")
+    assert "prompts is empty" in sne.VALIDATE_INPUTS(prompts="")
+    assert sne.VALIDATE_INPUTS(prompts=None) is True  # linked: checked when the node runs
+
+
 def test_focus_n_fix_validate_inputs_leaves_linked_inputs_to_run_time():
     """ComfyUI passes None for a linked input at queue time; its value is checked when the node runs."""
     cls = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainFocusNFix"]

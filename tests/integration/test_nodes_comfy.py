@@ -146,8 +146,8 @@ def test_train_focus_n_fix(fresh, checkpoint, layout):
     assert not torch.equal(before, after), "two steps at lr 1e-2 should change the images"
     assert curve.ndim == 4 and "step 2/2" in report
     # progress: one update per step, with a JPEG preview
-    steps = [(v, t) for v, t, p in fresh.progress]
-    assert steps[-1] == (2, 2) and fresh.progress[-1][2][0] == "JPEG"
+    training = [(v, t, p) for v, t, p in fresh.progress if t == 2]  # then the before/after images' step bar
+    assert training[-1][:2] == (2, 2) and training[-1][2][0] == "JPEG"
     # the user's MODEL is untouched: no hooks left, original (inference) weights back, no patches
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model) and not model.patches
 

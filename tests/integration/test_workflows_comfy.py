@@ -88,6 +88,23 @@ def test_k_larger_than_steps_is_refused_before_running(comfy, wt):
     assert "K (30)" in json.dumps(node_errors[train]) and "steps (20)" in json.dumps(node_errors[train])
 
 
+def test_prompt_and_seed_formats_are_refused_before_running(comfy, wt):
+    """A typo in seeds (workflow 2) or an S&E prompt line without its object words (workflow 3) is a node error
+    at queue time, not a failure after the models have loaded."""
+    import asyncio
+    import execution
+    for stem, node_type, inputs, expected in (
+            ("reward_dislikes", "FocusFixTrainFocusNFix", {"seeds": "0, 1, x"}, "seeds: 'x' is not an integer"),
+            ("separate_and_enhance", "FocusFixTrainSeparateEnhance", {"prompts": "a cat and a dog"},
+             "needs object words after '|'")):
+        path = next(p for p in API if stem in p.stem)
+        api = wt.swap_loader(json.loads(path.read_text()), "sd15")
+        node = next(k for k, n in api.items() if n["class_type"] == node_type)
+        api[node]["inputs"].update(inputs)
+        _, _, _, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
+        assert expected in json.dumps(node_errors[node]), node_errors
+
+
 def _linked(wt, layout: str):
     """Workflow 2 with its steps shared the way artists share them: one PrimitiveInt drives KSampler's steps and
     the Train node's (ComfyUI's validator then passes None for them)."""
