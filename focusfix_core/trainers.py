@@ -278,8 +278,16 @@ class _LoRATrainer:
         self._good = self._snapshot()
 
     # -- state -------------------------------------------------------------------------------------------
-    def _snapshot(self):
-        return {k: v.detach().clone() for k, v in self.lora.state_dict().items()}
+    def _snapshot(self) -> dict:
+        """The state after the last finished step: the LoRA and what the next step will draw (a step stopped half
+        way is then redrawn the same, so a resumed run equals an uninterrupted one)."""
+        return {"lora": {k: v.detach().clone() for k, v in self.lora.state_dict().items()}, **self._draw_state()}
+
+    def _draw_state(self) -> dict:
+        return {"rng": self.generator.get_state()}
+
+    def _set_draw_state(self, state: dict) -> None:
+        self.generator.set_state(state["rng"])
 
     def state_dict(self) -> dict:
         return {
@@ -343,8 +351,10 @@ class _LoRATrainer:
         return grad_norm if math.isfinite(grad_norm) else math.inf
 
     def restore_last_good(self) -> None:
-        """Put back the LoRA of the last finished step (after an interrupt that may have hit mid-update)."""
-        self.lora.load_state_dict(self._good)
+        """Put back the LoRA and random draws of the last finished step (after an interrupt that may have hit
+        mid-step or mid-update)."""
+        self.lora.load_state_dict(self._good["lora"])
+        self._set_draw_state(self._good)
         self.optimizer.zero_grad(set_to_none=True)
 
     def train_step(self) -> StepRecord:  # pragma: no cover - abstract
@@ -413,6 +423,7 @@ class FixTrainer(_LoRATrainer):
         scale = model.latent_scale
         if cfg.height % scale or cfg.width % scale:
             raise ValueError(f"height and width must be multiples of {scale} for this model, got {cfg.height}x{cfg.width}")
+        self._order: list[int] = []  # items still to train on in this pass (part of every snapshot)
         super().__init__(model, cfg, lora, device)
         self.on_sampler_step = on_sampler_step
         try:
@@ -451,7 +462,6 @@ class FixTrainer(_LoRATrainer):
         # where the model names its blocks, checkpoint them one by one instead of whole denoiser calls
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._order: list[int] = []
         self.last_images: torch.Tensor | None = None
 
     def _check_given_masks(self, masks):
@@ -582,8 +592,15 @@ class FixTrainer(_LoRATrainer):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
         self._order = state["order"].tolist() if "order" in state else []
+        super().load_state_dict(state)  # snapshots the order too
+
+    def _draw_state(self) -> dict:
+        return {**super()._draw_state(), "order": list(self._order)}
+
+    def _set_draw_state(self, state: dict) -> None:
+        super()._set_draw_state(state)
+        self._order = list(state["order"])
 
     def train_step(self) -> StepRecord:
         cfg, t0 = self.cfg, time.perf_counter()

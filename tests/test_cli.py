@@ -140,3 +140,29 @@ def test_before_after_shows_a_bar_over_its_sampler_steps(model_file, tmp_path, c
     err = capsys.readouterr().err
     # 2 items in one batch of 2, I0 cached from training: 3 steps of I
     assert "before/after images: 3/3" in err, err
+
+
+def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(model_file, tmp_path, monkeypatch):
+    """Ctrl-C while a step samples: --resume redraws that step's batch, and the final LoRA is the one an
+    uninterrupted run saves (3 seeds at batch 2: the seeded order decides every batch)."""
+    import focusfix_core.trainers as tr
+    from safetensors.torch import load_file
+    args = ["--seeds", "0,1,2", "--iterations", "3"]  # argparse: the later flag wins
+    assert cli.main(fnf_args(model_file, tmp_path / "ref", *args)) == 0
+    real, calls = tr.sample, []
+
+    def sample(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # step 0: I0 and I of its batch; step 1: I0 of a new item, then this
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(tr, "sample", sample)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, *args)) == 0
+    assert json.loads((out / "report.json").read_text())["status"] == "interrupted after 1 steps"
+    monkeypatch.setattr(tr, "sample", real)
+    assert cli.main(fnf_args(model_file, out, *args, "--resume")) == 0
+    ref, got = load_file(tmp_path / "ref" / "lora.safetensors"), load_file(out / "lora.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)

@@ -680,3 +680,30 @@ def test_on_sampler_step_cancels_within_a_trajectory_and_leaves_the_trainer_whol
     records = [trainer.train_step() for _ in range(cfg.iterations - trainer.step)]
     assert records[-1].loss == pytest.approx(ref_records[-1].loss, rel=1e-5)
     trainer.lora.remove()
+
+
+def test_a_step_stopped_half_way_is_redrawn_the_same(small_model, square_reward):
+    """restore_last_good() after a cancel mid-step puts back the item order and the RNG too: training on gives the
+    uninterrupted run's LoRA exactly (3 items at batch 2, so the order decides every batch)."""
+    cfg = fix_cfg(seeds=(0, 1, 2), batch_size=2, iterations=3)
+    ref = FixTrainer(small_model, square_reward, cfg)
+    list(ref)
+    expected = {k: v.clone() for k, v in ref.lora.state_dict().items()}
+    ref.lora.remove()
+    calls = []
+
+    def cancel_in_step_2(info):
+        calls.append(1)
+        if len(calls) == 2 * cfg.steps + 2:  # step 1 draws its batch first, then samples
+            raise _Cancel
+
+    trainer = FixTrainer(small_model, square_reward, cfg, on_sampler_step=cancel_in_step_2)
+    with pytest.raises(_Cancel):
+        list(trainer)
+    assert trainer.step == 1
+    trainer.restore_last_good()
+    trainer.on_sampler_step = None
+    list(trainer)
+    for k, v in trainer.lora.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+    trainer.lora.remove()
