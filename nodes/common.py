@@ -1,6 +1,7 @@
 """Shared node plumbing: schema helpers, text parsing, and the progress/cancel loop over a trainer."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Callable, Iterable
@@ -8,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = ["LORA", "REWARD", "tip", "parse_lines", "parse_ints", "run_with_progress", "log", "scheduler_names",
-           "sampler_inputs"]
+           "sampler_inputs", "GRAPH_INPUTS", "graph_metadata"]
 
 LORA = "FOCUSFIX_LORA"      # adapters.LoraData
 REWARD = "FOCUSFIX_REWARD"  # a focusfix_core Reward module
@@ -18,6 +19,22 @@ log = logging.getLogger("FocusFix")
 def tip(kind: str, text: str, **options) -> tuple:
     """One V1 input spec: (type, {tooltip, **options})."""
     return (kind, {"tooltip": text, **options})
+
+
+# hidden inputs: the graph being run, which ComfyUI's own save nodes embed in the files they write
+GRAPH_INPUTS = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+
+
+def graph_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
+    """File metadata holding the graph that made a file, as ComfyUI's checkpoint and image saves embed it:
+    `prompt` (API format) and each extra_pnginfo entry (`workflow`, which the editor loads). Empty when ComfyUI
+    runs with --disable-metadata."""
+    from comfy.cli_args import args
+    if args.disable_metadata:
+        return {}
+    out = {} if prompt is None else {"prompt": json.dumps(prompt)}
+    out.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
+    return out
 
 
 def scheduler_names() -> list[str]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .adapters import LoraData
-from .common import LORA, log, tip
+from .common import GRAPH_INPUTS, LORA, graph_metadata, log, tip
 
 __all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data"]
 
@@ -26,8 +26,10 @@ def lora_patches(model, lora: LoraData) -> dict:
     return patches
 
 
-def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folder: str | None = None):
-    """Write `lora` as `<loras folder>/<filename>.safetensors` (kohya keys + metadata), atomically.
+def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folder: str | None = None,
+                   extra_metadata: dict[str, str] | None = None):
+    """Write `lora` as `<loras folder>/<filename>.safetensors` (kohya keys + metadata, plus `extra_metadata`
+    such as the graph that made it), atomically.
 
     A name leaving the folder is refused; an existing file gets a counter unless `overwrite`."""
     from ..focusfix_core.io import atomic_save_safetensors, safe_join, unique_path
@@ -35,7 +37,7 @@ def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folde
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
     path = unique_path(safe_join(folder, filename.strip()), overwrite=overwrite)
-    return atomic_save_safetensors(lora.tensors, path, dict(lora.metadata))
+    return atomic_save_safetensors(lora.tensors, path, {**(extra_metadata or {}), **lora.metadata})
 
 
 class FocusFixApplyLoRA:
@@ -120,12 +122,12 @@ class FocusFixSaveLoRA:
                             "'..' and absolute paths are refused. .safetensors is added.", default="focusfix/fix"),
             "overwrite": tip("BOOLEAN", "Replace an existing file of that name. Off: a counter is added "
                              "(fix_00001.safetensors).", default=False),
-        }}
+        }, "hidden": GRAPH_INPUTS}
 
-    def execute(self, lora, filename, overwrite):
+    def execute(self, lora, filename, overwrite, prompt=None, extra_pnginfo=None):
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
-        path = save_lora_data(lora, filename, overwrite, folder)
+        path = save_lora_data(lora, filename, overwrite, folder, graph_metadata(prompt, extra_pnginfo))
         name = path.relative_to(_resolved(folder)).as_posix()
         log.info(f"saved LoRA {name} ({lora!r})")
         return {"ui": {"text": [name]}, "result": (name,)}

@@ -57,14 +57,16 @@ def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
         raise
 
 
-def _checkpointer(trainer, every: int, name: str, continue_from: LoraData | None = None):
-    """on_record callback: atomically (re)write the LoRA every `every` steps; None when off."""
+def _checkpointer(trainer, every: int, name: str, continue_from: LoraData | None = None,
+                  graph: dict[str, str] | None = None):
+    """on_record callback: atomically (re)write the LoRA every `every` steps (with `graph`, the metadata of
+    the graph running); None when off."""
     if every <= 0:
         return None
 
     def save(rec):
         if (rec.step + 1) % every == 0:
-            path = save_lora_data(_lora_data(trainer, continue_from), name, overwrite=True)
+            path = save_lora_data(_lora_data(trainer, continue_from), name, overwrite=True, extra_metadata=graph)
             log.info(f"checkpoint after step {rec.step + 1}: {path}")
     return save
 
@@ -78,7 +80,7 @@ def _release(dm: ComfyDiffusionModel) -> None:
 
 def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, cond=None, uncond=None,
                     checkpoint_every: int = 0, checkpoint_name: str = "",
-                    continue_from: LoraData | None = None) -> FixRun:
+                    continue_from: LoraData | None = None, graph: dict[str, str] | None = None) -> FixRun:
     """Train Focus-N-Fix on ComfyUI models. `make_cfg()` builds the FixConfig (called inside the session,
     so a config error leaves nothing attached); cond/uncond: Cond or callables building them; continue_from:
     a LoRA to train further instead of a new one (I0 and M stay the base MODEL's)."""
@@ -91,7 +93,8 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
         try:
             _release(dm)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
-                                        _checkpointer(trainer, checkpoint_every, checkpoint_name, continue_from))
+                                        _checkpointer(trainer, checkpoint_every, checkpoint_name, continue_from,
+                                                      graph))
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
             return FixRun(_lora_data(trainer, continue_from), history, I0, I, M)
         finally:
@@ -99,7 +102,8 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
 
 
 def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every: int = 0,
-                         checkpoint_name: str = "", continue_from: LoraData | None = None) -> SeparateEnhanceRun:
+                         checkpoint_name: str = "", continue_from: LoraData | None = None,
+                         graph: dict[str, str] | None = None) -> SeparateEnhanceRun:
     """Train Separate-and-Enhance on ComfyUI models; maps before/after at the config's seed (before: with the
     LoRA it continues, if any; preservation still holds the base model's prompts)."""
     with training_session(dm):
@@ -111,7 +115,7 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
             _release(dm)
             before = trainer.eval_maps(cfg.seed)
             history = run_with_progress(trainer, cfg.iterations, on_record=_checkpointer(
-                trainer, checkpoint_every, checkpoint_name, continue_from))
+                trainer, checkpoint_every, checkpoint_name, continue_from, graph))
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
                                       trainer.eval_maps(cfg.seed))
         finally:

@@ -16,7 +16,8 @@ from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
-from .common import LORA, REWARD, log, parse_ints, parse_lines, sampler_inputs, tip
+from .common import (GRAPH_INPUTS, LORA, REWARD, graph_metadata, log, parse_ints, parse_lines, sampler_inputs,
+                     tip)
 from .runs import run_focus_n_fix, run_separate_enhance
 
 __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
@@ -141,7 +142,7 @@ class FocusFixTrainFocusNFix:
             "sigmas": tip("SIGMAS", "Sample with these sigmas (a scheduler node such as BasicScheduler, "
                           "KarrasScheduler or AlignYourStepsScheduler, as SamplerCustom uses them) instead of steps "
                           "and scheduler; a full denoise, ending at 0."),
-        }}
+        }, "hidden": GRAPH_INPUTS}
 
     @classmethod
     def VALIDATE_INPUTS(cls, steps, K, seeds=None, sigmas=()):
@@ -162,7 +163,7 @@ class FocusFixTrainFocusNFix:
                 mask_source, rank, targets, lr, iterations, seed, clip=None, mask=None, positive=None, negative=None,
                 threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", continue_from=None,
                 checkpoint_every=0, checkpoint_name="focusfix/checkpoint", sampler_name="ddim", scheduler="normal",
-                sigmas=None, batch_size=1, reward_target=NO_TARGET):
+                sigmas=None, batch_size=1, reward_target=NO_TARGET, prompt=None, extra_pnginfo=None):
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
         notes, lines = [], parse_lines(prompts) if positive is None else None
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
@@ -194,7 +195,7 @@ class FocusFixTrainFocusNFix:
             lr=lr, rank=rank, alpha=alpha, targets=targets, iterations=iterations, seed=seed, batch_size=batch_size,
             threshold_mode=threshold_mode, threshold=threshold, dilation=dilation, saliency_method=saliency_method),
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
-            continue_from=continue_from)
+            continue_from=continue_from, graph=graph_metadata(prompt, extra_pnginfo))
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
         report = "\n".join([repr(run.lora), run.history[-1].summary(),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *notes,
@@ -263,7 +264,7 @@ class FocusFixTrainSeparateEnhance:
             **_lora_inputs("to_k", 1e-4, 200),
         }, "optional": {**CONTINUE_INPUT, **CHECKPOINT_INPUTS,
                         **_batch_input("Prompts (each with its own noise; a prompt may repeat)",
-                                       "each adds one UNet pass at the training size")}}
+                                       "each adds one UNet pass at the training size")}, "hidden": GRAPH_INPUTS}
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompts):
@@ -277,7 +278,7 @@ class FocusFixTrainSeparateEnhance:
 
     def execute(self, model, clip, prompts, lam_sep, lam_en, lam_preserve, resolution, width, height, rank, targets,
                 lr, iterations, seed, continue_from=None, checkpoint_every=0, checkpoint_name="focusfix/checkpoint",
-                batch_size=1):
+                batch_size=1, prompt=None, extra_pnginfo=None):
         dm = ComfyDiffusionModel(model.clone(), clip)
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
@@ -286,7 +287,8 @@ class FocusFixTrainSeparateEnhance:
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,
             alpha=alpha, targets=targets, lr=lr, iterations=iterations, seed=seed, batch_size=batch_size),
-            checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name, continue_from=continue_from)
+            checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name, continue_from=continue_from,
+            graph=graph_metadata(prompt, extra_pnginfo))
         report = "\n".join([repr(run.lora), run.history[-1].summary(),
                             f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}",
                             *notes, *_precision_notes(run.history)])

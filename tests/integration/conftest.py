@@ -81,15 +81,16 @@ class Comfy:
             out = getattr(cls(), cls.FUNCTION)(**inputs)
         return out["result"] if isinstance(out, dict) else getattr(out, "result", out)
 
-    def execute(self, prompt: dict) -> "object":
-        """Validate and execute an API-format prompt with ComfyUI's PromptExecutor; returns the executor."""
+    def execute(self, prompt: dict, extra_data: dict | None = None) -> "object":
+        """Validate and execute an API-format prompt with ComfyUI's PromptExecutor (`extra_data` as POST /prompt
+        sends it, e.g. {"extra_pnginfo": {"workflow": ...}}); returns the executor."""
         import execution
         pid = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
         if not valid[0]:
             raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
         ex = execution.PromptExecutor(_Server(), cache_type=False)
-        ex.execute(prompt, pid, {}, valid[2])
+        ex.execute(prompt, pid, extra_data or {}, valid[2])
         return ex
 
 

@@ -105,6 +105,38 @@ def test_prompt_and_seed_formats_are_refused_before_running(comfy, wt):
         assert expected in json.dumps(node_errors[node]), node_errors
 
 
+def test_saved_loras_carry_the_graph_that_made_them(fresh, wt, painted):
+    """As ComfyUI's checkpoint and image saves do: the LoRA that Save LoRA writes, and the Train node's
+    checkpoints, hold the API prompt and the editor's workflow in their metadata (none with --disable-metadata)."""
+    from comfy.cli_args import args
+    from safetensors import safe_open
+    path = next(p for p in API if "reward_dislikes" in p.stem)
+    ui = json.loads((REPO / "workflows" / path.name).read_text())
+    api = wt.shrink(wt.swap_loader(json.loads(path.read_text()), "sd15"))
+    train = next(k for k, n in api.items() if n["class_type"] == "FocusFixTrainFocusNFix")
+    api[train]["inputs"].update(checkpoint_every=1, checkpoint_name="ckpt/fix")
+    save = next(n for n in api.values() if n["class_type"] == "FocusFixSaveLoRA")
+    for disabled in (False, True):
+        for f in fresh.loras.rglob("*.safetensors"):
+            f.unlink()
+        args.disable_metadata = disabled
+        try:
+            ex = fresh.execute(api, extra_data={"extra_pnginfo": {"workflow": ui}})
+        finally:
+            args.disable_metadata = False
+        assert ex.success
+        files = sorted(p.relative_to(fresh.loras).as_posix() for p in fresh.loras.rglob("*.safetensors"))
+        assert files == ["ckpt/fix.safetensors", save["inputs"]["filename"] + ".safetensors"]
+        for name in files:
+            with safe_open(str(fresh.loras / name), "pt") as f:
+                meta = f.metadata()
+            assert meta["ss_network_dim"] and meta["focusfix_method"] == "focus-n-fix"
+            if disabled:
+                assert "workflow" not in meta and "prompt" not in meta
+            else:
+                assert json.loads(meta["workflow"]) == ui and json.loads(meta["prompt"]) == api
+
+
 def _linked(wt, layout: str):
     """Workflow 2 with its steps shared the way artists share them: one PrimitiveInt drives KSampler's steps and
     the Train node's (ComfyUI's validator then passes None for them)."""
