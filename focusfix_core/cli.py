@@ -122,7 +122,8 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
     except KeyboardInterrupt:
         trainer.restore_last_good()
         status = f"interrupted after {trainer.step} steps"
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, torch.OutOfMemoryError) as e:
+        trainer.restore_last_good()
         status = f"failed: {e}"
     trainer.save_state(out / "state.pt")
     return trainer.history, status
@@ -432,6 +433,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:  # after training: the LoRA is written, the images did not fit
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # after training (a Ctrl-C during it ends training and still writes the outputs)
         print("interrupted: the folder keeps what was finished (lora.safetensors once training ended, state.pt "
               "for --resume)", file=sys.stderr)

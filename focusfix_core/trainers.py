@@ -362,7 +362,24 @@ class _LoRATrainer:
 
     def __iter__(self) -> Iterator[StepRecord]:
         while self.step < self.cfg.iterations:
-            yield self.train_step()
+            with self._explain_oom(f"in training step {self.step + 1} of {self.cfg.iterations}"):
+                record = self.train_step()
+            yield record
+
+    def _memory_advice(self) -> str:
+        """What lowers a step's memory, by the settings' (and node inputs') names, with their values."""
+        c = self.cfg
+        return f"lower batch_size (now {c.batch_size}), then width and height (now {c.width}x{c.height})"
+
+    @contextmanager
+    def _explain_oom(self, stage: str) -> Iterator[None]:
+        """Re-raise a device out-of-memory error saying where it happened and what lowers the memory. The type
+        stays torch.OutOfMemoryError, so ComfyUI still unloads its models after it."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(f"out of device memory {stage}: {self._memory_advice()}. "
+                                         f"({str(e).splitlines()[0] if str(e) else 'no details'})") from e
 
     def _record(self, t0: float, **terms) -> StepRecord:
         rec = StepRecord(step=self.step, total=self.cfg.iterations, seconds=time.perf_counter() - t0,
@@ -560,11 +577,12 @@ class FixTrainer(_LoRATrainer):
         new = [any(i not in self._cache for i in chunk) for chunk in chunks]
         callback = None if progress is None else progress((len(self.sigmas) - 1) * (len(chunks) + sum(new)))
         I0, I, M = [], [], []
-        for chunk in chunks:
-            i0, _, m = self.base(chunk, callback)
-            I0.append(i0)
-            I.append(self.sample_images(chunk, callback))
-            M.append(m)
+        with self._explain_oom("while drawing the before/after images"):
+            for chunk in chunks:
+                i0, _, m = self.base(chunk, callback)
+                I0.append(i0)
+                I.append(self.sample_images(chunk, callback))
+                M.append(m)
         return torch.cat(I0), torch.cat(I), None if M[0] is None else torch.cat(M)
 
     @torch.no_grad()
@@ -597,6 +615,12 @@ class FixTrainer(_LoRATrainer):
 
     def _draw_state(self) -> dict:
         return {**super()._draw_state(), "order": list(self._order)}
+
+    def _memory_advice(self) -> str:
+        c = self.cfg
+        return (f"lower batch_size (now {c.batch_size}) or K (now {c.K}), then width and height (now "
+                f"{c.width}x{c.height}); a CLIP reward (aesthetic, safety) takes about 0.6 GiB less with "
+                f"precision bf16 (Load Reward)")
 
     def _set_draw_state(self, state: dict) -> None:
         super()._set_draw_state(state)
@@ -830,6 +854,10 @@ class SeparateEnhanceTrainer(_LoRATrainer):
     @torch.no_grad()
     def eval_maps(self, seed: int = 0, sigma_frac: float = 0.8) -> torch.Tensor:
         """Attention maps [P, n_objects, r, r] for every prompt at a fixed noise (for before/after views)."""
+        with self._explain_oom("while drawing the attention maps"):
+            return self._eval_maps(seed, sigma_frac)
+
+    def _eval_maps(self, seed: int, sigma_frac: float) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         P = len(self.cfg.prompts)
         T = len(self.model.sigmas)

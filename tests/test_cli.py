@@ -166,3 +166,31 @@ def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(model_file, tmp
     assert ref.keys() == got.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+
+
+def test_out_of_memory_keeps_the_last_finished_step_and_says_what_to_lower(model_file, tmp_path, monkeypatch,
+                                                                             capsys):
+    out = tmp_path / "run"
+    real_step = cli.FixTrainer.train_step
+
+    def oom_in_step_2(self):
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_step(self)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", oom_in_step_2)
+    assert cli.main(fnf_args(model_file, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"].startswith("failed: out of device memory in training step 2 of 3: lower batch_size "
+                                       "(now 2)"), report["status"]
+    assert report["steps_trained"] == 1
+    assert "note: failed: out of device memory" in capsys.readouterr().err
+    # the before/after images do not fit either: the LoRA is already written, the command fails by name
+    monkeypatch.setattr(cli.FixTrainer, "train_step", real_step)
+
+    def oom(self, progress=None):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+    monkeypatch.setattr(cli.FixTrainer, "before_after", oom)
+    out2 = tmp_path / "run2"
+    assert cli.main(fnf_args(model_file, out2)) == 1
+    assert "error: CUDA out of memory." in capsys.readouterr().err
+    assert (out2 / "lora.safetensors").is_file()

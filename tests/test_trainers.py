@@ -707,3 +707,49 @@ def test_a_step_stopped_half_way_is_redrawn_the_same(small_model, square_reward)
     for k, v in trainer.lora.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
     trainer.lora.remove()
+
+
+@pytest.mark.parametrize("where", ["train", "before_after"])
+def test_out_of_memory_says_where_and_what_to_lower(small_model, square_reward, where):
+    """A device OOM keeps its type (ComfyUI unloads its models on it) and gains the stage and the settings that
+    lower the memory, with their values; the LoRA keeps the last finished step."""
+    cfg = fix_cfg(iterations=2, K=2)
+    trainer = FixTrainer(small_model, square_reward, cfg)
+    if where == "before_after":
+        list(trainer)
+    before = {k: v.clone() for k, v in trainer.lora.state_dict().items()}
+    calls = []
+
+    def oom_at_call_3(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore lines")
+    handle = small_model.net.register_forward_pre_hook(oom_at_call_3)
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            list(trainer) if where == "train" else trainer.before_after()
+    finally:
+        handle.remove()
+    msg = str(info.value)
+    stage = "in training step 1 of 2" if where == "train" else "while drawing the before/after images"
+    assert msg.startswith(f"out of device memory {stage}: lower batch_size (now 2) or K (now 2), then width and "
+                          f"height (now 16x16)"), msg
+    assert "precision bf16" in msg and "Tried to allocate 2.00 GiB." in msg and "more lines" not in msg
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    for k, v in trainer.lora.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    trainer.lora.remove()
+
+
+def test_separate_enhance_out_of_memory_names_its_settings(small_model):
+    cfg = SeparateEnhanceConfig(prompts=("a red circle and a blue square",), objects=(("circle", "square"),),
+                                height=16, width=16, iterations=1, resolution=4, batch_size=3)
+    trainer = SeparateEnhanceTrainer(small_model, cfg)
+    handle = small_model.net.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match=r"^out of device memory while drawing the attention maps: "
+                           r"lower batch_size \(now 3\), then width and height \(now 16x16\)\. \(no details\)$"):
+            trainer.eval_maps()
+    finally:
+        handle.remove()
+        trainer.lora.remove()

@@ -358,6 +358,34 @@ def test_cancel_stops_a_training_step_within_one_sampler_step(fresh, checkpoint)
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
 
 
+@pytest.mark.parametrize("node", ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"])
+def test_out_of_memory_is_comfyuis_oom_with_what_to_lower(fresh, checkpoint, node):
+    """A device OOM in a training step stays ComfyUI's OOM_EXCEPTION (the executor then unloads every model and
+    adds its tips) and names the step and the inputs that lower the memory; the MODEL is left clean."""
+    import comfy.model_management as mm
+    model, clip, vae = checkpoint
+
+    def unet(apply_model, args):
+        if torch.is_grad_enabled():  # the first differentiated UNet call: inside training step 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(unet)
+    with pytest.raises(mm.OOM_EXCEPTION) as info:
+        if node == "FocusFixTrainFocusNFix":
+            _train_fix(fresh, (patched, clip, vae), batch_size=2)
+        else:
+            fresh.run(node, model=patched, clip=clip, prompts="a cat and a dog | cat, dog", lam_sep=1.0, lam_en=1.0,
+                      lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k", lr=1e-2,
+                      iterations=2, seed=0)
+    msg = str(info.value)
+    advice = ("lower batch_size (now 2) or K (now 1), then width and height (now 64x64)"
+              if node == "FocusFixTrainFocusNFix" else "lower batch_size (now 1), then width and height (now 64x64)")
+    assert msg.startswith(f"out of device memory in training step 1 of 2: {advice}"), msg
+    assert "Tried to allocate 20.00 MiB" in msg
+    assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
+
+
 def test_load_reward_files_from_the_rewards_folder(fresh):
     """A tiny-world reward file in models/focusfix_rewards loads through the node; junk is refused clearly."""
     import shutil
