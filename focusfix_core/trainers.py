@@ -520,7 +520,6 @@ class FixTrainer(_LoRATrainer):
         with _frozen(self.model.net), checkpointed_modules(self._checkpoint_modules):
             yield
 
-    @torch.no_grad()
     def _step_callback(self, extra: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
         """`sample`'s callback: on_sampler_step, then `extra` (either may be None)."""
         fns = [f for f in (self.on_sampler_step, extra) if f is not None]
@@ -528,6 +527,7 @@ class FixTrainer(_LoRATrainer):
             return fns[0] if fns else None
         return lambda info: [f(info) for f in fns]
 
+    @torch.no_grad()
     def base(self, idx: list[int], callback: Callable[[dict], None] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached;

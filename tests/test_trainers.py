@@ -753,3 +753,17 @@ def test_separate_enhance_out_of_memory_names_its_settings(small_model):
     finally:
         handle.remove()
         trainer.lora.remove()
+
+
+def test_graph_free_sampling_records_no_graph(small_model, square_reward, monkeypatch):
+    """I0 and the before/after images are drawn under no_grad, also inside a training step."""
+    import focusfix_core.trainers as tr
+    grad_on = []
+    real = tr.sample
+    monkeypatch.setattr(tr, "sample", lambda *a, **k: grad_on.append((k["K"], torch.is_grad_enabled()))
+                        or real(*a, **k))
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+    list(trainer)
+    trainer.before_after()
+    assert grad_on == [(0, False), (1, True), (0, False)]  # I0, the training trajectory, then I (I0 cached)
+    trainer.lora.remove()
