@@ -271,7 +271,7 @@ class FocusFixTrainSeparateEnhance:
         # the prompt lines' format is known at queue time (unless prompts comes from a linked node: None)
         try:
             if prompts is not None:
-                _ = [split_objects_prompt(line) for line in parse_lines(prompts)]
+                _object_prompts(prompts)
         except ValueError as e:
             return str(e)
         return True
@@ -282,7 +282,7 @@ class FocusFixTrainSeparateEnhance:
         dm = ComfyDiffusionModel(model.clone(), clip)
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
-        parsed = [split_objects_prompt(line) for line in parse_lines(prompts)]
+        parsed = _object_prompts(prompts)
         run = run_separate_enhance(dm, lambda: SeparateEnhanceConfig(
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,
@@ -294,6 +294,11 @@ class FocusFixTrainSeparateEnhance:
                             *notes, *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
                 bchw_to_image(_maps_grid(run.A_after)), report)
+
+
+def _object_prompts(text: str) -> list[tuple[str, list[str]]]:
+    """'a cat and a dog | cat, dog' lines -> [(prompt, object words)]; ValueError naming a bad line."""
+    return [split_objects_prompt(line) for line in parse_lines(text)]
 
 
 def _maps_grid(A: torch.Tensor, size: int = 128) -> torch.Tensor:
