@@ -1,10 +1,14 @@
 """FocusFix Apply LoRA and FocusFix Save LoRA: use a trained LoRA now, or write it for the stock Load LoRA."""
 from __future__ import annotations
 
-from .adapters import LoraData
+import os
+from pathlib import Path
+
+from .adapters import LoraData, image_to_bchw
 from .common import GRAPH_INPUTS, LORA, graph_metadata, log, tip
 
-__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data"]
+__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data",
+           "save_preview"]
 
 
 def lora_patches(model, lora: LoraData) -> dict:
@@ -38,6 +42,17 @@ def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folde
         folder = folder_paths.get_folder_paths("loras")[0]
     path = unique_path(safe_join(folder, filename.strip()), overwrite=overwrite)
     return atomic_save_safetensors(lora.tensors, path, {**(extra_metadata or {}), **lora.metadata})
+
+
+def save_preview(image, lora_path: Path, overwrite: bool = False) -> Path | None:
+    """Write image[0] (IMAGE [B,H,W,3]) beside the LoRA as `<name>.preview.png`, the thumbnail A1111/Forge,
+    ComfyUI's model library and LoRA managers show, atomically. None (nothing written) when that file exists
+    and not `overwrite`: a LoRA saved with a counter may sit beside an image that is not its own."""
+    from ..focusfix_core.viz import save_png
+    path = lora_path.with_name(f"{lora_path.stem}.preview.png")
+    if os.path.lexists(path) and not overwrite:
+        return None
+    return save_png(image_to_bchw(image, "preview")[0], path)
 
 
 class FocusFixApplyLoRA:
@@ -122,15 +137,22 @@ class FocusFixSaveLoRA:
                             "'..' and absolute paths are refused. .safetensors is added.", default="focusfix/fix"),
             "overwrite": tip("BOOLEAN", "Replace an existing file of that name. Off: a counter is added "
                              "(fix_00001.safetensors).", default=False),
+        }, "optional": {
+            "preview": tip("IMAGE", "Saved beside the LoRA as <name>.preview.png (the first image, e.g. the Train "
+                           "node's after image): the thumbnail A1111/Forge, ComfyUI's model library and LoRA "
+                           "managers show."),
         }, "hidden": GRAPH_INPUTS}
 
-    def execute(self, lora, filename, overwrite, prompt=None, extra_pnginfo=None):
+    def execute(self, lora, filename, overwrite, preview=None, prompt=None, extra_pnginfo=None):
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
         path = save_lora_data(lora, filename, overwrite, folder, graph_metadata(prompt, extra_pnginfo))
         name = path.relative_to(_resolved(folder)).as_posix()
+        text = name
+        if preview is not None and save_preview(preview, path, overwrite) is None:
+            text += f"\n(kept the existing {path.stem}.preview.png: turn overwrite on to replace it)"
         log.info(f"saved LoRA {name} ({lora!r})")
-        return {"ui": {"text": [name]}, "result": (name,)}
+        return {"ui": {"text": [text]}, "result": (name,)}
 
 
 def _resolved(folder):

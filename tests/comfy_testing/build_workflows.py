@@ -232,6 +232,7 @@ def fix_painted_region(specs) -> dict:
     _text(g, train, "report", (1100, 50), "Report")
     save = g.add("FocusFixSaveLoRA", (820, 350), filename="focusfix/painted_fix")
     g.link(train, "lora", save, "lora")
+    g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
     apply = g.add("FocusFixApplyLoRA", (820, 550), strength=1.0)
     g.link(ck, "MODEL", apply, "model")
     g.link(train, "lora", apply, "lora")
@@ -274,6 +275,7 @@ def fix_what_reward_dislikes(specs) -> dict:
     _preview(g, train, "curve", (1150, 50), "Training curves")
     save = g.add("FocusFixSaveLoRA", (820, 250), filename="focusfix/reward_fix")
     g.link(train, "lora", save, "lora")
+    g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
     return g.ui()
 
 
@@ -361,6 +363,7 @@ def fix_with_aesthetic_safety(specs) -> dict:
     _preview(g, train, "curve", (1150, 150), "Training curves")
     save = g.add("FocusFixSaveLoRA", (820, 350), filename="focusfix/aesthetic_safety_fix")
     g.link(train, "lora", save, "lora")
+    g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
     return g.ui()
 
 

@@ -105,6 +105,37 @@ def test_save_metadata_counter_overwrite_and_escape(fresh, lora_data):
     assert not [p for p in fresh.loras.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_save_writes_the_preview_beside_the_lora_and_keeps_a_strangers(fresh, lora_data):
+    """preview -> <name>.preview.png (the first image, 8-bit), also under a counter name; an existing image that
+    the save did not write is kept unless overwrite is on, and the node says so."""
+    import numpy as np
+    from PIL import Image
+    data, _ = lora_data
+    save = fresh.node("FocusFixSaveLoRA")()
+    images = torch.rand(2, 24, 32, 3, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        with torch.inference_mode():
+            out = save.execute(lora=data, filename="fixes/thumb", preview=images, **kw)
+        return out["result"][0], out["ui"]["text"][0]
+    assert run(overwrite=False) == ("fixes/thumb.safetensors", "fixes/thumb.safetensors")
+    png = np.asarray(Image.open(fresh.loras / "fixes" / "thumb.preview.png"))
+    assert png.shape == (24, 32, 3)
+    assert np.abs(png.astype(int) - (images[0].numpy() * 255).round().astype(int)).max() == 0
+    assert run(overwrite=False)[0] == "fixes/thumb_00001.safetensors"
+    assert (fresh.loras / "fixes" / "thumb_00001.preview.png").is_file()
+    stranger = fresh.loras / "fixes" / "mine.preview.png"
+    Image.new("RGB", (4, 4)).save(stranger)
+    with torch.inference_mode():
+        out = save.execute(lora=data, filename="fixes/mine", preview=images, overwrite=False)
+    assert out["result"][0] == "fixes/mine.safetensors" and "kept the existing mine.preview.png" in out["ui"]["text"][0]
+    assert Image.open(stranger).size == (4, 4)
+    with torch.inference_mode():
+        save.execute(lora=data, filename="fixes/mine", preview=images, overwrite=True)
+    assert Image.open(stranger).size == (32, 24)
+    assert not [p for p in fresh.loras.rglob("*") if p.name.endswith(".tmp")]
+
+
 def test_apply_refuses_a_lora_for_another_layout(fresh, checkpoint, lora_data):
     data, _ = lora_data
     other = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl" if "SD15" in type(checkpoint[0].model.model_config).__name__ else "sd15", seed=0)[0]

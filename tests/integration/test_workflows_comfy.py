@@ -55,6 +55,8 @@ def test_workflow_runs_headless(fresh, wt, path, layout, painted):
     if saves:
         names = [p.relative_to(fresh.loras).as_posix() for p in fresh.loras.rglob("*.safetensors")]
         assert names == [saves[0]["inputs"]["filename"] + ".safetensors"]
+        if "preview" in saves[0]["inputs"]:  # the Train node's after image is the LoRA's thumbnail
+            assert (fresh.loras / (saves[0]["inputs"]["filename"] + ".preview.png")).is_file()
 
 
 def test_cancel_through_the_executor_leaves_no_lora(fresh, wt, painted):
