@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -85,6 +86,13 @@ def parse_ints(text: str, name: str = "seeds") -> list[int]:
     return out
 
 
+def clock(seconds: float) -> str:
+    """Seconds as a clock: 75 -> '1:15', 3725 -> '1:02:05'."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def check_cancel(_info: dict | None = None) -> None:
     """Raise ComfyUI's InterruptProcessingException once the cancel button was pressed (a sampler callback)."""
     import comfy.model_management as mm
@@ -118,11 +126,12 @@ def run_with_progress(records: Iterable, total: int, preview: Callable[[], torch
     from ..focusfix_core.viz import to_pil
 
     pbar = comfy.utils.ProgressBar(total)
-    history = []
+    history, t0 = [], time.perf_counter()
     mm.throw_exception_if_processing_interrupted()
     for rec in records:
         history.append(rec)
-        log.info(rec.summary())
+        per_step = (time.perf_counter() - t0) / len(history)
+        log.info(f"{rec.summary()}  ETA {clock(per_step * (total - rec.step - 1))}")
         if on_record is not None:
             on_record(rec)
         img = preview() if preview is not None else None

@@ -16,8 +16,8 @@ from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
-from .common import (GRAPH_INPUTS, LORA, REWARD, graph_metadata, log, parse_ints, parse_lines, sampler_inputs,
-                     tip)
+from .common import (GRAPH_INPUTS, LORA, REWARD, clock, graph_metadata, log, parse_ints, parse_lines,
+                     sampler_inputs, tip)
 from .runs import run_focus_n_fix, run_separate_enhance
 
 __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
@@ -197,7 +197,7 @@ class FocusFixTrainFocusNFix:
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
             continue_from=continue_from, graph=graph_metadata(prompt, extra_pnginfo))
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
-        report = "\n".join([repr(run.lora), run.history[-1].summary(),
+        report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *notes,
                             *_precision_notes(run.history)])
         log.info(report)
@@ -220,6 +220,12 @@ def _schedule(sigmas, notes: list[str]) -> tuple[float, ...]:
     values = tuple(float(s) for s in torch.as_tensor(sigmas).flatten().tolist())
     notes.append(f"sigmas connected: {len(values) - 1} steps from them (the steps and scheduler inputs are not used)")
     return values
+
+
+def _timing(history) -> str:
+    """The report line with the training time (the steps alone; before/after images not counted)."""
+    seconds = [r.seconds for r in history]
+    return f"trained {len(seconds)} steps in {clock(sum(seconds))} ({sum(seconds) / len(seconds):.2f} s per step)"
 
 
 def _precision_notes(history) -> list[str]:
@@ -289,7 +295,7 @@ class FocusFixTrainSeparateEnhance:
             alpha=alpha, targets=targets, lr=lr, iterations=iterations, seed=seed, batch_size=batch_size),
             checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name, continue_from=continue_from,
             graph=graph_metadata(prompt, extra_pnginfo))
-        report = "\n".join([repr(run.lora), run.history[-1].summary(),
+        report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}",
                             *notes, *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),

@@ -145,3 +145,8 @@ def test_node_classes_are_thin():
     for node_id, cls in NODES:
         lines = inspect.getsourcelines(getattr(cls, cls.FUNCTION))[0]
         assert len(lines) <= 45, f"{node_id}.{cls.FUNCTION} has {len(lines)} lines"
+
+
+def test_clock():
+    clock = sys.modules[f"{PACK.__name__}.nodes.common"].clock
+    assert [clock(s) for s in (0, 59.6, 75, 3725)] == ["0:00", "1:00", "1:15", "1:02:05"]

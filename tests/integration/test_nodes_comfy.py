@@ -144,7 +144,7 @@ def test_train_focus_n_fix(fresh, checkpoint, layout):
     assert all(k.startswith("lora_unet_") for k in lora.tensors)
     assert before.shape == after.shape == (4, SIZE, SIZE, 3) and mask.shape == (4, SIZE, SIZE)
     assert not torch.equal(before, after), "two steps at lr 1e-2 should change the images"
-    assert curve.ndim == 4 and "step 2/2" in report
+    assert curve.ndim == 4 and "step 2/2" in report and "trained 2 steps in 0:" in report
     # progress: one update per step, with a JPEG preview
     training = [(v, t, p) for v, t, p in fresh.progress if t == 2]  # then the before/after images' step bar
     assert training[-1][:2] == (2, 2) and training[-1][2][0] == "JPEG"
@@ -289,6 +289,7 @@ def test_train_separate_enhance(fresh, checkpoint, layout):
     assert before.shape == after.shape and not torch.equal(before, after)
     # a to_k LoRA: every attn2 of ComfyUI's UNet reads the text alone, so preservation runs on the keys
     assert lora.metadata["focusfix_preservation"] == "keys" and "preservation: keys" in report
+    assert "trained 2 steps in 0:" in report
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
 
 
