@@ -240,6 +240,13 @@ class ComfyDiffusionModel:
                              f"{in_channels} input channels, the {self.latent_channels} latent channels plus an image "
                              f"and/or mask. FocusFix trains text-to-image models: load the checkpoint's base "
                              f"(non-inpainting) version")
+        if vae is not None:  # else the decode would fail deep in torch, after the I0 were sampled
+            vae_channels, vae_dims = getattr(vae, "latent_channels", self.latent_channels), getattr(vae, "latent_dim", 2)
+            if vae_channels != self.latent_channels or vae_dims != 2:
+                raise ValueError(f"this VAE decodes {vae_channels}-channel {'video ' if vae_dims != 2 else ''}latents, "
+                                 f"but the MODEL ({self.name}) makes {self.latent_channels}-channel image latents: "
+                                 f"connect the VAE of the MODEL's checkpoint (Load Checkpoint's VAE output) or a VAE "
+                                 f"file made for it")
         self.is_adm = getattr(self.base, "adm_channels", 0) not in (0, None)
         # the SDXL refiner embeds an aesthetic score in y: 6 for the prompt, 2.5 for the negative prompt unless the
         # conditioning gives one (CLIPTextEncodeSDXLRefiner's ascore); KSampler tells encode_adm which prompt it is

@@ -132,15 +132,17 @@ def narrow_real_layout(family: str = "sd15", seed: int = 0):
     return model, clip, tiny_vae(seed)
 
 
-def tiny_vae(seed: int = 0):
-    """AutoencoderKL with 4 latent channels and an 8x downscale, 32 channels wide."""
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """AutoencoderKL with `latent_channels` latent channels (4: SD1.5/SDXL; 16: Flux/SD3) and an 8x downscale,
+    32 channels wide."""
+    ddconfig = {"double_z": True, "z_channels": latent_channels, "resolution": 64, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
     logging.disable(logging.WARNING)  # "Missing VAE keys": expected, the weights are randomised next
     try:
-        vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+        vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": latent_channels, "ddconfig": ddconfig}})
     finally:
         logging.disable(logging.NOTSET)
+    vae.latent_channels = latent_channels  # as ComfyUI sets it when it detects a VAE from its weights
     randomize(vae.first_stage_model, seed + 2)
     return vae
 

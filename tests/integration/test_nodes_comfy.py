@@ -241,6 +241,20 @@ def test_non_unet_model_is_refused_by_name(fresh, checkpoint, tiny_models):
         _train_fix(fresh, (tiny_models.tiny_flux(), clip, vae))
 
 
+def test_a_vae_for_other_latents_is_refused_by_name(fresh, checkpoint, tiny_models):
+    """A Flux/SD3 VAE (16 channels) beside an SD1.5/SDXL MODEL: refused before anything samples, naming both."""
+    model, clip, _ = checkpoint
+    flux_vae = tiny_models.tiny_vae(latent_channels=16)
+    with pytest.raises(ValueError, match=r"this VAE decodes 16-channel latents, but the MODEL \(SD\w+\) makes "
+                                         r"4-channel image latents"):
+        _train_fix(fresh, (model, clip, flux_vae))
+    with pytest.raises(ValueError, match="this VAE decodes 16-channel latents"):
+        fresh.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a cat and a dog", words="cat, dog", seed=0,
+                  steps=2, cfg=3.0, resolution=4, width=SIZE, height=SIZE, vae=flux_vae)
+    assert not fresh.progress  # nothing sampled
+    assert _hooks(model.model.diffusion_model) == 0
+
+
 def test_validate_inputs_k_larger_than_steps(comfy):
     cls = comfy.node("FocusFixTrainFocusNFix")
     assert "K (5)" in cls.VALIDATE_INPUTS(steps=3, K=5)
