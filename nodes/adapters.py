@@ -398,6 +398,12 @@ class ComfyDiffusionModel:
         its `encode_adm` embeds the sizes on the CPU after copying the pooled output there. Per call, each is a
         host sync on a GPU (the host can no longer queue kernels ahead), and under torch.compile CPU ops in the
         graph rule out CUDA graphs."""
+        width, reads = cond["context"].shape[-1], self.base.model_config.unet_config.get("context_dim")
+        wrapped = "model_function_wrapper" in self.patcher.model_options  # another node may map the text itself
+        if reads is not None and width != reads and not wrapped:  # else a matmul shape error in the first attn2
+            raise ValueError(f"the text encoding is {width} wide, but this MODEL ({self.name}) reads {reads}-wide "
+                             f"text: encode the prompts with the CLIP of the MODEL's checkpoint (Load Checkpoint's "
+                             f"CLIP output), also for CONDITIONING inputs")
         args = cond.pop("adm_args", None)  # they live on in y (and a negative prompt without them can be batched)
         cond = {k: v.to(self.device) for k, v in cond.items()}
         for negative in (False, True) if self.adm_reads_prompt_type else (False,):

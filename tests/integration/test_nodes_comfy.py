@@ -255,6 +255,25 @@ def test_a_vae_for_other_latents_is_refused_by_name(fresh, checkpoint, tiny_mode
     assert _hooks(model.model.diffusion_model) == 0
 
 
+def test_a_clip_for_another_model_is_refused_by_name(fresh, tiny_models):
+    """SDXL's CLIP beside an SD1.5 MODEL and the other way round, typed prompts or CONDITIONING: refused with both
+    widths named (was a matmul shape error in the first attention layer)."""
+    sd15, sdxl = tiny_models.tiny_checkpoint("sd15"), tiny_models.tiny_checkpoint("sdxl")
+    for (model, _, vae), (_, clip, _) in ((sd15, sdxl), (sdxl, sd15)):
+        with pytest.raises(ValueError, match=r"the text encoding is \d+ wide, but this MODEL \(SD\w+\) reads "
+                                             r"\d+-wide text: encode the prompts with the CLIP of the MODEL's"):
+            _train_fix(fresh, (model, clip, vae))
+        with torch.inference_mode():
+            pos, neg = (fresh.node("CLIPTextEncode")().encode(clip, t)[0] for t in ("a cat", ""))
+        with pytest.raises(ValueError, match="the text encoding is"):
+            _train_fix(fresh, (model, None, vae), positive=pos, negative=neg)
+        with pytest.raises(ValueError, match="the text encoding is"):
+            fresh.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a cat and a dog", words="cat, dog",
+                      seed=0, steps=2, cfg=3.0, resolution=4, width=SIZE, height=SIZE)
+        assert _hooks(model.model.diffusion_model) == 0
+    assert not fresh.progress
+
+
 def test_validate_inputs_k_larger_than_steps(comfy):
     cls = comfy.node("FocusFixTrainFocusNFix")
     assert "K (5)" in cls.VALIDATE_INPUTS(steps=3, K=5)
