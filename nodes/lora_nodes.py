@@ -102,8 +102,6 @@ class FocusFixLoadLoRA:
     def IS_CHANGED(cls, lora_name):
         """The file's size and modification time: a rewritten file (a training checkpoint is replaced every
         checkpoint_every steps) is read again instead of coming from ComfyUI's cache."""
-        import os
-
         import folder_paths
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None:
