@@ -194,3 +194,15 @@ def test_out_of_memory_keeps_the_last_finished_step_and_says_what_to_lower(model
     assert cli.main(fnf_args(model_file, out2)) == 1
     assert "error: CUDA out of memory." in capsys.readouterr().err
     assert (out2 / "lora.safetensors").is_file()
+
+
+def test_a_corrupt_or_foreign_model_file_is_named(tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    foreign = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(2)}, str(foreign))
+    for path, expected in ((junk, "as .safetensors: corrupt or truncated"),
+                           (foreign, "not a FocusFix tiny model")):
+        assert cli.main(["train-fnf", "--model", str(path), "--reward", "artifact", "--out", str(tmp_path / "o"),
+                         "--prompt", "a red circle", "--iterations", "1"]) == 2
+        assert expected in capsys.readouterr().err

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..attention import attention_capture, word_token_indices
 from ..denoisers import CFGDenoiser, Cond, EpsDenoiser
-from ..io import load_state_checked
+from ..io import atomic_save_safetensors, load_state_checked, load_tensor_file_with_metadata
 from ..schedules import scaled_linear_alphas_cumprod, sigmas_from_alphas_cumprod
 from .world import WORDS
 
@@ -351,28 +351,22 @@ class TinyModel(nn.Module):
         return self.decode(sample(denoiser, x, sigmas, self.encode_prompts(list(prompts)))).clamp(0, 1)
 
     def save(self, path, dtype=torch.float16) -> None:
-        """Weights and config as safetensors (metadata `focusfix_tiny_config` = JSON config)."""
+        """Weights and config as safetensors (metadata `focusfix_tiny_config` = JSON config), atomically."""
         import json
 
-        from safetensors.torch import save_file
-
-        sd = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, str(path), metadata={"focusfix_tiny_config": json.dumps(asdict(self.cfg)), "name": self.name})
+        sd = {k: v.detach().to(dtype) for k, v in self.state_dict().items()}
+        atomic_save_safetensors(sd, path, {"focusfix_tiny_config": json.dumps(asdict(self.cfg)), "name": self.name})
 
     @classmethod
     def load(cls, path) -> "TinyModel":
         """Inverse of `save`; checks every weight's shape. Weights come back as float32."""
         import json
 
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "focusfix_tiny_config" not in meta:
-                raise ValueError(f"{path} has no 'focusfix_tiny_config' metadata: not a FocusFix tiny model")
-            raw = json.loads(meta["focusfix_tiny_config"])
-            cfg = TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = load_tensor_file_with_metadata(path)  # a missing or corrupt file is named
+        if "focusfix_tiny_config" not in meta:
+            raise ValueError(f"{path} has no 'focusfix_tiny_config' metadata: not a FocusFix tiny model")
+        raw = json.loads(meta["focusfix_tiny_config"])
+        cfg = TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         model = cls(cfg, name=meta.get("name", "focusfix-tiny"))
         return load_state_checked(model, tensors, str(path)).eval()
 
