@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import load_state_checked
+from ..io import atomic_save_safetensors, load_state_checked, load_tensor_file_with_metadata
 from ..rewards.base import Reward
 from .world import COLOURS, TRAIN_WORLD, WorldConfig, render, sample_scenes
 
@@ -115,10 +115,7 @@ def load_tiny_reward(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 def _load_file(path: Path) -> Reward:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return load_tiny_reward({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {})
+    return load_tiny_reward(*load_tensor_file_with_metadata(path))
 
 
 def load_default_rewards() -> dict[str, Reward]:
@@ -130,12 +127,10 @@ def load_default_rewards() -> dict[str, Reward]:
 
 
 def save_reward(reward: Reward, path) -> None:
-    from safetensors.torch import save_file
-
     meta = {"focusfix_reward": reward.describe()["family"], "width": str(reward.net[0].out_channels)}
     if isinstance(reward, AttributeReward):
         meta["colour"] = reward.colour
-    save_file({k: v.detach().contiguous() for k, v in reward.state_dict().items()}, str(path), metadata=meta)
+    atomic_save_safetensors(reward.state_dict(), path, meta)
 
 
 # --- training on procedural data -------------------------------------------------------------------
