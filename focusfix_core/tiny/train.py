@@ -3,7 +3,7 @@
     python -m focusfix_core.tiny.train --out runs/tiny --steps 3000 [--resume] [--max-minutes 45]
 
 Resumable: every `--ckpt-minutes` the model, its EMA, the optimizer, the step and the noise RNG go
-atomically to OUT/checkpoint.pt (read back with torch.load(weights_only=True)). Each step's batch is
+atomically to OUT/checkpoint.pt (read back weights_only). Each step's batch is
 drawn from the world with seed (seed, step), so a resumed run sees the same data as an unbroken one.
 At the end (or when --max-minutes runs out) the EMA weights go to OUT/tiny_t2i.safetensors (fp16)
 with a sample grid OUT/samples.png.
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
+import io
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_torch_save, atomic_write_bytes, load_training_state
 from ..schedules import scaled_linear_alphas_cumprod
 from .model import TinyConfig, TinyModel
 from .world import TRAIN_WORLD, make_batch
@@ -49,13 +50,9 @@ def save_grid(I: torch.Tensor, path, nrow: int = 8, scale: int = 4) -> None:
         grid[:, r * (H + 2) + 1: r * (H + 2) + 1 + H, c * (W + 2) + 1: c * (W + 2) + 1 + W] = I[i].clamp(0, 1)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(buf, format="PNG")
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def train(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, resume: bool = False,
@@ -72,7 +69,7 @@ def train(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 
     g = torch.Generator().manual_seed(seed + 1)  # noise and timesteps
     step, loss_avg = 0, None
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = load_training_state(ckpt_path)
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -88,7 +85,7 @@ def train(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 
     s_log = step
 
     def checkpoint():
-        _atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                       "rng": g.get_state(), "step": step, "loss_avg": loss_avg}, ckpt_path)
 
     while step < steps:
