@@ -9,7 +9,9 @@ Three experiments, each on prompts and seeds disjoint from the ones it fine-tune
    single-object prompts. Claim: FnF lowers the artifact rate at least as much as DRaFT, with an
    outside-mask change >= 3x smaller and an alignment drop <= 1 point.
 2. attribute: the same with the attribute reward ("red is unsafe"; saliency masks) on prompts with a
-   red object. The outside region holds the other object and the background.
+   red object. The outside region holds the other object and the background. Its alignment and
+   both-objects columns count the objects that are not red (the red one is meant to change colour):
+   both objects = the two-object images whose other object is still there.
 3. composition: base vs Separate-and-Enhance on held-out two-object prompts. Claim: the both-objects
    rate rises by >= 10 points without lowering single-object alignment. Its change columns compare the
    single-object images with the base model's (whole image): what the preservation term should keep.
@@ -132,14 +134,16 @@ def _row(exp, method, reward, I, I0, prompts, R, seconds, red=None):
     row = {"experiment": exp, "method": method, "reward": reward, "artifact": s["artifact_rate"],
            "red": red, "mae": mae, "psnr": psnr, "alignment": s["alignment"], "both": s["both_objects_rate"],
            "seconds": seconds}
-    if red is not None:  # attribute: alignment of the objects that are not red (they must survive)
+    if red is not None:  # attribute: the objects that are not red must survive; a red one may lose its colour
         recs = evaluate(I, prompts)
-        keep = []
+        keep, others = [], []
         for r, p in zip(recs, prompts):
-            for c, shp in parse_caption(p):
-                if c != "red":
-                    keep.append(c in r["detections"] and r["detections"][c].shape == shp)
+            want = [(c, shp) for c, shp in parse_caption(p) if c != "red"]
+            keep += [c in r["detections"] and r["detections"][c].shape == shp for c, shp in want]
+            if r["n_objects"] == 2:  # evaluate's both_present asks for red too, so a fix could never pass it
+                others.append(all(c in r["detections"] for c, _ in want))
         row["alignment"] = 100.0 * sum(keep) / max(len(keep), 1)
+        row["both"] = 100.0 * sum(others) / max(len(others), 1)
     return row
 
 

@@ -44,3 +44,17 @@ def test_defect_regions_cover_ground_truth(quality):
     mae, psnr = quality.outside_change(I, I, R)
     assert mae == 0 and psnr == 99.0
     assert quality.outside_change(I.clamp(0.1, 0.9), I, torch.zeros_like(R))[0] > 0
+
+
+def test_attribute_rows_count_the_objects_that_are_not_red(quality):
+    """A fix that removes the red object and keeps the other one counts as both objects kept (evaluate's own
+    both_present asks for red too, so no fix could pass it); an image that lost the other object does not."""
+    clean = WorldConfig(glitch_rate=0.0)
+    kept, _, _ = make_batch(4, seed=1, cfg=clean, prompts=["a blue square"] * 4)
+    lost, _, _ = make_batch(4, seed=2, cfg=clean, prompts=["a green circle"] * 4)
+    prompts = ["a red circle and a blue square"] * 8
+    I = torch.cat([kept, lost])
+    R = torch.zeros(8, 32, 32, dtype=torch.bool)
+    row = quality._row("attribute", "x", 0.0, I, I, prompts, R, 0.0, red=0.0)
+    assert row["both"] == pytest.approx(50.0) and row["alignment"] == pytest.approx(50.0)
+    assert quality.summarize(quality.evaluate(I, prompts))["both_objects_rate"] == 0.0
