@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = ["LORA", "REWARD", "tip", "parse_lines", "parse_ints", "run_with_progress", "log", "scheduler_names",
-           "sampler_inputs", "GRAPH_INPUTS", "graph_metadata"]
+           "sampler_inputs", "GRAPH_INPUTS", "graph_metadata", "file_fingerprint"]
 
 LORA = "FOCUSFIX_LORA"      # adapters.LoraData
 REWARD = "FOCUSFIX_REWARD"  # a focusfix_core Reward module
@@ -36,6 +36,20 @@ def graph_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str,
     out = {} if prompt is None else {"prompt": json.dumps(prompt)}
     out.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
     return out
+
+
+def file_fingerprint(folder: str, name: str) -> str:
+    """IS_CHANGED of a node that loads `name` from a models folder: the file's size and modification time, so a
+    file rewritten under the same name is read again instead of coming from ComfyUI's cache ("" when missing:
+    the node's execute names it)."""
+    import os
+
+    import folder_paths
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return ""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def scheduler_names() -> list[str]:

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from .adapters import LoraData, image_to_bchw
-from .common import GRAPH_INPUTS, LORA, graph_metadata, log, tip
+from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, tip
 
 __all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data",
            "save_preview"]
@@ -100,14 +100,8 @@ class FocusFixLoadLoRA:
 
     @classmethod
     def IS_CHANGED(cls, lora_name):
-        """The file's size and modification time: a rewritten file (a training checkpoint is replaced every
-        checkpoint_every steps) is read again instead of coming from ComfyUI's cache."""
-        import folder_paths
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None:
-            return ""  # execute names the missing file
-        st = os.stat(path)
-        return f"{st.st_size}:{st.st_mtime_ns}"
+        # a training checkpoint is rewritten under its name every checkpoint_every steps
+        return file_fingerprint("loras", lora_name)
 
     def execute(self, lora_name):
         import folder_paths

@@ -8,7 +8,7 @@ from ..focusfix_core.rewards.composite import WeightedSum
 from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from .adapters import b1hw_to_mask, bchw_to_image, grad_mode, image_to_bchw, load_reward_by_name, mask_to_b1hw, \
     reward_choices, reward_on
-from .common import REWARD, tip
+from .common import REWARD, file_fingerprint, tip
 
 __all__ = ["FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixCompare", "score_table"]
 
@@ -37,6 +37,11 @@ class FocusFixLoadReward:
                              "fp32; rewards without a tower ignore this.", default="fp32"),
             "clip_vision": tip("CLIP_VISION", "CLIP ViT-L/14 image tower, for an aesthetic head stored without one."),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, reward_name, **_):
+        # a reward file converted again under the same name is read again
+        return reward_name if reward_name.startswith("builtin:") else file_fingerprint("focusfix_rewards", reward_name)
 
     def execute(self, reward_name, precision="fp32", clip_vision=None):
         return (load_reward_by_name(reward_name, clip_vision, precision),)

@@ -440,6 +440,27 @@ def test_load_reward_files_from_the_rewards_folder(fresh):
         fresh.run("FocusFixLoadReward", reward_name="builtin:nope")
 
 
+def test_load_reward_reads_a_rewritten_file_again(fresh):
+    """As Load LoRA: IS_CHANGED follows a reward file's size and time, so a file converted again under the same
+    name is not served from ComfyUI's cache; built-in rewards are their name."""
+    import os
+    import shutil
+    import folder_paths
+    node = fresh.node("FocusFixLoadReward")
+    folder = Path(folder_paths.get_folder_paths("focusfix_rewards")[0])
+    path = folder / "rewritten.safetensors"
+    shutil.copy(REPO / "focusfix_core" / "tiny" / "weights" / "tiny_artifact.safetensors", path)
+    before = node.IS_CHANGED(reward_name="rewritten.safetensors", precision="fp32", clip_vision=None)
+    assert before and node.IS_CHANGED(reward_name="rewritten.safetensors") == before
+    st = os.stat(path)
+    shutil.copy(REPO / "focusfix_core" / "tiny" / "weights" / "tiny_attribute.safetensors", path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime even on a coarse clock
+    assert node.IS_CHANGED(reward_name="rewritten.safetensors") != before
+    assert node.IS_CHANGED(reward_name="builtin:sharpness") == "builtin:sharpness"
+    assert node.IS_CHANGED(reward_name="missing.safetensors") == ""
+    path.unlink()
+
+
 def test_cancel_with_checkpoints_keeps_the_last_complete_lora(fresh, checkpoint):
     import comfy.model_management as mm
     from safetensors import safe_open
