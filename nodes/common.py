@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from typing import Callable, Iterable
@@ -42,8 +43,6 @@ def file_fingerprint(folder: str, name: str) -> str:
     """IS_CHANGED of a node that loads `name` from a models folder: the file's size and modification time, so a
     file rewritten under the same name is read again instead of coming from ComfyUI's cache ("" when missing:
     the node's execute names it)."""
-    import os
-
     import folder_paths
     path = folder_paths.get_full_path(folder, name)
     if path is None:
