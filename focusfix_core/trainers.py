@@ -31,7 +31,7 @@ from .losses import (enhance_loss, key_change_loss, preservation_loss, region_lo
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
 from .records import StepRecord
 from .rewards.base import Reward
-from .saliency import mask_from_reward
+from .saliency import check_mask, mask_from_reward
 from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules,
                       compile_denoiser, sample, sampling_sigmas, seed_noise)
 
@@ -494,6 +494,12 @@ class FixTrainer(_LoRATrainer):
         if len(M) not in (1, len(cfg.seeds), len(self.items)):
             raise ValueError(f"got {len(M)} masks; expected 1, one per seed ({len(cfg.seeds)}) or one per "
                              f"(prompt, seed) item ({len(self.items)})")
+        # an empty painted mask holds the whole image: training could only fight the region term (a mask editor
+        # that saved nothing, or an inverted mask)
+        bad = [w for w in check_mask(M) if "is empty" in w or "NaN" in w] if cfg.lam > 0 else []
+        if bad:
+            raise ValueError(f"{bad[0]}: paint the region that may change (in ComfyUI's mask editor the painted "
+                             f"part is 1 = may change), or set lam 0 for plain DRaFT")
         return M.float().clamp(0, 1).to(self.device)
 
     # -- I0 and M: computed once per item (the base model is frozen) ----------------------------------------

@@ -12,7 +12,7 @@ from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
-from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES
+from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
@@ -197,6 +197,7 @@ class FocusFixTrainFocusNFix:
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
             continue_from=continue_from, graph=graph_metadata(prompt, extra_pnginfo))
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
+        notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *notes,
                             *_precision_notes(run.history)])

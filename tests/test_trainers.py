@@ -767,3 +767,16 @@ def test_graph_free_sampling_records_no_graph(small_model, square_reward, monkey
     trainer.before_after()
     assert grad_on == [(0, False), (1, True), (0, False)]  # I0, the training trajectory, then I (I0 cached)
     trainer.lora.remove()
+
+
+@pytest.mark.parametrize("fill, match", [(0.0, r"mask M\[1\] is empty \(coverage 0\): the whole image is held fixed: "
+                                               r"paint the region that may change"),
+                                         (float("nan"), r"mask M\[0\] has NaN or inf values")])
+def test_an_empty_or_broken_painted_mask_is_refused(small_model, square_reward, fill, match):
+    """An empty painted mask would hold the whole image (the editor saved nothing, or the mask is inverted)."""
+    M = torch.ones(2, 16, 16)
+    M[1 if fill == 0.0 else 0] = fill
+    with pytest.raises(ValueError, match=match):
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="given"), masks=M)
+    FixTrainer(small_model, square_reward, fix_cfg(mask_source="given", lam=0.0), masks=torch.zeros(1, 16, 16)
+               ).lora.remove()  # lam 0 (plain DRaFT) reads no mask

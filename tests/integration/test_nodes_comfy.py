@@ -207,6 +207,17 @@ def test_train_focus_n_fix_painted_mask_and_conditioning(fresh, checkpoint, layo
     assert mask.shape == (1, SIZE, SIZE) and "resized from 32x32" in report and "MASK is connected" in report
 
 
+def test_an_empty_painted_mask_is_refused_and_a_full_one_noted(fresh, checkpoint):
+    """The mask editor saved nothing (or the mask is inverted): refused before training, by name. A mask that
+    covers everything trains as plain DRaFT, and the report says so."""
+    model = checkpoint[0]
+    with pytest.raises(ValueError, match=r"mask M\[0\] is empty \(coverage 0\).*paint the region that may change"):
+        _train_fix(fresh, checkpoint, mask=torch.zeros(1, SIZE, SIZE), mask_source="mask")
+    assert _hooks(model.model.diffusion_model) == 0 and not fresh.progress
+    *_, report = _train_fix(fresh, checkpoint, mask=torch.ones(1, SIZE, SIZE), mask_source="mask", iterations=1)
+    assert "M[0] is full (coverage 1): nothing is held" in report
+
+
 def test_train_focus_n_fix_plain_draft(fresh, checkpoint):
     lora, *_, report = _train_fix(fresh, checkpoint, mask_source="none", iterations=1, seeds="0", prompts="a cat")
     assert lora.method == "draft"
