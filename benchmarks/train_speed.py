@@ -415,12 +415,38 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
             compiled.restore()
 
         runs["sample_no_grad_lora_merged_compiled"] = merged_compiled
+    if hasattr(trainer.model, "patcher"):  # comfy backend: the same sampling by ComfyUI's own KSampler
+        runs["ksampler_comfy_lora_off"] = ksampler_reference(trainer)
     out = {k: math.inf for k in runs}
     with autocast:
         for _ in range(reps):
             for k, fn in runs.items():
                 out[k] = min(out[k], _time(fn, device))
     return out
+
+
+def ksampler_reference(trainer):
+    """ComfyUI's own KSampler (`comfy.sample.sample`: the sampler KSampler runs, CFG, its model calls) drawing the
+    trainer's first batch with its prompt, negative prompt, steps, cfg, sampler and scheduler, the LoRA off: the
+    eager sampling an artist's graph already pays for one image, to read `sample_no_grad_lora_off` against."""
+    import comfy.sample
+    cfg, dm = trainer.cfg, trainer.model
+    if cfg.sigmas:
+        raise ValueError("the KSampler reference needs steps and a scheduler, not SIGMAS")
+
+    def encode(text):
+        out = dm.clip.encode_from_tokens(dm.clip.tokenize(text), return_pooled=True, return_dict=True)
+        return [[out.pop("cond"), out]]
+
+    positive, negative = encode(trainer.items[0][0]), encode(cfg.negative_prompt)
+    noise = torch.randn(cfg.batch_size, *trainer.latent_shape, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros_like(noise)
+
+    def run():
+        with trainer.lora.disabled(), torch.inference_mode():  # KSampler runs in inference mode, as every node
+            comfy.sample.sample(dm.patcher, noise, cfg.steps, cfg.cfg_scale, cfg.sampler, cfg.scheduler, positive,
+                                negative, latent, disable_pbar=True, seed=0)
+    return run
 
 
 def profile_iteration(step, device: torch.device, top: int = 12) -> dict:

@@ -160,9 +160,13 @@ def test_train_speed_comfy_tiny_6():
         pytest.skip(reason)
     cases = ["fnf_b1", "se_preserve_b4"]
     doc = _run("--backend", "comfy", "--size", "tiny", "--models", "sd15,sdxl", "--cases", ",".join(cases),
-               "--iters", "1", "--warmup", "0", "--device", "cpu")
+               "--iters", "1", "--warmup", "0", "--device", "cpu", "--breakdown")
     _check(doc, cases, ["sd15", "sdxl"])
     assert doc["levers"]["inference_weights"] is True
+    for case in doc["cases"]:  # the Focus-N-Fix breakdown also times ComfyUI's own KSampler on the same model
+        if case["case"] == "fnf_b1":
+            parts = case["breakdown_seconds"]
+            assert parts["ksampler_comfy_lora_off"] > 0 and parts["sample_no_grad_lora_off"] > 0
 
 
 def test_merge_when_no_grad_matches_hooks_6():
