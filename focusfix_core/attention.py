@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-__all__ = ["AttentionStore", "attention_capture", "word_token_indices", "overlay_maps"]
+__all__ = ["AttentionStore", "LiveHW", "attention_capture", "map_size", "word_token_indices", "overlay_maps"]
 
 Resolution = int | tuple[int, int] | str
 
@@ -51,6 +51,32 @@ def _check_token_indices(token_indices: object) -> list[list[list[int]]]:
     if len(n_words) != 1:
         raise ValueError(f"token_indices must give every batch item the same number of words, got {[len(e) for e in out]}")
     return out
+
+
+def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8) -> tuple[int, int]:
+    """(h, w) of the UNet level whose shorter side is `resolution`, for latents of size latent_hw: an SD-style
+    UNet halves its feature maps at each level (stride-2 convs: ceil(n / 2)), so at 512x768 px (latents 64x96)
+    resolution 16 is the 16x24 level. Square images give (r, r).
+
+    Raises:
+        ValueError: no level has that shorter side; the message lists the ones that exist.
+
+    Examples:
+        >>> map_size(16, (64, 96))
+        (16, 24)
+    """
+    h, w = latent_hw
+    sides = []
+    for _ in range(levels):
+        if min(h, w) == resolution:
+            return h, w
+        sides.append(min(h, w))
+        if min(h, w) == 1:
+            break
+        h, w = -(-h // 2), -(-w // 2)
+    raise ValueError(f"resolution {resolution}: at this size (latents {latent_hw[0]}x{latent_hw[1]}) the UNet's "
+                     f"feature maps have shorter sides {sides}; choose one where the model has cross-attention "
+                     f"(SD1.5 at 512 px: 64, 32, 16, 8; SDXL at 1024 px: 64, 32)")
 
 
 def _check_resolution(resolution: Resolution) -> tuple[int, int] | str:
@@ -183,6 +209,20 @@ class AttentionStore:
     def __repr__(self) -> str:
         return (f"AttentionStore(batch={self.batch_size}, n_words={self.n_words}, resolution={self.resolution}, "
                 f"keep_grad={self.keep_grad}, n_layers={self.n_layers})")
+
+
+class LiveHW:
+    """(h, w) of the latent a net is running on now, for `attention_capture`: the model's denoise sets `hw` per
+    call, so one capture serves every image size (square, portrait, landscape)."""
+
+    def __init__(self, hw: tuple[int, int] = (0, 0)):
+        self.hw = tuple(hw)
+
+    def __iter__(self):
+        return iter(self.hw)
+
+    def __len__(self):
+        return 2
 
 
 def _infer_hw(N: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

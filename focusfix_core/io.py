@@ -39,7 +39,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Pat
     """Call `write(tmp)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".focusfix-", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -252,6 +253,10 @@ def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# names Windows cannot hold (ComfyUI's folders are shared with Windows machines, and packs move between them)
+_NOT_PORTABLE = re.compile(r'[<>:"|?*\x00-\x1f]')
+_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+MAX_NAME_BYTES = 200  # per path component, suffix included: leaves room for a "_00001" counter within 255
 
 
 def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetensors") -> Path:
@@ -265,7 +270,9 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
 
     Raises:
         TypeError: folder or filename of the wrong type.
-        ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a symlink escape.
+        ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a symlink escape; a name
+            Windows cannot hold (`<>:"|?*`, control characters, CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot
+            or space) or a component over MAX_NAME_BYTES bytes.
 
     Examples:
         >>> safe_join("/tmp/loras", "fixes/hands").parts[-2:]
@@ -290,6 +297,17 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
         raise refuse("the name is empty")
     if suffix and not parts[-1].lower().endswith(suffix.lower()):
         parts[-1] += suffix
+    for part in parts:
+        bad = _NOT_PORTABLE.search(part)
+        if bad:
+            raise ValueError(f"filename {filename!r}: {bad.group()!r} is not allowed in a file name "
+                             f"(Windows refuses it); use letters, digits, spaces, '-', '_' and '/' for subfolders")
+        if _RESERVED.match(part) or part[-1] in ". " or part.startswith("."):
+            raise ValueError(f"filename {filename!r}: {part!r} is not a usable file name (reserved on Windows, "
+                             f"ending in a dot or space, or hidden); choose another name")
+        if len(part.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"filename {filename!r}: {part[:24]!r}... is {len(part.encode())} bytes long, "
+                             f"more than the {MAX_NAME_BYTES} a file name may have here; shorten it")
     root = Path(folder).resolve()
     path = root.joinpath(*parts).resolve()  # follows symlinks that already exist
     if path == root or not path.is_relative_to(root):

@@ -23,6 +23,7 @@ __all__ = [
     "check_mask",
     "SALIENCY_METHODS",
     "THRESHOLD_MODES",
+    "check_threshold",
     "MASK_SOURCES",
 ]
 
@@ -136,6 +137,18 @@ def _disk(radius: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2 + 0.5).to(dtype)  # (2r+1, 2r+1)
 
 
+def check_threshold(threshold_mode: str, threshold: float) -> None:
+    """ValueError unless `threshold` fits `threshold_mode`: a cut-off in [0,1] ("value"), a kept fraction in
+    (0,1] ("top_percent"); "otsu" reads none."""
+    if threshold_mode not in THRESHOLD_MODES:
+        raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+    if threshold_mode == "value" and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0,1] for 'value', got {threshold}")
+    if threshold_mode == "top_percent" and not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a fraction in (0,1] for 'top_percent' (the share of pixels kept), "
+                         f"got {threshold}")
+
+
 def heatmap_to_mask(
     H: torch.Tensor,
     blur_sigma: float = 2.0,
@@ -174,12 +187,7 @@ def heatmap_to_mask(
         torch.Size([2, 32, 32])
     """
     H = _as_map3(H, "heatmap H")
-    if threshold_mode not in THRESHOLD_MODES:
-        raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
-    if threshold_mode == "value" and not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0,1] for 'value', got {threshold}")
-    if threshold_mode == "top_percent" and not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a fraction in (0,1] for 'top_percent', got {threshold}")
+    check_threshold(threshold_mode, threshold)
     if blur_sigma < 0 or feather < 0 or dilation < 0 or int(dilation) != dilation:
         raise ValueError(
             f"blur_sigma and feather must be >= 0 and dilation an int >= 0, got {blur_sigma}, {feather}, {dilation}"

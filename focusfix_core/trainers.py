@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .attention import AttentionStore
+from .attention import AttentionStore, map_size
 from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x, model_guidance,
                         prepare_cond)
 from .io import atomic_torch_save, load_training_state
@@ -31,7 +31,7 @@ from .losses import (enhance_loss, key_change_loss, preservation_loss, region_lo
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
 from .records import StepRecord
 from .rewards.base import Reward
-from .saliency import check_mask, mask_from_reward
+from .saliency import check_mask, check_threshold, mask_from_reward
 from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules,
                       compile_denoiser, sample, sampling_sigmas, seed_noise)
 
@@ -152,6 +152,8 @@ class FixConfig(_LoRAConfig):
             raise ValueError(f"reward_target must be a finite number or None, got {self.reward_target}")
         _check_positive("cfg_scale", self.cfg_scale)
         _check_choice("mask_source", self.mask_source, MASK_SOURCES)
+        if self.mask_source in ("heatmap", "saliency"):  # before any image is sampled
+            check_threshold(self.threshold_mode, self.threshold)
         _check_choice("mask_space", self.mask_space, ("pixel", "latent"))
         _check_choice("compile", self.compile, COMPILE_MODES)
         if self.height < 8 or self.width < 8:
@@ -199,7 +201,7 @@ class SeparateEnhanceConfig(_LoRAConfig):
     # noisy latents (any targets, two more UNet passes per step); "auto": keys where possible
     preservation: str = "auto"
     t_range: tuple[float, float] = (0.5, 1.0)  # fraction of the training timesteps (1 = pure noise)
-    resolution: int = 16                     # attention maps at this h = w (16 for SD at 512 px)
+    resolution: int = 16                     # attention maps' shorter side (16 for SD at 512 px; `map_size`)
     height: int = 512
     width: int = 512
 
@@ -460,6 +462,11 @@ class FixTrainer(_LoRATrainer):
         self.sigmas = (torch.tensor(cfg.sigmas, dtype=torch.float32) if cfg.sigmas else
                        sampling_sigmas(model, cfg.steps, cfg.scheduler)).to(self.device)
         self._sigma_max = float(self.sigmas[0])  # read once: the start x of every trajectory scales noise by it
+        top = float(model.sigmas[-1])
+        if cfg.sigmas and self._sigma_max < 0.5 * top:  # every image is drawn from noise alone, no latent to refine
+            raise ValueError(f"sigmas start at {self._sigma_max:.4g}, far below the model's top sigma {top:.4g}: a "
+                             f"partial denoise (a scheduler's denoise < 1, SplitSigmas' low half) would train on "
+                             f"noise too weak to make an image from. Give sigmas of a full denoise (denoise 1)")
         self.items = cfg.items
         self._given = self._check_given_masks(masks) if cfg.mask_source == "given" else None
         if cfg.mask_source != "given" and masks is not None:
@@ -713,6 +720,8 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         scale = model.latent_scale
         if cfg.height % scale or cfg.width % scale:
             raise ValueError(f"height and width must be multiples of {scale}, got {cfg.height}x{cfg.width}")
+        # the maps' (h, w): resolution is their shorter side, so a portrait or landscape size works too
+        self.map_hw = map_size(cfg.resolution, (cfg.height // scale, cfg.width // scale))
         # Token positions first: a missing word is a config error, found before any LoRA is attached.
         self.token_indices = [model.token_indices(p, list(o)) for p, o in zip(cfg.prompts, cfg.objects)]
         super().__init__(model, cfg, lora, device)
@@ -802,10 +811,10 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         return z + sigma[:, None, None, None] * eps, sigma
 
     def attention_maps(self, idx: list[int], x, sigma, keep_grad: bool) -> torch.Tensor:
-        """A: [b, n_words, r, r] for prompts idx (all with the same number of object words)."""
+        """A: [b, n_words, h, w] (`map_hw`) for prompts idx (all with the same number of object words)."""
         toks = [self.token_indices[i] for i in idx]
-        store = AttentionStore(toks, resolution=self.cfg.resolution, keep_grad=keep_grad)
-        # The losses read only these maps: stop the net after the last r x r cross-attention layer
+        store = AttentionStore(toks, resolution=self.map_hw, keep_grad=keep_grad)
+        # The losses read only these maps: stop the net after the last cross-attention layer of that size
         # (SD1.5 at 512 px: after output_blocks.5, 45 % of the forward FLOPs never run).
         seen, handles = [], []
 
@@ -859,7 +868,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
 
     @torch.no_grad()
     def eval_maps(self, seed: int = 0, sigma_frac: float = 0.8) -> torch.Tensor:
-        """Attention maps [P, n_objects, r, r] for every prompt at a fixed noise (for before/after views)."""
+        """Attention maps [P, n_objects, h, w] (`map_hw`) for every prompt at a fixed noise (for before/after views)."""
         with self._explain_oom("while drawing the attention maps"):
             return self._eval_maps(seed, sigma_frac)
 

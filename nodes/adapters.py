@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..focusfix_core.attention import attention_capture, word_token_indices
+from ..focusfix_core.attention import LiveHW, attention_capture, word_token_indices
 from ..focusfix_core.denoisers import CFG_PAIR, Cond, Guidance, cat_cond
 from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora
 
@@ -52,10 +52,12 @@ def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE [B,H,W,C] (C = 1, 3 or 4) -> I: [B,3,H,W] float32 in [0,1] (alpha dropped)."""
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be an IMAGE tensor [B,H,W,C], got {type(image).__name__}")
+    given = tuple(image.shape)
     if image.ndim == 3:  # a single image without batch axis
         image = image[None]
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} must be an IMAGE [B,H,W,C] with C in (1, 3, 4), got shape {tuple(image.shape)}")
+        raise ValueError(f"{name} must be an IMAGE [B,H,W,C] with C in (1, 3, 4), got shape {given}"
+                         f"{' (a MASK? convert it with Convert Mask to Image)' if len(given) == 3 else ''}")
     I = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
     return I.movedim(-1, 1).float().clamp(0, 1).contiguous()  # (B, 3, H, W)
 
@@ -117,19 +119,6 @@ def b1hw_to_mask(M: torch.Tensor) -> torch.Tensor:
 
 
 # -- the diffusion model -----------------------------------------------------------------------------------
-class _LiveHW:
-    """(h, w) of the latent the net is running on now, read by attention hooks at call time."""
-
-    def __init__(self):
-        self.hw = (0, 0)
-
-    def __iter__(self):
-        return iter(self.hw)
-
-    def __len__(self):
-        return 2
-
-
 # ComfyUI attention functions with a correct backward. Its CPU default, sub-quadratic attention, runs
 # exp(out=) on key chunks once free memory is short (autograd refuses it); sage and ComfyUI's flash wrapper
 # have no backward at all.
@@ -253,7 +242,7 @@ class ComfyDiffusionModel:
         self.adm_reads_prompt_type = any(c.__name__ == "SDXLRefiner" for c in type(self.base).__mro__)
         self.family = _family(self.base.model_config)
         self.v_prediction = any(c.__name__ == "V_PREDICTION" for c in type(ms).__mro__)
-        self._hw = _LiveHW()
+        self._hw = LiveHW()  # the latent size of the call running now, for attention_capture
 
     @property
     def device(self) -> torch.device:
@@ -720,14 +709,16 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     cross-attention maps over all steps; `callback` follows the sampler's steps.
 
     Returns:
-        A: [1, n_words, r, r] maps, z: [1, C, h, w] final latents.
+        A: [1, n_words, r, r'] maps (r the shorter side, `map_size`), z: [1, C, h, w] final latents.
     """
-    from ..focusfix_core.attention import AttentionStore
+    from ..focusfix_core.attention import AttentionStore, map_size
     from ..focusfix_core.denoisers import CFGDenoiser, initial_x
     from ..focusfix_core.sampler import sample, sampling_sigmas, seed_noise
     _check_size(width, height, dm.latent_scale)
-    tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
     hw = (height // dm.latent_scale, width // dm.latent_scale)
+    if resolution != "any":  # the shorter side: portrait and landscape sizes have maps of their shape
+        resolution = map_size(resolution, hw)
+    tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
     cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
     sigmas = sampling_sigmas(dm, steps, scheduler).to(dm.device)
     x = initial_x(dm, seed_noise([seed], (dm.latent_channels, *hw), device=dm.device), float(sigmas[0]))

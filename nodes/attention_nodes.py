@@ -8,7 +8,7 @@ from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.losses import enhance_loss, separate_loss
 from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, prompt_attention_maps
-from .common import sampler_inputs, sampling_progress, tip
+from .common import RESOLUTION_TIP, check_map_size, check_widget_ranges, sampler_inputs, sampling_progress, tip
 
 __all__ = ["FocusFixAttentionMaps"]
 
@@ -36,12 +36,20 @@ class FocusFixAttentionMaps:
                         max=0xFFFFFFFF, control_after_generate=False),
             "steps": tip("INT", "Sampler steps (maps are averaged over all of them).", default=20, min=1, max=200),
             "cfg": tip("FLOAT", "Classifier-free guidance scale.", default=5.0, min=1.0, max=30.0, step=0.1),
-            "resolution": tip("INT", "Attention map size r (16 for SD1.5 at 512 px, 32 for SDXL at 1024 px).",
-                              default=16, min=2, max=128),
+            "resolution": tip("INT", RESOLUTION_TIP, default=16, min=2, max=128),
             "width": tip("INT", "Image width in pixels.", default=512, min=16, max=4096, step=8),
             "height": tip("INT", "Image height in pixels.", default=512, min=16, max=4096, step=8),
         }, "optional": {"vae": tip("VAE", "Decode the sampled image to draw the maps over it."),
                         **sampler_inputs("The image is sampled")}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, resolution, width, height):
+        try:  # ComfyUI leaves the min/max of inputs named here to the node
+            check_widget_ranges(cls, resolution=resolution, width=width, height=height)
+            check_map_size(resolution, width, height)
+        except ValueError as e:
+            return str(e)
+        return True
 
     def execute(self, model, clip, prompt, words, seed, steps, cfg, resolution, width, height, vae=None,
                 sampler_name="ddim", scheduler="normal"):

@@ -73,6 +73,32 @@ def sampler_inputs(what: str) -> dict:
     }
 
 
+def check_widget_ranges(node: type, **values) -> None:
+    """ValueError naming the first of `values` outside its widget's min/max in `node.INPUT_TYPES()`: ComfyUI skips
+    that check for the inputs a node's VALIDATE_INPUTS names. None (a linked input) is checked when it runs."""
+    spec = {k: v for group in node.INPUT_TYPES().values() if isinstance(group, dict) for k, v in group.items()}
+    for name, value in values.items():
+        options = spec[name][1] if len(spec[name]) > 1 else {}
+        if value is None:
+            continue
+        if "min" in options and value < options["min"]:
+            raise ValueError(f"{name} ({value}) must be at least {options['min']}")
+        if "max" in options and value > options["max"]:
+            raise ValueError(f"{name} ({value}) must be at most {options['max']}")
+
+
+RESOLUTION_TIP = ("Attention map size r, the maps' shorter side: the image's shorter side / 8 / a power of 2 "
+                  "(16 for SD1.5 at 512 px, 32 for SDXL at 1024 px; at 512x768, 16 gives 16x24 maps).")
+
+
+def check_map_size(resolution: int | None, width: int | None, height: int | None) -> None:
+    """At queue time: ValueError unless the UNet has feature maps whose shorter side is `resolution` at this size
+    (SD-style latents, 8x smaller than the image). None (a linked input) is checked when the node runs."""
+    from ..focusfix_core.attention import map_size
+    if None not in (resolution, width, height):
+        map_size(resolution, (height // 8, width // 8))
+
+
 def parse_lines(text: str, name: str = "prompts") -> list[str]:
     """Non-empty stripped lines; ValueError naming `name` when there are none."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip() and not line.strip().startswith("#")]

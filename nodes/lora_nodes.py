@@ -4,55 +4,77 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from .adapters import LoraData, image_to_bchw
 from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, tip
 
-__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_patches", "save_lora_data",
-           "save_preview"]
+__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_path", "lora_patches",
+           "save_lora_data", "save_preview", "write_lora"]
 
 
 def lora_patches(model, lora: LoraData) -> dict:
     """ComfyUI weight patches for `lora` on `model`, converted by ComfyUI's own LoRA code (as Load LoRA does).
 
     Raises:
-        ValueError: keys that match no layer of this MODEL (a LoRA trained on another architecture).
+        ValueError: layers that match no layer of this MODEL by name or by shape (a LoRA trained on another
+            architecture; an SD1.5 LoRA on SD2.x has the same names and other text widths).
     """
     import comfy.lora
     import comfy.lora_convert
+    import comfy.utils
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     tensors = comfy.lora_convert.convert_lora(dict(lora.tensors))
     patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
-    names = {k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
-    missing = sorted(n for n in names if n not in key_map)
+    names = sorted(k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight"))
+    missing = [n for n in names if n not in key_map]
     if missing:
         raise ValueError(f"{len(missing)} of {len(names)} LoRA layers match no layer of this MODEL "
                          f"(trained on another model type?), e.g. {missing[:3]}")
+    # ComfyUI would skip a layer of another shape while sampling, with only a log line: a partly applied fix
+    wrong = []
+    for n in names:
+        up, down = tensors[f"{n}.lora_up.weight"], tensors[f"{n}.lora_down.weight"]
+        weight = comfy.utils.get_attr(model.model, key_map[n])
+        if up.shape[0] != weight.shape[0] or up.shape[0] * down[0].numel() != weight.numel():
+            wrong.append(f"{n} ({up.shape[0]}x{down[0].numel()} vs {'x'.join(map(str, weight.shape))})")
+    if wrong:
+        raise ValueError(f"{len(wrong)} of {len(names)} LoRA layers have another shape than this MODEL's "
+                         f"(trained on another model type, e.g. SD1.5 against SD2.x?), e.g. {wrong[:2]}")
     return patches
 
 
-def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folder: str | None = None,
-                   extra_metadata: dict[str, str] | None = None):
-    """Write `lora` as `<loras folder>/<filename>.safetensors` (kohya keys + metadata, plus `extra_metadata`
-    such as the graph that made it), atomically.
-
-    A name leaving the folder is refused; an existing file gets a counter unless `overwrite`."""
-    from ..focusfix_core.io import atomic_save_safetensors, safe_join, unique_path
+def lora_path(filename: str, overwrite: bool = False, folder: str | None = None) -> Path:
+    """`<loras folder>/<filename>.safetensors`, or the first free `<filename>_00001...` when that file exists and
+    not `overwrite`. ValueError for a name that would leave the folder or that Windows cannot hold."""
+    from ..focusfix_core.io import safe_join, unique_path
     if folder is None:
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
-    path = unique_path(safe_join(folder, filename.strip()), overwrite=overwrite)
+    return unique_path(safe_join(folder, filename.strip()), overwrite=overwrite)
+
+
+def write_lora(lora: LoraData, path: Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write `lora` to `path` atomically: kohya keys + metadata, plus `extra_metadata` (the graph that made it)."""
+    from ..focusfix_core.io import atomic_save_safetensors
     return atomic_save_safetensors(lora.tensors, path, {**(extra_metadata or {}), **lora.metadata})
 
 
-def save_preview(image, lora_path: Path, overwrite: bool = False) -> Path | None:
-    """Write image[0] (IMAGE [B,H,W,3]) beside the LoRA as `<name>.preview.png`, the thumbnail A1111/Forge,
+def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folder: str | None = None,
+                   extra_metadata: dict[str, str] | None = None) -> Path:
+    """`write_lora` to `lora_path(filename, overwrite, folder)`: never onto an existing file unless `overwrite`."""
+    return write_lora(lora, lora_path(filename, overwrite, folder), extra_metadata)
+
+
+def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> Path | None:
+    """Write I[0] ([B,3,H,W] in [0,1]) beside the LoRA as `<name>.preview.png`, the thumbnail A1111/Forge,
     ComfyUI's model library and LoRA managers show, atomically. None (nothing written) when that file exists
     and not `overwrite`: a LoRA saved with a counter may sit beside an image that is not its own."""
     from ..focusfix_core.viz import save_png
     path = lora_path.with_name(f"{lora_path.stem}.preview.png")
     if os.path.lexists(path) and not overwrite:
         return None
-    return save_png(image_to_bchw(image, "preview")[0], path)
+    return save_png(I[0], path)
 
 
 class FocusFixApplyLoRA:
@@ -138,6 +160,8 @@ class FocusFixSaveLoRA:
     def execute(self, lora, filename, overwrite, preview=None, prompt=None, extra_pnginfo=None):
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
+        if preview is not None:  # a wrong input is refused before anything is written
+            preview = image_to_bchw(preview, "preview")
         path = save_lora_data(lora, filename, overwrite, folder, graph_metadata(prompt, extra_pnginfo))
         name = path.relative_to(_resolved(folder)).as_posix()
         text = name

@@ -7,6 +7,7 @@ it continues (`continue_from`); the run removes the hooks in `finally` whatever 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from ..focusfix_core.lora import continued_metadata
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import check_cancel, log, run_with_progress, sampling_progress
-from .lora_nodes import save_lora_data
+from .lora_nodes import lora_path, write_lora
 
 __all__ = ["FixRun", "SeparateEnhanceRun", "run_focus_n_fix", "run_separate_enhance"]
 
@@ -26,6 +27,7 @@ class FixRun:
     I0: torch.Tensor             # [N,3,H,W] base images of every (prompt, seed) item
     I: torch.Tensor              # [N,3,H,W] the same items with the trained LoRA
     M: torch.Tensor | None       # [N,H,W] masks used (None: plain DRaFT)
+    checkpoint: Path | None      # where the run's checkpoints went (None: off)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class SeparateEnhanceRun:
     history: list
     A_before: torch.Tensor       # [P,n_objects,r,r] attention maps before training
     A_after: torch.Tensor        # the same after
+    checkpoint: Path | None      # where the run's checkpoints went (None: off)
 
 
 def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
@@ -57,18 +60,34 @@ def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
         raise
 
 
-def _checkpointer(trainer, every: int, name: str, continue_from: LoraData | None = None,
-                  graph: dict[str, str] | None = None):
-    """on_record callback: atomically (re)write the LoRA every `every` steps (with `graph`, the metadata of
-    the graph running); None when off."""
+def checkpoint_path(every: int, name: str) -> Path | None:
+    """The file a run's checkpoints go to (None when off): `name` in the loras folder, or `name_00001...` when
+    a file of that name exists (another run's checkpoint, a LoRA the artist saved): a run replaces only its own
+    checkpoint. Resolved before training starts, so a bad name fails before any step is lost."""
     if every <= 0:
+        return None
+    try:
+        return lora_path(name)
+    except ValueError as e:
+        raise ValueError(f"checkpoint_name: {e}") from None
+
+
+def _checkpointer(trainer, every: int, path: Path | None, continue_from: LoraData | None = None,
+                  graph: dict[str, str] | None = None):
+    """on_record callback: atomically (re)write the LoRA to `path` every `every` steps (with `graph`, the
+    metadata of the graph running); None when off."""
+    if path is None:
         return None
 
     def save(rec):
         if (rec.step + 1) % every == 0:
-            path = save_lora_data(_lora_data(trainer, continue_from), name, overwrite=True, extra_metadata=graph)
+            write_lora(_lora_data(trainer, continue_from), path, extra_metadata=graph)
             log.info(f"checkpoint after step {rec.step + 1}: {path}")
     return save
+
+
+def _written(path: Path | None) -> Path | None:
+    return path if path is not None and path.is_file() else None
 
 
 def _release(dm: ComfyDiffusionModel) -> None:
@@ -84,6 +103,7 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
     """Train Focus-N-Fix on ComfyUI models. `make_cfg()` builds the FixConfig (called inside the session,
     so a config error leaves nothing attached); cond/uncond: Cond or callables building them; continue_from:
     a LoRA to train further instead of a new one (I0 and M stay the base MODEL's)."""
+    ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
     with training_session(dm, [reward]):
         r = reward_on(reward)[0]
         cfg: FixConfig = make_cfg()
@@ -93,10 +113,9 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
         try:
             _release(dm)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
-                                        _checkpointer(trainer, checkpoint_every, checkpoint_name, continue_from,
-                                                      graph))
+                                        _checkpointer(trainer, checkpoint_every, ckpt, continue_from, graph))
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
-            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M)
+            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, _written(ckpt))
         finally:
             trainer.lora.remove()
 
@@ -106,6 +125,7 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
                          graph: dict[str, str] | None = None) -> SeparateEnhanceRun:
     """Train Separate-and-Enhance on ComfyUI models; maps before/after at the config's seed (before: with the
     LoRA it continues, if any; preservation still holds the base model's prompts)."""
+    ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
     with training_session(dm):
         cfg: SeparateEnhanceConfig = make_cfg()
         for p, o in zip(cfg.prompts, cfg.objects):
@@ -115,8 +135,8 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
             _release(dm)
             before = trainer.eval_maps(cfg.seed)
             history = run_with_progress(trainer, cfg.iterations, on_record=_checkpointer(
-                trainer, checkpoint_every, checkpoint_name, continue_from, graph))
+                trainer, checkpoint_every, ckpt, continue_from, graph))
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
-                                      trainer.eval_maps(cfg.seed))
+                                      trainer.eval_maps(cfg.seed), _written(ckpt))
         finally:
             trainer.lora.remove()

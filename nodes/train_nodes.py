@@ -6,19 +6,21 @@ steps: a cancelled run raises before any output exists, so nothing half-built le
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
-from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask
+from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
 from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
-from .common import (GRAPH_INPUTS, LORA, REWARD, clock, graph_metadata, log, parse_ints, parse_lines,
-                     sampler_inputs, tip)
-from .runs import run_focus_n_fix, run_separate_enhance
+from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
+                     graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip)
+from .runs import checkpoint_path, run_focus_n_fix, run_separate_enhance
 
 __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
 
@@ -76,9 +78,29 @@ def _batch_note(batch_size: int, n_items: int) -> list[str]:
 CHECKPOINT_INPUTS = {
     "checkpoint_every": tip("INT", "Save the LoRA every N steps into the loras folder (0 = off); a cancelled run "
                             "then keeps the last complete one.", default=0, min=0, max=100000),
-    "checkpoint_name": tip("STRING", "File name of the checkpoint inside the loras folder (replaced each time).",
+    "checkpoint_name": tip("STRING", "File name of the checkpoint inside the loras folder. The run replaces its "
+                           "own checkpoint each time; an existing file of that name (another run's, a LoRA you saved) "
+                           "is kept and a counter is added (checkpoint_00001). The report names the file.",
                            default="focusfix/checkpoint"),
 }
+
+
+def _check_checkpoint_name(every: int | None, name: str | None) -> None:
+    """At queue time: a checkpoint name that would leave the loras folder fails now, not after `every` steps."""
+    if name is not None and every != 0:  # every None: linked, maybe on
+        checkpoint_path(1, name)
+
+
+def _checkpoint_note(path, every: int, iterations: int) -> list[str]:
+    """Where the run's checkpoints went, or why there is none."""
+    if every <= 0:
+        return []
+    if path is None:
+        return [f"checkpoint_every ({every}) is more than iterations ({iterations}): no checkpoint was written"]
+    import folder_paths
+    root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return [f"checkpoint: {name} (every {every} steps; Load LoRA lists it)"]
 
 
 def _curve(history, keys) -> torch.Tensor:
@@ -121,8 +143,9 @@ class FocusFixTrainFocusNFix:
         }, "optional": {
             "clip": tip("CLIP", "The checkpoint's text encoder: encodes the prompts (not needed when positive and "
                         "negative are connected)."),
-            "mask": tip("MASK", "Painted M (1 = may change): 1 mask for all images, or one per seed. "
-                        "Connected = used (mask_source mask)."),
+            "mask": tip("MASK", "Painted M (1 = may change): 1 mask for all images, one per seed (used for every "
+                        "prompt), or one per (prompt, seed) image in the order of the before output. Connected = "
+                        "used (mask_source mask)."),
             "positive": tip("CONDITIONING", "Use this conditioning instead of encoding the prompts (one entry per prompt). "
                             "Training reads the text encoding and SDXL's size conditioning; the report names any "
                             "other part (area, mask, ControlNet, timestep range), which it ignores."),
@@ -145,16 +168,20 @@ class FocusFixTrainFocusNFix:
         }, "hidden": GRAPH_INPUTS}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, steps, K, seeds=None, sigmas=()):
+    def VALIDATE_INPUTS(cls, steps, K, seeds=None, sigmas=(), mask_source=None, threshold_mode=None, threshold=None,
+                        checkpoint_every=None, checkpoint_name=None):
         # ComfyUI skips its own min/max check for inputs named here, and passes None for a linked one (steps from
         # a PrimitiveInt shared with KSampler, a SIGMAS node): its value is known, and checked, only when it runs.
-        if K is not None and K < 1:
-            return f"K ({K}) must be at least 1"
+        # It shows the message under every input named here, so each message starts with the input at fault.
         try:
+            check_widget_ranges(cls, steps=steps, K=K, threshold=threshold, checkpoint_every=checkpoint_every)
             if steps is not None:  # with SIGMAS connected, their step count bounds K instead
                 check_steps(steps, K if K is not None and sigmas is not None else 1, least_K=1)
             if seeds is not None:
                 parse_ints(seeds)
+            if mask_source in ("heatmap", "saliency") and None not in (threshold_mode, threshold):
+                check_threshold(threshold_mode, threshold)
+            _check_checkpoint_name(checkpoint_every, checkpoint_name)
         except ValueError as e:
             return str(e)
         return True
@@ -165,27 +192,12 @@ class FocusFixTrainFocusNFix:
                 checkpoint_every=0, checkpoint_name="focusfix/checkpoint", sampler_name="ddim", scheduler="normal",
                 sigmas=None, batch_size=1, reward_target=NO_TARGET, prompt=None, extra_pnginfo=None):
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
-        notes, lines = [], parse_lines(prompts) if positive is None else None
+        notes = []
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
-        if mask is not None and mask_source != "mask":
-            notes.append(f"a MASK is connected: it is used instead of mask_source {mask_source!r}")
-            mask_source = "mask"
-        if mask_source == "mask" and mask is None:
-            raise ValueError("mask_source is 'mask' but no MASK is connected")
-        masks = None
-        if mask is not None:
-            masks, note = mask_to_b1hw(mask, (height, width))
-            notes += [note] if note else []
-        for conditioning, name in ((positive, "positive"), (negative, "negative")):
-            notes += conditioning_ignored(conditioning, name) if conditioning is not None else []
-        if negative is not None and sum(len(c[0]) for c in negative) > 1:
-            notes.append("negative has several entries: the first is the negative prompt of every item")
-        cond = (lambda: conditioning_to_cond(positive, dm.is_adm)) if positive is not None else None
-        uncond = (lambda: {k: v[:1] for k, v in conditioning_to_cond(negative, dm.is_adm, "negative").items()}) \
-            if negative is not None else None
-        labels = lines or [f"positive[{i}]" for i in range(sum(len(c[0]) for c in positive))]
+        labels, negative_prompt, cond, uncond = _text_inputs(dm, prompts, negative_prompt, positive, negative, notes)
         schedule = _schedule(sigmas, notes)
-        seed_list = parse_ints(seeds)
+        seed_list = _seed_list(seeds, notes)
+        masks, mask_source = _mask_input(mask, mask_source, (height, width), len(labels), len(seed_list), notes)
         notes += _batch_note(batch_size, len(labels) * len(seed_list))
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(seed_list), negative_prompt=negative_prompt, height=height,
@@ -200,10 +212,65 @@ class FocusFixTrainFocusNFix:
         notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *notes,
+                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations),
                             *_precision_notes(run.history)])
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
                 b1hw_to_mask(M), report)
+
+
+def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, notes: list[str]):
+    """(prompt labels, negative prompt label, cond, uncond) from the typed prompts or the CONDITIONING inputs
+    (cond/uncond: None = encode the text; else callables, run inside the training session)."""
+    if dm.clip is None and (positive is None or negative is None):
+        missing = "the prompts and the negative_prompt" if positive is None else "the negative_prompt"
+        raise ValueError(f"connect the checkpoint's CLIP (clip input) to encode {missing}, or connect both "
+                         f"positive and negative CONDITIONING")
+    for conditioning, name in ((positive, "positive"), (negative, "negative")):
+        notes += conditioning_ignored(conditioning, name) if conditioning is not None else []
+    cond = uncond = None
+    if positive is not None:
+        n = sum(len(c[0]) for c in positive)
+        labels = [f"positive[{i}]" for i in range(n)]
+        cond = lambda: conditioning_to_cond(positive, dm.is_adm)  # noqa: E731
+        if n > 1:  # KSampler would blend them (Conditioning Combine) into one image
+            notes.append(f"positive has {n} entries: each is trained as its own prompt (positive[0..{n - 1}]); "
+                         f"KSampler draws one image from all of them together, so to draw item i again give "
+                         f"KSampler the text encoding of entry i alone")
+    else:
+        labels = parse_lines(prompts)
+    if negative is not None:
+        negative_prompt = "negative[0]"  # the label the report and the LoRA's metadata show
+        uncond = lambda: {k: v[:1] for k, v in conditioning_to_cond(negative, dm.is_adm, "negative").items()}  # noqa
+        if sum(len(c[0]) for c in negative) > 1:
+            notes.append("negative has several entries: the first is the negative prompt of every item")
+    return labels, negative_prompt, cond, uncond
+
+
+def _seed_list(seeds: str, notes: list[str]) -> list[int]:
+    values = parse_ints(seeds)
+    repeated = sorted({s for s in values if values.count(s) > 1})
+    if repeated:
+        notes.append(f"seeds repeat {repeated}: each repeat trains the same image again (counts it more)")
+    return values
+
+
+def _mask_input(mask, mask_source: str, size: tuple[int, int], n_prompts: int, n_seeds: int, notes: list[str]):
+    """(masks [N,1,H,W] or None, mask_source) from the MASK input, with report notes on how it is used."""
+    if mask is not None and mask_source != "mask":
+        notes.append(f"a MASK is connected: it is used instead of mask_source {mask_source!r}")
+        mask_source = "mask"
+    if mask_source == "mask" and mask is None:
+        raise ValueError("mask_source is 'mask' but no MASK is connected")
+    if mask is None:
+        return None, mask_source
+    masks, note = mask_to_b1hw(mask, size)
+    notes += [note] if note else []
+    n = len(masks)
+    if n > 1 and n_prompts > 1:  # the core's rule: one per (prompt, seed) item when the counts fit, else per seed
+        notes.append(f"{n} masks: one per (prompt, seed) item, in the order of the before images" if
+                     n == n_prompts * n_seeds else f"{n} masks: one per seed, for every prompt")
+    return masks, mask_source
 
 
 def _redraw_note(steps: int, cfg: float, sampler_name: str, scheduler: str, sigmas) -> str:
@@ -264,21 +331,27 @@ class FocusFixTrainSeparateEnhance:
             "lam_preserve": tip("FLOAT", "lam_preserve: keep single-object prompts as the base model draws them "
                                 "(to_k LoRA: on their keys, exactly; other targets: on the denoiser output).",
                                 default=1.0, min=0.0, max=100.0, step=0.01),
-            "resolution": tip("INT", "Attention map size r (16 for SD1.5 at 512 px, 32 for SDXL at 1024 px).",
-                              default=16, min=2, max=128),
-            "width": tip("INT", "Training latent width in pixels.", default=512, min=16, max=4096, step=8),
-            "height": tip("INT", "Training latent height in pixels.", default=512, min=16, max=4096, step=8),
+            "resolution": tip("INT", RESOLUTION_TIP, default=16, min=2, max=128),
+            "width": tip("INT", "Training image width in pixels (the latents are 8x smaller).", default=512, min=16,
+                         max=4096, step=8),
+            "height": tip("INT", "Training image height in pixels (the latents are 8x smaller).", default=512,
+                          min=16, max=4096, step=8),
             **_lora_inputs("to_k", 1e-4, 200),
         }, "optional": {**CONTINUE_INPUT, **CHECKPOINT_INPUTS,
                         **_batch_input("Prompts (each with its own noise; a prompt may repeat)",
                                        "each adds one UNet pass at the training size")}, "hidden": GRAPH_INPUTS}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, prompts):
+    def VALIDATE_INPUTS(cls, prompts, resolution=None, width=None, height=None, checkpoint_every=None,
+                        checkpoint_name=None):
         # the prompt lines' format is known at queue time (unless prompts comes from a linked node: None)
         try:
+            check_widget_ranges(cls, resolution=resolution, width=width, height=height,
+                                checkpoint_every=checkpoint_every)
+            check_map_size(resolution, width, height)
             if prompts is not None:
                 _object_prompts(prompts)
+            _check_checkpoint_name(checkpoint_every, checkpoint_name)
         except ValueError as e:
             return str(e)
         return True
@@ -298,7 +371,8 @@ class FocusFixTrainSeparateEnhance:
             graph=graph_metadata(prompt, extra_pnginfo))
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}",
-                            *notes, *_precision_notes(run.history)])
+                            *notes, *_checkpoint_note(run.checkpoint, checkpoint_every, iterations),
+                            *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
                 bchw_to_image(_maps_grid(run.A_after)), report)
 
@@ -309,7 +383,7 @@ def _object_prompts(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _maps_grid(A: torch.Tensor, size: int = 128) -> torch.Tensor:
-    """A: [P, n, r, r] -> one grid image [1,3,H,W], rows = prompts, columns = words."""
+    """A: [P, n, h, w] -> one grid image [1,3,H,W], rows = prompts, columns = words."""
     P, n = A.shape[:2]
     grey = torch.full((P, 3, size, size), 0.5)
     tiles = overlay_maps(grey, A.float().cpu(), alpha=0.85).flatten(0, 1)  # (P*n, 3, size, size)

@@ -780,3 +780,30 @@ def test_an_empty_or_broken_painted_mask_is_refused(small_model, square_reward, 
         FixTrainer(small_model, square_reward, fix_cfg(mask_source="given"), masks=M)
     FixTrainer(small_model, square_reward, fix_cfg(mask_source="given", lam=0.0), masks=torch.zeros(1, 16, 16)
                ).lora.remove()  # lam 0 (plain DRaFT) reads no mask
+
+
+def test_separate_enhance_trains_at_portrait_and_landscape_sizes(small_model):
+    """resolution is the maps' shorter side (`map_size`): a non-square size trains on maps of its shape, where a
+    square r x r was asked of layers that have none (the run failed after the model had loaded)."""
+    for h, w in ((16, 24), (24, 16)):
+        trainer = SeparateEnhanceTrainer(small_model, se_cfg(height=h, width=w, iterations=1, batch_size=1))
+        try:
+            assert trainer.map_hw == (8, 12) if h < w else (12, 8)
+            rec = next(iter(trainer))
+            assert math.isfinite(rec.loss)
+            assert tuple(trainer.eval_maps(0).shape[-2:]) == trainer.map_hw
+        finally:
+            trainer.lora.remove()
+    with pytest.raises(ValueError, match=r"resolution 5: at this size \(latents 16x16\) .* shorter sides \[16, 8, 4, 2, 1\]"):
+        SeparateEnhanceTrainer(small_model, se_cfg(resolution=5))
+
+
+def test_partial_sigmas_and_unusable_thresholds_are_refused_before_sampling(small_model, square_reward):
+    """SIGMAS of a partial denoise (starting far below the model's top sigma) and a top_percent threshold of 0
+    fail when the trainer is built, naming the input, instead of training on noise or failing after I0."""
+    top = float(small_model.sigmas[-1])
+    with pytest.raises(ValueError, match="sigmas start at .* far below the model's top sigma"):
+        FixTrainer(small_model, square_reward, fix_cfg(sigmas=(0.3 * top, 0.1 * top, 0.0)))
+    with pytest.raises(ValueError, match=r"threshold must be a fraction in \(0,1\] for 'top_percent'"):
+        fix_cfg(mask_source="saliency", threshold_mode="top_percent", threshold=0.0)
+    assert fix_cfg(mask_source="none", threshold_mode="top_percent", threshold=0.0).threshold == 0.0  # unused

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention_capture, word_token_indices
+from ..attention import LiveHW, attention_capture, word_token_indices
 from ..denoisers import CFGDenoiser, Cond, EpsDenoiser
 from ..io import atomic_save_safetensors, load_state_checked, load_tensor_file_with_metadata
 from ..schedules import scaled_linear_alphas_cumprod, sigmas_from_alphas_cumprod
@@ -288,6 +288,7 @@ class TinyModel(nn.Module):
         self.net = UNet(cfg)
         sigmas = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod(cfg.timesteps)).float()
         self.register_buffer("sigmas", sigmas, persistent=False)  # [T] ascending
+        self._hw = LiveHW((cfg.image_size, cfg.image_size))  # the size of the call running now (attention maps)
 
     @classmethod
     def random(cls, seed: int = 0, config: TinyConfig | None = None) -> "TinyModel":
@@ -299,6 +300,7 @@ class TinyModel(nn.Module):
     # --- DiffusionModel protocol -------------------------------------------------------------
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x: [B,3,H,W] (x = x0 + sigma * eps), sigma: [B] -> x0: [B,3,H,W]."""
+        self._hw.hw = tuple(x.shape[-2:])
         return EpsDenoiser(self.net, self.sigmas)(x, sigma, cond)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -325,7 +327,7 @@ class TinyModel(nn.Module):
 
     def attention_capture(self, store):
         """While active, every attn2 feeds its (q, k) to `store.add` (see focusfix_core.attention)."""
-        return attention_capture(self.net, store, (self.cfg.image_size, self.cfg.image_size))
+        return attention_capture(self.net, store, self._hw)
 
     def checkpoint_modules(self) -> list[nn.Module]:
         """The UNet's resnets and spatial transformers, for block-wise gradient checkpointing."""

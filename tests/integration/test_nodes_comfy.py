@@ -494,6 +494,9 @@ def test_train_focus_n_fix_without_clip_needs_conditioning(fresh, checkpoint):
     assert lora.tensors
     with pytest.raises(ValueError, match="connect the checkpoint's CLIP"):
         _train_fix(fresh, checkpoint, clip=None, iterations=1, seeds="0")
+    # positive alone: the negative_prompt widget still needs the text encoder, and the message says so
+    with pytest.raises(ValueError, match="encode the negative_prompt, or connect both positive and negative"):
+        _train_fix(fresh, checkpoint, clip=None, positive=pos, iterations=1, seeds="0")
     assert _hooks(model.model.diffusion_model) == 0
 
 
