@@ -143,6 +143,27 @@ def test_apply_refuses_a_lora_for_another_layout(fresh, checkpoint, lora_data):
         fresh.run("FocusFixApplyLoRA", model=other, lora=data, strength=1.0)
 
 
+def test_apply_refuses_a_lora_of_other_shapes(fresh, checkpoint, lora_data):
+    """Same layer names, another text width (an SD1.5 LoRA on SD2.x): ComfyUI would skip those layers while
+    sampling with a log line only, so the fix would be applied in part; Apply LoRA refuses it by name."""
+    data, _ = lora_data
+    tensors = dict(data.tensors)
+    key = next(k for k in tensors if "attn2_to_k" in k and k.endswith(".lora_down.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 8)
+    other = type(data)(tensors=tensors, metadata=data.metadata, rank=data.rank, alpha=data.alpha,
+                       targets=data.targets, method=data.method)
+    with pytest.raises(ValueError, match="LoRA layers have another shape than this MODEL's"):
+        fresh.run("FocusFixApplyLoRA", model=checkpoint[0], lora=other, strength=1.0)
+
+
+def test_save_refuses_a_wrong_preview_before_writing_anything(fresh, lora_data):
+    data, _ = lora_data
+    before = set(fresh.loras.rglob("*"))
+    with pytest.raises(ValueError, match=r"preview must be an IMAGE .* got shape \(1, 8, 8\) \(a MASK\?"):
+        fresh.run("FocusFixSaveLoRA", lora=data, filename="masked", overwrite=False, preview=torch.ones(1, 8, 8))
+    assert set(fresh.loras.rglob("*")) == before
+
+
 def _a1111_version(meta: dict) -> str:
     """How A1111 and Forge file a LoRA (extensions-builtin/Lora/network.py, NetworkOnDisk.detect_version): their
     Lora tab hides a LoRA whose version differs from the loaded checkpoint's."""

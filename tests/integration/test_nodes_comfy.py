@@ -291,6 +291,75 @@ def test_validate_inputs_k_larger_than_steps(comfy):
     assert cls.VALIDATE_INPUTS(steps=3, K=3) is True
 
 
+def test_queue_time_checks_name_the_input(comfy):
+    """What VALIDATE_INPUTS catches before anything loads: out-of-range widgets it names (ComfyUI skips their
+    min/max), a threshold its mode cannot use, a checkpoint name leaving the loras folder, and an attention map
+    size the image does not have."""
+    fix = comfy.node("FocusFixTrainFocusNFix")
+    assert "steps (500) must be at most 200" in fix.VALIDATE_INPUTS(steps=500, K=1)
+    assert "threshold must be a fraction in (0,1] for 'top_percent'" in fix.VALIDATE_INPUTS(
+        steps=3, K=1, mask_source="saliency", threshold_mode="top_percent", threshold=0.0)
+    assert fix.VALIDATE_INPUTS(steps=3, K=1, mask_source="none", threshold_mode="top_percent", threshold=0.0) is True
+    assert "checkpoint_name: filename '../x' must stay inside" in fix.VALIDATE_INPUTS(
+        steps=3, K=1, checkpoint_every=5, checkpoint_name="../x")
+    assert fix.VALIDATE_INPUTS(steps=3, K=1, checkpoint_every=0, checkpoint_name="../x") is True  # off: unused
+    se = comfy.node("FocusFixTrainSeparateEnhance")
+    assert "resolution 16: at this size (latents 8x8)" in se.VALIDATE_INPUTS(
+        prompts="a cat and a dog | cat, dog", resolution=16, width=64, height=64)
+    assert se.VALIDATE_INPUTS(prompts="a cat and a dog | cat, dog", resolution=16, width=512, height=768) is True
+    maps = comfy.node("FocusFixAttentionMaps")
+    assert "resolution 3" in maps.VALIDATE_INPUTS(resolution=3, width=64, height=64)
+
+
+def test_checkpoints_keep_an_existing_file_and_a_bad_name_fails_before_training(fresh, checkpoint):
+    """A checkpoint never replaces a file it did not write (the artist's LoRA, another run's checkpoint): the run
+    takes a counter name and the report says which; a name that would leave the folder fails before any step."""
+    theirs = fresh.loras / "ckpt" / "fix.safetensors"
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_bytes(b"the artist's own file")
+    *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/fix")
+    assert theirs.read_bytes() == b"the artist's own file"
+    assert (fresh.loras / "ckpt" / "fix_00001.safetensors").is_file()
+    assert "checkpoint: ckpt/fix_00001.safetensors (every 1 steps" in report
+    *_, report = _train_fix(fresh, checkpoint, iterations=1, checkpoint_every=3, checkpoint_name="ckpt/late")
+    assert "checkpoint_every (3) is more than iterations (1): no checkpoint was written" in report
+    fresh.progress.clear()
+    with pytest.raises(ValueError, match="checkpoint_name: filename '../escape' must stay inside"):
+        _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="../escape")
+    assert not fresh.progress, "no training step may run before the name is refused"
+
+
+def test_separate_enhance_and_attention_maps_at_a_landscape_size(fresh, checkpoint, layout):
+    """resolution is the maps' shorter side: at 96x64 px (latents 8x12) resolution 4 is the 4x6 level (before:
+    "no cross-attention layer matched resolution (4, 4)" once the model had loaded)."""
+    model, clip, _ = checkpoint
+    lora, _, before, after, report = fresh.run(
+        "FocusFixTrainSeparateEnhance", model=model, clip=clip, prompts="a cat and a dog | cat, dog",
+        lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=96, height=64, rank=2, targets="to_k",
+        lr=1e-2, iterations=1, seed=0)
+    assert lora.tensors and before.shape == after.shape
+    maps, *_ = fresh.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a cat and a dog", words="cat, dog",
+                         seed=0, steps=2, cfg=3.0, resolution=4, width=96, height=64)
+    assert maps.shape == (2, 64, 96)  # one MASK per word at the image size (before: no 4x4 layer, an error)
+    assert _hooks(model.model.diffusion_model) == 0
+
+
+def test_report_notes_split_conditioning_repeated_seeds_and_the_mask_rule(fresh, checkpoint):
+    model, clip, _ = checkpoint
+    with torch.inference_mode():
+        enc = fresh.node("CLIPTextEncode")()
+        pos = fresh.node("ConditioningCombine")().combine(enc.encode(clip, "a cat")[0], enc.encode(clip, "a dog")[0])[0]
+        neg = enc.encode(clip, "blurry")[0]
+    lora, _, before, *_, report = _train_fix(fresh, checkpoint, positive=pos, negative=neg, seeds="0-1, 1",
+                                             mask=torch.ones(3, SIZE, SIZE), iterations=1)
+    assert before.shape[0] == 6
+    assert "positive has 2 entries: each is trained as its own prompt" in report
+    assert "seeds repeat [1]" in report and "3 masks: one per seed, for every prompt" in report
+    import json
+    config = json.loads(lora.metadata["focusfix_config"])
+    assert config["negative_prompt"] == "negative[0]"  # not the unused widget's text
+
+
 def test_train_nodes_batch_size(fresh, checkpoint):
     """batch_size reaches both trainers: one Focus-N-Fix step on all 4 (prompt, seed) items gives another LoRA
     than one step on one item, and the saved settings say so; a batch larger than the items gets a report note.
