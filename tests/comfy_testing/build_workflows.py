@@ -165,8 +165,8 @@ def _text(g, src, output, pos, title=None):
 
 NOTE_1 = """FIX A REGION YOU PAINT (Focus-N-Fix)
 
-Pass 1: queue once. 'I0 to paint' saves the base images I0 the trainer makes for your prompt and seed (deterministic DDIM, so the same every run).
-Pass 2: open that image in Load Image, right-click > Open in MaskEditor, paint what should change (hands, a face...). Queue again.
+Pass 1: queue once. 'KSampler (base)' draws the trainer's base image I0 for your prompt and seed (same settings, deterministic, so the same every run) and saves it as output/focusfix/before_*.png. The Train node waits for your mask: Load Image shows a missing-file error until then, which is expected.
+Pass 2: drag that image onto Load Image (or upload it there), right-click > Open in MaskEditor, paint what should change (hands, a face...) and save. Queue again.
 
 The painted MASK replaces the reward's own localisation: the reward (here sharpness; an aesthetic model from models/focusfix_rewards works the same) is pushed up while everything outside the paint is held to I0 by lam * ||(1-M)(I0 - I)||.
 Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it.
@@ -225,8 +225,7 @@ def fix_painted_region(specs) -> dict:
         g.link(ck, out, train, inp)
     g.link(reward, "reward", train, "reward")
     g.link(paint, "MASK", train, "mask")
-    save_i0 = g.add("SaveImage", (820, -250), title="I0 to paint", filename_prefix="focusfix_I0")
-    g.link(train, "before", save_i0, "images")
+    _preview(g, train, "before", (820, -250), "Before (trainer)")
     _preview(g, train, "after", (1100, -250), "After (trainer)")
     _preview(g, train, "curve", (820, 50), "Loss / reward / outside-mask change")
     _text(g, train, "report", (1100, 50), "Report")

@@ -182,6 +182,35 @@ def test_linked_steps_run_and_are_checked_when_the_node_runs(fresh, wt):
     assert "K (4) must be between 1 and steps (3)" in errors[0]["exception_message"], errors[0]["exception_message"]
 
 
+def test_painted_region_workflow_pass_1_on_a_fresh_install(fresh, wt):
+    """Workflow 1's pass 1, before anything is painted (no such file in input/): ComfyUI refuses only the nodes
+    that need the mask, and 'KSampler (base)' still saves the image to paint (the trainer's I0)."""
+    import asyncio
+    import execution
+    import folder_paths
+    (Path(folder_paths.get_input_directory()) / PAINTED).unlink(missing_ok=True)
+    path = REPO / "workflows" / "api" / "focusfix_1_fix_painted_region.json"
+    api = wt.shrink(wt.swap_loader(json.loads(path.read_text()), "sd15"))
+    ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
+    base = next(i for i, n in api.items() if n["inputs"].get("filename_prefix") == "focusfix/before")
+    assert ok and outputs == [base], (err, outputs)
+    load = next(i for i, n in api.items() if n["class_type"] == "LoadImage")
+    assert any(load in str(e) or load == i for i, e in node_errors.items())
+    ex = fresh.execute({k: v for k, v in api.items() if k in _ancestors(api, base)})
+    assert ex.success and ex.history_result["outputs"][base]["images"]
+
+
+def _ancestors(api: dict, nid: str) -> set[str]:
+    """nid and every node it reads from (what ComfyUI runs for that one output)."""
+    seen, todo = set(), [nid]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += [v[0] for v in api[n]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return seen
+
+
 def test_painted_region_workflow_ksamplers_draw_the_trainers_images(fresh, wt, layout, painted):
     """Workflow 1 as shipped (shrunk, lr raised so two steps show): 'KSampler (base)' saves the trainer's I0 and
     'KSampler (with the LoRA)' its after image, pixel for pixel in the 8-bit files (float rounding may move a
@@ -206,6 +235,6 @@ def test_painted_region_workflow_ksamplers_draw_the_trainers_images(fresh, wt, l
 
     before = saved(lambda n: n["inputs"].get("filename_prefix") == "focusfix/before")  # KSampler (base)
     after = saved(lambda n: n["inputs"].get("filename_prefix") == "focusfix/after")    # KSampler (with the LoRA)
-    assert np.abs(saved(lambda n: n["_meta"]["title"] == "I0 to paint") - before).max() <= 1
+    assert np.abs(saved(lambda n: n["_meta"]["title"] == "Before (trainer)") - before).max() <= 1
     assert np.abs(saved(lambda n: n["_meta"]["title"] == "After (trainer)") - after).max() <= 1
     assert np.abs(before - after).max() > 1, "two steps should change the image (else this test proves nothing)"
