@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -20,13 +21,13 @@ from typing import Callable, Iterable
 import torch
 
 from . import __version__
-from .io import atomic_write_text
+from .io import atomic_write_text, load_training_state
 from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer,
-                       split_objects_prompt)
+                       parse_ints, split_objects_prompt)
 from .viz import heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -102,8 +103,13 @@ def load_reward_spec(spec: str):
 # -- output folder -------------------------------------------------------------------------------------------
 
 def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
-    """Create the output folder; refuse to overwrite earlier outputs unless asked (or resuming)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Check the output folder (created when the first file is written, so a refused run leaves no empty
+    folder); refuse to overwrite earlier outputs unless asked (or resuming)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a folder")
+    base = next(p for p in (out, *out.absolute().parents) if p.exists())  # where the folder would be created
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {base} is not a folder this user can write to")
     existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
     if existing and not (overwrite or resume):
         raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite "
@@ -148,26 +154,34 @@ def _curves(history: list[StepRecord], names: Iterable[str]) -> torch.Tensor:
 
 # -- Focus-N-Fix ----------------------------------------------------------------------------------------------
 
-def _metadata(trainer, continue_from: SavedLoRA | None) -> dict:
+def _metadata(trainer) -> dict:
     meta = trainer.metadata()
-    return meta if continue_from is None else continued_metadata(meta, continue_from.metadata)
+    return continued_metadata(meta, trainer.continued) if trainer.continued else meta
 
 
-def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: bool = False,
+def _start(trainer, continue_from: SavedLoRA | None, state: dict | None):
+    """Record the LoRA a new run continues, or load the state a resumed run continues."""
+    if continue_from is not None:
+        trainer.continued = dict(continue_from.metadata)
+    if state is not None:
+        trainer.load_state_dict(state)
+    return trainer
+
+
+def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict | None = None,
             checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
             continue_from: SavedLoRA | None = None) -> dict:
     """Train Focus-N-Fix, then write the LoRA, before/after grid, curves and report into `out`.
-    continue_from: a saved LoRA to train further (cfg's rank/targets/alpha must be its own)."""
+    state: a training state to resume (`load_training_state` of OUT/state.pt); continue_from: a saved LoRA to
+    train further (cfg's rank/targets/alpha must be its own)."""
     t0 = time.perf_counter()
     lora = continue_from.attach(model.net) if continue_from is not None else None
-    trainer = FixTrainer(model, reward, cfg, masks=masks, lora=lora)
-    if resume:
-        trainer.load_state(out / "state.pt")
+    trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
     # saved before the images are drawn: a Ctrl-C while they sample keeps the trained LoRA
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
+    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
     I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
     with torch.no_grad():
         r0, r1 = reward(I0.clamp(0, 1)), reward(I.clamp(0, 1))
@@ -201,24 +215,22 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, resume: boo
 
 # -- Separate-and-Enhance -------------------------------------------------------------------------------------
 
-def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, resume: bool = False,
+def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state: dict | None = None,
                          checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
                          sample_steps: int = 20, cfg_scale: float = 3.0,
                          continue_from: SavedLoRA | None = None) -> dict:
     """Train Separate-and-Enhance, then write the LoRA, attention maps and samples before/after, and a report.
-    continue_from: as in `run_fix`."""
+    state, continue_from: as in `run_fix`."""
     t0 = time.perf_counter()
     lora = continue_from.attach(model.net) if continue_from is not None else None
-    trainer = SeparateEnhanceTrainer(model, cfg, lora=lora)
-    if resume:
-        trainer.load_state(out / "state.pt")
+    trainer = _start(SeparateEnhanceTrainer(model, cfg, lora=lora), continue_from, state)
     with trainer.lora.disabled():
         A0 = trainer.eval_maps()
         S0 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer, continue_from), overwrite=True)
+    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
     A1 = trainer.eval_maps()
     S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
     from .losses import enhance_loss, separate_loss
@@ -281,9 +293,9 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
 
 def _ints(s: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in s.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+        return tuple(parse_ints(s))  # the nodes' format: 0, 1, 5-7
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_lora_args(p, targets):
@@ -354,28 +366,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(model, size):
+    if size is not None and size < 8:
+        raise ValueError(f"--size must be at least 8 pixels, got {size}")
     return size or getattr(getattr(model, "cfg", None), "image_size", 512)
 
 
-def _continued(a) -> tuple[SavedLoRA | None, dict]:
-    """The LoRA --continue-from names (None without it) and the rank/targets/alpha config fields to use."""
-    if a.continue_from is None:
-        return None, {"rank": a.rank, "targets": a.targets}
-    if a.resume:
+def _lora_settings(a, out: Path) -> tuple[SavedLoRA | None, dict, dict | None]:
+    """(the LoRA --continue-from names, the rank/targets/alpha config fields, the state --resume continues):
+    a resumed run keeps the LoRA settings it was saved with, a continued run takes the saved LoRA's."""
+    if a.continue_from is not None and a.resume:
         raise ValueError("--resume and --continue-from exclude each other: --resume finishes the run saved in "
                          "OUT/state.pt (LoRA, optimizer, step); --continue-from starts a new run from a saved LoRA")
+    if a.resume:
+        state = load_training_state(out / "state.pt")
+        saved_cfg = json.loads(state.get("config", "{}"))
+        kw = {k: saved_cfg[k] for k in ("rank", "targets", "alpha") if k in saved_cfg}
+        if isinstance(kw.get("targets"), list):
+            kw["targets"] = tuple(kw["targets"])
+        return None, kw, state
+    if a.continue_from is None:
+        return None, {"rank": a.rank, "targets": a.targets}, None
     saved = read_focusfix_lora(a.continue_from)
     targets = saved.config_targets
     note = f"continuing {a.continue_from}: rank {saved.rank}, targets {targets}"
     if (a.rank, a.targets) != (saved.rank, targets):
         note += " (--rank/--targets not used)"
     print(note, file=sys.stderr)
-    return saved, {"rank": saved.rank, "targets": targets, "alpha": saved.alpha}
+    return saved, {"rank": saved.rank, "targets": targets, "alpha": saved.alpha}, None
 
 
 def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
-    saved, lora_kw = _continued(a)
+    saved, lora_kw, state = _lora_settings(a, out)
     model, note = load_model(a.model)
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
@@ -385,13 +407,13 @@ def cmd_train_fnf(a) -> dict:
                     steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg,
                     mask_source=a.mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
                     dilation=a.dilation, height=size, width=size)
-    return run_fix(model, reward, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every, model_note=note,
+    return run_fix(model, reward, cfg, out, state=state, checkpoint_every=a.checkpoint_every, model_note=note,
                    continue_from=saved)
 
 
 def cmd_train_sne(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
-    saved, lora_kw = _continued(a)
+    saved, lora_kw, state = _lora_settings(a, out)
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
     size = _size(model, None)
@@ -399,7 +421,7 @@ def cmd_train_sne(a) -> dict:
                                 batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
                                 lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
                                 resolution=a.resolution, height=size, width=size)
-    return run_separate_enhance(model, cfg, out, resume=a.resume, checkpoint_every=a.checkpoint_every,
+    return run_separate_enhance(model, cfg, out, state=state, checkpoint_every=a.checkpoint_every,
                                 model_note=note, continue_from=saved)
 
 
@@ -412,6 +434,10 @@ def cmd_demo(a) -> dict:
 def cmd_convert_reward(a) -> dict:
     from .rewards.loading import convert_reward
 
+    if a.output.suffix.lower() != ".safetensors":  # any other name would be read back as a pickle
+        raise ValueError(f"output {a.output} must end in .safetensors")
+    if a.output.is_dir():
+        raise FileExistsError(f"output {a.output} is a folder: give the file to write, e.g. {a.output / 'reward.safetensors'}")
     if a.output.exists() and not a.overwrite:
         raise FileExistsError(f"{a.output} exists: pass --overwrite to replace it")
     path = convert_reward(a.input, a.output)
@@ -428,10 +454,18 @@ def main(argv=None) -> int:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if getattr(args, "checkpoint_every", 0) < 0:
+        print(f"error: --checkpoint-every must be >= 0 (0 = at the end only), got {args.checkpoint_every}",
+              file=sys.stderr)
+        return 2
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output path that cannot be written: no permission, a file where a folder goes
+        print(f"error: cannot write {e.filename or 'the outputs'}: {e.strerror or e} (check --out / the output "
+              f"path)", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:  # after training: the LoRA is written, the images did not fit
         print(f"error: {e}", file=sys.stderr)
@@ -441,8 +475,10 @@ def main(argv=None) -> int:
               "for --resume)", file=sys.stderr)
         return 130
     files = result.get("files") or {k: v for k, v in result.items() if k == "output"}
-    if result.get("status") and result["status"] != "done":
-        print(f"note: {result['status']}", file=sys.stderr)
+    status = result.get("status", "done")
+    if status != "done":
+        print(f"note: {status} (--resume continues it)", file=sys.stderr)
     for k, v in files.items():
         print(f"{k}: {v}")
-    return 0
+    # a script tells a partial run from a full one: 130 after Ctrl-C (as a shell does), 1 after a failure
+    return 0 if status == "done" else 130 if status.startswith("interrupted") else 1

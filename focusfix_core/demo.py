@@ -1,4 +1,4 @@
-"""`python -m focusfix_core demo`: both methods on the embedded tiny model in about two minutes on a laptop CPU.
+"""`python -m focusfix_core demo`: both methods on the embedded tiny model in about a minute on a laptop CPU.
 
 1. Focus-N-Fix against the artifact reward: among candidate seeds, the demo picks the base images the reward
    dislikes most (the ones with a glitch), localises the glitch with the reward's heatmap, and fixes it with a
@@ -50,6 +50,8 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
 
     t0 = time.perf_counter()
     out = prepare_out(Path(out), overwrite, resume=False)
+    for part in ("focus_n_fix", "separate_enhance"):  # a demo stopped half way left outputs there
+        prepare_out(out / part, overwrite, resume=False)
     model, note = load_model("tiny", random_ok=True)
     _log(f"model: {note}")
     try:
@@ -70,6 +72,8 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
                         cfg_scale=cfg_scale, K=1, lam=1.0, mask_source="heatmap", threshold_mode="top_percent",
                         threshold=0.1, dilation=1, iterations=iters, lr=3e-3, rank=4, batch_size=2, targets="attn")
     fix = run_fix(model, reward, fix_cfg, out / "focus_n_fix", model_note=note)
+    if fix["status"] != "done":  # Ctrl-C (or a failure) ends the demo here: its outputs are written
+        return {"status": fix["status"], "files": {f"focus_n_fix_{k}": v for k, v in fix["files"].items()}}
     _log("Separate-and-Enhance on two-object prompts")
     prompts, objects = zip(*(split_objects_prompt(p) for p in DEMO_PAIRS))
     # lam_sep 2: on the tiny model, equal weights let Enhance raise both maps until their overlap grows

@@ -36,6 +36,7 @@ from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas,
                       compile_denoiser, sample, sampling_sigmas, seed_noise)
 
 __all__ = [
+    "parse_ints",
     "FixConfig",
     "FixTrainer",
     "SeparateEnhanceConfig",
@@ -164,6 +165,24 @@ class FixConfig(_LoRAConfig):
         return [(p, s) for p in self.prompts for s in self.seeds]
 
 
+def parse_ints(text: str, name: str = "seeds") -> list[int]:
+    """'0, 1, 5-7' -> [0, 1, 5, 6, 7] (the seeds of the nodes and the CLI); ValueError quoting the bad part."""
+    out: list[int] = []
+    for part in re.split(r"[,\s]+", str(text).strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise ValueError(f"{name}: {part!r} is not an integer or a range like 3-5 (got {text!r})")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi - lo > 1000:
+            raise ValueError(f"{name}: range {part!r} must go up and hold at most 1001 values")
+        out += range(lo, hi + 1)
+    if not out:
+        raise ValueError(f"{name} is empty: give at least one integer, e.g. 0, 1, 2")
+    return out
+
+
 def split_objects_prompt(line: str) -> tuple[str, list[str]]:
     """"a cat and a dog | cat, dog" -> ("a cat and a dog", ["cat", "dog"])."""
     if "|" not in line:
@@ -277,6 +296,9 @@ class _LoRATrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[StepRecord] = []
+        # metadata of the saved LoRA this run continues ({}: a new LoRA); kept in the state, so a resumed run's
+        # LoRA still counts the earlier run's steps (`lora.continued_metadata`)
+        self.continued: dict[str, str] = {}
         self._good = self._snapshot()
 
     # -- state -------------------------------------------------------------------------------------------
@@ -300,17 +322,31 @@ class _LoRATrainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": self.generator.get_state(),
             "history": [json.dumps(r.as_dict()) for r in self.history],
+            "continued": json.dumps(self.continued),
             **({} if self.scaler is None else {"scaler": self.scaler.state_dict()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the run `state` holds. ValueError when it was saved by another method or other settings
+        (only iterations, and compile, may change), or already holds more steps than iterations."""
         if state.get("method") != self.method:
             raise ValueError(f"training state is for method {state.get('method')!r}, not {self.method!r}")
+        saved, now = json.loads(state.get("config", "{}")), json.loads(self.cfg.to_json())
+        changed = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+                   if k not in ("iterations", "compile") and saved.get(k) != now.get(k)]
+        if changed:
+            raise ValueError(f"the training state was saved by a run with other settings: {'; '.join(changed[:4])}"
+                             f"{' ...' if len(changed) > 4 else ''}. Resume with the same settings (only the "
+                             f"iterations may change), or start a new run")
+        if int(state["step"]) > self.cfg.iterations:
+            raise ValueError(f"iterations ({self.cfg.iterations}) is below the {int(state['step'])} steps the "
+                             f"training state already holds: give more iterations to resume")
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"])
         self.step = int(state["step"])
         self.history = [StepRecord(**json.loads(r)) for r in state.get("history", [])]
+        self.continued = json.loads(state.get("continued", "{}"))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self._good = self._snapshot()

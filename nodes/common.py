@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..focusfix_core.trainers import parse_ints  # noqa: F401  (the seeds format, shared with the CLI)
+
 __all__ = ["LORA", "REWARD", "tip", "parse_lines", "parse_ints", "run_with_progress", "log", "scheduler_names",
            "sampler_inputs", "GRAPH_INPUTS", "graph_metadata", "file_fingerprint"]
 
@@ -105,24 +107,6 @@ def parse_lines(text: str, name: str = "prompts") -> list[str]:
     if not lines:
         raise ValueError(f"{name} is empty: write one per line")
     return lines
-
-
-def parse_ints(text: str, name: str = "seeds") -> list[int]:
-    """'0, 1, 5-7' -> [0, 1, 5, 6, 7]; ValueError quoting the bad part."""
-    out: list[int] = []
-    for part in re.split(r"[,\s]+", str(text).strip()):
-        if not part:
-            continue
-        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
-        if m is None:
-            raise ValueError(f"{name}: {part!r} is not an integer or a range like 3-5 (got {text!r})")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo or hi - lo > 1000:
-            raise ValueError(f"{name}: range {part!r} must go up and hold at most 1001 values")
-        out += range(lo, hi + 1)
-    if not out:
-        raise ValueError(f"{name} is empty: give at least one integer, e.g. 0, 1, 2")
-    return out
 
 
 def clock(seconds: float) -> str:

@@ -52,7 +52,7 @@ def test_interrupt_keeps_last_finished_step_and_resume_finishes(model_file, tmp_
         return real_step(self)
 
     monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
-    assert cli.main(fnf_args(model_file, out)) == 0
+    assert cli.main(fnf_args(model_file, out)) == 130  # outputs written, and a script can tell it is partial
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "interrupted after 2 steps" and report["steps_trained"] == 2
     assert (out / "lora.safetensors").is_file()
@@ -158,7 +158,7 @@ def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(model_file, tmp
         return real(*a, **k)
     monkeypatch.setattr(tr, "sample", sample)
     out = tmp_path / "run"
-    assert cli.main(fnf_args(model_file, out, *args)) == 0
+    assert cli.main(fnf_args(model_file, out, *args)) == 130
     assert json.loads((out / "report.json").read_text())["status"] == "interrupted after 1 steps"
     monkeypatch.setattr(tr, "sample", real)
     assert cli.main(fnf_args(model_file, out, *args, "--resume")) == 0
@@ -178,7 +178,7 @@ def test_out_of_memory_keeps_the_last_finished_step_and_says_what_to_lower(model
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
         return real_step(self)
     monkeypatch.setattr(cli.FixTrainer, "train_step", oom_in_step_2)
-    assert cli.main(fnf_args(model_file, out)) == 0
+    assert cli.main(fnf_args(model_file, out)) == 1
     report = json.loads((out / "report.json").read_text())
     assert report["status"].startswith("failed: out of device memory in training step 2 of 3: lower batch_size "
                                        "(now 2)"), report["status"]
@@ -206,3 +206,62 @@ def test_a_corrupt_or_foreign_model_file_is_named(tmp_path, capsys):
         assert cli.main(["train-fnf", "--model", str(path), "--reward", "artifact", "--out", str(tmp_path / "o"),
                          "--prompt", "a red circle", "--iterations", "1"]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_resume_keeps_the_run_it_continues(model_file, tmp_path, capsys):
+    """--resume finishes the run in state.pt: its LoRA settings come from the state (no --rank needed), other
+    settings are refused by name instead of training on them (or a torch size-mismatch traceback), and a
+    resumed --continue-from run still counts the steps of the LoRA it continued."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main(fnf_args(model_file, first, "--rank", "2", "--iterations", "2")) == 0
+    assert cli.main(fnf_args(model_file, second, "--continue-from", str(first / "lora.safetensors"),
+                             "--iterations", "2")) == 0
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "3")) == 0  # rank 2 from the state
+    _, meta = load_tensor_file_with_metadata(second / "lora.safetensors")
+    assert meta["focusfix_steps_trained"] == "5" and "focusfix_previous_config" in meta
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "4", "--prompt", "a blue square")) == 2
+    err = capsys.readouterr().err
+    assert "saved by a run with other settings: prompts ['a red circle'] (now ['a red circle', 'a blue square'])" \
+        in err, err
+    assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "2")) == 2
+    assert "iterations (2) is below the 3 steps" in capsys.readouterr().err
+
+
+def test_bad_outputs_and_numbers_are_refused_by_name(model_file, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(fnf_args(model_file, afile)) == 2
+    assert f"--out {afile} is a file" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, afile / "sub")) == 2  # a file where a folder must go: before training
+    assert "is not a folder this user can write to" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, tmp_path / "s", "--size", "0")) == 2
+    assert "--size must be at least 8" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, tmp_path / "c", "--checkpoint-every", "-3")) == 2
+    assert "--checkpoint-every must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()  # a refused run leaves no folder
+    assert cli.main(fnf_args(model_file, tmp_path / "r", "--seeds", "0-1", "--iterations", "1")) == 0  # ranges
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["config"]["seeds"] == [0, 1]
+    assert cli.main(["convert-reward", str(model_file), str(tmp_path / "head.pth")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_demo_stops_the_demo(tmp_path, monkeypatch, capsys):
+    """The demo's Focus-N-Fix stage interrupted: its outputs are written, Separate-and-Enhance does not start,
+    and the command exits 130."""
+    import focusfix_core.cli as c
+    real_step = c.FixTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+    monkeypatch.setattr(c.FixTrainer, "train_step", interrupted)
+    monkeypatch.setattr(c, "run_separate_enhance", lambda *a, **k: pytest.fail("the demo went on after Ctrl-C"))
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 130
+    assert (tmp_path / "demo" / "focus_n_fix" / "lora.safetensors").is_file()
+    assert "interrupted after 1 steps" in capsys.readouterr().err
+    # a demo stopped half way left outputs: a new demo there does not replace them without --overwrite
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
+    assert "already holds" in capsys.readouterr().err
