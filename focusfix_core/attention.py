@@ -350,7 +350,11 @@ def _find_word(clean: list[str], target: str, word: str, tokens: Sequence[str]) 
                 return positions
             if not target.startswith(acc):
                 break
-    raise ValueError(f"word {word!r} not found in the prompt's tokens {list(tokens)}")
+    # show the prompt's own tokens: the padding after the end token (up to 70 of them) says nothing
+    shown = list(tokens)
+    while len(shown) > 1 and shown[-1] == shown[-2]:
+        shown.pop()
+    raise ValueError(f"word {word!r} not found in the prompt's tokens {shown}")
 
 
 def _heat(a: torch.Tensor) -> torch.Tensor:

@@ -205,10 +205,23 @@ def _torch_load(path: Path, expected: str) -> Any:
         raise ValueError(
             f"refused to load {str(path)!r}: it contains pickled objects other than tensors and plain "
             f"values, so it was NOT executed (loaded with weights_only=True). Expected {expected}; "
-            f"convert trusted files to .safetensors. {' '.join(detail)}".rstrip()
+            f"convert trusted files to .safetensors (or it is not a PyTorch file at all). {' '.join(detail)}".rstrip()
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"could not read {str(path)!r} as {expected}: corrupt or truncated ({e})") from e
+
+
+def _sniff(path: Path) -> str:
+    """What a file holds by its first bytes, whatever its name: "pickle", "torch-zip", "safetensors" or "?"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode
+        return "pickle"
+    return "?"
 
 
 def load_tensor_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -223,6 +236,13 @@ def load_tensor_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
     """
     path = _existing_file(path, "tensor")
     suffix = path.suffix.lower()
+    kind = _sniff(path)
+    if suffix in (".safetensors", ".sft") and kind in ("pickle", "torch-zip"):
+        raise ValueError(f"{str(path)!r} is a PyTorch pickle (torch.save) named {path.suffix}: it was not loaded. "
+                         f"Give it its real extension (.pt or .pth) to read it safely (weights only), or convert "
+                         f"it to .safetensors")
+    if suffix in PICKLE_SUFFIXES and kind == "safetensors":
+        raise ValueError(f"{str(path)!r} is a .safetensors file named {path.suffix}: rename it to .safetensors")
     if suffix in (".safetensors", ".sft"):  # .sft: the short name some ComfyUI models use
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -648,10 +648,14 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
         raise ValueError(f"{name!r}: FocusFix LoRAs have one rank for every layer, found ranks {sorted(ranks)}")
     (rank,) = ranks
     try:
-        targets = tuple(json.loads(metadata["focusfix_targets"]))
+        targets = json.loads(metadata["focusfix_targets"])
         alpha = float(metadata.get("ss_network_alpha", rank))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{name!r}: unreadable FocusFix metadata ({e})") from None
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"{name!r}: unreadable FocusFix metadata (focusfix_targets must be a list of layer "
+                         f"patterns, got {metadata['focusfix_targets']!r})")
+    targets = tuple(targets)
     return SavedLoRA({k: v.float() for k, v in tensors.items()}, dict(metadata), targets, rank, alpha)
 
 

@@ -128,8 +128,11 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
     ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
     with training_session(dm):
         cfg: SeparateEnhanceConfig = make_cfg()
-        for p, o in zip(cfg.prompts, cfg.objects):
-            dm.token_indices(p, list(o))  # a missing word fails here, before any hook is attached
+        for p, o in zip(cfg.prompts, cfg.objects):  # a missing word fails here, before any hook is attached
+            try:
+                dm.token_indices(p, list(o))
+            except ValueError as e:
+                raise ValueError(f"prompts line {p!r}: {e}") from None
         trainer = _trainer(lambda lora: SeparateEnhanceTrainer(dm, cfg, lora=lora), continue_from, dm)
         try:
             _release(dm)

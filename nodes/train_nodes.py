@@ -37,16 +37,17 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
                        "(cross-attention keys only), all_linear.", default=default_targets),
         "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-5, round=1e-6),
         "iterations": tip("INT", "Optimizer steps.", default=iterations, min=1, max=100000),
-        "seed": tip("INT", "Seed of the training order and noise draws (fixed: a new seed retrains).", default=0, min=0,
-                    max=0xFFFFFFFF, control_after_generate=False),
+        "seed": tip("INT", "Seed of the training run: the new LoRA's starting weights, the order of the items and "
+                    "the training noise (not the images' noise: that comes from the prompts' seeds). Fixed, so a "
+                    "rerun gives the same LoRA; change it to retrain.", default=0, min=0, max=0xFFFFFFFF,
+                    control_after_generate=False),
     }
 
 
-CONTINUE_INPUT = {
-    "continue_from": tip(LORA, "Train this FocusFix LoRA further (from a Train node or FocusFix Load LoRA) instead of "
-                         "a new one: its rank and targets are used, not the rank and targets inputs. The run's I0, "
-                         "masks and preservation still compare with the MODEL without any LoRA."),
-}
+def _continue_input(compared: str) -> dict:
+    return {"continue_from": tip(LORA, "Train this FocusFix LoRA further (from a Train node or FocusFix Load LoRA) "
+                                 "instead of a new one: its rank and targets are used, not the rank and targets "
+                                 f"inputs. {compared} still compare with the MODEL without any LoRA.")}
 
 
 def _continued_settings(continue_from, rank: int, targets: str, notes: list[str]):
@@ -154,7 +155,7 @@ class FocusFixTrainFocusNFix:
             "threshold": tip("FLOAT", "Mask cut-off or kept fraction.", default=0.15, min=0.0, max=1.0, step=0.01),
             "dilation": tip("INT", "Grow the mask by this many pixels.", default=2, min=0, max=256),
             "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (saliency source)."),
-            **CONTINUE_INPUT,
+            **_continue_input("The run's I0 and masks"),
             **CHECKPOINT_INPUTS,
             **sampler_inputs("I0 and I are sampled"),
             **_batch_input("(prompt, seed) items", "SD1.5 at 512 px, modelled: about 4 GiB at 1, 7.7 GiB at 4"),
@@ -337,7 +338,7 @@ class FocusFixTrainSeparateEnhance:
             "height": tip("INT", "Training image height in pixels (the latents are 8x smaller).", default=512,
                           min=16, max=4096, step=8),
             **_lora_inputs("to_k", 1e-4, 200),
-        }, "optional": {**CONTINUE_INPUT, **CHECKPOINT_INPUTS,
+        }, "optional": {**_continue_input("The preservation term's prompts"), **CHECKPOINT_INPUTS,
                         **_batch_input("Prompts (each with its own noise; a prompt may repeat)",
                                        "each adds one UNet pass at the training size")}, "hidden": GRAPH_INPUTS}
 

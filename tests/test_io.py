@@ -227,3 +227,36 @@ class TestUniquePath:
         p = tmp_path / "fix.safetensors"
         p.symlink_to(tmp_path / "gone")
         assert unique_path(p).name == "fix_00001.safetensors"
+
+
+def test_a_file_under_the_wrong_extension_is_named_for_what_it_is(tmp_path):
+    """A torch.save pickle named .safetensors, or a .safetensors named .pth: refused with what the file really
+    is (never unpickled), not as corrupt or as a malicious pickle."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from focusfix_core.io import load_tensor_file
+    pickled = tmp_path / "lora.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    with pytest.raises(ValueError, match=r"is a PyTorch pickle \(torch.save\) named .safetensors: it was not loaded"):
+        load_tensor_file(pickled)
+    st = tmp_path / "head.pth"
+    save_file({"w": torch.zeros(2)}, str(st))
+    with pytest.raises(ValueError, match="is a .safetensors file named .pth: rename it"):
+        load_tensor_file(st)
+
+
+def test_names_windows_cannot_hold_or_too_long_are_refused(tmp_path):
+    import pytest
+
+    from focusfix_core.io import MAX_NAME_BYTES, atomic_write_text, safe_join
+    for bad, why in (("fix:stream", "':' is not allowed"), ("a*b", "'\\*' is not allowed"), ("tab\tname", "not allowed"),
+                     ("CON", "not a usable file name"), ("sub./x", "not a usable file name"),
+                     ("sub/.safetensors", "not a usable file name"), ("x" * 250, f"more than the {MAX_NAME_BYTES}")):
+        with pytest.raises(ValueError, match=why):
+            safe_join(tmp_path, bad)
+    ok = safe_join(tmp_path, "fixes/hands v2_final-1")
+    assert ok.name == "hands v2_final-1.safetensors"
+    long_ok = safe_join(tmp_path, "y" * (MAX_NAME_BYTES - len(".safetensors")))
+    assert atomic_write_text("x", long_ok).read_text() == "x"  # the temp file's name fits too

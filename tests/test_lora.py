@@ -567,3 +567,19 @@ def test_base_model_metadata_files_the_lora_under_its_base():
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["modelspec.prediction_type"] == "v"
     assert base_model_metadata(None) == {} and base_model_metadata("tiny") == {}
     assert all(isinstance(x, str) for m in got.values() for x in m.values())  # safetensors metadata is str -> str
+
+
+def test_read_focusfix_lora_refuses_targets_that_are_not_a_list(tmp_path):
+    """'"attn"' (valid JSON, not a list) used to become the targets ('a', 't', 't', 'n'): regexes matching almost
+    every module, and a misleading error later."""
+    from safetensors.torch import save_file
+
+    from focusfix_core.lora import read_focusfix_lora
+    tensors = {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)}
+    for bad in ('"attn"', "[]", "[1]"):
+        path = tmp_path / "bad.safetensors"
+        save_file(tensors, str(path), metadata={"focusfix_targets": bad})
+        with pytest.raises(ValueError, match="unreadable FocusFix metadata .focusfix_targets must be a list"):
+            read_focusfix_lora(path)
+    save_file(tensors, str(path), metadata={"focusfix_targets": '["attn"]'})
+    assert read_focusfix_lora(path).targets == ("attn",)
