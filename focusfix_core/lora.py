@@ -18,7 +18,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ __all__ = [
     "BASE_FAMILIES",
     "base_model_metadata",
     "TARGET_PRESETS",
+    "diffusers_unet_names",
     "resolve_targets",
     "lora_delta",
     "lora_weight_delta",
@@ -277,11 +278,76 @@ def _kohya_name(prefix: str, path: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
+# SD-style UNet (ComfyUI's, LDM layout) -> diffusers names of a ResBlock's layers and of the top-level layers
+_RESNET_LAYERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_TOP_LAYERS = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+               "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+_ATTENTION_CHILDREN = ("norm", "proj_in", "proj_out", "transformer_blocks")
+
+
+def diffusers_unet_names(net: nn.Module) -> Callable[[str], str] | None:
+    """path -> the same layer's path in a diffusers UNet2DConditionModel, for an SD-style UNet in the LDM layout
+    (ComfyUI's: input_blocks / middle_block / output_blocks, with `num_res_blocks`); None for another net.
+
+    kohya's SD1.x/2.x LoRAs name layers this way (`lora_unet_down_blocks_0_attentions_0_..._attn2_to_k`), and
+    its tools (merge_lora.py, training on top) find nothing under the LDM names; ComfyUI, A1111 and Forge read
+    both. (kohya's SDXL LoRAs keep the LDM names.) Paths it does not know are returned unchanged.
+
+    Examples:
+        >>> class U(nn.Module): num_res_blocks, input_blocks, output_blocks = [2, 2, 2, 2], [], []
+        >>> diffusers_unet_names(U())("input_blocks.4.1.transformer_blocks.0.attn2.to_k")
+        'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k'
+        >>> diffusers_unet_names(U())("output_blocks.2.1.conv")
+        'up_blocks.0.upsamplers.0.conv'
+    """
+    res = getattr(net, "num_res_blocks", None)
+    if not isinstance(res, (list, tuple)) or not all(hasattr(net, a) for a in ("input_blocks", "output_blocks")):
+        return None
+    blocks, i = {}, 1  # "input_blocks.4" -> ("down_blocks.1", 0); a down/upsampling block -> (..., None)
+    for level, n in enumerate(res):
+        for r in range(n):
+            blocks[f"input_blocks.{i + r}"] = (f"down_blocks.{level}", r)
+        i += n
+        if level < len(res) - 1:
+            blocks[f"input_blocks.{i}"] = (f"down_blocks.{level}", None)
+            i += 1
+    j = 0
+    for level, n in enumerate(reversed(res)):
+        for r in range(n + 1):  # the upsampler sits in the level's last block, after its resnet (and attention)
+            blocks[f"output_blocks.{j}"] = (f"up_blocks.{level}", r)
+            j += 1
+
+    def name(path: str) -> str:
+        for ldm, new in _TOP_LAYERS.items():
+            if path == ldm or path.startswith(ldm + "."):
+                return new + path[len(ldm):]
+        parts = path.split(".")
+        if parts[0] == "middle_block" and len(parts) > 2:
+            block, r, rest = "mid_block", {"0": 0, "1": 0, "2": 1}.get(parts[1]), ".".join(parts[2:])
+        elif len(parts) > 3 and ".".join(parts[:2]) in blocks:
+            (block, r), rest = blocks[".".join(parts[:2])], ".".join(parts[3:])
+        else:
+            return path
+        if rest in _RESNET_LAYERS:
+            return f"{block}.resnets.{r}.{_RESNET_LAYERS[rest]}"
+        if rest.split(".")[0] in _ATTENTION_CHILDREN:
+            return f"{block}.attentions.{0 if block == 'mid_block' else r}.{rest}"
+        if rest in ("op", "conv"):  # Downsample.op, Upsample.conv
+            return f"{block}.{'down' if block.startswith('down') else 'up'}samplers.0.conv"
+        return path
+    return name
+
+
 def _group_kohya(
-    tensors: dict[str, torch.Tensor], prefix: str, paths: Sequence[str]
+    tensors: dict[str, torch.Tensor], prefix: str, paths: Sequence[str],
+    alias: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Group kohya keys by module path: ({path: {"lora_down.weight": t, "lora_up.weight": t, "alpha": t}}, unknown)."""
+    """Group kohya keys by module path: ({path: {"lora_down.weight": t, "lora_up.weight": t, "alpha": t}}, unknown).
+    alias: another name each path may be saved under (`diffusers_unet_names`); both are read."""
     by_name = {_kohya_name(prefix, p): p for p in paths}
+    if alias is not None:
+        by_name.update({_kohya_name(prefix, alias(p)): p for p in paths})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
@@ -323,6 +389,7 @@ class LoRA(nn.Module):
         self.enabled, self.strength, self.merged = True, 1.0, False
         self._hosts: list[nn.Module] = []  # a plain list, so the host net is not registered as a submodule
         self._handles: list = []
+        self._alias: Callable[[str], str] | None = None  # the hosts' diffusers names (`diffusers_unet_names`)
 
     @classmethod
     def attach(
@@ -365,6 +432,7 @@ class LoRA(nn.Module):
         hosts = [modules[n] for n in names]
         adapters = [LoRAAdapter.for_module(h, rank, alpha, device, generator) for h in hosts]
         lora = cls(names, adapters, rank, alpha, targets)
+        lora._alias = diffusers_unet_names(net)
         for host, adapter in zip(hosts, lora.adapters):
             lora._hosts.append(host)
             lora._handles.append(host.register_forward_hook(lora._make_hook(adapter), with_kwargs=True))
@@ -415,12 +483,15 @@ class LoRA(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def state_dict_kohya(self, prefix: str = "lora_unet", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def state_dict_kohya(self, prefix: str = "lora_unet", dtype: torch.dtype | None = None,
+                         diffusers_names: bool = False) -> dict[str, torch.Tensor]:
         """kohya tensors on CPU: `<prefix>_<path with _>.lora_down.weight` [r,in(,kh,kw)], `.lora_up.weight`
-        [out,r(,1,1)], `.alpha` (0-dim). `dtype` None keeps fp32."""
+        [out,r(,1,1)], `.alpha` (0-dim). `dtype` None keeps fp32. diffusers_names: the paths of an LDM-layout
+        UNet written as kohya's SD1.x/2.x LoRAs name them (`diffusers_unet_names`; `load_kohya` reads both)."""
+        rename = self._alias if diffusers_names and self._alias is not None else (lambda p: p)
         out: dict[str, torch.Tensor] = {}
         for name, a in zip(self.module_names, self.adapters):
-            key = _kohya_name(prefix, name)
+            key = _kohya_name(prefix, rename(name))
             out[f"{key}.lora_down.weight"] = a.down.detach().to("cpu", dtype or torch.float32).clone()
             out[f"{key}.lora_up.weight"] = a.up.detach().to("cpu", dtype or torch.float32).clone()
             out[f"{key}.alpha"] = torch.tensor(a.alpha, dtype=dtype or torch.float32)
@@ -436,7 +507,7 @@ class LoRA(nn.Module):
         Raises:
             ValueError: naming the first few offending keys.
         """
-        groups, unknown = _group_kohya(tensors, prefix, self.module_names)
+        groups, unknown = _group_kohya(tensors, prefix, self.module_names, self._alias)
         if strict and unknown:
             raise ValueError(
                 f"tensors has {len(unknown)} keys this LoRA does not know, e.g. {unknown[:3]} (prefix {prefix!r})"
@@ -492,7 +563,7 @@ def merge_kohya_into(
             do not fit the host weight.
     """
     hosts = {n: m for n, m in net.named_modules() if n and isinstance(m, _HOST_TYPES)}
-    groups, unknown = _group_kohya(tensors, prefix, list(hosts))
+    groups, unknown = _group_kohya(tensors, prefix, list(hosts), diffusers_unet_names(net))
     if unknown:
         raise ValueError(
             f"tensors has {len(unknown)} keys naming no Linear/Conv2d of net, e.g. {unknown[:3]} (prefix {prefix!r})"

@@ -595,7 +595,11 @@ class LoraData:
     @classmethod
     def from_trainer(cls, trainer) -> "LoraData":
         lora = trainer.lora
-        tensors = {k: v.detach().float().cpu().clone() for k, v in lora.state_dict_kohya("lora_unet").items()}
+        # SD1.x/2.x: the layer names kohya's LoRAs of those models use, so its tools (merge, training on top) find
+        # them too; SDXL keeps the LDM names, as kohya's SDXL LoRAs do (ComfyUI, A1111 and Forge read both)
+        diffusers = getattr(trainer.model, "family", None) in ("sd1", "sd2")
+        tensors = {k: v.detach().float().cpu().clone()
+                   for k, v in lora.state_dict_kohya("lora_unet", diffusers_names=diffusers).items()}
         targets = (lora.targets,) if isinstance(lora.targets, str) else tuple(lora.targets)
         return cls(tensors=tensors, metadata=lora_metadata(lora, trainer.metadata()), rank=lora.rank,
                    alpha=lora.alpha, targets=targets, method=trainer.method)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -12,7 +15,7 @@ def lora_data(comfy, checkpoint):
     return _lora_data(comfy, checkpoint[0])
 
 
-def _lora_data(comfy, model):
+def _lora_data(comfy, model, diffusers_names=None):
     """A LoraData with random (non-zero) up weights on attn layers, exported by the core's kohya writer, and
     x0 of a fixed input with the LoRA hooked."""
     from_adapters = comfy.pack.nodes.adapters
@@ -24,7 +27,9 @@ def _lora_data(comfy, model):
             with torch.no_grad():
                 for a in lora.adapters:
                     a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.5)
-            tensors = lora.state_dict_kohya("lora_unet")
+            if diffusers_names is None:  # as LoraData.from_trainer writes them: SD1.x/2.x in kohya's diffusers names
+                diffusers_names = "SD15" in type(model.model.model_config).__name__
+            tensors = lora.state_dict_kohya("lora_unet", diffusers_names=diffusers_names)
             meta = comfy.pack.focusfix_core.lora.lora_metadata(lora, {"focusfix_method": "test"})
             hooked = _x0(model)  # hooks active
         finally:
@@ -54,6 +59,42 @@ def _context_dim(model):
 
 def test_saved_lora_loads_in_stock_loader_and_matches_apply(fresh, checkpoint, lora_data, caplog):
     _loads_in_stock_loader_and_matches_apply(fresh, checkpoint[0], *lora_data, caplog)
+
+
+def test_layer_names_are_comfyuis_diffusers_names(comfy):
+    """`diffusers_unet_names` gives, for every Linear/Conv2d of the SD1.5 and SDXL UNets (real block layouts and
+    the tests' tiny ones, on the meta device), the diffusers name ComfyUI's own `unet_to_diffusers` map gives."""
+    import sys
+    from comfy import ops as comfy_ops
+    from comfy import utils as comfy_utils
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import train_speed as ts
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    names_for = comfy.pack.focusfix_core.lora.diffusers_unet_names
+    for key, cfg in ts.UNET_CONFIGS.items():
+        net = UNetModel(**cfg, device=torch.device("meta"), operations=comfy_ops.disable_weight_init)
+        ldm_to_diffusers = {v: k for k, v in comfy_utils.unet_to_diffusers(cfg).items()}
+        name = names_for(net)
+        hosts = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                 and not n.startswith("label_emb")]  # SDXL's size embedding: no SD1.x/2.x LoRA names it
+        wrong = [(n, name(n)) for n in hosts if ldm_to_diffusers[n + ".weight"] != name(n) + ".weight"]
+        assert hosts and not wrong, (key, wrong[:3])
+
+
+def test_an_sd15_lora_saved_with_ldm_names_still_loads(fresh, checkpoint, caplog):
+    """Files FocusFix saved before it wrote kohya's diffusers names for SD1.x (LDM names) still apply and
+    continue: both names are read."""
+    model = checkpoint[0]
+    data, hooked = _lora_data(fresh, model, diffusers_names=False)
+    _loads_in_stock_loader_and_matches_apply(fresh, model, data, hooked, caplog)
+    lora = data.attach(model.model.diffusion_model)
+    try:
+        assert lora.state_dict_kohya("lora_unet").keys() == data.tensors.keys()
+    finally:
+        lora.remove()
 
 
 def test_refiner_lora_loads_in_stock_loader_and_matches_apply(fresh, tiny_models, caplog):

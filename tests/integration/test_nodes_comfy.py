@@ -141,7 +141,11 @@ def test_train_focus_n_fix(fresh, checkpoint, layout):
     model = checkpoint[0]
     lora, curve, before, after, mask, report = _train_fix(fresh, checkpoint)
     assert lora.method == "focus-n-fix" and lora.tensors
-    assert all(k.startswith("lora_unet_") for k in lora.tensors)
+    # kohya's layer names for the model: diffusers names for SD1.x (its tools find nothing else), LDM ones for SDXL
+    block = "lora_unet_down_blocks_" if layout == "sd15" else "lora_unet_input_blocks_"
+    assert all(k.startswith("lora_unet_") for k in lora.tensors) and any(k.startswith(block) for k in lora.tensors)
+    assert not any(k.startswith("lora_unet_input_blocks_" if layout == "sd15" else "lora_unet_down_blocks_")
+                   for k in lora.tensors)
     assert before.shape == after.shape == (4, SIZE, SIZE, 3) and mask.shape == (4, SIZE, SIZE)
     assert not torch.equal(before, after), "two steps at lr 1e-2 should change the images"
     assert curve.ndim == 4 and "step 2/2" in report and "trained 2 steps in 0:" in report
