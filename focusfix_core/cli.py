@@ -437,7 +437,8 @@ def cmd_convert_reward(a) -> dict:
     if a.output.suffix.lower() != ".safetensors":  # any other name would be read back as a pickle
         raise ValueError(f"output {a.output} must end in .safetensors")
     if a.output.is_dir():
-        raise FileExistsError(f"output {a.output} is a folder: give the file to write, e.g. {a.output / 'reward.safetensors'}")
+        raise FileExistsError(f"output {a.output} is a folder: give the file to write, e.g. "
+                              f"{a.output / 'reward.safetensors'}")
     if a.output.exists() and not a.overwrite:
         raise FileExistsError(f"{a.output} exists: pass --overwrite to replace it")
     path = convert_reward(a.input, a.output)

@@ -34,7 +34,7 @@ class FixRun:
 class SeparateEnhanceRun:
     lora: LoraData
     history: list
-    A_before: torch.Tensor       # [P,n_objects,r,r] attention maps before training
+    A_before: torch.Tensor       # [P,n_objects,h,w] attention maps before training
     A_after: torch.Tensor        # the same after
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
 

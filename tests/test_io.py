@@ -251,8 +251,8 @@ def test_names_windows_cannot_hold_or_too_long_are_refused(tmp_path):
     import pytest
 
     from focusfix_core.io import MAX_NAME_BYTES, atomic_write_text, safe_join
-    for bad, why in (("fix:stream", "':' is not allowed"), ("a*b", "'\\*' is not allowed"), ("tab\tname", "not allowed"),
-                     ("CON", "not a usable file name"), ("sub./x", "not a usable file name"),
+    for bad, why in (("fix:stream", "':' is not allowed"), ("a*b", "'\\*' is not allowed"),
+                     ("tab\tname", "not allowed"), ("CON", "not a usable file name"), ("sub./x", "not a usable file name"),
                      ("sub/.safetensors", "not a usable file name"), ("x" * 250, f"more than the {MAX_NAME_BYTES}")):
         with pytest.raises(ValueError, match=why):
             safe_join(tmp_path, bad)

@@ -794,7 +794,8 @@ def test_separate_enhance_trains_at_portrait_and_landscape_sizes(small_model):
             assert tuple(trainer.eval_maps(0).shape[-2:]) == trainer.map_hw
         finally:
             trainer.lora.remove()
-    with pytest.raises(ValueError, match=r"resolution 5: at this size \(latents 16x16\) .* shorter sides \[16, 8, 4, 2, 1\]"):
+    with pytest.raises(ValueError,
+                       match=r"resolution 5: at this size \(latents 16x16\) .* shorter sides \[16, 8, 4, 2, 1\]"):
         SeparateEnhanceTrainer(small_model, se_cfg(resolution=5))
 
 
