@@ -301,13 +301,16 @@ def _ints(s: str) -> tuple[int, ...]:
 def _add_lora_args(p, targets):
     p.add_argument("--model", default="tiny", help="'tiny' (the embedded model) or a TinyModel .safetensors")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=40, help="optimizer steps (default 40)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of AdamW on the LoRA (default 2e-3)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank r (default 4)")
     p.add_argument("--targets", default=targets, help="LoRA targets: to_k | attn | all_linear | regex")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--batch-size", type=int, default=2, help="items per optimizer step (default 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the run: the new LoRA's start, the item order, the training noise (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT/state.pt (its LoRA settings; give the same other settings, only "
+                        "--iterations may change)")
     p.add_argument("--continue-from", type=Path, default=None, metavar="LORA",
                    help="train a LoRA FocusFix saved (an earlier run's lora.safetensors) further, with a fresh "
                         "optimizer; its rank and targets replace --rank/--targets")
@@ -323,45 +326,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="Focus-N-Fix and Separate-and-Enhance on the embedded tiny model")
-    d.add_argument("--out", type=Path, default=Path("focusfix_demo"))
+    d.add_argument("--out", type=Path, default=Path("focusfix_demo"), help="output folder (default focusfix_demo)")
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in OUT")
 
     f = sub.add_parser("train-fnf", help="Focus-N-Fix (or DRaFT with --lam 0 / --mask-source none)")
     _add_lora_args(f, "attn")
     f.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    f.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3))
+    f.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3),
+                   help="seeds of the images to fix: 0,1,2 or 0-3 (default 0-3); each (prompt, seed) is one item")
     f.add_argument("--reward", required=True, help="reward name or file")
     f.add_argument("--lam", type=float, default=1.0, help="lambda of the region term (0 = DRaFT)")
     f.add_argument("--reward-target", type=float, default=None,
                    help="no more push on an image once its reward reaches this (default: unbounded)")
     f.add_argument("--K", type=int, default=1, help="differentiated last sampler steps (DRaFT-K)")
     f.add_argument("--lv-copies", type=int, default=0, help="DRaFT-LV copies of the last step")
-    f.add_argument("--steps", type=int, default=20)
+    f.add_argument("--steps", type=int, default=20, help="sampler steps N (default 20)")
     f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
     f.add_argument("--scheduler", default="normal", choices=SCHEDULERS)
-    f.add_argument("--cfg", type=float, default=3.0)
-    f.add_argument("--mask-source", default="heatmap", choices=["heatmap", "saliency", "none"])
-    f.add_argument("--threshold-mode", default="top_percent", choices=["value", "top_percent", "otsu"])
-    f.add_argument("--threshold", type=float, default=0.15)
-    f.add_argument("--dilation", type=int, default=2)
+    f.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    f.add_argument("--mask-source", default="heatmap", choices=["heatmap", "saliency", "none"],
+                   help="where the mask M (1 = may change) comes from; none = plain DRaFT")
+    f.add_argument("--threshold-mode", default="top_percent", choices=["value", "top_percent", "otsu"],
+                   help="how the heatmap or saliency becomes M (default top_percent)")
+    f.add_argument("--threshold", type=float, default=0.15,
+                   help="top_percent: the share of pixels kept, in (0,1]; value: the cut-off in [0,1]; otsu: unused")
+    f.add_argument("--dilation", type=int, default=2, help="grow M by this many pixels (default 2)")
     f.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
 
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a cat and a dog | cat, dog'")
     _add_lora_args(s, "to_k")
     s.add_argument("--prompt", action="append", required=True, help="'prompt | object, object' (repeatable)")
-    s.add_argument("--lam-sep", type=float, default=1.0)
-    s.add_argument("--lam-en", type=float, default=1.0)
-    s.add_argument("--lam-preserve", type=float, default=1.0)
+    s.add_argument("--lam-sep", type=float, default=1.0, help="weight of the Separate loss (maps' overlap)")
+    s.add_argument("--lam-en", type=float, default=1.0, help="weight of the Enhance loss (weakest map's peak)")
+    s.add_argument("--lam-preserve", type=float, default=1.0,
+                   help="weight of the term that keeps single-object prompts as the base model draws them")
     s.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
                    help="keys: keep the adapted to_k outputs on single-object prompts (exact, no extra UNet pass); "
                         "outputs: x0 MSE against the base model (any --targets); auto: keys where possible")
-    s.add_argument("--resolution", type=int, default=16)
+    s.add_argument("--resolution", type=int, default=16,
+                   help="attention maps' shorter side (default 16; the tiny model at 32 px: 16 or 8)")
 
     c = sub.add_parser("convert-reward", help="write a safetensors copy of a reward file (never unpickles code)")
-    c.add_argument("input", type=Path)
-    c.add_argument("output", type=Path)
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("input", type=Path, help="a reward file (.pth/.pt/.bin read weights-only, or .safetensors)")
+    c.add_argument("output", type=Path, help="the .safetensors file to write")
+    c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return ap
 
 
