@@ -332,7 +332,7 @@ def diffusers_unet_names(net: nn.Module) -> Callable[[str], str] | None:
         if rest in _RESNET_LAYERS:
             return f"{block}.resnets.{r}.{_RESNET_LAYERS[rest]}"
         if rest.split(".")[0] in _ATTENTION_CHILDREN:
-            return f"{block}.attentions.{0 if block == 'mid_block' else r}.{rest}"
+            return f"{block}.attentions.{r}.{rest}"
         if rest in ("op", "conv"):  # Downsample.op, Upsample.conv
             return f"{block}.{'down' if block.startswith('down') else 'up'}samplers.0.conv"
         return path

@@ -9,7 +9,7 @@ import torch
 from .adapters import LoraData, image_to_bchw
 from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, tip
 
-__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_path", "lora_patches",
+__all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_path", "lora_patches", "loras_name",
            "save_lora_data", "save_preview", "write_lora"]
 
 
@@ -163,7 +163,7 @@ class FocusFixSaveLoRA:
         if preview is not None:  # a wrong input is refused before anything is written
             preview = image_to_bchw(preview, "preview")
         path = save_lora_data(lora, filename, overwrite, folder, graph_metadata(prompt, extra_pnginfo))
-        name = path.relative_to(_resolved(folder)).as_posix()
+        name = loras_name(path, folder)
         text = name
         if preview is not None and save_preview(preview, path, overwrite) is None:
             text += f"\n(kept the existing {path.stem}.preview.png: turn overwrite on to replace it)"
@@ -171,6 +171,10 @@ class FocusFixSaveLoRA:
         return {"ui": {"text": [text]}, "result": (name,)}
 
 
-def _resolved(folder):
-    from pathlib import Path
-    return Path(folder).resolve()
+def loras_name(path: Path, folder: str | None = None) -> str:
+    """A file's name as Load LoRA lists it: relative to the loras folder (`folder`; None = ComfyUI's first)."""
+    if folder is None:
+        import folder_paths
+        folder = folder_paths.get_folder_paths("loras")[0]
+    root = Path(folder).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)

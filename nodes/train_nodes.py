@@ -6,8 +6,6 @@ steps: a cancelled run raises before any output exists, so nothing half-built le
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..focusfix_core import viz
@@ -20,6 +18,7 @@ from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditi
                        mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
                      graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip)
+from .lora_nodes import loras_name
 from .runs import checkpoint_path, run_focus_n_fix, run_separate_enhance
 
 __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
@@ -98,10 +97,7 @@ def _checkpoint_note(path, every: int, iterations: int) -> list[str]:
         return []
     if path is None:
         return [f"checkpoint_every ({every}) is more than iterations ({iterations}): no checkpoint was written"]
-    import folder_paths
-    root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
-    name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    return [f"checkpoint: {name} (every {every} steps; Load LoRA lists it)"]
+    return [f"checkpoint: {loras_name(path)} (every {every} steps; Load LoRA lists it)"]
 
 
 def _curve(history, keys) -> torch.Tensor:
