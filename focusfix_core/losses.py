@@ -48,8 +48,9 @@ def _as_mask4(M: torch.Tensor, name: str = "mask M") -> torch.Tensor:
 
 
 def _safe_norm(s: torch.Tensor) -> torch.Tensor:
-    """sqrt(s) for s >= 0 whose gradient at s == 0 is 0 instead of inf/NaN (the 'double where' trick)."""
-    pos = s > 0
+    """sqrt(s) for s >= 0 whose gradient at s == 0 is 0 instead of inf/NaN (the 'double where' trick).
+    A NaN in s stays NaN (`s != 0`, not `s > 0`), so the trainers' non-finite check sees it."""
+    pos = s != 0
     return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
 
 
@@ -181,7 +182,7 @@ def separate_loss(A: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     i, j = torch.triu_indices(N, N, offset=1, device=A.device)  # (P,), P = N (N - 1) / 2 pairs
     Ai, Aj = A[:, i], A[:, j]  # (B, P, h, w)
     s = Ai + Aj
-    pos = s > 0
+    pos = s != 0  # not s > 0: a NaN map must give a NaN loss, not 0
     overlap = torch.where(pos, Ai * Aj / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s))
     L = overlap.flatten(2).amax(2)  # (B, P)
     return L.mean(1) if reduction == "mean" else L.amax(1)

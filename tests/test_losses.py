@@ -64,6 +64,15 @@ def test_region_gradient_finite_when_equal(M):
     assert torch.isfinite(I.grad).all() and (I.grad == 0).all()
 
 
+def test_region_keeps_a_nan_outside_the_mask():
+    # A NaN must reach the loss (the trainers' non-finite check), not turn into a region of 0.
+    I0 = torch.rand(2, 3, 8, 8)
+    I = I0.clone()
+    I[1, 0, 0, 0] = float("nan")
+    loss = region_loss(I, I0, _square_mask(1, 8, 8))
+    assert loss[0] == 0 and torch.isnan(loss[1])
+
+
 def test_region_broadcast_and_mask_layouts():
     I0, I = torch.rand(3, 4, 8, 8), torch.rand(3, 4, 8, 8)
     M1 = _square_mask(1, 8, 8)
@@ -205,6 +214,13 @@ def test_separate_safe_at_zero():
     loss = separate_loss(A)
     loss.sum().backward()
     assert loss.item() == 0 and torch.isfinite(A.grad).all()
+
+
+def test_separate_keeps_a_nan_map():
+    A = torch.rand(2, 2, 4, 4)
+    A[1, 0, 0, 0] = float("nan")
+    loss = separate_loss(A)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
 
 
 def test_separate_errors():
