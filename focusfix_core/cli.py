@@ -117,6 +117,10 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
     return out
 
 
+class RunFailed(Exception):
+    """Training stopped on bad data after some steps; what they trained is written (exit 1)."""
+
+
 def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tuple[list[StepRecord], str]:
     """Run the trainer; returns (records, status) where status is done | interrupted | failed: <why>."""
     status = "done"
@@ -131,6 +135,14 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
     except (NonFiniteLossError, torch.OutOfMemoryError) as e:
         trainer.restore_last_good()
         status = f"failed: {e}"
+    except ValueError as e:  # met mid-run (an item's empty mask, a NaN score of I0): keep the steps done
+        if trainer.step == 0:
+            raise
+        trainer.restore_last_good()
+        trainer.save_state(out / "state.pt")
+        path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
+        raise RunFailed(f"{e}\nstopped after {trainer.step} steps: {path} holds their LoRA and "
+                        f"{out / 'state.pt'} their state") from None
     trainer.save_state(out / "state.pt")
     return trainer.history, status
 
@@ -477,6 +489,9 @@ def main(argv=None) -> int:
         print(f"error: cannot write {e.filename or 'the outputs'}: {e.strerror or e} (check --out / the output "
               f"path)", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except torch.OutOfMemoryError as e:  # after training: the LoRA is written, the images did not fit
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "NonFiniteScoreError",
     "region_loss",
     "resize_mask",
     "reward_loss",
@@ -121,6 +122,10 @@ def resize_mask(M: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(M, size=tuple(size), mode="area").clamp(0, 1)  # (B, 1, h, w)
 
 
+class NonFiniteScoreError(ValueError):
+    """A reward returned NaN or inf (a trainer stops as on a non-finite loss)."""
+
+
 def reward_loss(scores: torch.Tensor, target: float | None = None) -> torch.Tensor:
     """DRaFT reward term -mean_b min(r(I_b), target). scores: [B] (higher is better) -> scalar.
 
@@ -129,7 +134,7 @@ def reward_loss(scores: torch.Tensor, target: float | None = None) -> torch.Tens
     attribute fix (benchmarks/RESULTS.md, quality: outside change 4.6x smaller than DRaFT's).
 
     Raises:
-        ValueError: when a score is NaN or inf (never let it reach the optimizer).
+        NonFiniteScoreError (a ValueError): when a score is NaN or inf (never let it reach the optimizer).
 
     Example:
         >>> reward_loss(torch.tensor([1.0, 3.0]))
@@ -141,7 +146,7 @@ def reward_loss(scores: torch.Tensor, target: float | None = None) -> torch.Tens
     if scores.ndim != 1 or scores.numel() == 0:
         raise ValueError(f"scores must be a non-empty [B] tensor, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"scores must be finite, got {scores.detach().flatten()[:8].tolist()}")
+        raise NonFiniteScoreError(f"scores must be finite, got {scores.detach().flatten()[:8].tolist()}")
     return -(scores if target is None else scores.clamp(max=target)).mean()
 
 

@@ -202,8 +202,9 @@ def sample(
         x: [B,C,h,w] initial state, already scaled by sigmas[0] (x = sigma_max * noise).
         sigmas: [N+1] descending, sigmas[-1] == 0.
         K: differentiated calls (DRaFT-K). K=0 builds no graph at all.
-        lv_copies: DRaFT-LV: if n > 0, the last step is replaced by n re-noised copies of the final
-            (graph-free) sample, each denoised with gradients; returns [B*n] (copies of an image adjacent).
+        lv_copies: DRaFT-LV: if n > 0 (K must be 1), the whole loop runs graph-free, then n re-noised copies of
+            the final sample are denoised at the last nonzero sigma with gradients; returns [B*n] (copies of an
+            image adjacent).
         generator: noise for DRaFT-LV re-noising.
         checkpoint: gradient-checkpoint each differentiated call (off when the caller checkpoints the
             network's blocks instead, see `checkpointed_modules`).
@@ -220,17 +221,19 @@ def sample(
         raise ValueError(f"sigmas must end with 0, got {float(sigmas[-1])}")
     if lv_copies < 0:
         raise ValueError(f"lv_copies must be >= 0, got {lv_copies}")
-    if lv_copies and K < 1:
-        raise ValueError("DRaFT-LV needs gradients: set K >= 1 with lv_copies > 0")
+    if lv_copies and K != 1:
+        raise ValueError(f"DRaFT-LV differentiates only its re-noised copies of the last step: set K = 1 with "
+                         f"lv_copies > 0, got K = {K}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {list(SAMPLERS)}")
     grad = torch.is_grad_enabled() and K > 0
+    loop_K = 0 if lv_copies else K  # DRaFT-LV: the loop's graph would be thrown away by the re-noising
     s_in = x.new_ones(x.shape[0])
     w = _multistep_weights(sigmas) if sampler == "dpmpp_2m" else None
     old = None
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        with torch.set_grad_enabled(grad and i >= n - K):  # DRaFT-K: only the last K calls are differentiated
+        with torch.set_grad_enabled(grad and i >= n - loop_K):  # DRaFT-K: only the last K calls are differentiated
             denoised = _call(denoiser, x, sigma * s_in, cond, checkpoint)
             d = denoised if old is None else (1 + w[i]) * denoised - w[i] * old
             x = d + (x - d) * (sigma_next / sigma)  # DDIM eta=0 == Euler step in sigma

@@ -26,8 +26,8 @@ from .attention import AttentionStore, map_size
 from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x, model_guidance,
                         prepare_cond)
 from .io import atomic_torch_save, load_training_state
-from .losses import (enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask, reward_loss,
-                     separate_loss)
+from .losses import (NonFiniteScoreError, enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask,
+                     reward_loss, separate_loss)
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
 from .records import StepRecord
 from .rewards.base import Reward
@@ -148,6 +148,9 @@ class FixConfig(_LoRAConfig):
         check_steps(self.steps, self.K, least_K=1)
         if self.lv_copies < 0:
             raise ValueError(f"lv_copies must be >= 0, got {self.lv_copies}")
+        if self.lv_copies and self.K != 1:
+            raise ValueError(f"lv_copies > 0 (DRaFT-LV) differentiates only the re-noised copies of the last step: "
+                             f"set K = 1, got K = {self.K}")
         _check_positive("lam", self.lam, allow_zero=True)
         if self.reward_target is not None and not math.isfinite(self.reward_target):
             raise ValueError(f"reward_target must be a finite number or None, got {self.reward_target}")
@@ -604,14 +607,27 @@ class FixTrainer(_LoRATrainer):
             elif src == "none":
                 M = None
             else:
-                c = self.cfg
-                M = mask_from_reward(self.reward, I0, source=src, method=c.saliency_method, blur_sigma=c.blur_sigma,
-                                     threshold_mode=c.threshold_mode, threshold=c.threshold, dilation=c.dilation,
-                                     feather=c.feather)
+                M = torch.cat([self._derived_mask(i, I0[j:j + 1]) for j, i in enumerate(todo)])
             for j, i in enumerate(todo):
                 self._cache[i] = (I0[j], z0[j], None if M is None else M[j].to(self.device))
         I0, z0, M = zip(*(self._cache[i] for i in idx))
         return torch.stack(I0), torch.stack(z0), None if M[0] is None else torch.stack(M)
+
+    def _derived_mask(self, i: int, I0: torch.Tensor) -> torch.Tensor:
+        """M(I0): [1,H,W] of item i from the reward (heatmap or saliency), for I0 [1,3,H,W] as the artist sees it
+        (clamped, as VAE Decode gives it). One item at a time, smoothgrad noise seeded by the item: an item's mask
+        is the same whichever items share its batch (a blur rounds differently per batch, and a top_percent cut
+        flips near-tied pixels), so a resumed run draws the masks it had."""
+        c, (prompt, seed) = self.cfg, self.items[i]
+        gen = torch.Generator(device=I0.device).manual_seed((c.seed * 1_000_003 + seed) % 2 ** 63)
+        M = mask_from_reward(self.reward, I0.clamp(0, 1), source=c.mask_source, method=c.saliency_method,
+                             blur_sigma=c.blur_sigma, threshold_mode=c.threshold_mode, threshold=c.threshold,
+                             dilation=c.dilation, feather=c.feather, generator=gen)
+        if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix
+            raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty (threshold_mode "
+                             f"{c.threshold_mode}, threshold {c.threshold}): lower the threshold, use top_percent, "
+                             f"or paint the mask (mask_source given)")
+        return M
 
     @torch.no_grad()
     def before_after(self, progress: Callable[[int], Callable[[dict], None]] | None = None
@@ -691,8 +707,13 @@ class FixTrainer(_LoRATrainer):
                 self._train_denoiser.restore()
             I = self.model.decode(z).float()
             n = max(cfg.lv_copies, 1)  # DRaFT-LV: n copies of each image, adjacent
-            scores = self.reward(I)
-            loss = reward_loss(scores, cfg.reward_target)
+            try:  # scored as VAE Decode shows it: no reward for pixels pushed past [0, 1]
+                scores = self.reward(I.clamp(0, 1))
+                loss = reward_loss(scores, cfg.reward_target)
+            except NonFiniteScoreError as e:
+                self.restore_last_good()
+                raise NonFiniteLossError(f"{e} at step {self.step + 1}: stopped; the LoRA keeps the weights of "
+                                         f"step {self.step} (check the reward, or lower lr)") from None
             region = None
             if M is not None:
                 if cfg.mask_space == "pixel":

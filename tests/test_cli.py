@@ -265,3 +265,27 @@ def test_ctrl_c_in_the_demo_stops_the_demo(tmp_path, monkeypatch, capsys):
     # a demo stopped half way left outputs: a new demo there does not replace them without --overwrite
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
     assert "already holds" in capsys.readouterr().err
+
+
+def test_bad_data_met_mid_run_keeps_the_steps_done(model_file, tmp_path, monkeypatch, capsys):
+    # e.g. a later item's derived mask comes out empty: the finished steps are written, the command fails (1)
+    real_step = cli.FixTrainer.train_step
+
+    def empty_mask_at(step):
+        def train_step(self):
+            if self.step == step:
+                raise ValueError("the saliency mask of prompt 'a red circle', seed 1 is empty")
+            return real_step(self)
+        return train_step
+    monkeypatch.setattr(cli.FixTrainer, "train_step", empty_mask_at(1))
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out)) == 1
+    err = capsys.readouterr().err
+    assert "seed 1 is empty" in err and "stopped after 1 steps" in err
+    assert load_tensor_file_with_metadata(out / "lora.safetensors")[1]["focusfix_steps_trained"] == "1"
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 1
+    # at the first step nothing was trained: a plain input error (2), nothing written
+    monkeypatch.setattr(cli.FixTrainer, "train_step", empty_mask_at(0))
+    out0 = tmp_path / "run0"
+    assert cli.main(fnf_args(model_file, out0)) == 2
+    assert not (out0 / "lora.safetensors").exists()

@@ -150,6 +150,19 @@ def test_draft_lv_copies_shape_and_gradient():
     assert den.p.grad.abs() > 0
 
 
+def test_draft_lv_differentiates_only_its_copies():
+    den, grad_calls = GaussianDenoiser(), []
+
+    def recording(x, sigma, c):
+        grad_calls.append(torch.is_grad_enabled())
+        return den(x, sigma, c)
+    sample(recording, torch.randn(2, 1, 3, 3), get_sigmas_karras(5, 0.1, 10.0), cond(), K=1, lv_copies=3,
+           generator=torch.Generator().manual_seed(0))
+    assert grad_calls == [False] * 5 + [True]  # the loop's graph would be discarded by the re-noising
+    with pytest.raises(ValueError, match="set K = 1"):
+        sample(den, torch.randn(2, 1, 3, 3), get_sigmas_karras(5, 0.1, 10.0), cond(), K=2, lv_copies=3)
+
+
 def test_cfg_denoiser_batches_once_and_guides():
     den = GaussianDenoiser()
     cfgd = CFGDenoiser(den, {"context": torch.zeros(1, 1, 1)}, 3.0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..losses import NonFiniteScoreError
+
 __all__ = ["Reward", "check_images", "check_scores"]
 
 
@@ -22,9 +24,9 @@ def check_images(I: torch.Tensor, name: str = "images") -> None:
 
 
 def check_scores(scores: torch.Tensor, reward_name: str) -> torch.Tensor:
-    """Raise ValueError when a reward returns NaN/inf (never let it reach the optimizer)."""
+    """Raise NonFiniteScoreError (a ValueError) when a reward returns NaN/inf (never let it reach the optimizer)."""
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward {reward_name!r} returned a non-finite score: {scores.detach().flatten()[:8].tolist()}")
+        raise NonFiniteScoreError(f"reward {reward_name!r} returned a non-finite score: {scores.detach().flatten()[:8].tolist()}")
     return scores
 
 
