@@ -467,7 +467,14 @@ class LoRA(nn.Module):
 
     @contextmanager
     def disabled(self) -> Iterator[LoRA]:
-        """While active, the hosts run as if no adapter were attached (restores the previous state)."""
+        """While active, the hosts run as if no adapter were attached (restores the previous state).
+
+        Raises:
+            RuntimeError: after `merge()`: the delta is in the weights, so no hook can take it out.
+        """
+        if self.merged:
+            raise RuntimeError("this LoRA is merged into the weights (merge()): it cannot be disabled; use "
+                               "MergedWhenNoGrad for a merge that restores, or load the base weights again")
         previous, self.enabled = self.enabled, False
         try:
             yield self
@@ -534,7 +541,9 @@ class LoRA(nn.Module):
     @torch.no_grad()
     def merge(self, strength: float = 1.0) -> None:
         """Fold `strength * alpha/r * up @ down` into the host weights in place (fp32 math) and disable
-        the hooks, so the net computes the same thing without them.
+        the hooks, so the net computes the same thing without them. Final: there is no unmerge (subtracting
+        the delta again does not give fp16/bf16/fp32 weights back bit for bit; `MergedWhenNoGrad` keeps the
+        originals instead), and `disabled()` is refused afterwards.
 
         Raises:
             RuntimeError: merged already (merging twice would add the delta twice).

@@ -265,6 +265,15 @@ class TestAttach:
         lora.merge()
         assert torch.allclose(net(x), hooked, atol=1e-5)
 
+    def test_a_merged_lora_cannot_be_disabled(self):
+        # after merge() the delta is in the weights: disabled() would silently keep the LoRA's output
+        lora = LoRA.attach(_net(), "to_k", rank=2)
+        _randomize(lora)
+        lora.merge()
+        with pytest.raises(RuntimeError, match="merged into the weights"):
+            with lora.disabled():
+                pass
+
     def test_attributes(self):
         lora = LoRA.attach(_net(), "to_k", rank=4)
         assert lora.module_names == ["input_blocks.0.1.attn2.to_k"]
