@@ -441,7 +441,9 @@ class ComfyDiffusionModel:
         return cat_cond(*conds)
 
     def tokens(self, prompt: str) -> list[str]:
-        """The prompt's tokens as strings at their context positions (start/end/padding included)."""
+        """The prompt's tokens as text at their context positions (start/end/padding included): CLIP's byte-level
+        BPE pieces decoded to UTF-8 ('café</w>', not 'cafÃ©</w>'); a piece holding part of a character (猫 is 3)
+        keeps its bytes as surrogate escapes (`word_token_indices` matches on bytes)."""
         clip = self._require_clip()
         tokenized = clip.tokenize(prompt)
         key = "l" if "l" in tokenized else next(iter(tokenized))
@@ -450,7 +452,12 @@ class ComfyDiffusionModel:
         hf = getattr(sub, "tokenizer", None)
         if hf is None:
             raise ValueError(f"cannot read the token strings of this text encoder ({type(clip.tokenizer).__name__})")
-        return [hf.convert_ids_to_tokens(int(i)) if isinstance(i, int) else "<embedding>" for i in ids]
+        table = _byte_decoder(hf)
+        pieces = [hf.convert_ids_to_tokens(int(i)) if isinstance(i, int) else "<embedding>" for i in ids]
+        if table is None:
+            return pieces
+        return [bytes(b for ch in p for b in ([table[ch]] if ch in table else ch.encode()))
+                .decode("utf-8", "surrogateescape") for p in pieces]
 
     def token_indices(self, prompt: str, words: list[str]) -> list[list[int]]:
         """For each word, its token positions in the encoded prompt. ValueError names a missing word."""
@@ -460,11 +467,63 @@ class ComfyDiffusionModel:
         """While active, every attn2 layer of the UNet adds its (q, k) to `store` (hooks always removed)."""
         return attention_capture(self.net, store, self._hw)
 
+    def attention_levels(self) -> list[int]:
+        """The UNet levels with cross-attention (0 = the latents' size): SD1.5 [0, 1, 2, 3], SDXL [1, 2]."""
+        return unet_attention_levels(self.net)
+
     def modules_in_gradient_path(self) -> list[nn.Module]:
         mods = [self.net]
         if self.vae is not None:
             mods.append(self.vae.first_stage_model)
         return mods
+
+
+def unet_attention_levels(net: nn.Module) -> list[int]:
+    """The levels of ComfyUI's SD-style UNet (input, middle and output blocks) that hold cross-attention, read
+    from its blocks: level 0 is the latents' size, a Downsample starts the next level down, an Upsample ends one
+    on the way up (SD1.5: [0, 1, 2, 3]; SDXL: [1, 2], none at the latents' size)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    def has(block: nn.Module, kind) -> bool:
+        return any(isinstance(m, kind) for m in block.modules())
+
+    def attends(block: nn.Module) -> bool:
+        return any(name.rsplit(".", 1)[-1] == "attn2" for name, _ in block.named_modules())
+
+    levels, level = set(), 0
+    for block in net.input_blocks:
+        if attends(block):
+            levels.add(level)
+        level += has(block, Downsample)
+    if attends(net.middle_block):
+        levels.add(level)
+    for block in net.output_blocks:  # attention runs before the block's Upsample
+        if attends(block):
+            levels.add(level)
+        level -= has(block, Upsample)
+    return sorted(levels)
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2, CLIP): the character each byte is written as -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def _byte_decoder(hf) -> dict[str, int] | None:
+    """The tokenizer's byte_decoder (transformers' slow tokenizers have one); CLIP's own table for its fast
+    tokenizer (transformers 5 has no slow one); None for a tokenizer that is not byte-level BPE."""
+    table = getattr(hf, "byte_decoder", None)
+    if isinstance(table, dict):
+        return table
+    return _gpt2_byte_decoder() if "CLIP" in type(hf).__name__ or "GPT2" in type(hf).__name__ else None
 
 
 # SDXL's size conditioning (CLIPTextEncodeSDXL) and the refiner's aesthetic score (CLIPTextEncodeSDXLRefiner's
@@ -663,24 +722,40 @@ def reward_choices() -> list[str]:
 
 def load_reward_by_name(name: str, clip_vision=None, precision: str = "fp32"):
     """A frozen Reward with ordinary (non-inference) weights, from a builtin name or a reward file name;
-    precision ("fp32", "bf16") is the CLIP tower's (`load_reward`'s tower_dtype)."""
+    precision ("fp32", "bf16") is the CLIP tower's (`load_reward`'s tower_dtype). `clip_vision` (a CLIP_VISION)
+    is copied only when the file is an aesthetic head stored alone; otherwise a note says it is ignored."""
     from ..focusfix_core.rewards import BUILTIN_REWARDS, load_reward
     from ..focusfix_core.rewards.loading import TOWER_DTYPES
+    from .common import log
     if precision not in TOWER_DTYPES:
         raise ValueError(f"precision must be one of {list(TOWER_DTYPES)}, got {precision!r}")
+    used: list[bool] = []
     with torch.inference_mode(False):
         if name.startswith(BUILTIN_PREFIX):
             key = name[len(BUILTIN_PREFIX):]
             if key not in BUILTIN_REWARDS:
                 raise ValueError(f"unknown built-in reward {key!r}; built-ins are {sorted(BUILTIN_REWARDS)}")
-            return BUILTIN_REWARDS[key]().eval().requires_grad_(False)
-        import folder_paths
-        register_reward_folder()
-        path = folder_paths.get_full_path_or_raise(REWARD_FOLDER, name)  # traversal-safe lookup
-        tower = None
-        if clip_vision is not None:
-            tower = {k: v.detach().clone() for k, v in clip_vision.get_sd().items()}
-        return load_reward(path, clip_vision_tower=tower, tower_dtype=TOWER_DTYPES[precision])
+            reward = BUILTIN_REWARDS[key]().eval().requires_grad_(False)
+        else:
+            import folder_paths
+            register_reward_folder()
+            path = folder_paths.get_full_path_or_raise(REWARD_FOLDER, name)  # traversal-safe lookup
+            tower = None if clip_vision is None else _clip_vision_copy(clip_vision, used)
+            reward = load_reward(path, clip_vision_tower=tower, tower_dtype=TOWER_DTYPES[precision],
+                                 tower_name="the clip_vision input")
+    if clip_vision is not None and not used:
+        own = "brings its own CLIP image tower" if hasattr(reward, "tower") else "uses no CLIP image tower"
+        log.info(f"Load Reward: the clip_vision input is ignored: {name} ({reward.name}) {own}")
+    return reward
+
+
+def _clip_vision_copy(clip_vision, used: list) -> Callable[[], dict]:
+    """A function copying a CLIP_VISION's weights out of inference mode, for `load_reward` to call only when the
+    file needs a tower (ViT-L/14: 1.2 GB copied for nothing otherwise); it records the call in `used`."""
+    def copy() -> dict:
+        used.append(True)
+        return {k: v.detach().clone() for k, v in clip_vision.get_sd().items()}
+    return copy
 
 
 @contextmanager
@@ -690,17 +765,25 @@ def grad_mode() -> Iterator[None]:
         yield
 
 
-def reward_on(reward, *tensors: torch.Tensor):
-    """Move the reward to the compute device; return (reward, *plain clones of tensors on that device).
+@contextmanager
+def reward_on(reward: nn.Module, *tensors: torch.Tensor) -> Iterator[tuple]:
+    """While active: the reward on the compute device; yields (reward, *plain clones of tensors on that device).
 
-    Call inside `grad_mode()`: the clones are ordinary tensors autograd may save."""
+    The reward is the object Load Reward cached, and no ModelPatcher, so ComfyUI never unloads it: on exit it
+    goes back where it was, also after an error or a cancel (a CLIP reward's tower, 1.14 GiB in fp32, would
+    otherwise stay on the card beside the next KSampler's models). Use inside `grad_mode()`: the clones are
+    ordinary tensors autograd may save."""
+    home = next((t.device for t in (*reward.parameters(), *reward.buffers())), torch.device("cpu"))
     try:
         import comfy.model_management as mm
         device = mm.get_torch_device()
     except ImportError:
-        device = next((p.device for p in reward.parameters()), torch.device("cpu"))
-    reward = reward.to(device)
-    return (reward, *(t.detach().clone().to(device) for t in tensors))
+        device = home
+    try:
+        reward.to(device)  # in place: nn.Module.to moves the cached object itself
+        yield (reward, *(t.detach().clone().to(device) for t in tensors))
+    finally:
+        reward.to(home)
 
 
 # -- small pipelines the nodes share --------------------------------------------------------------------------
@@ -714,6 +797,10 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
 
     Returns:
         A: [1, n_words, r, r'] maps (r the shorter side, `map_size`), z: [1, C, h, w] final latents.
+
+    Raises:
+        ValueError: before any sampling, for a resolution where this MODEL has no cross-attention (naming the
+            sizes it has) or a word not in the prompt.
     """
     from ..focusfix_core.attention import AttentionStore, map_size
     from ..focusfix_core.denoisers import CFGDenoiser, initial_x
@@ -721,12 +808,15 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     _check_size(width, height, dm.latent_scale)
     hw = (height // dm.latent_scale, width // dm.latent_scale)
     if resolution != "any":  # the shorter side: portrait and landscape sizes have maps of their shape
-        resolution = map_size(resolution, hw)
+        resolution = map_size(resolution, hw, attention_levels=dm.attention_levels())
     tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
     cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
     sigmas = sampling_sigmas(dm, steps, scheduler).to(dm.device)
     x = initial_x(dm, seed_noise([seed], (dm.latent_channels, *hw), device=dm.device), float(sigmas[0]))
-    store = AttentionStore([tokens], resolution=resolution, keep_grad=False)
+    # CFG batches the prompt with the negative prompt: a shorter prompt's row is repeated (cat_cond), and its
+    # maps sum the copies of its tokens
+    store = AttentionStore([tokens], resolution=resolution, keep_grad=False,
+                           context_lengths=[int(cond["context"].shape[1])])
     with dm.attention_capture(store):
         z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x, sigmas, cond, K=0,
                    checkpoint=False, callback=callback, sampler=sampler)

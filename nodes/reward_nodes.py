@@ -8,9 +8,10 @@ from ..focusfix_core.rewards.composite import WeightedSum
 from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from .adapters import b1hw_to_mask, bchw_to_image, grad_mode, image_to_bchw, load_reward_by_name, mask_to_b1hw, \
     reward_choices, reward_on
-from .common import REWARD, file_fingerprint, tip
+from .common import REWARD, check_widget_ranges, file_fingerprint, tip
 
-__all__ = ["FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixCompare", "score_table"]
+__all__ = ["FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixCompare",
+           "score_table", "weighted_sum_name"]
 
 
 def score_table(scores: list[float], name: str) -> str:
@@ -35,7 +36,9 @@ class FocusFixLoadReward:
                              "which holds nearly all its weights: fp32 (1.14 GiB for ViT-L/14) gives the most exact "
                              "gradients; bf16 halves it (0.57 GiB), for 8-12 GB cards. Heads and thresholds stay "
                              "fp32; rewards without a tower ignore this.", default="fp32"),
-            "clip_vision": tip("CLIP_VISION", "CLIP ViT-L/14 image tower, for an aesthetic head stored without one."),
+            "clip_vision": tip("CLIP_VISION", "OpenAI CLIP ViT-L/14 image tower (224 px; Load CLIP Vision with "
+                               "clip-vit-large-patch14.safetensors), for an aesthetic head stored without one. "
+                               "Other rewards ignore it (a note in the log says so)."),
         }}
 
     @classmethod
@@ -49,7 +52,8 @@ class FocusFixLoadReward:
 
 class FocusFixCombineRewards:
     DESCRIPTION = ("One reward from two: weight_a * r_a(I) + weight_b * r_b(I), e.g. aesthetic + safety. Scales "
-                   "differ (aesthetic about 1..10, the safety margin about -0.1..0.1): weight so both count.")
+                   "differ (aesthetic about 1..10, the safety margin about -0.1..0.1): weight so both count. A "
+                   "reward of weight 0 is left out, and its Load Reward does not run for it.")
     CATEGORY = "FocusFix/rewards"
     FUNCTION = "execute"
     RETURN_TYPES = (REWARD,)
@@ -59,28 +63,59 @@ class FocusFixCombineRewards:
     @classmethod
     def INPUT_TYPES(cls):
         weight = dict(default=1.0, min=-1000.0, max=1000.0, step=0.01)
-        return {"required": {
-            "reward_a": tip(REWARD, "r_a (FocusFix Load Reward)."),
-            "weight_a": tip("FLOAT", "Weight of r_a (0 = ignore it, < 0 = push it down).", **weight),
-            "reward_b": tip(REWARD, "r_b (FocusFix Load Reward)."),
-            "weight_b": tip("FLOAT", "Weight of r_b (0 = ignore it, < 0 = push it down).", **weight),
+        return {"required": {  # lazy: a reward of weight 0 is never asked for, so it is not loaded
+            "reward_a": tip(REWARD, "r_a (FocusFix Load Reward).", lazy=True),
+            "weight_a": tip("FLOAT", "Weight of r_a (0 = leave it out, < 0 = push it down).", **weight),
+            "reward_b": tip(REWARD, "r_b (FocusFix Load Reward).", lazy=True),
+            "weight_b": tip("FLOAT", "Weight of r_b (0 = leave it out, < 0 = push it down).", **weight),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight_a=None, weight_b=None):
+        # None: a linked weight, checked when the node runs
+        try:
+            check_widget_ranges(cls, weight_a=weight_a, weight_b=weight_b)
+            _check_weights(weight_a, weight_b)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    def check_lazy_status(self, weight_a, weight_b, reward_a=None, reward_b=None):
+        return [name for name, w in (("reward_a", weight_a), ("reward_b", weight_b)) if w != 0]
+
     def execute(self, reward_a, weight_a, reward_b, weight_b):
-        r = WeightedSum([(reward_a, float(weight_a)), (reward_b, float(weight_b))])
-        r.name = f"{weight_a:g}*{reward_a.name} + {weight_b:g}*{reward_b.name}"  # shown in score tables
+        _check_weights(weight_a, weight_b)
+        terms = [(r, float(w)) for r, w in ((reward_a, weight_a), (reward_b, weight_b)) if w != 0]
+        r = WeightedSum(terms)
+        r.name = weighted_sum_name(terms)  # shown in score tables and LoRA metadata
         return (r,)
 
 
+def _check_weights(weight_a, weight_b) -> None:
+    if weight_a == 0 and weight_b == 0:
+        raise ValueError("weight_a and weight_b are both 0: the combined reward would score every image 0, with "
+                         "nothing to train on. Give a reward a weight (for one reward alone, connect its Load Reward "
+                         "straight to the other nodes).")
+
+
+def weighted_sum_name(terms) -> str:
+    """`1*aesthetic + 10*safety`, `1*sharpness - 0.5*brightness`, `-1*brightness`: (reward, weight) terms, readable."""
+    (r0, w0), rest = terms[0], terms[1:]
+    return " ".join([f"{w0:g}*{r0.name}"] + [f"{'-' if w < 0 else '+'} {abs(w):g}*{r.name}" for r, w in rest])
+
+
 class FocusFixScoreImages:
-    DESCRIPTION = "Score images with a reward; show where the reward dislikes them (its heatmap, else gradient saliency)."
+    DESCRIPTION = ("Score images with a reward, and map them: the reward's own heatmap of what it dislikes, or, for a "
+                   "reward without one, gradient sensitivity |dr/dI| (where a change moves the score most: not a "
+                   "map of what is bad, it can light up the best parts).")
     CATEGORY = "FocusFix/rewards"
     FUNCTION = "execute"
     RETURN_TYPES = ("FLOAT", "STRING", "MASK", "IMAGE")
     RETURN_NAMES = ("scores", "text", "heatmap", "overlay")
     OUTPUT_IS_LIST = (True, False, False, False)
     OUTPUT_TOOLTIPS = ("One score per image (a list).", "The scores, readable.",
-                       "Where the reward dislikes each image, [0,1] per image (1 = worst).",
+                       "[0,1] per image: the reward's heatmap (1 = worst) when it has one, else gradient sensitivity "
+                       "|dr/dI| (1 = where a change moves the score most, which is not where the image is worst).",
                        "The heatmap over the images.")
 
     @classmethod
@@ -89,16 +124,15 @@ class FocusFixScoreImages:
                              "reward": tip(REWARD, "The reward (FocusFix Load Reward).")}}
 
     def execute(self, image, reward):
-        with grad_mode():
-            r, I = reward_on(reward, image_to_bchw(image))
+        with grad_mode(), reward_on(reward, image_to_bchw(image)) as (r, I):
             with torch.no_grad():
                 scores = r(I).float().cpu().tolist()
             heat = _heatmap(r, I)
-        return (scores, score_table(scores, r.name), b1hw_to_mask(heat), bchw_to_image(viz.heat_overlay(I, heat)))
+            return (scores, score_table(scores, r.name), b1hw_to_mask(heat), bchw_to_image(viz.heat_overlay(I, heat)))
 
 
 def _heatmap(reward, I):
-    """[B,1,H,W] in [0,1]: the reward's heatmap if it has one, else gradient saliency, min-max normalised."""
+    """[B,1,H,W] in [0,1]: the reward's heatmap if it has one, else gradient sensitivity, min-max normalised."""
     if getattr(reward, "has_heatmap", False):
         with torch.no_grad():
             H = reward.heatmap(I).float()
@@ -111,8 +145,9 @@ def _heatmap(reward, I):
 
 
 class FocusFixSaliencyMask:
-    DESCRIPTION = ("Focus-N-Fix mask M(I0): where the reward says the image should change (1) and where it must "
-                   "stay (0). A plain MASK: edit it with GrowMask, ThresholdMask, MaskComposite or the mask editor.")
+    DESCRIPTION = ("Focus-N-Fix mask M(I0): where the image may change (1) and where it must stay (0), from the "
+                   "reward's heatmap of what it dislikes or from gradient sensitivity. A plain MASK: edit it with "
+                   "GrowMask, ThresholdMask, MaskComposite or the mask editor.")
     CATEGORY = "FocusFix/masks"
     FUNCTION = "execute"
     RETURN_TYPES = ("MASK", "IMAGE")
@@ -123,9 +158,11 @@ class FocusFixSaliencyMask:
     def INPUT_TYPES(cls):
         return {"required": {
             "image": tip("IMAGE", "I0: the base model's images."),
-            "reward": tip(REWARD, "The reward whose dislikes the mask marks."),
-            "source": tip(list(saliency.MASK_SOURCES), "heatmap: the reward's own localisation; saliency: "
-                          "|dr/dI|; auto: heatmap when the reward has one."),
+            "reward": tip(REWARD, "The reward the mask comes from."),
+            "source": tip(list(saliency.MASK_SOURCES), "heatmap: the reward's own map of what it dislikes; "
+                          "saliency: gradient sensitivity |dr/dI|, where a change moves the score most (not what "
+                          "is bad: for sharpness it marks the already sharp parts), for rewards without a heatmap; "
+                          "auto: heatmap when the reward has one."),
             "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only)."),
             "blur_sigma": tip("FLOAT", "Blur before thresholding, in pixels.", default=2.0, min=0.0, max=64.0, step=0.1),
             "threshold_mode": tip(list(saliency.THRESHOLD_MODES), "value: keep >= threshold; top_percent: keep "
@@ -137,11 +174,10 @@ class FocusFixSaliencyMask:
         }}
 
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
-        with grad_mode():
-            r, I = reward_on(reward, image_to_bchw(image))
+        with grad_mode(), reward_on(reward, image_to_bchw(image)) as (r, I):
             M = saliency.mask_from_reward(r, I, source, method=method, blur_sigma=blur_sigma, threshold_mode=threshold_mode,
                                           threshold=threshold, dilation=dilation, feather=feather)
-        return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))
+            return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))
 
 
 class FocusFixCompare:
@@ -171,8 +207,7 @@ class FocusFixCompare:
         outside = float((D * (1 - M)).sum() / (1 - M).sum().clamp_min(1e-8)) if mask is not None else 0.0
         rb = ra = 0.0
         if reward is not None:
-            with grad_mode(), torch.no_grad():
-                r, both = reward_on(reward, torch.cat([I0, I]))
+            with grad_mode(), torch.no_grad(), reward_on(reward, torch.cat([I0, I])) as (r, both):
                 s = r(both).float().cpu()
             rb, ra = float(s[: len(I0)].mean()), float(s[len(I0):].mean())
         text = (f"reward before {rb:.4f} -> after {ra:.4f}\nchange inside mask {inside:.4f}, outside {outside:.4f}"

@@ -104,8 +104,7 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
     so a config error leaves nothing attached); cond/uncond: Cond or callables building them; continue_from:
     a LoRA to train further instead of a new one (I0 and M stay the base MODEL's)."""
     ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
-    with training_session(dm, [reward]):
-        r = reward_on(reward)[0]
+    with training_session(dm, [reward]), reward_on(reward) as (r,):  # on the device for the run, then back
         cfg: FixConfig = make_cfg()
         cond, uncond = (c() if callable(c) else c for c in (cond, uncond))
         trainer = _trainer(lambda lora: FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond, lora=lora,

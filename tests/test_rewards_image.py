@@ -122,6 +122,19 @@ def test_weighted_sum_errors():
         WeightedSum(SharpnessReward())
 
 
+def test_weighted_sum_refuses_all_zero_weights_and_leaves_out_a_zero_term():
+    """All weights 0 would score every image 0 (no gradient, an empty mask); a 0-weight term is never run."""
+    with pytest.raises(ValueError, match="weights must not all be 0, got \\[0.0, 0\\]"):
+        WeightedSum([(SharpnessReward(), 0.0), (BrightnessReward(), 0)])
+    never_run = _NoHeatmap()
+    never_run.score = None  # calling it would fail
+    r = WeightedSum([(SharpnessReward(), 2.0), (never_run, 0.0)])
+    I = images()
+    torch.testing.assert_close(r(I), 2 * SharpnessReward()(I))
+    assert r.weights == [2.0] and len(r.rewards) == 1 and r.has_heatmap  # the left-out term has no say
+    assert [t[1] for t in r.describe()["terms"]] == [2.0]
+
+
 def test_masked_reward_only_sees_region():
     M = torch.zeros(1, 1, 8, 8)
     M[..., 2:6, 2:6] = 1

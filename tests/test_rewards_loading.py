@@ -155,7 +155,7 @@ def test_aesthetic_file_with_tower(tmp_path):
 def test_aesthetic_head_alone_needs_tower(tmp_path):
     path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     torch.save(head_sd(), path)  # the released file is a plain state dict saved with torch.save
-    with pytest.raises(ValueError, match="connect a CLIP_VISION"):
+    with pytest.raises(ValueError, match="this file holds none: connect OpenAI CLIP ViT-L/14 .* to clip_vision_tower"):
         load_reward(path)
     by_module = load_reward(path, clip_vision_tower=CLIPVisionTower.from_state_dict(tower_sd()))
     by_sd = load_reward(path, clip_vision_tower=tower_sd())  # e.g. ComfyUI's CLIP_VISION get_sd()
@@ -175,7 +175,7 @@ def test_aesthetic_openai_tower_in_file(tmp_path):
 def test_aesthetic_dim_mismatch():
     small = CLIPVisionTower.from_state_dict(tower_sd(CLIPVisionConfig(width=64, layers=1, heads=1, patch=8,
                                                                       image_size=32, proj_dim=8, mlp_width=128)))
-    with pytest.raises(ValueError, match="takes 16-d embeddings but the CLIP tower gives 8-d"):
+    with pytest.raises(ValueError, match="takes 16-d embeddings but clip_vision_tower gives 8-d"):
         build_reward(head_sd(), clip_vision_tower=small)
 
 
@@ -430,3 +430,131 @@ def test_tiny_family_real_module(tmp_path):
     out = convert_reward(path, tmp_path / "copy.safetensors")
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["focusfix_reward"] == "tiny_artifact"
+
+
+# ---------------------------------------------------------------- files artists have: variants, others, wrong towers
+
+
+def relu_head_sd(widths=HEAD, seed=3):
+    """LAION `ava+logos-l14-reluMSE.pth`: a ReLU after each hidden Linear shifts them to layers.{0,3,6,9,11}."""
+    shapes = {}
+    for i, n, o in zip((0, 3, 6, 9, 11), widths, widths[1:] + (1,)):
+        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (o, n), (o,)
+    return rand_like_shapes(shapes, seed)
+
+
+def test_relu_mse_head_loads_with_its_relus(tmp_path):
+    src = tmp_path / "ava+logos-l14-reluMSE.pth"
+    torch.save(relu_head_sd(), src)
+    tower = CLIPVisionTower.from_state_dict(tower_sd())
+    r = load_reward(src, clip_vision_tower=tower)
+    assert isinstance(r, AestheticReward) and r.head.variant == "relu" and r.describe()["head_variant"] == "relu"
+    I = images()
+    x = F.normalize(tower.image_embeds(I), dim=-1)
+    sd = relu_head_sd()
+    for i in (0, 3, 6, 9):
+        x = F.relu(F.linear(x, sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"]))
+    torch.testing.assert_close(r(I), F.linear(x, sd["layers.11.weight"], sd["layers.11.bias"])[:, 0])
+    out = convert_reward(src, tmp_path / "relu.safetensors")
+    torch.testing.assert_close(load_reward(out, clip_vision_tower=tower)(I), r(I))
+    linear = build_reward(head_sd(), clip_vision_tower=tower)
+    assert linear.head.variant == "linear" and "head_variant" not in linear.describe()  # metadata as before
+
+
+def _full_clip_hf():
+    return {"logit_scale": torch.zeros(()), "text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
+            "text_projection.weight": torch.zeros(4, 8), **tower_sd()}
+
+
+@pytest.mark.parametrize("name, sd, match", [
+    ("ImageReward.pt", {"blip.visual_encoder.cls_token": torch.zeros(1, 1, 8),
+                        **{f"mlp.{k}": v for k, v in head_sd().items()}}, "ImageReward .*not supported.*its prompt"),
+    ("PickScore_v1.safetensors", _full_clip_hf(), "whole CLIP model.*PickScore.*models/clip_vision.*Load CLIP Vision"),
+    ("HPS_v2_compressed.pt", {"epoch": 1, "state_dict": {"module.visual.conv1.weight": torch.zeros(8, 3, 14, 14),
+                                                         "module.logit_scale": torch.zeros(())}},
+     "whole CLIP model.*HPSv2.*not supported"),
+    ("ViT-L-14.pt", {"logit_scale": torch.zeros(()), "text_projection": torch.zeros(8, 4), **hf_to_openai(tower_sd())},
+     "whole CLIP model"),
+    ("clip_vision_l.safetensors", tower_sd(), "a CLIP image tower, not a reward.*models/clip_vision.*clip_vision input"),
+])
+def test_files_that_are_no_reward_say_what_they_are(tmp_path, name, sd, match):
+    path = tmp_path / name
+    torch.save(sd, path) if name.endswith(".pt") else save_file(sd, str(path))
+    with pytest.raises(ValueError, match=f"{name}.*not a reward file FocusFix reads: .*{match}"):
+        load_reward(path)
+    with pytest.raises(ValueError, match=match):
+        convert_reward(path, tmp_path / "out.safetensors")
+
+
+def _meta(shapes):
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("cfg, what", [
+    (CLIPVisionConfig(image_size=336), "ViT-L/14 at 336 px"),
+    (CLIPVisionConfig(width=1280, layers=32, heads=16, patch=14, proj_dim=1024, mlp_width=5120), "ViT-H/14 at 224 px"),
+])
+def test_laion_head_refuses_a_tower_other_than_vit_l14_at_224(cfg, what):
+    """A released head scores OpenAI ViT-L/14@224 embeddings: ViT-L/14-336 has the same width and loaded silently."""
+    head = _meta({k: v.shape for k, v in head_sd((768, 1024, 128, 64, 16)).items()})
+    tower = _meta(hf_clip_shapes(cfg))
+    with pytest.raises(ValueError, match=f"clip_vision input is {what}.*LAION aesthetic head scores the embeddings "
+                                         "of OpenAI CLIP ViT-L/14 at 224 px.*clip-vit-large-patch14"):
+        build_reward(head, clip_vision_tower=tower, tower_name="the clip_vision input")
+    with pytest.raises(ValueError, match=f"the tower in this file is {what}"):
+        build_reward({**head, **tower})
+    assert isinstance(build_reward(head, clip_vision_tower=_meta(hf_clip_shapes(CLIPVisionConfig()))), AestheticReward)
+
+
+def _siglip_like():
+    sd = {k: v for k, v in tower_sd().items() if "class_embedding" not in k}
+    sd["vision_model.embeddings.patch_embedding.bias"] = torch.zeros(64)
+    sd["vision_model.embeddings.position_embedding.weight"] = torch.zeros(16, 64)  # grid^2: no class token
+    return sd
+
+
+@pytest.mark.parametrize("sd, kind", [
+    (_siglip_like(), "a SigLIP image tower"),
+    ({"embeddings.cls_token": torch.zeros(1, 1, 8), "embeddings.mask_token": torch.zeros(1, 8),
+      "embeddings.patch_embeddings.projection.weight": torch.zeros(8, 3, 14, 14)}, "a DINOv2 image encoder"),
+    ({**tower_sd(), "multi_modal_projector.linear_1.weight": torch.zeros(8, 16)}, "a LLaVA image tower"),
+])
+def test_a_given_encoder_that_is_no_clip_tower_names_the_input(tmp_path, sd, kind):
+    path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(head_sd(), path)
+    with pytest.raises(ValueError, match=f"the clip_vision input is not a CLIP image tower FocusFix can read "
+                                         f"\\({kind}\\): .*The aesthetic head needs OpenAI CLIP ViT-L/14 at 224 px "
+                                         f"\\(in ComfyUI: Load CLIP Vision with clip-vit-large-patch14"):
+        load_reward(path, clip_vision_tower=sd, tower_name="the clip_vision input")
+
+
+def test_a_missing_tower_names_the_input(tmp_path):
+    path = tmp_path / "head.pth"
+    torch.save(head_sd(), path)
+    with pytest.raises(ValueError, match="needs a CLIP ViT-L/14 image tower and this file holds none: connect "
+                                         "OpenAI CLIP ViT-L/14 at 224 px \\(in ComfyUI: Load CLIP Vision with "
+                                         "clip-vit-large-patch14.safetensors.*\\) to the clip_vision input"):
+        load_reward(path, tower_name="the clip_vision input")
+
+
+def test_a_tower_function_is_called_only_for_a_lone_head(tmp_path):
+    """A caller can pass a function, so a big tower is read (ComfyUI: copied out of inference mode) only when used."""
+    calls = []
+
+    def tower():
+        calls.append(1)
+        return tower_sd()
+
+    files = {"head.safetensors": head_sd(), "with_tower.safetensors": {**head_sd(), **tower_sd()},
+             "safety.safetensors": safety_sd()}
+    for name, sd in files.items():
+        save_file(sd, str(tmp_path / name))
+    I = images()
+    lone = load_reward(tmp_path / "head.safetensors", clip_vision_tower=tower)
+    assert calls == [1]
+    torch.testing.assert_close(lone(I), load_reward(tmp_path / "head.safetensors", clip_vision_tower=tower_sd())(I))
+    for name in ("with_tower.safetensors", "safety.safetensors"):
+        load_reward(tmp_path / name, clip_vision_tower=tower)
+    assert calls == [1], "a file with its own tower, or the safety checker, never reads the given one"
+    with pytest.raises(TypeError, match="clip_vision_tower must be"):
+        load_reward(tmp_path / "head.safetensors", clip_vision_tower=lambda: "ViT-L-14")

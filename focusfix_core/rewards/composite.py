@@ -17,7 +17,8 @@ class WeightedSum(Reward):
     """`sum_i w_i * r_i(I)`. I: [B,3,H,W] -> [B].
 
     Args:
-        terms: a non-empty sequence of `(reward, weight)` pairs.
+        terms: a non-empty sequence of `(reward, weight)` pairs, not all weights 0. A term of weight 0 is left
+            out (never moved to a device nor run).
 
     Heatmap (only when every member has one and every weight is >= 0, since a negative weight
     turns a member's "bad" region into a good one): `sum_i w_i h_i / sum_i w_i`, [B,1,H,W].
@@ -44,8 +45,11 @@ class WeightedSum(Reward):
                 raise TypeError(f"terms[{i}][0] must be a Reward, got {type(t[0]).__name__}")
             if not isinstance(t[1], (int, float)) or isinstance(t[1], bool) or not math.isfinite(t[1]):
                 raise TypeError(f"terms[{i}][1] (weight) must be a finite number, got {t[1]!r}")
-        self.rewards = nn.ModuleList([r for r, _ in terms])
-        self.weights = [float(w) for _, w in terms]
+        if all(w == 0 for _, w in terms):  # the sum would be 0 for every image: no gradient, an empty mask
+            raise ValueError(f"terms' weights must not all be 0, got {[w for _, w in terms]}")
+        kept = [(r, float(w)) for r, w in terms if w != 0]
+        self.rewards = nn.ModuleList([r for r, _ in kept])
+        self.weights = [w for _, w in kept]
         total = sum(self.weights)
         self.has_heatmap = all(r.has_heatmap for r in self.rewards) and min(self.weights) >= 0 and total > 0
 

@@ -4,27 +4,31 @@ Formats (metadata `focusfix_reward` names the family; without it the key layout 
 
 | family        | keys                                                                               |
 |---------------|------------------------------------------------------------------------------------|
-| aesthetic     | `layers.{0,2,4,6,7}.{weight,bias}` (LAION head), optionally plus a CLIP tower       |
-|               | (HF `vision_model.*` + `visual_projection.weight`, or OpenAI `visual.*`)             |
+| aesthetic     | `layers.{0,2,4,6,7}.{weight,bias}` (LAION linearMSE head) or `layers.{0,3,6,9,11}.*` |
+|               | (reluMSE), optionally plus a CLIP ViT-L/14 tower (HF `vision_model.*` +               |
+|               | `visual_projection.weight`, or OpenAI `visual.*`)                                    |
 | safety        | SD safety checker: `vision_model.vision_model.*`, `visual_projection.weight`,       |
 |               | `concept_embeds`, `special_care_embeds`, `*_embeds_weights`                          |
 | tiny_*        | metadata only; built by `focusfix_core.tiny.rewards.load_tiny_reward`              |
 
 Optional metadata `focusfix_clip_heads` / `focusfix_clip_activation` override the CLIP tower's
 inferred heads / activation (checkpoints do not store them).
+
+Files an artist may try that are no reward FocusFix reads (ImageReward, PickScore, HPSv2, a CLIP model or
+image tower) are refused with what they are and what to do instead.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Union
 
 import torch
 
 from ..io import atomic_save_safetensors, load_tensor_file_with_metadata
-from .aesthetic import AestheticHead, AestheticReward, is_aesthetic_head
+from .aesthetic import LAION_HEAD_WIDTHS, AestheticHead, AestheticReward, is_aesthetic_head
 from .base import Reward
-from .clip_vision import CLIPVisionTower
+from .clip_vision import CLIPVisionConfig, CLIPVisionTower, detect_clip_layout
 from .image import BrightnessReward, ColorTargetReward, SharpnessReward
 from .safety import SafetyReward, is_safety_checker
 
@@ -37,10 +41,26 @@ METADATA_KEY = "focusfix_reward"
 # fp16 backward (saliency cosine 0.89 to fp32's, against 0.99992 in bf16)
 TOWER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REWARD_FAMILIES = ("aesthetic", "safety", "tiny_*")
-_FORMATS = ("aesthetic: LAION improved-aesthetic-predictor head 'layers.{0,2,4,6,7}.{weight,bias}' "
-            "(+ optional CLIP ViT-L/14 tower); safety: SD safety checker 'vision_model.vision_model.*', "
-            "'visual_projection.weight', 'concept_embeds', 'special_care_embeds', '*_embeds_weights'; "
+_FORMATS = ("aesthetic: LAION improved-aesthetic-predictor head 'layers.{0,2,4,6,7}.{weight,bias}' (linearMSE) "
+            "or 'layers.{0,3,6,9,11}.*' (reluMSE) (+ optional CLIP ViT-L/14 tower); "
+            "safety: SD safety checker 'vision_model.vision_model.*', 'visual_projection.weight', 'concept_embeds', "
+            "'special_care_embeds', '*_embeds_weights'; "
             f"tiny_*: files with metadata {METADATA_KEY!r}='tiny_...'")
+# what the LAION aesthetic heads need, and where a ComfyUI user gets it
+L14_TOWER = ("OpenAI CLIP ViT-L/14 at 224 px (in ComfyUI: Load CLIP Vision with clip-vit-large-patch14.safetensors, "
+             "the model.safetensors of openai/clip-vit-large-patch14, in models/clip_vision)")
+_AS_TOWER = ("to use its image tower for an aesthetic head, put the file in models/clip_vision and connect it "
+             "through Load CLIP Vision to Load Reward's clip_vision input (the LAION heads need "
+             "OpenAI CLIP ViT-L/14 at 224 px)")
+_PROMPT_SCORED = ("it scores an image against its prompt, and FocusFix's rewards see the image alone; use the LAION "
+                  "aesthetic head, the safety checker or a built-in reward")
+# a ViT's name by (width, layers, patch), for messages about a tower that is not the one needed
+_VIT_NAMES = {(768, 12, 32): "ViT-B/32", (768, 12, 16): "ViT-B/16", (1024, 24, 14): "ViT-L/14",
+              (1280, 32, 14): "ViT-H/14", (1408, 40, 14): "ViT-g/14", (1664, 48, 14): "ViT-bigG/14"}
+# image encoders that are no CLIP tower, by a key only they have (ComfyUI's CLIP_VISION layouts)
+_OTHER_ENCODERS = (("multi_modal_projector.", "a LLaVA image tower"), ("mask_token", "a DINOv2 image encoder"),
+                   ("patch_embedding.bias", "a SigLIP image tower"))
+TowerSource = Union[CLIPVisionTower, Mapping[str, torch.Tensor], Callable[[], object]]
 
 
 def _named(reward: Reward, name: str) -> Reward:
@@ -80,7 +100,25 @@ def detect_reward_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         return "safety"
     if is_aesthetic_head(sd):
         return "aesthetic"
+    known = _known_non_reward(sd)
+    if known:
+        raise ValueError(f"not a reward file FocusFix reads: {known}")
     raise ValueError(f"unknown reward file layout; known formats: {_FORMATS}. First keys: {list(sd)[:8]}")
+
+
+def _known_non_reward(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """What a common file that is no FocusFix reward holds, and what to do instead; None for anything else."""
+    keys = list(sd)
+    if any(k.startswith("blip.") for k in keys):
+        return f"this is ImageReward (BLIP + MLP), which is not supported: {_PROMPT_SCORED}"
+    if any(k.endswith(("logit_scale", "text_projection", "text_projection.weight")) for k in keys):
+        return (f"this is a whole CLIP model, image and text towers (PickScore and HPSv2 files look like this; "
+                f"they are not supported: {_PROMPT_SCORED}); {_AS_TOWER}")
+    try:
+        detect_clip_layout(sd)
+    except ValueError:
+        return None
+    return f"this is a CLIP image tower, not a reward; {_AS_TOWER}"
 
 
 def _tower_kwargs(metadata: Mapping[str, str]) -> dict:
@@ -106,27 +144,79 @@ def _as_tower(clip_vision_tower, dtype: torch.dtype) -> CLIPVisionTower:
                                                activation=tower.cfg.activation)
     if isinstance(clip_vision_tower, Mapping):
         return CLIPVisionTower.from_state_dict(clip_vision_tower, dtype=dtype)
-    raise TypeError("clip_vision_tower must be None, a CLIPVisionTower or a CLIP vision state dict, "
-                    f"got {type(clip_vision_tower).__name__}")
+    raise TypeError("clip_vision_tower must be None, a CLIPVisionTower, a CLIP vision state dict or a function "
+                    f"returning one, got {type(clip_vision_tower).__name__}")
+
+
+def _vit_name(cfg: CLIPVisionConfig) -> str:
+    name = _VIT_NAMES.get((cfg.width, cfg.layers, cfg.patch),
+                          f"a {cfg.width}-wide, {cfg.layers}-layer ViT with {cfg.patch}-px patches")
+    return f"{name} at {cfg.image_size} px ({cfg.embed_dim}-d embeddings)"
+
+
+def _encoder_kind(sd) -> str:
+    """A guess at the image encoder a state dict that is no CLIP tower holds, for messages."""
+    keys = list(sd) if isinstance(sd, Mapping) else []
+    return next((kind for marker, kind in _OTHER_ENCODERS if any(marker in k for k in keys)),
+                f"first keys {keys[:3]}")
+
+
+def _given_tower(clip_vision_tower: TowerSource, dtype: torch.dtype, tower_name: str) -> CLIPVisionTower:
+    """The caller's tower; a ValueError names it (`tower_name`) and the tower the aesthetic head needs."""
+    if callable(clip_vision_tower) and not isinstance(clip_vision_tower, (CLIPVisionTower, Mapping)):
+        clip_vision_tower = clip_vision_tower()  # a function: read only now that a lone head needs it
+    try:
+        return _as_tower(clip_vision_tower, dtype)
+    except ValueError as e:
+        raise ValueError(f"{tower_name} is not a CLIP image tower FocusFix can read "
+                         f"({_encoder_kind(clip_vision_tower)}): {e}. The aesthetic head needs {L14_TOWER}") from None
+
+
+def _aesthetic_tower(sd: Mapping[str, torch.Tensor], given: TowerSource | None, tower_kw: dict,
+                     tower_name: str) -> tuple[CLIPVisionTower, str]:
+    """The head's tower and its name for messages: the file's own (it wins over a given one), else the given one."""
+    rest = {k: v for k, v in sd.items() if not k.startswith("layers.")}
+    if rest:
+        return CLIPVisionTower.from_state_dict(rest, **tower_kw), "the tower in this file"
+    if given is None:
+        raise ValueError(f"the aesthetic head needs a CLIP ViT-L/14 image tower and this file holds none: connect "
+                         f"{L14_TOWER} to {tower_name}, or use a file holding the head and its tower")
+    return _given_tower(given, tower_kw["dtype"], tower_name), tower_name
+
+
+def _check_head_tower(head: AestheticHead, tower: CLIPVisionTower, where: str) -> None:
+    """A released LAION head scores only the embeddings it was trained on, OpenAI CLIP ViT-L/14 at 224 px: another
+    tower of the same width (ViT-L/14-336) loads and gives scores that mean nothing. Other heads: widths must chain."""
+    cfg, l14 = tower.cfg, CLIPVisionConfig()
+    if head.widths == LAION_HEAD_WIDTHS:
+        shape = lambda c: (c.width, c.layers, c.patch, c.image_size, c.proj_dim)  # noqa: E731
+        if shape(cfg) != shape(l14):
+            raise ValueError(f"{where} is {_vit_name(cfg)}, but the LAION aesthetic head scores the embeddings of "
+                             f"{L14_TOWER}")
+    elif head.in_dim != cfg.embed_dim:
+        raise ValueError(f"the aesthetic head takes {head.in_dim}-d embeddings but {where} gives "
+                         f"{cfg.embed_dim}-d ones")
 
 
 def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 clip_vision_tower: CLIPVisionTower | Mapping[str, torch.Tensor] | None = None, *,
-                 tower_dtype: torch.dtype = torch.float32) -> Reward:
+                 clip_vision_tower: TowerSource | None = None, *, tower_dtype: torch.dtype = torch.float32,
+                 tower_name: str = "clip_vision_tower") -> Reward:
     """Build the Reward a state dict describes (see the module docstring for the formats).
 
     Args:
         sd: name -> tensor, as read from a reward file.
         metadata: the file's metadata (`{}` for pickle formats).
-        clip_vision_tower: CLIP ViT-L/14 for an aesthetic head stored alone: a CLIPVisionTower or a
-            CLIP vision state dict (e.g. ComfyUI's CLIP_VISION `get_sd()`). A tower in the file wins.
+        clip_vision_tower: CLIP ViT-L/14 for an aesthetic head stored alone: a CLIPVisionTower, a CLIP
+            vision state dict (e.g. ComfyUI's CLIP_VISION `get_sd()`), or a function returning one, called only
+            when the file is such a head. A tower in the file wins; other families ignore it.
         tower_dtype: the CLIP tower's weights, float32 or bfloat16 (`TOWER_DTYPES`). The tower holds nearly
             all of a CLIP reward's weights (ViT-L/14: 1.14 GiB in fp32); bf16 halves that, while the small
             heads, concept embeddings and thresholds stay fp32. Tiny-world rewards ignore it.
+        tower_name: what error messages call `clip_vision_tower` (a node names its input).
 
     Raises:
-        ValueError: unknown layout, wrong shapes, an aesthetic head with no tower, or a tower_dtype that
-            is not a floating dtype.
+        ValueError: unknown layout, wrong shapes, an aesthetic head with no tower or with a tower other than
+            OpenAI CLIP ViT-L/14 at 224 px (for the released heads), or a tower_dtype that is not in TOWER_DTYPES.
         TypeError: clip_vision_tower of the wrong type.
     """
     if tower_dtype not in TOWER_DTYPES.values():
@@ -144,24 +234,17 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     if family == "safety":
         return SafetyReward.from_state_dict(sd, **tower_kw)
     head = AestheticHead.from_state_dict(sd)
-    rest = {k: v for k, v in sd.items() if not k.startswith("layers.")}
-    if rest:
-        tower = CLIPVisionTower.from_state_dict(rest, **tower_kw)
-    elif clip_vision_tower is not None:
-        tower = _as_tower(clip_vision_tower, tower_dtype)
-    else:
-        raise ValueError("the aesthetic head needs a CLIP ViT-L/14 image tower: connect a CLIP_VISION "
-                         "(clip_vision_tower=) or use a file holding the head and the tower together")
+    tower, where = _aesthetic_tower(sd, clip_vision_tower, tower_kw, tower_name)
+    _check_head_tower(head, tower, where)
     return AestheticReward(tower, head)
 
 
-def load_reward(path: str | os.PathLike,
-                clip_vision_tower: CLIPVisionTower | Mapping[str, torch.Tensor] | None = None, *,
-                tower_dtype: torch.dtype = torch.float32) -> Reward:
+def load_reward(path: str | os.PathLike, clip_vision_tower: TowerSource | None = None, *,
+                tower_dtype: torch.dtype = torch.float32, tower_name: str = "clip_vision_tower") -> Reward:
     """Load a reward file: `.safetensors`, or `.pt/.pth/.bin/.ckpt` via `torch.load(weights_only=True)`.
 
     Returns:
-        A frozen Reward in eval mode. See `build_reward` for `clip_vision_tower` and `tower_dtype`.
+        A frozen Reward in eval mode. See `build_reward` for `clip_vision_tower`, `tower_dtype`, `tower_name`.
 
     Raises:
         FileNotFoundError: no such file.
@@ -169,7 +252,7 @@ def load_reward(path: str | os.PathLike,
     """
     sd, metadata = load_tensor_file_with_metadata(path)
     try:
-        reward = build_reward(sd, metadata, clip_vision_tower, tower_dtype=tower_dtype)
+        reward = build_reward(sd, metadata, clip_vision_tower, tower_dtype=tower_dtype, tower_name=tower_name)
     except ValueError as e:
         raise ValueError(f"{str(path)!r}: {e}") from e
     return reward.eval().requires_grad_(False)

@@ -175,10 +175,12 @@ Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Tra
 
 NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 
-1. KSampler makes an image (with the trainer's settings: it is the trainer's base image I0 for seed 0); Score Images says how the reward rates it and where it dislikes it (heatmap).
-2. Saliency Mask turns that into the Focus-N-Fix mask M (1 = may change). Tune source/threshold/dilation here while looking at the overlay.
-3. Train Focus-N-Fix uses the same mask settings (mask_source saliency, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
+1. KSampler makes an image (with the trainer's settings: it is the trainer's base image I0 for seed 0); Score Images says how the reward rates it and shows its heatmap: where the reward dislikes the image (for sharpness, the blurry parts).
+2. Saliency Mask (source heatmap) turns that heatmap into the Focus-N-Fix mask M (1 = may change). Tune threshold/dilation here while looking at the overlay.
+3. Train Focus-N-Fix uses the same mask settings (mask_source heatmap, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
 4. Compare shows before | after | change, the reward before/after and the change inside vs outside the mask (outside should stay near 0).
+
+Another reward: one with a heatmap works as it is. One without (aesthetic, safety: workflow 5) needs source and mask_source saliency: gradient sensitivity |dr/dI|, where a change moves the score most. That is not a map of what is bad (for sharpness it marks the parts that are already sharp), so use it only when the reward has no heatmap.
 
 lam = 0 or mask_source none gives plain DRaFT (the whole image may change)."""
 
@@ -254,13 +256,15 @@ def fix_what_reward_dislikes(specs) -> dict:
     g.link(reward, "reward", score, "reward")
     _text(g, score, "text", (1650, 450), "Scores")
     _preview(g, score, "overlay", (1650, 650), "Where the reward dislikes it")
-    sal = g.add("FocusFixSaliencyMask", (1300, 900), source="saliency", threshold_mode="top_percent", threshold=0.15,
+    # sharpness has a heatmap (its blurry parts): the mask comes from it. Gradient saliency would mark the parts
+    # that are already sharp, where a change moves the score most
+    sal = g.add("FocusFixSaliencyMask", (1300, 900), source="heatmap", threshold_mode="top_percent", threshold=0.15,
                 dilation=2)
     g.link(image, "IMAGE", sal, "image")
     g.link(reward, "reward", sal, "reward")
     _preview(g, sal, "overlay", (1650, 950), "Mask M (red = may change)")
     train = g.add("FocusFixTrainFocusNFix", (400, -100), prompts=prompt, seeds="0, 1", negative_prompt=NEGATIVE,
-                  mask_source="saliency", threshold_mode="top_percent", threshold=0.15, dilation=2, iterations=50)
+                  mask_source="heatmap", threshold_mode="top_percent", threshold=0.15, dilation=2, iterations=50)
     for out, inp in (("MODEL", "model"), ("CLIP", "clip"), ("VAE", "vae")):
         g.link(ck, out, train, inp)
     g.link(reward, "reward", train, "reward")

@@ -15,6 +15,7 @@ The tower is 64 wide (1 head of 64, as inferred for that width), 2 layers, 32 px
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ WIDTH, LAYERS, PATCH, IMAGE, PROJ, MLP = 64, 2, 8, 32, 16, 128
 HEAD = (PROJ, 32, 8, 8, 4)  # the released head is (768, 1024, 128, 64, 16)
 TEST_CLIP_VISION = "FocusFixTestTinyCLIPVision"
 JUNK = "not_a_reward.safetensors"
+LAION_HEAD = "laion_head_full_width.safetensors"  # the released widths, for the checks that need them
 
 
 def comfy_config(proj: int = PROJ) -> dict:
@@ -259,14 +261,16 @@ def test_unknown_layout_and_missing_tower_are_clear_errors(comfy, bw, files, cli
     with pytest.raises(ValueError, match=f"{JUNK}.*unknown reward file layout; known formats: aesthetic.*safety.*"
                                          "First keys: \\['model.diffusion_model"):
         comfy.run("FocusFixLoadReward", reward_name=JUNK)
-    with pytest.raises(ValueError, match="aesthetic head needs a CLIP ViT-L/14 image tower: connect a CLIP_VISION"):
+    with pytest.raises(ValueError, match="aesthetic head needs a CLIP ViT-L/14 image tower and this file holds none: "
+                                         "connect OpenAI CLIP ViT-L/14 at 224 px \\(in ComfyUI: Load CLIP Vision "
+                                         "with clip-vit-large-patch14.safetensors.*\\) to the clip_vision input"):
         comfy.run("FocusFixLoadReward", reward_name=bw.AESTHETIC_FILE)
     FocusFixTestTinyCLIPVision.config = files / "config_8d.json"
     try:
         (wrong,) = comfy.run(TEST_CLIP_VISION, clip_name="clip_vision_8d.safetensors")
     finally:
         FocusFixTestTinyCLIPVision.config = files / "config.json"
-    with pytest.raises(ValueError, match="takes 16-d embeddings but the CLIP tower gives 8-d"):
+    with pytest.raises(ValueError, match="takes 16-d embeddings but the clip_vision input gives 8-d"):
         comfy.run("FocusFixLoadReward", reward_name=bw.AESTHETIC_FILE, clip_vision=wrong)
 
 
@@ -341,3 +345,139 @@ def test_workflow_5_with_an_unknown_file_reports_the_node(fresh, wt, bw, files):
     assert error["node_id"] == node_id and error["node_type"] == "FocusFixLoadReward"
     assert "unknown reward file layout" in error["exception_message"] and JUNK in error["exception_message"]
     assert not list(fresh.loras.rglob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ review of the reward side
+
+
+def _pack_module(comfy, name: str):
+    import sys
+    return sys.modules[f"{comfy.pack.__name__}.{name}"]
+
+
+def test_train_puts_the_reward_back_where_it_was(fresh, sd15):
+    """Load Reward's cached reward is no ModelPatcher, so ComfyUI never unloads it: a Train run, finished or
+    cancelled, moves it to the device for the run and back afterwards."""
+    import comfy.model_management as mm
+
+    class Spy(_pack_module(fresh, "focusfix_core.rewards.image").SharpnessReward):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def to(self, *args, **kwargs):
+            self.moves.append(str(args[0]))
+            return super().to(*args, **kwargs)
+
+    model, clip, vae = sd15
+    kw = dict(model=model, clip=clip, vae=vae, prompts="a portrait", negative_prompt="", seeds="0", width=SIZE,
+              height=SIZE, steps=3, cfg=3.0, K=1, lam=1.0, mask_source="heatmap", rank=2, targets="attn", lr=1e-2,
+              iterations=1, seed=0)
+    device = str(mm.get_torch_device())
+    done = Spy()
+    fresh.run("FocusFixTrainFocusNFix", reward=done, **kw)
+    assert done.moves == [device, "cpu"]
+    cancelled = Spy()
+    fresh.interrupt_at = 1
+    with pytest.raises(mm.InterruptProcessingException):
+        fresh.run("FocusFixTrainFocusNFix", reward=cancelled, **{**kw, "iterations": 3})
+    assert cancelled.moves == [device, "cpu"]
+
+
+class _CountingCLIPVision:
+    """A CLIP_VISION that counts reads of its weights (ViT-L/14: a 1.2 GB copy each)."""
+
+    def __init__(self, clip_vision):
+        self.clip_vision, self.reads = clip_vision, 0
+
+    def get_sd(self):
+        self.reads += 1
+        return self.clip_vision.get_sd()
+
+
+def test_clip_vision_is_read_only_for_a_lone_head_and_noted_when_ignored(comfy, bw, clip_vision, caplog):
+    cv = _CountingCLIPVision(clip_vision)
+    with caplog.at_level(logging.INFO, logger="FocusFix"):
+        comfy.run("FocusFixLoadReward", reward_name=bw.SAFETY_FILE, clip_vision=cv)
+        comfy.run("FocusFixLoadReward", reward_name="builtin:sharpness", clip_vision=cv)
+    assert cv.reads == 0, "a reward that does not use the connected tower never copies it"
+    notes = [r.getMessage() for r in caplog.records if "the clip_vision input is ignored" in r.getMessage()]
+    assert len(notes) == 2, notes
+    assert bw.SAFETY_FILE in notes[0] and "brings its own CLIP image tower" in notes[0]
+    assert "builtin:sharpness" in notes[1] and "uses no CLIP image tower" in notes[1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="FocusFix"):
+        (r,) = comfy.run("FocusFixLoadReward", reward_name=bw.AESTHETIC_FILE, clip_vision=cv)
+    assert cv.reads == 1 and type(r).__name__ == "AestheticReward"
+    assert not [m for m in caplog.messages if "ignored" in m]
+
+
+@pytest.fixture(scope="module")
+def laion_head(files):
+    """A head of the released widths (768 -> 1024 -> 128 -> 64 -> 16 -> 1), random weights."""
+    import folder_paths
+    from safetensors.torch import save_file
+    widths, sd = (768, 1024, 128, 64, 16, 1), {}
+    for i, n, o in zip((0, 2, 4, 6, 7), widths, widths[1:]):
+        sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"] = torch.randn(o, n) * 0.01, torch.zeros(o)
+    save_file(sd, str(Path(folder_paths.get_folder_paths("focusfix_rewards")[0]) / LAION_HEAD))
+    return LAION_HEAD
+
+
+@pytest.mark.parametrize("config, match", [
+    ("clip_vision_siglip_384.json", "is not a CLIP image tower FocusFix can read \\(a SigLIP image tower\\)"),
+    ("image_encoders/dino2_large.json", "is not a CLIP image tower FocusFix can read \\(a DINOv2 image encoder\\)"),
+    ("clip_vision_config_vitl_336_llava.json", "is not a CLIP image tower FocusFix can read \\(a LLaVA image tower\\)"),
+    ("clip_vision_config_vitl_336.json", "is ViT-L/14 at 336 px \\(768-d embeddings\\), but the LAION aesthetic head"),
+    ("clip_vision_config_h.json", "is ViT-H/14 at 224 px \\(1024-d embeddings\\), but the LAION aesthetic head"),
+])
+def test_other_image_encoders_on_clip_vision_are_refused_naming_the_input(comfy, laion_head, config, match):
+    """What Load CLIP Vision gives for other files an artist has (Redux's SigLIP, DINOv2, LLaVA's ViT-L-336,
+    ViT-L/14-336, ViT-H), at full size on the meta device: refused with the input named and the file to use."""
+    import os
+    import comfy.clip_vision as cvm
+    with torch.device("meta"):  # the real layouts and shapes, without their memory
+        cv = cvm.ClipVisionModel(os.path.join(os.path.dirname(cvm.__file__), config))
+    with pytest.raises(ValueError, match=f"{laion_head}': the clip_vision input {match}.*Load CLIP Vision with "
+                                         "clip-vit-large-patch14.safetensors"):
+        comfy.run("FocusFixLoadReward", reward_name=laion_head, clip_vision=cv)
+
+
+def test_vit_l14_at_224_on_clip_vision_is_accepted(comfy, laion_head):
+    import os
+    import comfy.clip_vision as cvm
+    with torch.device("meta"):
+        cv = cvm.ClipVisionModel(os.path.join(os.path.dirname(cvm.__file__), "clip_vision_config_vitl.json"))
+    (r,) = comfy.run("FocusFixLoadReward", reward_name=laion_head, clip_vision=cv)
+    assert r.tower.cfg.image_size == 224 and r.tower.cfg.layers == 24
+
+
+def _combine_prompt(weight_a: float, weight_b: float) -> dict:
+    """Load Reward (sharpness) and Load Reward (a file that is no reward) -> Combine Rewards -> Score Images."""
+    return {
+        "1": {"class_type": "FocusFixLoadReward", "inputs": {"reward_name": "builtin:sharpness"}},
+        "2": {"class_type": "FocusFixLoadReward", "inputs": {"reward_name": JUNK}},
+        "3": {"class_type": "FocusFixCombineRewards", "inputs": {"reward_a": ["1", 0], "weight_a": weight_a,
+                                                                 "reward_b": ["2", 0], "weight_b": weight_b}},
+        "4": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+        "5": {"class_type": "FocusFixScoreImages", "inputs": {"image": ["4", 0], "reward": ["3", 0]}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+    }
+
+
+def test_combine_rewards_never_loads_a_zero_weight_reward(fresh, files):
+    """weight 0 leaves a reward out: its Load Reward does not run at all (its file here would fail to load)."""
+    ex = fresh.execute(_combine_prompt(1.0, 0.0))
+    errors = [d for e, d in ex.status_messages if e == "execution_error"]
+    assert ex.success and not errors, errors[:1]
+    assert "1*sharpness: mean" in json.dumps(ex.history_result["outputs"]["6"])
+    ex = fresh.execute(_combine_prompt(1.0, -2.0))  # with a weight, the bad file is loaded and reported
+    (error,) = [d for e, d in ex.status_messages if e == "execution_error"]
+    assert error["node_id"] == "2" and "unknown reward file layout" in error["exception_message"]
+
+
+def test_combine_rewards_with_both_weights_zero_is_refused_at_queue_time(comfy, files):
+    import asyncio
+    import execution
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("zero", _combine_prompt(0.0, 0.0), None))
+    assert list(node_errors) == ["3"] and "weight_a and weight_b are both 0" in json.dumps(node_errors), node_errors

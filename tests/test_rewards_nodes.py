@@ -1,0 +1,196 @@
+"""Reward nodes without ComfyUI: where the reward lives while and after a node uses it, Combine Rewards' weights,
+what the saliency outputs claim, and workflow 2's mask source (review of the reward side, findings 1, 3, 7, 8)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_pack():
+    name = "focusfix_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+P = load_pack()
+A, N = P.nodes.adapters, P.nodes.reward_nodes
+IMAGE_REWARDS = P.focusfix_core.rewards.image
+BUILTIN_REWARDS = P.focusfix_core.rewards.loading.BUILTIN_REWARDS
+DEVICE = torch.device("cpu", 0)  # stands in for cuda:0: another device name, and tensors can really go there
+
+
+class _Moves:
+    """Records every `.to(device)` of a reward (nn.Module.to moves it in place)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]))
+        return super().to(*args, **kwargs)
+
+
+class Sharpness(_Moves, IMAGE_REWARDS.SharpnessReward):
+    pass
+
+
+class Brightness(_Moves, IMAGE_REWARDS.BrightnessReward):
+    pass
+
+
+class Failing(Sharpness):
+    def score(self, I):
+        raise RuntimeError("boom: the node failed (or was cancelled) while the reward was on the device")
+
+
+@pytest.fixture
+def comfy_device(monkeypatch):
+    """A stand-in `comfy.model_management` whose compute device is DEVICE."""
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: DEVICE
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    return DEVICE
+
+
+def _image(b=2, size=32, seed=0):
+    return torch.rand(b, size, size, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _mask_inputs(**over):
+    return {"source": "auto", "method": "grad", "blur_sigma": 1.0, "threshold_mode": "top_percent", "threshold": 0.15,
+            "dilation": 1, "feather": 0.0, **over}
+
+
+# ------------------------------------------------------------------------ the reward goes back where it was (3)
+
+
+def test_reward_on_moves_the_reward_to_the_device_and_back(comfy_device):
+    r, x = Sharpness(), torch.zeros(2, 3, 4, 4)
+    with A.grad_mode(), A.reward_on(r, x) as (on, I):
+        assert on is r and r.moves == [str(comfy_device)] and torch.equal(I, x) and I is not x
+    assert r.moves == [str(comfy_device), "cpu"]
+    with pytest.raises(RuntimeError, match="boom"), A.grad_mode(), A.reward_on(r):
+        raise RuntimeError("boom")
+    assert r.moves[-2:] == [str(comfy_device), "cpu"], "an error or a cancel still moves it back"
+
+
+@pytest.mark.parametrize("node", ["score", "mask", "compare"])
+def test_reward_nodes_leave_the_reward_where_it_was(comfy_device, node):
+    r, img = Sharpness(), _image()
+    if node == "score":
+        N.FocusFixScoreImages().execute(img, r)
+    elif node == "mask":
+        N.FocusFixSaliencyMask().execute(img, r, **_mask_inputs())
+    else:
+        N.FocusFixCompare().execute(img, _image(seed=1), reward=r)
+    assert r.moves == [str(comfy_device), "cpu"]
+    failing = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        N.FocusFixScoreImages().execute(img, failing)
+    assert failing.moves == [str(comfy_device), "cpu"]
+
+
+# ------------------------------------------------------------------------ Combine Rewards' weights (7)
+
+
+def test_combine_rewards_refuses_all_zero_weights_naming_both():
+    node = N.FocusFixCombineRewards
+    msg = "weight_a and weight_b are both 0: the combined reward would score every image 0"
+    assert node.VALIDATE_INPUTS(weight_a=0.0, weight_b=0.0).startswith(msg)  # at queue time
+    assert node.VALIDATE_INPUTS(weight_a=0.0, weight_b=None) is True  # a linked weight: checked when it runs
+    assert node.VALIDATE_INPUTS(weight_a=2000.0, weight_b=1.0) == "weight_a (2000.0) must be at most 1000.0"
+    with pytest.raises(ValueError, match=msg):
+        node().execute(None, 0.0, None, 0.0)
+
+
+def test_combine_rewards_leaves_a_zero_weight_reward_unloaded_and_unrun(comfy_device):
+    node = N.FocusFixCombineRewards
+    assert node.INPUT_TYPES()["required"]["reward_b"][1]["lazy"] is True
+    assert node().check_lazy_status(weight_a=1.0, weight_b=0.0) == ["reward_a"]  # its Load Reward never runs
+    assert node().check_lazy_status(weight_a=-1.0, weight_b=2.0) == ["reward_a", "reward_b"]
+    a = Sharpness()
+    (r,) = node().execute(a, 1.0, None, 0.0)  # ComfyUI passes None for the lazy input it never evaluated
+    assert r.name == "1*sharpness" and r.weights == [1.0] and r.has_heatmap
+    b = Brightness()
+    (r,) = node().execute(a, 1.0, b, 0.0)  # an older ComfyUI evaluates every input: still left out
+    N.FocusFixScoreImages().execute(_image(), r)
+    assert b.moves == [] and list(r.rewards) == [a], "a 0-weight reward is never moved to the device nor run"
+
+
+@pytest.mark.parametrize("weights, name", [((1.0, -1.0), "1*sharpness - 1*brightness"),
+                                           ((-0.5, 2.0), "-0.5*sharpness + 2*brightness"),
+                                           ((1.0, 10.0), "1*sharpness + 10*brightness"),
+                                           ((0.0, -2.0), "-2*brightness")])
+def test_combine_rewards_names_negative_weights_readably(weights, name):
+    (r,) = N.FocusFixCombineRewards().execute(Sharpness(), weights[0], Brightness(), weights[1])
+    assert r.name == name
+
+
+# ------------------------------------------------------------------------ saliency is sensitivity, not badness (8)
+
+
+def test_saliency_outputs_say_sensitivity_not_badness():
+    heat = N.FocusFixScoreImages.OUTPUT_TOOLTIPS[2]
+    assert "gradient sensitivity |dr/dI|" in heat and "not where the image is worst" in heat
+    assert "not a map of what is bad" in N.FocusFixScoreImages.DESCRIPTION
+    source = N.FocusFixSaliencyMask.INPUT_TYPES()["required"]["source"][1]["tooltip"]
+    assert "saliency: gradient sensitivity |dr/dI|" in source and "not what is bad" in source
+
+
+# ------------------------------------------------------------------------ workflow 2 masks what the reward dislikes (1)
+
+
+def _api(name):
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows" / "api").glob("*.json")), ids=lambda p: p.stem)
+def test_workflows_take_the_mask_from_a_rewards_heatmap_when_it_has_one(path):
+    """Gradient saliency marks where a change moves the score most (for sharpness: the sharp parts), so a workflow
+    whose reward has a heatmap must take its mask from that heatmap."""
+    api = json.loads(path.read_text())
+    for node in api.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind not in ("FocusFixSaliencyMask", "FocusFixTrainFocusNFix"):
+            continue
+        loader = api[inputs["reward"][0]]
+        name = loader["inputs"].get("reward_name", "")
+        if loader["class_type"] != "FocusFixLoadReward" or not name.startswith("builtin:"):
+            continue
+        if BUILTIN_REWARDS[name.removeprefix("builtin:")]().has_heatmap:
+            source = inputs["source"] if kind == "FocusFixSaliencyMask" else inputs["mask_source"]
+            assert source in ("auto", "heatmap", "mask", "none"), f"{path.name}: {kind} uses {source} for {name}"
+
+
+def test_workflow_2_mask_marks_the_blurry_half():
+    """Workflow 2's Saliency Mask settings on an image with a sharp left half and a flat right half: the mask (1 =
+    may change) lies in the flat half, where sharpness is low; Train uses the same settings."""
+    api = _api("focusfix_2_fix_what_reward_dislikes")
+    (sal,) = [n["inputs"] for n in api.values() if n["class_type"] == "FocusFixSaliencyMask"]
+    (train,) = [n["inputs"] for n in api.values() if n["class_type"] == "FocusFixTrainFocusNFix"]
+    assert api[sal["reward"][0]]["inputs"]["reward_name"] == "builtin:sharpness"
+    assert train["mask_source"] == "heatmap" and sal["source"] in ("heatmap", "auto")
+    assert all(train[k] == sal[k] for k in ("threshold_mode", "threshold", "dilation"))
+    g, W = torch.Generator().manual_seed(0), 64
+    img = torch.full((1, W, W, 3), 0.5)
+    img[:, :, : W // 2] = torch.rand(1, W, W // 2, 3, generator=g)  # sharp texture
+    img[:, :, W // 2:] += 0.1 * torch.linspace(-1, 1, W // 2).view(1, 1, -1, 1)  # a smooth ramp
+    settings = {k: v for k, v in sal.items() if k not in ("image", "reward")}
+    M, _ = N.FocusFixSaliencyMask().execute(img, BUILTIN_REWARDS["sharpness"](), **settings)
+    assert float(M[0, :, W // 2:].sum() / M[0].sum()) > 0.9
