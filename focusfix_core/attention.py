@@ -1,12 +1,16 @@
 """Cross-attention maps of chosen prompt words, with or without gradients (Separate-and-Enhance's A_i).
 
 A map A_i: [h,w] is the softmax(q k^T / sqrt(d)) probability that each latent pixel attends to word i's
-tokens (summed over a multi-token word's pieces), averaged over heads and over the cross-attention
-layers of one resolution (16x16 for SD, as in Separate-and-Enhance and Attend-and-Excite).
+tokens (summed over a multi-token word's pieces), averaged over the cross-attention layers of one resolution
+(16x16 for SD, as in Separate-and-Enhance and Attend-and-Excite). Heads are averaged on purpose, as
+Attend-and-Excite does; Separate-and-Enhance's reference code keeps the head axis and takes its losses' max
+over heads and pixels, so its loss values are on another scale (head-averaged peaks are lower).
 
 `attention_capture` records these maps from any net whose cross-attention modules look like SD's
 (`...attn2` with `to_q`, `to_k` and `heads`: ComfyUI's CrossAttention and diffusers' Attention both do)
-through forward hooks, so it composes with LoRA hooks and never replaces an attention implementation.
+through forward hooks on `to_q` and `to_k`, so it composes with LoRA hooks, never replaces an attention
+implementation, and also sees layers whose attention another node replaced (ComfyUI's attn2 replace patches
+call `to_q` and `to_k` but never the module's own forward).
 
 References:
     Bao et al., Separate-and-Enhance (SIGGRAPH 2024); Chefer et al., Attend-and-Excite (SIGGRAPH 2023);
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-__all__ = ["AttentionStore", "LiveHW", "attention_capture", "map_size", "word_token_indices", "overlay_maps"]
+__all__ = ["AttentionStore", "LiveHW", "attention_capture", "level_sizes", "map_size", "word_token_indices",
+           "overlay_maps"]
 
 Resolution = int | tuple[int, int] | str
 
@@ -53,30 +58,52 @@ def _check_token_indices(token_indices: object) -> list[list[list[int]]]:
     return out
 
 
-def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8) -> tuple[int, int]:
-    """(h, w) of the UNet level whose shorter side is `resolution`, for latents of size latent_hw: an SD-style
-    UNet halves its feature maps at each level (stride-2 convs: ceil(n / 2)), so at 512x768 px (latents 64x96)
-    resolution 16 is the 16x24 level. Square images give (r, r).
+def level_sizes(latent_hw: tuple[int, int], levels: int = 8) -> list[tuple[int, int]]:
+    """(h, w) of each UNet level for latents of size latent_hw, level 0 first: an SD-style UNet halves its
+    feature maps at each level (stride-2 convs: ceil(n / 2)), down to 1 pixel at most."""
+    h, w = latent_hw
+    sizes = [(h, w)]
+    while len(sizes) < levels and min(h, w) > 1:
+        h, w = -(-h // 2), -(-w // 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8,
+             attention_levels: Sequence[int] | None = None) -> tuple[int, int]:
+    """(h, w) of the UNet level whose shorter side is `resolution`, for latents of size latent_hw: at 512x768 px
+    (latents 64x96) resolution 16 is the 16x24 level. Square images give (r, r).
+
+    Args:
+        attention_levels: the levels (0 = the latents' size) where the model has cross-attention, when known
+            (a model's `attention_levels()`); then only those are accepted, and the error lists their sizes.
 
     Raises:
-        ValueError: no level has that shorter side; the message lists the ones that exist.
+        ValueError: no (attention) level has that shorter side; the message lists the ones that exist.
 
     Examples:
         >>> map_size(16, (64, 96))
         (16, 24)
+        >>> map_size(32, (128, 128), attention_levels=[1, 2])
+        (32, 32)
     """
-    h, w = latent_hw
-    sides = []
-    for _ in range(levels):
-        if min(h, w) == resolution:
-            return h, w
-        sides.append(min(h, w))
-        if min(h, w) == 1:
-            break
-        h, w = -(-h // 2), -(-w // 2)
-    raise ValueError(f"resolution {resolution}: at this size (latents {latent_hw[0]}x{latent_hw[1]}) the UNet's "
-                     f"feature maps have shorter sides {sides}; choose one where the model has cross-attention "
-                     f"(SD1.5 at 512 px: 64, 32, 16, 8; SDXL at 1024 px: 64, 32)")
+    sizes = level_sizes(latent_hw, levels)
+    usable = sizes if attention_levels is None else [sizes[i] for i in sorted(set(attention_levels)) if i < len(sizes)]
+    for hw in usable:
+        if min(hw) == resolution:
+            return hw
+    H, W = latent_hw
+    if attention_levels is None:
+        raise ValueError(f"resolution {resolution}: at this size (latents {H}x{W}) the UNet's feature maps have "
+                         f"shorter sides {[min(s) for s in sizes]}; choose one where the model has cross-attention "
+                         f"(SD1.5 at 512 px: 64, 32, 16, 8; SDXL at 1024 px: 64, 32)")
+    if not usable:
+        raise ValueError(f"resolution {resolution}: this model has no cross-attention layer at this size (latents "
+                         f"{H}x{W}), so it has no attention maps")
+    maps = ", ".join(f"{h}x{w}" for h, w in usable)
+    sides = " or ".join(str(min(s)) for s in usable)
+    raise ValueError(f"resolution {resolution}: at this size (latents {H}x{W}) this model has cross-attention only "
+                     f"in maps of {maps}: set resolution to {sides}")
 
 
 def _check_resolution(resolution: Resolution) -> tuple[int, int] | str:
@@ -89,6 +116,20 @@ def _check_resolution(resolution: Resolution) -> tuple[int, int] | str:
     raise ValueError(f"resolution must be an int r (r x r), a tuple (h, w) or 'any', got {resolution!r}")
 
 
+def _check_context_lengths(context_lengths: object, token_indices: list[list[list[int]]]) -> list[int] | None:
+    if context_lengths is None:
+        return None
+    if not isinstance(context_lengths, (list, tuple)) or len(context_lengths) != len(token_indices) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in context_lengths):
+        raise ValueError(f"context_lengths must give one positive int per batch item ({len(token_indices)}), "
+                         f"got {context_lengths!r}")
+    for b, (words, n) in enumerate(zip(token_indices, context_lengths)):
+        for i, word in enumerate(words):
+            if max(word) >= n:
+                raise ValueError(f"token_indices[{b}][{i}] = {word} points past that prompt's {n} tokens")
+    return list(context_lengths)
+
+
 class AttentionStore:
     """Accumulates cross-attention maps A: [B, n_words, h, w] over the layers of one resolution.
 
@@ -99,6 +140,10 @@ class AttentionStore:
             layer and resize it by area interpolation to `out_size`.
         keep_grad: keep the autograd graph to q and k (training); False detaches and runs under no_grad.
         out_size: the size maps are resized to when resolution == "any"; None = the first layer's.
+        context_lengths: each batch item's own context length T_b, when the batch's contexts were joined by
+            `cat_cond` (prompts of different lengths; CFG with a longer negative prompt): a row shorter than the
+            keys' T is repeated T / T_b times, each copy of a token gets 1/n of its probability, so a word's map
+            sums every copy (positions t + m * T_b). None: every row is the keys' own length.
 
     Example:
         >>> store = AttentionStore([[[1], [2, 3]]], resolution=4)
@@ -113,8 +158,11 @@ class AttentionStore:
         resolution: Resolution = 16,
         keep_grad: bool = True,
         out_size: int | tuple[int, int] | None = None,
+        context_lengths: Sequence[int] | None = None,
     ):
         self.token_indices = _check_token_indices(token_indices)
+        self.context_lengths = _check_context_lengths(context_lengths, self.token_indices)
+        self._S: dict[tuple, torch.Tensor] = {}  # selection matrices by (T, device, dtype): built once per store
         self.resolution = _check_resolution(resolution)
         self.keep_grad = bool(keep_grad)
         self.out_size = None if out_size is None else _check_resolution(out_size)
@@ -142,13 +190,21 @@ class AttentionStore:
         return sorted(self._seen, reverse=True)
 
     def _selection(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """S: [B, T, n_words], S[b, t, i] = 1 if token t belongs to word i of batch item b."""
-        S = torch.zeros(self.batch_size, T, self.n_words, device=device, dtype=dtype)
+        """S: [B, T, n_words], S[b, t, i] = 1 if key position t is a copy of a token of word i of batch item b."""
+        key = (T, device, dtype)
+        if key in self._S:
+            return self._S[key]
+        S = torch.zeros(self.batch_size, T, self.n_words, dtype=dtype)
         for b, words in enumerate(self.token_indices):
+            Tb = T if self.context_lengths is None else self.context_lengths[b]
+            if T % Tb:
+                raise ValueError(f"the keys have T = {T} tokens, not a whole number of copies of batch item {b}'s "
+                                 f"{Tb} (cat_cond repeats each context up to the least common multiple)")
             for i, word in enumerate(words):
-                if max(word) >= T:
-                    raise ValueError(f"token_indices[{b}][{i}] = {word} points past the context's T = {T} tokens")
-                S[b, word, i] = 1
+                if max(word) >= Tb:
+                    raise ValueError(f"token_indices[{b}][{i}] = {word} points past the context's T = {Tb} tokens")
+                S[b, [t + m * Tb for m in range(T // Tb) for t in word], i] = 1
+        self._S[key] = S = S.to(device)
         return S
 
     def add(self, q: torch.Tensor, k: torch.Tensor, heads: int, hw: tuple[int, int]) -> None:
@@ -200,10 +256,11 @@ class AttentionStore:
     def maps(self) -> torch.Tensor:
         """A: [B, n_words, h, w], the average over the layers added since the last reset."""
         if self._sum is None:
-            raise ValueError(
-                f"no cross-attention layer matched resolution {self.resolution}; "
-                f"resolutions seen: {self.resolutions_seen or 'none (was attention_capture active?)'}"
-            )
+            seen = ", ".join(f"{h}x{w}" for h, w in self.resolutions_seen)
+            want = "x".join(map(str, self.resolution)) if self.resolution != "any" else "any"
+            raise ValueError(f"no cross-attention layer ran at the map size {want}; " + (
+                f"this model's cross-attention ran at {seen}: choose one of those" if seen else
+                "no cross-attention layer ran at all"))
         return self._sum / self.n_layers
 
     def __repr__(self) -> str:
@@ -252,7 +309,10 @@ def _cross_attention_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
 def attention_capture(net: nn.Module, store: AttentionStore, latent_hw: tuple[int, int]) -> Iterator[AttentionStore]:
     """While active, every `...attn2` of `net` adds its q, k to `store` (hooks removed on exit, always).
 
-    Hooks on `to_q`/`to_k` see their outputs after any earlier-registered hook (e.g. a LoRA delta).
+    Hooks on `to_q`/`to_k` see their outputs after any earlier-registered hook (e.g. a LoRA delta). The layer is
+    added when `to_k` has run after `to_q`: SD-style attention computes q first, in its own forward and in
+    ComfyUI's attn2 replace patches (IPAdapter-style), which call `to_q`, `to_k` and `to_v` without the
+    module's forward. A hook on `to_k` registered after this capture runs once the layer is in the store.
 
     Args:
         net: the denoiser network (SD-style UNet or any module tree with `attn2` blocks).
@@ -269,26 +329,25 @@ def attention_capture(net: nn.Module, store: AttentionStore, latent_hw: tuple[in
         )
     handles = []
 
-    def keep(cache: dict, key: str):
+    def keep_q(cache: dict):
         def hook(module, args, output):
-            cache[key] = output
+            cache["q"] = output
 
         return hook
 
-    def add(cache: dict, heads: int):
+    def add_with_k(cache: dict, heads: int):
         def hook(module, args, output):
-            q, k = cache.pop("q", None), cache.pop("k", None)
-            if q is not None and k is not None:
-                store.add(q, k, heads, _infer_hw(q.shape[1], latent_hw))
+            q = cache.pop("q", None)
+            if q is not None:
+                store.add(q, output, heads, _infer_hw(q.shape[1], latent_hw))
 
         return hook
 
     try:
         for _, m in blocks:
             cache: dict = {}
-            handles.append(m.to_q.register_forward_hook(keep(cache, "q")))
-            handles.append(m.to_k.register_forward_hook(keep(cache, "k")))
-            handles.append(m.register_forward_hook(add(cache, int(m.heads))))
+            handles.append(m.to_q.register_forward_hook(keep_q(cache)))
+            handles.append(m.to_k.register_forward_hook(add_with_k(cache, int(m.heads))))
         yield store
     finally:
         for handle in handles:
@@ -304,11 +363,25 @@ def _clean_token(token: str) -> str:
     return token.strip().lower()
 
 
+def _utf8(text: str) -> bytes:
+    """A token's bytes: a byte-level BPE piece may hold part of a character (猫 is 3 tokens), which a tokenizer's
+    text gives as surrogate escapes (`bytes.decode("utf-8", "surrogateescape")`); they come back as those bytes."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _readable(token: str) -> str:
+    """A token as an artist reads it: no BPE markers, a partial character shown as U+FFFD."""
+    clean = _clean_token(token) or token
+    return _utf8(clean).decode("utf-8", "replace")
+
+
 def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list[int]]:
     """Each word's token positions in a tokenised prompt (first occurrence; multi-token words joined).
 
     BPE markers ("</w>", "Ġ", "▁") are stripped and matching is case-insensitive, so "hummingbird"
-    matches ["humming", "bird</w>"]. Spaces inside a word are ignored ("hot dog" matches "hotdog").
+    matches ["humming", "bird</w>"]. Spaces inside a word are ignored ("hot dog" matches "hotdog"). Matching is
+    on UTF-8 bytes, so a word with accents or non-Latin letters ("café", "猫") is found also where a token holds
+    part of a character (give such tokens as `bytes.decode("utf-8", "surrogateescape")` of their bytes).
 
     Args:
         tokens: the prompt's tokens as strings, special tokens included at their positions.
@@ -318,7 +391,8 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
         one list of token positions per word.
 
     Raises:
-        ValueError: naming the word and showing the tokens when a word is not found.
+        ValueError: naming the word and showing the tokens when a word is not found, or naming both words when
+            two of them land on the same token (the same word twice: give distinct words).
 
     Example:
         >>> word_token_indices(["<|startoftext|>", "a</w>", "humming", "bird</w>"], ["hummingbird"])
@@ -326,21 +400,22 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
     """
     if isinstance(words, str):
         raise TypeError(f"words must be a list of strings, got the string {words!r}")
-    clean = [_clean_token(t) for t in tokens]
+    clean = [_utf8(_clean_token(t)) for t in tokens]
     out = []
     for word in words:
-        target = "".join(str(word).lower().split())
+        target = _utf8("".join(str(word).lower().split()))
         if not target:
             raise ValueError(f"words must be non-empty strings, got {word!r}")
         out.append(_find_word(clean, target, word, tokens))
+    _check_distinct(out, words, tokens)
     return out
 
 
-def _find_word(clean: list[str], target: str, word: str, tokens: Sequence[str]) -> list[int]:
+def _find_word(clean: list[bytes], target: bytes, word: str, tokens: Sequence[str]) -> list[int]:
     for i, piece in enumerate(clean):
         if not piece or not target.startswith(piece):
             continue
-        acc, positions = "", []
+        acc, positions = b"", []
         for j in range(i, len(clean)):
             if not clean[j]:  # a lone marker token carries no letters
                 continue
@@ -354,7 +429,20 @@ def _find_word(clean: list[str], target: str, word: str, tokens: Sequence[str]) 
     shown = list(tokens)
     while len(shown) > 1 and shown[-1] == shown[-2]:
         shown.pop()
-    raise ValueError(f"word {word!r} not found in the prompt's tokens {shown}")
+    raise ValueError(f"word {word!r} not found in the prompt's tokens {[_readable(t) for t in shown]} (a word must "
+                     f"be written as in the prompt: singular/plural and spelling matter)")
+
+
+def _check_distinct(positions: list[list[int]], words: Sequence[str], tokens: Sequence[str]) -> None:
+    """Two words on a shared token would give one map twice (Separate then pulls a map apart from itself)."""
+    for i in range(len(positions)):
+        for j in range(i):
+            shared = sorted(set(positions[i]) & set(positions[j]))
+            if shared:
+                raise ValueError(
+                    f"words {words[j]!r} and {words[i]!r} both land on the prompt's token(s) "
+                    f"{[_readable(tokens[t]) for t in shared]} (each word's first occurrence is used): give distinct "
+                    f"words, e.g. 'black cat, white cat' for 'a black cat and a white cat'")
 
 
 def _heat(a: torch.Tensor) -> torch.Tensor:

@@ -248,10 +248,11 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     from .losses import enhance_loss, separate_loss
 
     # attention grid: per prompt a row: [before maps..., after maps...] as heat images
-    def heat(A):  # [P,N,r,r] -> [P,N,3,r,r]
+    def heat(A):  # [P,N,r,r] -> [P,N,3,r,r]; an all-zero map (a prompt with fewer objects) is a blank grey tile
         a = A / A.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-        return heat_overlay(torch.zeros(a.numel() // a[0, 0].numel(), 3, *a.shape[-2:]), a.flatten(0, 1)[:, None],
-                            alpha=1.0).view(*a.shape[:2], 3, *a.shape[-2:])
+        tiles = heat_overlay(torch.zeros(a.numel() // a[0, 0].numel(), 3, *a.shape[-2:]), a.flatten(0, 1)[:, None],
+                             alpha=1.0).view(*a.shape[:2], 3, *a.shape[-2:])
+        return torch.where((A.amax(dim=(-2, -1)) == 0)[..., None, None, None], torch.full_like(tiles, 0.5), tiles)
     tiles = torch.cat([heat(A0), heat(A1)], 1)
     save_png(image_grid(upscale(tiles.flatten(0, 1), 64), nrow=tiles.shape[1]), out / "attention.png")
     save_png(image_grid(upscale(torch.stack([S0, S1], 1).flatten(0, 1)), nrow=2), out / "before_after.png")
@@ -261,6 +262,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
         "separate_before": separate_loss(A0).tolist(), "separate_after": separate_loss(A1).tolist(),
         "enhance_before": enhance_loss(A0).tolist(), "enhance_after": enhance_loss(A1).tolist(),
+        "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
         "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
                   "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
                   "state": str(out / "state.pt")},

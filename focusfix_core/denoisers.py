@@ -11,6 +11,7 @@ the halves differently (ComfyUI's `cond_or_uncond`) reads it; the others ignore 
 """
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from typing import Callable, Protocol, runtime_checkable
 
@@ -69,6 +70,8 @@ class DiffusionModel(Protocol):
     list, as KSampler computes them); the core's `schedules.scheduler_sigmas` on `sigmas` without it.
     Optional: `family` ("sd1" | "sd2" | "sdxl" | "sdxl_refiner", `lora.BASE_FAMILIES`) and `v_prediction`: written
     into saved LoRAs so other UIs file them under the right base model.
+    Optional: `attention_levels() -> list[int]`, the UNet levels (0 = the latents' size, each next one half as
+    large) that hold cross-attention: an attention map size elsewhere is refused before any UNet pass.
     """
 
     net: nn.Module
@@ -125,7 +128,18 @@ def initial_x(model, noise: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def cat_cond(*conds: Cond) -> Cond:
-    """Concatenate conditionings along the batch. Keys must match."""
+    """Concatenate conditionings along the batch. Keys must match.
+
+    Contexts of different lengths (a prompt over 75 tokens has 154) are each repeated along the token axis up to
+    the least common multiple of the lengths, as ComfyUI's `CONDCrossAttn.concat` does: attention over n copies of
+    every token gives each copy 1/n of the probability, so every row's attention output is unchanged. An
+    attention map of a row of length T_b then sums its tokens' copies at t + m * T_b (`AttentionStore`'s
+    context_lengths).
+
+    Example:
+        >>> cat_cond({"context": torch.zeros(1, 77, 8)}, {"context": torch.zeros(1, 154, 8)})["context"].shape
+        torch.Size([2, 154, 8])
+    """
     keys = set(conds[0])
     for c in conds[1:]:
         if set(c) != keys:
@@ -133,9 +147,9 @@ def cat_cond(*conds: Cond) -> Cond:
     out = {}
     for k in conds[0]:
         parts = [c[k] for c in conds]
-        if k == "context" and len({p.shape[1] for p in parts}) > 1:  # pad token axis (long prompts)
-            n = max(p.shape[1] for p in parts)
-            parts = [torch.cat([p, p[:, -1:].expand(-1, n - p.shape[1], -1)], 1) for p in parts]
+        if k == "context" and len({p.shape[1] for p in parts}) > 1:
+            n = math.lcm(*(p.shape[1] for p in parts))
+            parts = [p if p.shape[1] == n else p.repeat(1, n // p.shape[1], 1) for p in parts]
         out[k] = torch.cat(parts)
     return out
 

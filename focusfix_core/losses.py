@@ -165,7 +165,8 @@ def separate_loss(A: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     Per pair, L_ij = max_p A_i(p) A_j(p) / (A_i(p) + A_j(p)) (the overlap of two maps, 0 where both
     are 0); pairs are aggregated by `reduction`. For N = 2 both reductions give the paper's L_sep
     exactly. The maps are used as they come (raw cross-attention probabilities, no renormalisation),
-    as in the reference code.
+    as in the reference code; they are averaged over heads (as Attend-and-Excite does), where the reference
+    code takes the max over heads and pixels, so the values are lower than the reference's.
 
     Args:
         A: [B,N,h,w] cross-attention maps (>= 0) of N >= 2 object tokens.
@@ -198,7 +199,8 @@ def enhance_loss(A: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
 
     G is a 3x3 Gaussian with reflect padding. The maps are NOT normalised (no division by their
     max, no softmax without the start token as in Attend-and-Excite): the reference code pushes the
-    raw attention probability of the weakest object towards 1. Note the released code's
+    raw attention probability of the weakest object towards 1. FocusFix's maps are averaged over heads,
+    whose peaks are lower than the reference's max over heads, so this term stays nearer 1. Note the released code's
     `GaussianSmoothing` computes exp(-(x / 2 sigma)^2), i.e. an effective sigma of 0.5 * sqrt(2); pass
     `sigma=0.5 * 2 ** 0.5` to reproduce it exactly.
 

@@ -45,6 +45,7 @@ __all__ = [
     "train_fix",
     "train_separate_enhance",
     "split_objects_prompt",
+    "split_words",
 ]
 
 MASK_SOURCES = ("heatmap", "saliency", "given", "none")
@@ -186,34 +187,72 @@ def parse_ints(text: str, name: str = "seeds") -> list[int]:
     return out
 
 
+def split_words(text: str) -> list[str]:
+    """"cat, dog; bird" -> ["cat", "dog", "bird"]: object words are separated by ',' or ';' (the Train
+    Separate-and-Enhance lines and the Attention Maps words alike)."""
+    return [w.strip() for w in re.split(r"[,;]", str(text)) if w.strip()]
+
+
+def _check_distinct_words(prompt: str, objects: Sequence[str]) -> None:
+    """The same word twice trains one token's map against itself: refuse it, naming the word."""
+    seen: dict[str, str] = {}
+    for w in objects:
+        key = " ".join(w.lower().split())
+        if key in seen:
+            raise ValueError(f"prompt {prompt!r} names the object {seen[key]!r} twice: each object needs its own "
+                             f"words, e.g. 'a black cat and a white cat | black cat, white cat'")
+        seen[key] = w
+
+
 def split_objects_prompt(line: str) -> tuple[str, list[str]]:
     """"a cat and a dog | cat, dog" -> ("a cat and a dog", ["cat", "dog"])."""
     if "|" not in line:
         raise ValueError(f"prompt line {line!r} needs object words after '|', e.g. 'a cat and a dog | cat, dog'")
     prompt, words = line.split("|", 1)
-    objects = [w.strip() for w in re.split(r"[,;]", words) if w.strip()]
+    objects = split_words(words)
     if len(objects) < 2:
         raise ValueError(f"prompt line {line!r} needs at least two object words, got {objects}")
+    _check_distinct_words(prompt.strip(), objects)
     return prompt.strip(), objects
 
 
+def _names(part: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", part, re.I) is not None
+
+
 def _single_object_prompts(prompt: str, objects: Sequence[str]) -> list[str]:
-    """Preservation prompts: the prompt's parts around ' and '/',' that name one object, else 'a <word>'."""
+    """Preservation prompts, one per object: the prompt's part around ' and ' / ',' that names this object and
+    no other one ('a red circle' of 'a red circle and a blue square'), else 'a <word>' (the reference code uses
+    'a photo of <word>'). A part naming two objects ('a cat next to a dog') would hold the very composition
+    the training changes."""
     parts = [p.strip() for p in re.split(r"\band\b|,", prompt) if p.strip()]
     out = []
     for w in objects:
-        hit = [p for p in parts if re.search(rf"\b{re.escape(w)}\b", p, re.I)]
-        out.append(hit[0] if len(hit) == 1 else f"a {w}")
+        hit = [p for p in parts if _names(p, w)]
+        alone = len(hit) == 1 and not any(_names(hit[0], o) for o in objects if o.lower() != w.lower())
+        out.append(hit[0] if alone else f"a {w}")
     return out
 
 
 @dataclass(frozen=True)
 class SeparateEnhanceConfig(_LoRAConfig):
-    """Separate-and-Enhance settings. `objects[i]` are the object words of `prompts[i]`."""
+    """Separate-and-Enhance settings. `objects[i]` are the object words of `prompts[i]`.
+
+    Where this differs from the reference code (adobe/SeperateAndEnhance), on purpose:
+    - `t_range` (0.5, 1): steps are drawn from the noisier half of the schedule, where the layout is decided; the
+      reference draws t uniformly over all of it.
+    - the random latents are z ~ N(0, I), the statistics of real SD latents after their scaling; the reference
+      uses randn * 0.18215.
+    - the preservation term: `keys` is the keys' relative change, and `outputs` the x0 MSE; the reference's is
+      the eps MSE on "a photo of <word>" prompts. For an eps model x0 = x - sigma * eps, so `outputs` is sigma^2
+      times the eps MSE (about 40x on average for SD1.5 in the default t_range, most at the noisiest steps):
+      `lam_preserve` is on another scale than the reference's weight, and than `keys`.
+    """
 
     prompts: tuple[str, ...] = ()
     objects: tuple[tuple[str, ...], ...] = ()
-    preserve_prompts: tuple[str, ...] = ()   # single-object prompts; derived from the prompts if empty
+    # single-object prompts: each object's own part of its prompt, or "a <word>"; never a part naming two objects
+    preserve_prompts: tuple[str, ...] = ()
     targets: str | tuple[str, ...] = "to_k"  # the paper: tuning values collapses the model
     lam_sep: float = 1.0
     lam_en: float = 1.0
@@ -239,6 +278,7 @@ class SeparateEnhanceConfig(_LoRAConfig):
         for p, o in zip(self.prompts, self.objects):
             if len(o) < 2:
                 raise ValueError(f"prompt {p!r} needs at least two object words, got {list(o)}")
+            _check_distinct_words(p, o)
         self._check_common()
         for name in ("lam_sep", "lam_en", "lam_preserve"):
             _check_positive(name, getattr(self, name), allow_zero=True)
@@ -247,10 +287,8 @@ class SeparateEnhanceConfig(_LoRAConfig):
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {self.t_range}")
         if not self.preserve_prompts and self.lam_preserve > 0:
-            derived = []
-            for p, o in zip(self.prompts, self.objects):
-                derived += [q for q in _single_object_prompts(p, o) if q not in derived]
-            object.__setattr__(self, "preserve_prompts", tuple(derived))
+            derived = [q for p, o in zip(self.prompts, self.objects) for q in _single_object_prompts(p, o)]
+            object.__setattr__(self, "preserve_prompts", tuple(dict.fromkeys(derived)))  # each once, in order
 
 
 @contextmanager
@@ -777,8 +815,11 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         scale = model.latent_scale
         if cfg.height % scale or cfg.width % scale:
             raise ValueError(f"height and width must be multiples of {scale}, got {cfg.height}x{cfg.width}")
-        # the maps' (h, w): resolution is their shorter side, so a portrait or landscape size works too
-        self.map_hw = map_size(cfg.resolution, (cfg.height // scale, cfg.width // scale))
+        # the maps' (h, w): resolution is their shorter side, so a portrait or landscape size works too; a size
+        # where the model has no cross-attention is refused here, before any UNet pass
+        levels = getattr(model, "attention_levels", None)
+        self.map_hw = map_size(cfg.resolution, (cfg.height // scale, cfg.width // scale),
+                               attention_levels=None if levels is None else levels())
         # Token positions first: a missing word is a config error, found before any LoRA is attached.
         self.token_indices = [model.token_indices(p, list(o)) for p, o in zip(cfg.prompts, cfg.objects)]
         super().__init__(model, cfg, lora, device)
@@ -787,7 +828,11 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             self.latent_shape = (model.latent_channels, cfg.height // scale, cfg.width // scale)
             with torch.no_grad():
                 hw = self.latent_shape[1:]
-                self.cond = prepare_cond(model, model.encode_prompts(list(cfg.prompts)), hw)
+                # one cond per prompt, each of its own length (a prompt over 75 tokens has more): a batch joins
+                # its rows with cat_cond, and the maps sum the copies of a shorter row's tokens (context_lengths)
+                self.prompt_conds = [prepare_cond(model, model.encode_prompts([p]), hw) for p in cfg.prompts]
+                self.context_lengths = [int(c["context"].shape[1]) for c in self.prompt_conds]
+                self.cond = cat_cond(*self.prompt_conds)
                 self.pcond = (prepare_cond(model, model.encode_prompts(list(cfg.preserve_prompts)), hw)
                               if cfg.preserve_prompts else None)
             self.preservation = "none" if self.pcond is None or cfg.lam_preserve == 0 else self._setup_preservation()
@@ -870,7 +915,9 @@ class SeparateEnhanceTrainer(_LoRATrainer):
     def attention_maps(self, idx: list[int], x, sigma, keep_grad: bool) -> torch.Tensor:
         """A: [b, n_words, h, w] (`map_hw`) for prompts idx (all with the same number of object words)."""
         toks = [self.token_indices[i] for i in idx]
-        store = AttentionStore(toks, resolution=self.map_hw, keep_grad=keep_grad)
+        store = AttentionStore(toks, resolution=self.map_hw, keep_grad=keep_grad,
+                               context_lengths=[self.context_lengths[i] for i in idx])
+        cond = cat_cond(*(self.prompt_conds[i] for i in idx))  # rows repeated only to this batch's lengths
         # The losses read only these maps: stop the net after the last cross-attention layer of that size
         # (SD1.5 at 512 px: after output_blocks.5, 45 % of the forward FLOPs never run).
         seen, handles = [], []
@@ -882,11 +929,12 @@ class SeparateEnhanceTrainer(_LoRATrainer):
                     raise _StopForward
             return hook
 
+        # on to_k, as the capture: an attn2 replace patch (IPAdapter-style) runs to_q and to_k, never attn2's forward
         with self.model.attention_capture(store):  # its hooks run first: the layer is stored when ours runs
             for name, m in self.model.net.named_modules():
-                if name.rsplit(".", 1)[-1] == "attn2":
-                    handles.append(m.register_forward_hook(note(name)))
-            _run_until_stopped(lambda: self.model.denoise(x, sigma, index_cond(self.cond, idx)), handles)
+                if name.rsplit(".", 1)[-1] == "attn2" and hasattr(m, "to_k"):
+                    handles.append(m.to_k.register_forward_hook(note(name)))
+            _run_until_stopped(lambda: self.model.denoise(x, sigma, cond), handles)
         if self._stop_at is None:  # first call ran the whole net: remember the last layer that added a map
             grew = [n for (n, k), (_, k0) in zip(seen, [("", 0)] + seen) if k > k0]
             self._stop_at = grew[-1] if grew else None
@@ -925,7 +973,8 @@ class SeparateEnhanceTrainer(_LoRATrainer):
 
     @torch.no_grad()
     def eval_maps(self, seed: int = 0, sigma_frac: float = 0.8) -> torch.Tensor:
-        """Attention maps [P, n_objects, h, w] (`map_hw`) for every prompt at a fixed noise (for before/after views)."""
+        """Attention maps [P, n_objects, h, w] (`map_hw`) for every prompt at a fixed noise (for before/after views);
+        a prompt with fewer objects than the most gets all-zero maps after its own (drawn as blank tiles)."""
         with self._explain_oom("while drawing the attention maps"):
             return self._eval_maps(seed, sigma_frac)
 
@@ -939,7 +988,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         for i in range(P):
             out.append(self.attention_maps([i], x[i:i + 1], sigma[i:i + 1], keep_grad=False)[0])
         n = max(len(a) for a in out)
-        return torch.stack([torch.cat([a, a[-1:].expand(n - len(a), -1, -1)]) for a in out])
+        return torch.stack([torch.cat([a, a.new_zeros(n - len(a), *a.shape[1:])]) for a in out])
 
     def metadata(self) -> dict:
         meta = super().metadata()

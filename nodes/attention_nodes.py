@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.losses import enhance_loss, separate_loss
+from ..focusfix_core.trainers import split_words
 from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, prompt_attention_maps
 from .common import RESOLUTION_TIP, check_map_size, check_widget_ranges, sampler_inputs, sampling_progress, tip
 
@@ -22,7 +23,9 @@ class FocusFixAttentionMaps:
     RETURN_NAMES = ("maps", "overlay", "overlap", "text")
     OUTPUT_TOOLTIPS = ("One map per word, [n_words,H,W], each scaled to [0,1].",
                        "The image (or grey without a VAE), then each word's map over it.",
-                       "Separate loss of the maps (mean pairwise overlap; 0 with one word).",
+                       "Separate loss of the maps averaged over the sampling steps (mean pairwise overlap; 0 with "
+                       "one word). Training's Separate loss is taken per step on random noisy latents, so its "
+                       "numbers differ; compare this one before and after.",
                        "Overlap and per-word peaks, readable.")
 
     @classmethod
@@ -31,7 +34,9 @@ class FocusFixAttentionMaps:
             "model": tip("MODEL", "The diffusion model (SD1.5 or SDXL), with any LoRA applied."),
             "clip": tip("CLIP", "The checkpoint's text encoder."),
             "prompt": tip("STRING", "The prompt.", multiline=True, default="a cat and a dog"),
-            "words": tip("STRING", "Words to map, comma-separated; each must appear in the prompt.", default="cat, dog"),
+            "words": tip("STRING", "Words to map, separated by ',' or ';', each written as in the prompt. A word's "
+                         "first occurrence is used; a word of several tokens or words ('teddy bear', 'black cat') "
+                         "sums their maps. Two words must not share a token.", default="cat, dog"),
             "seed": tip("INT", "Noise seed (kept fixed between runs, so before/after maps compare).", default=0, min=0,
                         max=0xFFFFFFFF, control_after_generate=False),
             "steps": tip("INT", "Sampler steps (maps are averaged over all of them).", default=20, min=1, max=200),
@@ -53,7 +58,7 @@ class FocusFixAttentionMaps:
 
     def execute(self, model, clip, prompt, words, seed, steps, cfg, resolution, width, height, vae=None,
                 sampler_name="ddim", scheduler="normal"):
-        names = [w.strip() for w in words.split(",") if w.strip()]
+        names = split_words(words)
         if not names:
             raise ValueError("words is empty: give the prompt words to map, e.g. cat, dog")
         dm = ComfyDiffusionModel(model, clip, vae)

@@ -37,6 +37,7 @@ class SeparateEnhanceRun:
     A_before: torch.Tensor       # [P,n_objects,h,w] attention maps before training
     A_after: torch.Tensor        # the same after
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
+    preserve_prompts: tuple[str, ...] = ()  # the preservation term's single-object prompts
 
 
 def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
@@ -139,6 +140,6 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
             history = run_with_progress(trainer, cfg.iterations, on_record=_checkpointer(
                 trainer, checkpoint_every, ckpt, continue_from, graph))
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
-                                      trainer.eval_maps(cfg.seed), _written(ckpt))
+                                      trainer.eval_maps(cfg.seed), _written(ckpt), cfg.preserve_prompts)
         finally:
             trainer.lora.remove()

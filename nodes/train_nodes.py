@@ -319,14 +319,18 @@ class FocusFixTrainSeparateEnhance:
         return {"required": {
             "model": tip("MODEL", "The checkpoint's diffusion model (SD1.5 or SDXL); it is not modified."),
             "clip": tip("CLIP", "The checkpoint's text encoder."),
-            "prompts": tip("STRING", "One per line: prompt | object words, e.g. 'a cat and a dog | cat, dog'.",
-                           multiline=True, default="a cat and a dog | cat, dog"),
+            "prompts": tip("STRING", "One per line: prompt | object words, e.g. 'a cat and a dog | cat, dog' (words "
+                           "separated by ',' or ';'). Each word's first occurrence in the prompt is used; an object of "
+                           "several tokens or words ('teddy bear', 'black cat') sums their maps. Objects must be "
+                           "distinct words.", multiline=True, default="a cat and a dog | cat, dog"),
             "lam_sep": tip("FLOAT", "lam_sep: weight of the Separate loss (overlap of object maps).", default=1.0,
                            min=0.0, max=100.0, step=0.01),
             "lam_en": tip("FLOAT", "lam_en: weight of the Enhance loss (weakest object's peak).", default=1.0,
                           min=0.0, max=100.0, step=0.01),
-            "lam_preserve": tip("FLOAT", "lam_preserve: keep single-object prompts as the base model draws them "
-                                "(to_k LoRA: on their keys, exactly; other targets: on the denoiser output).",
+            "lam_preserve": tip("FLOAT", "lam_preserve: keep single-object prompts ('a cat', 'a dog'; listed in the "
+                                "report) as the base model draws them (to_k LoRA: on their keys' relative change; "
+                                "other targets: on the denoiser output's MSE). The two are on different scales, and "
+                                "neither is the reference code's weight.",
                                 default=1.0, min=0.0, max=100.0, step=0.01),
             "resolution": tip("INT", RESOLUTION_TIP, default=16, min=2, max=128),
             "width": tip("INT", "Training image width in pixels (the latents are 8x smaller).", default=512, min=16,
@@ -366,8 +370,10 @@ class FocusFixTrainSeparateEnhance:
             alpha=alpha, targets=targets, lr=lr, iterations=iterations, seed=seed, batch_size=batch_size),
             checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name, continue_from=continue_from,
             graph=graph_metadata(prompt, extra_pnginfo))
+        preservation = run.lora.metadata.get("focusfix_preservation", "none")
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
-                            f"preservation: {run.lora.metadata.get('focusfix_preservation', 'none')}",
+                            f"preservation: {preservation}" + (f", on {', '.join(map(repr, run.preserve_prompts))}"
+                                                               if preservation != "none" else ""),
                             *notes, *_checkpoint_note(run.checkpoint, checkpoint_every, iterations),
                             *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
@@ -380,8 +386,13 @@ def _object_prompts(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _maps_grid(A: torch.Tensor, size: int = 128) -> torch.Tensor:
-    """A: [P, n, h, w] -> one grid image [1,3,H,W], rows = prompts, columns = words."""
-    P, n = A.shape[:2]
-    grey = torch.full((P, 3, size, size), 0.5)
-    tiles = overlay_maps(grey, A.float().cpu(), alpha=0.85).flatten(0, 1)  # (P*n, 3, size, size)
-    return viz.image_grid(tiles, nrow=n)[None]
+    """A: [P, n, h, w] -> one grid image [1,3,H,W], rows = prompts, columns = words; tiles keep the maps' aspect
+    ratio (longer side `size`), and an all-zero map (a prompt with fewer objects) is a blank grey tile."""
+    P, n, h, w = A.shape
+    th, tw = max(round(size * h / max(h, w)), 1), max(round(size * w / max(h, w)), 1)
+    A = A.float().cpu()
+    grey = torch.full((P, 3, th, tw), 0.5)
+    tiles = overlay_maps(grey, A, alpha=0.85)                                    # (P, n, 3, th, tw)
+    blank = (A.flatten(2).amax(2) == 0)[..., None, None, None]                   # (P, n, 1, 1, 1)
+    tiles = torch.where(blank, grey[:, None], tiles)
+    return viz.image_grid(tiles.flatten(0, 1), nrow=n)[None]

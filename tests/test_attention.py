@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from focusfix_core.attention import AttentionStore, attention_capture, overlay_maps, word_token_indices
+from focusfix_core.attention import AttentionStore, attention_capture, map_size, overlay_maps, word_token_indices
+from focusfix_core.denoisers import CFGDenoiser, cat_cond
 
 
 def _qk(B=1, N=16, T=5, heads=2, d=4, seed=0, dtype=torch.float32):
@@ -54,7 +55,7 @@ def test_store_resolution_filter_and_average():
     q8, k = _qk(N=64, seed=1)
     store.add(q8, k, heads=2, hw=(8, 8))  # ignored
     assert store.n_layers == 0
-    with pytest.raises(ValueError, match=r"resolutions seen: \[\(8, 8\)\]"):
+    with pytest.raises(ValueError, match="map size 4x4; this model's cross-attention ran at 8x8: choose one"):
         store.maps()
     qa, _ = _qk(N=16, seed=2)
     qb, _ = _qk(N=16, seed=3)
@@ -222,7 +223,7 @@ def test_capture_removes_hooks_on_exception():
     before = counts()
     with pytest.raises(RuntimeError, match="boom"):
         with attention_capture(net, AttentionStore([[[1]]]), latent_hw=(8, 8)):
-            assert counts() == before + 6
+            assert counts() == before + 4  # to_q and to_k of each attn2
             raise RuntimeError("boom")
     assert counts() == before
 
@@ -255,7 +256,7 @@ def test_word_indices_other_tokenizers(tokens, word, expected):
 
 
 def test_word_indices_missing_word():
-    with pytest.raises(ValueError, match=r"'dog' not found.*bird</w>"):
+    with pytest.raises(ValueError, match=r"'dog' not found.*'humming', 'bird', 'and'"):  # readable, no '</w>'
         word_token_indices(CLIP_TOKENS, ["cat", "dog"])
     with pytest.raises(ValueError, match="'catfish' not found"):
         word_token_indices(CLIP_TOKENS, ["catfish"])
@@ -275,3 +276,154 @@ def test_overlay_shape_range_and_colours():
     assert torch.isfinite(overlay_maps(I, torch.zeros(2, 2, 4, 4))).all()
     with pytest.raises(ValueError, match="attention maps A"):
         overlay_maps(I, torch.zeros(3, 1, 4, 4))
+
+
+# ---------------------------------------------------------------- contexts of different lengths (core review, 2)
+def _sdpa(q, ctx, Wk, Wv):
+    return F.scaled_dot_product_attention(q, ctx @ Wk, ctx @ Wv)
+
+
+def test_cat_cond_rows_attend_as_the_unpadded_contexts():
+    """cat_cond repeats a shorter context up to the lcm of the lengths, as ComfyUI's CONDCrossAttn.concat: every
+    row's cross-attention output is its unpadded one (padding with the last token gave that token extra weight:
+    1.86 off at an output scale of 0.23)."""
+    g = torch.Generator().manual_seed(0)
+    D = 16
+    long, short, other = (torch.randn(1, T, D, generator=g) for T in (154, 77, 231))
+    Wk, Wv = (torch.randn(D, D, generator=g) / D**0.5 for _ in range(2))
+    q = torch.randn(1, 64, D, generator=g)
+    ctx = cat_cond({"context": long}, {"context": short}, {"context": other})["context"]
+    for row, alone in enumerate((long, short, other)):
+        torch.testing.assert_close(_sdpa(q, ctx[row:row + 1], Wk, Wv), _sdpa(q, alone, Wk, Wv), rtol=1e-5, atol=1e-6)
+    assert ctx.shape == (3, 462, D)  # lcm(154, 77, 231)
+    assert cat_cond({"context": short}, {"context": short})["context"].shape == (2, 77, D)  # equal: untouched
+
+
+def test_store_sums_the_copies_of_a_repeated_context():
+    """A row repeated n times gives each copy of a token 1/n of its probability: with the row's own length the
+    store sums every copy (t + m * T_b), so the maps are the unrepeated row's."""
+    q, k = _qk(B=2, T=5, seed=7)
+    words = [[[1], [2, 3]], [[0], [4]]]
+    plain = AttentionStore(words, resolution=4)
+    plain.add(q, k, heads=2, hw=(4, 4))
+    repeated = AttentionStore(words, resolution=4, context_lengths=[5, 5])
+    repeated.add(q, k.repeat(1, 3, 1), heads=2, hw=(4, 4))
+    torch.testing.assert_close(repeated.maps(), plain.maps())
+    with pytest.raises(ValueError, match="not a whole number of copies"):
+        AttentionStore(words, resolution=4, context_lengths=[4, 5]).add(q, k.repeat(1, 3, 1), 2, (4, 4))
+    with pytest.raises(ValueError, match="points past that prompt's 3 tokens"):
+        AttentionStore(words, resolution=4, context_lengths=[3, 5])
+    with pytest.raises(ValueError, match="context_lengths must give one positive int per batch item"):
+        AttentionStore(words, resolution=4, context_lengths=[5])
+
+
+@pytest.fixture
+def tiny_cfg_model():
+    from focusfix_core.tiny.model import TinyConfig, TinyModel
+    return TinyModel.random(seed=0, config=TinyConfig(image_size=16, channels=(16, 16, 32), heads=2, context_dim=16,
+                                                      text_layers=1))
+
+
+def test_maps_with_a_longer_negative_prompt_equal_those_with_a_same_length_one(tiny_cfg_model):
+    """CFG with a negative prompt twice as long (a CLIP prompt over 75 tokens: 154 against 77) repeats the
+    prompt's row; given the prompt's own length, its maps are those beside a negative prompt of its length."""
+    m = tiny_cfg_model
+    cond = m.encode_prompts(["a red circle and a blue square"])
+    T = cond["context"].shape[1]
+    words = m.token_indices("a red circle and a blue square", ["circle", "square"])
+    short = m.encode_prompts(["a green triangle"])
+    long = {"context": torch.cat([short["context"], m.encode_prompts(["a blue circle"])["context"]], 1)}  # 2T
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 5
+    sigma = m.sigmas[[700]].float()
+    maps = {}
+    for name, uncond in (("short", short), ("long", long)):
+        store = AttentionStore([words], resolution=8, keep_grad=False, context_lengths=[T])
+        with torch.no_grad(), m.attention_capture(store):
+            CFGDenoiser(m.denoise, uncond, 3.0)(x, sigma, cond)
+        maps[name] = store.maps()
+    torch.testing.assert_close(maps["long"], maps["short"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- attention another node replaced (S&E review, 2)
+class ReplacedBlock(Block):
+    """ComfyUI's BasicTransformerBlock under an attn2 replace patch: to_q, to_k, to_v and to_out are called, the
+    attention itself is the patch's, and attn2's own forward never runs."""
+
+    def forward(self, x, context):
+        B, C, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.attn1(t)
+        a = self.attn2
+        q, k, v = a.to_q(t), a.to_k(context), a.to_v(context)
+        q, k, v = (z.unflatten(-1, (a.heads, -1)).transpose(1, 2) for z in (q, k, v))
+        t = t + a.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return t.transpose(1, 2).reshape(B, C, h, w)
+
+
+@pytest.mark.parametrize("replaced", [(0, 1), (1,)], ids=["all blocks", "some blocks"])
+def test_capture_sees_layers_whose_attention_a_patch_replaced(replaced):
+    """Maps come from every layer also where an attn2 replace patch bypasses the module's forward (before: no
+    layer with every block patched, and silently only the unpatched layers with some)."""
+    torch.manual_seed(2)
+    net, x, ctx = TinyNet(), torch.randn(1, 4, 8, 8), torch.randn(1, 5, 6)
+    patched = TinyNet()
+    patched.load_state_dict(net.state_dict())
+    for i in replaced:
+        block = ReplacedBlock(8, 6)
+        block.load_state_dict(patched.down[i].state_dict())
+        patched.down[i] = block
+    maps = []
+    for model in (net, patched):
+        store = AttentionStore([[[1], [3]]], resolution="any", out_size=4)
+        with attention_capture(model, store, latent_hw=(8, 8)):
+            out = model(x, ctx)
+        assert store.n_layers == 2
+        maps.append((store.maps(), out))
+    torch.testing.assert_close(maps[1][0], maps[0][0])
+    torch.testing.assert_close(maps[1][1], maps[0][1])  # the patch is faithful: the same net
+
+
+# ---------------------------------------------------------------- map sizes the model has (S&E review, 3)
+def test_map_size_accepts_only_levels_with_cross_attention():
+    assert map_size(32, (128, 128), attention_levels=[1, 2]) == (32, 32)
+    assert map_size(16, (64, 96), attention_levels=[0, 1, 2, 3]) == (16, 24)
+    with pytest.raises(ValueError, match=r"resolution 16: .*latents 128x128.* only in maps of 64x64, 32x32: set "
+                                         r"resolution to 64 or 32"):
+        map_size(16, (128, 128), attention_levels=[1, 2])  # SDXL at 1024 px
+    with pytest.raises(ValueError, match="no cross-attention layer at this size"):
+        map_size(1, (2, 2), attention_levels=[5])
+    assert map_size(16, (128, 128)) == (16, 16)  # the layout unknown: any level
+
+
+def test_tiny_model_names_its_attention_levels(tiny_cfg_model):
+    assert tiny_cfg_model.attention_levels() == [1, 2]  # 16 px: 8x8 and 4x4
+    seen = AttentionStore([[[1]]], resolution="any")
+    with torch.no_grad(), tiny_cfg_model.attention_capture(seen):
+        tiny_cfg_model.denoise(torch.zeros(1, 3, 16, 16), tiny_cfg_model.sigmas[[5]].float(),
+                               tiny_cfg_model.encode_prompts(["a red circle"]))
+    assert seen.resolutions_seen == [(8, 8), (4, 4)]
+
+
+# ---------------------------------------------------------------- words with accents, words twice (S&E review, 4, 5)
+def _byte_level(text_tokens: list[bytes]) -> list[str]:
+    """Tokens as a byte-level tokenizer's text gives them: partial characters as surrogate escapes."""
+    return [t.decode("utf-8", "surrogateescape") for t in text_tokens]
+
+
+def test_word_indices_match_accents_and_characters_split_over_tokens():
+    cat = "猫".encode()  # 3 bytes: byte-level BPE gives it 3 tokens
+    tokens = _byte_level([b"<|startoftext|>", b"a</w>", "café</w>".encode(), b"and</w>", b"a</w>", cat[:1], cat[1:2],
+                          cat[2:] + b"</w>", "crème</w>".encode(), "br".encode(), "ûl".encode(), "ée</w>".encode(),
+                          b"<|endoftext|>"])
+    assert word_token_indices(tokens, ["Café", "猫", "crème brûlée"]) == [[2], [5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match=r"'dog' not found in the prompt's tokens \['<\|startoftext\|>', 'a', "
+                                         r"'café', 'and', 'a', '\ufffd'"):
+        word_token_indices(tokens, ["dog"])
+
+
+def test_word_indices_refuse_two_words_on_the_same_token():
+    with pytest.raises(ValueError, match=r"words 'cat' and 'cat' both land on the prompt's token\(s\) \['cat'\].*"
+                                         r"distinct words, e.g. 'black cat, white cat'"):
+        word_token_indices(CLIP_TOKENS, ["cat", "cat"])
+    with pytest.raises(ValueError, match="'hummingbird' and 'bird' both land"):
+        word_token_indices(CLIP_TOKENS, ["hummingbird", "bird"])

@@ -797,7 +797,7 @@ def test_separate_enhance_trains_at_portrait_and_landscape_sizes(small_model):
         finally:
             trainer.lora.remove()
     with pytest.raises(ValueError,
-                       match=r"resolution 5: at this size \(latents 16x16\) .* shorter sides \[16, 8, 4, 2, 1\]"):
+                       match=r"resolution 5: at this size \(latents 16x16\) .* only in maps of 8x8, 4x4"):
         SeparateEnhanceTrainer(small_model, se_cfg(resolution=5))
 
 
@@ -860,3 +860,92 @@ def test_an_empty_derived_mask_stops_with_the_item_and_the_threshold(small_model
     lam0 = FixTrainer(small_model, _Recorder(square_reward, scale=0.0), replace(cfg, lam=0.0))
     next(iter(lam0))  # with lam 0 the mask is only logged
     lam0.lora.remove()
+
+
+# -- Separate-and-Enhance review (preservation prompts, long prompts, map sizes, padding, duplicates) -----------------
+@pytest.mark.parametrize("prompts, objects, expected", [
+    (("a cat next to a dog",), (("cat", "dog"),), ("a cat", "a dog")),
+    (("an astronaut riding a horse",), (("astronaut", "horse"),), ("a astronaut", "a horse")),
+    (("a cat with a dog and a bird",), (("cat", "dog", "bird"),), ("a cat", "a dog", "a bird")),
+    (("a red circle and a blue square",), (("circle", "square"),), ("a red circle", "a blue square")),
+    (("a cat next to a dog", "a dog and a cat"), (("cat", "dog"), ("dog", "cat")), ("a cat", "a dog")),
+])
+def test_preservation_prompts_never_name_two_objects(prompts, objects, expected):
+    """A part of the prompt is kept only when it names one object: 'a cat next to a dog' has no ' and ', and used
+    to become both objects' preservation prompt (twice), holding the very composition training changes."""
+    assert se_cfg(prompts=prompts, objects=objects).preserve_prompts == expected
+
+
+def test_the_same_object_twice_is_refused_with_distinct_words_suggested(small_model):
+    with pytest.raises(ValueError, match="names the object 'cat' twice.*black cat, white cat"):
+        split_objects_prompt("a black cat and a white cat | cat, Cat")
+    with pytest.raises(ValueError, match="names the object 'circle' twice"):
+        se_cfg(objects=(("circle", "circle"),))
+    with pytest.raises(ValueError, match="'red circle' and 'circle' both land on"):  # the same token by two words
+        SeparateEnhanceTrainer(small_model, se_cfg(objects=(("red circle", "circle"),)))
+    assert split_objects_prompt("a cat and a dog | cat; dog") == ("a cat and a dog", ["cat", "dog"])
+
+
+def test_separate_enhance_refuses_a_map_size_without_cross_attention_before_any_unet_pass(small_model, monkeypatch):
+    """The tiny UNet has cross-attention at 8x8 and 4x4 only (at 16 px): resolution 16 is its 16x16 level, which
+    has none; refused with the sizes it has, before the model runs (it used to fail on the first maps)."""
+    calls = _count_denoise(small_model, monkeypatch)
+    with pytest.raises(ValueError, match=r"resolution 16: .*only in maps of 8x8, 4x4: set resolution to 8 or 4"):
+        SeparateEnhanceTrainer(small_model, se_cfg(resolution=16))
+    assert calls == []
+
+
+class _LongPrompt:
+    """The tiny model with one prompt encoded twice as long, as a CLIP prompt over 75 tokens (154 against 77)."""
+
+    def __init__(self, model, long: str):
+        self._model, self._long = model, long
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def encode_prompts(self, prompts):
+        """One prompt at a time, joined by cat_cond, as the ComfyUI adapter encodes them."""
+        from focusfix_core.denoisers import cat_cond
+        conds = []
+        for p in prompts:
+            cond = self._model.encode_prompts([p])
+            if p == self._long:
+                cond = {"context": torch.cat([cond["context"], self._model.encode_prompts(["a green triangle"])["context"]], 1)}
+            conds.append(cond)
+        return cat_cond(*conds)
+
+
+def test_separate_enhance_batches_prompts_of_different_lengths_as_each_alone(small_model):
+    """Prompts of different lengths share a batch: the shorter row is repeated (cat_cond) and its maps sum every
+    copy of its tokens, so each prompt's maps are those it has alone (padding with its last token moved them)."""
+    long = "a blue square and a red circle"
+    model = _LongPrompt(small_model, long)
+    cfg = se_cfg(prompts=("a red circle and a blue square", long), objects=(("circle", "square"), ("square", "circle")),
+                 lam_preserve=0.0)
+    trainer = SeparateEnhanceTrainer(model, cfg)
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(0)) * 5
+    sigma = small_model.sigmas.float()[[600, 600]]
+    with torch.no_grad():
+        both = trainer.attention_maps([0, 1], x, sigma, keep_grad=False)
+    trainer.lora.remove()
+    alone = []
+    for i in (0, 1):  # each prompt trained alone: its context as encoded, nothing joined to it
+        solo = SeparateEnhanceTrainer(model, replace(cfg, prompts=cfg.prompts[i:i + 1], objects=cfg.objects[i:i + 1]))
+        with torch.no_grad():
+            alone.append(solo.attention_maps([0], x[i:i + 1], sigma[i:i + 1], keep_grad=False)[0])
+        solo.lora.remove()
+    torch.testing.assert_close(both, torch.stack(alone), rtol=1e-4, atol=1e-6)
+    T = small_model.cfg.max_tokens
+    assert trainer.context_lengths == [T, 2 * T]
+
+
+def test_before_after_maps_pad_a_prompt_with_fewer_objects_with_blank_maps(small_model):
+    """A 2-object prompt beside a 3-object one: its third map is all zero (drawn blank), not a copy of its last."""
+    cfg = se_cfg(prompts=("a red circle and a blue square", "a circle and a square and a triangle"),
+                 objects=(("circle", "square"), ("circle", "square", "triangle")), lam_preserve=0.0)
+    trainer = SeparateEnhanceTrainer(small_model, cfg)
+    A = trainer.eval_maps()
+    trainer.lora.remove()
+    assert A.shape == (2, 3, 8, 8)
+    assert torch.equal(A[0, 2], torch.zeros(8, 8)) and A[0, :2].amin() > 0 and A[1].amin() > 0

@@ -329,6 +329,17 @@ class TinyModel(nn.Module):
         """While active, every attn2 feeds its (q, k) to `store.add` (see focusfix_core.attention)."""
         return attention_capture(self.net, store, self._hw)
 
+    def attention_levels(self) -> list[int]:
+        """The UNet levels with cross-attention (0 = the image's size; 16x16 and 8x8 at 32 px: [1, 2])."""
+        levels, level = set(), 0
+        for block in self.net.down_blocks:
+            if len(block.attentions):
+                levels.add(level)
+            level += block.resample == "down"
+        if len(self.net.mid_block.attentions):
+            levels.add(level)
+        return sorted(levels)
+
     def checkpoint_modules(self) -> list[nn.Module]:
         """The UNet's resnets and spatial transformers, for block-wise gradient checkpointing."""
         return [m for m in self.net.modules() if isinstance(m, (ResnetBlock2D, Transformer2DModel))]

@@ -189,13 +189,15 @@ NOTE_3 = """SEPARATE AND ENHANCE (two objects in one prompt)
 Models often merge or drop one of two objects ('a cat and a dog' -> a cat-dog, or just a cat).
 Attention Maps (before) shows where 'cat' and 'dog' attend: overlap high = merged, a weak peak = dropped.
 Train Separate-and-Enhance fine-tunes only the cross-attention keys (to_k) so the maps separate (lam_sep) and each gets strong (lam_en), with lam_preserve keeping single-object prompts unchanged.
-Attention Maps (after) runs the same seed on the model with the LoRA: overlap should fall, both peaks rise.
-resolution: 16 for SD1.5 at 512 px, 32 for SDXL at 1024 px."""
+Attention Maps (after) runs the same seed on the model with the LoRA: overlap should fall, both peaks rise. These are averaged over the sampling steps; the training curve takes them per step on random noise, so compare before with after, not with the curve.
+Object words are written as in the prompt (first occurrence used; 'teddy bear' sums its tokens); two of the same kind need their own words: 'a black cat and a white cat | black cat, white cat'.
+resolution: 16 for SD1.5 at 512 px, 32 for SDXL at 1024 px (SDXL has no cross-attention at 128)."""
 
 NOTE_4 = """INSPECT ATTENTION
 
 Where does each word of the prompt land? Attention Maps samples the prompt and averages the cross-attention maps of the words you list over all steps (at one map size: 16 for SD1.5 at 512 px, 32 for SDXL at 1024 px).
-Outputs: the maps as a MASK batch (one per word, shown here as images), the overlay grid (image, then each word), and the numbers Separate-and-Enhance optimises: overlap (Separate loss) and each word's peak (Enhance)."""
+Words are separated by ',' or ';' and written as in the prompt (first occurrence used; a word of several tokens sums them).
+Outputs: the maps as a MASK batch (one per word, shown here as images), the overlay grid (image, then each word), and the numbers Separate-and-Enhance works on: overlap (Separate loss) and each word's peak (Enhance), here averaged over the sampling steps."""
 
 
 NOTE_5 = f"""FIX WITH THE AESTHETIC / SAFETY REWARD (Focus-N-Fix)

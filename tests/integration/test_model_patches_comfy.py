@@ -300,3 +300,47 @@ def _ksampler_draws_the_trainers_images(fresh, model, clip, vae, sampler_name="d
     sigma_max = float(dm.sigmas[-1])
     torch.testing.assert_close(dm.noise_scaling(noise, sigma_max), noise * (1 + sigma_max ** 2) ** 0.5)
     torch.testing.assert_close(dm.noise_scaling(noise, 2.0), noise * 2.0)
+
+
+def _replace_attn2(model, which: str):
+    """A clone of the MODEL with an attn2 replace patch (IPAdapter-style: ComfyUI then calls to_q, to_k, to_v and
+    to_out itself, never attn2's forward) on every cross-attention layer ("all") or every other one ("some");
+    the patch computes plain attention, so the model's outputs and maps are the unpatched ones."""
+    import comfy.ldm.modules.attention as attention
+
+    def patch(q, k, v, extra_options):
+        return attention.attention_pytorch(q, k, v, extra_options["n_heads"])
+
+    m = model.clone()
+    names = [n for n, _ in m.model.diffusion_model.named_modules() if n.endswith("attn2")]
+    for i, name in enumerate(names):
+        if which == "some" and i % 2:
+            continue
+        p = name.split(".")  # input_blocks.1.1.transformer_blocks.0.attn2 / middle_block.1.transformer_blocks.0.attn2
+        if p[0] == "middle_block":
+            m.set_model_attn2_replace(patch, "middle", 0, int(p[3]))
+        else:
+            m.set_model_attn2_replace(patch, "input" if p[0] == "input_blocks" else "output", int(p[1]), int(p[4]))
+    return m
+
+
+@pytest.mark.parametrize("which", ["all", "some"])
+def test_attention_maps_and_training_see_layers_an_attn2_replace_patch_runs(fresh, checkpoint, which):
+    """S&E review 2: under an attn2 replace patch the maps come from every layer, as without it (before: with
+    every layer patched 'no cross-attention layer matched', with some the maps of the others only, silently);
+    training runs and its before-maps are the unpatched model's."""
+    model, clip, _ = checkpoint
+    patched = _replace_attn2(model, which)
+    maps = {}
+    for name, m in (("plain", model), ("patched", patched)):
+        maps[name] = fresh.run("FocusFixAttentionMaps", model=m, clip=clip, prompt="a cat and a dog", words="cat, dog",
+                               seed=0, steps=2, cfg=CFG, resolution=4, width=SIZE, height=SIZE)[0]
+    torch.testing.assert_close(maps["patched"], maps["plain"], rtol=1e-4, atol=1e-5)
+    before = {}
+    for name, m in (("plain", model), ("patched", patched)):
+        lora, _, before[name], _, report = fresh.run(
+            "FocusFixTrainSeparateEnhance", model=m, clip=clip, prompts="a cat and a dog | cat, dog", lam_sep=1.0,
+            lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k", lr=1e-2,
+            iterations=1, seed=0)
+        assert "step 1/1" in report
+    torch.testing.assert_close(before["patched"], before["plain"], rtol=0, atol=2 / 255)

@@ -719,3 +719,128 @@ def test_training_unloads_idle_models_and_keeps_its_own(fresh, checkpoint):
     assert loaded(vae.patcher)
     (cond,) = fresh.run("CLIPTextEncode", clip=clip, text="a dog")
     assert loaded(clip.patcher) and torch.isfinite(cond[0][0]).all()
+
+
+# -- Separate-and-Enhance and Attention Maps review; cat_cond (core review, 2) ------------------------------------
+def _adapters(comfy):
+    import sys
+    return sys.modules[f"{comfy.pack.__name__}.nodes.adapters"]
+
+
+LONG = ", ".join(["a very detailed oil painting of a quiet harbour at dawn"] * 8)  # over 75 tokens: 154
+
+
+@pytest.mark.parametrize("prompt, negatives", [
+    ("a cat and a dog", ("blurry", LONG)),                              # 77 beside 154: the prompt's row repeated
+    (LONG + ", a cat and a dog", (LONG, LONG + ", " + LONG)),           # 154 beside 231: lcm 462
+], ids=["long negative", "longer negative"])
+def test_attention_maps_beside_a_longer_negative_prompt(fresh, checkpoint, prompt, negatives):
+    """A negative prompt longer than the prompt: CFG repeats the prompt's context (as ComfyUI's concat), and its
+    maps sum each token's copies, so at the first step (steps=1: the same x) they equal the maps beside a negative
+    prompt of the prompt's own length (the prompt padded with its last token gave other maps)."""
+    import comfy.model_management as mm
+    model, clip, _ = checkpoint
+    ad = _adapters(fresh)
+    dm = ad.ComfyDiffusionModel(model, clip)
+    lengths = [dm.encode_prompts([p])["context"].shape[1] for p in (prompt, *negatives)]
+    assert lengths[0] == lengths[1] < lengths[2], lengths
+    mm.load_models_gpu([model])
+    maps = [ad.prompt_attention_maps(dm, prompt, ["cat", "dog"], seed=0, steps=1, cfg_scale=3.0, width=SIZE,
+                                     height=SIZE, resolution=4, negative=n)[0] for n in negatives]
+    torch.testing.assert_close(maps[1], maps[0], rtol=1e-4, atol=1e-6)
+
+
+def test_separate_enhance_batches_prompts_of_different_lengths_as_each_alone(fresh, checkpoint):
+    """Training prompts of 77 and 154 tokens in one batch: each prompt's maps are those it has alone."""
+    import sys
+    from dataclasses import replace
+    model, clip, _ = checkpoint
+    ad = _adapters(fresh)
+    tr = sys.modules[f"{fresh.pack.__name__}.focusfix_core.trainers"]
+    dm = ad.ComfyDiffusionModel(model.clone(), clip)
+    cfg = tr.SeparateEnhanceConfig(prompts=("a cat and a dog", LONG + ", a dog and a cat"),
+                                   objects=(("cat", "dog"), ("dog", "cat")), resolution=4, height=SIZE, width=SIZE,
+                                   rank=2, lam_preserve=0.0)
+    x = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)) * 5
+    sigma = dm.sigmas[[600, 600]]
+    maps = []
+    with ad.training_session(dm), torch.no_grad():
+        for rows, c in (([0, 1], cfg), ([0], replace(cfg, prompts=cfg.prompts[:1], objects=cfg.objects[:1])),
+                        ([1], replace(cfg, prompts=cfg.prompts[1:], objects=cfg.objects[1:]))):
+            trainer = tr.SeparateEnhanceTrainer(dm, c)  # the last two: each prompt trained alone
+            try:
+                maps.append(trainer.attention_maps(list(range(len(rows))), x[rows].to(dm.device),
+                                                   sigma[rows].to(dm.device), keep_grad=False).cpu())
+            finally:
+                trainer.lora.remove()
+    torch.testing.assert_close(maps[0], torch.cat(maps[1:]), rtol=1e-4, atol=1e-6)
+    assert [len(dm.encode_prompts([p])["context"][0]) for p in cfg.prompts] == [77, 154]
+
+
+def test_a_map_size_the_model_lacks_is_refused_before_sampling(fresh):
+    """S&E review 3: the tiny SDXL UNet has cross-attention only at its second level (4x4 at 64 px): resolution 8
+    passes the queue-time check (layout unknown there), then is refused with the sizes it has, before a step."""
+    model, clip, _ = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
+    assert fresh.node("FocusFixAttentionMaps").VALIDATE_INPUTS(resolution=8, width=SIZE, height=SIZE) is True
+    for node, kw in (("FocusFixAttentionMaps", dict(prompt="a cat and a dog", words="cat, dog", seed=0, steps=3,
+                                                    cfg=3.0)),
+                     ("FocusFixTrainSeparateEnhance", dict(prompts="a cat and a dog | cat, dog", lam_sep=1.0,
+                                                           lam_en=1.0, lam_preserve=1.0, rank=2, targets="to_k",
+                                                           lr=1e-2, iterations=1, seed=0))):
+        with pytest.raises(ValueError, match=r"resolution 8: at this size \(latents 8x8\) this model has "
+                                             r"cross-attention only in maps of 4x4: set resolution to 4"):
+            fresh.run(node, model=model, clip=clip, resolution=8, width=SIZE, height=SIZE, **kw)
+    assert fresh.progress == []
+    assert _hooks(model.model.diffusion_model) == 0
+
+
+def test_object_words_with_accents_and_other_scripts(fresh, checkpoint):
+    """S&E review 4: words are matched on the decoded text (CLIP's byte-level pieces as UTF-8), also a character
+    split over several tokens; a missing word's error shows the tokens as written, not as 'cafÃ©</w>'."""
+    model, clip, _ = checkpoint
+    dm = _adapters(fresh).ComfyDiffusionModel(model, clip)
+    assert dm.token_indices("a café and a dog", ["café", "dog"]) == [[2], [5]]
+    assert dm.token_indices("a Pokémon and a cat", ["pokémon", "Cat"]) == [[2], [5]]
+    assert dm.token_indices("a 猫 and a dog", ["猫", "dog"]) == [[2, 3, 4], [7]]
+    brulee, cat = dm.token_indices("a crème brûlée and a cat", ["crème brûlée", "cat"])
+    assert brulee == list(range(2, 2 + len(brulee))) and cat == [brulee[-1] + 3]
+    with pytest.raises(ValueError, match=r"'cafe' not found in the prompt's tokens \['<\|startoftext\|>', 'a', "
+                                         r"'café'"):
+        dm.token_indices("a café and a dog", ["cafe", "dog"])
+    maps, *_ = fresh.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a café and a crème brûlée",
+                         words="café; crème brûlée", seed=0, steps=1, cfg=3.0, resolution=4, width=SIZE,
+                         height=SIZE)
+    assert maps.shape == (2, SIZE, SIZE)  # ';' separates words as in the Train node's lines
+
+
+def test_the_same_word_twice_is_refused_with_distinct_words_suggested(fresh, checkpoint):
+    """S&E review 5: 'cat, cat' gave two identical maps (and trained Separate between a map and itself)."""
+    model, clip, _ = checkpoint
+    with pytest.raises(ValueError, match="words 'cat' and 'cat' both land on the prompt's token.*black cat, white cat"):
+        fresh.run("FocusFixAttentionMaps", model=model, clip=clip, prompt="a black cat and a white cat",
+                  words="cat, cat", seed=0, steps=1, cfg=3.0, resolution=4, width=SIZE, height=SIZE)
+    node = fresh.node("FocusFixTrainSeparateEnhance")
+    assert "names the object 'cat' twice" in node.VALIDATE_INPUTS(prompts="a black cat and a white cat | cat, cat")
+    kw = dict(model=model, clip=clip, lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE,
+              height=SIZE, rank=2, targets="to_k", lr=1e-2, iterations=1, seed=0)
+    with pytest.raises(ValueError, match="'black cat' and 'cat' both land"):
+        fresh.run("FocusFixTrainSeparateEnhance", prompts="a black cat and a dog | black cat, cat", **kw)
+    assert _hooks(model.model.diffusion_model) == 0
+
+
+def test_separate_enhance_report_and_maps_grid_for_mixed_object_counts(fresh, checkpoint):
+    """S&E review 1 and 6: the preservation prompts name one object each and are listed in the report; in the
+    maps grid a prompt with fewer objects gets a blank tile, not a copy of its last map."""
+    model, clip, _ = checkpoint
+    lora, _, before, after, report = fresh.run(
+        "FocusFixTrainSeparateEnhance", model=model, clip=clip,
+        prompts="a cat next to a dog | cat, dog\na bird, a cat and a dog | bird, cat, dog", lam_sep=1.0, lam_en=1.0,
+        lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k", lr=1e-2, iterations=1,
+        seed=0)
+    tile = 128  # square maps: 128 x 128 tiles, 2 px apart
+    for grid in (before, after):
+        row0 = grid[0, 2:2 + tile]                                         # (tile, W, 3)
+        third = row0[:, 2 + 2 * (tile + 2):2 + 2 * (tile + 2) + tile]
+        second = row0[:, 2 + (tile + 2):2 + (tile + 2) + tile]
+        assert torch.all(third == 0.5) and not torch.all(second == 0.5)
+    assert "preservation: keys, on 'a cat', 'a dog', 'a bird'" in report

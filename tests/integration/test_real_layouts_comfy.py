@@ -44,3 +44,25 @@ def test_real_layout_end_to_end(fresh, real, caplog):
                     mask_source="saliency", rank=2, targets="attn", lr=1e-2, iterations=1, seed=0)[0]
     (applied,) = fresh.run("FocusFixApplyLoRA", model=model, lora=fix, strength=1.0)
     assert len(applied.patches) == 8 * n_attn2  # to_q, to_k, to_v, to_out.0 of attn1 and attn2
+
+
+def test_real_layout_attention_levels_and_a_map_size_without_cross_attention(fresh, real):
+    """S&E review 3: the levels with cross-attention are read from the UNet (SD1.5: all four; SDXL: not the
+    latents' own size), and a resolution at a level without any is refused before anything samples, with the
+    sizes this MODEL has."""
+    import sys
+    family, _, res, model, clip, vae = real
+    adapters = sys.modules[f"{fresh.pack.__name__}.nodes.adapters"]
+    levels = adapters.ComfyDiffusionModel(model, clip).attention_levels()
+    assert levels == ([0, 1, 2, 3] if family == "sd15" else [1, 2])
+    if family == "sdxl":  # 128 px: latents 16x16, and SDXL has no cross-attention at that level
+        fresh.progress.clear()
+        for node, kw in (("FocusFixAttentionMaps", dict(prompt="a cat and a dog", words="cat, dog", seed=0, steps=2,
+                                                        cfg=3.0)),
+                         ("FocusFixTrainSeparateEnhance", dict(prompts="a cat and a dog | cat, dog", lam_sep=1.0,
+                                                               lam_en=1.0, lam_preserve=1.0, rank=2, targets="to_k",
+                                                               lr=1e-2, iterations=1, seed=0))):
+            with pytest.raises(ValueError, match=r"resolution 16: .* only in maps of 8x8, 4x4: set resolution to 8 "
+                                                 r"or 4"):
+                fresh.run(node, model=model, clip=clip, resolution=16, width=SIZE, height=SIZE, **kw)
+        assert fresh.progress == []
