@@ -210,7 +210,7 @@ FILES (once; no extra Python packages). Press R in ComfyUI after copying them.
 
 HOW IT RUNS
 1. Combine Rewards: r = weight_a * aesthetic + weight_b * safety. The aesthetic score runs about 1..10; the safety score is a cosine margin (> 0 = the checker passes, about -0.1..0.1), hence weight_b 10. For one reward alone, connect its Load Reward straight to Score Images, Saliency Mask, Train and Compare.
-2. Neither reward has a heatmap: Score Images shows the scores and the gradient saliency |dr/dI|; Saliency Mask (source saliency) turns it into M (1 = may change). Tune threshold/dilation on the overlay.
+2. Neither reward has a heatmap: Score Images shows the scores and the gradient saliency |dr/dI|, a sensitivity map (where a change moves the score most), not a map of what is bad: check on the overlay that it marks the part you want fixed. Saliency Mask (source saliency) turns it into M (1 = may change). Tune threshold/dilation on the overlay, or paint the mask instead (workflow 1).
 3. Train Focus-N-Fix (mask_source saliency, same settings) raises r inside M and holds the rest to I0. Learned rewards can be gamed (pushed up by changes you do not want): set reward_target to the score that is good enough (read it off Score Images), and an image stops being pushed once it gets there.
 4. Compare: before | after | change, r before/after, change inside vs outside M (outside should stay near 0).
 
