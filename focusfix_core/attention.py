@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import math
+import unicodedata
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -70,13 +71,15 @@ def level_sizes(latent_hw: tuple[int, int], levels: int = 8) -> list[tuple[int, 
 
 
 def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8,
-             attention_levels: Sequence[int] | None = None) -> tuple[int, int]:
+             attention_levels: Sequence[int] | None = None, latent_scale: int | None = None) -> tuple[int, int]:
     """(h, w) of the UNet level whose shorter side is `resolution`, for latents of size latent_hw: at 512x768 px
     (latents 64x96) resolution 16 is the 16x24 level. Square images give (r, r).
 
     Args:
         attention_levels: the levels (0 = the latents' size) where the model has cross-attention, when known
             (a model's `attention_levels()`); then only those are accepted, and the error lists their sizes.
+        latent_scale: pixels per latent, when known: the error then gives the image's size in pixels, as the
+            artist set it.
 
     Raises:
         ValueError: no (attention) level has that shorter side; the message lists the ones that exist.
@@ -93,16 +96,17 @@ def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8,
         if min(hw) == resolution:
             return hw
     H, W = latent_hw
+    size = f"latents {H}x{W}" if latent_scale is None else f"width {W * latent_scale}, height {H * latent_scale} px"
     if attention_levels is None:
-        raise ValueError(f"resolution {resolution}: at this size (latents {H}x{W}) the UNet's feature maps have "
+        raise ValueError(f"resolution {resolution}: at this size ({size}) the UNet's feature maps have "
                          f"shorter sides {[min(s) for s in sizes]}; choose one where the model has cross-attention "
                          f"(SD1.5 at 512 px: 64, 32, 16, 8; SDXL at 1024 px: 64, 32)")
     if not usable:
-        raise ValueError(f"resolution {resolution}: this model has no cross-attention layer at this size (latents "
-                         f"{H}x{W}), so it has no attention maps")
+        raise ValueError(f"resolution {resolution}: this model has no cross-attention layer at this size "
+                         f"({size}), so it has no attention maps")
     maps = ", ".join(f"{h}x{w}" for h, w in usable)
     sides = " or ".join(str(min(s)) for s in usable)
-    raise ValueError(f"resolution {resolution}: at this size (latents {H}x{W}) this model has cross-attention only "
+    raise ValueError(f"resolution {resolution}: at this size ({size}) this model has cross-attention only "
                      f"in maps of {maps}: set resolution to {sides}")
 
 
@@ -369,6 +373,12 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def _nfc(text: str) -> str:
+    """Composed form: an "é" typed as e + a combining accent is the same word as the one-character "é" (CLIP's
+    tokenizer composes the prompt too)."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _readable(token: str) -> str:
     """A token as an artist reads it: no BPE markers, a partial character shown as U+FFFD."""
     clean = _clean_token(token) or token
@@ -381,7 +391,8 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
     BPE markers ("</w>", "Ġ", "▁") are stripped and matching is case-insensitive, so "hummingbird"
     matches ["humming", "bird</w>"]. Spaces inside a word are ignored ("hot dog" matches "hotdog"). Matching is
     on UTF-8 bytes, so a word with accents or non-Latin letters ("café", "猫") is found also where a token holds
-    part of a character (give such tokens as `bytes.decode("utf-8", "surrogateescape")` of their bytes).
+    part of a character (give such tokens as `bytes.decode("utf-8", "surrogateescape")` of their bytes); words and
+    tokens are compared in Unicode's composed form (NFC), so the way an accent was typed does not matter.
 
     Args:
         tokens: the prompt's tokens as strings, special tokens included at their positions.
@@ -400,10 +411,10 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
     """
     if isinstance(words, str):
         raise TypeError(f"words must be a list of strings, got the string {words!r}")
-    clean = [_utf8(_clean_token(t)) for t in tokens]
+    clean = [_utf8(_nfc(_clean_token(t))) for t in tokens]
     out = []
     for word in words:
-        target = _utf8("".join(str(word).lower().split()))
+        target = _utf8(_nfc("".join(str(word).lower().split())))
         if not target:
             raise ValueError(f"words must be non-empty strings, got {word!r}")
         out.append(_find_word(clean, target, word, tokens))

@@ -819,7 +819,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         # where the model has no cross-attention is refused here, before any UNet pass
         levels = getattr(model, "attention_levels", None)
         self.map_hw = map_size(cfg.resolution, (cfg.height // scale, cfg.width // scale),
-                               attention_levels=None if levels is None else levels())
+                               attention_levels=None if levels is None else levels(), latent_scale=scale)
         # Token positions first: a missing word is a config error, found before any LoRA is attached.
         self.token_indices = [model.token_indices(p, list(o)) for p, o in zip(cfg.prompts, cfg.objects)]
         super().__init__(model, cfg, lora, device)

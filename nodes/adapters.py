@@ -808,7 +808,7 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     _check_size(width, height, dm.latent_scale)
     hw = (height // dm.latent_scale, width // dm.latent_scale)
     if resolution != "any":  # the shorter side: portrait and landscape sizes have maps of their shape
-        resolution = map_size(resolution, hw, attention_levels=dm.attention_levels())
+        resolution = map_size(resolution, hw, attention_levels=dm.attention_levels(), latent_scale=dm.latent_scale)
     tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
     cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
     sigmas = sampling_sigmas(dm, steps, scheduler).to(dm.device)

@@ -98,7 +98,7 @@ def check_map_size(resolution: int | None, width: int | None, height: int | None
     (SD-style latents, 8x smaller than the image). None (a linked input) is checked when the node runs."""
     from ..focusfix_core.attention import map_size
     if None not in (resolution, width, height):
-        map_size(resolution, (height // 8, width // 8))
+        map_size(resolution, (height // 8, width // 8), latent_scale=8)
 
 
 def parse_lines(text: str, name: str = "prompts") -> list[str]:

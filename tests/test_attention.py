@@ -393,6 +393,9 @@ def test_map_size_accepts_only_levels_with_cross_attention():
     with pytest.raises(ValueError, match="no cross-attention layer at this size"):
         map_size(1, (2, 2), attention_levels=[5])
     assert map_size(16, (128, 128)) == (16, 16)  # the layout unknown: any level
+    with pytest.raises(ValueError, match=r"resolution 16: at this size \(width 768, height 512 px\) this model has "
+                                         r"cross-attention only in maps of 64x96, 32x48"):
+        map_size(16, (64, 96), attention_levels=[0, 1], latent_scale=8)  # errors speak the artist's pixels
 
 
 def test_tiny_model_names_its_attention_levels(tiny_cfg_model):
@@ -419,6 +422,13 @@ def test_word_indices_match_accents_and_characters_split_over_tokens():
     with pytest.raises(ValueError, match=r"'dog' not found in the prompt's tokens \['<\|startoftext\|>', 'a', "
                                          r"'café', 'and', 'a', '\ufffd'"):
         word_token_indices(tokens, ["dog"])
+
+
+def test_word_indices_match_an_accent_however_it_was_typed():
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # é as one character, and as e + a combining accent
+    for token, word in ((composed, decomposed), (decomposed, composed)):
+        tokens = _byte_level([b"<|startoftext|>", b"a</w>", (token + "</w>").encode(), b"<|endoftext|>"])
+        assert word_token_indices(tokens, [word]) == [[2]]
 
 
 def test_word_indices_refuse_two_words_on_the_same_token():

@@ -797,7 +797,7 @@ def test_separate_enhance_trains_at_portrait_and_landscape_sizes(small_model):
         finally:
             trainer.lora.remove()
     with pytest.raises(ValueError,
-                       match=r"resolution 5: at this size \(latents 16x16\) .* only in maps of 8x8, 4x4"):
+                       match=r"resolution 5: at this size \(width 16, height 16 px\) .* only in maps of 8x8, 4x4"):
         SeparateEnhanceTrainer(small_model, se_cfg(resolution=5))
 
 

@@ -308,7 +308,7 @@ def test_queue_time_checks_name_the_input(comfy):
         steps=3, K=1, checkpoint_every=5, checkpoint_name="../x")
     assert fix.VALIDATE_INPUTS(steps=3, K=1, checkpoint_every=0, checkpoint_name="../x") is True  # off: unused
     se = comfy.node("FocusFixTrainSeparateEnhance")
-    assert "resolution 16: at this size (latents 8x8)" in se.VALIDATE_INPUTS(
+    assert "resolution 16: at this size (width 64, height 64 px)" in se.VALIDATE_INPUTS(
         prompts="a cat and a dog | cat, dog", resolution=16, width=64, height=64)
     assert se.VALIDATE_INPUTS(prompts="a cat and a dog | cat, dog", resolution=16, width=512, height=768) is True
     maps = comfy.node("FocusFixAttentionMaps")
@@ -787,7 +787,7 @@ def test_a_map_size_the_model_lacks_is_refused_before_sampling(fresh):
                      ("FocusFixTrainSeparateEnhance", dict(prompts="a cat and a dog | cat, dog", lam_sep=1.0,
                                                            lam_en=1.0, lam_preserve=1.0, rank=2, targets="to_k",
                                                            lr=1e-2, iterations=1, seed=0))):
-        with pytest.raises(ValueError, match=r"resolution 8: at this size \(latents 8x8\) this model has "
+        with pytest.raises(ValueError, match=r"resolution 8: at this size \(width 64, height 64 px\) this model has "
                                              r"cross-attention only in maps of 4x4: set resolution to 4"):
             fresh.run(node, model=model, clip=clip, resolution=8, width=SIZE, height=SIZE, **kw)
     assert fresh.progress == []
