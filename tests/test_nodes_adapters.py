@@ -1,25 +1,9 @@
 """ComfyUI layout conversions and node helpers, without ComfyUI."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_pack():
-    name = "focusfix_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
+from pack_loader import load_pack
 
 A = load_pack().nodes.adapters
 C = load_pack().nodes.common

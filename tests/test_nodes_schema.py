@@ -1,13 +1,13 @@
 """Every FocusFix node's V1 schema is valid, without ComfyUI installed (issue #3)."""
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pack_loader import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "SIGMAS", "IMAGE", "MASK", "CONDITIONING", "LATENT", "CLIP_VISION",
@@ -15,16 +15,6 @@ SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "SIGMAS", "IMAGE", "MASK", "CONDITIONING
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 FILE_LISTS = {("FocusFixLoadLoRA", "lora_name")}
 
-
-def load_pack():
-    """The pack imported as a package from its root `__init__.py`, the way ComfyUI imports it."""
-    name = "focusfix_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 PACK = load_pack()

@@ -2,7 +2,6 @@
 what the saliency outputs claim, and workflow 2's mask source (review of the reward side, findings 1, 3, 7, 8)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -10,18 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pack_loader import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def load_pack():
-    name = "focusfix_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 P = load_pack()

@@ -5,15 +5,15 @@ The workflow tests check that the checked-in files equal what this script builds
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 import workflow_tools as wt  # noqa: E402
+from pack_loader import load_pack  # noqa: E402
 
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 # Files workflow 5 expects users to install (see NOTE_5); the tests put tiny ones under these names.
@@ -23,17 +23,6 @@ SAFETY_FILE = "stable-diffusion-safety-checker.safetensors"         # models/foc
 REWARD_FILES = (AESTHETIC_FILE, SAFETY_FILE)
 NEGATIVE = "blurry, low quality"  # the KSamplers' and the trainers' negative prompt
 
-
-def load_pack():
-    """The FocusFix pack imported as a package (as ComfyUI does), without ComfyUI."""
-    name = "focusfix_pack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def all_specs() -> dict:
