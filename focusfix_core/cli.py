@@ -464,7 +464,7 @@ def cmd_convert_reward(a) -> dict:
                               f"{a.output / 'reward.safetensors'}")
     if a.output.exists() and not a.overwrite:
         raise FileExistsError(f"{a.output} exists: pass --overwrite to replace it")
-    path = convert_reward(a.input, a.output)
+    path = convert_reward(a.input, a.output, overwrite=a.overwrite)
     return {"output": str(path)}
 
 

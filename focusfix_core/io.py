@@ -1,7 +1,8 @@
 """Files: atomic saves (nothing is lost, nothing half-written), safe paths and safe loading.
 
 A save writes a temporary file in the target folder, fsyncs it and `os.replace`s it over the target,
-so a crash leaves either the old file or the new one, never a truncated one. Loading never runs
+so a crash leaves either the old file or the new one, never a truncated one. A save that must not replace a
+file (`overwrite=False`) lands with a hard link instead, which fails if the name was taken meanwhile. Loading never runs
 pickled code: `.safetensors` is read by safetensors, `.pt/.pth/.bin/.ckpt` only with
 `torch.load(weights_only=True)`.
 """
@@ -35,8 +36,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # read only with torch.load(
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
+    """Call `write(tmp)` on a temp file next to `path`, fsync it, then move it onto `path` (see `_publish`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
@@ -48,12 +49,33 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Pat
         with open(tmp, "r+b") as f:  # fsync needs a descriptor that may write on some systems
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; other readers (a server) need the usual mode
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:  # also KeyboardInterrupt: never leave a temp file behind
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` onto `path`. Not `overwrite`: in one step that fails when `path` exists, also when
+    another process took the name after the caller found it free (`unique_path` then a save is not atomic)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        try:
+            os.link(tmp, path)  # atomic, and never replaces an existing name
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system (FAT, exFAT, some shares): claim the name, then fill it
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+    except FileExistsError:
+        raise FileExistsError(f"{str(path)!r} exists and was kept (not replaced): choose another name, or allow "
+                              f"overwriting") from None
 
 
 def _file_mode(path: Path) -> int:
@@ -88,20 +110,24 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write `tensors` (moved to CPU, made contiguous) to a .safetensors file atomically.
 
     Args:
         tensors: name -> tensor.
-        path: target file; its folder is created if missing; an existing file is replaced.
+        path: target file; its folder is created if missing.
         metadata: str -> str header metadata.
+        overwrite: replace an existing file; False: FileExistsError when `path` exists, also when it appears
+            while the file is written.
 
     Returns:
         The path written.
 
     Raises:
         TypeError: a name, tensor or metadata entry of the wrong type.
+        FileExistsError: `path` exists and not `overwrite` (nothing is written).
 
     Examples:
         >>> import tempfile; d = tempfile.mkdtemp()
@@ -122,14 +148,15 @@ def atomic_save_safetensors(
         if bad:
             raise TypeError(f"metadata must be a dict[str, str], got non-str entries {bad[:5]}")
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    return _atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), overwrite)
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` atomically (reports, PNGs): readers see the old file or the new one, never half."""
+def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write `data` to `path` atomically (reports, PNGs): readers see the old file or the new one, never half.
+    Not `overwrite`: FileExistsError when `path` exists, as `atomic_save_safetensors`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    return _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return _atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike, encoding: str = "utf-8") -> Path:

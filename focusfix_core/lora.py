@@ -676,9 +676,10 @@ def save_lora(
     if not isinstance(lora, LoRA):
         raise TypeError(f"lora must be a LoRA, got {type(lora).__name__}")
     path = Path(path)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # before the work; the save itself checks again, atomically
         raise FileExistsError(f"LoRA file {str(path)!r} exists; pass overwrite=True or choose another name")
-    return atomic_save_safetensors(lora.state_dict_kohya(prefix, dtype), path, lora_metadata(lora, metadata))
+    return atomic_save_safetensors(lora.state_dict_kohya(prefix, dtype), path, lora_metadata(lora, metadata),
+                                   overwrite)
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -88,8 +88,8 @@ def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def save_png(img: torch.Tensor, path) -> Path:
-    """Atomically write [3,H,W] (or [H,W]) in [0,1] as a PNG."""
+def save_png(img: torch.Tensor, path, overwrite: bool = True) -> Path:
+    """Atomically write [3,H,W] (or [H,W]) in [0,1] as a PNG (not `overwrite`: FileExistsError if `path` exists)."""
     buf = io.BytesIO()
     to_pil(img).save(buf, format="PNG")
-    return atomic_write_bytes(buf.getvalue(), path)
+    return atomic_write_bytes(buf.getvalue(), path, overwrite)

@@ -1,7 +1,6 @@
 """FocusFix Apply LoRA and FocusFix Save LoRA: use a trained LoRA now, or write it for the stock Load LoRA."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -54,16 +53,25 @@ def lora_path(filename: str, overwrite: bool = False, folder: str | None = None)
     return unique_path(safe_join(folder, filename.strip()), overwrite=overwrite)
 
 
-def write_lora(lora: LoraData, path: Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write `lora` to `path` atomically: kohya keys + metadata, plus `extra_metadata` (the graph that made it)."""
+def write_lora(lora: LoraData, path: Path, extra_metadata: dict[str, str] | None = None,
+               overwrite: bool = True) -> Path:
+    """Write `lora` to `path` atomically: kohya keys + metadata, plus `extra_metadata` (the graph that made it).
+    Not `overwrite`: FileExistsError when `path` exists, also when it appeared while the file was written."""
     from ..focusfix_core.io import atomic_save_safetensors
-    return atomic_save_safetensors(lora.tensors, path, {**(extra_metadata or {}), **lora.metadata})
+    return atomic_save_safetensors(lora.tensors, path, {**(extra_metadata or {}), **lora.metadata}, overwrite)
 
 
 def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folder: str | None = None,
                    extra_metadata: dict[str, str] | None = None) -> Path:
-    """`write_lora` to `lora_path(filename, overwrite, folder)`: never onto an existing file unless `overwrite`."""
-    return write_lora(lora, lora_path(filename, overwrite, folder), extra_metadata)
+    """`write_lora` to `lora_path(filename, overwrite, folder)`: never onto an existing file unless `overwrite`.
+    A name another save takes between the look and the write (a second ComfyUI on the same folder) is kept: the
+    save moves on to the next free name."""
+    for _ in range(100):
+        try:
+            return write_lora(lora, lora_path(filename, overwrite, folder), extra_metadata, overwrite)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"filename {filename!r}: every free name was taken by another save while writing")
 
 
 def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> Path | None:
@@ -72,9 +80,10 @@ def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> P
     and not `overwrite`: a LoRA saved with a counter may sit beside an image that is not its own."""
     from ..focusfix_core.viz import save_png
     path = lora_path.with_name(f"{lora_path.stem}.preview.png")
-    if os.path.lexists(path) and not overwrite:
+    try:
+        return save_png(I[0], path, overwrite)
+    except FileExistsError:
         return None
-    return save_png(I[0], path)
 
 
 class FocusFixApplyLoRA:

@@ -15,7 +15,7 @@ from ..focusfix_core.lora import continued_metadata
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import check_cancel, log, run_with_progress, sampling_progress
-from .lora_nodes import lora_path, write_lora
+from .lora_nodes import lora_path, save_lora_data, write_lora
 
 __all__ = ["FixRun", "SeparateEnhanceRun", "run_focus_n_fix", "run_separate_enhance"]
 
@@ -73,22 +73,29 @@ def checkpoint_path(every: int, name: str) -> Path | None:
         raise ValueError(f"checkpoint_name: {e}") from None
 
 
-def _checkpointer(trainer, every: int, path: Path | None, continue_from: LoraData | None = None,
-                  graph: dict[str, str] | None = None):
-    """on_record callback: atomically (re)write the LoRA to `path` every `every` steps (with `graph`, the
-    metadata of the graph running); None when off."""
-    if path is None:
-        return None
+class _Checkpointer:
+    """on_record callback: atomically write the LoRA (with `graph`, the metadata of the graph running) every
+    `every` steps. The first write claims `name` in the loras folder without replacing a file (a name another
+    save took since `checkpoint_path` looked moves it on to the next free name); later writes replace its own."""
 
-    def save(rec):
-        if (rec.step + 1) % every == 0:
-            write_lora(_lora_data(trainer, continue_from), path, extra_metadata=graph)
-            log.info(f"checkpoint after step {rec.step + 1}: {path}")
-    return save
+    def __init__(self, trainer, every: int, path: Path | None, name: str, continue_from: LoraData | None = None,
+                 graph: dict[str, str] | None = None):
+        self.trainer, self.every, self.path, self.name = trainer, every, path, name
+        self.continue_from, self.graph, self.written = continue_from, graph, None
 
-
-def _written(path: Path | None) -> Path | None:
-    return path if path is not None and path.is_file() else None
+    def __call__(self, rec) -> None:
+        if self.path is None or (rec.step + 1) % self.every:
+            return
+        data = _lora_data(self.trainer, self.continue_from)
+        if self.written is None:
+            try:
+                self.written = write_lora(data, self.path, self.graph, overwrite=False)
+            except FileExistsError:
+                self.written = save_lora_data(data, self.name, extra_metadata=self.graph)
+            self.path = self.written
+        else:
+            write_lora(data, self.path, self.graph)
+        log.info(f"checkpoint after step {rec.step + 1}: {self.path}")
 
 
 def _release(dm: ComfyDiffusionModel) -> None:
@@ -112,10 +119,10 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
                                                    on_sampler_step=check_cancel), continue_from, dm)
         try:
             _release(dm)
-            history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images,
-                                        _checkpointer(trainer, checkpoint_every, ckpt, continue_from, graph))
+            save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
+            history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images, save)
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
-            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, _written(ckpt))
+            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written)
         finally:
             trainer.lora.remove()
 
@@ -137,9 +144,9 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
         try:
             _release(dm)
             before = trainer.eval_maps(cfg.seed)
-            history = run_with_progress(trainer, cfg.iterations, on_record=_checkpointer(
-                trainer, checkpoint_every, ckpt, continue_from, graph))
+            save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
+            history = run_with_progress(trainer, cfg.iterations, on_record=save)
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
-                                      trainer.eval_maps(cfg.seed), _written(ckpt), cfg.preserve_prompts)
+                                      trainer.eval_maps(cfg.seed), save.written, cfg.preserve_prompts)
         finally:
             trainer.lora.remove()

@@ -260,3 +260,29 @@ def test_names_windows_cannot_hold_or_too_long_are_refused(tmp_path):
     assert ok.name == "hands v2_final-1.safetensors"
     long_ok = safe_join(tmp_path, "y" * (MAX_NAME_BYTES - len(".safetensors")))
     assert atomic_write_text("x", long_ok).read_text() == "x"  # the temp file's name fits too
+
+
+# ---------------------------------------------------------------- a name taken while the file is written
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-hard-links"])
+def test_a_save_without_overwrite_keeps_a_file_that_appears_while_it_writes(tmp_path, monkeypatch, links):
+    """`unique_path` then a save is not atomic: another process (a second ComfyUI on the same loras folder) may
+    take the name in between. The save must then fail and keep that file, leaving no temp file behind."""
+    if not links:  # FAT/exFAT and some shares have no hard links: the O_EXCL claim must hold the same way
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(PermissionError("no links here")))
+    path = tmp_path / "fix.safetensors"
+    theirs = b"another process's file"
+
+    def write_and_race(tmp):
+        tmp.write_bytes(b"ours")
+        path.write_bytes(theirs)  # the other writer wins the name while ours is being written
+
+    with pytest.raises(FileExistsError, match="fix.safetensors' exists and was kept"):
+        ffio._atomic_write(path, write_and_race, overwrite=False)
+    assert path.read_bytes() == theirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors"]
+    free = tmp_path / "free.safetensors"  # a free name is written, complete, and nothing else is left
+    assert ffio._atomic_write(free, lambda tmp: tmp.write_bytes(b"ours"), overwrite=False) == free
+    assert free.read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors", "free.safetensors"]
+    atomic_write_bytes(b"new", path)  # overwrite (the default) still replaces
+    assert path.read_bytes() == b"new"

@@ -62,3 +62,23 @@ def test_save_lora_data_refuses_escape_and_counts(tmp_path):
     for bad in ("../x", "/abs/x", "a/../../x"):
         with pytest.raises(ValueError, match="must stay inside"):
             save(data, bad, folder=tmp_path)
+
+
+def test_save_lora_data_moves_on_when_another_save_takes_the_name(tmp_path, monkeypatch):
+    """Two ComfyUIs on one loras folder: the name Save LoRA found free is taken before its file lands. The other
+    file is kept and this save goes to the next free name."""
+    nodes = load_pack().nodes.lora_nodes
+    data = A.LoraData(tensors={"lora_unet_a.lora_down.weight": torch.zeros(2, 4),
+                               "lora_unet_a.lora_up.weight": torch.zeros(4, 2), "lora_unet_a.alpha": torch.tensor(2.0)})
+    real = nodes.lora_path
+
+    def racing_lora_path(*a, **k):
+        path = real(*a, **k)
+        if path.name == "fix.safetensors":
+            path.write_bytes(b"theirs")  # the other ComfyUI saves under this name right after we looked
+        return path
+
+    monkeypatch.setattr(nodes, "lora_path", racing_lora_path)
+    assert nodes.save_lora_data(data, "fix", folder=tmp_path).name == "fix_00001.safetensors"
+    assert (tmp_path / "fix.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors", "fix_00001.safetensors"]

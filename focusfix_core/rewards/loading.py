@@ -258,7 +258,7 @@ def load_reward(path: str | os.PathLike, clip_vision_tower: TowerSource | None =
     return reward.eval().requires_grad_(False)
 
 
-def convert_reward(in_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+def convert_reward(in_path: str | os.PathLike, out_path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write a `.safetensors` copy of a reward file with its family in metadata `focusfix_reward`.
 
     Pickles are read with `weights_only=True` (never executed). The layout is validated by
@@ -269,6 +269,7 @@ def convert_reward(in_path: str | os.PathLike, out_path: str | os.PathLike) -> P
 
     Raises:
         ValueError: as `load_reward`, before anything is written.
+        FileExistsError: `out_path` exists and not `overwrite`.
     """
     sd, metadata = load_tensor_file_with_metadata(in_path)
     family = detect_reward_family(sd, metadata)
@@ -287,4 +288,4 @@ def convert_reward(in_path: str | os.PathLike, out_path: str | os.PathLike) -> P
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     meta = {**{str(k): str(v) for k, v in metadata.items()}, METADATA_KEY: family}
-    return atomic_save_safetensors(out, out_path, metadata=meta)
+    return atomic_save_safetensors(out, out_path, metadata=meta, overwrite=overwrite)
