@@ -340,6 +340,7 @@ class _LoRATrainer:
         # metadata of the saved LoRA this run continues ({}: a new LoRA); kept in the state, so a resumed run's
         # LoRA still counts the earlier run's steps (`lora.continued_metadata`)
         self.continued: dict[str, str] = {}
+        self.mutation_allowed = False  # set once a step met a model writing into saved tensors (see `_checked_step`)
         self._good = self._snapshot()
 
     # -- state -------------------------------------------------------------------------------------------
@@ -442,8 +443,25 @@ class _LoRATrainer:
     def __iter__(self) -> Iterator[StepRecord]:
         while self.step < self.cfg.iterations:
             with self._explain_oom(f"in training step {self.step + 1} of {self.cfg.iterations}"):
-                record = self.train_step()
+                record = self._checked_step()
             yield record
+
+    def _checked_step(self) -> StepRecord:
+        """`train_step`, also for a model whose forward writes in place into a tensor autograd saved (ComfyUI's
+        FreeU_V2 patch rescales a block's features in place), which fails the backward. That step is drawn again
+        (its draws put back), and so is every later step, under torch's `allow_mutation_on_saved_tensors`, which
+        copies such a tensor before the write. It runs Python for every op, so only a model that needs it pays."""
+        if self.mutation_allowed:
+            with torch.autograd.graph.allow_mutation_on_saved_tensors():
+                return self.train_step()
+        try:
+            return self.train_step()
+        except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise
+        self.restore_last_good()
+        self.mutation_allowed = True
+        return self._checked_step()
 
     def _memory_advice(self) -> str:
         """What lowers a step's memory, by the settings' (and node inputs') names, with their values."""

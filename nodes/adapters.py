@@ -14,6 +14,7 @@ ComfyUI is imported lazily inside functions, so this module (and every node modu
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from contextlib import contextmanager
@@ -191,6 +192,18 @@ def _y_key(latent_hw, negative: bool = False) -> str:
     return f"y_{int(h)}x{int(w)}" + ("_negative" if negative else "")
 
 
+def _trainable_latent_format(fmt):
+    """The MODEL's latent format as KSampler uses it (an object patch, e.g. Model Sampling Continuous EDM's
+    Playground v2.5 one, wins over the model's own), with its tensors (Playground's per-channel mean and std)
+    copied out of inference mode: the stock loader builds them there, and a decode's backward cannot save those."""
+    fmt = copy.copy(fmt)
+    with torch.inference_mode(False):
+        for name, value in list(vars(fmt).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(fmt, name, value.clone())
+    return fmt
+
+
 class ComfyDiffusionModel:
     """The core's `DiffusionModel` protocol on ComfyUI's MODEL (+ CLIP, VAE), SD1.5 and SDXL layouts.
 
@@ -214,7 +227,7 @@ class ComfyDiffusionModel:
         ms = self._model_sampling = model.get_model_object("model_sampling")
         self.sigmas = ms.sigmas.detach().clone().float().cpu()  # [T] ascending
         self._sigma_max = float(ms.sigma_max)                 # read once: noise_scaling runs every iteration
-        self.latent_format = self.base.latent_format
+        self.latent_format = _trainable_latent_format(model.get_model_object("latent_format"))
         self.latent_channels = int(self.latent_format.latent_channels)
         scale = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
         self.latent_scale = int(scale) if isinstance(scale, (int, float)) else 8

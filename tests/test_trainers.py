@@ -949,3 +949,49 @@ def test_before_after_maps_pad_a_prompt_with_fewer_objects_with_blank_maps(small
     trainer.lora.remove()
     assert A.shape == (2, 3, 8, 8)
     assert torch.equal(A[0, 2], torch.zeros(8, 8)) and A[0, :2].amin() > 0 and A[1].amin() > 0
+
+
+# ---------------------------------------------------------------- a model that writes into saved tensors (models review, 2)
+def _rescale_half_in_place(module, args, out):
+    """Half the channels rescaled in place by a factor computed from the features, as ComfyUI's FreeU_V2 patch
+    does to a block's output: autograd saved that half for the product's backward."""
+    c = out.shape[1] // 2
+    out[:, :c] = out[:, :c] * (1 + 0.1 * out.mean(1, keepdim=True))
+    return out
+
+
+def test_fix_and_separate_enhance_train_a_model_that_writes_into_saved_tensors(small_model, square_reward):
+    """Both trainers run on such a model (its first step drawn again under allow_mutation_on_saved_tensors) and
+    give the steps a plain run of the same model gives where nothing is written in place."""
+    out = small_model.net.mid_block
+    handle = out.register_forward_hook(_rescale_half_in_place)
+    try:
+        fix = FixTrainer(small_model, square_reward, fix_cfg(iterations=2))
+        fix_recs = list(fix)
+        se = SeparateEnhanceTrainer(small_model, se_cfg(iterations=2))
+        se_recs = list(se)
+    finally:
+        handle.remove()
+    fix.lora.remove()
+    se.lora.remove()
+    assert fix.mutation_allowed and se.mutation_allowed
+    assert [r.step for r in fix_recs] == [0, 1] and [r.step for r in se_recs] == [0, 1]
+
+    def copy_written(module, args, out):  # the same maths without the in-place write: the reference
+        c = out.shape[1] // 2
+        return torch.cat([out[:, :c] * (1 + 0.1 * out.mean(1, keepdim=True)), out[:, c:]], 1)
+
+    handle = out.register_forward_hook(copy_written)
+    try:
+        ref_fix, ref_se = FixTrainer(small_model, square_reward, fix_cfg(iterations=2)), SeparateEnhanceTrainer(
+            small_model, se_cfg(iterations=2))
+        ref_fix_recs, ref_se_recs = list(ref_fix), list(ref_se)
+    finally:
+        handle.remove()
+    ref_fix.lora.remove()
+    ref_se.lora.remove()
+    assert not ref_fix.mutation_allowed
+    for got, ref in ((fix_recs, ref_fix_recs), (se_recs, ref_se_recs)):
+        assert [r.loss for r in got] == pytest.approx([r.loss for r in ref], rel=1e-3)  # Adam: rounding grows
+    for a, b in zip(fix.lora.state_dict().values(), ref_fix.lora.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -42,17 +42,18 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def _unet(config_cls, cfg: dict, seed: int, weight_dtype: torch.dtype = torch.float32):
+def _unet(config_cls, cfg: dict, seed: int, weight_dtype: torch.dtype = torch.float32, state_dict: dict | None = None):
     """weight_dtype float8_*: weights stored in fp8 and cast to fp32 per layer (ComfyUI's manual cast), as the
     "Load Diffusion Model" node's weight_dtype fp8_e4m3fn gives. float16 / bfloat16: stored and computed in it,
-    as ComfyUI runs SD1.5 and SDXL UNets on most GPUs (fp16)."""
+    as ComfyUI runs SD1.5 and SDXL UNets on most GPUs (fp16). state_dict: the keys a checkpoint's model type is
+    read from (e.g. Playground v2.5's edm_mean/edm_std)."""
     mc = config_cls(cfg)
     native = weight_dtype in (torch.float32, torch.float16, torch.bfloat16)
     mc.set_inference_dtype(weight_dtype, None if native else torch.float32)
     for k, v in cfg.items():  # unet_extra_config overrides num_heads/num_head_channels: put ours back
         mc.unet_config[k] = v
     mc.unet_config["dtype"] = weight_dtype
-    model = mc.get_model({})
+    model = mc.get_model(state_dict or {})
     randomize(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
@@ -75,12 +76,15 @@ def tiny_sd15(seed: int = 0, weight_dtype: torch.dtype = torch.float32, in_chann
     return model, clip
 
 
-def tiny_sdxl(seed: int = 0, weight_dtype: torch.dtype = torch.float32):
-    """SDXL layout: no attention in level 0, linear proj_in, context = clip_l + clip_g (64), y = pooled + 6x256. -> (MODEL, CLIP)."""
+def tiny_sdxl(seed: int = 0, weight_dtype: torch.dtype = torch.float32, playground: bool = False):
+    """SDXL layout: no attention in level 0, linear proj_in, context = clip_l + clip_g (64), y = pooled + 6x256.
+    playground: as a Playground v2.5 checkpoint loads (EDM parameterisation, its own latent format with a
+    per-channel mean and std). -> (MODEL, CLIP)."""
     cfg = {**_COMMON, "adm_in_channels": WIDTH + 6 * 256, "num_classes": "sequential", "context_dim": 2 * WIDTH,
            "use_linear_in_transformer": True, "transformer_depth": [0, 2], "transformer_depth_middle": 1,
            "transformer_depth_output": [0, 0, 2, 2], "num_heads": -1, "num_head_channels": 16}
-    model = _unet(comfy.supported_models.SDXL, cfg, seed, weight_dtype)
+    edm = {"edm_mean": torch.zeros(4), "edm_std": torch.ones(4)} if playground else None
+    model = _unet(comfy.supported_models.SDXL, cfg, seed, weight_dtype, edm)
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(_CLIP_CFG), "clip_g_model_config": dict(_CLIP_CFG)})
     randomize(clip.cond_stage_model, seed + 1)

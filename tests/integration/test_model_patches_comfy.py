@@ -344,3 +344,41 @@ def test_attention_maps_and_training_see_layers_an_attn2_replace_patch_runs(fres
             iterations=1, seed=0)
         assert "step 1/1" in report
     torch.testing.assert_close(before["patched"], before["plain"], rtol=0, atol=2 / 255)
+
+
+# ---------------------------------------------------------------- models review (session 11), findings 1 and 2
+def test_playground_v25_trains_and_ksampler_draws_its_images(fresh, tiny_models):
+    """Playground v2.5 has its own latent format, whose per-channel mean and std the loader builds under inference
+    mode: the Train node stopped at step 1 with "Inference tensors cannot be saved for backward"."""
+    with torch.inference_mode():  # as Load Checkpoint runs
+        model, clip = tiny_models.tiny_sdxl(0, playground=True)
+        vae = tiny_models.tiny_vae(0)
+    assert type(model.model.latent_format).__name__ == "SDXL_Playground_2_5"
+    _ksampler_draws_the_trainers_images(fresh, model, clip, vae, scheduler="karras")
+
+
+def test_the_latent_format_an_edm_playground_patch_sets_is_the_one_training_decodes_with(fresh, tiny_models):
+    """Model Sampling Continuous EDM's edm_playground_v2.5 swaps in Playground's latent format as an object patch:
+    training decoded with SDXL's (I0 0.39 away from KSampler's), or, once a KSampler had applied the patch to the
+    model, stopped on its inference tensors. Twice: before and after a KSampler ran on the patched MODEL."""
+    with torch.inference_mode():
+        model, clip, vae = tiny_models.tiny_checkpoint("sdxl", 0)
+    edm = fresh.run("ModelSamplingContinuousEDM", model=model, sampling="edm_playground_v2.5", sigma_max=80.0,
+                    sigma_min=0.002)[0]
+    for _ in range(2):
+        _ksampler_draws_the_trainers_images(fresh, edm, clip, vae, scheduler="karras")
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sdxl"])
+def test_freeu_v2_trains_in_both_nodes_and_ksampler_draws_the_images(fresh, tiny_models, layout):
+    """FreeU_V2 rescales a block's features in place, from a factor it computes from them: both training nodes
+    stopped with autograd's "modified by an inplace operation". Both now train; KSampler on the FreeU_V2 MODEL
+    draws the Train node's before image, and with the LoRA its after image."""
+    with torch.inference_mode():
+        model, clip, vae = tiny_models.tiny_checkpoint(layout, 0)
+    freeu = fresh.run("FreeU_V2", model=model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
+    _ksampler_draws_the_trainers_images(fresh, freeu, clip, vae)
+    out = fresh.run("FocusFixTrainSeparateEnhance", model=freeu, clip=clip, prompts="a cat and a dog | cat, dog",
+                    lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE,
+                    rank=2, targets="attn", lr=1e-2, iterations=2, seed=0)
+    assert "step 2/2" in out[-1]
