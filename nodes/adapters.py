@@ -286,6 +286,30 @@ class ComfyDiffusionModel:
                          {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": cond_or_uncond})
         return x0.float()
 
+    def redraw_caveats(self) -> list[str]:
+        """Report notes on what keeps KSampler on this MODEL from drawing the Train node's images to float rounding:
+        sampler wrappers training does not run (EasyCache, LazyCache), a patch drawing from torch's global random
+        numbers (ToMe: KSampler seeds them per run, training does not), and the attention kernel training swapped
+        in (ComfyUI's pick has no backward: in fp16/bf16 its rounding can exceed a short run's change)."""
+        import comfy.ldm.modules.attention as attention
+        notes = []
+        topts = self.patcher.model_options.get("transformer_options", {})
+        wrappers = sorted({str(key) for table in (self.patcher.wrappers, topts.get("wrappers", {}))
+                           for by_key in table.values() for key, fns in by_key.items() if fns})
+        if wrappers:
+            notes.append(f"the MODEL carries sampler wrappers ({', '.join(wrappers)}, e.g. EasyCache): training and "
+                         f"its images run without them, so KSampler's images on this MODEL differ from these")
+        patches = [_patch_name(fn) for fns in topts.get("patches", {}).values() for fn in fns]
+        if any("tome" in name.lower() for name in patches):
+            notes.append("the MODEL carries ToMe (TomePatchModel), which draws from torch's global random numbers: "
+                         "KSampler seeds them per run and training does not, so their images differ")
+        kernel = getattr(attention.optimized_attention, "__name__", "")
+        if kernel not in _ATTENTION_WITH_BACKWARD:
+            notes.append(f"ComfyUI's attention here ({kernel}) has no backward: training and its images use PyTorch "
+                         f"SDPA, so KSampler's images differ from these by the two kernels' rounding (larger in "
+                         f"fp16/bf16)")
+        return notes
+
     def guidance_function(self) -> Guidance | None:
         """ComfyUI's CFG as KSampler runs it with this MODEL's guidance patches (pre-CFG, CFG and post-CFG functions
         other nodes set: RescaleCFG, CFGZeroStar, APG, Mahiro, ...), for `CFGDenoiser`; None without patches (plain

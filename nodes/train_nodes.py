@@ -208,7 +208,7 @@ class FocusFixTrainFocusNFix:
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
         notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
-                            _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *notes,
+                            _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations),
                             *_precision_notes(run.history)])
         log.info(report)

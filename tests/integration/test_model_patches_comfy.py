@@ -382,3 +382,22 @@ def test_freeu_v2_trains_in_both_nodes_and_ksampler_draws_the_images(fresh, tiny
                     lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE,
                     rank=2, targets="attn", lr=1e-2, iterations=2, seed=0)
     assert "step 2/2" in out[-1]
+
+
+def test_the_report_names_what_keeps_ksampler_from_drawing_the_same_images(fresh, checkpoint, monkeypatch):
+    """Models review, findings 3-5: EasyCache's wrappers (training runs without them: I0 0.022 from KSampler's), ToMe
+    (global random numbers) and ComfyUI's attention kernel when training swapped it for SDPA are named in the
+    report, under the line saying KSampler draws these images; a plain MODEL on SDPA gets none of them."""
+    import comfy.ldm.modules.attention as attention
+    model, clip, vae = checkpoint
+    cache = fresh.run("EasyCache", model=model, reuse_threshold=0.5, start_percent=0.0, end_percent=1.0,
+                      verbose=False)[0]
+    tome = fresh.run("TomePatchModel", model=model, ratio=0.5)[0]
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_sub_quad)
+    report = _train(fresh, cache, clip, vae, iterations=1)[-1]
+    assert "sampler wrappers (easycache, e.g. EasyCache)" in report
+    assert "ComfyUI's attention here (attention_sub_quad) has no backward" in report
+    assert "ToMe" in _train(fresh, tome, clip, vae, iterations=1)[-1]
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    plain = _train(fresh, model, clip, vae, iterations=1)[-1]
+    assert not any(w in plain for w in ("sampler wrappers", "ToMe", "has no backward")), plain
