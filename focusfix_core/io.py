@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "load_training_state",
+    "NameTakenError",
     "safe_join",
     "unique_path",
     "load_tensor_file",
@@ -39,7 +40,7 @@ _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, t
 def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
     """Call `write(tmp)` on a temp file next to `path`, fsync it, then move it onto `path` (see `_publish`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path)
     # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".focusfix-", suffix=".tmp")
     os.close(fd)
@@ -57,6 +58,19 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     return path
 
 
+class NameTakenError(FileExistsError):
+    """A save that must not replace a file found its name taken (see `_publish`)."""
+
+
+def _make_folder(path: Path) -> None:
+    """Create `path`'s folder; a file where a folder must be is named (mkdir only says "File exists")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder") from None
+
+
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     """Move the finished `tmp` onto `path`. Not `overwrite`: in one step that fails when `path` exists, also when
     another process took the name after the caller found it free (`unique_path` then a save is not atomic)."""
@@ -70,12 +84,16 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
             raise
         except OSError:  # no hard links on this file system (FAT, exFAT, some shares): claim the name, then fill it
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:  # never leave our empty claim under the name
+                path.unlink(missing_ok=True)
+                raise
         else:
             tmp.unlink()
     except FileExistsError:
-        raise FileExistsError(f"{str(path)!r} exists and was kept (not replaced): choose another name, or allow "
-                              f"overwriting") from None
+        raise NameTakenError(f"{str(path)!r} exists and was kept (not replaced): choose another name, or allow "
+                             f"overwriting") from None
 
 
 def _file_mode(path: Path) -> int:
@@ -317,7 +335,8 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
 
     Raises:
         TypeError: folder or filename of the wrong type.
-        ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a symlink escape; a name
+        ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a symlink escape; a
+            subfolder that is a file; a name
             Windows cannot hold (`<>:"|?*`, control characters, CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot
             or space) or a component over MAX_NAME_BYTES bytes.
 
@@ -359,6 +378,11 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
     path = root.joinpath(*parts).resolve()  # follows symlinks that already exist
     if path == root or not path.is_relative_to(root):
         raise refuse(f"it resolves to {str(path)!r}")
+    blocker = next((p for p in reversed(path.parents) if p.is_relative_to(root) and p.exists() and not p.is_dir()),
+                   None)
+    if blocker is not None:  # found now, not after a training run when the save's mkdir fails
+        raise ValueError(f"filename {filename!r}: {str(blocker.relative_to(root))!r} is a file in folder "
+                         f"{str(folder)!r}, not a subfolder; choose another name")
     return path
 
 

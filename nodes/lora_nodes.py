@@ -66,10 +66,11 @@ def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folde
     """`write_lora` to `lora_path(filename, overwrite, folder)`: never onto an existing file unless `overwrite`.
     A name another save takes between the look and the write (a second ComfyUI on the same folder) is kept: the
     save moves on to the next free name."""
+    from ..focusfix_core.io import NameTakenError
     for _ in range(100):
         try:
             return write_lora(lora, lora_path(filename, overwrite, folder), extra_metadata, overwrite)
-        except FileExistsError:
+        except NameTakenError:
             continue
     raise FileExistsError(f"filename {filename!r}: every free name was taken by another save while writing")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..focusfix_core.io import NameTakenError
 from ..focusfix_core.lora import continued_metadata
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
@@ -28,6 +29,7 @@ class FixRun:
     I: torch.Tensor              # [N,3,H,W] the same items with the trained LoRA
     M: torch.Tensor | None       # [N,H,W] masks used (None: plain DRaFT)
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
+    checkpoint_error: str | None = None  # why the last checkpoint write failed (None: it did not)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SeparateEnhanceRun:
     A_after: torch.Tensor        # the same after
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
     preserve_prompts: tuple[str, ...] = ()  # the preservation term's single-object prompts
+    checkpoint_error: str | None = None  # why the last checkpoint write failed (None: it did not)
 
 
 def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
@@ -76,25 +79,33 @@ def checkpoint_path(every: int, name: str) -> Path | None:
 class _Checkpointer:
     """on_record callback: atomically write the LoRA (with `graph`, the metadata of the graph running) every
     `every` steps. The first write claims `name` in the loras folder without replacing a file (a name another
-    save took since `checkpoint_path` looked moves it on to the next free name); later writes replace its own."""
+    save took since `checkpoint_path` looked moves it on to the next free name); later writes replace its own.
+    A write that fails (disk full, permissions) is logged and kept in `error`, and training goes on: a checkpoint
+    is insurance, and losing the run to it would lose more than the checkpoint."""
 
     def __init__(self, trainer, every: int, path: Path | None, name: str, continue_from: LoraData | None = None,
                  graph: dict[str, str] | None = None):
         self.trainer, self.every, self.path, self.name = trainer, every, path, name
-        self.continue_from, self.graph, self.written = continue_from, graph, None
+        self.continue_from, self.graph, self.written, self.error = continue_from, graph, None, None
 
     def __call__(self, rec) -> None:
         if self.path is None or (rec.step + 1) % self.every:
             return
         data = _lora_data(self.trainer, self.continue_from)
-        if self.written is None:
-            try:
-                self.written = write_lora(data, self.path, self.graph, overwrite=False)
-            except FileExistsError:
-                self.written = save_lora_data(data, self.name, extra_metadata=self.graph)
-            self.path = self.written
-        else:
-            write_lora(data, self.path, self.graph)
+        try:
+            if self.written is None:
+                try:
+                    self.written = write_lora(data, self.path, self.graph, overwrite=False)
+                except NameTakenError:
+                    self.written = save_lora_data(data, self.name, extra_metadata=self.graph)
+                self.path = self.written
+            else:
+                write_lora(data, self.path, self.graph)
+        except OSError as e:
+            self.error = f"the checkpoint after step {rec.step + 1} was not written ({e})"
+            log.warning(f"{self.error}; training goes on")
+            return
+        self.error = None
         log.info(f"checkpoint after step {rec.step + 1}: {self.path}")
 
 
@@ -122,7 +133,7 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
             save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images, save)
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
-            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written)
+            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written, save.error)
         finally:
             trainer.lora.remove()
 
@@ -147,6 +158,6 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
             save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
             history = run_with_progress(trainer, cfg.iterations, on_record=save)
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
-                                      trainer.eval_maps(cfg.seed), save.written, cfg.preserve_prompts)
+                                      trainer.eval_maps(cfg.seed), save.written, cfg.preserve_prompts, save.error)
         finally:
             trainer.lora.remove()

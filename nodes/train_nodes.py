@@ -91,10 +91,13 @@ def _check_checkpoint_name(every: int | None, name: str | None) -> None:
         checkpoint_path(1, name)
 
 
-def _checkpoint_note(path, every: int, iterations: int) -> list[str]:
-    """Where the run's checkpoints went, or why there is none."""
+def _checkpoint_note(path, every: int, iterations: int, error: str | None = None) -> list[str]:
+    """Where the run's checkpoints went, or why there is none; `error`: why the last write failed."""
     if every <= 0:
         return []
+    if error is not None:
+        kept = f"{loras_name(path)} holds an earlier step" if path is not None else "no checkpoint was written"
+        return [f"checkpoint: {error}; training went on ({kept}; the LoRA output holds every step)"]
     if path is None:
         return [f"checkpoint_every ({every}) is more than iterations ({iterations}): no checkpoint was written"]
     return [f"checkpoint: {loras_name(path)} (every {every} steps; Load LoRA lists it)"]
@@ -209,7 +212,7 @@ class FocusFixTrainFocusNFix:
         notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *dm.redraw_caveats(), *notes,
-                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations),
+                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
                             *_precision_notes(run.history)])
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
@@ -374,7 +377,8 @@ class FocusFixTrainSeparateEnhance:
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             f"preservation: {preservation}" + (f", on {', '.join(map(repr, run.preserve_prompts))}"
                                                                if preservation != "none" else ""),
-                            *notes, *_checkpoint_note(run.checkpoint, checkpoint_every, iterations),
+                            *notes,
+                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
                             *_precision_notes(run.history)])
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
                 bchw_to_image(_maps_grid(run.A_after)), report)

@@ -286,3 +286,34 @@ def test_a_save_without_overwrite_keeps_a_file_that_appears_while_it_writes(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors", "free.safetensors"]
     atomic_write_bytes(b"new", path)  # overwrite (the default) still replaces
     assert path.read_bytes() == b"new"
+
+
+def test_a_file_where_a_subfolder_must_be_is_named_before_anything_is_written(tmp_path):
+    """Standards audit 2: with a file `afile` in the loras folder, 'afile/ckpt' passed the queue-time check and
+    failed after training (Save LoRA said every free name was taken). safe_join now refuses it; a direct save
+    names the file in the way."""
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"filename 'afile/ckpt': 'afile' is a file in folder .*, not a subfolder"):
+        safe_join(tmp_path, "afile/ckpt")
+    assert safe_join(tmp_path, "sub/ckpt") == tmp_path.resolve() / "sub" / "ckpt.safetensors"  # to be created
+    with pytest.raises(NotADirectoryError, match=r"cannot write .*/afile' is a file, not a folder"):
+        atomic_write_bytes(b"y", tmp_path / "afile" / "deeper" / "x.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_interrupted_save_without_hard_links_leaves_no_empty_file(tmp_path, monkeypatch):
+    """Standards audit 8: without hard links the name is claimed with an empty file, then replaced; a Ctrl-C
+    between the two left that empty file, which then loaded as corrupt and blocked the name."""
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(PermissionError("no links here")))
+    real_replace = os.replace
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ffio._atomic_write(tmp_path / "fix.safetensors", lambda tmp: tmp.write_bytes(b"ours"), overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    ffio._atomic_write(tmp_path / "fix.safetensors", lambda tmp: tmp.write_bytes(b"ours"), overwrite=False)
+    assert (tmp_path / "fix.safetensors").read_bytes() == b"ours"

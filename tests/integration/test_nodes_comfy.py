@@ -1,6 +1,7 @@
 """Each FocusFix node on tiny SD1.5- and SDXL-layout models inside a real ComfyUI (in-process, CPU)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,41 @@ def test_checkpoints_keep_an_existing_file_and_a_bad_name_fails_before_training(
     with pytest.raises(ValueError, match="checkpoint_name: filename '../escape' must stay inside"):
         _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="../escape")
     assert not fresh.progress, "no training step may run before the name is refused"
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(fresh, checkpoint, monkeypatch):
+    """Standards audit 3: a checkpoint write that fails (disk full) stopped the run and lost it. Training now
+    goes on, and the report says which write failed and what the checkpoint file holds."""
+    runs = sys.modules[f"{fresh.pack.__name__}.nodes.runs"]
+    real, calls = runs.write_lora, []
+
+    def full_disk_on_second_write(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runs, "write_lora", full_disk_on_second_write)
+    lora, *_, report = _train_fix(fresh, checkpoint, iterations=3, checkpoint_every=1, checkpoint_name="ckpt/full")
+    assert "step 3/3" in report and len(calls) == 3
+    assert "checkpoint: ckpt/full.safetensors (every 1 steps" in report  # the third write worked again
+    calls.clear()
+    monkeypatch.setattr(runs, "write_lora", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/none")
+    assert ("checkpoint: the checkpoint after step 2 was not written ([Errno 28] No space left); training went on "
+            "(no checkpoint was written; the LoRA output holds every step)") in report
+
+
+def test_a_file_where_a_checkpoint_or_lora_subfolder_must_be_is_refused_at_queue_time(fresh, checkpoint):
+    """Standards audit 2: with a file `afile` in the loras folder, 'afile/ckpt' passed the queue-time check and the
+    run failed after training saying every free name was taken."""
+    (fresh.loras / "afile").write_bytes(b"x")
+    fix = fresh.node("FocusFixTrainFocusNFix")
+    assert "'afile' is a file in folder" in fix.VALIDATE_INPUTS(steps=3, K=1, checkpoint_every=1,
+                                                                checkpoint_name="afile/ckpt")
+    (lora, *_) = _train_fix(fresh, checkpoint, iterations=1)
+    with pytest.raises(ValueError, match="'afile' is a file in folder"):
+        fresh.run("FocusFixSaveLoRA", lora=lora, filename="afile/x", overwrite=False)
 
 
 def test_separate_enhance_and_attention_maps_at_a_landscape_size(fresh, checkpoint, layout):
