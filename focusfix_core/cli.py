@@ -39,15 +39,16 @@ OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.pn
 class ProgressBar:
     """A tqdm-style bar on stderr (one line, redrawn); log lines instead when stderr is not a terminal."""
 
-    def __init__(self, total: int, desc: str, stream=None):
-        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
+    def __init__(self, total: int, desc: str, stream=None, start: int = 0):
+        """start: the steps already done before this bar (a resumed run): the rate counts only this run's."""
+        self.total, self.desc, self.stream, self.start = total, desc, stream or sys.stderr, start
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self._last_log = -1
 
     def update(self, done: int, text: str = "") -> None:
         elapsed = time.perf_counter() - self.t0
-        rate = elapsed / max(done, 1)
+        rate = elapsed / max(done - self.start, 1)
         eta = rate * (self.total - done)
         if self.tty:
             filled = int(24 * done / self.total)
@@ -189,20 +190,23 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     t0 = time.perf_counter()
     lora = continue_from.attach(model.net) if continue_from is not None else None
     trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state)
-    bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
+    bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
     # saved before the images are drawn: a Ctrl-C while they sample keeps the trained LoRA
     lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
     I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
-    with torch.no_grad():
-        r0, r1 = reward(I0.clamp(0, 1)), reward(I.clamp(0, 1))
+    with torch.no_grad():  # `score`, unchecked: a LoRA drawing NaN images is reported (null), not an exit 2
+        r0, r1 = reward.score(I0.clamp(0, 1)).float(), reward.score(I.clamp(0, 1)).float()
+    if not (torch.isfinite(I).all() and torch.isfinite(r1).all()):
+        why = "the LoRA draws non-finite images or scores: train again with a lower lr (or --lam)"
+        status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
     diff = (I - I0).abs().mean(1)                                          # [n,H,W]
     inside = outside = None
     if M is not None:
         Mb = (M >= 0.5).float()
-        inside = float((diff * Mb).sum() / Mb.sum().clamp_min(1))
-        outside = float((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
+        inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
+        outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
     tiles = [I0, I] if M is None else [I0, mask_overlay(I0, M), I, heat_overlay(I, diff)]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
@@ -211,8 +215,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
         "reward": getattr(reward, "name", type(reward).__name__), "steps_trained": trainer.step,
         "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
-        "reward_before": r0.tolist(), "reward_after": r1.tolist(),
-        "mean_reward_before": float(r0.mean()), "mean_reward_after": float(r1.mean()),
+        "reward_before": [_finite(r) for r in r0], "reward_after": [_finite(r) for r in r1],
+        "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
         "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
         "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
         "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
@@ -239,7 +243,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     with trainer.lora.disabled():
         A0 = trainer.eval_maps()
         S0 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
-    bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None)
+    bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
     lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
@@ -283,6 +287,12 @@ def _samples(model, trainer, cfg, steps: int, cfg_scale: float) -> torch.Tensor:
     den = CFGDenoiser(model.denoise, model.encode_prompts([""]), cfg_scale)
     x = seed_noise([0] * len(cfg.prompts), trainer.latent_shape) * sig[0]
     return model.decode(sample(den, x, sig, trainer.cond)).clamp(0, 1)
+
+
+def _finite(x: torch.Tensor) -> float | None:
+    """A report number; None (JSON null) for NaN/inf, which JSON cannot hold."""
+    v = float(x)
+    return v if math.isfinite(v) else None
 
 
 def _write_report(out: Path, report: dict, columns: str) -> None:
@@ -391,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _size(model, size):
     if size is not None and size < 8:
         raise ValueError(f"--size must be at least 8 pixels, got {size}")
+    if size is not None and size % 4:  # the tiny UNet halves the image twice, and its skips must line up again
+        raise ValueError(f"--size must be a multiple of 4 (the tiny model halves the image twice), got {size}")
     return size or getattr(getattr(model, "cfg", None), "image_size", 512)
 
 

@@ -169,6 +169,9 @@ class FixConfig(_LoRAConfig):
         return [(p, s) for p in self.prompts for s in self.seeds]
 
 
+MAX_SEED = 2**64 - 1  # KSampler's seed widget goes up to 0xffffffffffffffff
+
+
 def parse_ints(text: str, name: str = "seeds") -> list[int]:
     """'0, 1, 5-7' -> [0, 1, 5, 6, 7] (the seeds of the nodes and the CLI); ValueError quoting the bad part."""
     out: list[int] = []
@@ -179,6 +182,8 @@ def parse_ints(text: str, name: str = "seeds") -> list[int]:
         if m is None:
             raise ValueError(f"{name}: {part!r} is not an integer or a range like 3-5 (got {text!r})")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo < 0 or hi > MAX_SEED:  # KSampler's seed range: a seed outside it could not be drawn again there
+            raise ValueError(f"{name}: {part!r} is outside 0 to {MAX_SEED} (KSampler's seed range)")
         if hi < lo or hi - lo > 1000:
             raise ValueError(f"{name}: range {part!r} must go up and hold at most 1001 values")
         out += range(lo, hi + 1)

@@ -1,0 +1,49 @@
+"""The command line on runs that go wrong and on bad arguments (standards audit, findings 1, 7, 9, 13)."""
+import io
+import json
+
+import pytest
+
+from focusfix_core import cli
+
+
+def test_a_lora_that_draws_nan_images_is_reported_and_exits_1(tmp_path, capsys):
+    """lr 1e30: step 1 leaves finite but huge weights, step 2 draws NaN images. The last good LoRA still draws
+    NaN, and scoring its after images raised: exit 2 and no report. Now the run is reported as failed, its scores
+    are null, every output is written, and the exit code is 1."""
+    out = tmp_path / "nan"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "6", "--steps", "4",
+                   "--seeds", "0,1", "--batch-size", "1", "--lr", "1e30", "--out", str(out)])
+    assert rc == 1
+    assert sorted(p.name for p in out.iterdir()) == ["before_after.png", "curves.png", "lora.safetensors",
+                                                     "report.json", "report.md", "state.pt"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"].startswith("failed: ") and "the LoRA draws non-finite images" in report["status"]
+    assert report["mean_reward_after"] is None and report["mean_reward_before"] is not None
+    assert "non-finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "33"], "--size must be a multiple of 4"),
+    (["--seeds", "18446744073709551616"], "outside 0 to 18446744073709551615"),
+    (["--seeds", "-1"], "outside 0 to 18446744073709551615"),
+])
+def test_bad_arguments_are_named_before_anything_runs(tmp_path, capsys, args, message):
+    argv = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(tmp_path / "o"), *args]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse refuses a --seeds it cannot parse
+        rc = e.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_the_bar_of_a_resumed_run_times_this_runs_steps_only(monkeypatch):
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    stream.isatty = lambda: True
+    bar = cli.ProgressBar(10, "fix", stream=stream, start=6)  # resumed after 6 steps
+    bar.update(8)  # 2 steps in 10 s: 5 s/it, 2 left
+    assert "5.00s/it ETA 10s" in stream.getvalue()
