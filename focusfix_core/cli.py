@@ -129,7 +129,11 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
         for rec in trainer:
             bar.update(rec.step + 1, rec.summary().split("  ", 1)[1].rsplit("  ", 1)[0])
             if checkpoint_every and (rec.step + 1) % checkpoint_every == 0:
-                trainer.save_state(out / "state.pt")
+                try:
+                    trainer.save_state(out / "state.pt")
+                except OSError as e:  # a checkpoint is insurance: losing the run to it would lose more
+                    print(f"\nwarning: state.pt after step {rec.step + 1} was not written ({e}); training goes on",
+                          file=sys.stderr)
     except KeyboardInterrupt:
         trainer.restore_last_good()
         status = f"interrupted after {trainer.step} steps"

@@ -51,8 +51,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; other readers (a server) need the usual mode
         _publish(tmp, path, overwrite)
-    except BaseException:  # also KeyboardInterrupt: never leave a temp file behind
+    except BaseException as e:  # also KeyboardInterrupt: never leave a temp file behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == tmp_name and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(path)) from e  # name the file being saved, not our temp file
         raise
     _fsync_dir(path.parent)
     return path

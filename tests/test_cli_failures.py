@@ -47,3 +47,26 @@ def test_the_bar_of_a_resumed_run_times_this_runs_steps_only(monkeypatch):
     bar = cli.ProgressBar(10, "fix", stream=stream, start=6)  # resumed after 6 steps
     bar.update(8)  # 2 steps in 10 s: 5 s/it, 2 left
     assert "5.00s/it ETA 10s" in stream.getvalue()
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_run(tmp_path, capsys, monkeypatch):
+    """A full disk at the 2nd state.pt lost steps 3-4 and the LoRA (exit 2, naming a temp file that no longer
+    existed). The run now goes on and writes every output once the disk has room again."""
+    from focusfix_core import io as ffio
+    real, calls = ffio.torch.save, []
+
+    def full_on_second(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(f))
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(ffio.torch, "save", full_on_second)
+    out = tmp_path / "o"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "4", "--steps", "3",
+                   "--seeds", "0", "--batch-size", "1", "--checkpoint-every", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "warning: state.pt after step 2 was not written" in err and f"{out / 'state.pt'}" in err
+    assert ".tmp" not in err
+    assert json.loads((out / "report.json").read_text())["steps_trained"] == 4
