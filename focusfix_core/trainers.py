@@ -523,8 +523,9 @@ class FixTrainer(_LoRATrainer):
             `cfg.prompts` / `cfg.negative_prompt` with the model's text encoder.
         lora: an attached LoRA to continue; a new one is attached otherwise.
         on_sampler_step: called with `sample`'s step info after every sampler step the trainer takes (I0, I, the
-            training trajectory); it may raise to cancel (a node's check for ComfyUI's cancel button), so a long
-            step stops within one denoiser call.
+            training trajectory), and with {"mask_item": i} before item i's mask is derived from the reward; it
+            may raise to cancel (a node's check for ComfyUI's cancel button), so a long step stops within one
+            denoiser call or one mask.
     """
 
     method = "focus-n-fix"
@@ -680,6 +681,8 @@ class FixTrainer(_LoRATrainer):
         is the same whichever items share its batch (a blur rounds differently per batch, and a top_percent cut
         flips near-tied pixels), so a resumed run draws the masks it had."""
         c, (prompt, seed) = self.cfg, self.items[i]
+        if self.on_sampler_step is not None:  # a cancel between items: smoothgrad runs 8 reward backwards each
+            self.on_sampler_step({"mask_item": i})
         gen = torch.Generator(device=I0.device).manual_seed((c.seed * 1_000_003 + seed) % 2 ** 63)
         M = mask_from_reward(self.reward, I0.clamp(0, 1), source=c.mask_source, method=c.saliency_method,
                              blur_sigma=c.blur_sigma, threshold_mode=c.threshold_mode, threshold=c.threshold,

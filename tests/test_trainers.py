@@ -649,6 +649,32 @@ class _Cancel(Exception):
     pass
 
 
+def test_a_cancel_between_derived_masks_stops_before_the_next_mask(small_model, square_reward):
+    """Standards audit 4: deriving masks (smoothgrad: 8 reward backwards per item) ran on for every item after a
+    cancel. on_sampler_step is now asked before each item's mask; a cancel there leaves nothing cached, and the
+    trainer then trains as one that was never cancelled."""
+    cfg = fix_cfg(iterations=1, saliency_method="smoothgrad", mask_source="saliency", threshold_mode="top_percent",
+                  threshold=0.2)
+    seen = []
+
+    def cancel_at_second_mask(info):
+        if "mask_item" in info:
+            seen.append(info["mask_item"])
+            if len(seen) == 2:
+                raise _Cancel
+
+    ref = FixTrainer(small_model, square_reward, cfg)
+    ref_loss = list(ref)[-1].loss
+    ref.lora.remove()
+    trainer = FixTrainer(small_model, square_reward, cfg, on_sampler_step=cancel_at_second_mask)
+    with pytest.raises(_Cancel):
+        trainer.train_step()
+    assert seen == [0, 1] and trainer._cache == {} and trainer.step == 0
+    trainer.on_sampler_step = None
+    assert trainer.train_step().loss == pytest.approx(ref_loss, rel=1e-5)
+    trainer.lora.remove()
+
+
 @pytest.mark.parametrize("where", ["train", "before_after"])
 def test_on_sampler_step_cancels_within_a_trajectory_and_leaves_the_trainer_whole(small_model, square_reward, where):
     """A cancel raised from on_sampler_step stops mid-trajectory; nothing is half-done: no step counted, the
@@ -658,6 +684,8 @@ def test_on_sampler_step_cancels_within_a_trajectory_and_leaves_the_trainer_whol
     calls = []
 
     def cancel_at_3(info):
+        if "i" not in info:  # before a mask is derived
+            return
         calls.append(info["i"])
         if len(calls) == 3:
             raise _Cancel
