@@ -37,6 +37,11 @@ def _check_images(I: object) -> None:
         raise TypeError(f"images I must be a torch.Tensor [B,3,H,W], got {type(I).__name__}")
     if I.ndim != 4 or not I.is_floating_point():
         raise ValueError(f"images I must be a float [B,C,H,W] tensor, got {I.dtype} of shape {tuple(I.shape)}")
+    if I.numel() == 0:
+        raise ValueError(f"images I must hold at least one image of at least 1x1 pixels, got shape {tuple(I.shape)}")
+    # checked here, not in the heatmap: a NaN image would otherwise be blamed on an internal map
+    if not torch.isfinite(I).all():
+        raise ValueError("images I must be finite, got NaN or inf values")
 
 
 def _score_grad(reward: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +79,9 @@ def gradient_saliency(
 
     Returns:
         [B,H,W] saliency >= 0 (detached).
+
+    Raises:
+        ValueError: a bad method, or empty or non-finite images I.
 
     Example:
         >>> class Red(nn.Module):
@@ -192,14 +200,16 @@ def heatmap_to_mask(
         raise ValueError(
             f"blur_sigma and feather must be >= 0 and dilation an int >= 0, got {blur_sigma}, {feather}, {dilation}"
         )
-    if not torch.isfinite(H).all() or (H.numel() and H.min() < 0):
-        raise ValueError("heatmap H must be finite and >= 0")
+    if not torch.isfinite(H).all():
+        raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
+    if H.numel() and H.min() < 0:
+        raise ValueError(f"heatmap H must be >= 0, got a minimum of {float(H.min()):.4g}")
     H = _normalise(_blur(H.detach(), blur_sigma))  # (B, H, W) in [0,1]
     informative = (H.flatten(1).amax(1) > 0)[:, None, None]
     if threshold_mode == "value":
         M = H >= threshold
     elif threshold_mode == "top_percent":
-        n = H[0].numel()
+        n = H.shape[-2] * H.shape[-1]  # not H[0]: an empty batch gives an empty mask
         keep = min(max(math.ceil(threshold * n - 1e-9), 1), n)  # pixels to keep per image
         q = H.flatten(1).kthvalue(n - keep + 1, dim=1).values  # (B,) the keep-th largest value
         if threshold < 1:  # never pick the background minimum (0 after normalisation) through ties
@@ -235,6 +245,9 @@ def mask_from_reward(
 
     Returns:
         M: [B,H,W] in [0,1].
+
+    Raises:
+        ValueError: empty or non-finite images I, a bad source, or a reward whose map is not finite.
     """
     _check_images(I)
     if source not in MASK_SOURCES:
@@ -243,7 +256,8 @@ def mask_from_reward(
     if source == "heatmap" and not has_heatmap:
         name = getattr(reward, "name", type(reward).__name__)
         raise ValueError(f"source='heatmap' but reward {name!r} has no heatmap: use source='saliency' or 'auto'")
-    if source == "saliency" or not has_heatmap:
+    kind = "saliency" if source == "saliency" or not has_heatmap else "heatmap"
+    if kind == "saliency":
         heat = gradient_saliency(reward, I, method=method, generator=generator)
     else:
         with torch.no_grad():
@@ -251,6 +265,9 @@ def mask_from_reward(
         if heat.shape[-2:] != I.shape[-2:]:
             heat = torch.nn.functional.interpolate(heat[:, None], size=I.shape[-2:], mode="bilinear")[:, 0]
         heat = heat.clamp_min(0)
+    if not torch.isfinite(heat).all():  # I is finite (checked above): the reward made the NaN
+        name = getattr(reward, "name", type(reward).__name__)
+        raise ValueError(f"reward {name!r} gave a non-finite {kind} (NaN or inf) for finite images I")
     return heatmap_to_mask(heat, **mask_kwargs)
 
 

@@ -49,8 +49,13 @@ __all__ = [
 
 
 # -- layouts ---------------------------------------------------------------------------------------------
-def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] (C = 1, 3 or 4) -> I: [B,3,H,W] float32 in [0,1] (alpha dropped)."""
+def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] (C = 1, 3 or 4) -> I: [B,3,H,W] float32 in [0,1] (alpha dropped).
+
+    Raises:
+        TypeError: not a tensor. ValueError (naming `name`): another layout, an empty batch, a side below
+            `min_side` pixels, a non-float dtype or NaN/inf values.
+    """
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be an IMAGE tensor [B,H,W,C], got {type(image).__name__}")
     given = tuple(image.shape)
@@ -59,6 +64,19 @@ def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"{name} must be an IMAGE [B,H,W,C] with C in (1, 3, 4), got shape {given}"
                          f"{' (a MASK? convert it with Convert Mask to Image)' if len(given) == 3 else ''}")
+    B, H, W, _ = image.shape
+    if B == 0:
+        raise ValueError(f"{name} is an empty batch (shape {given}): expected at least 1 image")
+    if min(H, W) < max(min_side, 1):
+        raise ValueError(f"{name} is {H}x{W} pixels (HxW): expected at least {max(min_side, 1)} on each side")
+    # refused, not guessed: 0..255 values clamped to [0,1] would score a near-white image without a word
+    if not image.is_floating_point():
+        hint = " (0..255 pixel values? divide by 255)" if image.dtype == torch.uint8 else ""
+        raise ValueError(f"{name} must be a float IMAGE with values in [0,1] (ComfyUI's IMAGE), got dtype "
+                         f"{image.dtype}{hint}")
+    if not torch.isfinite(image).all():
+        bad = (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} has NaN or inf values (image(s) {bad} of {B}): expected finite values in [0,1]")
     I = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
     return I.movedim(-1, 1).float().clamp(0, 1).contiguous()  # (B, 3, H, W)
 
@@ -76,7 +94,7 @@ def bchw_to_image(I: torch.Tensor) -> torch.Tensor:
 
 def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch: int | None = None,
                  name: str = "mask", resize: bool = True) -> tuple[torch.Tensor, str]:
-    """ComfyUI MASK [B,H,W] or [H,W] (also [B,1,H,W]) -> (M: [B,1,h,w] float in [0,1], note).
+    """ComfyUI MASK [B,H,W] or [H,W] (also [B,1,H,W], [B,H,W,1]) -> (M: [B,1,h,w] float in [0,1], note).
 
     Args:
         size: (h, w) wanted; a mask of another size is resized bilinearly (note says so) or refused.
@@ -84,18 +102,35 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
         resize: False -> refuse a wrong size instead of resizing.
 
     Raises:
-        ValueError: naming both sizes/batches.
+        TypeError: not a tensor. ValueError (naming `name` and the shape): another layout, an [H,W,1] that would
+            read as H masks 1 pixel wide, an empty mask, a non-float dtype, NaN/inf values, or a size/batch mismatch.
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a MASK tensor [B,H,W], got {type(mask).__name__}")
-    M = mask.float()
+    given = tuple(mask.shape)
+    M = mask
     if M.ndim == 2:
         M = M[None]
     if M.ndim == 4 and M.shape[1] == 1:
         M = M[:, 0]
+    elif M.ndim == 4 and M.shape[-1] == 1:  # IMAGE layout with one channel: unambiguous
+        M = M[..., 0]
     if M.ndim != 3:
-        raise ValueError(f"{name} must be a MASK [B,H,W] or [H,W], got shape {tuple(mask.shape)}")
-    M, note = M[:, None].clamp(0, 1), ""  # (B, 1, H, W)
+        raise ValueError(f"{name} must be a MASK [B,H,W] or [H,W], got shape {given}")
+    if len(given) == 3 and given[0] > 1 and given[1] > 1 and given[2] == 1:
+        # B masks 1 pixel wide, or one [H,W,1] mask? Refused, not guessed ([1,H,1], e.g. SolidMask of width 1,
+        # stays one mask: its other reading, a mask 1 pixel tall, is no likelier)
+        raise ValueError(f"{name} has shape {given}: a MASK [B,H,W] of that shape is {given[0]} masks "
+                         f"{given[1]}x1 pixels. For one {given[0]}x{given[1]} mask with a channel axis ([H,W,1]), "
+                         f"give it as [1,H,W] or [H,W]")
+    if M.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {given}): expected at least 1 mask of at least 1x1 pixels")
+    if not (M.is_floating_point() or M.dtype == torch.bool):
+        raise ValueError(f"{name} must be a float MASK with values in [0,1] (ComfyUI's MASK) or bool, "
+                         f"got dtype {M.dtype}")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name} has NaN or inf values (shape {given}): expected finite values in [0,1]")
+    M, note = M.float()[:, None].clamp(0, 1), ""  # (B, 1, H, W)
     if size is not None and tuple(M.shape[-2:]) != tuple(size):
         if not resize:
             raise ValueError(f"{name} is {M.shape[-2]}x{M.shape[-1]} but the images are {size[0]}x{size[1]}")
@@ -103,7 +138,8 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
         M = F.interpolate(M, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
     if batch is not None and len(M) != batch:
         if len(M) != 1:
-            raise ValueError(f"{name} has {len(M)} masks but there are {batch} images: give 1 or {batch}")
+            raise ValueError(f"{name} has {len(M)} masks but there are {batch} images: give 1 or {batch} "
+                             f"({name} shape {given}, read as [B,H,W])")
         M = M.expand(batch, -1, -1, -1)
     return M.contiguous(), note
 

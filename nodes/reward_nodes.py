@@ -1,6 +1,8 @@
 """Reward nodes: FocusFix Load Reward, Combine Rewards, Score Images, Saliency Mask, Compare."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..focusfix_core import saliency, viz
@@ -12,6 +14,11 @@ from .common import REWARD, check_widget_ranges, file_fingerprint, tip
 
 __all__ = ["FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixCompare",
            "score_table", "weighted_sum_name"]
+
+
+# smallest image side the reward nodes take: the rewards' filters (sharpness: a 5x5 Laplacian with reflect
+# border) need a few pixels, and a 1x1 image ended in a raw torch padding error
+_MIN_SIDE = 8
 
 
 def score_table(scores: list[float], name: str) -> str:
@@ -124,7 +131,7 @@ class FocusFixScoreImages:
                              "reward": tip(REWARD, "The reward (FocusFix Load Reward).")}}
 
     def execute(self, image, reward):
-        with grad_mode(), reward_on(reward, image_to_bchw(image)) as (r, I):
+        with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):
             with torch.no_grad():
                 scores = r(I).float().cpu().tolist()
             heat = _heatmap(r, I)
@@ -174,7 +181,7 @@ class FocusFixSaliencyMask:
         }}
 
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
-        with grad_mode(), reward_on(reward, image_to_bchw(image)) as (r, I):
+        with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):
             M = saliency.mask_from_reward(r, I, source, method=method, blur_sigma=blur_sigma, threshold_mode=threshold_mode,
                                           threshold=threshold, dilation=dilation, feather=feather)
             return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))
@@ -188,7 +195,8 @@ class FocusFixCompare:
     RETURN_NAMES = ("grid", "text", "reward_before", "reward_after", "change_inside", "change_outside")
     OUTPUT_TOOLTIPS = ("Rows: before | after | |after - before|.", "All numbers, readable.",
                        "Mean reward of the before images (0 without a reward).", "Mean reward of the after images.",
-                       "Mean |after - before| inside the mask (1 = may change).", "Mean |after - before| outside the mask.")
+                       "Mean |after - before| inside the mask (1 = may change); NaN when nothing is inside.",
+                       "Mean |after - before| outside the mask; NaN when nothing is outside (no mask, or a full one).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -198,20 +206,30 @@ class FocusFixCompare:
                              "reward": tip(REWARD, "Reward to score both batches with.")}}
 
     def execute(self, before, after, mask=None, reward=None):
-        I0, I = image_to_bchw(before, "before"), image_to_bchw(after, "after")
+        I0, I = image_to_bchw(before, "before", _MIN_SIDE), image_to_bchw(after, "after", _MIN_SIDE)
         if I0.shape != I.shape:
             raise ValueError(f"before and after must have the same shape, got {tuple(before.shape)} and {tuple(after.shape)}")
         M, note = (torch.ones_like(I0[:, :1]), "") if mask is None else mask_to_b1hw(mask, I0.shape[-2:], len(I0))
         D = (I - I0).abs().mean(1, keepdim=True)                       # (B, 1, H, W)
-        inside = float((D * M).sum() / M.sum().clamp_min(1e-8))
-        outside = float((D * (1 - M)).sum() / (1 - M).sum().clamp_min(1e-8)) if mask is not None else 0.0
+        inside, outside = _mean_over(D, M), _mean_over(D, 1 - M)
         rb = ra = 0.0
         if reward is not None:
             with grad_mode(), torch.no_grad(), reward_on(reward, torch.cat([I0, I])) as (r, both):
                 s = r(both).float().cpu()
             rb, ra = float(s[: len(I0)].mean()), float(s[len(I0):].mean())
-        text = (f"reward before {rb:.4f} -> after {ra:.4f}\nchange inside mask {inside:.4f}, outside {outside:.4f}"
-                + (f"\n{note}" if note else ""))
+        text = (f"reward before {rb:.4f} -> after {ra:.4f}\nchange inside mask {_fmt(inside, 'empty mask')}, "
+                f"outside {_fmt(outside, 'no mask' if mask is None else 'full mask')}" + (f"\n{note}" if note else ""))
         heat = viz.heat_overlay(torch.zeros_like(I0), D, alpha=1.0)
         rows = torch.stack([I0, I, heat], 1).flatten(0, 1)             # (B*3, 3, H, W)
         return (bchw_to_image(viz.image_grid(rows, nrow=3)), text, rb, ra, inside, outside)
+
+
+def _mean_over(D: torch.Tensor, W: torch.Tensor) -> float:
+    """Mean of D weighted by W (both [B,1,H,W]); NaN for an empty region, where the mean is undefined (0 would
+    claim "unchanged")."""
+    total = W.sum()
+    return float((D * W).sum() / total) if total > 0 else float("nan")
+
+
+def _fmt(value: float, empty: str) -> str:
+    return f"n/a ({empty})" if math.isnan(value) else f"{value:.4f}"

@@ -82,3 +82,54 @@ def test_save_lora_data_moves_on_when_another_save_takes_the_name(tmp_path, monk
     assert nodes.save_lora_data(data, "fix", folder=tmp_path).name == "fix_00001.safetensors"
     assert (tmp_path / "fix.safetensors").read_bytes() == b"theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors", "fix_00001.safetensors"]
+
+
+# ------------------------------------------------------------------------ bad IMAGE / MASK inputs (review std, 10, 11)
+@pytest.mark.parametrize("image, match", [
+    (torch.rand(0, 16, 16, 3), r"before is an empty batch \(shape \(0, 16, 16, 3\)\): expected at least 1 image"),
+    (torch.rand(1, 1, 1, 3), r"before is 1x1 pixels \(HxW\): expected at least 8 on each side"),
+    (torch.rand(1, 16, 4, 3), r"before is 16x4 pixels"),
+    ((torch.rand(1, 16, 16, 3) * 255).to(torch.uint8), r"before must be a float IMAGE with values in \[0,1\].*uint8"),
+    (torch.full((2, 16, 16, 3), float("nan")).index_fill(0, torch.tensor([0]), 0.5), r"before has NaN or inf values "
+     r"\(image\(s\) \[1\] of 2\)"),
+])
+def test_image_refuses_empty_tiny_integer_and_nonfinite_naming_the_input_review10(image, match):
+    with pytest.raises(ValueError, match=match):
+        A.image_to_bchw(image, "before", min_side=8)
+
+
+def test_image_min_side_defaults_to_one_pixel_review10():
+    """Save LoRA's preview takes any size: only the reward nodes ask for a minimum."""
+    assert A.image_to_bchw(torch.rand(1, 1, 1, 3), "preview").shape == (1, 3, 1, 1)
+    assert A.image_to_bchw(torch.rand(1, 8, 8, 3, dtype=torch.float16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.full((1, 8, 8), float("nan")), r"mask has NaN or inf values \(shape \(1, 8, 8\)\)"),
+    (torch.rand(0, 8, 8), r"mask is empty \(shape \(0, 8, 8\)\)"),
+    (torch.ones(1, 8, 8, dtype=torch.uint8) * 255, r"mask must be a float MASK with values in \[0,1\].*uint8"),
+])
+def test_mask_refuses_nonfinite_empty_and_integer_review10(mask, match):
+    with pytest.raises(ValueError, match=match):
+        A.mask_to_b1hw(mask, (8, 8), 2)
+
+
+def test_mask_bool_is_accepted_review10():
+    M, _ = A.mask_to_b1hw(torch.ones(8, 8, dtype=torch.bool), (8, 8), 2)
+    assert M.shape == (2, 1, 8, 8) and M.dtype == torch.float32 and bool((M == 1).all())
+
+
+def test_mask_with_a_channel_axis_review11():
+    """[H,W,1] read as H masks 1 pixel wide ("got 64 masks" without the shape): refused, naming the shape;
+    [B,H,W,1] (an IMAGE layout with one channel) is unambiguous and accepted."""
+    with pytest.raises(ValueError, match=r"mask has shape \(64, 64, 1\): .* 64 masks 64x1 pixels.*"
+                                         r"\[1,H,W\] or \[H,W\]"):
+        A.mask_to_b1hw(torch.rand(64, 64, 1), (64, 64))
+    m = torch.rand(2, 16, 16, 1)
+    M, note = A.mask_to_b1hw(m, (16, 16), 2)
+    assert M.shape == (2, 1, 16, 16) and note == "" and torch.equal(M[:, 0], m[..., 0])
+    M, note = A.mask_to_b1hw(torch.ones(1, 16, 1), (16, 16))  # SolidMask of width 1: one 16x1 mask, as before
+    assert M.shape == (1, 1, 16, 16) and "resized from 16x1" in note
+    with pytest.raises(ValueError, match=r"mask has 3 masks but there are 2 images: give 1 or 2 "
+                                         r"\(mask shape \(3, 8, 8\), read as \[B,H,W\]\)"):
+        A.mask_to_b1hw(torch.ones(3, 8, 8), batch=2)

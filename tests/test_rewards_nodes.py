@@ -185,3 +185,49 @@ def test_workflow_2_mask_marks_the_blurry_half():
     settings = {k: v for k, v in sal.items() if k not in ("image", "reward")}
     M, _ = N.FocusFixSaliencyMask().execute(img, BUILTIN_REWARDS["sharpness"](), **settings)
     assert float(M[0, :, W // 2:].sum() / M[0].sum()) > 0.9
+
+
+# ------------------------------------------------------------------------ bad IMAGE and MASK inputs (review std, 10)
+
+
+def _run(node, image):
+    if node == "score":
+        return N.FocusFixScoreImages().execute(image, Sharpness())
+    if node == "mask":
+        return N.FocusFixSaliencyMask().execute(image, Sharpness(), **_mask_inputs())
+    return N.FocusFixCompare().execute(image, image, reward=Sharpness())
+
+
+@pytest.mark.parametrize("node", ["score", "mask", "compare"])
+@pytest.mark.parametrize("bad, match", [
+    (torch.rand(0, 32, 32, 3), "is an empty batch"),                          # was ZeroDivisionError / IndexError
+    (torch.rand(1, 1, 1, 3), r"is 1x1 pixels \(HxW\): expected at least 8"),  # was a torch padding RuntimeError
+    (torch.full((1, 32, 32, 3), float("nan")), "has NaN or inf values"),      # was "heatmap H must be finite"
+    ((torch.rand(1, 32, 32, 3) * 255).to(torch.uint8), "must be a float IMAGE"),  # was clamped to 0/1, silently
+], ids=["empty", "1x1", "nan", "uint8"])
+def test_reward_nodes_refuse_bad_images_naming_the_input_review10(node, bad, match):
+    name = "before" if node == "compare" else "image"
+    with pytest.raises(ValueError, match=f"^{name} {match}"):
+        _run(node, bad)
+
+
+def test_compare_refuses_a_nonfinite_mask_review10():
+    with pytest.raises(ValueError, match="^mask has NaN or inf values"):
+        N.FocusFixCompare().execute(_image(), _image(seed=1), mask=torch.full((1, 32, 32), float("nan")))
+
+
+def test_compare_says_n_a_for_an_empty_region_review10():
+    """The mean change over no pixels is undefined: "n/a" and NaN, not 0 (which would claim "unchanged")."""
+    before, after = _image(), _image(seed=1)
+    _, text, *_, inside, outside = N.FocusFixCompare().execute(before, after, mask=torch.zeros(1, 32, 32))
+    assert "change inside mask n/a (empty mask), outside 0." in text and inside != inside and outside > 0
+    _, text, *_, inside, outside = N.FocusFixCompare().execute(before, after, mask=torch.ones(1, 32, 32))
+    assert "outside n/a (full mask)" in text and inside > 0 and outside != outside
+    _, text, *_, inside, outside = N.FocusFixCompare().execute(before, after)
+    assert "outside n/a (no mask)" in text and inside > 0 and outside != outside
+    half = torch.zeros(1, 32, 32)
+    half[:, :, :16] = 1
+    _, text, *_, inside, outside = N.FocusFixCompare().execute(before, after, mask=half)
+    D = (after - before).abs().mean(-1)
+    assert inside == pytest.approx(float(D[..., :16].mean()), rel=1e-5)
+    assert outside == pytest.approx(float(D[..., 16:].mean()), rel=1e-5)

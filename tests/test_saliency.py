@@ -203,3 +203,35 @@ def test_tiny_magnitude_heatmap_still_gives_a_mask():
     H = H + 1e-9
     M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="top_percent", threshold=0.1)
     assert M.sum() > 0 and M[0, 8:16, 8:16].mean() > 0.9
+
+
+# ---------------------------------------------------------------- bad images are named as images (review std, 10)
+@pytest.mark.parametrize("I, match", [(torch.full((1, 3, 16, 16), float("nan")), "images I must be finite"),
+                                      (torch.rand(0, 3, 16, 16), "images I must hold at least one image")])
+def test_bad_images_are_blamed_on_the_images_review10(I, match):
+    """A NaN image was reported as "heatmap H must be finite" (an internal map); an empty batch was an IndexError."""
+    with pytest.raises(ValueError, match=match):
+        gradient_saliency(SquareRed(), I)
+    for reward in (SquareRed(), HeatReward()):
+        with pytest.raises(ValueError, match=match):
+            mask_from_reward(reward, I, threshold_mode="top_percent", threshold=0.15)
+
+
+def test_a_nonfinite_map_from_finite_images_names_the_reward_review10():
+    class NaNHeat(HeatReward):
+        name = "nan_heat"
+
+        def heatmap(self, I):
+            return torch.full((I.shape[0], 1, 8, 8), float("nan"))
+
+    with pytest.raises(ValueError, match="reward 'nan_heat' gave a non-finite heatmap"):
+        mask_from_reward(NaNHeat(), torch.rand(1, 3, 16, 16))
+
+
+def test_heatmap_errors_say_which_check_failed_and_empty_batch_review10():
+    with pytest.raises(ValueError, match="heatmap H must be finite, got NaN"):
+        heatmap_to_mask(torch.full((1, 8, 8), float("inf")))
+    with pytest.raises(ValueError, match="heatmap H must be >= 0, got a minimum of -1"):
+        heatmap_to_mask(-torch.ones(1, 8, 8))
+    for mode in THRESHOLD_MODES:  # top_percent read H[0]: IndexError
+        assert heatmap_to_mask(torch.rand(0, 8, 8), threshold_mode=mode, threshold=0.2).shape == (0, 8, 8)
