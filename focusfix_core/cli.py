@@ -176,12 +176,15 @@ def _metadata(trainer) -> dict:
     return continued_metadata(meta, trainer.continued) if trainer.continued else meta
 
 
-def _start(trainer, continue_from: SavedLoRA | None, state: dict | None):
-    """Record the LoRA a new run continues, or load the state a resumed run continues."""
+def _start(trainer, continue_from: SavedLoRA | None, state: dict | None, out: Path):
+    """Record the LoRA a new run continues, or load the state a resumed run continues (out/state.pt)."""
     if continue_from is not None:
         trainer.continued = dict(continue_from.metadata)
     if state is not None:
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"{out / 'state.pt'}: {e}") from None
     return trainer
 
 
@@ -193,7 +196,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     train further (cfg's rank/targets/alpha must be its own)."""
     t0 = time.perf_counter()
     lora = continue_from.attach(model.net) if continue_from is not None else None
-    trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state)
+    trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state, out)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
@@ -243,7 +246,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     state, continue_from: as in `run_fix`."""
     t0 = time.perf_counter()
     lora = continue_from.attach(model.net) if continue_from is not None else None
-    trainer = _start(SeparateEnhanceTrainer(model, cfg, lora=lora), continue_from, state)
+    trainer = _start(SeparateEnhanceTrainer(model, cfg, lora=lora), continue_from, state, out)
     with trainer.lora.disabled():
         A0 = trainer.eval_maps()
         S0 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
@@ -417,8 +420,15 @@ def _lora_settings(a, out: Path) -> tuple[SavedLoRA | None, dict, dict | None]:
         raise ValueError("--resume and --continue-from exclude each other: --resume finishes the run saved in "
                          "OUT/state.pt (LoRA, optimizer, step); --continue-from starts a new run from a saved LoRA")
     if a.resume:
-        state = load_training_state(out / "state.pt")
-        saved_cfg = json.loads(state.get("config", "{}"))
+        path = out / "state.pt"
+        state = load_training_state(path)
+        try:  # the trainer checks all of it; its LoRA settings are needed first, to build the trainer
+            saved_cfg = json.loads(state["config"])
+        except (TypeError, ValueError, KeyError, IndexError):
+            saved_cfg = None
+        if not isinstance(saved_cfg, dict):
+            raise ValueError(f"{path}: the training state is invalid: expected a dict whose 'config' holds the "
+                             f"run's settings as a JSON object")
         kw = {k: saved_cfg[k] for k in ("rank", "targets", "alpha") if k in saved_cfg}
         if isinstance(kw.get("targets"), list):
             kw["targets"] = tuple(kw["targets"])

@@ -683,8 +683,33 @@ def save_lora(
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(kohya tensors, metadata) from a .safetensors (or weights-only pickle) LoRA file."""
-    return load_tensor_file_with_metadata(path)
+    """(kohya tensors, metadata) from a .safetensors (or weights-only pickle) LoRA file.
+
+    Raises:
+        FileNotFoundError / ValueError: no such file, an unreadable file, or tensors no LoRA holds (naming the
+            file and the first keys): not float, NaN/inf values, an `.alpha` that is not one number > 0.
+    """
+    tensors, metadata = load_tensor_file_with_metadata(path)
+    _check_lora_tensors(tensors, os.path.basename(str(path)))
+    return tensors, metadata
+
+
+def _check_lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """One pass over the tensors: a NaN adapter turns every image it touches NaN (silently, in KSampler), an
+    integer one is no weight delta, and a negative `.alpha` flips the delta's sign."""
+    not_float = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{name!r}: LoRA tensors must be float (fp32, fp16 or bf16), got "
+                         f"{tensors[not_float[0]].dtype} for {len(not_float)} keys, e.g. {not_float[:3]}")
+    # isfinite has no fp8 kernel: those tensors (1 byte per value) are checked in fp32
+    nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v if v.element_size() > 1 else v.float()).all()]
+    if nonfinite:
+        raise ValueError(f"{name!r}: {len(nonfinite)} LoRA tensors hold NaN or inf values, e.g. {nonfinite[:3]} "
+                         f"(a corrupt file, or a training run that diverged: use an earlier checkpoint)")
+    bad_alpha = [k for k, v in tensors.items() if k.endswith(f".{_ALPHA}") and (v.numel() != 1 or float(v) <= 0)]
+    if bad_alpha:
+        raise ValueError(f"{name!r}: each .alpha must be one number > 0, got "
+                         f"{tensors[bad_alpha[0]].flatten()[:4].tolist()} for {bad_alpha[:3]}")
 
 
 @dataclass(frozen=True)
@@ -696,6 +721,7 @@ class SavedLoRA:
     targets: tuple[str, ...]
     rank: int
     alpha: float
+    source: str = ""  # the file's name, for errors ("" for a LoRA not read from a file)
 
     @property
     def method(self) -> str:
@@ -707,16 +733,23 @@ class SavedLoRA:
         return self.targets[0] if len(self.targets) == 1 else self.targets
 
     def attach(self, net: nn.Module) -> LoRA:
-        """This LoRA hooked onto `net` again, trainable (`LoRA.from_kohya`; ValueError if it does not fit)."""
-        return LoRA.from_kohya(net, self.tensors, self.config_targets, self.rank, self.alpha)
+        """This LoRA hooked onto `net` again, trainable (`LoRA.from_kohya`; ValueError if it does not fit, naming
+        `source`)."""
+        try:
+            return LoRA.from_kohya(net, self.tensors, self.config_targets, self.rank, self.alpha)
+        except ValueError as e:
+            if not self.source:
+                raise
+            raise ValueError(f"{self.source!r}: {e}") from None
 
 
 def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
     """Read a LoRA FocusFix saved (its metadata names the targets), to continue training or apply it.
 
     Raises:
-        FileNotFoundError / ValueError: no such file, an unreadable file, a LoRA FocusFix did not save (no
-            `focusfix_targets`), or mixed ranks, naming the file and what to do.
+        FileNotFoundError / ValueError: no such file, an unreadable file, tensors no LoRA holds (`load_lora_file`),
+            a LoRA FocusFix did not save (no `focusfix_targets`), mixed ranks, or `.alpha` tensors other than
+            the metadata's alpha, naming the file and what to do.
     """
     name = os.path.basename(str(path))
     tensors, metadata = load_lora_file(path)
@@ -736,8 +769,18 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"{name!r}: unreadable FocusFix metadata (focusfix_targets must be a list of layer "
                          f"patterns, got {metadata['focusfix_targets']!r})")
+    if not 0 < alpha < math.inf:
+        raise ValueError(f"{name!r}: unreadable FocusFix metadata (ss_network_alpha must be a number > 0, got "
+                         f"{metadata.get('ss_network_alpha', rank)!r})")
+    # FocusFix gives every layer the one alpha its metadata states (rel_tol: a bf16 file rounds it to 3 digits)
+    other = [k for k, v in tensors.items()
+             if k.endswith(f".{_ALPHA}") and not math.isclose(float(v), alpha, rel_tol=1e-2)]
+    if other and "ss_network_alpha" in metadata:
+        raise ValueError(f"{name!r}: {len(other)} .alpha tensors differ from the metadata's alpha "
+                         f"(ss_network_alpha {alpha:g}), e.g. {other[0]} = {float(tensors[other[0]]):g}: the file "
+                         f"was altered after FocusFix saved it")
     targets = tuple(targets)
-    return SavedLoRA({k: v.float() for k, v in tensors.items()}, dict(metadata), targets, rank, alpha)
+    return SavedLoRA({k: v.float() for k, v in tensors.items()}, dict(metadata), targets, rank, alpha, name)
 
 
 def continued_metadata(metadata: dict, previous: dict) -> dict:

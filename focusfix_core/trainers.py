@@ -319,6 +319,112 @@ def _fp16_in_gradient_path(model) -> bool:
     return torch.float16 in set(dtypes)
 
 
+def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepRecord], dict[str, str]]:
+    """Check every part of a training state (`_LoRATrainer.state_dict`) against `trainer` before any of it is
+    used: a corrupt or crafted state.pt then fails at once, naming the part, not mid-run or after training.
+
+    Returns:
+        (step, history, continued), parsed.
+
+    Raises:
+        ValueError: another method or other settings, more steps than iterations, or an invalid part.
+    """
+    def invalid(what: str) -> ValueError:  # `what` ends with the value found, cut short if long
+        return ValueError(f"the training state is invalid: {what if len(what) < 300 else what[:296] + ' ...'}")
+
+    if not isinstance(state, dict):
+        raise invalid(f"expected a dict of the run's step, lora, optimizer and rng, got {type(state).__name__}")
+    if state.get("method") != trainer.method:
+        raise ValueError(f"training state is for method {state.get('method')!r}, not {trainer.method!r}")
+    missing = [k for k in ("config", "step", "lora", "optimizer", "rng") if k not in state]
+    if missing:
+        raise invalid(f"it lacks {missing}")
+    try:
+        saved = json.loads(state["config"])
+    except (TypeError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise invalid(f"config must be the run's settings as a JSON object, got {str(state['config'])[:60]!r}")
+    now = json.loads(trainer.cfg.to_json())
+    changed = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+               if k not in ("iterations", "compile") and saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"the training state was saved by a run with other settings: {'; '.join(changed[:4])}"
+                         f"{' ...' if len(changed) > 4 else ''}. Resume with the same settings (only the "
+                         f"iterations may change), or start a new run")
+    step = state["step"]
+    if type(step) is not int or step < 0:  # type(): a bool is an int too
+        raise invalid(f"step must be an int >= 0, got {step!r}")
+    if step > trainer.cfg.iterations:
+        raise ValueError(f"iterations ({trainer.cfg.iterations}) is below the {step} steps the training state "
+                         f"already holds: give more iterations to resume")
+
+    own, lora = trainer.lora.state_dict(), state["lora"]
+    if not isinstance(lora, dict) or set(lora) != set(own):
+        keys = set(lora) if isinstance(lora, dict) else set()
+        raise invalid(f"lora must hold this run's {len(own)} adapter tensors; missing {sorted(set(own) - keys)[:3]}, "
+                      f"unexpected {sorted(map(str, keys - set(own)))[:3]}")
+    for k, v in lora.items():
+        if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise invalid(f"lora {k!r} is {shape}, expected shape {tuple(own[k].shape)}")
+        if not v.is_floating_point():
+            raise invalid(f"lora {k!r} is {v.dtype}, expected a float dtype")
+        if not torch.isfinite(v.float()).all():
+            raise invalid(f"lora {k!r} holds NaN or inf values")
+
+    rng = state["rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1:
+        raise invalid(f"rng must be a generator state (1-D torch.uint8 tensor), got "
+                      f"{rng.dtype if isinstance(rng, torch.Tensor) else type(rng).__name__}")
+    try:
+        torch.Generator().set_state(rng)  # a scratch generator: the size must be a CPU generator's
+    except RuntimeError as e:
+        raise invalid(f"rng is not a CPU generator's state ({str(e).splitlines()[0]})") from None
+
+    scratch = torch.optim.AdamW(trainer.params)  # the trainer's optimizer kind; loading into it changes nothing
+    try:
+        scratch.load_state_dict(state["optimizer"])
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+        raise invalid(f"optimizer does not fit this run's LoRA ({type(e).__name__}: {e})") from None
+    for p, moments in scratch.state.items():  # load_state_dict checks counts, not shapes: a step would fail
+        for k, v in moments.items():
+            if isinstance(v, torch.Tensor) and v.ndim and (v.shape != p.shape or not torch.isfinite(v).all()):
+                raise invalid(f"optimizer {k!r} has shape {tuple(v.shape)} or non-finite values, expected "
+                              f"finite values of shape {tuple(p.shape)}")
+
+    if hasattr(trainer, "items") and "order" in state:  # FixTrainer: the items left of the current pass
+        order, n = state["order"], len(trainer.items)
+        if (not isinstance(order, torch.Tensor) or order.dtype != torch.long or order.ndim != 1
+                or not ((order >= 0) & (order < n)).all() or len(order.unique()) != len(order)):
+            raise invalid(f"order must be distinct item indices in 0..{n - 1} (a 1-D int64 tensor), got "
+                          f"{order.tolist() if isinstance(order, torch.Tensor) else order!r}")
+
+    scaler = state.get("scaler")
+    if trainer.scaler is not None and scaler is not None:
+        fields = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+        if (not isinstance(scaler, dict) or not all(isinstance(scaler.get(f), (int, float)) for f in fields)
+                or not 0 < scaler["scale"] < math.inf):
+            raise invalid(f"scaler must be a GradScaler state with {list(fields)} and a finite scale > 0, "
+                          f"got {scaler!r}")
+
+    history = state.get("history", [])
+    try:
+        if not isinstance(history, list):
+            raise TypeError(f"expected a list, got {type(history).__name__}")
+        history = [StepRecord(**json.loads(r)) for r in history]
+    except (TypeError, ValueError) as e:
+        raise invalid(f"history must list the steps' records as JSON ({e})") from None
+    try:
+        continued = json.loads(state.get("continued", "{}"))
+    except (TypeError, ValueError):
+        continued = None
+    if not isinstance(continued, dict) or not all(isinstance(v, str) for v in continued.values()):
+        raise invalid(f"continued must be the continued LoRA's metadata as a JSON object of strings, got "
+                      f"{state.get('continued')!r}")
+    return step, history, continued
+
+
 class _LoRATrainer:
     """Shared machinery: LoRA, optimizer, clipping, NaN guard, full-state save/resume."""
 
@@ -358,6 +464,7 @@ class _LoRATrainer:
         return {"rng": self.generator.get_state()}
 
     def _set_draw_state(self, state: dict) -> None:
+        """The draws of a snapshot, or of a saved state (`state_dict`)."""
         self.generator.set_state(state["rng"])
 
     def state_dict(self) -> dict:
@@ -375,25 +482,13 @@ class _LoRATrainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the run `state` holds. ValueError when it was saved by another method or other settings
-        (only iterations, and compile, may change), or already holds more steps than iterations."""
-        if state.get("method") != self.method:
-            raise ValueError(f"training state is for method {state.get('method')!r}, not {self.method!r}")
-        saved, now = json.loads(state.get("config", "{}")), json.loads(self.cfg.to_json())
-        changed = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-                   if k not in ("iterations", "compile") and saved.get(k) != now.get(k)]
-        if changed:
-            raise ValueError(f"the training state was saved by a run with other settings: {'; '.join(changed[:4])}"
-                             f"{' ...' if len(changed) > 4 else ''}. Resume with the same settings (only the "
-                             f"iterations may change), or start a new run")
-        if int(state["step"]) > self.cfg.iterations:
-            raise ValueError(f"iterations ({self.cfg.iterations}) is below the {int(state['step'])} steps the "
-                             f"training state already holds: give more iterations to resume")
+        (only iterations, and compile, may change), already holds more steps than iterations, or any part of it
+        is invalid (`_check_training_state`); the trainer is then left as it was."""
+        step, history, continued = _check_training_state(state, self)  # before any of it is used
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["rng"])
-        self.step = int(state["step"])
-        self.history = [StepRecord(**json.loads(r)) for r in state.get("history", [])]
-        self.continued = json.loads(state.get("continued", "{}"))
+        self._set_draw_state(state)
+        self.step, self.history, self.continued = step, history, continued
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self._good = self._snapshot()
@@ -738,10 +833,6 @@ class FixTrainer(_LoRATrainer):
         state["order"] = torch.tensor(self._order, dtype=torch.long)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self._order = state["order"].tolist() if "order" in state else []
-        super().load_state_dict(state)  # snapshots the order too
-
     def _draw_state(self) -> dict:
         return {**super()._draw_state(), "order": list(self._order)}
 
@@ -753,7 +844,8 @@ class FixTrainer(_LoRATrainer):
 
     def _set_draw_state(self, state: dict) -> None:
         super()._set_draw_state(state)
-        self._order = list(state["order"])
+        # a snapshot's list, or a saved state's tensor (none in a state saved before the order was kept)
+        self._order = torch.as_tensor(state.get("order", []), dtype=torch.long).tolist()
 
     def train_step(self) -> StepRecord:
         cfg, t0 = self.cfg, time.perf_counter()

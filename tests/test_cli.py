@@ -289,3 +289,36 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(model_file, tmp_path, monkeyp
     out0 = tmp_path / "run0"
     assert cli.main(fnf_args(model_file, out0)) == 2
     assert not (out0 / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: {**s, "step": -5}, "step must be an int >= 0, got -5"),
+    (lambda s: {**s, "order": torch.tensor([99])}, "order must be distinct item indices in 0..1"),
+    (lambda s: {**s, "continued": "[1,2]"}, "continued must be the continued LoRA's metadata"),
+    (lambda s: [1, 2, 3], "expected a dict whose 'config' holds the run's settings"),  # was an AttributeError
+])
+def test_resume_refuses_an_invalid_state_before_training(model_file, tmp_path, capsys, change, match):
+    """step -5 was accepted (the run reported done), an order index out of range failed mid-run (IndexError), a
+    bad `continued` after the training (AttributeError, no LoRA written): the review's finding 5."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    torch.save(change(torch.load(out / "state.pt", weights_only=True)), out / "state.pt")
+    lora = (out / "lora.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume")) == 2
+    assert f"error: {out / 'state.pt'}: the training state is invalid: {match}" in capsys.readouterr().err
+    assert (out / "lora.safetensors").read_bytes() == lora  # nothing trained, nothing written
+
+
+def test_continue_from_a_nan_lora_is_refused_naming_the_file(model_file, tmp_path, capsys):
+    """It trained, then failed blaming the reward and the lr (the review's finding 6)."""
+    first = tmp_path / "first"
+    assert cli.main(fnf_args(model_file, first, "--iterations", "1")) == 0
+    tensors, meta = load_tensor_file_with_metadata(first / "lora.safetensors")
+    up = next(k for k in tensors if k.endswith(".lora_up.weight"))
+    save_file({**tensors, up: torch.full_like(tensors[up], float("nan"))}, str(tmp_path / "nan.safetensors"), meta)
+    capsys.readouterr()
+    more = tmp_path / "more"
+    assert cli.main(fnf_args(model_file, more, "--continue-from", str(tmp_path / "nan.safetensors"))) == 2
+    assert f"error: 'nan.safetensors': 1 LoRA tensors hold NaN or inf values, e.g. ['{up}']" in capsys.readouterr().err
+    assert not (more / "lora.safetensors").exists()

@@ -592,3 +592,53 @@ def test_read_focusfix_lora_refuses_targets_that_are_not_a_list(tmp_path):
             read_focusfix_lora(path)
     save_file(tensors, str(path), metadata={"focusfix_targets": '["attn"]'})
     assert read_focusfix_lora(path).targets == ("attn",)
+
+
+def _saved_lora_file(tmp_path, dtype=None, alpha=2.0):
+    """A FocusFix LoRA file of `_net()` (rank 2): (path, its tensors, its metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    lora = LoRA.attach(_net(), "attn", rank=2, alpha=alpha)
+    _randomize(lora)
+    path = save_lora(tmp_path / "fix.safetensors", lora, dtype=dtype)
+    lora.remove()
+    with safe_open(str(path), "pt") as f:
+        return path, load_file(str(path)), f.metadata()
+
+
+_UP = "lora_unet_input_blocks_0_1_attn1_to_q.lora_up.weight"
+_ALPHA_KEY = "lora_unet_input_blocks_0_1_attn1_to_q.alpha"
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda sd: {**sd, _UP: torch.full_like(sd[_UP], float("nan"))},
+     f"1 LoRA tensors hold NaN or inf values, e.g. \\['{_UP}'\\]"),
+    (lambda sd: {**sd, _UP: torch.full_like(sd[_UP], float("inf"))}, "1 LoRA tensors hold NaN or inf values"),
+    (lambda sd: {k: v.to(torch.int8) for k, v in sd.items()},
+     "LoRA tensors must be float .*got torch.int8 for 24 keys"),
+    (lambda sd: {**sd, _ALPHA_KEY: torch.tensor(-2.0)}, f"each .alpha must be one number > 0, got \\[-2.0\\] for "
+                                                        f"\\['{_ALPHA_KEY}'\\]"),
+    (lambda sd: {**sd, _ALPHA_KEY: torch.tensor(3.0)}, f"1 .alpha tensors differ from the metadata's alpha "
+                                                       f"\\(ss_network_alpha 2\\), e.g. {_ALPHA_KEY} = 3"),
+])
+def test_read_focusfix_lora_refuses_bad_tensors_naming_file_and_key(tmp_path, change, match):
+    """A NaN LoRA loaded silently and turned KSampler's latent NaN; an int8 one, or an .alpha of -2 while the
+    metadata says 2, were accepted (the review's finding 6)."""
+    from safetensors.torch import save_file
+
+    from focusfix_core.lora import read_focusfix_lora
+    _, sd, meta = _saved_lora_file(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    save_file(change(sd), str(bad), metadata=meta)
+    with pytest.raises(ValueError, match=f"^'bad.safetensors': {match}"):
+        read_focusfix_lora(bad)
+
+
+def test_read_focusfix_lora_takes_a_bf16_alpha_and_names_the_file_when_it_does_not_fit(tmp_path):
+    from focusfix_core.lora import read_focusfix_lora
+    path, _, _ = _saved_lora_file(tmp_path, dtype=torch.bfloat16, alpha=0.3)  # .alpha 0.30078125 in bf16
+    saved = read_focusfix_lora(path)
+    assert saved.alpha == pytest.approx(0.3) and saved.source == "fix.safetensors"
+    with pytest.raises(ValueError, match="^'fix.safetensors': tensors has 14 shape mismatches"):
+        saved.attach(TinyNet(d=4))  # another model: the error names the file

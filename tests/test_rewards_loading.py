@@ -558,3 +558,58 @@ def test_a_tower_function_is_called_only_for_a_lone_head(tmp_path):
     assert calls == [1], "a file with its own tower, or the safety checker, never reads the given one"
     with pytest.raises(TypeError, match="clip_vision_tower must be"):
         load_reward(tmp_path / "head.safetensors", clip_vision_tower=lambda: "ViT-L-14")
+
+
+# ---------------------------------------------------------------- weights checked for dtype and finite values
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda sd: {**sd, "layers.2.weight": sd["layers.2.weight"] * float("nan")},
+     "1 reward weights hold NaN or inf values, e.g. \\['layers.2.weight'\\]: the file is corrupt"),
+    (lambda sd: {**sd, "layers.2.bias": torch.full_like(sd["layers.2.bias"], float("-inf"))},
+     "1 reward weights hold NaN or inf values, e.g. \\['layers.2.bias'\\]"),
+    (lambda sd: {k: (v * 10).to(torch.int32) if k.startswith("layers.") else v for k, v in sd.items()},
+     "reward weights must be float \\(fp32, fp16 or bf16\\), got torch.int32 for 10 keys, e.g. \\['layers.0.bias'"),
+])
+def test_non_float_or_non_finite_weights_are_refused_naming_file_and_key(tmp_path, change, match):
+    """NaN or int32 aesthetic heads loaded and were converted; NaN scores came later, naming no file (the review's
+    finding 6). HF CLIP's integer position_ids buffer is no weight and still loads."""
+    import re
+
+    ok = tmp_path / "ok.safetensors"
+    save_file({**head_sd(), **tower_sd(), "vision_model.embeddings.position_ids": torch.arange(17)[None]}, str(ok))
+    assert load_reward(ok)(images()).isfinite().all()
+    src = tmp_path / "bad.safetensors"
+    save_file(change({**head_sd(), **tower_sd()}), str(src))
+    with pytest.raises(ValueError, match=f"^'{re.escape(str(src))}': {match}"):
+        load_reward(src)
+    with pytest.raises(ValueError, match=f"^'{re.escape(str(src))}': {match}"):
+        convert_reward(src, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_checks_tiny_rewards_too(tmp_path):
+    """convert_reward skipped every check for tiny_* files: it wrote one missing a weight, and NaN ones. They are
+    built on the meta device now, as the other families are, and their real tensors checked."""
+    import re
+
+    tiny = pytest.importorskip("focusfix_core.tiny.rewards")
+    good = tmp_path / "tiny.safetensors"
+    tiny.save_reward(tiny.ArtifactReward(width=4), good)
+    sd = load_file(str(good))
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    for name, bad, match in [
+        ("missing", {k: v for k, v in sd.items() if k != "bias"}, "tiny_artifact: weight names differ; missing "
+                                                                  "\\['bias'\\]"),
+        ("nan", {**sd, "net.0.weight": sd["net.0.weight"] * float("nan")},
+         "1 reward weights hold NaN or inf values, e.g. \\['net.0.weight'\\]"),
+    ]:
+        src = tmp_path / f"{name}.safetensors"
+        save_file(bad, str(src), metadata=meta)
+        with pytest.raises(ValueError, match=f"^'{re.escape(str(src))}': {match}"):
+            convert_reward(src, tmp_path / "out.safetensors")
+        with pytest.raises(ValueError, match=f"^'{re.escape(str(src))}': {match}"):
+            load_reward(src)  # named the file only for the missing weight; NaN weights failed later, at scoring
+    assert not (tmp_path / "out.safetensors").exists()
+    assert convert_reward(good, tmp_path / "out.safetensors").is_file()

@@ -198,6 +198,21 @@ def _check_head_tower(head: AestheticHead, tower: CLIPVisionTower, where: str) -
                          f"{cfg.embed_dim}-d ones")
 
 
+def _check_weights(sd: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights no reward net holds (non-float) or that make every score NaN, naming the first keys; one pass
+    over the tensors. HF CLIP's integer `position_ids` are a buffer the towers drop, not weights."""
+    weights = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    not_float = [k for k, v in weights.items() if not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"reward weights must be float (fp32, fp16 or bf16), got {weights[not_float[0]].dtype} "
+                         f"for {len(not_float)} keys, e.g. {not_float[:3]}")
+    # isfinite has no fp8 kernel: those tensors (1 byte per value) are checked in fp32
+    nonfinite = [k for k, v in weights.items() if not torch.isfinite(v if v.element_size() > 1 else v.float()).all()]
+    if nonfinite:
+        raise ValueError(f"{len(nonfinite)} reward weights hold NaN or inf values, e.g. {nonfinite[:3]}: the file "
+                         f"is corrupt")
+
+
 def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                  clip_vision_tower: TowerSource | None = None, *, tower_dtype: torch.dtype = torch.float32,
                  tower_name: str = "clip_vision_tower") -> Reward:
@@ -248,10 +263,12 @@ def load_reward(path: str | os.PathLike, clip_vision_tower: TowerSource | None =
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: corrupt/truncated file, pickled objects (never executed), unknown layout, bad shapes.
+        ValueError: corrupt/truncated file, pickled objects (never executed), unknown layout, bad shapes,
+            non-float or non-finite weights (naming the file and the first keys).
     """
     sd, metadata = load_tensor_file_with_metadata(path)
     try:
+        _check_weights(sd)
         reward = build_reward(sd, metadata, clip_vision_tower, tower_dtype=tower_dtype, tower_name=tower_name)
     except ValueError as e:
         raise ValueError(f"{str(path)!r}: {e}") from e
@@ -262,7 +279,8 @@ def convert_reward(in_path: str | os.PathLike, out_path: str | os.PathLike, over
     """Write a `.safetensors` copy of a reward file with its family in metadata `focusfix_reward`.
 
     Pickles are read with `weights_only=True` (never executed). The layout is validated by
-    building the reward on the meta device (no memory, no compute) before anything is written.
+    building the reward on the meta device (no memory, no compute), every family, and the weights checked
+    as `load_reward` checks them, before anything is written.
 
     Returns:
         The path written.
@@ -272,16 +290,16 @@ def convert_reward(in_path: str | os.PathLike, out_path: str | os.PathLike, over
         FileExistsError: `out_path` exists and not `overwrite`.
     """
     sd, metadata = load_tensor_file_with_metadata(in_path)
-    family = detect_reward_family(sd, metadata)
-    if not family.startswith("tiny_"):
+    try:
+        family = detect_reward_family(sd, metadata)
+        _check_weights(sd)  # on the real tensors: the meta ones below hold no values
         meta_sd = {k: v.to("meta") for k, v in sd.items()}
-        try:
-            if family == "aesthetic" and all(k.startswith("layers.") for k in sd):
-                AestheticHead.from_state_dict(meta_sd)  # a lone head: no tower to check
-            else:
-                build_reward(meta_sd, metadata)
-        except ValueError as e:
-            raise ValueError(f"{str(in_path)!r}: {e}") from e
+        if family == "aesthetic" and all(k.startswith("layers.") for k in sd):
+            AestheticHead.from_state_dict(meta_sd)  # a lone head: no tower to check
+        else:
+            build_reward(meta_sd, metadata)
+    except ValueError as e:
+        raise ValueError(f"{str(in_path)!r}: {e}") from e
     seen, out = set(), {}
     for k, v in sd.items():  # safetensors refuses tensors that share storage: copy those
         ptr = (v.untyped_storage().data_ptr(), v.device) if v.numel() else None
