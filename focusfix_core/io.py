@@ -407,8 +407,10 @@ def unique_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 
-def load_state_checked(module: "torch.nn.Module", tensors: dict[str, torch.Tensor], source: str) -> "torch.nn.Module":
-    """Load `tensors` into `module` after checking every name and shape (nanoGPT-style), as float32.
+def load_state_checked(module: "torch.nn.Module", tensors: dict[str, torch.Tensor], source: str,
+                       assign: bool = False) -> "torch.nn.Module":
+    """Load `tensors` into `module` after checking every name and shape (nanoGPT-style), as float32. assign: the
+    module takes the (float32) tensors themselves, e.g. a module built on the meta device, which allocated nothing.
 
     Raises:
         ValueError: naming `source` and the first missing/unexpected names or the first wrong shape.
@@ -420,5 +422,5 @@ def load_state_checked(module: "torch.nn.Module", tensors: dict[str, torch.Tenso
     for k, v in tensors.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{source}: weight {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=assign)
     return module

@@ -60,3 +60,21 @@ def test_load_tiny_reward_errors():
         load_tiny_reward({**sd, "bias": torch.zeros(2)}, {"focusfix_reward": "tiny_artifact"})
     with pytest.raises(ValueError, match="colour"):
         AttributeReward(colour="pink")
+
+
+def test_a_tiny_reward_file_claiming_a_huge_width_allocates_nothing_and_is_refused(tmp_path):
+    """The reward is built on the meta device, so a crafted width (1e5: ~1 TB of weights at fp32) is refused by
+    the shape check instead of allocating first."""
+    from safetensors.torch import save_file
+    good = ArtifactReward(width=16)
+    path = tmp_path / "r.safetensors"
+    save_file({k: v.contiguous() for k, v in good.state_dict().items()}, str(path),
+              {"focusfix_reward": "tiny_artifact", "width": "100000"})
+    with pytest.raises(ValueError, match="has shape .*expected"):
+        load_reward(path)
+    save_file({k: v.contiguous() for k, v in good.state_dict().items()}, str(path),
+              {"focusfix_reward": "tiny_artifact", "width": "16"})
+    r = load_reward(path)
+    assert all(p.device.type == "cpu" for p in r.parameters())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(r(images), good.eval()(images))  # the file's weights, on the CPU

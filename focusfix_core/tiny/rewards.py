@@ -103,17 +103,18 @@ class AttributeReward(Reward):
 
 
 def load_tiny_reward(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Reward:
-    """Build a tiny reward from a state dict and its file metadata (`focusfix_reward` = "tiny_..."). Meta tensors
-    give a reward on the meta device, as `convert_reward` checks a file: nothing allocated, whatever its width."""
+    """Build a tiny reward from a state dict and its file metadata (`focusfix_reward` = "tiny_..."). Built on the
+    meta device and given the file's tensors once their shapes are checked: a width in the metadata allocates
+    nothing (a crafted one could ask for terabytes), and meta tensors (`convert_reward`'s check) stay meta."""
     family = (metadata or {}).get("focusfix_reward", "")
-    with torch.device("meta" if any(v.is_meta for v in tensors.values()) else "cpu"):
+    with torch.device("meta"):
         if family == "tiny_artifact":
             reward = ArtifactReward(width=int(metadata.get("width", 16)))
         elif family == "tiny_attribute":
             reward = AttributeReward(colour=metadata.get("colour", "red"), width=int(metadata.get("width", 16)))
         else:
             raise ValueError(f"metadata focusfix_reward must be 'tiny_artifact' or 'tiny_attribute', got {family!r}")
-    return load_state_checked(reward, tensors, family).eval().requires_grad_(False)
+    return load_state_checked(reward, tensors, family, assign=True).eval().requires_grad_(False)
 
 
 def _load_file(path: Path) -> Reward:
