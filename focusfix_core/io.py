@@ -322,7 +322,8 @@ def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # names Windows cannot hold (ComfyUI's folders are shared with Windows machines, and packs move between them)
 _NOT_PORTABLE = re.compile(r'[<>:"|?*\x00-\x1f]')
-_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+# Windows' device names, also with an extension; COM/LPT with superscript digits and the console's CONIN$/CONOUT$
+_RESERVED = re.compile(r"^(con|prn|aux|nul|conin\$|conout\$|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
 MAX_NAME_BYTES = 200  # per path component, suffix included: leaves room for a "_00001" counter within 255
 
 
