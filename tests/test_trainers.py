@@ -820,7 +820,7 @@ def test_separate_enhance_trains_at_portrait_and_landscape_sizes(small_model):
     for h, w in ((16, 24), (24, 16)):
         trainer = SeparateEnhanceTrainer(small_model, se_cfg(height=h, width=w, iterations=1, batch_size=1))
         try:
-            assert trainer.map_hw == (8, 12) if h < w else (12, 8)
+            assert trainer.map_hw == ((8, 12) if h < w else (12, 8))
             rec = next(iter(trainer))
             assert math.isfinite(rec.loss)
             assert tuple(trainer.eval_maps(0).shape[-2:]) == trainer.map_hw
