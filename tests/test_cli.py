@@ -322,3 +322,17 @@ def test_continue_from_a_nan_lora_is_refused_naming_the_file(model_file, tmp_pat
     assert cli.main(fnf_args(model_file, more, "--continue-from", str(tmp_path / "nan.safetensors"))) == 2
     assert f"error: 'nan.safetensors': 1 LoRA tensors hold NaN or inf values, e.g. ['{up}']" in capsys.readouterr().err
     assert not (more / "lora.safetensors").exists()
+
+
+def test_lam_and_reward_target_reach_the_run(model_file, tmp_path):
+    """Review C1/C2: --lam 0 --reward-target -0.05 are the run's settings (report and LoRA metadata), and lam 0
+    makes it plain DRaFT ("draft"), not Focus-N-Fix with the default lam 1."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--lam", "0", "--reward-target", "-0.05", "--iterations", "1",
+                             "--seeds", "0", "--batch-size", "1", "--steps", "2")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "draft"
+    assert report["config"]["lam"] == 0 and report["config"]["reward_target"] == -0.05
+    _, meta = load_tensor_file_with_metadata(out / "lora.safetensors")
+    config = json.loads(meta["focusfix_config"])
+    assert meta["focusfix_method"] == "draft" and config["lam"] == 0 and config["reward_target"] == -0.05

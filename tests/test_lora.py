@@ -642,3 +642,153 @@ def test_read_focusfix_lora_takes_a_bf16_alpha_and_names_the_file_when_it_does_n
     assert saved.alpha == pytest.approx(0.3) and saved.source == "fix.safetensors"
     with pytest.raises(ValueError, match="^'fix.safetensors': tensors has 14 shape mismatches"):
         saved.attach(TinyNet(d=4))  # another model: the error names the file
+
+
+# ----------------------------------------------------------------------------- kohya's SD1.5 names (review R5-R7)
+def _sd15_unet_hosts() -> list[str]:
+    """Every Linear/Conv2d path of ComfyUI's SD1.5 UNet (LDM layout: channel_mult 1,2,4,4, two ResBlocks per level,
+    attention in levels 0-2; checked once against comfy's own UNetModel: the same 282 paths)."""
+    res = ("in_layers.2", "emb_layers.1", "out_layers.3")
+    attn = ("proj_in", "proj_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
+            *(f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2")
+              for p in ("to_q", "to_k", "to_v", "to_out.0")))
+    hosts = ["time_embed.0", "time_embed.2", "input_blocks.0.0", "out.2"]
+
+    def block(name, skip=False, attention=True, upsampler=False):  # [ResBlock, SpatialTransformer?, Upsample?]
+        hosts.extend(f"{name}.0.{p}" for p in res + (("skip_connection",) if skip else ()))
+        hosts.extend(f"{name}.1.{p}" for p in attn if attention)
+        if upsampler:
+            hosts.append(f"{name}.{2 if attention else 1}.conv")
+
+    for i in (1, 2, 4, 5, 7, 8, 10, 11):
+        block(f"input_blocks.{i}", skip=i in (4, 7), attention=i < 10)
+    hosts.extend(f"input_blocks.{i}.0.op" for i in (3, 6, 9))  # Downsample
+    block("middle_block")
+    hosts.extend(f"middle_block.2.{p}" for p in res)
+    for i in range(12):
+        block(f"output_blocks.{i}", skip=True, attention=i >= 3, upsampler=i in (2, 5, 8))
+    return hosts
+
+
+def _skeleton(paths: list[str], **attrs) -> nn.Module:
+    """A weightless stand-in net holding a 1-channel Linear or 1x1 Conv2d at each path (never run forward)."""
+    net = nn.Module()
+    for path in paths:
+        *parents, leaf = path.split(".")
+        m = net
+        for p in parents:
+            if not hasattr(m, p):
+                m.add_module(p, nn.Module())
+            m = getattr(m, p)
+        linear = any(s in path for s in ("transformer_blocks", "emb_layers", "time_embed"))
+        m.add_module(leaf, nn.Linear(1, 1) if linear else nn.Conv2d(1, 1, 1))
+    for k, v in attrs.items():
+        setattr(net, k, v)
+    return net
+
+
+# LDM path -> the name kohya's SD1.5 LoRAs use (diffusers' UNet2DConditionModel; as comfy.utils.unet_to_diffusers)
+SD15_KOHYA_NAMES = {
+    "input_blocks.0.0": "conv_in",
+    "time_embed.0": "time_embedding.linear_1",
+    "out.2": "conv_out",
+    "input_blocks.1.0.in_layers.2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks.2.1.proj_in": "down_blocks.0.attentions.1.proj_in",
+    "input_blocks.3.0.op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks.4.0.skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "input_blocks.5.1.transformer_blocks.0.attn2.to_k": "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k",
+    "input_blocks.9.0.op": "down_blocks.2.downsamplers.0.conv",
+    "input_blocks.11.0.emb_layers.1": "down_blocks.3.resnets.1.time_emb_proj",
+    "middle_block.0.in_layers.2": "mid_block.resnets.0.conv1",
+    "middle_block.1.transformer_blocks.0.attn1.to_out.0": "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "middle_block.2.out_layers.3": "mid_block.resnets.1.conv2",
+    "output_blocks.0.0.skip_connection": "up_blocks.0.resnets.0.conv_shortcut",
+    "output_blocks.2.1.conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks.3.0.out_layers.3": "up_blocks.1.resnets.0.conv2",
+    "output_blocks.5.2.conv": "up_blocks.1.upsamplers.0.conv",
+    "output_blocks.8.2.conv": "up_blocks.2.upsamplers.0.conv",
+    "output_blocks.9.1.transformer_blocks.0.ff.net.2": "up_blocks.3.attentions.0.transformer_blocks.0.ff.net.2",
+    "output_blocks.11.1.transformer_blocks.0.attn2.to_k": "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k",
+}
+
+
+def test_diffusers_names_of_the_sd15_unet_are_kohyas():
+    """Without ComfyUI: the kohya names of an SD1.5 UNet's layers (ResBlock conv1/conv2, the mid block's second
+    resnet, down/upsamplers, the last up block's attentions), one distinct diffusers name per layer."""
+    from focusfix_core.lora import diffusers_unet_names
+    hosts = _sd15_unet_hosts()
+    assert len(hosts) == 282
+    net = _skeleton(hosts, num_res_blocks=[2, 2, 2, 2])
+    name = diffusers_unet_names(net)
+    assert {p: name(p) for p in SD15_KOHYA_NAMES} == SD15_KOHYA_NAMES
+    names = [name(p) for p in hosts]
+    assert len(set(names)) == len(hosts)  # no two layers share a name (conv1 vs conv2, mid resnets 0 vs 1)
+    ldm = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")
+    assert not [n for n in names if n.startswith(ldm)]  # every layer renamed
+    assert diffusers_unet_names(_skeleton(hosts)) is None  # no num_res_blocks: not an SD-style UNet
+
+
+def test_sd15_lora_saved_with_kohya_names_loads_back():
+    """state_dict_kohya(diffusers_names=True) writes kohya's SD1.5 keys, and load_kohya / merge_kohya_into find
+    every layer again from them."""
+    net = _skeleton(_sd15_unet_hosts(), num_res_blocks=[2, 2, 2, 2])
+    lora = LoRA.attach(net, r".", rank=1, alpha=0.5)
+    _randomize(lora)
+    sd = lora.state_dict_kohya(diffusers_names=True)
+    for ldm, kohya in SD15_KOHYA_NAMES.items():
+        key = "lora_unet_" + kohya.replace(".", "_")
+        assert sd[f"{key}.alpha"].item() == 0.5, ldm
+    assert not [k for k in sd if k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks"))]
+    again = LoRA.attach(net, r".", rank=1, alpha=1)
+    again.load_kohya(sd)  # strict: every key known, every layer found
+    assert all(torch.equal(a.up, b.up) and torch.equal(a.down, b.down)
+               for a, b in zip(lora.adapters, again.adapters))
+    lora.remove()
+    again.remove()
+    assert len(merge_kohya_into(net, sd)) == 282
+
+
+def test_read_focusfix_lora_keeps_alpha_through_a_continued_run(tmp_path):
+    """Review R12: rank 4 alpha 1 (scale 1/4) read back as alpha 1, attached with alpha 1, and a run continuing it
+    saves ss_network_alpha "1" again (alpha = rank would scale the delta 4x)."""
+    from safetensors import safe_open
+
+    from focusfix_core.lora import continued_metadata, read_focusfix_lora
+    net = _net()
+    x, c = _inputs()
+    lora = LoRA.attach(net, "attn", rank=4, alpha=1)
+    _randomize(lora)
+    out = net(x, c)
+    path = save_lora(tmp_path / "a.safetensors", lora)
+    lora.remove()
+    saved = read_focusfix_lora(path)
+    assert saved.rank == 4 and saved.alpha == 1.0
+    again = saved.attach(net)
+    assert again.alpha == 1.0 and {a.alpha for a in again.adapters} == {1.0}
+    torch.testing.assert_close(net(x, c), out, rtol=0, atol=0)
+    path2 = save_lora(tmp_path / "b.safetensors", again, continued_metadata({}, saved.metadata))
+    with safe_open(str(path2), "pt") as f:
+        assert f.metadata()["ss_network_alpha"] == "1"
+    assert read_focusfix_lora(path2).alpha == 1.0
+
+
+def test_merged_when_no_grad_follows_the_loras_strength():
+    """Review R13: at strength 0.5 the merged graph-free call equals the hooked call (which scales by strength),
+    not the full-strength delta."""
+    from focusfix_core.lora import MergedWhenNoGrad
+    torch.manual_seed(0)
+    net = Attention(8, 6)
+    lora = _trained_lora(net)
+    lora.strength = 0.5
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    with torch.no_grad():
+        hooked = net(x, ctx)
+        lora.strength = 1.0
+        full = net(x, ctx)
+        lora.strength = 0.5
+        merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora, offload=False)
+        got = merged(x, None, ctx)
+        assert merged.merged
+    merged.restore()
+    assert not torch.allclose(hooked, full, atol=1e-3)  # strength matters here
+    torch.testing.assert_close(got, hooked, rtol=1e-5, atol=1e-6)

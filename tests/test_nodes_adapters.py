@@ -133,3 +133,84 @@ def test_mask_with_a_channel_axis_review11():
     with pytest.raises(ValueError, match=r"mask has 3 masks but there are 2 images: give 1 or 2 "
                                          r"\(mask shape \(3, 8, 8\), read as \[B,H,W\]\)"):
         A.mask_to_b1hw(torch.ones(3, 8, 8), batch=2)
+
+
+# ------------------------------------------------------------------ which names a trained LoRA is saved under (R8/R9)
+def _sd_style_net():
+    """A weightless SD-style UNet in the LDM layout (one ResBlock + attention per level, as the tiny SD1.5)."""
+    net = torch.nn.Module()
+    for blocks, index in (("input_blocks", 1), ("output_blocks", 3)):
+        holder = torch.nn.ModuleList([torch.nn.Module() for _ in range(4)])
+        attn = torch.nn.Module()
+        attn.to_k = torch.nn.Linear(2, 2)
+        tb = torch.nn.Module()
+        tb.attn2 = attn
+        st = torch.nn.Module()
+        st.transformer_blocks = torch.nn.ModuleList([tb])
+        holder[index] = torch.nn.ModuleList([torch.nn.Identity(), st])
+        setattr(net, blocks, holder)
+    net.middle_block = torch.nn.ModuleList([torch.nn.Identity()])
+    net.num_res_blocks = [1, 1]
+    return net
+
+
+_DIFFUSERS = ("down_blocks_0_attentions_0", "up_blocks_1_attentions_1")  # input_blocks.1.1, output_blocks.3.1
+_LDM = ("input_blocks_1_1", "output_blocks_3_1")
+
+
+@pytest.mark.parametrize("family, blocks", [("sd1", _DIFFUSERS), ("sd2", _DIFFUSERS), ("sdxl", _LDM),
+                                            ("sdxl_refiner", _LDM), (None, _LDM)])
+def test_lora_data_from_trainer_names_layers_as_kohyas_loras_of_that_model(family, blocks):
+    """SD1.x/2.x LoRAs get the diffusers names kohya's SD1.x/2.x LoRAs use, SDXL (and a model of no known family)
+    the LDM names, as kohya's SDXL LoRAs; either file attaches to the net again."""
+    from types import SimpleNamespace
+    core_lora = __import__(f"{load_pack().__name__}.focusfix_core.lora", fromlist=["LoRA"])
+    net = _sd_style_net()
+    lora = core_lora.LoRA.attach(net, "to_k", rank=2, alpha=1)
+    lora.remove()
+    trainer = SimpleNamespace(lora=lora, model=SimpleNamespace(family=family), metadata=lambda: {"x": "1"},
+                              method="focus-n-fix")
+    data = A.LoraData.from_trainer(trainer)
+    assert set(data.tensors) == {f"lora_unet_{b}_transformer_blocks_0_attn2_to_k.{part}"
+                                 for b in blocks for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert data.metadata["x"] == "1" and data.metadata["ss_network_alpha"] == "1" and data.rank == 2
+    data.attach(net).remove()
+
+
+# ------------------------------------------------------------------------------- Train node -> FixConfig (review C3)
+class _ConfigBuilt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("widget, expected", [(0.3, 0.3), (-0.05, -0.05), (None, None), (1e9, None)])
+def test_train_node_passes_reward_target_and_lam_to_the_config(monkeypatch, widget, expected):
+    """The Train Focus-N-Fix node's reward_target reaches FixConfig (its NO_TARGET, 1e9, and the default mean no
+    target: None), and so do lam and the other widgets; without ComfyUI: the run is replaced by one that builds
+    the config and stops."""
+    T = load_pack().nodes.train_nodes
+    built = {}
+
+    class FakeModel:
+        def clone(self):
+            return self
+
+    def fake_run(dm, reward, make_cfg, **kw):
+        built["cfg"], built["dm"], built["reward"] = make_cfg(), dm, reward
+        raise _ConfigBuilt
+
+    monkeypatch.setattr(T, "ComfyDiffusionModel", lambda model, clip, vae: type("DM", (), {"clip": clip})())
+    monkeypatch.setattr(T, "run_focus_n_fix", fake_run)
+    monkeypatch.setattr(T, "graph_metadata", lambda prompt, extra_pnginfo: {})  # reads comfy.cli_args
+    assert T.NO_TARGET == 1e9
+    kw = {} if widget is None else {"reward_target": widget}
+    with pytest.raises(_ConfigBuilt):
+        T.FocusFixTrainFocusNFix().execute(
+            FakeModel(), "vae", "reward", "a cat\na dog", "blurry", "0,2", 64, 48, 7, 4.5, 2, 0.25, "saliency", 3,
+            "to_k", 1e-3, 5, 11, clip="clip", **kw)
+    cfg = built["cfg"]
+    assert cfg.reward_target == expected
+    assert (cfg.prompts, cfg.seeds, cfg.negative_prompt, cfg.width, cfg.height) == (("a cat", "a dog"), (0, 2),
+                                                                                   "blurry", 64, 48)
+    assert (cfg.steps, cfg.cfg_scale, cfg.K, cfg.lam, cfg.mask_source) == (7, 4.5, 2, 0.25, "saliency")
+    assert (cfg.rank, cfg.targets, cfg.lr, cfg.iterations, cfg.seed) == (3, "to_k", 1e-3, 5, 11)
+    assert built["reward"] == "reward" and built["dm"].clip == "clip"
