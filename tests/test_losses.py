@@ -339,3 +339,22 @@ def test_key_change_gradcheck():
     d = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
     energy = torch.rand(2, dtype=torch.float64) + 1
     assert torch.autograd.gradcheck(lambda x: key_change_loss([x], energy).double(), (d,))
+
+
+# ---------------------------------------------------------------- review: per-image masks (mutation L12)
+def test_region_per_image_mask_gives_each_image_its_own_loss():
+    """With a mask per image, image b's loss reads M[b] only: it equals its single-image loss and, with
+    I = I0 + 1, exactly sqrt(C * held pixels of M[b]). (A mask averaged over the batch passed every other test.)"""
+    B, C, H, W = 3, 3, 6, 8
+    I0 = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    I = I0 + 1
+    M = torch.zeros(B, H, W, dtype=torch.float64)
+    M[0, :, : W // 2] = 1   # left half may change: 24 pixels held
+    M[1, :2] = 1            # top two rows: 32 held
+    # M[2] empty: all 48 held
+    loss = region_loss(I, I0, M)
+    held = [24, 32, 48]
+    for b in range(B):
+        assert int((M[b] == 0).sum()) == held[b]
+        torch.testing.assert_close(loss[b : b + 1], region_loss(I[b : b + 1], I0[b : b + 1], M[b : b + 1]))
+        assert loss[b].item() == pytest.approx(math.sqrt(C * held[b]), rel=1e-9)

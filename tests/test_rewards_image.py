@@ -177,13 +177,4 @@ def test_builtins(name):
     assert isinstance(r, Reward) and r.name == name and s.shape == (2,) and I.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("module", ["image", "composite", "clip_vision", "aesthetic", "safety", "loading"])
-def test_docstring_examples(module):
-    """Run the modules' doctests on the normally imported package (pytest --doctest-modules would
-    import a second copy under the repo folder's name, since the node pack root has an __init__.py)."""
-    import doctest
-    import importlib
-
-    m = importlib.import_module(f"focusfix_core.rewards.{module}")
-    result = doctest.testmod(m, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+# (the rewards modules' doctests run in test_doctests.py, with every other core module's)

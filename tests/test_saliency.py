@@ -235,3 +235,75 @@ def test_heatmap_errors_say_which_check_failed_and_empty_batch_review10():
         heatmap_to_mask(-torch.ones(1, 8, 8))
     for mode in THRESHOLD_MODES:  # top_percent read H[0]: IndexError
         assert heatmap_to_mask(torch.rand(0, 8, 8), threshold_mode=mode, threshold=0.2).shape == (0, 8, 8)
+
+
+# ---------------------------------------------------------------- review: mutation-testing gaps M1, M2, M4, M7, M8, M9
+def test_mask_blur_of_one_pixel_is_the_gaussian_disk():
+    """A one-pixel heatmap blurred with sigma 2 and normalised to its peak is exp(-r^2 / (2 sigma^2)) (kornia's
+    kernel is that Gaussian, normalised, and the constant cancels in the min-max; the pixel sits 16 px from every
+    edge, beyond the 13-tap kernel's reach of 6, so neither the kernel size nor the reflect border matters).
+    Value 0.5 keeps r^2 <= 8 ln 2 = 5.55: r^2 in {0, 1, 2, 4, 5}, 1 + 4 + 4 + 4 + 8 = 21 pixels.
+    (No blur would keep 1 pixel; sigma 1 would keep 5.)"""
+    H = torch.zeros(1, 32, 32)
+    H[0, 16, 16] = 1.0
+    M = heatmap_to_mask(H, blur_sigma=2.0, threshold_mode="value", threshold=0.5)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    disk = (((yy - 16) ** 2 + (xx - 16) ** 2) <= 8 * torch.log(torch.tensor(2.0))).float()
+    assert int(disk.sum()) == 21 and int(M.sum()) == 21
+    assert torch.equal(M[0], disk)
+
+
+@pytest.mark.parametrize("fraction, keep", [(0.1, 40), (0.123, 50), (0.0025, 1)])
+def test_mask_top_percent_keeps_exactly_ceil_of_the_fraction(fraction, keep):
+    """Tie-free values (a permutation of 0..399): exactly ceil(fraction * 400) pixels, the largest ones."""
+    H = torch.randperm(400, generator=torch.Generator().manual_seed(5)).float().view(1, 20, 20)
+    M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="top_percent", threshold=fraction)
+    assert int(M.sum()) == keep
+    assert torch.equal(M.bool(), H >= 400 - keep)
+
+
+def test_mask_value_threshold_keeps_a_pixel_exactly_at_it():
+    """The docs say "value" keeps H >= threshold: a pixel that normalises to exactly the threshold is in."""
+    H = torch.tensor([[[0.0, 2.0, 4.0], [1.0, 3.0, 0.0]]])  # normalised: 0, 0.5, 1 / 0.25, 0.75, 0 (exact)
+    M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="value", threshold=0.5)
+    assert M.tolist() == [[[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]]]
+    M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="value", threshold=0.25)
+    assert M.tolist() == [[[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]]]
+
+
+class _RedSquared(nn.Module):
+    """r(I) = sum of red^2: dr/dI_red = 2 I_red depends on I, so noise changes the gradient."""
+
+    def forward(self, I):
+        return I[:, 0].square().sum((1, 2))
+
+
+def test_smoothgrad_is_the_mean_grad_at_noisy_copies():
+    reward = _RedSquared()
+    I = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    grad = gradient_saliency(reward, I, "grad")
+    torch.testing.assert_close(grad, 2 * I[:, 0])
+    no_noise = gradient_saliency(reward, I, "smoothgrad", n_samples=3, noise_std=0.0,
+                                 generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(no_noise, grad)
+    S = gradient_saliency(reward, I, "smoothgrad", n_samples=4, noise_std=0.3,
+                          generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)  # the same draws: one randn(I.shape) per copy
+    ref = sum((2 * (I + 0.3 * torch.randn(I.shape, generator=g))[:, 0]).abs() for _ in range(4)) / 4
+    torch.testing.assert_close(S, ref)
+    assert (S - grad).abs().max() > 0.1
+
+
+def test_grad_x_input_is_weight_times_the_red_channel():
+    """r(I) = sum w * I_red, linear: grad is |w| everywhere, grad x input is |w| * I_red (I >= 0)."""
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+
+    class Linear(nn.Module):
+        def forward(self, I):
+            return (w * I[:, 0]).sum((1, 2))
+
+    I = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gradient_saliency(Linear(), I, "grad"), w.abs().expand(2, 8, 8))
+    gxi = gradient_saliency(Linear(), I, "grad_x_input")
+    torch.testing.assert_close(gxi, w.abs() * I[:, 0])
+    assert (gxi - w.abs()).abs().max() > 0.1

@@ -328,3 +328,118 @@ def test_sampling_sigmas_prefers_the_models_own_and_checks_them():
         check_sigmas([14.6, 3.0, 1.0])
     with pytest.raises(ValueError, match=r"unknown sampler 'euler_ancestral'.*dpmpp_2m"):
         sample(GaussianDenoiser(), torch.zeros(2, 1, 2, 2), torch.tensor([2.0, 0.0]), cond(), sampler="euler_ancestral")
+
+
+# ---------------------------------------------------------------- review: mutation-testing gaps S7-S10
+def _comfy_normal_reference(sig, steps):
+    """ComfyUI's `normal_scheduler` (comfy/samplers.py) re-derived in float64: timesteps
+    linspace(timestep(sigma_max) = T-1, timestep(sigma_min) = 0, steps), each sigma(t) log-linear between the
+    neighbouring training sigmas (comfy/model_sampling.py `sigma`), then a 0 appended."""
+    log_s = sig.double().log()
+    out = []
+    for t in torch.linspace(len(sig) - 1, 0, steps, dtype=torch.float64).tolist():
+        lo = math.floor(t)
+        hi, w = min(lo + 1, len(sig) - 1), t - lo
+        out.append(math.exp((1 - w) * float(log_s[lo]) + w * float(log_s[hi])))
+    return torch.tensor(out + [0.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 12, 30])
+def test_normal_schedule_is_comfyuis_and_ends_at_sigma_min(steps):
+    """KSampler's "normal": starts at sigma_max, its last nonzero sigma is sigma_min (t = 0), then 0."""
+    from focusfix_core.schedules import scheduler_sigmas
+
+    sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod()).float()
+    s = scheduler_sigmas("normal", sig, steps)
+    assert s.shape == (steps + 1,) and s[-1] == 0
+    assert float(s[0]) == pytest.approx(float(sig[-1]), rel=1e-5)
+    if steps > 1:
+        assert float(s[-2]) == pytest.approx(float(sig[0]), rel=1e-5)  # sigma_min = 0.0292 (sig[1] = 0.0413)
+    torch.testing.assert_close(s.double(), _comfy_normal_reference(sig, steps), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 123, 2**40 + 7])
+def test_seed_noise_is_the_noise_ksampler_draws_for_the_seed(seed):
+    """ComfyUI's prepare_noise (comfy/sample.py): torch.manual_seed(seed), then torch.randn of the latent's
+    [1,C,h,w] shape on the CPU. The same seed must give KSampler's noise, so KSampler redraws I0."""
+    shape = (4, 8, 8)
+    ref = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(seed_noise([seed], shape)[0], ref)
+
+
+def test_seed_noise_batch_draws_each_seed_on_its_own():
+    """Row b is KSampler's noise for seeds[b] at batch size 1, whatever the other seeds (a repeated seed repeats
+    its row)."""
+    shape = (3, 5, 6)
+    seeds = [7, 0, 123, 7]
+    out = seed_noise(seeds, shape)
+    assert out.shape == (4, *shape)
+    for row, s in zip(out, seeds):
+        assert torch.equal(row, torch.randn((1, *shape), generator=torch.Generator().manual_seed(s))[0])
+
+
+class _RecordingNet:
+    """A stub network: records what it is fed, returns a fixed prediction (eps or v)."""
+
+    def __init__(self, out):
+        self.out, self.seen = out, []
+
+    def __call__(self, x_in, t, c):
+        self.seen.append((x_in.detach().clone(), t.detach().clone(), c))
+        return self.out
+
+
+def _scalings_case():
+    sig = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod()).float()
+    # 0.34 and 3.33: halfway in log sigma between training sigmas 100 and 101 (t = 100.5), training sigma 700 (t = 700)
+    sigma = torch.stack([(sig[100] * sig[101]).sqrt(), sig[700]])
+    g = torch.Generator().manual_seed(0)
+    x, pred = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    return sig, sigma, x, pred, {"context": torch.ones(2, 1, 1)}
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+def test_denoiser_scalings_feed_c_in_x_and_the_timestep(kind):
+    """k-diffusion's external.py scalings: the network gets c_in * x with c_in = 1/sqrt(sigma^2 + 1) and
+    t = sigma_to_t(sigma); eps: x0 = x - sigma * eps; v: x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v."""
+    from focusfix_core.denoisers import EpsDenoiser, VDenoiser
+
+    sig, sigma, x, pred, c = _scalings_case()
+    net = _RecordingNet(pred)
+    x0 = (EpsDenoiser if kind == "eps" else VDenoiser)(net, sig)(x, sigma, c)
+    ((x_in, t, c_seen),) = net.seen
+    s = sigma.double()[:, None, None, None]
+    torch.testing.assert_close(x_in.double(), x.double() / (s**2 + 1).sqrt(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(t, sigma_to_t(sigma, sig))
+    torch.testing.assert_close(t, torch.tensor([100.5, 700.0]), rtol=0, atol=1e-2)
+    assert c_seen is c
+    if kind == "eps":
+        ref = x.double() - s * pred.double()
+    else:
+        ref = x.double() / (s**2 + 1) - s / (s**2 + 1).sqrt() * pred.double()
+    torch.testing.assert_close(x0.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_draft_lv_renoises_the_final_sample_at_the_last_nonzero_sigma():
+    """DRaFT-LV's one differentiated call: the loop's final sample, repeated per copy, plus sigmas[-2] times the
+    generator's noise, denoised at sigma = sigmas[-2] (the last nonzero sigma)."""
+    from focusfix_core.denoisers import repeat_cond
+
+    den, calls = GaussianDenoiser(), []
+    sigmas = get_sigmas_karras(5, 0.1, 10.0)
+    x = seed_noise([1, 2], (1, 3, 3)) * sigmas[0]
+
+    def recording(x_, sigma, c):
+        calls.append((x_.detach().clone(), sigma.detach().clone()))
+        return den(x_, sigma, c)
+
+    with torch.no_grad():
+        final = sample(den, x, sigmas, cond())
+    out = sample(recording, x, sigmas, cond(), K=1, lv_copies=3, generator=torch.Generator().manual_seed(7))
+    assert len(calls) == 6 and out.shape == (6, 1, 3, 3)
+    x_in, sigma = calls[-1]
+    assert torch.equal(sigma, sigmas[-2].expand(6))
+    noise = torch.randn((6, 1, 3, 3), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(x_in, final.repeat_interleave(3, dim=0) + sigmas[-2] * noise)
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), den(x_in, sigma, repeat_cond(cond(), 3)))
