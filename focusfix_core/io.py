@@ -364,6 +364,9 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
         raise refuse("'..' components are not allowed")
     if not parts or not parts[-1].strip():
         raise refuse("the name is empty")
+    if filename.rstrip().endswith(("/", "\\")):  # "sub/" names a folder: it would have become sub.safetensors
+        raise ValueError(f"filename {filename!r} ends in a folder separator: add the file's name, e.g. "
+                         f"{filename.rstrip() + 'fix'!r}")
     if suffix and not parts[-1].lower().endswith(suffix.lower()):
         parts[-1] += suffix
     for part in parts:

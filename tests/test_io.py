@@ -255,7 +255,9 @@ def test_names_windows_cannot_hold_or_too_long_are_refused(tmp_path):
                      ("tab\tname", "not allowed"), ("CON", "not a usable file name"), ("sub./x", "not a usable file name"),
                      ("sub/.safetensors", "not a usable file name"), ("x" * 250, f"more than the {MAX_NAME_BYTES}"),
                      ("CONIN$", "not a usable file name"), ("conout$.x", "not a usable file name"),
-                     ("COM\u00b9", "not a usable file name"), ("lpt\u00b3", "not a usable file name")):
+                     ("COM\u00b9", "not a usable file name"), ("lpt\u00b3", "not a usable file name"),
+                     ("sub/", "ends in a folder separator: add the file's name, e.g. 'sub/fix'"),
+                     ("a\\b\\", "ends in a folder separator")):
         with pytest.raises(ValueError, match=why):
             safe_join(tmp_path, bad)
     ok = safe_join(tmp_path, "fixes/hands v2_final-1")
