@@ -25,6 +25,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_float_finite",
     "load_training_state",
     "NameTakenError",
     "safe_join",
@@ -409,6 +410,19 @@ def unique_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
             return candidate
         i += 1
 
+
+
+def check_float_finite(tensors: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    """ValueError unless every tensor is float and finite, naming the first keys: an integer tensor is no weight,
+    and one NaN weight turns every output it touches NaN. One pass; fp8 (no isfinite kernel) is checked in fp32.
+    `what` names the tensors ("LoRA tensors"); `hint` ends the NaN message (what to do)."""
+    not_float = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{what} must be float (fp32, fp16 or bf16), got {tensors[not_float[0]].dtype} for "
+                         f"{len(not_float)} keys, e.g. {not_float[:3]}")
+    nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v if v.element_size() > 1 else v.float()).all()]
+    if nonfinite:
+        raise ValueError(f"{len(nonfinite)} {what} hold NaN or inf values, e.g. {nonfinite[:3]}{hint}")
 
 
 def load_state_checked(module: "torch.nn.Module", tensors: dict[str, torch.Tensor], source: str,

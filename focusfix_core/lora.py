@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_save_safetensors, load_tensor_file_with_metadata
+from .io import atomic_save_safetensors, check_float_finite, load_tensor_file_with_metadata
 
 __all__ = [
     "MergedWhenNoGrad",
@@ -695,17 +695,13 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 
 def _check_lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> None:
-    """One pass over the tensors: a NaN adapter turns every image it touches NaN (silently, in KSampler), an
-    integer one is no weight delta, and a negative `.alpha` flips the delta's sign."""
-    not_float = [k for k, v in tensors.items() if not v.is_floating_point()]
-    if not_float:
-        raise ValueError(f"{name!r}: LoRA tensors must be float (fp32, fp16 or bf16), got "
-                         f"{tensors[not_float[0]].dtype} for {len(not_float)} keys, e.g. {not_float[:3]}")
-    # isfinite has no fp8 kernel: those tensors (1 byte per value) are checked in fp32
-    nonfinite = [k for k, v in tensors.items() if not torch.isfinite(v if v.element_size() > 1 else v.float()).all()]
-    if nonfinite:
-        raise ValueError(f"{name!r}: {len(nonfinite)} LoRA tensors hold NaN or inf values, e.g. {nonfinite[:3]} "
-                         f"(a corrupt file, or a training run that diverged: use an earlier checkpoint)")
+    """A NaN adapter turns every image it touches NaN (silently, in KSampler), an integer one is no weight delta,
+    and a negative `.alpha` flips the delta's sign."""
+    try:
+        check_float_finite(tensors, "LoRA tensors", " (a corrupt file, or a training run that diverged: use an "
+                                                    "earlier checkpoint)")
+    except ValueError as e:
+        raise ValueError(f"{name!r}: {e}") from None
     bad_alpha = [k for k, v in tensors.items() if k.endswith(f".{_ALPHA}") and (v.numel() != 1 or float(v) <= 0)]
     if bad_alpha:
         raise ValueError(f"{name!r}: each .alpha must be one number > 0, got "

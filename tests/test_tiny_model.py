@@ -92,7 +92,7 @@ def test_shipped_model_draws_the_prompted_objects():
     world's exact evaluator. A wrong denoiser scaling or noise (e.g. EpsDenoiser's c_in = 1/(sigma^2 + 1), the
     review's S9) still gives images with std > 0.05, but not the prompted colour: 1 of 12 found, 12 glitched.
 
-    Measured on /work/main (10 steps, CFG 3, seeds 0-11): the prompted colour found in 12 of 12 images, colour and
+    Measured when written (10 steps, CFG 3, seeds 0-11): the prompted colour found in 12 of 12 images, colour and
     shape right in 4 of 12 (the model card's single-object alignment is 48 %), 0 glitches. Other seeds
     (100-111, 7000-7011) gave 12/12, 5/12, 0-1 glitches; the thresholds below leave that margin."""
     from focusfix_core.tiny import load_default_model

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Union
 
 import torch
 
-from ..io import atomic_save_safetensors, load_tensor_file_with_metadata
+from ..io import atomic_save_safetensors, check_float_finite, load_tensor_file_with_metadata
 from .aesthetic import LAION_HEAD_WIDTHS, AestheticHead, AestheticReward, is_aesthetic_head
 from .base import Reward
 from .clip_vision import CLIPVisionConfig, CLIPVisionTower, detect_clip_layout
@@ -201,16 +201,8 @@ def _check_head_tower(head: AestheticHead, tower: CLIPVisionTower, where: str) -
 def _check_weights(sd: Mapping[str, torch.Tensor]) -> None:
     """Refuse weights no reward net holds (non-float) or that make every score NaN, naming the first keys; one pass
     over the tensors. HF CLIP's integer `position_ids` are a buffer the towers drop, not weights."""
-    weights = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-    not_float = [k for k, v in weights.items() if not v.is_floating_point()]
-    if not_float:
-        raise ValueError(f"reward weights must be float (fp32, fp16 or bf16), got {weights[not_float[0]].dtype} "
-                         f"for {len(not_float)} keys, e.g. {not_float[:3]}")
-    # isfinite has no fp8 kernel: those tensors (1 byte per value) are checked in fp32
-    nonfinite = [k for k, v in weights.items() if not torch.isfinite(v if v.element_size() > 1 else v.float()).all()]
-    if nonfinite:
-        raise ValueError(f"{len(nonfinite)} reward weights hold NaN or inf values, e.g. {nonfinite[:3]}: the file "
-                         f"is corrupt")
+    check_float_finite({k: v for k, v in sd.items() if not k.endswith("position_ids")}, "reward weights",
+                       ": the file is corrupt")
 
 
 def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,

@@ -81,6 +81,20 @@ class Comfy:
             out = getattr(cls(), cls.FUNCTION)(**inputs)
         return out["result"] if isinstance(out, dict) else getattr(out, "result", out)
 
+    def assert_map_size_refused(self, model, clip, resolution: int, size: int, match: str) -> None:
+        """Attention Maps and Train Separate-and-Enhance both refuse `resolution` on this MODEL with `match`,
+        before any progress (nothing sampled, no step)."""
+        import pytest
+        self.progress.clear()
+        for node, kw in (("FocusFixAttentionMaps", dict(prompt="a cat and a dog", words="cat, dog", seed=0, steps=2,
+                                                        cfg=3.0)),
+                         ("FocusFixTrainSeparateEnhance", dict(prompts="a cat and a dog | cat, dog", lam_sep=1.0,
+                                                               lam_en=1.0, lam_preserve=1.0, rank=2, targets="to_k",
+                                                               lr=1e-2, iterations=1, seed=0))):
+            with pytest.raises(ValueError, match=match):
+                self.run(node, model=model, clip=clip, resolution=resolution, width=size, height=size, **kw)
+        assert self.progress == []
+
     def execute(self, prompt: dict, extra_data: dict | None = None) -> "object":
         """Validate and execute an API-format prompt with ComfyUI's PromptExecutor (`extra_data` as POST /prompt
         sends it, e.g. {"extra_pnginfo": {"workflow": ...}}); returns the executor."""

@@ -818,15 +818,9 @@ def test_a_map_size_the_model_lacks_is_refused_before_sampling(fresh):
     passes the queue-time check (layout unknown there), then is refused with the sizes it has, before a step."""
     model, clip, _ = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
     assert fresh.node("FocusFixAttentionMaps").VALIDATE_INPUTS(resolution=8, width=SIZE, height=SIZE) is True
-    for node, kw in (("FocusFixAttentionMaps", dict(prompt="a cat and a dog", words="cat, dog", seed=0, steps=3,
-                                                    cfg=3.0)),
-                     ("FocusFixTrainSeparateEnhance", dict(prompts="a cat and a dog | cat, dog", lam_sep=1.0,
-                                                           lam_en=1.0, lam_preserve=1.0, rank=2, targets="to_k",
-                                                           lr=1e-2, iterations=1, seed=0))):
-        with pytest.raises(ValueError, match=r"resolution 8: at this size \(width 64, height 64 px\) this model has "
-                                             r"cross-attention only in maps of 4x4: set resolution to 4"):
-            fresh.run(node, model=model, clip=clip, resolution=8, width=SIZE, height=SIZE, **kw)
-    assert fresh.progress == []
+    fresh.assert_map_size_refused(model, clip, 8, SIZE, r"resolution 8: at this size \(width 64, height 64 px\) "
+                                                        r"this model has cross-attention only in maps of 4x4: set "
+                                                        r"resolution to 4")
     assert _hooks(model.model.diffusion_model) == 0
 
 

@@ -56,13 +56,5 @@ def test_real_layout_attention_levels_and_a_map_size_without_cross_attention(fre
     levels = adapters.ComfyDiffusionModel(model, clip).attention_levels()
     assert levels == ([0, 1, 2, 3] if family == "sd15" else [1, 2])
     if family == "sdxl":  # 128 px: latents 16x16, and SDXL has no cross-attention at that level
-        fresh.progress.clear()
-        for node, kw in (("FocusFixAttentionMaps", dict(prompt="a cat and a dog", words="cat, dog", seed=0, steps=2,
-                                                        cfg=3.0)),
-                         ("FocusFixTrainSeparateEnhance", dict(prompts="a cat and a dog | cat, dog", lam_sep=1.0,
-                                                               lam_en=1.0, lam_preserve=1.0, rank=2, targets="to_k",
-                                                               lr=1e-2, iterations=1, seed=0))):
-            with pytest.raises(ValueError, match=r"resolution 16: .* only in maps of 8x8, 4x4: set resolution to 8 "
-                                                 r"or 4"):
-                fresh.run(node, model=model, clip=clip, resolution=16, width=SIZE, height=SIZE, **kw)
-        assert fresh.progress == []
+        fresh.assert_map_size_refused(model, clip, 16, SIZE,
+                                      r"resolution 16: .* only in maps of 8x8, 4x4: set resolution to 8 or 4")
