@@ -300,7 +300,12 @@ class ComfyDiffusionModel:
 
     # denoiser: x = x0 + sigma * eps (VE), returns x0
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """x: [B,C,h,w], sigma: [B], cond {"context": [B,T,D], "pooled": [B,P] (SDXL)} -> x0: [B,C,h,w] fp32."""
+        """x: [B,C,h,w], sigma: [B], cond {"context": [B,T,D], "pooled": [B,P] (SDXL)} -> x0: [B,C,h,w] fp32.
+        ComfyUI's cancel is checked first: work that runs no sampler (Separate-and-Enhance's preservation set-up,
+        attention maps) stops within one UNet call too."""
+        if not torch.compiler.is_compiling():  # a compiled call traces no Python side effect (no graph break)
+            import comfy.model_management as mm
+            mm.throw_exception_if_processing_interrupted()
         self._hw.hw = tuple(x.shape[-2:])
         kwargs = {}
         if self.is_adm:

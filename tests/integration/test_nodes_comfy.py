@@ -476,6 +476,31 @@ def test_cancel_mid_training_leaves_nothing(fresh, checkpoint):
     assert max(v for v, _, _ in fresh.progress) < 5
 
 
+def test_cancel_during_separate_enhance_set_up_stops_within_one_unet_call(fresh, checkpoint):
+    """Standards audit 4: the preservation set-up and the before maps run UNet passes with no progress bar, and a
+    cancel pressed there let 17 more passes run (8 prompts). The adapter now checks cancel at every UNet call."""
+    import comfy.model_management as mm
+    model, clip, _ = checkpoint
+    calls = []
+
+    def press_cancel_at_first_call(module, args):
+        calls.append(1)
+        mm.interrupt_current_processing(True)
+
+    handle = model.model.diffusion_model.register_forward_pre_hook(press_cancel_at_first_call)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            fresh.run("FocusFixTrainSeparateEnhance", model=model, clip=clip,
+                      prompts="\n".join(f"a {a} and a {b} | {a}, {b}" for a, b in
+                                        (("cat", "dog"), ("cat", "bird"), ("dog", "bird"), ("cup", "cat"))),
+                      lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2,
+                      targets="to_k", lr=1e-2, iterations=2, seed=0, batch_size=1)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and fresh.progress == []
+    assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
+
+
 def test_before_after_images_show_a_step_bar_and_cancel_within_it(fresh, checkpoint):
     """After training, the before/after images sample with a step bar: 3 steps x (4 items' I + the I0 of the 2
     items training never drew). Cancel there stops at the next step, returns nothing and leaves the MODEL clean."""
