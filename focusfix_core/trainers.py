@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -425,6 +425,27 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
     return step, history, continued
 
 
+@contextmanager
+def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[None]:
+    """`allow_mutation_on_saved_tensors` from `net`'s first forward with grad enabled to the end of the block (the
+    backward included: the copies it keeps are read there). The graph-free sampler calls before it, N - K of a
+    Focus-N-Fix step's N, run without its per-op Python; they save nothing, so their writes need no copy."""
+    with ExitStack() as stack:
+        entered = False
+
+        def enter_on_first_graph(module, args):
+            nonlocal entered
+            if torch.is_grad_enabled() and not entered:
+                stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
+                entered = True
+
+        handle = net.register_forward_pre_hook(enter_on_first_graph)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 class _LoRATrainer:
     """Shared machinery: LoRA, optimizer, clipping, NaN guard, full-state save/resume."""
 
@@ -550,9 +571,10 @@ class _LoRATrainer:
         """`train_step`, also for a model whose forward writes in place into a tensor autograd saved (ComfyUI's
         FreeU_V2 patch rescales a block's features in place), which fails the backward. That step is drawn again
         (its draws put back), and so is every later step, under torch's `allow_mutation_on_saved_tensors`, which
-        copies such a tensor before the write. It runs Python for every op, so only a model that needs it pays."""
+        copies such a tensor before the write. It runs Python for every op, so only a model that needs it pays, and
+        only from the step's first UNet call that records a graph (`_mutation_allowed_from_first_graph`)."""
         if self.mutation_allowed:
-            with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            with _mutation_allowed_from_first_graph(self.model.net):
                 return self.train_step()
         try:
             return self.train_step()
