@@ -1076,3 +1076,26 @@ def test_an_invalid_training_state_is_refused_whole_and_leaves_the_trainer(small
     trainer.load_state_dict(state)  # the valid state still loads
     assert trainer.step == 1 and trainer._order == state["order"].tolist()
     trainer.lora.remove()
+
+
+def test_the_mutation_context_covers_only_the_calls_that_record_a_graph(small_model, square_reward):
+    """Its per-op Python is paid from the step's first UNet call with grad on: the N - K graph-free sampler calls
+    before it run without it (they save nothing for a backward, so their in-place writes need no copy)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    seen = []
+
+    def note(module, args, out):
+        seen.append((torch.is_grad_enabled(), _get_current_dispatch_mode() is not None))
+        return _rescale_half_in_place(module, args, out)
+
+    handle = small_model.net.mid_block.register_forward_hook(note)
+    try:
+        trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=2, steps=4, K=1))
+        list(trainer)
+    finally:
+        handle.remove()
+        trainer.lora.remove()
+    assert trainer.mutation_allowed
+    last_step = seen[-4:]  # 3 graph-free sampler calls, then the differentiated one
+    assert [grad for grad, _ in last_step] == [False, False, False, True]
+    assert [mode for _, mode in last_step] == [False, False, False, True]
