@@ -65,12 +65,17 @@ class NameTakenError(FileExistsError):
     """A save that must not replace a file found its name taken (see `_publish`)."""
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of `path`'s folders, from the top, that exists as a file (so `path` cannot be created); None."""
+    return next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _make_folder(path: Path) -> None:
     """Create `path`'s folder; a file where a folder must be is named (mkdir only says "File exists")."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        blocker = _file_in_the_way(path) or path.parent
         raise NotADirectoryError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder") from None
 
 
@@ -385,9 +390,8 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
     path = root.joinpath(*parts).resolve()  # follows symlinks that already exist
     if path == root or not path.is_relative_to(root):
         raise refuse(f"it resolves to {str(path)!r}")
-    blocker = next((p for p in reversed(path.parents) if p.is_relative_to(root) and p.exists() and not p.is_dir()),
-                   None)
-    if blocker is not None:  # found now, not after a training run when the save's mkdir fails
+    blocker = _file_in_the_way(path)
+    if blocker is not None and blocker.is_relative_to(root):  # found now, not when a save's mkdir fails after training
         raise ValueError(f"filename {filename!r}: {str(blocker.relative_to(root))!r} is a file in folder "
                          f"{str(folder)!r}, not a subfolder; choose another name")
     return path
