@@ -336,17 +336,18 @@ MAX_NAME_BYTES = 200  # per path component, suffix included: leaves room for a "
 def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetensors") -> Path:
     """`folder / filename (+ suffix)`, refusing any name that could leave `folder`.
 
-    `filename` may hold subfolders ("fixes/hands"; "/" or "\\"). The folder and any symlinks are
-    resolved, and the result must still lie inside the resolved folder.
+    `filename` may hold subfolders ("fixes/hands"; "/" or "\\"). Containment is checked on the name itself
+    (no absolute path, drive or `..`), as ComfyUI checks a save's subfolder: a subfolder the user made as a
+    symlink (a shared drive linked into `loras/`) is followed, since the name can only reach what the folder's
+    owner linked there. A name that is itself a symlink is refused: a save would replace the link.
 
     Returns:
-        The resolved path inside the resolved folder.
+        The path under the resolved folder (subfolder symlinks kept as named).
 
     Raises:
         TypeError: folder or filename of the wrong type.
-        ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a symlink escape; a
-            subfolder that is a file; a name
-            Windows cannot hold (`<>:"|?*`, control characters, CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot
+        ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a name that is a
+            symlink; a subfolder that is a file; a name Windows cannot hold (`<>:"|?*`, control characters, CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot
             or space) or a component over MAX_NAME_BYTES bytes.
 
     Examples:
@@ -387,9 +388,9 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
             raise ValueError(f"filename {filename!r}: {part[:24]!r}... is {len(part.encode())} bytes long, "
                              f"more than the {MAX_NAME_BYTES} a file name may have here; shorten it")
     root = Path(folder).resolve()
-    path = root.joinpath(*parts).resolve()  # follows symlinks that already exist
-    if path == root or not path.is_relative_to(root):
-        raise refuse(f"it resolves to {str(path)!r}")
+    path = root.joinpath(*parts)
+    if path.is_symlink():
+        raise refuse(f"{str(path)!r} is a symlink (to {os.readlink(path)!r}); choose another name")
     blocker = _file_in_the_way(path)
     if blocker is not None and blocker.is_relative_to(root):  # found now, not when a save's mkdir fails after training
         raise ValueError(f"filename {filename!r}: {str(blocker.relative_to(root))!r} is a file in folder "

@@ -190,15 +190,20 @@ class TestSafeJoin:
             safe_join(tmp_path / "loras", name)
         assert "loras" in str(e.value)
 
-    def test_symlink_escape(self, tmp_path):
+    def test_symlinked_subfolder_is_followed_a_symlinked_name_refused(self, tmp_path):
+        """A subfolder the artist linked into loras/ (a shared drive) takes saves, as ComfyUI's own save
+        nodes allow; a name that is itself a link is refused (a save would replace the link)."""
         folder, outside = tmp_path / "loras", tmp_path / "outside"
         folder.mkdir(), outside.mkdir()
-        (folder / "link").symlink_to(outside, target_is_directory=True)
+        (folder / "shared").symlink_to(outside, target_is_directory=True)
         (folder / "file.safetensors").symlink_to(outside / "f.safetensors")
-        with pytest.raises(ValueError, match="link/x"):
-            safe_join(folder, "link/x")
-        with pytest.raises(ValueError, match="file"):
+        path = safe_join(folder, "shared/x")
+        assert path == folder.resolve() / "shared" / "x.safetensors"
+        assert path.resolve() == (outside / "x.safetensors").resolve()
+        with pytest.raises(ValueError, match="is a symlink"):
             safe_join(folder, "file")
+        with pytest.raises(ValueError, match="'..' components"):
+            safe_join(folder, "shared/../../x")
 
     def test_symlinked_folder_ok(self, tmp_path):
         (tmp_path / "real").mkdir()

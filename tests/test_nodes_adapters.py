@@ -64,6 +64,17 @@ def test_save_lora_data_refuses_escape_and_counts(tmp_path):
             save(data, bad, folder=tmp_path)
 
 
+def test_save_lora_data_saves_into_a_symlinked_subfolder(tmp_path):
+    """An artist's loras/shared linked to another drive takes saves (ComfyUI's own saves allow it)."""
+    save = load_pack().nodes.lora_nodes.save_lora_data
+    data = A.LoraData(tensors={"lora_unet_a.lora_down.weight": torch.zeros(2, 4),
+                               "lora_unet_a.lora_up.weight": torch.zeros(4, 2), "lora_unet_a.alpha": torch.tensor(2.0)})
+    (tmp_path / "loras").mkdir(), (tmp_path / "drive").mkdir()
+    (tmp_path / "loras" / "shared").symlink_to(tmp_path / "drive", target_is_directory=True)
+    path = save(data, "shared/fix", folder=tmp_path / "loras")
+    assert path.parent.name == "shared" and (tmp_path / "drive" / "fix.safetensors").is_file()
+
+
 def test_save_lora_data_moves_on_when_another_save_takes_the_name(tmp_path, monkeypatch):
     """Two ComfyUIs on one loras folder: the name Save LoRA found free is taken before its file lands. The other
     file is kept and this save goes to the next free name."""
