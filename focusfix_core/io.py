@@ -331,6 +331,7 @@ _NOT_PORTABLE = re.compile(r'[<>:"|?*\x00-\x1f]')
 # Windows' device names, also with an extension; COM/LPT with superscript digits and the console's CONIN$/CONOUT$
 _RESERVED = re.compile(r"^(con|prn|aux|nul|conin\$|conout\$|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
 MAX_NAME_BYTES = 200  # per path component, suffix included: leaves room for a "_00001" counter within 255
+MAX_PATH_BYTES = 4000  # the whole path: Linux's PATH_MAX is 4096, less a counter and a temp file's suffix
 
 
 def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetensors") -> Path:
@@ -348,7 +349,7 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
         TypeError: folder or filename of the wrong type.
         ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a name that is a
             symlink; a subfolder that is a file; a name Windows cannot hold (`<>:"|?*`, control characters, CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot
-            or space) or a component over MAX_NAME_BYTES bytes.
+            or space), a component over MAX_NAME_BYTES bytes or a path over MAX_PATH_BYTES.
 
     Examples:
         >>> safe_join("/tmp/loras", "fixes/hands").parts[-2:]
@@ -389,6 +390,9 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
                              f"more than the {MAX_NAME_BYTES} a file name may have here; shorten it")
     root = Path(folder).resolve()
     path = root.joinpath(*parts)
+    if len(str(path).encode()) > MAX_PATH_BYTES:  # else mkdir fails after training with "File name too long"
+        raise ValueError(f"filename {filename!r}: the path in {str(folder)!r} would be {len(str(path).encode())} "
+                         f"bytes long, more than the {MAX_PATH_BYTES} a path may have; use fewer or shorter subfolders")
     if path.is_symlink():
         raise refuse(f"{str(path)!r} is a symlink (to {os.readlink(path)!r}); choose another name")
     blocker = _file_in_the_way(path)

@@ -267,6 +267,9 @@ def test_names_windows_cannot_hold_or_too_long_are_refused(tmp_path):
             safe_join(tmp_path, bad)
     ok = safe_join(tmp_path, "fixes/hands v2_final-1")
     assert ok.name == "hands v2_final-1.safetensors"
+    deep = "/".join(["z" * 150] * 30)  # every folder name is fine; the whole path is over Linux's PATH_MAX
+    with pytest.raises(ValueError, match="fewer or shorter subfolders"):
+        safe_join(tmp_path, deep)
     long_ok = safe_join(tmp_path, "y" * (MAX_NAME_BYTES - len(".safetensors")))
     assert atomic_write_text("x", long_ok).read_text() == "x"  # the temp file's name fits too
 
