@@ -24,12 +24,12 @@ __all__ = [
     "SALIENCY_METHODS",
     "THRESHOLD_MODES",
     "check_threshold",
-    "MASK_SOURCES",
+    "MAP_SOURCES",
 ]
 
 SALIENCY_METHODS = ("grad", "smoothgrad", "grad_x_input")
 THRESHOLD_MODES = ("value", "top_percent", "otsu")
-MASK_SOURCES = ("auto", "heatmap", "saliency")
+MAP_SOURCES = ("auto", "heatmap", "saliency")  # where the Saliency Mask node takes its map from
 
 
 def _check_images(I: object) -> None:
@@ -239,7 +239,7 @@ def mask_from_reward(
     Args:
         reward: the reward module; `has_heatmap`/`heatmap(I) -> [B,1,H,W]` when it localises.
         I: [B,3,H,W] the base image I0 in [0,1].
-        source: one of MASK_SOURCES.
+        source: one of MAP_SOURCES.
         method, generator: passed to `gradient_saliency`.
         **mask_kwargs: passed to `heatmap_to_mask`.
 
@@ -250,8 +250,8 @@ def mask_from_reward(
         ValueError: empty or non-finite images I, a bad source, or a reward whose map is not finite.
     """
     _check_images(I)
-    if source not in MASK_SOURCES:
-        raise ValueError(f"source must be one of {MASK_SOURCES}, got {source!r}")
+    if source not in MAP_SOURCES:
+        raise ValueError(f"source must be one of {MAP_SOURCES}, got {source!r}")
     has_heatmap = bool(getattr(reward, "has_heatmap", False))
     if source == "heatmap" and not has_heatmap:
         name = getattr(reward, "name", type(reward).__name__)

@@ -48,7 +48,7 @@ __all__ = [
     "split_words",
 ]
 
-MASK_SOURCES = ("heatmap", "saliency", "given", "none")
+MASK_SOURCES = ("heatmap", "saliency", "mask", "none")
 PRESERVATIONS = ("auto", "keys", "outputs")
 # layers whose input is the prompt's text alone: a LoRA only there changes a prompt's image only through them
 _TEXT_SIDE = re.compile(r"(^|\.)attn2\.(to_k|to_v)$")
@@ -115,9 +115,9 @@ class FixConfig(_LoRAConfig):
     cfg_scale: float = 5.0
     K: int = 1                          # DRaFT-K: differentiated last steps
     lv_copies: int = 0                  # DRaFT-LV re-noised copies of the last step (0 = off)
-    lam: float = 1.0                    # lambda of the region term; 0 = plain DRaFT (region still logged)
+    lam: float = 1.0                    # λ, weight of the region term; 0 = plain DRaFT (region still logged)
     reward_target: float | None = None  # no more push on an image once its reward reaches this (None: unbounded)
-    mask_source: str = "heatmap"        # heatmap | saliency | given | none (plain DRaFT)
+    mask_source: str = "heatmap"        # heatmap | saliency | mask (painted, `masks`) | none (plain DRaFT)
     mask_space: str = "pixel"           # pixel | latent: where the region term compares I0 and I
     saliency_method: str = "grad"       # grad | smoothgrad | grad_x_input
     blur_sigma: float = 2.0
@@ -352,6 +352,10 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
         raise ValueError(f"the training state was saved by a run with other settings: {'; '.join(changed[:4])}"
                          f"{' ...' if len(changed) > 4 else ''}. Resume with the same settings (only the "
                          f"iterations may change), or start a new run")
+    reward = getattr(trainer, "reward", None)  # states saved before the reward was recorded have none to compare
+    if "reward" in state and reward is not None and state["reward"] != json.dumps(_describe(reward)):
+        raise ValueError(f"the training state was saved by a run with reward {str(state['reward'])[:120]} (now "
+                         f"{json.dumps(_describe(reward))[:120]}). Resume with the same reward, or start a new run")
     step = state["step"]
     if type(step) is not int or step < 0:  # type(): a bool is an int too
         raise invalid(f"step must be an int >= 0, got {step!r}")
@@ -634,7 +638,7 @@ class FixTrainer(_LoRATrainer):
         model: a `DiffusionModel`.
         reward: a `Reward` (frozen here; only the LoRA learns).
         cfg: `FixConfig`.
-        masks: for mask_source "given": M [N,H,W] or [N,1,H,W] in [0,1] (1 = may change), N = 1 (all items),
+        masks: for mask_source "mask" (painted): M [N,H,W] or [N,1,H,W] in [0,1] (1 = may change), N = 1 (all items),
             len(seeds) (one per seed, any prompt) or len(items) (prompt-major order).
         cond, uncond: optional precomputed conditioning (batch len(prompts) and 1), instead of encoding
             `cfg.prompts` / `cfg.negative_prompt` with the model's text encoder.
@@ -686,9 +690,9 @@ class FixTrainer(_LoRATrainer):
                              f"partial denoise (a scheduler's denoise < 1, SplitSigmas' low half) would train on "
                              f"noise too weak to make an image from. Give sigmas of a full denoise (denoise 1)")
         self.items = cfg.items
-        self._given = self._check_given_masks(masks) if cfg.mask_source == "given" else None
-        if cfg.mask_source != "given" and masks is not None:
-            raise ValueError(f"masks were given but mask_source is {cfg.mask_source!r}: set mask_source='given'")
+        self._given = self._check_given_masks(masks) if cfg.mask_source == "mask" else None
+        if cfg.mask_source != "mask" and masks is not None:
+            raise ValueError(f"masks were given but mask_source is {cfg.mask_source!r}: set mask_source='mask'")
         with torch.no_grad():  # the text encoder is frozen: encode once
             hw = self.latent_shape[1:]
             self.cond = prepare_cond(model, cond if cond is not None else model.encode_prompts(list(cfg.prompts)), hw)
@@ -709,7 +713,7 @@ class FixTrainer(_LoRATrainer):
     def _check_given_masks(self, masks):
         cfg = self.cfg
         if masks is None:
-            raise ValueError("mask_source is 'given' but no masks were passed (connect a MASK)")
+            raise ValueError("mask_source is 'mask' but no masks were passed (connect a MASK)")
         M = masks if masks.ndim == 3 else masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else None
         if M is None:
             raise ValueError(f"masks must be [N,H,W] or [N,1,H,W], got {tuple(masks.shape)}")
@@ -781,7 +785,7 @@ class FixTrainer(_LoRATrainer):
                 I0 = self.model.decode(z0).float()
             todo = [idx[j] for j in todo]
             src = self.cfg.mask_source
-            if src == "given":
+            if src == "mask":
                 M = torch.stack([self._given_mask(i) for i in todo])
             elif src == "none":
                 M = None
@@ -807,7 +811,7 @@ class FixTrainer(_LoRATrainer):
         if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix
             raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty (threshold_mode "
                              f"{c.threshold_mode}, threshold {c.threshold}): lower the threshold, use top_percent, "
-                             f"or paint the mask (mask_source given)")
+                             f"or paint the mask (mask_source mask)")
         return M
 
     @torch.no_grad()
@@ -853,6 +857,7 @@ class FixTrainer(_LoRATrainer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["order"] = torch.tensor(self._order, dtype=torch.long)
+        state["reward"] = json.dumps(_describe(self.reward))  # a resume with another reward is refused
         return state
 
     def _draw_state(self) -> dict:

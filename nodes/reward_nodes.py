@@ -166,7 +166,7 @@ class FocusFixSaliencyMask:
         return {"required": {
             "image": tip("IMAGE", "I0: the base model's images."),
             "reward": tip(REWARD, "The reward the mask comes from."),
-            "source": tip(list(saliency.MASK_SOURCES), "heatmap: the reward's own map of what it dislikes; "
+            "source": tip(list(saliency.MAP_SOURCES), "heatmap: the reward's own map of what it dislikes; "
                           "saliency: gradient sensitivity |dr/dI|, where a change moves the score most (not what "
                           "is bad: for sharpness it marks the already sharp parts), for rewards without a heatmap; "
                           "auto: heatmap when the reward has one."),

@@ -13,7 +13,7 @@ from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
-from ..focusfix_core.trainers import FixConfig, SeparateEnhanceConfig, split_objects_prompt
+from ..focusfix_core.trainers import MASK_SOURCES, FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
@@ -23,7 +23,6 @@ from .runs import checkpoint_path, run_focus_n_fix, run_separate_enhance
 
 __all__ = ["FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"]
 
-MASK_SOURCES = ["heatmap", "saliency", "mask", "none"]  # "mask" = the MASK input (core: "given")
 CURVES_FIX = ("loss", "reward", "region")
 NO_TARGET = 1e9  # the reward_target widget's "never stop" (a FLOAT widget has no None)
 CURVES_SE = ("loss", "separate", "enhance", "preserve")
@@ -137,7 +136,7 @@ class FocusFixTrainFocusNFix:
             "K": tip("INT", "Differentiated last sampler steps (DRaFT-K); at most steps.", default=1, min=1, max=200),
             "lam": tip("FLOAT", "lam: weight of the region term ||(1-M)(I0-I)||; 0 = plain DRaFT.", default=1.0,
                        min=0.0, max=1000.0, step=0.01),
-            "mask_source": tip(MASK_SOURCES, "Where M comes from: the reward's heatmap, its gradient saliency, "
+            "mask_source": tip(list(MASK_SOURCES), "Where M comes from: the reward's heatmap, its gradient saliency, "
                                "the MASK input, or none (plain DRaFT)."),
             **_lora_inputs("attn", 1e-4, 50),
         }, "optional": {
@@ -203,7 +202,7 @@ class FocusFixTrainFocusNFix:
             prompts=tuple(labels), seeds=tuple(seed_list), negative_prompt=negative_prompt, height=height,
             width=width, steps=steps, cfg_scale=cfg, K=K, sampler=sampler_name, scheduler=scheduler, sigmas=schedule,
             lam=lam, reward_target=None if reward_target >= NO_TARGET else reward_target,
-            mask_source={"mask": "given"}.get(mask_source, mask_source),
+            mask_source=mask_source,
             lr=lr, rank=rank, alpha=alpha, targets=targets, iterations=iterations, seed=seed, batch_size=batch_size,
             threshold_mode=threshold_mode, threshold=threshold, dilation=dilation, saliency_method=saliency_method),
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,

@@ -227,6 +227,9 @@ def test_resume_keeps_the_run_it_continues(model_file, tmp_path, capsys):
         in err, err
     assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "2")) == 2
     assert "iterations (2) is below the 3 steps" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "4", "--reward", "sharpness")) == 2
+    err = capsys.readouterr().err
+    assert 'saved by a run with reward {"name": "color_red"' in err and '(now {"name": "sharpness"' in err, err
 
 
 def test_bad_outputs_and_numbers_are_refused_by_name(model_file, tmp_path, capsys):

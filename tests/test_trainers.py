@@ -105,7 +105,7 @@ def test_block_checkpointing_trains_like_whole_call_checkpointing(small_model, s
 def test_given_mask_and_latent_space(small_model, square_reward):
     M = torch.zeros(1, 16, 16)
     M[:, 4:12, 4:12] = 1
-    trainer, recs = run(small_model, square_reward, fix_cfg(mask_source="given", mask_space="latent", iterations=2),
+    trainer, recs = run(small_model, square_reward, fix_cfg(mask_source="mask", mask_space="latent", iterations=2),
                         masks=M)
     _, _, Mc = trainer.base([0, 1])
     assert torch.equal(Mc, M.expand(2, -1, -1))
@@ -188,9 +188,9 @@ def test_sampler_scheduler_and_sigmas_drive_every_trajectory(small_model, square
 
 def test_trainer_input_errors(small_model, square_reward):
     with pytest.raises(ValueError, match="mask M is 8x8 but images are 16x16"):
-        FixTrainer(small_model, square_reward, fix_cfg(mask_source="given"), masks=torch.ones(1, 8, 8))
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"), masks=torch.ones(1, 8, 8))
     with pytest.raises(ValueError, match="no masks"):
-        FixTrainer(small_model, square_reward, fix_cfg(mask_source="given"))
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"))
     with pytest.raises(ValueError, match="targets pattern .nonexistent_layer. matches no"):
         FixTrainer(small_model, square_reward, fix_cfg(targets=("nonexistent_layer",)))
 
@@ -242,7 +242,7 @@ def test_failed_setup_leaves_no_hooks(small_model, square_reward):
 
     before = hooks()
     with pytest.raises(ValueError, match="mask M is 8x8"):
-        FixTrainer(small_model, square_reward, fix_cfg(mask_source="given"), masks=torch.ones(1, 8, 8))
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"), masks=torch.ones(1, 8, 8))
     assert hooks() == before
     trainer = FixTrainer(small_model, square_reward, fix_cfg())
     assert hooks() > before
@@ -809,8 +809,8 @@ def test_an_empty_or_broken_painted_mask_is_refused(small_model, square_reward, 
     M = torch.ones(2, 16, 16)
     M[1 if fill == 0.0 else 0] = fill
     with pytest.raises(ValueError, match=match):
-        FixTrainer(small_model, square_reward, fix_cfg(mask_source="given"), masks=M)
-    FixTrainer(small_model, square_reward, fix_cfg(mask_source="given", lam=0.0), masks=torch.zeros(1, 16, 16)
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"), masks=M)
+    FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask", lam=0.0), masks=torch.zeros(1, 16, 16)
                ).lora.remove()  # lam 0 (plain DRaFT) reads no mask
 
 

@@ -193,7 +193,7 @@ def test_a_mask_per_seed_goes_to_every_prompts_item_of_that_seed(small_model, sq
     seeds = (7, 3)  # not 0, 1: a seed must not double as its index
     M = _halves()
     trainer = FixTrainer(small_model, square_reward, _fix(prompts=("a red circle", "a blue square"), seeds=seeds,
-                                                          mask_source="given"), masks=M)
+                                                          mask_source="mask"), masks=M)
     assert trainer.items == [("a red circle", 7), ("a red circle", 3), ("a blue square", 7), ("a blue square", 3)]
     got = trainer.base([0, 1, 2, 3])[2]
     trainer.lora.remove()
@@ -205,7 +205,7 @@ def test_the_region_term_gets_each_batch_items_own_mask(small_model, square_rewa
     """The M handed to region_loss is the items' masks in the batch's order, for every step."""
     M = torch.cat([_halves(), torch.zeros(1, 16, 16)])
     M[2, 4:12, 4:12] = 1
-    trainer = FixTrainer(small_model, square_reward, _fix(seeds=(0, 1, 2), mask_source="given"), masks=M)
+    trainer = FixTrainer(small_model, square_reward, _fix(seeds=(0, 1, 2), mask_source="mask"), masks=M)
     batches, seen = [], []
     next_items = trainer._next_items
     monkeypatch.setattr(trainer, "_next_items", lambda: batches.append(next_items()) or batches[-1])
