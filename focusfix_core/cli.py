@@ -2,8 +2,8 @@
 
 Runs on the embedded tiny model (`--model tiny`, the default) or a TinyModel safetensors file. Real SD1.5/SDXL
 checkpoints are fixed inside ComfyUI with the FocusFix nodes. Every run writes into a folder the user names:
-the LoRA, before/after PNG grids, masks, loss curves, `report.json`/`report.md` and a resumable `state.pt`.
-Ctrl-C stops between steps and saves what was trained so far.
+the LoRA, a before/after grid (with the masks), loss curves, `report.json`/`report.md`, a resumable `state.pt`
+(and `attention.png` for train-sne). Ctrl-C stops at once and keeps the LoRA of the last finished step.
 """
 from __future__ import annotations
 
@@ -335,7 +335,7 @@ def _add_lora_args(p, targets):
     p.add_argument("--iterations", type=int, default=40, help="optimizer steps (default 40)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of AdamW on the LoRA (default 2e-3)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r (default 4)")
-    p.add_argument("--targets", default=targets, help="LoRA targets: to_k | attn | all_linear | regex")
+    p.add_argument("--targets", default=targets, help=f"LoRA targets: to_k | attn | all_linear | regex (default {targets})")
     p.add_argument("--batch-size", type=int, default=2, help="items per optimizer step (default 2)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the run: the new LoRA's start, the item order, the training noise (default 0)")
@@ -346,7 +346,7 @@ def _add_lora_args(p, targets):
                    help="train a LoRA FocusFix saved (an earlier run's lora.safetensors) further, with a fresh "
                         "optimizer; its rank and targets replace --rank/--targets")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in OUT")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="save OUT/state.pt every N steps (0 = end only)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="save OUT/state.pt every N iterations (0 = end only; default 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,17 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3),
                    help="seeds of the images to fix: 0,1,2 or 0-3 (default 0-3); each (prompt, seed) is one item")
     f.add_argument("--reward", required=True, help="reward name or file")
-    f.add_argument("--lam", type=float, default=1.0, help="lambda of the region term (0 = DRaFT)")
+    f.add_argument("--lam", type=float, default=1.0, help="lam (λ): weight of the region term ||(1-M)(I0-I)|| (default 1; 0 = plain DRaFT)")
     f.add_argument("--reward-target", type=float, default=None,
                    help="no more push on an image once its reward reaches this (default: unbounded)")
-    f.add_argument("--K", type=int, default=1, help="differentiated last sampler steps (DRaFT-K)")
-    f.add_argument("--lv-copies", type=int, default=0, help="DRaFT-LV copies of the last step")
+    f.add_argument("--K", type=int, default=1, help="differentiated last sampler steps (DRaFT-K; default 1)")
+    f.add_argument("--lv-copies", type=int, default=0, help="DRaFT-LV re-noised copies of the last step (default 0 = off; needs --K 1)")
     f.add_argument("--steps", type=int, default=20, help="sampler steps N (default 20)")
     f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
-    f.add_argument("--scheduler", default="normal", choices=SCHEDULERS)
+    f.add_argument("--scheduler", default="normal", choices=SCHEDULERS, help="sigma schedule (default normal)")
     f.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     f.add_argument("--mask-source", default="heatmap", choices=["heatmap", "saliency", "none"],
-                   help="where the mask M (1 = may change) comes from; none = plain DRaFT")
+                   help="where the mask M (1 = may change) comes from (default heatmap); none = plain DRaFT")
     f.add_argument("--threshold-mode", default="top_percent", choices=["value", "top_percent", "otsu"],
                    help="how the heatmap or saliency becomes M (default top_percent)")
     f.add_argument("--threshold", type=float, default=0.15,
@@ -499,6 +499,8 @@ COMMANDS = {"demo": cmd_demo, "train-fnf": cmd_train_fnf, "train-sne": cmd_train
 
 
 def main(argv=None) -> int:
+    """Run the command line on `argv` (sys.argv[1:] when None); the exit status: 0 done, 1 failed mid-run,
+    2 bad input, 130 interrupted."""
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -45,6 +45,9 @@ def pick_worst_seeds(model, reward, prompt: str, candidates: range, n: int, step
 
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
+    """Focus-N-Fix then Separate-and-Enhance on the embedded tiny model, into `out`/focus_n_fix and
+    `out`/separate_enhance, with a summary in `out`/demo_summary.json; returns {"status", "files"} as the
+    commands do."""
     from .cli import load_model, prepare_out, run_fix, run_separate_enhance
     from .trainers import split_objects_prompt
 

@@ -102,6 +102,7 @@ class DiffusionModel(Protocol):
 
 
 def cond_batch_size(cond: Cond) -> int:
+    """B of a Cond: the batch of its tensors (`context` [B,T,D], ...), which must all share it."""
     sizes = {k: v.shape[0] for k, v in cond.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"cond tensors must share their batch size, got {sizes}")

@@ -278,7 +278,8 @@ def mask_coverage(M: torch.Tensor) -> torch.Tensor:
 
 
 def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
-    """Human-readable warnings about a mask: empty, full or non-finite images. [] when all is well.
+    """Human-readable warnings about a mask M [B,H,W] or [B,1,H,W] in [0,1]: empty, full or non-finite images.
+    [] when all is well.
 
     Example:
         >>> check_mask(torch.zeros(1, 4, 4))

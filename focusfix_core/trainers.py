@@ -80,7 +80,7 @@ class _LoRAConfig:
     targets: str | tuple[str, ...] = "attn"
     iterations: int = 50
     batch_size: int = 1
-    seed: int = 0                       # order of (prompt, seed) items, DRaFT-LV noise
+    seed: int = 0                       # the new LoRA's start, the item order, the training noise
     grad_clip: float = 1.0              # max adapter gradient norm; 0 = off
 
     def _check_common(self):

@@ -8,7 +8,8 @@
 ComfyUI runs every node under `torch.inference_mode()`: its weights and conditioning tensors are inference
 tensors, which autograd refuses to save for backward. `training_session` leaves inference mode, enables
 grad, and swaps the inference-tensor weights of the modules in the gradient path for plain clones for the
-duration of the run (one copy, shared by every differentiated step), restoring the originals afterwards.
+duration of the run (one copy, shared by every differentiated step; the originals are dropped so the weights are
+not held twice), and makes them inference tensors again afterwards.
 
 ComfyUI is imported lazily inside functions, so this module (and every node module) imports without it.
 """

@@ -39,10 +39,8 @@ class FocusFixLoadReward:
         return {"required": {
             "reward_name": tip(reward_choices(), "builtin:* need no file; others are files in models/focusfix_rewards."),
         }, "optional": {  # optional: API prompts saved before it existed stay valid
-            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower (aesthetic, safety), "
-                             "which holds nearly all its weights: fp32 (1.14 GiB for ViT-L/14) gives the most exact "
-                             "gradients; bf16 halves it (0.57 GiB), for 8-12 GB cards. Heads and thresholds stay "
-                             "fp32; rewards without a tower ignore this.", default="fp32"),
+            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower: fp32 (1.14 GiB, most exact gradients) or "
+                             "bf16 (0.57 GiB, for 8-12 GB cards). Heads stay fp32; rewards without a tower ignore it.", default="fp32"),
             "clip_vision": tip("CLIP_VISION", "OpenAI CLIP ViT-L/14 image tower (224 px; Load CLIP Vision with "
                                "clip-vit-large-patch14.safetensors), for an aesthetic head stored without one. "
                                "Other rewards ignore it (a note in the log says so)."),
@@ -166,11 +164,10 @@ class FocusFixSaliencyMask:
         return {"required": {
             "image": tip("IMAGE", "I0: the base model's images."),
             "reward": tip(REWARD, "The reward the mask comes from."),
-            "source": tip(list(saliency.MAP_SOURCES), "heatmap: the reward's own map of what it dislikes; "
-                          "saliency: gradient sensitivity |dr/dI|, where a change moves the score most (not what "
-                          "is bad: for sharpness it marks the already sharp parts), for rewards without a heatmap; "
-                          "auto: heatmap when the reward has one."),
-            "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only)."),
+            "source": tip(list(saliency.MAP_SOURCES), "The Train node's mask_source. heatmap: the reward's map of what it "
+                          "dislikes; saliency: gradient sensitivity |dr/dI|, where a change moves the score most "
+                          "(not what is bad), for rewards without a heatmap; auto: heatmap if it has one."),
+            "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only; the Train node's saliency_method)."),
             "blur_sigma": tip("FLOAT", "Blur before thresholding, in pixels.", default=2.0, min=0.0, max=64.0, step=0.1),
             "threshold_mode": tip(list(saliency.THRESHOLD_MODES), "value: keep >= threshold; top_percent: keep "
                                   "that fraction of pixels; otsu: automatic.", default="top_percent"),
@@ -193,8 +190,9 @@ class FocusFixCompare:
     FUNCTION = "execute"
     RETURN_TYPES = ("IMAGE", "STRING", "FLOAT", "FLOAT", "FLOAT", "FLOAT")
     RETURN_NAMES = ("grid", "text", "reward_before", "reward_after", "change_inside", "change_outside")
-    OUTPUT_TOOLTIPS = ("Rows: before | after | |after - before|.", "All numbers, readable.",
-                       "Mean reward of the before images (0 without a reward).", "Mean reward of the after images.",
+    OUTPUT_TOOLTIPS = ("One row per image; columns: before | after | |after - before|.", "All numbers, readable.",
+                       "Mean reward of the before images (0 without a reward).",
+                       "Mean reward of the after images (0 without a reward).",
                        "Mean |after - before| inside the mask (1 = may change); NaN when nothing is inside.",
                        "Mean |after - before| outside the mask; NaN when nothing is outside (no mask, or a full one).")
 
@@ -217,7 +215,8 @@ class FocusFixCompare:
             with grad_mode(), torch.no_grad(), reward_on(reward, torch.cat([I0, I])) as (r, both):
                 s = r(both).float().cpu()
             rb, ra = float(s[: len(I0)].mean()), float(s[len(I0):].mean())
-        text = (f"reward before {rb:.4f} -> after {ra:.4f}\nchange inside mask {_fmt(inside, 'empty mask')}, "
+        scored = f"reward before {rb:.4f} -> after {ra:.4f}" if reward is not None else "reward: none connected"
+        text = (f"{scored}\nchange inside mask {_fmt(inside, 'empty mask')}, "
                 f"outside {_fmt(outside, 'no mask' if mask is None else 'full mask')}" + (f"\n{note}" if note else ""))
         heat = viz.heat_overlay(torch.zeros_like(I0), D, alpha=1.0)
         rows = torch.stack([I0, I, heat], 1).flatten(0, 1)             # (B*3, 3, H, W)

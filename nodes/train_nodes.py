@@ -1,8 +1,9 @@
 """Training nodes: FocusFix Train Focus-N-Fix and FocusFix Train Separate-and-Enhance.
 
 Each node adapts its inputs, runs one core trainer under `training_session` (out of inference mode, weights
-autograd-safe, LoRA hooks removed in `finally`), shows progress with previews, and honours cancel between
-steps: a cancelled run raises before any output exists, so nothing half-built leaves the node.
+autograd-safe, LoRA hooks removed in `finally`), shows progress (Focus-N-Fix with previews), and honours cancel at the next sampler step (Focus-N-Fix, also
+mid-step; Separate-and-Enhance between steps): a cancelled run raises before any output exists, so nothing
+half-built leaves the node.
 """
 from __future__ import annotations
 
@@ -32,12 +33,11 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
     return {
         "rank": tip("INT", "LoRA rank r.", default=4, min=1, max=256),
         "targets": tip(list(TARGET_PRESETS), "Layers the LoRA adapts: attn (all attention projections), to_k "
-                       "(cross-attention keys only), all_linear.", default=default_targets),
+                       "(cross-attention keys only), all_linear (every Linear layer of the UNet).", default=default_targets),
         "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-5, round=1e-6),
         "iterations": tip("INT", "Optimizer steps.", default=iterations, min=1, max=100000),
-        "seed": tip("INT", "Seed of the training run: the new LoRA's starting weights, the order of the items and "
-                    "the training noise (not the images' noise: that comes from the prompts' seeds). Fixed, so a "
-                    "rerun gives the same LoRA; change it to retrain.", default=0, min=0, max=0xFFFFFFFF,
+        "seed": tip("INT", "Seed of the run: the new LoRA's start, the item order, the training noise (not the "
+                    "images' noise: see seeds). A rerun gives the same LoRA.", default=0, min=0, max=0xFFFFFFFF,
                     control_after_generate=False),
     }
 
@@ -75,11 +75,10 @@ def _batch_note(batch_size: int, n_items: int) -> list[str]:
 
 
 CHECKPOINT_INPUTS = {
-    "checkpoint_every": tip("INT", "Save the LoRA every N steps into the loras folder (0 = off); a cancelled run "
-                            "then keeps the last complete one.", default=0, min=0, max=100000),
-    "checkpoint_name": tip("STRING", "File name of the checkpoint inside the loras folder. The run replaces its "
-                           "own checkpoint each time; an existing file of that name (another run's, a LoRA you saved) "
-                           "is kept and a counter is added (checkpoint_00001). The report names the file.",
+    "checkpoint_every": tip("INT", "Save the LoRA every N iterations into the loras folder (0 = off); a cancelled "
+                            "run then keeps the last complete one.", default=0, min=0, max=100000),
+    "checkpoint_name": tip("STRING", "Checkpoint file in the loras folder, replaced by each checkpoint of this run. An "
+                           "existing file of that name is kept and a counter added; the report names the file.",
                            default="focusfix/checkpoint"),
 }
 
@@ -149,8 +148,11 @@ class FocusFixTrainFocusNFix:
                             "Training reads the text encoding and SDXL's size conditioning; the report names any "
                             "other part (area, mask, ControlNet, timestep range), which it ignores."),
             "negative": tip("CONDITIONING", "Use this negative conditioning instead of the negative prompt."),
-            "threshold_mode": tip(list(THRESHOLD_MODES), "Mask threshold mode (heatmap/saliency sources).", default="top_percent"),
-            "threshold": tip("FLOAT", "Mask cut-off or kept fraction.", default=0.15, min=0.0, max=1.0, step=0.01),
+            "threshold_mode": tip(list(THRESHOLD_MODES), "How M is cut from the heatmap or saliency map, as in Saliency Mask: value: keep >= "
+                                  "threshold; top_percent: keep that fraction of pixels; otsu: automatic.",
+                                  default="top_percent"),
+            "threshold": tip("FLOAT", "Cut-off (value) or kept fraction in (0,1] (top_percent); otsu ignores it. Training "
+                             "blurs the map by 2 px first, as Saliency Mask's default blur_sigma.", default=0.15, min=0.0, max=1.0, step=0.01),
             "dilation": tip("INT", "Grow the mask by this many pixels.", default=2, min=0, max=256),
             "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (saliency source)."),
             **_continue_input("The run's I0 and masks"),
@@ -330,9 +332,8 @@ class FocusFixTrainSeparateEnhance:
             "lam_en": tip("FLOAT", "lam_en: weight of the Enhance loss (weakest object's peak).", default=1.0,
                           min=0.0, max=100.0, step=0.01),
             "lam_preserve": tip("FLOAT", "lam_preserve: keep single-object prompts ('a cat', 'a dog'; listed in the "
-                                "report) as the base model draws them (to_k LoRA: on their keys' relative change; "
-                                "other targets: on the denoiser output's MSE). The two are on different scales, and "
-                                "neither is the reference code's weight.",
+                                "report) as the base model draws them. Its scale depends on the targets (to_k: the "
+                                "keys' relative change; others: the output's MSE).",
                                 default=1.0, min=0.0, max=100.0, step=0.01),
             "resolution": tip("INT", RESOLUTION_TIP, default=16, min=2, max=128),
             "width": tip("INT", "Training image width in pixels (the latents are 8x smaller).", default=512, min=16,

@@ -225,6 +225,7 @@ def test_compare_says_n_a_for_an_empty_region_review10():
     assert "outside n/a (full mask)" in text and inside > 0 and outside != outside
     _, text, *_, inside, outside = N.FocusFixCompare().execute(before, after)
     assert "outside n/a (no mask)" in text and inside > 0 and outside != outside
+    assert text.startswith("reward: none connected\n")  # not "reward before 0.0000", as if both had scored 0
     half = torch.zeros(1, 32, 32)
     half[:, :, :16] = 1
     _, text, *_, inside, outside = N.FocusFixCompare().execute(before, after, mask=half)

@@ -14,7 +14,7 @@ __all__ = ["Reward", "check_images", "check_scores"]
 
 
 def check_images(I: torch.Tensor, name: str = "images") -> None:
-    """Raise ValueError unless I is a float [B,3,H,W] tensor."""
+    """TypeError unless I is a tensor; ValueError unless it is a float [B,3,H,W] one."""
     if not isinstance(I, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B,3,H,W], got {type(I).__name__}")
     if I.ndim != 4 or I.shape[1] != 3:

@@ -165,8 +165,8 @@ Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Tra
 NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 
 1. KSampler makes an image (with the trainer's settings: it is the trainer's base image I0 for seed 0); Score Images says how the reward rates it and shows its heatmap: where the reward dislikes the image (for sharpness, the blurry parts).
-2. Saliency Mask (source heatmap) turns that heatmap into the Focus-N-Fix mask M (1 = may change). Tune threshold/dilation here while looking at the overlay.
-3. Train Focus-N-Fix uses the same mask settings (mask_source heatmap, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
+2. Saliency Mask (source heatmap) turns that heatmap into the Focus-N-Fix mask M (1 = may change). Tune threshold_mode/threshold/dilation here while looking at the overlay (keep blur_sigma 2 and feather 0: training uses those).
+3. Train Focus-N-Fix uses the same values (mask_source heatmap, threshold_mode, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
 4. Compare shows before | after | change, the reward before/after and the change inside vs outside the mask (outside should stay near 0).
 
 Another reward: one with a heatmap works as it is. One without (aesthetic, safety: workflow 5) needs source and mask_source saliency: gradient sensitivity |dr/dI|, where a change moves the score most. That is not a map of what is bad (for sharpness it marks the parts that are already sharp), so use it only when the reward has no heatmap.
