@@ -811,7 +811,7 @@ class FixTrainer(_LoRATrainer):
         if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix
             raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty (threshold_mode "
                              f"{c.threshold_mode}, threshold {c.threshold}): lower the threshold, use top_percent, "
-                             f"or paint the mask (mask_source mask)")
+                             f"or paint the mask (the Train node's mask_source mask)")
         return M
 
     @torch.no_grad()
