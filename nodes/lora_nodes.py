@@ -167,6 +167,17 @@ class FocusFixSaveLoRA:
                            "managers show."),
         }, "hidden": GRAPH_INPUTS}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename=None):
+        # at queue time, like the Train nodes' checkpoint_name: a name that would leave the loras folder fails
+        # now, not after the training that feeds this node (None: linked, known only when it runs)
+        if filename is not None:
+            try:
+                lora_path(filename, overwrite=True)
+            except ValueError as e:
+                return f"filename: {e}"
+        return True
+
     def execute(self, lora, filename, overwrite, preview=None, prompt=None, extra_pnginfo=None):
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]

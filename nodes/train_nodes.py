@@ -98,7 +98,7 @@ def _checkpoint_note(path, every: int, iterations: int, error: str | None = None
         return [f"checkpoint: {error}; training went on ({kept}; the LoRA output holds every step)"]
     if path is None:
         return [f"checkpoint_every ({every}) is more than iterations ({iterations}): no checkpoint was written"]
-    return [f"checkpoint: {loras_name(path)} (every {every} steps; Load LoRA lists it)"]
+    return [f"checkpoint: {loras_name(path)} (every {every} iterations; FocusFix Load LoRA lists it, to continue from)"]
 
 
 def _curve(history, keys) -> torch.Tensor:
@@ -303,7 +303,7 @@ def _precision_notes(history) -> list[str]:
     if not scaled:
         return []
     skipped = sum(r.skipped for r in scaled)
-    return [f"fp16 model: loss scaling on (last scale {scaled[-1].loss_scale:g}); {skipped} of {len(scaled)} "
+    return [f"fp16 in the gradient path (UNet or VAE): loss scaling on (last scale {scaled[-1].loss_scale:g}); {skipped} of {len(scaled)} "
             f"updates skipped for fp16 overflow"]
 
 

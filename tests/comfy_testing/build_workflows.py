@@ -169,6 +169,8 @@ NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 3. Train Focus-N-Fix uses the same values (mask_source heatmap, threshold_mode, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
 4. Compare shows before | after | change, the reward before/after and the change inside vs outside the mask (outside should stay near 0).
 
+TUNE THE MASK BEFORE TRAINING: a Queue runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image, right-click > Queue Selected Output Nodes, tune, then Queue.
+
 Another reward: one with a heatmap works as it is. One without (aesthetic, safety: workflow 5) needs source and mask_source saliency: gradient sensitivity |dr/dI|, where a change moves the score most. That is not a map of what is bad (for sharpness it marks the parts that are already sharp), so use it only when the reward has no heatmap.
 
 lam = 0 or mask_source none gives plain DRaFT (the whole image may change)."""
@@ -199,9 +201,11 @@ FILES (once; no extra Python packages). Press R in ComfyUI after copying them.
 
 HOW IT RUNS
 1. Combine Rewards: r = weight_a * aesthetic + weight_b * safety. The aesthetic score runs about 1..10; the safety score is a cosine margin (> 0 = the checker passes, about -0.1..0.1), hence weight_b 10. For one reward alone, connect its Load Reward straight to Score Images, Saliency Mask, Train and Compare.
-2. Neither reward has a heatmap: Score Images shows the scores and the gradient saliency |dr/dI|, a sensitivity map (where a change moves the score most), not a map of what is bad: check on the overlay that it marks the part you want fixed. Saliency Mask (source saliency) turns it into M (1 = may change). Tune threshold/dilation on the overlay, or paint the mask instead (workflow 1).
-3. Train Focus-N-Fix (mask_source saliency, same settings) raises r inside M and holds the rest to I0. Learned rewards can be gamed (pushed up by changes you do not want): set reward_target to the score that is good enough (read it off Score Images), and an image stops being pushed once it gets there.
+2. Neither reward has a heatmap: Score Images shows the scores and the gradient saliency |dr/dI|, a sensitivity map (where a change moves the score most), not a map of what is bad: check on the overlay that it marks the part you want fixed. Saliency Mask (source saliency) turns it into M (1 = may change). Tune threshold_mode/threshold/dilation on the overlay (keep blur_sigma 2 and feather 0: training uses those), or paint the mask instead (workflow 1).
+3. Train Focus-N-Fix (mask_source saliency, same values) raises r inside M and holds the rest to I0. Learned rewards can be gamed (pushed up by changes you do not want): set reward_target to the score that is good enough (read it off Score Images), and an image stops being pushed once it gets there.
 4. Compare: before | after | change, r before/after, change inside vs outside M (outside should stay near 0).
+
+TUNE THE MASK BEFORE TRAINING: a Queue runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image, right-click > Queue Selected Output Nodes, tune, then Queue.
 
 MEMORY: each reward holds a CLIP ViT-L/14 tower, 1.14 GiB in fp32. On an 8-12 GB card set precision bf16 on both Load Reward nodes: 0.57 GiB each."""
 

@@ -194,7 +194,7 @@ def test_fp16_unet_trains_with_loss_scaling(fresh, tiny_models, monkeypatch):
     assert fp32[0].loss_scale is None and fp16[0].loss_scale == 2.0**16
     assert fp16[0].grad_norm == pytest.approx(fp32[0].grad_norm, rel=0.01), (fp16[0], fp32[0])
     *_, report = _train_fix(fresh, tiny_models.tiny_checkpoint("sd15", 0, weight_dtype=torch.float16), iterations=1)
-    assert "fp16 model: loss scaling on (last scale 65536); 0 of 1 updates skipped" in report
+    assert "fp16 in the gradient path (UNet or VAE): loss scaling on (last scale 65536); 0 of 1 updates skipped" in report
     monkeypatch.setattr(trainers, "_fp16_in_gradient_path", lambda model: False)  # the trainer before
     unscaled = train(torch.float16)[0].grad_norm
     assert abs(unscaled - fp32[0].grad_norm) > 0.5 * fp32[0].grad_norm, (unscaled, fp32[0].grad_norm)
@@ -314,6 +314,9 @@ def test_queue_time_checks_name_the_input(comfy):
     assert se.VALIDATE_INPUTS(prompts="a cat and a dog | cat, dog", resolution=16, width=512, height=768) is True
     maps = comfy.node("FocusFixAttentionMaps")
     assert "resolution 3" in maps.VALIDATE_INPUTS(resolution=3, width=64, height=64)
+    save = comfy.node("FocusFixSaveLoRA")  # not after the training that feeds it
+    assert "filename: filename '../../x' must stay inside" in save.VALIDATE_INPUTS(filename="../../x")
+    assert save.VALIDATE_INPUTS(filename="fixes/hands") is True and save.VALIDATE_INPUTS(filename=None) is True
 
 
 def test_checkpoints_keep_an_existing_file_and_a_bad_name_fails_before_training(fresh, checkpoint):
@@ -325,7 +328,7 @@ def test_checkpoints_keep_an_existing_file_and_a_bad_name_fails_before_training(
     *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/fix")
     assert theirs.read_bytes() == b"the artist's own file"
     assert (fresh.loras / "ckpt" / "fix_00001.safetensors").is_file()
-    assert "checkpoint: ckpt/fix_00001.safetensors (every 1 steps" in report
+    assert "checkpoint: ckpt/fix_00001.safetensors (every 1 iterations" in report
     *_, report = _train_fix(fresh, checkpoint, iterations=1, checkpoint_every=3, checkpoint_name="ckpt/late")
     assert "checkpoint_every (3) is more than iterations (1): no checkpoint was written" in report
     fresh.progress.clear()
@@ -349,7 +352,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(fresh, check
     monkeypatch.setattr(runs, "write_lora", full_disk_on_second_write)
     lora, *_, report = _train_fix(fresh, checkpoint, iterations=3, checkpoint_every=1, checkpoint_name="ckpt/full")
     assert "step 3/3" in report and len(calls) == 3
-    assert "checkpoint: ckpt/full.safetensors (every 1 steps" in report  # the third write worked again
+    assert "checkpoint: ckpt/full.safetensors (every 1 iterations" in report  # the third write worked again
     calls.clear()
     monkeypatch.setattr(runs, "write_lora", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/none")
