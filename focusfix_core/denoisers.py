@@ -169,6 +169,7 @@ class EpsDenoiser(nn.Module):
     """x0 from an eps-prediction network `net(x_in, t, cond) -> eps` (DDPM/SD1.5/SDXL).
 
     c_in = 1/sqrt(sigma^2 + 1) maps the VE state to the network's VP input; x0 = x - sigma * eps.
+    Called as `denoiser(x, sigma, cond) -> x0`: x [B,C,h,w], sigma [B], cond a `Cond` of batch B -> x0 [B,C,h,w].
     """
 
     def __init__(self, net: Callable, sigmas: torch.Tensor):
@@ -188,7 +189,8 @@ class EpsDenoiser(nn.Module):
 
 
 class VDenoiser(EpsDenoiser):
-    """x0 from a v-prediction network (SD2-v, some fine-tunes): x0 = c_skip * x + c_out * v."""
+    """x0 from a v-prediction network (SD2-v, some fine-tunes): x0 = c_skip * x + c_out * v; shapes as
+    `EpsDenoiser`."""
 
     def forward(self, x, sigma, cond):
         s = sigma.to(x.dtype)[:, None, None, None]
