@@ -1,4 +1,5 @@
-"""Training speed of Focus-N-Fix, DRaFT-1 and Separate-and-Enhance (issue 6): one JSON document on stdout.
+"""Training speed of Focus-N-Fix, DRaFT-1 and Separate-and-Enhance (issue 6): one JSON document on stdout, or
+rewritten to --out after every case (a run stopped at a time limit keeps the cases it finished).
 
 Per case: seconds per iteration (median, min), iterations/s, the first iteration's seconds (it also builds
 the cached I0 and M), peak memory, FLOPs of one iteration (`torch.utils.flop_counter.FlopCounterMode`),
@@ -25,7 +26,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import importlib
 import importlib.util
@@ -47,9 +47,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PACK = "focusfix_bench_pack"  # the node pack imported as a package (its modules use relative imports)
 
-# Dense bf16 tensor-core peaks (TFLOP/s). H100: the issue's own figure (~790, the one its reference
-# percentages use); the rest from the vendors' data sheets (dense, no sparsity).
-PEAK_BF16_TFLOPS = {"H100": 790.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0,
+# Dense bf16 tensor-core peaks (TFLOP/s), used for fp16 too (the same dense rate on these parts). H100 and
+# H200 (the same compute die): the issue's own figure (~790, the one its reference percentages use; the device
+# notes measured about 790 on the H200 too); the rest from the vendors' data sheets (dense, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0,
                     "RTX 3090": 71.0, "A10G": 70.0, "L4": 121.0, "T4": 65.0}
 
 # name: (trainer, overrides, batch)
@@ -159,14 +160,15 @@ def _memory(device: torch.device):
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float, str]:
-    """(peak TFLOP/s, where it came from): --peak-tflops, the spec table (bf16 on known GPUs), or a measured matmul."""
+    """(peak TFLOP/s, where it came from): --peak-tflops, the spec table (bf16 and fp16 on known GPUs), or a
+    measured matmul (fp32, other GPUs, CPU)."""
     if override:
         return float(override), "--peak-tflops"
-    if device.type == "cuda" and dtype == torch.bfloat16:
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         name = torch.cuda.get_device_name(device)
         for key, peak in PEAK_BF16_TFLOPS.items():
             if key in name:
-                return peak, f"spec sheet ({key}, dense bf16)"
+                return peak, f"spec sheet ({key}, dense bf16/fp16)"
     n = 2048 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=dtype)
     best = math.inf
@@ -246,7 +248,9 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     matrices, unit norm weights, small biases), generated on the weights' own device (SDXL has 2.6e9)."""
     gens = {}
     for name, p in module.named_parameters():
-        g = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+        if p.device not in gens:  # one generator per device (setdefault would build one per parameter)
+            gens[p.device] = torch.Generator(p.device).manual_seed(seed)
+        g = gens[p.device]
         if p.ndim >= 2:
             p.copy_(torch.randn(p.shape, generator=g, device=p.device) / p[0].numel() ** 0.5)
         elif name.endswith("weight"):
@@ -285,9 +289,11 @@ def build_comfy(family: str, size: str, device: torch.device, dtype: torch.dtype
         randomize(base.diffusion_model, seed)
         model = comfy.model_patcher.ModelPatcher(base, load_device=load, offload_device=mm.unet_offload_device())
         logging.disable(logging.WARNING)  # "Missing VAE keys": expected, the weights are randomised next
+        # the SD VAE's working dtypes are bf16/fp32 (comfy.sd.VAE): in an fp16 run ComfyUI decodes in bf16
+        vae_dtype = mm.vae_dtype(load, [torch.bfloat16, torch.float32]) if dtype == torch.float16 else dtype
         try:
             vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": VAE_DDCONFIG[size]}},
-                               dtype=dtype, device=load)
+                               dtype=vae_dtype, device=load)
         finally:
             logging.disable(logging.NOTSET)
         randomize(vae.first_stage_model.to(load), seed + 2)
@@ -318,8 +324,8 @@ def build_reward(core: str, size: str, device: torch.device, dtype: torch.dtype,
         cfg = clip_vision.CLIPVisionConfig(width=64, layers=2, heads=2, patch=8, image_size=32, proj_dim=16,
                                            mlp_width=256)
         widths = (16, 32, 16, 8, 4)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)  # scoped by fork_rng
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)  # scoped by fork_rng (the CUDA generator too, on cuda)
         reward = aesthetic.AestheticReward(clip_vision.CLIPVisionTower(cfg), aesthetic.AestheticHead(widths))
     reward.tower.to(dtype)
     return reward.eval().requires_grad_(False)
@@ -351,14 +357,16 @@ def MergeWhenNoGrad(denoiser, lora):
 
 @contextmanager
 def levers(core: str, model, args):
-    """Harness-side switches for levers whose home is the core (measured here, proposed there)."""
+    """Harness-side switches for levers whose home is the core (measured here, proposed there). The block lists
+    of --no-checkpoint / --checkpoint-decode are set on the built trainer (`checkpoint_levers`)."""
     with ExitStack() as stack:
         if args.no_checkpoint:  # K = 1: checkpointing the one differentiated call only recomputes it
             trainers = importlib.import_module(f"{core}.trainers")
             orig = trainers.sample
-            trainers.sample = functools.partial(orig, checkpoint=False)
+            # train_step passes checkpoint= itself: a partial's keyword would lose to it
+            trainers.sample = lambda *a, **k: orig(*a, **{**k, "checkpoint": False})
             stack.callback(setattr, trainers, "sample", orig)
-        if args.checkpoint_decode:  # recompute the VAE decode in backward instead of keeping its activations
+        if args.checkpoint_decode:  # the whole decode checkpointed as one, instead of the decoder's blocks
             decode = model.decode
 
             def checkpointed(z):
@@ -369,6 +377,21 @@ def levers(core: str, model, args):
             model.decode = checkpointed
             stack.callback(delattr, model, "decode")
         yield
+
+
+def checkpoint_levers(trainer, model, args) -> None:
+    """On a built FixTrainer: its block list (the UNet's blocks and the VAE decoder's) is what a training step
+    checkpoints one by one. --no-checkpoint empties it; --checkpoint-decode drops the decoder's blocks (the
+    `levers` decode wrapper checkpoints the decode whole instead, not nested over them)."""
+    blocks = getattr(trainer, "_checkpoint_modules", None)
+    if blocks is None:  # S&E: no sampler, nothing checkpointed
+        return
+    if args.no_checkpoint:
+        trainer._checkpoint_modules = []
+    elif args.checkpoint_decode:
+        decoder = getattr(getattr(getattr(model, "vae", None), "first_stage_model", None), "decoder", None)
+        inside = {id(m) for m in decoder.modules()} if isinstance(decoder, torch.nn.Module) else set()
+        trainer._checkpoint_modules = [m for m in blocks if id(m) not in inside]
 
 
 @torch.no_grad()
@@ -449,10 +472,18 @@ def ksampler_reference(trainer):
     return run
 
 
-def profile_iteration(step, device: torch.device, top: int = 12) -> dict:
+# host-side launch calls (the profiler's cuda runtime/driver rows): kernels one by one, and CUDA-graph replays
+HOST_KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel")
+HOST_GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+
+
+def profile_iteration(step, device: torch.device, top: int = 12, median: float | None = None) -> dict:
     """One training iteration `step()` under torch.profiler: how busy the device was, how many kernels the host
     launched, and the ops that took the time (device time on cuda, host time on cpu). The profile that says
-    whether an iteration waits on the host (launches) or on the device (FLOPs, memory traffic)."""
+    whether an iteration waits on the host (launches) or on the device (FLOPs, memory traffic).
+
+    median: the unprofiled s/it; the busy time over it is the fairer fraction, as the profiler's per-op
+    recording lengthens the profiled iteration's own wall time most where the host is the bottleneck."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
@@ -470,8 +501,14 @@ def profile_iteration(step, device: torch.device, top: int = 12) -> dict:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA] or [  # else: rows with time, not ops
             e for e in events if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "cuda"))]
         busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        # kernel_launches: kernels the device ran (a CUDA-graph replay's too); host_*: the launch calls the host
+        # made, which CUDA graphs collapse to one cudaGraphLaunch per replay
         out.update(kernel_launches=sum(e.count for e in kernels), device_busy_seconds=busy,
-                   device_busy_fraction=busy / wall)
+                   device_busy_fraction=busy / wall,
+                   host_kernel_launches=sum(e.count for e in events if e.key.startswith(HOST_KERNEL_LAUNCHES)),
+                   host_graph_launches=sum(e.count for e in events if e.key.startswith(HOST_GRAPH_LAUNCHES)))
+        if median:
+            out["device_busy_fraction_of_median"] = busy / median
         ranked, key = kernels, "self_device_time_total"
     else:
         ranked, key = ops, "self_cpu_time_total"
@@ -480,15 +517,50 @@ def profile_iteration(step, device: torch.device, top: int = 12) -> dict:
     return out
 
 
+def _error(e: BaseException, limit: int = 500) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
+def _diagnostic(fn) -> dict:
+    """fn() for a diagnostic (profile, breakdown): a failure gives {"error"} and never costs the case its figures."""
+    try:
+        return fn()
+    except Exception as e:
+        return {"error": _error(e, 300)}
+
+
+def release_idle(model, device: torch.device) -> int | None:
+    """comfy: unload what the run does not use (the text encoders ComfyUI loaded to encode the prompts), as the
+    training nodes do once the trainer is built (nodes/runs.py), then count the peak from here. None on core."""
+    if not hasattr(model, "patcher"):
+        return None
+    released = _import_pack().release_idle_models(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return released
+
+
+def _compiled_counts(trainer) -> tuple[int, int] | None:
+    """(compiled, eager) graph-free calls so far of the trainer's CompiledWhenNoGrad; None when not compiling."""
+    inner = getattr(trainer.sampling_denoiser, "inner", None) if hasattr(trainer, "sampling_denoiser") else None
+    if not hasattr(inner, "compiled_calls"):
+        return None
+    return inner.compiled_calls, inner.eager_calls
+
+
 def run_case(name: str, model, reward, core: str, geometry, args, device: torch.device, dtype: torch.dtype) -> dict:
     kind, overrides, batch = CASES[name]
     iterations = args.warmup + args.iters + 1 + int(args.profile)  # + 1 counted for FLOPs (+ 1 profiled)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                 if args.autocast or (args.backend == "core" and dtype == torch.bfloat16) else nullcontext())
-    times, cpu_times, first, profiled = [], [], None, None
-    with _memory(device) as mem, levers(core, model, args):
-        trainer = make_trainer(core, kind, overrides, batch, model, reward, geometry, args, iterations)
-        try:
+    times, cpu_times, first, profiled, parts, bmem, timed0, timed1 = [], [], None, None, None, {}, None, None
+    with ExitStack() as stack:
+        stack.enter_context(levers(core, model, args))
+        with _memory(device) as mem:
+            trainer = make_trainer(core, kind, overrides, batch, model, reward, geometry, args, iterations)
+            stack.callback(trainer.lora.remove)
+            checkpoint_levers(trainer, model, args)
+            released = release_idle(model, device)
             if args.fused_adam:
                 fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
                 trainer.optimizer = torch.optim.AdamW(trainer.params, lr=trainer.cfg.lr, weight_decay=0.0, **fused)
@@ -496,6 +568,8 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
             for i in range(args.warmup + args.iters):
                 if args.no_cache and kind == "fix":
                     trainer._cache.clear()  # I0 and M rebuilt every iteration, as the reference does
+                if i == args.warmup:
+                    timed0 = _compiled_counts(trainer)
                 _sync(device)
                 t, c = time.perf_counter(), time.process_time()
                 with autocast:
@@ -508,25 +582,25 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
                 if i >= args.warmup:
                     times.append(dt)
                     cpu_times.append(dc)
+            timed1 = _compiled_counts(trainer)
+            med = statistics.median(times)
             from torch.utils.flop_counter import FlopCounterMode
             # counted with I0 and M cached, also under --no-cache: FlopCounterMode's module hooks cannot run
-            # through the torch.autograd.grad of the saliency mask
-            with FlopCounterMode(display=False) as counter, autocast:
+            # through the torch.autograd.grad of the saliency mask. Eagerly: dynamo never compiles under a
+            # dispatch mode and would mark the compiled sampler's code as skipped for the rest of the process
+            with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter, autocast:
                 next(it)
             flops = counter.get_total_flops()
             if args.profile:
-                try:
-                    with autocast:
-                        profiled = profile_iteration(lambda: next(it), device)
-                except Exception as e:  # a diagnostic: it never costs the case its figures
-                    profiled = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+                with autocast:
+                    profiled = _diagnostic(lambda: profile_iteration(lambda: next(it), device, median=med))
             last = trainer.history[-1]
             history = [{k: v for k, v in r.as_dict().items() if v is not None and k not in ("total", "seconds")}
                        for r in trainer.history]
-            parts = breakdown(trainer, core, device, autocast) if args.breakdown and kind == "fix" else None
-        finally:
-            trainer.lora.remove()
-    med = statistics.median(times)
+        if args.breakdown and kind == "fix":  # after the training peak is read: its own peak (no block checkpoints)
+            with _memory(device) as bmem:
+                parts = _diagnostic(lambda: breakdown(trainer, core, device, autocast, reps=args.breakdown_reps))
+        compiled = _compiled_counts(trainer)
     out = {"case": name, "method": trainer.method, "batch": batch, "iterations_timed": len(times),
            "seconds_per_iteration": {"median": med, "min": min(times), "all": times},
            "iterations_per_second": 1.0 / med, "first_iteration_seconds": first,
@@ -534,10 +608,18 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
            "cpu_seconds_per_iteration": {"median": statistics.median(cpu_times), "min": min(cpu_times)},
            "tflop_per_iteration": flops / 1e12, "achieved_tflops": flops / med / 1e12,
            "last_loss": last.loss, "history": history, **mem}
+    if released is not None:
+        out["idle_models_released"] = released
+    if compiled is not None:  # graph-free sampler calls that ran the compiled graph: a silent eager fallback shows
+        (c0, e0), (c1, e1) = timed0, timed1
+        out["compiled_sampler_calls"] = {"timed": {"compiled": c1 - c0, "eager": e1 - e0},
+                                         "whole_case": {"compiled": compiled[0], "eager": compiled[1]},
+                                         "failure": trainer.sampling_denoiser.inner.failure}
     if kind == "se":
         out["preservation"] = trainer.preservation  # what auto resolved to (none without the term)
     if parts is not None:
         out["breakdown_seconds"] = parts
+        out["breakdown_peak_memory_bytes"] = bmem["peak_memory_bytes"]
     if profiled is not None:
         out["profile"] = profiled
     out["peak_memory_gib"] = out["peak_memory_bytes"] / 2**30
@@ -552,10 +634,12 @@ def run_case_kept(name: str, *args) -> dict:
         return run_case(name, *args)
     except Exception as e:
         print(f"[train_speed] {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # what the failed case held, before the next one's peak
-        return {"case": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"}
+        out = {"case": name, "error": _error(e)}
+    # out of the except block: its traceback no longer holds the failed case's frames and tensors
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the failed case held, before the next one's peak
+    return out
 
 
 # -- main -------------------------------------------------------------------------------------------------------
@@ -572,6 +656,9 @@ def parse_args(argv=None):
                         "and SDXL UNets on most GPUs (the trainer then scales the loss)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=None,
+                   help="write the JSON here (atomically) after every case instead of stdout at the end, so a run "
+                        "stopped at a time limit keeps the cases it finished")
     p.add_argument("--steps", type=int, default=None, help="override sampler steps (default 50; tiny 4)")
     p.add_argument("--sampler", choices=("ddim", "euler", "dpmpp_2m"), default="ddim",
                    help="Focus-N-Fix/DRaFT cases' sampler (FixConfig.sampler)")
@@ -597,7 +684,9 @@ def parse_args(argv=None):
                    help="comfy: ComfyUI launch flags the run inherits, written with '=' as they start with dashes: "
                         "--comfy-args='--fast autotune' (cuDNN autotuning) or --comfy-args=--force-channels-last")
     g = p.add_argument_group("levers (before/after switches)")
-    g.add_argument("--no-checkpoint", action="store_true", help="sample(..., checkpoint=False): no recompute at K=1")
+    g.add_argument("--no-checkpoint", action="store_true",
+                   help="no gradient checkpointing at all (neither the UNet's and VAE decoder's blocks nor whole "
+                        "calls): no recompute, every activation kept")
     g.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True)")
     g.add_argument("--autocast", action="store_true", help="bf16 autocast around each iteration (adapters stay fp32)")
     g.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default="off",
@@ -608,13 +697,17 @@ def parse_args(argv=None):
     g.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
                    help="S&E preservation term: keys (the core's auto for a to_k LoRA; no UNet pass) or outputs "
                         "(x0 MSE against the adapters-off model: two more UNet passes per step, the 'before')")
-    g.add_argument("--checkpoint-decode", action="store_true", help="gradient-checkpoint the VAE decode")
+    g.add_argument("--checkpoint-decode", action="store_true",
+                   help="checkpoint the VAE decode as one call instead of the decoder's blocks one by one (the "
+                        "'before' of block-wise decoder checkpointing)")
     g.add_argument("--se-early-exit", action="store_true", help="accepted for older commands: the core's "
                    "S&E maps pass always stops after the last attention layer the maps need (since 0eafaf0)")
     g.add_argument("--merge-nograd", action="store_true", help="accepted for older commands: FixTrainer always "
                    "merges the LoRA for the graph-free sampler steps (core MergedWhenNoGrad, since 0eafaf0)")
     p.add_argument("--breakdown", action="store_true",
-                   help="Focus-N-Fix/DRaFT cases: time sampling (LoRA hooks on/off/merged) and decode+reward")
+                   help="Focus-N-Fix/DRaFT cases: time sampling (LoRA hooks on/off/merged) and decode+reward, after "
+                        "the case's figures (its peak memory apart: breakdown_peak_memory_bytes)")
+    p.add_argument("--breakdown-reps", type=int, default=3, help="the breakdown's best of N (default 3)")
     p.add_argument("--profile", action="store_true",
                    help="profile one more iteration per case (torch.profiler): kernel launches, device-busy fraction "
                         "(cuda) and the top ops; says whether an iteration waits on the host or on the device")
@@ -622,9 +715,86 @@ def parse_args(argv=None):
     unknown = [n for n in (args.cases or "").split(",") if n and n not in CASES]
     if unknown:
         p.error(f"unknown --cases {unknown}; known: {list(CASES)}")
-    if args.iters < 1 or args.warmup < 0:
-        p.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if args.iters < 1 or args.warmup < 0 or args.breakdown_reps < 1:
+        p.error(f"--iters and --breakdown-reps must be >= 1 and --warmup >= 0, got {args.iters}, "
+                f"{args.breakdown_reps} and {args.warmup}")
     return args
+
+
+def run_family(family: str, args, device: torch.device, dtype: torch.dtype, doc: dict, save) -> None:
+    """Build one family's models, run its cases into doc["cases"] (with `save()` after each)."""
+    if args.backend == "core":
+        model, core = build_core(args.size, device, dtype)
+        adapters, session = None, nullcontext()
+    else:
+        weight_dtype = None if args.weight_dtype == "default" else getattr(torch, args.weight_dtype.replace("fp8", "float8"))
+        model, adapters, core = build_comfy(family, args.size, device, dtype, args.inference_weights == "on",
+                                            attention=args.comfy_attention, weight_dtype=weight_dtype,
+                                            comfy_args=args.comfy_args)
+    geometry = GEOMETRY[(family, args.size)]
+    # the tower in fp32 by default, as Load Reward loads it; --reward-dtype bf16 = its precision input
+    reward = build_reward(core, args.size, device, REWARD_DTYPES[args.reward_dtype])
+    if adapters is not None:
+        session = adapters.training_session(model, [reward])
+    side, steps, res = geometry
+    settings = doc["settings"][family] = {
+        "image": args.size_px or side, "steps": args.steps or steps, "sampler": args.sampler,
+        "scheduler": args.scheduler, "cfg_scale": 7.5, "K": 1, "lora": "rank 4 on attn q/k/v/out (S&E: attn2 to_k)",
+        "se_resolution": args.resolution or res, "unet_parameters": sum(p.numel() for p in model.net.parameters()),
+        "reward": reward.describe()}
+    if adapters is not None:
+        settings["vae_dtype"] = str(model.vae.vae_dtype).removeprefix("torch.")
+    print(f"[train_speed] {family}: built ({settings['unet_parameters'] / 1e6:.1f} M UNet parameters)",
+          file=sys.stderr, flush=True)
+    names = args.cases.split(",") if args.cases else DEFAULT_CASES[family]
+    mem0 = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+    with session:
+        # entering the session may copy weights (inference tensors -> plain clones): what that costs
+        mem1 = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+        settings["session_enter_bytes"] = int(mem1 - mem0)
+        for name in names:
+            r = {"model": family, **run_case_kept(name, model, reward, core, geometry, args, device, dtype)}
+            if "error" not in r:
+                r["fraction_of_peak"] = r["achieved_tflops"] / doc["peak_tflops"]
+            doc["cases"].append(r)
+            save()
+
+
+def _unload_comfy() -> None:
+    """ComfyUI keeps loaded models: free them before the next family's peaks."""
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+
+
+def strict_json(x):
+    """x with every non-finite float as None: strict JSON (jq and other readers refuse Infinity and NaN; an
+    fp16 step skipped on an overflow records grad_norm inf)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
+
+def dumps(doc: dict) -> str:
+    return json.dumps(strict_json(doc), indent=1, allow_nan=False)
+
+
+def save(doc: dict, path: str | None) -> None:
+    """Bring doc's summary up to date and, with --out, rewrite the file (a whole document at every moment)."""
+    doc["failed_cases"] = [f"{r['model']}/{r['case']}" for r in doc["cases"] if "error" in r]
+    attention = sys.modules.get("comfy.ldm.modules.attention")
+    doc["comfy_attention"] = attention.optimized_attention.__name__ if attention is not None else None
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(dumps(doc) + "\n")
+        os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:
@@ -635,68 +805,36 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     families = ["tiny"] if args.backend == "core" else (args.models or "sd15,sdxl").split(",")
-    results, settings = [], {}
-    for family in families:
-        if args.backend == "core":
-            model, core = build_core(args.size, device, dtype)
-            adapters, session = None, nullcontext()
-        else:
-            weight_dtype = None if args.weight_dtype == "default" else getattr(torch, args.weight_dtype.replace("fp8", "float8"))
-            model, adapters, core = build_comfy(family, args.size, device, dtype, args.inference_weights == "on",
-                                                attention=args.comfy_attention, weight_dtype=weight_dtype,
-                                                comfy_args=args.comfy_args)
-        geometry = GEOMETRY[(family, args.size)]
-        # the tower in fp32 by default, as Load Reward loads it; --reward-dtype bf16 = its precision input
-        reward = build_reward(core, args.size, device, REWARD_DTYPES[args.reward_dtype])
-        if adapters is not None:
-            session = adapters.training_session(model, [reward])
-        side, steps, res = geometry
-        settings[family] = {"image": args.size_px or side, "steps": args.steps or steps, "sampler": args.sampler,
-                            "scheduler": args.scheduler, "cfg_scale": 7.5, "K": 1,
-                            "lora": "rank 4 on attn q/k/v/out (S&E: attn2 to_k)",
-                            "se_resolution": args.resolution or res,
-                            "unet_parameters": sum(p.numel() for p in model.net.parameters()),
-                            "reward": reward.describe()}
-        print(f"[train_speed] {family}: built ({settings[family]['unet_parameters'] / 1e6:.1f} M UNet parameters)",
-              file=sys.stderr, flush=True)
-        names = args.cases.split(",") if args.cases else DEFAULT_CASES[family]
-        mem0 = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
-        with session:
-            # entering the session may copy weights (inference tensors -> plain clones): what that costs
-            mem1 = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
-            settings[family]["session_enter_bytes"] = int(mem1 - mem0)
-            for name in names:
-                results.append({"model": family, **run_case_kept(name, model, reward, core, geometry, args, device,
-                                                                 dtype)})
-        del model, reward, session
-        if adapters is not None:  # ComfyUI keeps loaded models: free them before the next family's peaks
-            import comfy.model_management as mm
-            mm.unload_all_models()
-            gc.collect()
-            mm.soft_empty_cache()
-    attention = None
-    if args.backend == "comfy":
-        import comfy.ldm.modules.attention as comfy_attention
-        attention = comfy_attention.optimized_attention.__name__
-    peak, source = device_peak_tflops(device, dtype, args.peak_tflops)
-    for r in results:
-        if "error" not in r:
-            r["fraction_of_peak"] = r["achieved_tflops"] / peak
+    peak, source = device_peak_tflops(device, dtype, args.peak_tflops)  # first: later, a CUDA error would cost it
     doc = {
         "benchmark": "train_speed (issue 6)", "backend": args.backend, "size": args.size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
-        "peak_tflops": peak, "peak_source": source, "comfy_attention": attention,
+        "peak_tflops": peak, "peak_source": source, "comfy_attention": None,
         "reward_dtype": args.reward_dtype, "weight_dtype": args.weight_dtype, "comfy_args": args.comfy_args,
         "levers": {"no_checkpoint": args.no_checkpoint, "fused_adam": args.fused_adam, "autocast": args.autocast,
                    "no_cache": args.no_cache, "checkpoint_decode": args.checkpoint_decode,
                    "merge_nograd": args.merge_nograd, "se_early_exit": args.se_early_exit, "compile": args.compile,
                    "preservation": args.preservation,
                    "inference_weights": args.inference_weights == "on" if args.backend == "comfy" else None},
-        "iters": args.iters, "warmup": args.warmup, "settings": settings, "cases": results,
-        "failed_cases": [f"{r['model']}/{r['case']}" for r in results if "error" in r],
+        "iters": args.iters, "warmup": args.warmup, "out": args.out, "settings": {}, "cases": [],
+        "failed_cases": [], "failed_models": {},  # a family whose build or session failed: its error
+        "finished": False,  # True once every family ran: a file cut off at a time limit says False
     }
+    for family in families:
+        try:
+            run_family(family, args, device, dtype, doc, lambda: save(doc, args.out))
+        except Exception as e:  # the other family's figures are kept
+            print(f"[train_speed] {family} FAILED: {_error(e)}", file=sys.stderr, flush=True)
+            doc["failed_models"][family] = _error(e)
+        try:  # out of the except block: its traceback no longer holds the family's models
+            _unload_comfy()
+        except Exception as e:
+            doc["failed_models"].setdefault(family, f"unloading: {_error(e)}")
+        save(doc, args.out)
+    doc["finished"] = True
+    save(doc, args.out)
     return doc
 
 
@@ -704,5 +842,10 @@ if __name__ == "__main__":
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     doc = main()
-    print(json.dumps(doc, indent=1))
-    sys.exit(1 if doc["failed_cases"] else 0)  # the JSON above still holds every other case's figures
+    if doc["out"]:
+        print(f"[train_speed] wrote {doc['out']} ({len(doc['cases'])} cases, failed: {doc['failed_cases']}, "
+              f"{sorted(doc['failed_models'])})", file=sys.stderr, flush=True)
+    else:
+        print(dumps(doc))
+    # the JSON still holds every other case's figures
+    sys.exit(1 if doc["failed_cases"] or doc["failed_models"] else 0)

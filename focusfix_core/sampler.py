@@ -132,6 +132,11 @@ class CompiledWhenNoGrad:
     If compiling fails (no working Triton or C++ compiler on this machine), it logs a warning once and runs
     eagerly from then on: the results are the same, only slower.
 
+    `compiled_calls` / `eager_calls` count the graph-free calls that ran the traced graph and those that ran
+    eagerly. Dynamo may run a compiled function's plain code with no error (a frame it skips for good, e.g.
+    after a call under a TorchDispatchMode, or `set_stance("force_eager")`): the counts show it. The call the
+    compiler gets returns `(x0, torch.compiler.is_compiling())`, True only as traced (no graph input or output).
+
     Args:
         denoiser: `denoiser(x, sigma, cond) -> x0`.
         mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune" (see `torch.compile`).
@@ -144,19 +149,32 @@ class CompiledWhenNoGrad:
         from torch._dynamo.exc import TorchDynamoException  # also Inductor's and Triton's failures
 
         self.denoiser, self.mode, self._compile_error = denoiser, mode, TorchDynamoException
-        self.compiled: Callable | None = compiler(denoiser, mode)
+
+        def probed(x, sigma, cond):  # the flag is a constant of the traced code: True only when it ran
+            return denoiser(x, sigma, cond), torch.compiler.is_compiling()
+
+        self.compiled: Callable | None = compiler(probed, mode)
         self.failure: str | None = None  # why compiling failed, when it did
+        self.compiled_calls = self.eager_calls = 0  # graph-free calls that ran the traced graph / eagerly
 
     def __call__(self, x, sigma, cond):
-        if torch.is_grad_enabled() or self.compiled is None:
+        if torch.is_grad_enabled():
+            return self.denoiser(x, sigma, cond)
+        if self.compiled is None:
+            self.eager_calls += 1
             return self.denoiser(x, sigma, cond)
         try:
-            out = self.compiled(x, sigma, cond)
+            out, traced = self.compiled(x, sigma, cond)
         except self._compile_error as e:  # the compiler or tracer failed; a model error recurs eagerly below
             cause = getattr(e, "inner_exception", None) or e  # the backend's own error, not dynamo's wrapper
             self.compiled, self.failure = None, f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
             log.warning("torch.compile failed (%s); sampling without it", self.failure)
+            self.eager_calls += 1
             return self.denoiser(x, sigma, cond)
+        if traced:
+            self.compiled_calls += 1
+        else:
+            self.eager_calls += 1
         # under CUDA graphs the output lives in the graph's memory, overwritten by the next replay
         return out.clone() if self.mode == "reduce-overhead" else out
 

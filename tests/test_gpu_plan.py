@@ -3,6 +3,8 @@ a GPU session spends no device time on a typo. Run here with stand-ins for pytho
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,24 +27,38 @@ def _scripts():
     return train_speed, compile_check
 
 
-def _run(step: str | list[str], tmp_path: Path, fail_if: str = "") -> tuple[subprocess.CompletedProcess,
-                                                                            list[list[str]]]:
-    """Run the plan with a python3 stand-in that logs its arguments (and exits 1 when they contain fail_if)."""
+def _stand_ins(tmp_path: Path, fail_if: str = "", sleep_if: str = "") -> tuple[Path, Path]:
+    """(bin folder, log): a python3 that logs its arguments, writes '{}' to its --out file, exits 1 when they
+    contain fail_if and sleeps when they contain sleep_if; an nvidia-smi."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
     fail = f'case "$*" in *"{fail_if}"*) exit 1;; esac\n' if fail_if else ""
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n{fail}')
+    sleep = f'case "$*" in *"{sleep_if}"*) exec sleep 60;; esac\n' if sleep_if else ""
+    out = 'prev=; for a in "$@"; do [ "$prev" = --out ] && echo "{}" > "$a"; prev=$a; done\n'
+    pip = 'case "$*" in *"pip download"*) mkdir -p .whl;; esac\n'
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n'
+                                     f'{out}{pip}{fail}{sleep}')
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
+    log.write_text("")
+    return bin_dir, log
+
+
+def _calls(log: Path) -> list[list[str]]:
+    return [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
+
+
+def _run(step: str | list[str], tmp_path: Path, fail_if: str = "", sleep_if: str = "",
+         env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run the plan with stand-ins for python3 and nvidia-smi (see `_stand_ins`)."""
+    bin_dir, log = _stand_ins(tmp_path, fail_if, sleep_if)
     (tmp_path / "comfy").mkdir(exist_ok=True)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-           "COMFYUI_DIR": str(tmp_path / "comfy")}
-    log.write_text("")
+           "COMFYUI_DIR": str(tmp_path / "comfy"), **(env or {})}
     steps = [step] if isinstance(step, str) else step
     proc = subprocess.run(["bash", str(SCRIPT), *steps], capture_output=True, text=True, env=env, timeout=60)
-    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
-    return proc, calls
+    return proc, _calls(log)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -61,8 +77,16 @@ def test_each_step_passes_arguments_the_scripts_accept_6(step, tmp_path):
         if script.endswith("train_speed.py"):
             assert (parsed.backend, parsed.size) == ("comfy", "tiny" if step == "smoke" else "full")
             assert parsed.dtype == ("fp16" if step == "sd15-fp16" else "bf16")
+            # its JSON rewritten after every case in $OUT (stdout is the log): a run cut off keeps its cases
+            assert Path(parsed.out).parent == tmp_path / "out" and Path(parsed.out).is_file()
+            assert not parsed.checkpoint_decode  # nested over the decoder's block checkpoints: dropped
     if step.endswith("-compile"):
         assert all("reduce-overhead" in argv for argv in runs)
+    if step == "smoke":  # the first KSampler reference and the first profiled CUDA-graph replay, at tiny size
+        first, compiled = (train_speed.parse_args(argv[1:]) for argv in runs)
+        assert first.breakdown and first.profile and compiled.profile and compiled.compile == "reduce-overhead"
+    if step == "sd15-memory":
+        assert any(train_speed.parse_args(argv[1:]).no_checkpoint for argv in runs)
 
 
 def test_several_steps_in_one_call_run_in_order_6(tmp_path):
@@ -93,3 +117,54 @@ def test_unknown_step_and_missing_comfyui_are_refused_6(tmp_path):
     env = {**os.environ, "COMFYUI_DIR": str(tmp_path / "missing")}
     proc = subprocess.run(["bash", str(SCRIPT), "sd15"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "gpu_plan.sh pack" in proc.stderr
+
+
+def test_pack_fetches_the_wheels_comfy_samplers_needs_6(tmp_path):
+    """pack downloads torchsde and trampoline beside kornia: comfy.samplers (every Focus-N-Fix/DRaFT case)
+    imports them and the device image has neither. Run in a copy of the script's folder (pack rewrites .comfy)."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "benchmarks" / "gpu_plan.sh")
+    (tmp_path / "src" / "comfy").mkdir(parents=True)
+    bin_dir, log = _stand_ins(tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "COMFYUI_DIR": str(tmp_path / "src")}
+    proc = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_plan.sh"), "pack"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (download,) = [c for c in _calls(log) if c[:3] == ["-m", "pip", "download"]]
+    assert "--only-binary=:all:" in download and "--no-deps" in download
+    for wheel in ("kornia==0.9.0", "kornia_rs==0.2.0", "torchsde==0.2.6", "trampoline==0.1.2"):
+        assert wheel in download
+    assert (tmp_path / ".comfy" / "ComfyUI" / "comfy").is_dir()
+
+
+def test_smoke_stops_the_call_when_comfy_samplers_cannot_be_imported_6(tmp_path):
+    """No wheels carried: every fix case would fail, so smoke says why and the call ends before any run."""
+    proc, calls = _run(["smoke", "sd15"], tmp_path, fail_if="import comfy.samplers")
+    assert proc.returncode == 1
+    assert "cannot import comfy.samplers and kornia" in proc.stderr and "gpu_plan.sh pack" in proc.stderr
+    assert calls and not [c for c in calls if c[0].startswith("benchmarks/")]
+
+
+def test_a_run_past_the_calls_budget_is_stopped_and_the_next_not_started_6(tmp_path):
+    """Each run is under `timeout` (its own limit, capped by what is left of PLAN_SECONDS): a hung run is
+    stopped, noted, and the call ends in time; what it wrote after its finished cases stays in $OUT."""
+    proc, calls = _run(["sd15", "se"], tmp_path, sleep_if="--breakdown", env={"PLAN_SECONDS": "6"})
+    assert proc.returncode == 1
+    assert "[gpu_plan] sd15_base stopped at its 6s limit" in proc.stderr
+    assert "[gpu_plan] sd15_se_outputs not started" in proc.stderr
+    assert "[gpu_plan] failed: sd15_base sd15_se_outputs" in proc.stderr
+    assert [c[0] for c in calls if c[0].startswith("benchmarks/")] == ["benchmarks/train_speed.py"]
+    assert (tmp_path / "out" / "sd15_base.json").is_file()
+
+
+def test_suggested_calls_fit_ten_minutes_by_the_plans_own_estimates_6():
+    """The header's estimates (the upper end of a range), summed over each suggested call, stay under the
+    tool's 10 minutes a call; every step is in one suggested call."""
+    head = SCRIPT.read_text().split("set -euo pipefail")[0]
+    estimates = {step: int(re.search(rf"^#   {step} .*?~(?:\d+-)?(\d+) min", head, re.M | re.S).group(1))
+                 for step in STEPS}
+    suggested = head.split("Suggested calls", 1)[1].split("A failed case")[0]
+    calls = re.findall(r'"([a-z0-9 -]+)"', suggested)
+    assert sorted(s for c in calls for s in c.split()) == sorted(STEPS)
+    for call in calls:
+        assert sum(estimates[s] for s in call.split()) <= 9, call
