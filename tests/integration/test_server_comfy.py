@@ -104,41 +104,34 @@ def test_workflow_templates_served(server):
     assert ui["nodes"]
 
 
-def test_queue_a_workflow_over_http(server, wt):
+def _queue_and_wait(server, api: dict, **extra) -> dict:
+    """POST /prompt (with `extra` fields), then poll /history until it completes; its history entry."""
     url, tmp = server
-    api = wt.shrink(wt.swap_loader(json.loads((REPO / "workflows/api/focusfix_4_inspect_attention.json").read_text()), "sd15"))
-    pid = _get(url + "/prompt", {"prompt": api, "client_id": "focusfix-test"})["prompt_id"]
+    pid = _get(url + "/prompt", {"prompt": api, "client_id": "focusfix-test", **extra})["prompt_id"]
     deadline = time.time() + 120
     while time.time() < deadline:
         hist = _get(f"{url}/history/{pid}")
         if pid in hist and hist[pid]["status"].get("completed") is not None:
-            break
+            return hist[pid]
         time.sleep(0.5)
-    else:
-        raise AssertionError("workflow did not finish:\n" + (tmp / "server.log").read_text()[-3000:])
-    status = hist[pid]["status"]
-    assert status["status_str"] == "success", status
-    assert hist[pid]["outputs"]
+    raise AssertionError("workflow did not finish:\n" + (tmp / "server.log").read_text()[-3000:])
+
+
+def test_queue_a_workflow_over_http(server, wt):
+    api = wt.shrink(wt.swap_loader(json.loads((REPO / "workflows/api/focusfix_4_inspect_attention.json").read_text()), "sd15"))
+    done = _queue_and_wait(server, api)
+    assert done["status"]["status_str"] == "success", done["status"]
+    assert done["outputs"]
 
 
 def test_the_mask_can_be_tuned_before_any_training(server, wt):
     """Workflows 2 and 5 say: 'Queue Selected Output Nodes' on the Saliency Mask's preview shows the mask
     without training (a whole Queue starts the Train node early). The frontend sends that as
     partial_execution_targets; only the preview's own inputs may run."""
-    url, tmp = server
     api = wt.shrink(wt.swap_loader(json.loads(
         (REPO / "workflows/api/focusfix_2_fix_what_reward_dislikes.json").read_text()), "sd15"))
     target = next(k for k, v in api.items() if v["class_type"] == "PreviewImage"
                   and api[v["inputs"]["images"][0]]["class_type"] == "FocusFixSaliencyMask")
-    pid = _get(url + "/prompt", {"prompt": api, "client_id": "focusfix-test",
-                                 "partial_execution_targets": [target]})["prompt_id"]
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        hist = _get(f"{url}/history/{pid}")
-        if pid in hist and hist[pid]["status"].get("completed") is not None:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("workflow did not finish:\n" + (tmp / "server.log").read_text()[-3000:])
-    assert hist[pid]["status"]["status_str"] == "success", hist[pid]["status"]
-    assert list(hist[pid]["outputs"]) == [target]  # the Train node's previews and Save LoRA did not run
+    done = _queue_and_wait(server, api, partial_execution_targets=[target])
+    assert done["status"]["status_str"] == "success", done["status"]
+    assert list(done["outputs"]) == [target]  # the Train node's previews and Save LoRA did not run
