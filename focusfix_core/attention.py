@@ -92,6 +92,7 @@ def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8,
     """
     sizes = level_sizes(latent_hw, levels)
     usable = sizes if attention_levels is None else [sizes[i] for i in sorted(set(attention_levels)) if i < len(sizes)]
+    usable = [hw for hw in usable if min(hw) >= 2]  # a 1-pixel map has no layout to separate (and no 3x3 blur)
     for hw in usable:
         if min(hw) == resolution:
             return hw
@@ -102,8 +103,8 @@ def map_size(resolution: int, latent_hw: tuple[int, int], levels: int = 8,
                          f"shorter sides {[min(s) for s in sizes]}; choose one where the model has cross-attention "
                          f"(SD1.5 at 512 px: 64, 32, 16, 8; SDXL at 1024 px: 64, 32)")
     if not usable:
-        raise ValueError(f"resolution {resolution}: this model has no cross-attention layer at this size "
-                         f"({size}), so it has no attention maps")
+        raise ValueError(f"resolution {resolution}: at this size ({size}) this model has no attention maps of at "
+                         f"least 2x2 (too small an image, or no cross-attention layer): use a larger width and height")
     maps = ", ".join(f"{h}x{w}" for h, w in usable)
     sides = " or ".join(str(min(s)) for s in usable)
     raise ValueError(f"resolution {resolution}: at this size ({size}) this model has cross-attention only "

@@ -45,7 +45,11 @@ def sampling_sigmas(model, steps: int, scheduler: str = "normal") -> torch.Tenso
     computed as KSampler computes it) gives them; otherwise `schedules.scheduler_sigmas` on `model.sigmas`."""
     own = getattr(model, "sampling_sigmas", None)
     sigmas = own(steps, scheduler) if own is not None else scheduler_sigmas(scheduler, model.sigmas, steps)
-    check_sigmas(sigmas, f"the {scheduler!r} scheduler's sigmas")
+    try:
+        check_sigmas(sigmas, f"the {scheduler!r} scheduler's sigmas")
+    except ValueError as e:  # e.g. kl_optimal divides by steps - 1: its 1-step schedule is NaN
+        raise ValueError(f"{e}{' (with steps 1: give steps 2 or more, or another scheduler)' if steps == 1 else ''}") \
+            from None
     return sigmas
 
 

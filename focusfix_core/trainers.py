@@ -287,6 +287,9 @@ class SeparateEnhanceConfig(_LoRAConfig):
         self._check_common()
         for name in ("lam_sep", "lam_en", "lam_preserve"):
             _check_positive(name, getattr(self, name), allow_zero=True)
+        if self.lam_sep == 0 and self.lam_en == 0:  # the LoRA starts at zero, where preservation has no gradient
+            raise ValueError("lam_sep and lam_en are both 0: Separate-and-Enhance has nothing to train (lam_preserve "
+                             "only holds the model as it is); give lam_sep or lam_en a weight")
         _check_choice("preservation", self.preservation, PRESERVATIONS)
         lo, hi = self.t_range
         if not 0.0 <= lo < hi <= 1.0:

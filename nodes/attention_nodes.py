@@ -9,7 +9,8 @@ from ..focusfix_core.attention import overlay_maps
 from ..focusfix_core.losses import enhance_loss, separate_loss
 from ..focusfix_core.trainers import split_words
 from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, prompt_attention_maps
-from .common import RESOLUTION_TIP, check_map_size, check_widget_ranges, sampler_inputs, sampling_progress, tip
+from .common import (RESOLUTION_TIP, check_map_size, check_widget_ranges, sampler_inputs, sampling_progress, tip,
+                     widgets_checked)
 
 __all__ = ["FocusFixAttentionMaps"]
 
@@ -56,6 +57,7 @@ class FocusFixAttentionMaps:
             return str(e)
         return True
 
+    @widgets_checked
     def execute(self, model, clip, prompt, words, seed, steps, cfg, resolution, width, height, vae=None,
                 sampler_name="ddim", scheduler="normal"):
         names = split_words(words)

@@ -1,8 +1,11 @@
 """Shared node plumbing: schema helpers, text parsing, and the progress/cancel loop over a trainer."""
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -75,18 +78,44 @@ def sampler_inputs(what: str) -> dict:
     }
 
 
+def input_specs(node: type) -> dict[str, tuple]:
+    """Every input of a V1 node, name -> (type, options), from required, optional and hidden."""
+    return {k: v for group in node.INPUT_TYPES().values() if isinstance(group, dict) for k, v in group.items()}
+
+
 def check_widget_ranges(node: type, **values) -> None:
-    """ValueError naming the first of `values` outside its widget's min/max in `node.INPUT_TYPES()`: ComfyUI skips
-    that check for the inputs a node's VALIDATE_INPUTS names. None (a linked input) is checked when it runs."""
-    spec = {k: v for group in node.INPUT_TYPES().values() if isinstance(group, dict) for k, v in group.items()}
+    """ValueError naming the first of `values` outside its widget's min/max in `node.INPUT_TYPES()`, or not a
+    finite number (JSON's NaN passes ComfyUI's own check): ComfyUI skips that check for the inputs a node's
+    VALIDATE_INPUTS names and for linked ones. None (a linked input at queue time) is checked when it runs
+    (`widgets_checked`)."""
+    spec = input_specs(node)
     for name, value in values.items():
         options = spec[name][1] if len(spec[name]) > 1 else {}
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} ({value}) must be a finite number")
         if "min" in options and value < options["min"]:
             raise ValueError(f"{name} ({value}) must be at least {options['min']}")
         if "max" in options and value > options["max"]:
             raise ValueError(f"{name} ({value}) must be at most {options['max']}")
+
+
+def widgets_checked(execute: Callable) -> Callable:
+    """Wrap a node's `execute` so every INT/FLOAT widget value is checked first (`check_widget_ranges`): a value
+    that reached it through a link (a PrimitiveInt, another node's output) or in an API prompt skipped ComfyUI's
+    min/max check, and would otherwise fail deep inside torch (negative steps, a 2**64 seed) or silently
+    (a NaN strength)."""
+    signature = inspect.signature(execute)
+
+    @functools.wraps(execute)
+    def run(self, *args, **kwargs):
+        spec = input_specs(type(self))
+        bound = signature.bind(self, *args, **kwargs).arguments
+        check_widget_ranges(type(self), **{k: v for k, v in bound.items() if k in spec and spec[k][0] in
+                                           ("INT", "FLOAT") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return execute(self, *args, **kwargs)
+    return run
 
 
 RESOLUTION_TIP = ("Attention map size r, the maps' shorter side: the image's shorter side / 8 / a power of 2 "

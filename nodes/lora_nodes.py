@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .adapters import LoraData, image_to_bchw
-from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, tip
+from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, tip, widgets_checked
 
 __all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_path", "lora_patches", "loras_name",
            "save_lora_data", "save_preview", "write_lora"]
@@ -104,6 +104,7 @@ class FocusFixApplyLoRA:
                             default=1.0, min=-10.0, max=10.0, step=0.01),
         }}
 
+    @widgets_checked
     def execute(self, model, lora, strength):
         m = model.clone()
         m.add_patches(lora_patches(model, lora), strength)

@@ -10,7 +10,7 @@ from ..focusfix_core.rewards.composite import WeightedSum
 from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from .adapters import b1hw_to_mask, bchw_to_image, grad_mode, image_to_bchw, load_reward_by_name, mask_to_b1hw, \
     reward_choices, reward_on
-from .common import REWARD, check_widget_ranges, file_fingerprint, tip
+from .common import REWARD, check_widget_ranges, file_fingerprint, tip, widgets_checked
 
 __all__ = ["FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixCompare",
            "score_table", "weighted_sum_name"]
@@ -88,6 +88,7 @@ class FocusFixCombineRewards:
     def check_lazy_status(self, weight_a, weight_b, reward_a=None, reward_b=None):
         return [name for name, w in (("reward_a", weight_a), ("reward_b", weight_b)) if w != 0]
 
+    @widgets_checked
     def execute(self, reward_a, weight_a, reward_b, weight_b):
         _check_weights(weight_a, weight_b)
         terms = [(r, float(w)) for r, w in ((reward_a, weight_a), (reward_b, weight_b)) if w != 0]
@@ -177,6 +178,7 @@ class FocusFixSaliencyMask:
             "feather": tip("FLOAT", "Soften the mask edge (Gaussian sigma, pixels).", default=0.0, min=0.0, max=64.0, step=0.1),
         }}
 
+    @widgets_checked
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
         with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):
             M = saliency.mask_from_reward(r, I, source, method=method, blur_sigma=blur_sigma, threshold_mode=threshold_mode,

@@ -18,7 +18,7 @@ from ..focusfix_core.trainers import MASK_SOURCES, FixConfig, SeparateEnhanceCon
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
                        mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
-                     graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip)
+                     graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip, widgets_checked)
 from .lora_nodes import loras_name
 from .runs import checkpoint_path, run_focus_n_fix, run_separate_enhance
 
@@ -187,6 +187,7 @@ class FocusFixTrainFocusNFix:
             return str(e)
         return True
 
+    @widgets_checked
     def execute(self, model, vae, reward, prompts, negative_prompt, seeds, width, height, steps, cfg, K, lam,
                 mask_source, rank, targets, lr, iterations, seed, clip=None, mask=None, positive=None, negative=None,
                 threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", continue_from=None,
@@ -214,7 +215,8 @@ class FocusFixTrainFocusNFix:
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
-                            *_precision_notes(run.history)])
+                            *_precision_notes(run.history),
+                            *_unchanged_notes(run.history, None if reward_target >= NO_TARGET else reward_target)])
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
                 b1hw_to_mask(M), report)
@@ -297,6 +299,16 @@ def _timing(history) -> str:
     return f"trained {len(seconds)} steps in {clock(sum(seconds))} ({sum(seconds) / len(seconds):.2f} s per step)"
 
 
+def _unchanged_notes(history, reward_target: float | None) -> list[str]:
+    """A report line when no step moved the LoRA (every gradient exactly 0): the run looks normal otherwise."""
+    if not history or any(r.grad_norm != 0 for r in history):
+        return []
+    why = (f"every image's reward was already at or above reward_target ({reward_target:g}; the first step's mean "
+           f"reward was {history[0].reward:.4g}), where the reward stops pushing: raise reward_target, or set it "
+           f"to {NO_TARGET:g} to never stop" if reward_target is not None else "the loss gave no gradient")
+    return [f"the LoRA did not change: every step's gradient was 0 ({why})"]
+
+
 def _precision_notes(history) -> list[str]:
     """A report line when the model computes in fp16 and the trainer scaled the loss."""
     scaled = [r for r in history if r.loss_scale is not None]
@@ -347,11 +359,14 @@ class FocusFixTrainSeparateEnhance:
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompts, resolution=None, width=None, height=None, checkpoint_every=None,
-                        checkpoint_name=None):
+                        checkpoint_name=None, lam_sep=None, lam_en=None):
         # the prompt lines' format is known at queue time (unless prompts comes from a linked node: None)
         try:
             check_widget_ranges(cls, resolution=resolution, width=width, height=height,
-                                checkpoint_every=checkpoint_every)
+                                checkpoint_every=checkpoint_every, lam_sep=lam_sep, lam_en=lam_en)
+            if lam_sep == 0 and lam_en == 0:
+                raise ValueError("lam_sep and lam_en are both 0: Separate-and-Enhance has nothing to train; give "
+                                 "lam_sep or lam_en a weight")
             check_map_size(resolution, width, height)
             if prompts is not None:
                 _object_prompts(prompts)
@@ -360,6 +375,7 @@ class FocusFixTrainSeparateEnhance:
             return str(e)
         return True
 
+    @widgets_checked
     def execute(self, model, clip, prompts, lam_sep, lam_en, lam_preserve, resolution, width, height, rank, targets,
                 lr, iterations, seed, continue_from=None, checkpoint_every=0, checkpoint_name="focusfix/checkpoint",
                 batch_size=1, prompt=None, extra_pnginfo=None):

@@ -390,8 +390,13 @@ def test_map_size_accepts_only_levels_with_cross_attention():
     with pytest.raises(ValueError, match=r"resolution 16: .*latents 128x128.* only in maps of 64x64, 32x32: set "
                                          r"resolution to 64 or 32"):
         map_size(16, (128, 128), attention_levels=[1, 2])  # SDXL at 1024 px
-    with pytest.raises(ValueError, match="no cross-attention layer at this size"):
+    with pytest.raises(ValueError, match="no attention maps of at least 2x2"):
         map_size(1, (2, 2), attention_levels=[5])
+    # SDXL at 16 px (latents 2x2): its cross-attention maps would be 1x1; not offered as "set resolution to 1"
+    with pytest.raises(ValueError, match=r"no attention maps of at least 2x2 .*use a larger width and height"):
+        map_size(2, (2, 2), attention_levels=[1, 2], latent_scale=8)
+    with pytest.raises(ValueError, match="set resolution to 2$"):
+        map_size(4, (4, 4), attention_levels=[1, 2], latent_scale=8)  # 2x2 and 1x1: only 2 is offered
     assert map_size(16, (128, 128)) == (16, 16)  # the layout unknown: any level
     with pytest.raises(ValueError, match=r"resolution 16: at this size \(width 768, height 512 px\) this model has "
                                          r"cross-attention only in maps of 64x96, 32x48"):

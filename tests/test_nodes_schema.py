@@ -140,3 +140,11 @@ def test_node_classes_are_thin():
 def test_clock():
     clock = sys.modules[f"{PACK.__name__}.nodes.common"].clock
     assert [clock(s) for s in (0, 59.6, 75, 3725)] == ["0:00", "1:00", "1:15", "1:02:05"]
+
+
+def test_separate_enhance_with_no_loss_weight_is_refused_at_queue_time():
+    se = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainSeparateEnhance"]
+    line = "a cat and a dog | cat, dog"
+    assert "lam_sep and lam_en are both 0" in se.VALIDATE_INPUTS(prompts=line, lam_sep=0.0, lam_en=0.0)
+    assert se.VALIDATE_INPUTS(prompts=line, lam_sep=0.0, lam_en=1.0) is True
+    assert "lam_sep (-1.0) must be at least 0.0" in se.VALIDATE_INPUTS(prompts=line, lam_sep=-1.0, lam_en=1.0)

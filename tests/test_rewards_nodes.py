@@ -232,3 +232,17 @@ def test_compare_says_n_a_for_an_empty_region_review10():
     D = (after - before).abs().mean(-1)
     assert inside == pytest.approx(float(D[..., :16].mean()), rel=1e-5)
     assert outside == pytest.approx(float(D[..., 16:].mean()), rel=1e-5)
+
+
+def test_linked_or_api_values_are_range_checked_when_the_node_runs():
+    """ComfyUI checks a widget's min/max only when the value is typed in the widget: one from a link (a
+    PrimitiveFloat) or an API prompt (JSON's NaN) reaches execute unchecked. It is refused there by name, not
+    deep inside torch or silently (fuzz review)."""
+    with pytest.raises(ValueError, match=r"dilation \(100000\) must be at most 256"):
+        N.FocusFixSaliencyMask().execute(_image(), Sharpness(), **_mask_inputs(dilation=100000))
+    with pytest.raises(ValueError, match=r"blur_sigma \(nan\) must be a finite number"):
+        N.FocusFixSaliencyMask().execute(_image(), Sharpness(), **_mask_inputs(blur_sigma=float("nan")))
+    with pytest.raises(ValueError, match=r"weight_a \(nan\) must be a finite number"):
+        N.FocusFixCombineRewards().execute(Sharpness(), float("nan"), Sharpness(), 1.0)
+    with pytest.raises(ValueError, match=r"strength \(nan\) must be a finite number"):
+        P.nodes.lora_nodes.FocusFixApplyLoRA().execute(None, None, float("nan"))

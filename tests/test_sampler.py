@@ -443,3 +443,17 @@ def test_draft_lv_renoises_the_final_sample_at_the_last_nonzero_sigma():
     torch.testing.assert_close(x_in, final.repeat_interleave(3, dim=0) + sigmas[-2] * noise)
     with torch.no_grad():
         torch.testing.assert_close(out.detach(), den(x_in, sigma, repeat_cond(cond(), 3)))
+
+
+def test_a_scheduler_with_no_one_step_schedule_says_to_give_more_steps():
+    """ComfyUI's kl_optimal divides by steps - 1: at steps 1 its sigmas are [nan, 0]. The error says what to
+    change, not only that the sigmas are not finite (fuzz review)."""
+    from focusfix_core.sampler import sampling_sigmas
+
+    class KLOptimalLike:
+        def sampling_sigmas(self, steps, scheduler):
+            return torch.tensor([float("nan"), 0.0]) if steps == 1 else torch.linspace(14.6, 0.0, steps + 1)
+
+    with pytest.raises(ValueError, match=r"'kl_optimal' scheduler's sigmas must be finite.*with steps 1: give steps 2"):
+        sampling_sigmas(KLOptimalLike(), 1, "kl_optimal")
+    assert len(sampling_sigmas(KLOptimalLike(), 2, "kl_optimal")) == 3

@@ -1099,3 +1099,11 @@ def test_the_mutation_context_covers_only_the_calls_that_record_a_graph(small_mo
     last_step = seen[-4:]  # 3 graph-free sampler calls, then the differentiated one
     assert [grad for grad, _ in last_step] == [False, False, False, True]
     assert [mode for _, mode in last_step] == [False, False, False, True]
+
+
+def test_separate_enhance_with_no_loss_weight_is_refused():
+    """lam_sep = lam_en = 0 trains nothing (the LoRA starts at zero, where preservation has no gradient): refused
+    before any step, not a run of 0 losses and an unchanged LoRA (fuzz review)."""
+    with pytest.raises(ValueError, match="lam_sep and lam_en are both 0"):
+        se_cfg(lam_sep=0.0, lam_en=0.0)
+    se_cfg(lam_sep=0.0, lam_en=1.0)  # one of them is enough

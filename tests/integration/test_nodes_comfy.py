@@ -429,8 +429,10 @@ def test_train_focus_n_fix_reward_target(fresh, checkpoint):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     assert json.loads(lora.metadata["focusfix_config"])["reward_target"] == -1000.0
     assert "loss 1000.0000" in report and "region 0.0000" in report  # -min(r, -1000) + lam * 0
+    assert "the LoRA did not change: every step's gradient was 0 (every image's reward was already at or above " \
+           "reward_target (-1000" in report  # a wasted run says so (fuzz review)
     free = _train_fix(fresh, checkpoint)
-    assert not torch.equal(free[2], free[3])
+    assert not torch.equal(free[2], free[3]) and "did not change" not in free[5]
     assert json.loads(free[0].metadata["focusfix_config"])["reward_target"] is None
 
 
