@@ -34,8 +34,8 @@ def test_focus_n_fix_continues_from_the_train_node_and_from_a_file(fresh, checkp
     assert loaded.tensors.keys() == first.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], first.tensors[k]) for k in first.tensors)
     for source in (first, loaded):
-        # a negligible step (Adam moves each weight by ~lr): the run starts where the first one ended
-        lora, _, before2, after2, mask2, report = _fix(fresh, checkpoint, continue_from=source, lr=1e-9,
+        # a negligible step (Adam moves each weight by ~lr, the widget's least): the run starts where the first ended
+        lora, _, before2, after2, mask2, report = _fix(fresh, checkpoint, continue_from=source, lr=1e-6,
                                                        iterations=1, rank=4)
         assert torch.equal(before2, before) and torch.equal(mask2, mask), "I0 and M stay the base MODEL's"
         torch.testing.assert_close(after2, after, rtol=0, atol=2e-3)
@@ -54,7 +54,7 @@ def test_separate_enhance_continues(fresh, checkpoint):
     kw = dict(model=model, clip=clip, prompts="a cat and a dog | cat, dog", lam_sep=1.0, lam_en=1.0, lam_preserve=1.0,
               resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k", lr=1e-2, iterations=2, seed=0)
     first, _, maps_before, maps_after, _ = fresh.run("FocusFixTrainSeparateEnhance", **kw)
-    lora, _, maps_before2, _, report = fresh.run("FocusFixTrainSeparateEnhance", **{**kw, "lr": 1e-9, "iterations": 1},
+    lora, _, maps_before2, _, report = fresh.run("FocusFixTrainSeparateEnhance", **{**kw, "lr": 1e-6, "iterations": 1},
                                                  continue_from=first)
     torch.testing.assert_close(maps_before2, maps_after, rtol=0, atol=1e-3)  # starts with the first run's LoRA
     assert not torch.allclose(maps_before, maps_after, atol=1e-3)
