@@ -335,7 +335,8 @@ def _add_lora_args(p, targets):
     p.add_argument("--iterations", type=int, default=40, help="optimizer steps (default 40)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of AdamW on the LoRA (default 2e-3)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r (default 4)")
-    p.add_argument("--targets", default=targets, help=f"LoRA targets: to_k | attn | all_linear | regex (default {targets})")
+    p.add_argument("--targets", default=targets,
+                   help=f"LoRA targets: to_k | attn | all_linear | regex (default {targets})")
     p.add_argument("--batch-size", type=int, default=2, help="items per optimizer step (default 2)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the run: the new LoRA's start, the item order, the training noise (default 0)")
@@ -346,7 +347,8 @@ def _add_lora_args(p, targets):
                    help="train a LoRA FocusFix saved (an earlier run's lora.safetensors) further, with a fresh "
                         "optimizer; its rank and targets replace --rank/--targets")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in OUT")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="save OUT/state.pt every N iterations (0 = end only; default 10)")
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="save OUT/state.pt every N iterations (0 = end only; default 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,11 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3),
                    help="seeds of the images to fix: 0,1,2 or 0-3 (default 0-3); each (prompt, seed) is one item")
     f.add_argument("--reward", required=True, help="reward name or file")
-    f.add_argument("--lam", type=float, default=1.0, help="lam (λ): weight of the region term ||(1-M)(I0-I)|| (default 1; 0 = plain DRaFT)")
+    f.add_argument("--lam", type=float, default=1.0,
+                   help="lam (λ): weight of the region term ||(1-M)(I0-I)|| (default 1; 0 = plain DRaFT)")
     f.add_argument("--reward-target", type=float, default=None,
                    help="no more push on an image once its reward reaches this (default: unbounded)")
     f.add_argument("--K", type=int, default=1, help="differentiated last sampler steps (DRaFT-K; default 1)")
-    f.add_argument("--lv-copies", type=int, default=0, help="DRaFT-LV re-noised copies of the last step (default 0 = off; needs --K 1)")
+    f.add_argument("--lv-copies", type=int, default=0,
+                   help="DRaFT-LV re-noised copies of the last step (default 0 = off; needs --K 1)")
     f.add_argument("--steps", type=int, default=20, help="sampler steps N (default 20)")
     f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
     f.add_argument("--scheduler", default="normal", choices=SCHEDULERS, help="sigma schedule (default normal)")

@@ -34,7 +34,8 @@ class FocusFixAttentionMaps:
         return {"required": {
             "model": tip("MODEL", "The diffusion model (SD1.5 or SDXL), with any LoRA applied."),
             "clip": tip("CLIP", "The checkpoint's text encoder."),
-            "prompt": tip("STRING", "The prompt to sample; the words below must appear in it.", multiline=True, default="a cat and a dog"),
+            "prompt": tip("STRING", "The prompt to sample; the words below must appear in it.", multiline=True,
+                          default="a cat and a dog"),
             "words": tip("STRING", "Words to map, separated by ',' or ';', each written as in the prompt. A word's "
                          "first occurrence is used; a word of several tokens or words ('teddy bear', 'black cat') "
                          "sums their maps. Two words must not share a token.", default="cat, dog"),

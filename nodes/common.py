@@ -112,8 +112,9 @@ def widgets_checked(execute: Callable) -> Callable:
     def run(self, *args, **kwargs):
         spec = input_specs(type(self))
         bound = signature.bind(self, *args, **kwargs).arguments
-        check_widget_ranges(type(self), **{k: v for k, v in bound.items() if k in spec and spec[k][0] in
-                                           ("INT", "FLOAT") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        numbers = {k: v for k, v in bound.items() if k in spec and spec[k][0] in ("INT", "FLOAT")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        check_widget_ranges(type(self), **numbers)
         return execute(self, *args, **kwargs)
     return run
 

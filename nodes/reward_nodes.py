@@ -39,8 +39,9 @@ class FocusFixLoadReward:
         return {"required": {
             "reward_name": tip(reward_choices(), "builtin:* need no file; others are files in models/focusfix_rewards."),
         }, "optional": {  # optional: API prompts saved before it existed stay valid
-            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower: fp32 (1.14 GiB, most exact gradients) or "
-                             "bf16 (0.57 GiB, for 8-12 GB cards). Heads stay fp32; rewards without a tower ignore it.", default="fp32"),
+            "precision": tip(list(TOWER_DTYPES), "Precision of a CLIP reward's image tower: fp32 (1.14 GiB, most "
+                             "exact gradients) or bf16 (0.57 GiB, for 8-12 GB cards). Heads stay fp32; rewards "
+                             "without a tower ignore it.", default="fp32"),
             "clip_vision": tip("CLIP_VISION", "OpenAI CLIP ViT-L/14 image tower (224 px; Load CLIP Vision with "
                                "clip-vit-large-patch14.safetensors), for an aesthetic head stored without one. "
                                "Other rewards ignore it (a note in the log says so)."),
@@ -165,10 +166,11 @@ class FocusFixSaliencyMask:
         return {"required": {
             "image": tip("IMAGE", "I0: the base model's images."),
             "reward": tip(REWARD, "The reward the mask comes from."),
-            "source": tip(list(saliency.MAP_SOURCES), "The Train node's mask_source. heatmap: the reward's map of what it "
-                          "dislikes; saliency: gradient sensitivity |dr/dI|, where a change moves the score most "
-                          "(not what is bad), for rewards without a heatmap; auto: heatmap if it has one."),
-            "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only; the Train node's saliency_method)."),
+            "source": tip(list(saliency.MAP_SOURCES), "The Train node's mask_source. heatmap: the reward's map of "
+                          "what it dislikes; saliency: gradient sensitivity |dr/dI|, where a change moves the score "
+                          "most (not what is bad), for rewards without a heatmap; auto: heatmap if it has one."),
+            "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only; the "
+                          "Train node's saliency_method)."),
             "blur_sigma": tip("FLOAT", "Blur before thresholding, in pixels.", default=2.0, min=0.0, max=64.0, step=0.1),
             "threshold_mode": tip(list(saliency.THRESHOLD_MODES), "value: keep >= threshold; top_percent: keep "
                                   "that fraction of pixels; otsu: automatic.", default="top_percent"),

@@ -1,9 +1,9 @@
 """Training nodes: FocusFix Train Focus-N-Fix and FocusFix Train Separate-and-Enhance.
 
 Each node adapts its inputs, runs one core trainer under `training_session` (out of inference mode, weights
-autograd-safe, LoRA hooks removed in `finally`), shows progress (Focus-N-Fix with previews), and honours cancel at the next sampler step (Focus-N-Fix, also
-mid-step; Separate-and-Enhance between steps): a cancelled run raises before any output exists, so nothing
-half-built leaves the node.
+autograd-safe, LoRA hooks removed in `finally`), shows progress (Focus-N-Fix with previews), and honours cancel
+at the next sampler step (Focus-N-Fix, also mid-step; Separate-and-Enhance between steps): a cancelled run
+raises before any output exists, so nothing half-built leaves the node.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
     return {
         "rank": tip("INT", "LoRA rank r.", default=4, min=1, max=256),
         "targets": tip(list(TARGET_PRESETS), "Layers the LoRA adapts: attn (all attention projections), to_k "
-                       "(cross-attention keys only), all_linear (every Linear layer of the UNet).", default=default_targets),
+                       "(cross-attention keys only), all_linear (every Linear layer of the UNet).",
+                       default=default_targets),
         "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-5, round=1e-6),
         "iterations": tip("INT", "Optimizer steps.", default=iterations, min=1, max=100000),
         "seed": tip("INT", "Seed of the run: the new LoRA's start, the item order, the training noise (not the "
@@ -148,11 +149,13 @@ class FocusFixTrainFocusNFix:
                             "Training reads the text encoding and SDXL's size conditioning; the report names any "
                             "other part (area, mask, ControlNet, timestep range), which it ignores."),
             "negative": tip("CONDITIONING", "Use this negative conditioning instead of the negative prompt."),
-            "threshold_mode": tip(list(THRESHOLD_MODES), "How M is cut from the heatmap or saliency map, as in Saliency Mask: value: keep >= "
-                                  "threshold; top_percent: keep that fraction of pixels; otsu: automatic.",
+            "threshold_mode": tip(list(THRESHOLD_MODES), "How M is cut from the heatmap or saliency map, as in "
+                                  "Saliency Mask: value: keep >= threshold; top_percent: keep that fraction of "
+                                  "pixels; otsu: automatic.",
                                   default="top_percent"),
-            "threshold": tip("FLOAT", "Cut-off (value) or kept fraction in (0,1] (top_percent); otsu ignores it. Training "
-                             "blurs the map by 2 px first, as Saliency Mask's default blur_sigma.", default=0.15, min=0.0, max=1.0, step=0.01),
+            "threshold": tip("FLOAT", "Cut-off (value) or kept fraction in (0,1] (top_percent); otsu ignores it. "
+                             "Training blurs the map by 2 px first, as Saliency Mask's default blur_sigma.",
+                             default=0.15, min=0.0, max=1.0, step=0.01),
             "dilation": tip("INT", "Grow the mask by this many pixels.", default=2, min=0, max=256),
             "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (saliency source)."),
             **_continue_input("The run's I0 and masks"),
@@ -315,8 +318,8 @@ def _precision_notes(history) -> list[str]:
     if not scaled:
         return []
     skipped = sum(r.skipped for r in scaled)
-    return [f"fp16 in the gradient path (UNet or VAE): loss scaling on (last scale {scaled[-1].loss_scale:g}); {skipped} of {len(scaled)} "
-            f"updates skipped for fp16 overflow"]
+    return [f"fp16 in the gradient path (UNet or VAE): loss scaling on (last scale {scaled[-1].loss_scale:g}); "
+            f"{skipped} of {len(scaled)} updates skipped for fp16 overflow"]
 
 
 class FocusFixTrainSeparateEnhance:
