@@ -214,6 +214,8 @@ def split_objects_prompt(line: str) -> tuple[str, list[str]]:
     if "|" not in line:
         raise ValueError(f"prompt line {line!r} needs object words after '|', e.g. 'a cat and a dog | cat, dog'")
     prompt, words = line.split("|", 1)
+    if not prompt.strip():
+        raise ValueError(f"prompt line {line!r} has no prompt before '|', e.g. 'a cat and a dog | cat, dog'")
     objects = split_words(words)
     if len(objects) < 2:
         raise ValueError(f"prompt line {line!r} needs at least two object words, got {objects}")

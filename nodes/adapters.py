@@ -55,7 +55,7 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
 
     Raises:
         TypeError: not a tensor. ValueError (naming `name`): another layout, an empty batch, a side below
-            `min_side` pixels, a non-float dtype or NaN/inf values.
+            `min_side` pixels, a non-float dtype, NaN/inf values or values above 2 (0..255 pixels).
     """
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be an IMAGE tensor [B,H,W,C], got {type(image).__name__}")
@@ -78,6 +78,10 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
     if not torch.isfinite(image).all():
         bad = (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} has NaN or inf values (image(s) {bad} of {B}): expected finite values in [0,1]")
+    top = float(image.max())
+    if top > 2.0:  # a resampler's overshoot (1.05) is clamped below; 0..255 values would wash out to white
+        raise ValueError(f"{name} has values up to {top:.4g}: expected a float IMAGE in [0,1] (0..255 pixel "
+                         f"values? divide by 255)")
     I = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
     return I.movedim(-1, 1).float().clamp(0, 1).contiguous()  # (B, 3, H, W)
 
@@ -136,6 +140,8 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
         if not resize:
             raise ValueError(f"{name} is {M.shape[-2]}x{M.shape[-1]} but the images are {size[0]}x{size[1]}")
         note = f"{name} resized from {M.shape[-2]}x{M.shape[-1]} to {size[0]}x{size[1]}"
+        if abs(M.shape[-2] * size[1] - M.shape[-1] * size[0]) > 0.02 * M.shape[-1] * size[0]:  # h/w differ > 2 %
+            note += " (another aspect ratio: stretched; was it painted on another or a rotated image?)"
         M = F.interpolate(M, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
     if batch is not None and len(M) != batch:
         if len(M) != 1:

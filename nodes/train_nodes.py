@@ -173,7 +173,7 @@ class FocusFixTrainFocusNFix:
 
     @classmethod
     def VALIDATE_INPUTS(cls, steps, K, seeds=None, sigmas=(), mask_source=None, threshold_mode=None, threshold=None,
-                        checkpoint_every=None, checkpoint_name=None):
+                        checkpoint_every=None, checkpoint_name=None, mask=()):
         # ComfyUI skips its own min/max check for inputs named here, and passes None for a linked one (steps from
         # a PrimitiveInt shared with KSampler, a SIGMAS node): its value is known, and checked, only when it runs.
         # It shows the message under every input named here, so each message starts with the input at fault.
@@ -183,7 +183,9 @@ class FocusFixTrainFocusNFix:
                 check_steps(steps, K if K is not None and sigmas is not None else 1, least_K=1)
             if seeds is not None:
                 parse_ints(seeds)
-            if mask_source in ("heatmap", "saliency") and None not in (threshold_mode, threshold):
+            # a connected MASK (None here) replaces mask_source: its threshold is then unused
+            derived = mask_source in ("heatmap", "saliency") and mask is not None
+            if derived and None not in (threshold_mode, threshold):
                 check_threshold(threshold_mode, threshold)
             _check_checkpoint_name(checkpoint_every, checkpoint_name)
         except ValueError as e:

@@ -140,7 +140,8 @@ def test_mask_with_a_channel_axis_review11():
     M, note = A.mask_to_b1hw(m, (16, 16), 2)
     assert M.shape == (2, 1, 16, 16) and note == "" and torch.equal(M[:, 0], m[..., 0])
     M, note = A.mask_to_b1hw(torch.ones(1, 16, 1), (16, 16))  # SolidMask of width 1: one 16x1 mask, as before
-    assert M.shape == (1, 1, 16, 16) and "resized from 16x1" in note
+    assert M.shape == (1, 1, 16, 16) and "resized from 16x1" in note and "another aspect ratio: stretched" in note
+    assert "aspect" not in A.mask_to_b1hw(torch.ones(1, 8, 12), (16, 24))[1]  # same shape, other size: no warning
     with pytest.raises(ValueError, match=r"mask has 3 masks but there are 2 images: give 1 or 2 "
                                          r"\(mask shape \(3, 8, 8\), read as \[B,H,W\]\)"):
         A.mask_to_b1hw(torch.ones(3, 8, 8), batch=2)
@@ -225,3 +226,13 @@ def test_train_node_passes_reward_target_and_lam_to_the_config(monkeypatch, widg
     assert (cfg.steps, cfg.cfg_scale, cfg.K, cfg.lam, cfg.mask_source) == (7, 4.5, 2, 0.25, "saliency")
     assert (cfg.rank, cfg.targets, cfg.lr, cfg.iterations, cfg.seed) == (3, "to_k", 1e-3, 5, 11)
     assert built["reward"] == "reward" and built["dm"].clip == "clip"
+
+
+def test_an_image_in_0_255_is_refused_an_overshoot_clamped():
+    """Float 0..255 pixels would be clamped to a near-white image and scored without a word (fuzz review); a
+    resampler's small overshoot above 1 is still clamped, as before."""
+    with pytest.raises(ValueError, match=r"image has values up to 255: .*divide by 255"):
+        A.image_to_bchw(torch.full((1, 8, 8, 3), 255.0))
+    with pytest.raises(ValueError, match="0..255 pixel values"):
+        A.image_to_bchw(torch.full((1, 8, 8, 3), 7, dtype=torch.uint8))
+    assert float(A.image_to_bchw(torch.full((1, 8, 8, 3), 1.05)).max()) == 1.0

@@ -234,6 +234,8 @@ def test_separate_enhance_errors(small_model):
     with pytest.raises(ValueError, match="needs object words"):
         split_objects_prompt("a cat and a dog")
     assert split_objects_prompt("a cat and a dog | cat, dog") == ("a cat and a dog", ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"prompt line ' \| cat, dog' has no prompt before '\|'"):
+        split_objects_prompt(" | cat, dog")  # named at queue time, not "prompts is empty" when it runs
 
 
 def test_failed_setup_leaves_no_hooks(small_model, square_reward):

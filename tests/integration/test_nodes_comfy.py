@@ -305,6 +305,8 @@ def test_queue_time_checks_name_the_input(comfy):
     assert "threshold must be a fraction in (0,1] for 'top_percent'" in fix.VALIDATE_INPUTS(
         steps=3, K=1, mask_source="saliency", threshold_mode="top_percent", threshold=0.0)
     assert fix.VALIDATE_INPUTS(steps=3, K=1, mask_source="none", threshold_mode="top_percent", threshold=0.0) is True
+    assert fix.VALIDATE_INPUTS(steps=3, K=1, mask_source="saliency", threshold_mode="top_percent", threshold=0.0,
+                               mask=None) is True  # a connected MASK replaces mask_source: its threshold is unused
     assert "checkpoint_name: filename '../x' must stay inside" in fix.VALIDATE_INPUTS(
         steps=3, K=1, checkpoint_every=5, checkpoint_name="../x")
     assert fix.VALIDATE_INPUTS(steps=3, K=1, checkpoint_every=0, checkpoint_name="../x") is True  # off: unused
