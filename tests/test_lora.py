@@ -792,3 +792,15 @@ def test_merged_when_no_grad_follows_the_loras_strength():
     merged.restore()
     assert not torch.allclose(hooked, full, atol=1e-3)  # strength matters here
     torch.testing.assert_close(got, hooked, rtol=1e-5, atol=1e-6)
+
+
+def test_read_focusfix_lora_says_a_pt_file_has_no_metadata(tmp_path):
+    """A kohya LoRA saved as .pt (tensors only, loaded with weights_only) lacks the metadata for another reason
+    than a .safetensors from another trainer: the message says which (fuzz review)."""
+    from focusfix_core.lora import read_focusfix_lora
+    path = tmp_path / "old.pt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
+               path)
+    with pytest.raises(ValueError, match=r"'old.pt' is not a LoRA FocusFix saved \(FocusFix saves .safetensors; "
+                                         r"this file has no metadata\)"):
+        read_focusfix_lora(path)
