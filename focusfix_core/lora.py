@@ -750,7 +750,8 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
     name = os.path.basename(str(path))
     tensors, metadata = load_lora_file(path)
     if "focusfix_targets" not in metadata:
-        kind = "" if name.lower().endswith(".safetensors") else " (FocusFix saves .safetensors; this file has no metadata)"
+        kind = ("" if name.lower().endswith(".safetensors") else
+                " (FocusFix saves .safetensors; this file has no metadata)")
         raise ValueError(f"{name!r} is not a LoRA FocusFix saved{kind} (its metadata has no 'focusfix_targets'). To "
                          f"train a fix on top of another LoRA, apply that LoRA to the model first (in ComfyUI: "
                          f"Load LoRA before the FocusFix Train node)")
