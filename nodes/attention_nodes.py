@@ -40,7 +40,7 @@ class FocusFixAttentionMaps:
                          "first occurrence is used; a word of several tokens or words ('teddy bear', 'black cat') "
                          "sums their maps. Two words must not share a token.", default="cat, dog"),
             "seed": tip("INT", "Noise seed (kept fixed between runs, so before/after maps compare).", default=0, min=0,
-                        max=0xFFFFFFFF, control_after_generate=False),
+                        max=0xFFFFFFFFFFFFFFFF, control_after_generate=False),
             "steps": tip("INT", "Sampler steps (maps are averaged over all of them).", default=20, min=1, max=200),
             "cfg": tip("FLOAT", "Classifier-free guidance scale.", default=5.0, min=1.0, max=30.0, step=0.1),
             "resolution": tip("INT", RESOLUTION_TIP, default=16, min=2, max=128),

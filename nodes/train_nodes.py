@@ -38,7 +38,7 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
         "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-5, round=1e-6),
         "iterations": tip("INT", "Optimizer steps.", default=iterations, min=1, max=100000),
         "seed": tip("INT", "Seed of the run: the new LoRA's start, the item order, the training noise (not the "
-                    "images' noise: see seeds). A rerun gives the same LoRA.", default=0, min=0, max=0xFFFFFFFF,
+                    "images' noise: see seeds). A rerun gives the same LoRA.", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                     control_after_generate=False),
     }
 

@@ -148,3 +148,11 @@ def test_separate_enhance_with_no_loss_weight_is_refused_at_queue_time():
     assert "lam_sep and lam_en are both 0" in se.VALIDATE_INPUTS(prompts=line, lam_sep=0.0, lam_en=0.0)
     assert se.VALIDATE_INPUTS(prompts=line, lam_sep=0.0, lam_en=1.0) is True
     assert "lam_sep (-1.0) must be at least 0.0" in se.VALIDATE_INPUTS(prompts=line, lam_sep=-1.0, lam_en=1.0)
+
+
+def test_seed_widgets_take_ksamplers_range():
+    """A seed linked from KSampler's (or a primitive shared with it) may be any 64-bit value: the nodes check a
+    linked value against their own widget range when they run, so their range is KSampler's."""
+    for name in ("FocusFixAttentionMaps", "FocusFixTrainFocusNFix", "FocusFixTrainSeparateEnhance"):
+        seed = PACK.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]["seed"][1]
+        assert (seed["min"], seed["max"]) == (0, 0xFFFFFFFFFFFFFFFF), name

@@ -74,6 +74,11 @@ def test_attention_maps(comfy, checkpoint, layout):
     assert maps.shape == (2, SIZE, SIZE) and overlay.shape[-1] == 3
     assert 0 <= overlap <= 1 and "cat: peak" in text
     assert _hooks(model.model.diffusion_model) == 0
+    kw = dict(model=model, clip=clip, prompt="a cat and a dog", words="cat, dog", steps=3, cfg=3.0, resolution=4,
+              width=SIZE, height=SIZE)
+    assert comfy.run("FocusFixAttentionMaps", seed=2**64 - 1, **kw)[0].shape == (2, SIZE, SIZE)  # KSampler's max
+    with pytest.raises(ValueError, match=r"seed \(18446744073709551616\) must be at most"):  # linked, out of range
+        comfy.run("FocusFixAttentionMaps", seed=2**64, **kw)
 
 
 def test_attention_maps_sample_with_ksamplers_sampler_and_scheduler(comfy, checkpoint):
