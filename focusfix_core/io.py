@@ -349,8 +349,8 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
         TypeError: folder or filename of the wrong type.
         ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a name that is a
             symlink; a subfolder that is a file; a name Windows cannot hold (`<>:"|?*`, control characters,
-            CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot
-            or space), a component over MAX_NAME_BYTES bytes or a path over MAX_PATH_BYTES.
+            CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot or space), a component over MAX_NAME_BYTES bytes or
+            a path over MAX_PATH_BYTES.
 
     Examples:
         >>> safe_join("/tmp/loras", "fixes/hands").parts[-2:]

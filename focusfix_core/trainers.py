@@ -358,9 +358,10 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
                          f"{' ...' if len(changed) > 4 else ''}. Resume with the same settings (only the "
                          f"iterations may change), or start a new run")
     reward = getattr(trainer, "reward", None)  # states saved before the reward was recorded have none to compare
-    if "reward" in state and reward is not None and state["reward"] != json.dumps(_describe(reward)):
+    now_reward = None if reward is None else json.dumps(_describe(reward))
+    if "reward" in state and now_reward is not None and state["reward"] != now_reward:
         raise ValueError(f"the training state was saved by a run with reward {str(state['reward'])[:120]} (now "
-                         f"{json.dumps(_describe(reward))[:120]}). Resume with the same reward, or start a new run")
+                         f"{now_reward[:120]}). Resume with the same reward, or start a new run")
     step = state["step"]
     if type(step) is not int or step < 0:  # type(): a bool is an int too
         raise invalid(f"step must be an int >= 0, got {step!r}")
@@ -695,7 +696,7 @@ class FixTrainer(_LoRATrainer):
                              f"partial denoise (a scheduler's denoise < 1, SplitSigmas' low half) would train on "
                              f"noise too weak to make an image from. Give sigmas of a full denoise (denoise 1)")
         self.items = cfg.items
-        self._given = self._check_given_masks(masks) if cfg.mask_source == "mask" else None
+        self._painted = self._check_painted_masks(masks) if cfg.mask_source == "mask" else None
         if cfg.mask_source != "mask" and masks is not None:
             raise ValueError(f"masks were given but mask_source is {cfg.mask_source!r}: set mask_source='mask'")
         with torch.no_grad():  # the text encoder is frozen: encode once
@@ -715,7 +716,7 @@ class FixTrainer(_LoRATrainer):
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.last_images: torch.Tensor | None = None
 
-    def _check_given_masks(self, masks):
+    def _check_painted_masks(self, masks):
         cfg = self.cfg
         if masks is None:
             raise ValueError("mask_source is 'mask' but no masks were passed (connect a MASK)")
@@ -745,8 +746,8 @@ class FixTrainer(_LoRATrainer):
         rows = [self.cfg.prompts.index(self.items[i][0]) for i in idx]
         return index_cond(self.cond, rows)
 
-    def _given_mask(self, i: int) -> torch.Tensor:
-        M = self._given
+    def _painted_mask(self, i: int) -> torch.Tensor:
+        M = self._painted
         if len(M) == 1:
             return M[0]
         if len(M) == len(self.items):
@@ -791,7 +792,7 @@ class FixTrainer(_LoRATrainer):
             todo = [idx[j] for j in todo]
             src = self.cfg.mask_source
             if src == "mask":
-                M = torch.stack([self._given_mask(i) for i in todo])
+                M = torch.stack([self._painted_mask(i) for i in todo])
             elif src == "none":
                 M = None
             else:

@@ -88,7 +88,10 @@ def check_widget_ranges(node: type, **values) -> None:
     finite number (JSON's NaN passes ComfyUI's own check): ComfyUI skips that check for the inputs a node's
     VALIDATE_INPUTS names and for linked ones. None (a linked input at queue time) is checked when it runs
     (`widgets_checked`)."""
-    spec = input_specs(node)
+    _check_ranges(input_specs(node), values)
+
+
+def _check_ranges(spec: dict[str, tuple], values: dict) -> None:
     for name, value in values.items():
         options = spec[name][1] if len(spec[name]) > 1 else {}
         if value is None:
@@ -112,9 +115,8 @@ def widgets_checked(execute: Callable) -> Callable:
     def run(self, *args, **kwargs):
         spec = input_specs(type(self))
         bound = signature.bind(self, *args, **kwargs).arguments
-        numbers = {k: v for k, v in bound.items() if k in spec and spec[k][0] in ("INT", "FLOAT")
-                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        check_widget_ranges(type(self), **numbers)
+        _check_ranges(spec, {k: v for k, v in bound.items() if k in spec and spec[k][0] in ("INT", "FLOAT")
+                             and isinstance(v, (int, float)) and not isinstance(v, bool)})
         return execute(self, *args, **kwargs)
     return run
 

@@ -102,7 +102,7 @@ def test_block_checkpointing_trains_like_whole_call_checkpointing(small_model, s
     b.lora.remove()
 
 
-def test_given_mask_and_latent_space(small_model, square_reward):
+def test_painted_mask_and_latent_space(small_model, square_reward):
     M = torch.zeros(1, 16, 16)
     M[:, 4:12, 4:12] = 1
     trainer, recs = run(small_model, square_reward, fix_cfg(mask_source="mask", mask_space="latent", iterations=2),
