@@ -2,8 +2,8 @@
 
 Runs on the embedded tiny model (`--model tiny`, the default) or a TinyModel safetensors file. Real SD1.5/SDXL
 checkpoints are fixed inside ComfyUI with the FocusFix nodes. Every run writes into a folder the user names:
-the LoRA, a before/after grid (with the masks), loss curves, `report.json`/`report.md`, a resumable `state.pt`
-(and `attention.png` for train-sne). Ctrl-C stops at once and keeps the LoRA of the last finished step.
+the LoRA, a before/after grid (with the masks; train-fnf: each image at full size too), loss curves,
+`report.json`/`report.md`, a resumable `state.pt` (and `attention.png` for train-sne). Ctrl-C stops at once and keeps the LoRA of the last finished step.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -21,9 +22,10 @@ from typing import Callable, Iterable
 import torch
 
 from . import __version__
-from .io import atomic_write_text, load_training_state
+from .io import atomic_write_text, load_mask_image, load_training_state
 from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
+from .saliency import fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer,
@@ -34,6 +36,7 @@ __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
 OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.png", "curves.png", "state.pt",
                 "attention.png", "demo_summary.json")
+ITEM_IMAGES = re.compile(r"(before|after)_\d+\.png")  # train-fnf: each item's I0 and I at full size (paint M on I0)
 
 
 class ProgressBar:
@@ -112,6 +115,7 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {base} is not a folder this user can write to")
     existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
+    existing += sorted(p.name for p in out.iterdir() if ITEM_IMAGES.fullmatch(p.name)) if out.is_dir() else []
     if existing and not (overwrite or resume):
         raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite "
                               f"(or --resume to continue from {out / 'state.pt'})")
@@ -217,6 +221,11 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     tiles = [I0, I] if M is None else [I0, mask_overlay(I0, M), I, heat_overlay(I, diff)]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
+    items = []  # at full size, named by item (the order --mask takes one mask per item in)
+    for k, (prompt, seed) in enumerate(trainer.items):
+        before = save_png(I0[k].clamp(0, 1), out / f"before_{k}.png")
+        after = save_png(I[k].clamp(0, 1), out / f"after_{k}.png")
+        items.append({"prompt": prompt, "seed": seed, "before": str(before), "after": str(after)})
     save_png(_curves(history, ("loss", "reward", "region")), out / "curves.png")
     report = {
         "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
@@ -228,6 +237,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
         "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
                   "curves": str(out / "curves.png"), "state": str(out / "state.pt")},
+        "items": items,
         "history": [r.as_dict() for r in history],
         "focusfix_version": __version__,
     }
@@ -317,6 +327,11 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
             b, a = report[f"{k}_before"], report[f"{k}_after"]
             lines.append(f"- {k} loss (mean over prompts): {sum(b) / len(b):.4f} -> {sum(a) / len(a):.4f}")
     lines += ["", f"Grid columns: {columns}.", "", "Files:"] + [f"- {k}: `{v}`" for k, v in report["files"].items()]
+    if report.get("items"):
+        lines += ["", "Images per (prompt, seed) item, at full size (paint a mask on a before image, white = may "
+                  "change, and train again with `--mask`):"]
+        lines += [f"- {k}: prompt {it['prompt']!r}, seed {it['seed']}: `{Path(it['before']).name}`, "
+                  f"`{Path(it['after']).name}`" for k, it in enumerate(report["items"])]
     atomic_write_text("\n".join(lines) + "\n", out / "report.md")
 
 
@@ -380,8 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
     f.add_argument("--scheduler", default="normal", choices=SCHEDULERS, help="sigma schedule (default normal)")
     f.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    f.add_argument("--mask-source", default="heatmap", choices=["heatmap", "saliency", "none"],
-                   help="where the mask M (1 = may change) comes from (default heatmap); none = plain DRaFT")
+    f.add_argument("--mask-source", default=None, choices=["heatmap", "saliency", "mask", "none"],
+                   help="where the mask M (1 = may change) comes from (default heatmap, or mask with --mask); "
+                        "none = plain DRaFT")
+    f.add_argument("--mask", action="append", type=Path, default=[], metavar="IMAGE",
+                   help="a painted mask M: white = may change, black = keep (an image with transparency: the "
+                        "transparent part may change, as ComfyUI's mask editor saves it). Repeat: 1 for all "
+                        "items, one per seed or one per (prompt, seed) item (in the order of the run's "
+                        "before_0.png, before_1.png, ...)")
     f.add_argument("--threshold-mode", default="top_percent", choices=["value", "top_percent", "otsu"],
                    help="how the heatmap or saliency becomes M (default top_percent)")
     f.add_argument("--threshold", type=float, default=0.15,
@@ -448,20 +469,42 @@ def _lora_settings(a, out: Path) -> tuple[SavedLoRA | None, dict, dict | None]:
     return saved, {"rank": saved.rank, "targets": targets, "alpha": saved.alpha}, None
 
 
+def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
+    """(mask_source, masks [N,H,W] or None) from --mask-source and --mask: the images, resized to the run's size."""
+    source = a.mask_source or ("mask" if a.mask else "heatmap")
+    if a.mask and source != "mask":
+        raise ValueError(f"--mask gives a painted M, but --mask-source is {source!r}: drop --mask-source (or "
+                         f"give --mask-source mask)")
+    if source == "mask" and not a.mask:
+        raise ValueError("--mask-source mask needs --mask IMAGE (white = may change); paint it over the "
+                         "before_0.png (1, 2, ...) an earlier run wrote")
+    masks = []
+    for path in a.mask:
+        M, note = fit_mask(load_mask_image(path)[None, None], (size, size), f"--mask {path}")
+        if note:
+            print(note, file=sys.stderr)
+        if a.lam > 0 and not bool(M.amax() > 0):  # the trainer refuses it too, in the nodes' words
+            raise ValueError(f"--mask {path} is all black: nothing may change. Paint the region to fix white (an "
+                             f"inverted mask?), or give --lam 0 for plain DRaFT")
+        masks.append(M[:, 0])
+    return source, torch.cat(masks) if masks else None
+
+
 def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
     saved, lora_kw, state = _lora_settings(a, out)
     model, note = load_model(a.model)
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
+    mask_source, masks = _painted_masks(a, size)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, reward_target=a.reward_target, K=a.K,
                     lv_copies=a.lv_copies,
                     steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg,
-                    mask_source=a.mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
+                    mask_source=mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
                     dilation=a.dilation, height=size, width=size)
-    return run_fix(model, reward, cfg, out, state=state, checkpoint_every=a.checkpoint_every, model_note=note,
-                   continue_from=saved)
+    return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
+                   model_note=note, continue_from=saved)
 
 
 def cmd_train_sne(a) -> dict:

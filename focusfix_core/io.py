@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path, PureWindowsPath
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -32,6 +33,7 @@ __all__ = [
     "unique_path",
     "load_tensor_file",
     "load_tensor_file_with_metadata",
+    "load_mask_image",
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # read only with torch.load(weights_only=True)
@@ -247,6 +249,34 @@ def _existing_file(path: str | os.PathLike, expected: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{expected} file {str(path)!r} not found")
     return path
+
+
+def load_mask_image(path: str | os.PathLike) -> torch.Tensor:
+    """A painted mask M from an image file -> [H,W] float32 in [0,1] (1 = may change).
+
+    An image with transparency reads as ComfyUI's Load Image reads it (what its mask editor saves): M = 1 - alpha,
+    so the painted (erased) part may change. Any other image reads as its grey level: white may change, black
+    stays. The EXIF orientation is applied, as Load Image does (a phone photo painted on stays upright).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError (naming the file): not an image PIL can read.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = _existing_file(path, "mask image")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "P" and "transparency" in im.info:  # a palette image's transparency becomes alpha
+                im = im.convert("RGBA")
+            if im.mode in ("RGBA", "LA", "PA") and im.getchannel("A").getextrema()[0] < 255:
+                a = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
+                return 1.0 - a
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale PNG
+                return torch.from_numpy(np.asarray(im, dtype=np.float32) / 65535.0).clamp(0, 1)
+            return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+        raise ValueError(f"could not read {str(path)!r} as a mask image (PNG, JPEG, WebP...): {e}") from None
 
 
 def _torch_load(path: Path, expected: str) -> Any:

@@ -13,6 +13,7 @@ import math
 
 import kornia
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "mask_from_reward",
     "mask_coverage",
     "check_mask",
+    "fit_mask",
     "SALIENCY_METHODS",
     "THRESHOLD_MODES",
     "check_threshold",
@@ -316,3 +318,17 @@ def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
         elif c == 1:
             warnings.append(f"{name}[{b}] is full (coverage 1): nothing is held: Focus-N-Fix becomes plain DRaFT")
     return warnings
+
+
+def fit_mask(M: torch.Tensor, size: tuple[int, int], name: str = "mask") -> tuple[torch.Tensor, str]:
+    """M: [B,1,h,w] float in [0,1] -> (M [B,1,H,W] with (H, W) = size, note): bilinear, clamped to [0,1].
+
+    The note ("" when the size already fits) says so, and warns when the aspect ratio differs by over 2 %:
+    the mask is then stretched, likely painted on another (or a rotated) image."""
+    h, w = M.shape[-2:]
+    if (h, w) == tuple(size):
+        return M, ""
+    note = f"{name} resized from {h}x{w} to {size[0]}x{size[1]}"
+    if abs(h * size[1] - w * size[0]) > 0.02 * w * size[0]:
+        note += " (another aspect ratio: stretched; was it painted on another or a rotated image?)"
+    return F.interpolate(M, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1), note

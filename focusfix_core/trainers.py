@@ -11,6 +11,7 @@ breaking the loop and saves what it has (`save_state`, or the LoRA itself).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -324,6 +325,13 @@ def _fp16_in_gradient_path(model) -> bool:
     return torch.float16 in set(dtypes)
 
 
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's shape and values (CPU bytes): a short fingerprint to store in a training state."""
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepRecord], dict[str, str]]:
     """Check every part of a training state (`_LoRATrainer.state_dict`) against `trainer` before any of it is
     used: a corrupt or crafted state.pt then fails at once, naming the part, not mid-run or after training.
@@ -362,6 +370,10 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
     if "reward" in state and now_reward is not None and state["reward"] != now_reward:
         raise ValueError(f"the training state was saved by a run with reward {str(state['reward'])[:120]} (now "
                          f"{now_reward[:120]}). Resume with the same reward, or start a new run")
+    painted = getattr(trainer, "_painted_digest", None)
+    if "painted" in state and painted is not None and state["painted"] != painted:
+        raise ValueError("the training state was saved by a run with other painted masks: resume with the same "
+                         "masks (the same images, in the same order), or start a new run")
     step = state["step"]
     if type(step) is not int or step < 0:  # type(): a bool is an int too
         raise invalid(f"step must be an int >= 0, got {step!r}")
@@ -735,7 +747,9 @@ class FixTrainer(_LoRATrainer):
         if bad:
             raise ValueError(f"{bad[0]}: paint the region that may change (in ComfyUI's mask editor the painted "
                              f"part is 1 = may change), or set lam 0 for plain DRaFT")
-        return M.float().clamp(0, 1).to(self.device)
+        M = M.float().clamp(0, 1)
+        self._painted_digest = _digest(M)  # a resume with other masks is refused
+        return M.to(self.device)
 
     # -- I0 and M: computed once per item (the base model is frozen) ----------------------------------------
     def _noise(self, idx: list[int]) -> torch.Tensor:
@@ -864,6 +878,8 @@ class FixTrainer(_LoRATrainer):
         state = super().state_dict()
         state["order"] = torch.tensor(self._order, dtype=torch.long)
         state["reward"] = json.dumps(_describe(self.reward))  # a resume with another reward is refused
+        if self._painted is not None:
+            state["painted"] = self._painted_digest
         return state
 
     def _draw_state(self) -> dict:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..focusfix_core.attention import LiveHW, attention_capture, word_token_indices
 from ..focusfix_core.denoisers import CFG_PAIR, Cond, Guidance, cat_cond
 from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora
+from ..focusfix_core.saliency import fit_mask
 
 __all__ = [
     "image_to_bchw",
@@ -139,10 +139,7 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
     if size is not None and tuple(M.shape[-2:]) != tuple(size):
         if not resize:
             raise ValueError(f"{name} is {M.shape[-2]}x{M.shape[-1]} but the images are {size[0]}x{size[1]}")
-        note = f"{name} resized from {M.shape[-2]}x{M.shape[-1]} to {size[0]}x{size[1]}"
-        if abs(M.shape[-2] * size[1] - M.shape[-1] * size[0]) > 0.02 * M.shape[-1] * size[0]:  # h/w differ > 2 %
-            note += " (another aspect ratio: stretched; was it painted on another or a rotated image?)"
-        M = F.interpolate(M, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
+        M, note = fit_mask(M, size, name)
     if batch is not None and len(M) != batch:
         if len(M) != 1:
             raise ValueError(f"{name} has {len(M)} masks but there are {batch} images: give 1 or {batch} "

@@ -15,7 +15,8 @@ def test_a_lora_that_draws_nan_images_is_reported_and_exits_1(tmp_path, capsys):
     rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "6", "--steps", "4",
                    "--seeds", "0,1", "--batch-size", "1", "--lr", "1e30", "--out", str(out)])
     assert rc == 1
-    assert sorted(p.name for p in out.iterdir()) == ["before_after.png", "curves.png", "lora.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["after_0.png", "after_1.png", "before_0.png", "before_1.png",
+                                                     "before_after.png", "curves.png", "lora.safetensors",
                                                      "report.json", "report.md", "state.pt"]
     report = json.loads((out / "report.json").read_text())
     assert report["status"].startswith("failed: ") and "the LoRA draws non-finite images" in report["status"]

@@ -1,0 +1,145 @@
+"""A painted mask on the command line: `train-fnf --mask IMAGE`, the images it is painted on, and reading masks."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from focusfix_core import cli
+from focusfix_core.io import load_mask_image
+from focusfix_core.saliency import fit_mask
+from focusfix_core.tiny.model import TinyConfig, TinyModel
+
+SIZE = 16
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    cfg = TinyConfig(image_size=SIZE, channels=(16, 16, 32), heads=2, context_dim=16, text_layers=1)
+    path = tmp_path / "tiny.safetensors"
+    TinyModel.random(seed=0, config=cfg).save(path)
+    return path
+
+
+def args(model_file, out, *extra):
+    return ["train-fnf", "--model", str(model_file), "--out", str(out), "--prompt", "a red circle",
+            "--seeds", "0,1", "--reward", "color_red", "--iterations", "2", "--steps", "3", "--batch-size", "2",
+            "--checkpoint-every", "1", *extra]
+
+
+def png(path, array, mode=None):
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def half(tmp_path, name, side, size=4 * SIZE):
+    """A grey-level mask painted white on the left or right half, at another size than the run's."""
+    a = np.zeros((size, size))
+    (a[:, : size // 2] if side == "left" else a[:, size // 2:])[...] = 255
+    return png(tmp_path / name, a)
+
+
+def test_a_painted_mask_trains_only_where_it_is_white(model_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(args(model_file, out, "--mask", str(half(tmp_path, "left.png", "left")))) == 0
+    err = capsys.readouterr().err
+    assert f"resized from {4 * SIZE}x{4 * SIZE} to {SIZE}x{SIZE}" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["mask_source"] == "mask" and report["mask_coverage"] == 0.5
+    # each item's I0 and I at full size, named in the order --mask takes one mask per item
+    assert [(it["prompt"], it["seed"]) for it in report["items"]] == [("a red circle", 0), ("a red circle", 1)]
+    for k, it in enumerate(report["items"]):
+        for which in ("before", "after"):
+            assert it[which] == str(out / f"{which}_{k}.png")
+            assert Image.open(it[which]).size == (SIZE, SIZE)
+    assert "`before_1.png`, `after_1.png`" in (out / "report.md").read_text()
+    # I0 as written is the run's I0: painting on it and training again reproduces it
+    I0 = torch.from_numpy(np.asarray(Image.open(out / "before_0.png"), dtype=np.float32) / 255)
+    assert I0.shape == (SIZE, SIZE, 3) and I0.std() > 0
+
+
+def test_resume_needs_the_same_painted_masks(model_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    left, right = half(tmp_path, "left.png", "left"), half(tmp_path, "right.png", "right")
+    assert cli.main(args(model_file, out, "--mask", str(left))) == 0
+    more = ("--iterations", "3", "--resume")
+    assert cli.main(args(model_file, out, *more, "--mask", str(right))) == 2
+    assert "other painted masks" in capsys.readouterr().err
+    assert cli.main(args(model_file, out, *more, "--mask", str(left))) == 0
+    assert json.loads((out / "report.json").read_text())["steps_trained"] == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--mask-source", "saliency"), "--mask gives a painted M, but --mask-source is 'saliency'"),
+    (("--mask", "BLACK"), "is all black: nothing may change"),
+    (("--mask", "NOT_AN_IMAGE"), "as a mask image"),
+    (("--mask", "MISSING"), "not found"),
+    (("--mask", "LEFT", "--mask", "LEFT", "--mask", "LEFT"), "got 3 masks; expected 1, one per seed (2)"),
+])
+def test_bad_painted_masks_are_refused_by_name(model_file, tmp_path, capsys, extra, message):
+    files = {"BLACK": png(tmp_path / "black.png", np.zeros((SIZE, SIZE))),
+             "LEFT": half(tmp_path, "left.png", "left"), "MISSING": tmp_path / "missing.png"}
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    files["NOT_AN_IMAGE"] = tmp_path / "junk.png"
+    extra = [str(files.get(e, e)) for e in extra]
+    if "--mask" not in extra:
+        extra += ["--mask", str(files["LEFT"])]
+    out = tmp_path / "run"
+    assert cli.main(args(model_file, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_mask_source_mask_without_a_mask_is_refused(model_file, tmp_path, capsys):
+    assert cli.main(args(model_file, tmp_path / "run", "--mask-source", "mask")) == 2
+    assert "--mask-source mask needs --mask IMAGE" in capsys.readouterr().err
+
+
+def test_earlier_item_images_are_not_overwritten(model_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    png(out / "before_0.png", np.zeros((4, 4)))  # e.g. the painted-on copy of an earlier run's I0
+    assert cli.main(args(model_file, out, "--mask-source", "saliency")) == 2
+    assert "before_0.png" in capsys.readouterr().err
+    (out / "before_0.png").rename(out / "before_after_notes.png")  # not a name the run writes
+    assert cli.main(args(model_file, out, "--mask-source", "saliency")) == 0
+
+
+def test_mask_images_read_as_comfyui_reads_them(tmp_path):
+    grey = np.array([[0, 255], [128, 255]])
+    assert torch.allclose(load_mask_image(png(tmp_path / "g.png", grey)),
+                          torch.tensor([[0, 1], [128 / 255, 1]]))
+    rgb = np.zeros((2, 2, 3))
+    rgb[0, 0] = 255
+    assert load_mask_image(png(tmp_path / "rgb.png", rgb)).tolist() == [[1, 0], [0, 0]]
+    # transparency, as ComfyUI's mask editor saves it: the transparent (painted) part may change
+    rgba = np.full((2, 2, 4), 255)
+    rgba[1, 1, 3] = 0
+    rgba[0, 1, 3] = 64
+    M = load_mask_image(png(tmp_path / "a.png", rgba, "RGBA"))
+    assert torch.allclose(M, torch.tensor([[0, 1 - 64 / 255], [0, 1]]))
+    # an opaque alpha channel says nothing: the grey level is read
+    rgba[..., 3] = 255
+    rgba[0, 0, :3] = 0
+    assert load_mask_image(png(tmp_path / "o.png", rgba, "RGBA")).tolist() == [[0, 1], [1, 1]]
+    # a palette image with a transparent colour
+    p = Image.fromarray(np.array([[0, 1], [1, 1]], dtype=np.uint8), "P")
+    p.putpalette([255, 255, 255, 0, 0, 0])
+    p.save(tmp_path / "p.png", transparency=0)
+    assert load_mask_image(tmp_path / "p.png").tolist() == [[1, 0], [0, 0]]
+    # 16-bit grey
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "16.png")
+    assert load_mask_image(tmp_path / "16.png").tolist() == [[0, 1]]
+
+
+def test_fit_mask_resizes_and_says_so():
+    M = torch.zeros(1, 1, 8, 8)
+    M[..., :4] = 1
+    same, note = fit_mask(M, (8, 8))
+    assert same is M and note == ""
+    big, note = fit_mask(M, (16, 16), "m")
+    assert big.shape == (1, 1, 16, 16) and note == "m resized from 8x8 to 16x16"
+    assert big[..., :7].min() == 1 and big[..., 9:].max() == 0
+    _, note = fit_mask(torch.ones(1, 1, 8, 16), (16, 16))
+    assert "another aspect ratio: stretched" in note
