@@ -11,9 +11,9 @@ import argparse
 import io
 import json
 import math
-import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -112,8 +112,10 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder")
     base = next(p for p in (out, *out.absolute().parents) if p.exists())  # where the folder would be created
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {base} is not a folder this user can write to")
+    try:  # a real write: os.access says yes for every folder on Windows, and training would run for nothing
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError:
+        raise ValueError(f"--out {out}: {base} is not a folder this user can write to") from None
     existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
     existing += sorted(p.name for p in out.iterdir() if ITEM_IMAGES.fullmatch(p.name)) if out.is_dir() else []
     if existing and not (overwrite or resume):
@@ -548,6 +550,9 @@ COMMANDS = {"demo": cmd_demo, "train-fnf": cmd_train_fnf, "train-sne": cmd_train
 def main(argv=None) -> int:
     """Run the command line on `argv` (sys.argv[1:] when None); the exit status: 0 done, 1 failed mid-run,
     2 bad input, 130 interrupted."""
+    for stream in (sys.stdout, sys.stderr):  # a prompt or λ on a Windows console or pipe (cp1252) must not crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

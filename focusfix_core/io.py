@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path, PureWindowsPath
 from typing import Any, Callable
 
@@ -55,12 +57,39 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; other readers (a server) need the usual mode
         _publish(tmp, path, overwrite)
     except BaseException as e:  # also KeyboardInterrupt: never leave a temp file behind
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+        if isinstance(e, PermissionError) and overwrite and path.is_file():
+            raise PermissionError(e.errno, f"{e.strerror}: {str(path)!r} could not be replaced; is it open in "
+                                  f"another program (a Load LoRA node, another UI), or read-only? Close it or "
+                                  f"choose another name", str(path)) from e
         if isinstance(e, OSError) and e.filename == tmp_name and e.errno is not None:
             raise type(e)(e.errno, e.strerror, str(path)) from e  # name the file being saved, not our temp file
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _remove(tmp: Path) -> None:
+    """Delete our temp file, also when it took a read-only mode (Windows deletes no read-only file)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except PermissionError:
+        try:
+            os.chmod(tmp, 0o600)
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """`os.replace`; on Windows retried for about a second, as a virus scanner or an indexer briefly holding
+    the file refuses it there (a program that keeps the file open fails all tries)."""
+    for wait in (0.05, 0.1, 0.2, 0.3, 0.4) if os.name == "nt" else ():
+        try:
+            return os.replace(tmp, path)
+        except PermissionError:
+            time.sleep(wait)
+    os.replace(tmp, path)
 
 
 class NameTakenError(FileExistsError):
@@ -85,7 +114,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     """Move the finished `tmp` onto `path`. Not `overwrite`: in one step that fails when `path` exists, also when
     another process took the name after the caller found it free (`unique_path` then a save is not atomic)."""
     if overwrite:
-        os.replace(tmp, path)
+        _replace(tmp, path)
         return
     try:
         try:
@@ -359,9 +388,34 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 # names Windows cannot hold (ComfyUI's folders are shared with Windows machines, and packs move between them)
 _NOT_PORTABLE = re.compile(r'[<>:"|?*\x00-\x1f]')
 # Windows' device names, also with an extension; COM/LPT with superscript digits and the console's CONIN$/CONOUT$
-_RESERVED = re.compile(r"^(con|prn|aux|nul|conin\$|conout\$|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
+_RESERVED = re.compile(r"^(con|prn|aux|nul|conin\$|conout\$|com[0-9¹²³]|lpt[0-9¹²³]) *(\..*)?$", re.IGNORECASE)
 MAX_NAME_BYTES = 200  # per path component, suffix included: leaves room for a "_00001" counter within 255
-MAX_PATH_BYTES = 4000  # the whole path: Linux's PATH_MAX is 4096, less a counter and a temp file's suffix
+_PLATFORM = sys.platform  # read through this name, so tests can ask for another system's limits
+_TMP_NAME_LEN = 22  # ".focusfix-" + mkstemp's 8 characters + ".tmp"
+_COUNTER_LEN = len("_00001")
+
+
+def _path_limit() -> tuple[int, str]:
+    """(the longest path a file may have here, in characters on Windows and bytes elsewhere, what sets it)."""
+    if _PLATFORM == "win32":
+        try:
+            import winreg
+
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as k:
+                if winreg.QueryValueEx(k, "LongPathsEnabled")[0] == 1:
+                    return 32000, "Windows' long paths"
+        except (ImportError, OSError):
+            pass
+        return 259, "Windows' MAX_PATH (260 characters, unless long paths are enabled in Windows)"
+    if _PLATFORM == "darwin":
+        return 1023, "macOS's PATH_MAX (1024 bytes)"
+    return 4095, "Linux's PATH_MAX (4096 bytes)"
+
+
+def _path_length(path: Path) -> int:
+    """The length of the longest file a save of `path` writes: the name with a counter, or its temp file."""
+    size = len if _PLATFORM == "win32" else (lambda text: len(text.encode()))  # UTF-16 units ~ characters
+    return size(str(path.parent) + os.sep) + max(size(path.name) + _COUNTER_LEN, _TMP_NAME_LEN)
 
 
 def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetensors") -> Path:
@@ -380,7 +434,7 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
         ValueError: empty name, NUL, absolute path, drive letter, `..` component, or a name that is a
             symlink; a subfolder that is a file; a name Windows cannot hold (`<>:"|?*`, control characters,
             CON/PRN/AUX/NUL/COM1-9/LPT1-9, a trailing dot or space), a component over MAX_NAME_BYTES bytes or
-            a path over MAX_PATH_BYTES.
+            a path longer than this system allows (Windows' 260 characters; with room for a counter).
 
     Examples:
         >>> safe_join("/tmp/loras", "fixes/hands").parts[-2:]
@@ -421,9 +475,10 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
                              f"more than the {MAX_NAME_BYTES} a file name may have here; shorten it")
     root = Path(folder).resolve()
     path = root.joinpath(*parts)
-    if len(str(path).encode()) > MAX_PATH_BYTES:  # else mkdir fails after training with "File name too long"
-        raise ValueError(f"filename {filename!r}: the path in {str(folder)!r} would be {len(str(path).encode())} "
-                         f"bytes long, more than the {MAX_PATH_BYTES} a path may have; use fewer or shorter subfolders")
+    limit, why = _path_limit()
+    if _path_length(path) > limit:  # else the save fails after training, with "File name too long" or not found
+        raise ValueError(f"filename {filename!r}: the path in {str(folder)!r} would be {_path_length(path)} long "
+                         f"(with a counter or temp suffix), over {why}; use a shorter name or fewer subfolders")
     if path.is_symlink():
         raise refuse(f"{str(path)!r} is a symlink (to {os.readlink(path)!r}); choose another name")
     blocker = _file_in_the_way(path)

@@ -778,7 +778,10 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
                          f"(ss_network_alpha {alpha:g}), e.g. {other[0]} = {float(tensors[other[0]]):g}: the file "
                          f"was altered after FocusFix saved it")
     targets = tuple(targets)
-    return SavedLoRA({k: v.float() for k, v in tensors.items()}, dict(metadata), targets, rank, alpha, name)
+    # copies: a tensor safetensors maps keeps the file open, and Windows then refuses to replace it (a Save
+    # LoRA over the LoRA this run continued)
+    return SavedLoRA({k: v.to(torch.float32, copy=True) for k, v in tensors.items()}, dict(metadata), targets, rank,
+                     alpha, name)
 
 
 def continued_metadata(metadata: dict, previous: dict) -> dict:

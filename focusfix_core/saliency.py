@@ -226,6 +226,9 @@ def heatmap_to_mask(
         raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
     if H.numel() and H.min() < 0:
         raise ValueError(f"heatmap H must be >= 0, got a minimum of {float(H.min()):.4g}")
+    device = H.device
+    if device.type == "mps":  # kthvalue (before torch 2.9) and FFTs (pytorch#124096) fail there; a mask is small
+        H = H.cpu()
     H = _normalise(_blur(H.detach(), blur_sigma))  # (B, H, W) in [0,1]
     informative = (H.flatten(1).amax(1) > 0)[:, None, None]
     if threshold_mode == "value":
@@ -243,7 +246,7 @@ def heatmap_to_mask(
     M = (M & informative).to(H.dtype)  # (B, H, W) binary
     if dilation > 0:
         M = dilate(M, int(dilation))
-    return _blur(M, feather).clamp(0, 1)
+    return _blur(M, feather).clamp(0, 1).to(device)
 
 
 def mask_from_reward(

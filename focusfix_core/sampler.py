@@ -157,8 +157,12 @@ class CompiledWhenNoGrad:
         def probed(x, sigma, cond):  # the flag is a constant of the traced code: True only when it ran
             return denoiser(x, sigma, cond), torch.compiler.is_compiling()
 
-        self.compiled: Callable | None = compiler(probed, mode)
         self.failure: str | None = None  # why compiling failed, when it did
+        try:  # refused up front where torch.compile has no support (older torch on Windows, Python 3.15+)
+            self.compiled: Callable | None = compiler(probed, mode)
+        except RuntimeError as e:
+            self.compiled, self.failure = None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            log.warning("torch.compile is not available here (%s); sampling without it", self.failure)
         self.compiled_calls = self.eager_calls = 0  # graph-free calls that ran the traced graph / eagerly
 
     def __call__(self, x, sigma, cond):

@@ -325,6 +325,15 @@ def _fp16_in_gradient_path(model) -> bool:
     return torch.float16 in set(dtypes)
 
 
+def _check_loss_scaling(device_type: str, version: str) -> None:
+    """Refuse fp16 training where torch's GradScaler cannot run: on Apple's MPS before torch 2.8 its unscale
+    step casts to float64, which MPS lacks (pytorch#142397), and the first step would crash."""
+    major_minor = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if device_type == "mps" and major_minor < (2, 8):
+        raise ValueError(f"this model computes in fp16, and training it on Apple's MPS needs torch 2.8 or newer "
+                         f"(this is {version}): update ComfyUI's torch, or start ComfyUI with --force-fp32")
+
+
 def _digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's shape and values (CPU bytes): a short fingerprint to store in a training state."""
     h = hashlib.sha256(str(tuple(t.shape)).encode())
@@ -485,8 +494,10 @@ class _LoRATrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         # fp16 compute (ComfyUI's default for SD1.5/SDXL UNets on most GPUs) flushes the small gradients of a
         # reward to zero on their way back to the adapters: scale the loss, as mixed-precision training does
-        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=100)
-                       if _fp16_in_gradient_path(model) else None)
+        fp16 = _fp16_in_gradient_path(model)
+        if fp16:
+            _check_loss_scaling(self.device.type, torch.__version__)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=100) if fp16 else None
         self._scale_used: float | None = None  # the loss scale of the last backward (the record's loss_scale)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -618,7 +629,10 @@ class _LoRATrainer:
         stays torch.OutOfMemoryError, so ComfyUI still unloads its models after it."""
         try:
             yield
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            # MPS says "MPS backend out of memory" in a plain RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+                raise
             raise torch.OutOfMemoryError(f"out of device memory {stage}: {self._memory_advice()}. "
                                          f"({str(e).splitlines()[0] if str(e) else 'no details'})") from e
 

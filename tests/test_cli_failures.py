@@ -71,3 +71,21 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_run(tmp_path, cap
     assert "warning: state.pt after step 2 was not written" in err and f"{out / 'state.pt'}" in err
     assert ".tmp" not in err
     assert json.loads((out / "report.json").read_text())["steps_trained"] == 4
+
+
+def test_a_windows_console_encoding_does_not_crash_the_cli(tmp_path):
+    """On Windows, output to a pipe or file is cp1252: `--help` (its λ) and errors quoting a prompt crashed with a
+    UnicodeEncodeError. They now print, with what cp1252 cannot hold escaped."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-m", "focusfix_core", "train-fnf", "--help"], env=env,
+                         capture_output=True)
+    assert run.returncode == 0, run.stderr.decode("cp1252")
+    assert b"lam (\\u03bb)" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "focusfix_core", "train-fnf", "--prompt", "一只猫", "--reward",
+                          "nope", "--out", str(tmp_path / "o")], env=env, capture_output=True)
+    assert run.returncode == 2 and b"error: --reward 'nope'" in run.stderr

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,10 +269,55 @@ def test_names_windows_cannot_hold_or_too_long_are_refused(tmp_path):
     ok = safe_join(tmp_path, "fixes/hands v2_final-1")
     assert ok.name == "hands v2_final-1.safetensors"
     deep = "/".join(["z" * 150] * 30)  # every folder name is fine; the whole path is over Linux's PATH_MAX
-    with pytest.raises(ValueError, match="fewer or shorter subfolders"):
+    with pytest.raises(ValueError, match="over Linux's PATH_MAX .* fewer subfolders"):
         safe_join(tmp_path, deep)
     long_ok = safe_join(tmp_path, "y" * (MAX_NAME_BYTES - len(".safetensors")))
     assert atomic_write_text("x", long_ok).read_text() == "x"  # the temp file's name fits too
+    for reserved in ("CON .x", "nul  .safetensors", "COM1 "):  # Windows strips the spaces: still the device
+        with pytest.raises(ValueError, match="not a usable file name"):
+            safe_join(tmp_path, reserved)
+    assert safe_join(tmp_path, "CONSOLE fix").name == "CONSOLE fix.safetensors"
+
+
+def test_paths_over_another_systems_limit_are_refused_at_once(tmp_path, monkeypatch):
+    """A portable ComfyUI's loras folder is ~90 characters deep: a 180-character name passed the Linux limit and
+    failed only when the LoRA was saved, after training, on Windows (260 characters without long paths)."""
+    from focusfix_core.io import safe_join
+    folder = "C:/Users/artist/Downloads/ComfyUI_windows_portable/ComfyUI/models/loras"
+    name = "focusfix/" + "n" * 180
+    assert safe_join(folder, name)  # fine on Linux
+    monkeypatch.setattr(ffio, "_PLATFORM", "win32")  # no winreg here: long paths count as off, as by default
+    with pytest.raises(ValueError, match=r"over Windows' MAX_PATH \(260 characters"):
+        safe_join(folder, name)
+    path = safe_join(folder, "focusfix/" + "n" * 100)  # the counter and the temp name still fit
+    assert len(str(path)) + len("_00001") <= 259
+    monkeypatch.setattr(ffio, "_PLATFORM", "darwin")
+    with pytest.raises(ValueError, match="macOS's PATH_MAX"):
+        safe_join(tmp_path, "/".join(["m" * 150] * 7))
+
+
+def test_a_file_in_use_is_named_and_no_temp_file_is_left(tmp_path, monkeypatch):
+    """Windows refuses to replace a LoRA another program holds open (a cached Load LoRA, another UI): the
+    error names the file and why; the temp file goes, even when it took the target's read-only mode."""
+    path = tmp_path / "fix.safetensors"
+    path.write_bytes(b"theirs")
+    os.chmod(path, 0o444)
+    real_unlink = Path.unlink
+
+    def windows_replace(src, dst):
+        raise PermissionError(13, "Access is denied", str(src))
+
+    def windows_unlink(self, missing_ok=False):  # Windows deletes no read-only file
+        if self.exists() and not os.stat(self).st_mode & 0o200:
+            raise PermissionError(13, "Access is denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", windows_replace)
+    monkeypatch.setattr(Path, "unlink", windows_unlink)
+    with pytest.raises(PermissionError, match="could not be replaced; is it open in another program"):
+        atomic_write_bytes(b"ours", path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors"]
+    assert path.read_bytes() == b"theirs"
 
 
 # ---------------------------------------------------------------- a name taken while the file is written

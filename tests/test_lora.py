@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -804,3 +805,18 @@ def test_read_focusfix_lora_says_a_pt_file_has_no_metadata(tmp_path):
     with pytest.raises(ValueError, match=r"'old.pt' is not a LoRA FocusFix saved \(FocusFix saves .safetensors; "
                                          r"this file has no metadata\)"):
         read_focusfix_lora(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps to see mapped files")
+def test_a_read_lora_keeps_no_mapping_of_its_file(tmp_path):
+    """Tensors safetensors reads keep the file memory-mapped; Windows then refuses to replace it, so a Save LoRA
+    over the LoRA a run continued failed after training. The LoRA read holds copies."""
+    import gc
+
+    from focusfix_core.lora import read_focusfix_lora
+    path = _saved_lora_file(tmp_path)[0]
+    saved = read_focusfix_lora(path)
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        assert str(path) not in f.read()
+    assert saved.rank == 2

@@ -1,6 +1,7 @@
 """Trainers on a small random tiny model: reward goes up, region term holds the outside, state resumes exactly."""
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -463,6 +464,23 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(small_model, square_
     trainer.lora.remove()
 
 
+def test_compile_refused_up_front_falls_back_to_eager(small_model, square_reward, monkeypatch, caplog):
+    """torch.compile raises at once where it has no support (older torch on Windows, Python 3.15+)."""
+    import focusfix_core.trainers as tr
+
+    def unsupported(denoiser, mode):
+        raise RuntimeError("Windows not yet supported for torch.compile")
+
+    monkeypatch.setattr(tr, "compile_denoiser", unsupported)
+    with caplog.at_level("WARNING", logger="focusfix_core.sampler"):
+        trainer, recs = run(small_model, square_reward, fix_cfg(iterations=1, compile="default"))
+    inner = trainer.sampling_denoiser.inner
+    assert inner.failure == "RuntimeError: Windows not yet supported for torch.compile" and inner.eager_calls > 0
+    assert sum("torch.compile is not available here" in r.getMessage() for r in caplog.records) == 1
+    assert len(recs) == 1
+    trainer.lora.remove()
+
+
 # -- fp16 compute: loss scaling ---------------------------------------------------------------------------------
 class _Faint(torch.nn.Module):
     """A reward whose per-pixel gradients are small, as a real reward's are."""
@@ -743,8 +761,13 @@ def test_a_step_stopped_half_way_is_redrawn_the_same(small_model, square_reward)
     trainer.lora.remove()
 
 
-@pytest.mark.parametrize("where", ["train", "before_after"])
-def test_out_of_memory_says_where_and_what_to_lower(small_model, square_reward, where):
+@pytest.mark.parametrize("where, error", [
+    ("train", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore lines")),
+    ("before_after", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore lines")),
+    # Apple's MPS raises a plain RuntimeError
+    ("train", RuntimeError("MPS backend out of memory (MPS allocated: 9 GB). Tried to allocate 2.00 GiB.\nmore lines")),
+])
+def test_out_of_memory_says_where_and_what_to_lower(small_model, square_reward, where, error):
     """A device OOM keeps its type (ComfyUI unloads its models on it) and gains the stage and the settings that
     lower the memory, with their values; the LoRA keeps the last finished step."""
     cfg = fix_cfg(iterations=2, K=2)
@@ -757,7 +780,7 @@ def test_out_of_memory_says_where_and_what_to_lower(small_model, square_reward, 
     def oom_at_call_3(module, args):
         calls.append(1)
         if len(calls) == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore lines")
+            raise error
     handle = small_model.net.register_forward_pre_hook(oom_at_call_3)
     try:
         with pytest.raises(torch.OutOfMemoryError) as info:
@@ -769,10 +792,37 @@ def test_out_of_memory_says_where_and_what_to_lower(small_model, square_reward, 
     assert msg.startswith(f"out of device memory {stage}: lower batch_size (now 2) or K (now 2), then width and "
                           f"height (now 16x16)"), msg
     assert "precision bf16" in msg and "Tried to allocate 2.00 GiB." in msg and "more lines" not in msg
-    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert info.value.__cause__ is error
     for k, v in trainer.lora.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     trainer.lora.remove()
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(small_model, square_reward):
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+
+    def broken(module, args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    handle = small_model.net.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"):
+            list(trainer)
+    finally:
+        handle.remove()
+    trainer.lora.remove()
+
+
+@pytest.mark.parametrize("device, version, refused", [
+    ("mps", "2.7.1", True), ("mps", "2.5.0.dev20240901", True), ("mps", "2.8.0", False), ("mps", "2.10.0a0+git", False),
+    ("cuda", "2.1.2+cu121", False), ("cpu", "2.4.0", False),
+])
+def test_fp16_training_on_mps_needs_a_torch_whose_loss_scaler_runs_there(device, version, refused):
+    from focusfix_core.trainers import _check_loss_scaling
+    if refused:
+        with pytest.raises(ValueError, match=f"needs torch 2.8 or newer \\(this is {re.escape(version)}\\)"):
+            _check_loss_scaling(device, version)
+    else:
+        _check_loss_scaling(device, version)
 
 
 def test_separate_enhance_out_of_memory_names_its_settings(small_model):
