@@ -3,7 +3,8 @@
 Runs on the embedded tiny model (`--model tiny`, the default) or a TinyModel safetensors file. Real SD1.5/SDXL
 checkpoints are fixed inside ComfyUI with the FocusFix nodes. Every run writes into a folder the user names:
 the LoRA, a before/after grid (with the masks; train-fnf: each image at full size too), loss curves,
-`report.json`/`report.md`, a resumable `state.pt` (and `attention.png` for train-sne). Ctrl-C stops at once and keeps the LoRA of the last finished step.
+`report.json`/`report.md`, a resumable `state.pt` (and `attention.png` for train-sne). Ctrl-C stops at once and
+keeps the LoRA of the last finished step.
 """
 from __future__ import annotations
 

@@ -50,15 +50,17 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".focusfix-", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    publishing = False
     try:
         write(tmp)
         with open(tmp, "r+b") as f:  # fsync needs a descriptor that may write on some systems
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; other readers (a server) need the usual mode
+        publishing = True
         _publish(tmp, path, overwrite)
     except BaseException as e:  # also KeyboardInterrupt: never leave a temp file behind
         _remove(tmp)
-        if isinstance(e, PermissionError) and overwrite and path.is_file():
+        if publishing and isinstance(e, PermissionError) and overwrite and path.is_file():
             raise PermissionError(e.errno, f"{e.strerror}: {str(path)!r} could not be replaced; is it open in "
                                   f"another program (a Load LoRA node, another UI), or read-only? Close it or "
                                   f"choose another name", str(path)) from e
