@@ -32,7 +32,8 @@ class FocusFixAttentionMaps:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": tip("MODEL", "The diffusion model (SD1.5 or SDXL), with any LoRA applied."),
+            "model": tip("MODEL", "The diffusion model (an SD1.x, SD2.x or SDXL-type UNet), with any LoRA "
+                         "applied."),
             "clip": tip("CLIP", "The checkpoint's text encoder."),
             "prompt": tip("STRING", "The prompt to sample; the words below must appear in it.", multiline=True,
                           default="a cat and a dog"),

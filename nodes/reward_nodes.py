@@ -180,6 +180,18 @@ class FocusFixSaliencyMask:
             "feather": tip("FLOAT", "Soften the mask edge (Gaussian sigma, pixels).", default=0.0, min=0.0, max=64.0, step=0.1),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, threshold_mode=None, threshold=None):
+        # at queue time, as on the Train node (ComfyUI then skips its own range check of these: done here; a
+        # linked value is None here and checked when the node runs)
+        try:
+            check_widget_ranges(cls, threshold=threshold)
+            if None not in (threshold_mode, threshold):
+                saliency.check_threshold(threshold_mode, threshold)
+        except ValueError as e:
+            return str(e)
+        return True
+
     @widgets_checked
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
         with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):

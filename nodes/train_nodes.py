@@ -29,7 +29,14 @@ NO_TARGET = 1e9  # the reward_target widget's "never stop" (a FLOAT widget has n
 CURVES_SE = ("loss", "separate", "enhance", "preserve")
 
 
-def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
+MODEL_TIP = "The checkpoint's diffusion model (an SD1.x, SD2.x or SDXL-type UNet); it is not modified."
+FIX_SEED_TIP = ("Seed of the run: the new LoRA's start, the item order, the training noise (not the images' noise: "
+                "see seeds). A rerun gives the same LoRA.")
+SNE_SEED_TIP = ("Seed of the run: the new LoRA's start, the prompts each step draws, the training noise, and the "
+                "noise of the attention maps before and after. A rerun gives the same LoRA.")
+
+
+def _lora_inputs(default_targets: str, lr: float, iterations: int, seed_tip: str) -> dict:
     return {
         "rank": tip("INT", "LoRA rank r.", default=4, min=1, max=256),
         "targets": tip(list(TARGET_PRESETS), "Layers the LoRA adapts: attn (all attention projections), to_k "
@@ -37,9 +44,7 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int) -> dict:
                        default=default_targets),
         "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-5, round=1e-6),
         "iterations": tip("INT", "Optimizer steps.", default=iterations, min=1, max=100000),
-        "seed": tip("INT", "Seed of the run: the new LoRA's start, the item order, the training noise (not the "
-                    "images' noise: see seeds). A rerun gives the same LoRA.", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=False),
+        "seed": tip("INT", seed_tip, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False),
     }
 
 
@@ -122,10 +127,11 @@ class FocusFixTrainFocusNFix:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": tip("MODEL", "The checkpoint's diffusion model (SD1.5 or SDXL); it is not modified."),
+            "model": tip("MODEL", MODEL_TIP),
             "vae": tip("VAE", "The checkpoint's VAE (decodes I for the reward)."),
             "reward": tip(REWARD, "r(I), higher = better (FocusFix Load Reward)."),
-            "prompts": tip("STRING", "One prompt per line.", multiline=True, default="a photo of a cat"),
+            "prompts": tip("STRING", "One prompt per line (a line starting with # is skipped).", multiline=True,
+                           default="a photo of a cat"),
             "negative_prompt": tip("STRING", "Negative prompt for CFG.", multiline=True, default=""),
             "seeds": tip("STRING", "Seeds to train on: 0, 1, 2 or 0-3. Each (prompt, seed) is one training image.", default="0"),
             "width": tip("INT", "Image width in pixels.", default=512, min=16, max=4096, step=8),
@@ -138,7 +144,7 @@ class FocusFixTrainFocusNFix:
                        min=0.0, max=1000.0, step=0.01),
             "mask_source": tip(list(MASK_SOURCES), "Where M comes from: the reward's heatmap, its gradient saliency, "
                                "the MASK input, or none (plain DRaFT)."),
-            **_lora_inputs("attn", 1e-4, 50),
+            **_lora_inputs("attn", 1e-4, 50, FIX_SEED_TIP),
         }, "optional": {
             "clip": tip("CLIP", "The checkpoint's text encoder: encodes the prompts (not needed when positive and "
                         "negative are connected)."),
@@ -338,10 +344,10 @@ class FocusFixTrainSeparateEnhance:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": tip("MODEL", "The checkpoint's diffusion model (SD1.5 or SDXL); it is not modified."),
+            "model": tip("MODEL", MODEL_TIP),
             "clip": tip("CLIP", "The checkpoint's text encoder."),
-            "prompts": tip("STRING", "One per line: prompt | object words, e.g. 'a cat and a dog | cat, dog' (words "
-                           "separated by ',' or ';'). Each word's first occurrence in the prompt is used; an object of "
+            "prompts": tip("STRING", "One per line (a line starting with # is skipped): prompt | object words, "
+                           "e.g. 'a cat and a dog | cat, dog' (words separated by ',' or ';'). Each word's first occurrence in the prompt is used; an object of "
                            "several tokens or words ('teddy bear', 'black cat') sums their maps. Objects must be "
                            "distinct words.", multiline=True, default="a cat and a dog | cat, dog"),
             "lam_sep": tip("FLOAT", "lam_sep: weight of the Separate loss (overlap of object maps).", default=1.0,
@@ -357,7 +363,7 @@ class FocusFixTrainSeparateEnhance:
                          max=4096, step=8),
             "height": tip("INT", "Training image height in pixels (the latents are 8x smaller).", default=512,
                           min=16, max=4096, step=8),
-            **_lora_inputs("to_k", 1e-4, 200),
+            **_lora_inputs("to_k", 1e-4, 200, SNE_SEED_TIP),
         }, "optional": {**_continue_input("The preservation term's prompts"), **CHECKPOINT_INPUTS,
                         **_batch_input("Prompts (each with its own noise; a prompt may repeat)",
                                        "each adds one UNet pass at the training size")}, "hidden": GRAPH_INPUTS}

@@ -109,6 +109,14 @@ def test_focus_n_fix_validate_inputs_names_k_and_steps():
     assert "steps (0) must be at least 1" in cls.VALIDATE_INPUTS(steps=0, K=1)
 
 
+def test_saliency_mask_checks_its_threshold_at_queue_time():
+    cls = PACK.NODE_CLASS_MAPPINGS["FocusFixSaliencyMask"]
+    assert cls.VALIDATE_INPUTS(threshold_mode="top_percent", threshold=0.15) is True
+    assert "top_percent" in cls.VALIDATE_INPUTS(threshold_mode="top_percent", threshold=0.0)
+    assert "threshold (1.5) must be at most 1" in cls.VALIDATE_INPUTS(threshold_mode="value", threshold=1.5)
+    assert cls.VALIDATE_INPUTS(threshold_mode="top_percent", threshold=None) is True  # linked: checked when it runs
+
+
 def test_prompts_and_seeds_formats_are_checked_at_queue_time():
     fnf = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainFocusNFix"]
     assert fnf.VALIDATE_INPUTS(steps=4, K=1, seeds="0, 2-4") is True
