@@ -698,6 +698,26 @@ def training_session(dm: ComfyDiffusionModel, extra_modules: Sequence[nn.Module]
         mm.soft_empty_cache()
 
 
+MIN_COMFYUI_TO_TRAIN = "0.3.60"
+
+
+def check_comfyui_trains() -> None:
+    """RuntimeError unless this ComfyUI lets a call choose its attention kernel (`optimized_attention_override`,
+    ComfyUI 0.3.60, with `attention.wrap_attn`). Older ones ignore the choice, and training then runs through
+    whatever kernel ComfyUI picked: sage or flash attention pass no gradient to the LoRA's q/k/v (a silently
+    partial fix), sub-quadratic attention fails in backward."""
+    import comfy.ldm.modules.attention as attention
+    if hasattr(attention, "wrap_attn"):
+        return
+    try:
+        from comfyui_version import __version__ as version
+    except ImportError:
+        version = "an older version"
+    raise RuntimeError(f"FocusFix training needs ComfyUI {MIN_COMFYUI_TO_TRAIN} or newer (this is {version}): "
+                       f"update ComfyUI (ComfyUI Manager > Update ComfyUI, or git pull), then restart it. The other "
+                       f"FocusFix nodes work on this version")
+
+
 def release_idle_models(dm: ComfyDiffusionModel) -> int:
     """Unload every model ComfyUI holds on the compute device except this run's MODEL and VAE (and what is
     patched onto them); return how many. Call once the prompts are encoded: a training step's activations are
@@ -706,7 +726,8 @@ def release_idle_models(dm: ComfyDiffusionModel) -> int:
     when a later node needs them."""
     import comfy.model_management as mm
     ours = [dm.patcher] + ([dm.vae.patcher] if dm.vae is not None else [])
-    ours += [m for p in ours for m in p.model_patches_models()]
+    # model_patches_models: ComfyUI 0.3.52+; older ones patch no models onto a MODEL that way
+    ours += [m for p in ours for m in getattr(p, "model_patches_models", lambda: [])()]
 
     def ours_or_clone(m) -> bool:  # a clone shares our weights: unloading it would move them off the device
         return m is not None and any(m is p or getattr(m, "is_clone", lambda _: False)(p) for p in ours)

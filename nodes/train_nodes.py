@@ -15,8 +15,8 @@ from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
 from ..focusfix_core.trainers import MASK_SOURCES, FixConfig, SeparateEnhanceConfig, split_objects_prompt
-from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, conditioning_ignored, conditioning_to_cond,
-                       mask_to_b1hw)
+from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, conditioning_ignored,
+                       conditioning_to_cond, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
                      graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip, widgets_checked)
 from .lora_nodes import loras_name
@@ -204,6 +204,7 @@ class FocusFixTrainFocusNFix:
                 threshold_mode="top_percent", threshold=0.15, dilation=2, saliency_method="grad", continue_from=None,
                 checkpoint_every=0, checkpoint_name="focusfix/checkpoint", sampler_name="ddim", scheduler="normal",
                 sigmas=None, batch_size=1, reward_target=NO_TARGET, prompt=None, extra_pnginfo=None):
+        check_comfyui_trains()
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
@@ -390,6 +391,7 @@ class FocusFixTrainSeparateEnhance:
     def execute(self, model, clip, prompts, lam_sep, lam_en, lam_preserve, resolution, width, height, rank, targets,
                 lr, iterations, seed, continue_from=None, checkpoint_every=0, checkpoint_name="focusfix/checkpoint",
                 batch_size=1, prompt=None, extra_pnginfo=None):
+        check_comfyui_trains()
         dm = ComfyDiffusionModel(model.clone(), clip)
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)

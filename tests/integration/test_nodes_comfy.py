@@ -911,3 +911,42 @@ def test_separate_enhance_report_and_maps_grid_for_mixed_object_counts(fresh, ch
         second = row0[:, 2 + (tile + 2):2 + (tile + 2) + tile]
         assert torch.all(third == 0.5) and not torch.all(second == 0.5)
     assert "preservation: keys, on 'a cat', 'a dog', 'a bird'" in report
+
+
+def test_training_on_a_comfyui_older_than_0_3_60_is_refused_by_name(fresh, checkpoint, monkeypatch):
+    """ComfyUI before 0.3.60 ignores the attention kernel training chooses: sage or flash attention then pass no
+    gradient to the LoRA's q/k/v (a silently partial fix). Both Train nodes say which version they need."""
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.delattr(attention, "wrap_attn")  # what ComfyUI 0.3.59 and older lack
+    with pytest.raises(RuntimeError, match=r"FocusFix training needs ComfyUI 0\.3\.60 or newer \(this is 0\.3\."):
+        _train_fix(fresh, checkpoint)
+    model, clip = checkpoint[0], checkpoint[1]
+    with pytest.raises(RuntimeError, match="needs ComfyUI 0.3.60"):
+        fresh.run("FocusFixTrainSeparateEnhance", model=model, clip=clip, prompts="a cat and a dog | cat, dog",
+                  lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2,
+                  targets="to_k", lr=1e-3, iterations=1, seed=0)
+
+
+def test_idle_models_are_released_on_a_comfyui_without_model_patches(comfy, checkpoint):
+    """`ModelPatcher.model_patches_models` came with ComfyUI 0.3.52: before it, both Train nodes failed at once
+    with an AttributeError. A MODEL and VAE whose patchers lack it (as every one did then) are kept loaded."""
+    import comfy.model_management as mm
+
+    class OldPatcher:  # ComfyUI's patcher as 0.3.51 and older have it: no model_patches_models
+        def __init__(self, patcher):
+            self.__dict__["_patcher"] = patcher
+
+        def __getattr__(self, name):
+            if name == "model_patches_models":
+                raise AttributeError(name)
+            return getattr(self._patcher, name)
+
+    adapters = comfy.pack.nodes.adapters
+    model, clip, vae = checkpoint
+    dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
+    mm.load_models_gpu([dm.patcher, vae.patcher])
+    ours = {id(dm.patcher.model), id(vae.patcher.model)}
+    dm.patcher, dm.vae.patcher = OldPatcher(dm.patcher), OldPatcher(vae.patcher)
+    assert not hasattr(dm.patcher, "model_patches_models")
+    adapters.release_idle_models(dm)  # no AttributeError, and our MODEL and VAE stay loaded
+    assert ours <= {id(lm.model.model) for lm in mm.current_loaded_models}
