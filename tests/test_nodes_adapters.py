@@ -210,6 +210,7 @@ def test_train_node_passes_reward_target_and_lam_to_the_config(monkeypatch, widg
         built["cfg"], built["dm"], built["reward"] = make_cfg(), dm, reward
         raise _ConfigBuilt
 
+    monkeypatch.setattr(T, "check_comfyui_trains", lambda: None)  # reads comfy
     monkeypatch.setattr(T, "ComfyDiffusionModel", lambda model, clip, vae: type("DM", (), {"clip": clip})())
     monkeypatch.setattr(T, "run_focus_n_fix", fake_run)
     monkeypatch.setattr(T, "graph_metadata", lambda prompt, extra_pnginfo: {})  # reads comfy.cli_args
