@@ -843,9 +843,10 @@ class FixTrainer(_LoRATrainer):
                              blur_sigma=c.blur_sigma, threshold_mode=c.threshold_mode, threshold=c.threshold,
                              dilation=c.dilation, feather=c.feather, generator=gen)
         if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix
-            raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty (threshold_mode "
-                             f"{c.threshold_mode}, threshold {c.threshold}): lower the threshold, use top_percent, "
-                             f"or paint the mask (the Train node's mask_source mask)")
+            # every threshold mode keeps the peak of a normalised map: only a flat map (no location) gets here
+            raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty: the reward's "
+                             f"{c.mask_source} of that image is flat (it marks no place), so no threshold helps. "
+                             f"Paint the mask (the Train node's mask_source mask), or set lam 0")
         return M
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ CURVES_SE = ("loss", "separate", "enhance", "preserve")
 
 
 MODEL_TIP = "The checkpoint's diffusion model (an SD1.x, SD2.x or SDXL-type UNet); it is not modified."
-FIX_SEED_TIP = ("Seed of the run: the new LoRA's start, the item order, the training noise (not the images' noise: "
+FIX_SEED_TIP = ("Seed of the run: the new LoRA's start, the item order, smoothgrad's noise (not the images' noise: "
                 "see seeds). A rerun gives the same LoRA.")
 SNE_SEED_TIP = ("Seed of the run: the new LoRA's start, the prompts each step draws, the training noise, and the "
                 "noise of the attention maps before and after. A rerun gives the same LoRA.")
