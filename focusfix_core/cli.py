@@ -37,7 +37,7 @@ __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
 OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.png", "curves.png", "state.pt",
                 "attention.png", "demo_summary.json")
-ITEM_IMAGES = re.compile(r"(before|after)_\d+\.png")  # train-fnf: each item's I0 and I at full size (paint M on I0)
+ITEM_IMAGES = re.compile(r"(before|after)_(\d+)\.png")  # train-fnf: each item's I0 and I at full size (paint M on I0)
 
 
 class ProgressBar:
@@ -229,6 +229,10 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         before = save_png(I0[k].clamp(0, 1), out / f"before_{k}.png")
         after = save_png(I[k].clamp(0, 1), out / f"after_{k}.png")
         items.append({"prompt": prompt, "seed": seed, "before": str(before), "after": str(after)})
+    for stale in out.iterdir():  # an earlier run's (--overwrite) with more items: not this run's item K
+        match = ITEM_IMAGES.fullmatch(stale.name)
+        if match and int(match.group(2)) >= len(items):
+            stale.unlink(missing_ok=True)
     save_png(_curves(history, ("loss", "reward", "region")), out / "curves.png")
     report = {
         "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
@@ -486,9 +490,9 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
         M, note = fit_mask(load_mask_image(path)[None, None], (size, size), f"--mask {path}")
         if note:
             print(note, file=sys.stderr)
-        if a.lam > 0 and not bool(M.amax() > 0):  # the trainer refuses it too, in the nodes' words
-            raise ValueError(f"--mask {path} is all black: nothing may change. Paint the region to fix white (an "
-                             f"inverted mask?), or give --lam 0 for plain DRaFT")
+        if a.lam > 0 and not bool((M >= 0.5).any()):  # the trainer's test (coverage), in the CLI's words
+            raise ValueError(f"--mask {path} marks nothing (no pixel is at least half white): nothing may change. "
+                             f"Paint the region to fix white (an inverted mask?), or give --lam 0 for plain DRaFT")
         masks.append(M[:, 0])
     return source, torch.cat(masks) if masks else None
 

@@ -63,7 +63,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         if publishing and isinstance(e, PermissionError) and overwrite and path.is_file():
             raise PermissionError(e.errno, f"{e.strerror}: {str(path)!r} could not be replaced; is it open in "
                                   f"another program (a Load LoRA node, another UI), or read-only? Close it or "
-                                  f"choose another name", str(path)) from e
+                                  f"choose another name") from e
         if isinstance(e, OSError) and e.filename == tmp_name and e.errno is not None:
             raise type(e)(e.errno, e.strerror, str(path)) from e  # name the file being saved, not our temp file
         raise
@@ -398,7 +398,7 @@ _COUNTER_LEN = len("_00001")
 
 
 def _path_limit() -> tuple[int, str]:
-    """(the longest path a file may have here, in characters on Windows and bytes elsewhere, what sets it)."""
+    """(the longest path a file may have here, in UTF-16 units on Windows and bytes elsewhere, what sets it)."""
     if _PLATFORM == "win32":
         try:
             import winreg
@@ -416,8 +416,12 @@ def _path_limit() -> tuple[int, str]:
 
 def _path_length(path: Path) -> int:
     """The length of the longest file a save of `path` writes: the name with a counter, or its temp file."""
-    size = len if _PLATFORM == "win32" else (lambda text: len(text.encode()))  # UTF-16 units ~ characters
-    return size(str(path.parent) + os.sep) + max(size(path.name) + _COUNTER_LEN, _TMP_NAME_LEN)
+    return _size(str(path.parent) + os.sep) + max(_size(path.name) + _COUNTER_LEN, _TMP_NAME_LEN)
+
+
+def _size(text: str) -> int:
+    """A path's length as the system counts it: UTF-16 units on Windows (an emoji is 2), bytes elsewhere."""
+    return len(text.encode("utf-16-le")) // 2 if _PLATFORM == "win32" else len(text.encode())
 
 
 def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetensors") -> Path:
@@ -478,9 +482,12 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
     root = Path(folder).resolve()
     path = root.joinpath(*parts)
     limit, why = _path_limit()
-    if _path_length(path) > limit:  # else the save fails after training, with "File name too long" or not found
-        raise ValueError(f"filename {filename!r}: the path in {str(folder)!r} would be {_path_length(path)} long "
-                         f"(with a counter or temp suffix), over {why}; use a shorter name or fewer subfolders")
+    unit = "characters" if _PLATFORM == "win32" else "bytes"
+    # else the save fails after training ("File name too long", or not found). On Windows this also keeps the
+    # folder within the 247 characters it allows one: the temp name makes any file 23 longer than its folder
+    if _path_length(path) > limit:
+        raise ValueError(f"filename {filename!r}: the path in {str(folder)!r} would be {_path_length(path)} {unit} "
+                         f"long (with a counter or temp suffix), over {why}; use a shorter name or fewer subfolders")
     if path.is_symlink():
         raise refuse(f"{str(path)!r} is a symlink (to {os.readlink(path)!r}); choose another name")
     blocker = _file_in_the_way(path)

@@ -485,6 +485,9 @@ class _LoRATrainer:
     def __init__(self, model: DiffusionModel, cfg: _LoRAConfig, lora: LoRA | None, device=None):
         self.model, self.cfg = model, cfg
         self.device = torch.device(device) if device is not None else next(model.net.parameters()).device
+        fp16 = _fp16_in_gradient_path(model)
+        if fp16:  # before any hook goes onto the (possibly shared) net
+            _check_loss_scaling(self.device.type, torch.__version__)
         # adapters are initialised on the CPU from the config's seed: same seed, same LoRA, on any device
         self.lora = lora if lora is not None else LoRA.attach(
             model.net, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, device="cpu",
@@ -494,9 +497,6 @@ class _LoRATrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         # fp16 compute (ComfyUI's default for SD1.5/SDXL UNets on most GPUs) flushes the small gradients of a
         # reward to zero on their way back to the adapters: scale the loss, as mixed-precision training does
-        fp16 = _fp16_in_gradient_path(model)
-        if fp16:
-            _check_loss_scaling(self.device.type, torch.__version__)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=100) if fp16 else None
         self._scale_used: float | None = None  # the loss scale of the last backward (the record's loss_scale)
         self.generator = torch.Generator().manual_seed(cfg.seed)

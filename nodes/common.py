@@ -84,10 +84,10 @@ def input_specs(node: type) -> dict[str, tuple]:
 
 
 def check_widget_ranges(node: type, **values) -> None:
-    """ValueError naming the first of `values` outside its widget's min/max in `node.INPUT_TYPES()`, or not a
-    finite number (JSON's NaN passes ComfyUI's own check): ComfyUI skips that check for the inputs a node's
-    VALIDATE_INPUTS names and for linked ones. None (a linked input at queue time) is checked when it runs
-    (`widgets_checked`)."""
+    """ValueError naming the first of `values` outside its widget's min/max in `node.INPUT_TYPES()`, not one of
+    its combo's choices, or not a finite number (JSON's NaN passes ComfyUI's own check): ComfyUI skips that
+    check for the inputs a node's VALIDATE_INPUTS names and for linked ones. None (a linked input at queue
+    time) is checked when it runs (`widgets_checked`)."""
     _check_ranges(input_specs(node), values)
 
 
@@ -95,6 +95,10 @@ def _check_ranges(spec: dict[str, tuple], values: dict) -> None:
     for name, value in values.items():
         options = spec[name][1] if len(spec[name]) > 1 else {}
         if value is None:
+            continue
+        if isinstance(spec[name][0], list):  # a combo: ComfyUI skips its own check for one VALIDATE_INPUTS names
+            if value not in spec[name][0]:
+                raise ValueError(f"{name} must be one of {spec[name][0]}, got {value!r}")
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{name} ({value}) must be a finite number")

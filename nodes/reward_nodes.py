@@ -185,7 +185,7 @@ class FocusFixSaliencyMask:
         # at queue time, as on the Train node (ComfyUI then skips its own range check of these: done here; a
         # linked value is None here and checked when the node runs)
         try:
-            check_widget_ranges(cls, threshold=threshold)
+            check_widget_ranges(cls, threshold=threshold, threshold_mode=threshold_mode)
             if None not in (threshold_mode, threshold):
                 saliency.check_threshold(threshold_mode, threshold)
         except ValueError as e:

@@ -184,7 +184,8 @@ class FocusFixTrainFocusNFix:
         # a PrimitiveInt shared with KSampler, a SIGMAS node): its value is known, and checked, only when it runs.
         # It shows the message under every input named here, so each message starts with the input at fault.
         try:
-            check_widget_ranges(cls, steps=steps, K=K, threshold=threshold, checkpoint_every=checkpoint_every)
+            check_widget_ranges(cls, steps=steps, K=K, threshold=threshold, checkpoint_every=checkpoint_every,
+                                mask_source=mask_source, threshold_mode=threshold_mode)
             if steps is not None:  # with SIGMAS connected, their step count bounds K instead
                 check_steps(steps, K if K is not None and sigmas is not None else 1, least_K=1)
             if seeds is not None:

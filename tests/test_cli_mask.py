@@ -72,13 +72,15 @@ def test_resume_needs_the_same_painted_masks(model_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (("--mask-source", "saliency"), "--mask gives a painted M, but --mask-source is 'saliency'"),
-    (("--mask", "BLACK"), "is all black: nothing may change"),
+    (("--mask", "BLACK"), "marks nothing (no pixel is at least half white)"),
+    (("--mask", "GREY"), "marks nothing (no pixel is at least half white)"),  # a 40 % brush: the trainer's test
     (("--mask", "NOT_AN_IMAGE"), "as a mask image"),
     (("--mask", "MISSING"), "not found"),
     (("--mask", "LEFT", "--mask", "LEFT", "--mask", "LEFT"), "got 3 masks; expected 1, one per seed (2)"),
 ])
 def test_bad_painted_masks_are_refused_by_name(model_file, tmp_path, capsys, extra, message):
     files = {"BLACK": png(tmp_path / "black.png", np.zeros((SIZE, SIZE))),
+             "GREY": png(tmp_path / "grey.png", np.full((SIZE, SIZE), 102)),
              "LEFT": half(tmp_path, "left.png", "left"), "MISSING": tmp_path / "missing.png"}
     (tmp_path / "junk.png").write_bytes(b"not an image")
     files["NOT_AN_IMAGE"] = tmp_path / "junk.png"
@@ -104,6 +106,17 @@ def test_earlier_item_images_are_not_overwritten(model_file, tmp_path, capsys):
     assert "before_0.png" in capsys.readouterr().err
     (out / "before_0.png").rename(out / "before_after_notes.png")  # not a name the run writes
     assert cli.main(args(model_file, out, "--mask-source", "saliency")) == 0
+
+
+def test_overwrite_removes_item_images_of_an_earlier_larger_run(model_file, tmp_path):
+    """Old before_N.png beside a report that lists fewer items invites painting on the wrong image."""
+    out = tmp_path / "run"
+    assert cli.main(args(model_file, out, "--mask-source", "saliency", "--seeds", "0-2")) == 0
+    assert (out / "before_2.png").is_file()
+    (out / "before_notes.png").write_bytes(b"the user's")
+    assert cli.main(args(model_file, out, "--mask-source", "saliency", "--seeds", "0", "--overwrite")) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["after_0.png", "before_0.png", "before_after.png", "before_notes.png", "curves.png"]
 
 
 def test_mask_images_read_as_comfyui_reads_them(tmp_path):
@@ -143,3 +156,11 @@ def test_fit_mask_resizes_and_says_so():
     assert big[..., :7].min() == 1 and big[..., 9:].max() == 0
     _, note = fit_mask(torch.ones(1, 1, 8, 16), (16, 16))
     assert "another aspect ratio: stretched" in note
+    # a thin stroke painted on a large image still may change once shrunk (an average faded it to 0)
+    stroke = torch.zeros(1, 1, 512, 512)
+    stroke[..., 200:203, 100:400] = 1
+    small, _ = fit_mask(stroke, (16, 16))
+    assert small.amax() == 1 and 0 < (small >= 0.5).float().mean() < 0.1
+    # one side up, the other down
+    mixed, _ = fit_mask(stroke, (1024, 16))
+    assert mixed.shape == (1, 1, 1024, 16) and mixed.amax() == 1

@@ -291,6 +291,7 @@ def test_paths_over_another_systems_limit_are_refused_at_once(tmp_path, monkeypa
         safe_join(folder, name)
     path = safe_join(folder, "focusfix/" + "n" * 100)  # the counter and the temp name still fit
     assert len(str(path)) + len("_00001") <= 259
+    assert ffio._size("fix\U0001f3a8") == 5  # Windows counts UTF-16 units: an emoji is 2
     monkeypatch.setattr(ffio, "_PLATFORM", "darwin")
     with pytest.raises(ValueError, match="macOS's PATH_MAX"):
         safe_join(tmp_path, "/".join(["m" * 150] * 7))

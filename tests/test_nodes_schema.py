@@ -115,6 +115,10 @@ def test_saliency_mask_checks_its_threshold_at_queue_time():
     assert "top_percent" in cls.VALIDATE_INPUTS(threshold_mode="top_percent", threshold=0.0)
     assert "threshold (1.5) must be at most 1" in cls.VALIDATE_INPUTS(threshold_mode="value", threshold=1.5)
     assert cls.VALIDATE_INPUTS(threshold_mode="top_percent", threshold=None) is True  # linked: checked when it runs
+    # a combo VALIDATE_INPUTS names skips ComfyUI's own check: a bad value in an API prompt is refused here
+    assert "threshold_mode must be one of" in cls.VALIDATE_INPUTS(threshold_mode="bogus", threshold=None)
+    fnf = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainFocusNFix"]
+    assert "mask_source must be one of" in fnf.VALIDATE_INPUTS(steps=4, K=1, mask_source="painted")
 
 
 def test_prompts_and_seeds_formats_are_checked_at_queue_time():

@@ -812,6 +812,22 @@ def test_other_runtime_errors_are_not_called_out_of_memory(small_model, square_r
     trainer.lora.remove()
 
 
+def test_a_refused_fp16_run_on_mps_leaves_no_hooks(small_model, square_reward, monkeypatch):
+    """The refusal comes before the LoRA is attached: a ComfyUI MODEL's net is shared by its clones."""
+    import focusfix_core.trainers as tr
+
+    def refuse(device_type, version):
+        raise ValueError("needs torch 2.8 or newer")
+    monkeypatch.setattr(tr, "_fp16_in_gradient_path", lambda model: True)
+    monkeypatch.setattr(tr, "_check_loss_scaling", refuse)
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in small_model.net.modules())
+    before = hooks()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="torch 2.8"):
+            FixTrainer(small_model, square_reward, fix_cfg())
+    assert hooks() == before
+
+
 @pytest.mark.parametrize("device, version, refused", [
     ("mps", "2.7.1", True), ("mps", "2.5.0.dev20240901", True), ("mps", "2.8.0", False), ("mps", "2.10.0a0+git", False),
     ("cuda", "2.1.2+cu121", False), ("cpu", "2.4.0", False),
