@@ -102,7 +102,7 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
     """ComfyUI MASK [B,H,W] or [H,W] (also [B,1,H,W], [B,H,W,1]) -> (M: [B,1,h,w] float in [0,1], note).
 
     Args:
-        size: (h, w) wanted; a mask of another size is resized bilinearly (note says so) or refused.
+        size: (h, w) wanted; a mask of another size is resized (`fit_mask`: a note says so) or refused.
         batch: wanted batch; a single mask is repeated, any other mismatch is refused.
         resize: False -> refuse a wrong size instead of resizing.
 
