@@ -216,13 +216,31 @@ def _run_patch(fn, args: dict):
     try:
         return fn(args)
     except _NeedsComfyConds:
-        raise ValueError(f"the MODEL carries the guidance patch {_patch_name(fn)}, which runs the model again on "
-                         f"ComfyUI's own conditioning (as Perturbed-Attention, Self-Attention Guidance and Perp-Neg "
-                         f"do): training cannot follow it. Connect the MODEL from before that node to the FocusFix "
-                         f"node, and apply the patch to the sampler that uses the trained LoRA") from None
+        raise ValueError(_runs_model_again(fn)) from None
     except Exception as e:
+        if _raised_in_comfy_cond_batch(e):  # the patch ran the model itself (Perp-Neg's empty-prompt pass)
+            raise ValueError(_runs_model_again(fn)) from None
         e.add_note(f"(in the MODEL's guidance patch {_patch_name(fn)}, run by FocusFix's sampler)")
         raise
+
+
+def _runs_model_again(fn) -> str:
+    return (f"the MODEL carries the guidance patch {_patch_name(fn)}, which runs the model again on ComfyUI's own "
+            f"conditioning (as Perturbed-Attention, Self-Attention Guidance and Perp-Neg do): training cannot "
+            f"follow it. Connect the MODEL from before that node to the FocusFix node, and apply the patch to the "
+            f"sampler that uses the trained LoRA")
+
+
+def _raised_in_comfy_cond_batch(e: BaseException) -> bool:
+    """Did `e` come from inside ComfyUI's `calc_cond_batch`? A patch calls it to run the model on conditioning of
+    its own, which needs ComfyUI's sampler state (its current patcher) that training's sampler does not set up."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name.lstrip("_").startswith("calc_cond_batch") and code.co_filename.endswith("samplers.py"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _y_key(latent_hw, negative: bool = False) -> str:

@@ -209,6 +209,11 @@ def test_a_patch_that_runs_the_model_on_comfy_conds_is_refused_by_name(fresh, ch
     pag = fresh.run("PerturbedAttentionGuidance", model=model, scale=2.0)[0]
     with pytest.raises(ValueError, match=r"PerturbedAttentionGuidance.*runs the model again on ComfyUI's own"):
         fresh.run("FocusFixTrainFocusNFix", model=pag, **kw)
+    # Perp-Neg runs the model on an empty prompt of its own, through ComfyUI's calc_cond_batch
+    (perp_neg,) = fresh.run("PerpNeg", model=model, empty_conditioning=fresh.run("CLIPTextEncode", clip=clip,
+                                                                                text="")[0], neg_scale=1.0)
+    with pytest.raises(ValueError, match=r"PerpNeg.*runs the model again on ComfyUI's own"):
+        fresh.run("FocusFixTrainFocusNFix", model=perp_neg, **kw)
     swapped = model.clone()
     swapped.set_model_sampler_calc_cond_batch_function(lambda args: None)
     with pytest.raises(ValueError, match="sampler_calc_cond_batch_function.*Connect the MODEL from before"):
