@@ -26,11 +26,11 @@ from . import __version__
 from .io import atomic_write_text, load_mask_image, load_training_state
 from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .saliency import fit_mask
+from .saliency import THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
-from .trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer,
-                       parse_ints, split_objects_prompt)
+from .trainers import (MASK_SOURCES, FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
+                       SeparateEnhanceTrainer, parse_ints, split_objects_prompt)
 from .viz import heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
     f.add_argument("--scheduler", default="normal", choices=SCHEDULERS, help="sigma schedule (default normal)")
     f.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    f.add_argument("--mask-source", default=None, choices=["heatmap", "saliency", "mask", "none"],
+    f.add_argument("--mask-source", default=None, choices=MASK_SOURCES,
                    help="where the mask M (1 = may change) comes from (default heatmap, or mask with --mask); "
                         "none = plain DRaFT")
     f.add_argument("--mask", action="append", type=Path, default=[], metavar="IMAGE",
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "transparent part may change, as ComfyUI's mask editor saves it). Repeat: 1 for all "
                         "items, one per seed or one per (prompt, seed) item (in the order of the run's "
                         "before_0.png, before_1.png, ...)")
-    f.add_argument("--threshold-mode", default="top_percent", choices=["value", "top_percent", "otsu"],
+    f.add_argument("--threshold-mode", default="top_percent", choices=THRESHOLD_MODES,
                    help="how the heatmap or saliency becomes M (default top_percent)")
     f.add_argument("--threshold", type=float, default=0.15,
                    help="top_percent: the share of pixels kept, in (0,1]; value: the cut-off in [0,1]; otsu: unused")
