@@ -170,7 +170,8 @@ class FocusFixSaliencyMask:
                           "what it dislikes; saliency: gradient sensitivity |dr/dI|, where a change moves the score "
                           "most (not what is bad), for rewards without a heatmap; auto: heatmap if it has one."),
             "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only; the "
-                          "Train node's saliency_method)."),
+                          "Train node's saliency_method). smoothgrad's noise is fixed: an image always gives the same "
+                          "mask."),
             "blur_sigma": tip("FLOAT", "Blur before thresholding, in pixels.", default=2.0, min=0.0, max=64.0, step=0.1),
             "threshold_mode": tip(list(saliency.THRESHOLD_MODES), "value: keep >= threshold; top_percent: keep "
                                   "that fraction of pixels; otsu: automatic.", default="top_percent"),
@@ -195,8 +196,12 @@ class FocusFixSaliencyMask:
     @widgets_checked
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
         with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):
-            M = saliency.mask_from_reward(r, I, source, method=method, blur_sigma=blur_sigma, threshold_mode=threshold_mode,
-                                          threshold=threshold, dilation=dilation, feather=feather)
+            # one image at a time, smoothgrad's noise seeded the same for each: an image's mask depends on that
+            # image alone (not on the run, nor on the batch it came in), as the Train node's masks do
+            M = torch.cat([saliency.mask_from_reward(
+                r, I[j:j + 1], source, method=method, generator=torch.Generator(device=I.device).manual_seed(0),
+                blur_sigma=blur_sigma, threshold_mode=threshold_mode, threshold=threshold, dilation=dilation,
+                feather=feather) for j in range(I.shape[0])])
             return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))
 
 

@@ -187,6 +187,23 @@ def test_workflow_2_mask_marks_the_blurry_half():
     assert float(M[0, :, W // 2:].sum() / M[0].sum()) > 0.9
 
 
+def test_smoothgrad_mask_depends_on_the_image_alone():
+    """smoothgrad's noise is seeded per image: a rerun, or the same image in another batch, gives the same mask
+    (unseeded, the global RNG made every run's mask differ)."""
+    settings = _mask_inputs(source="saliency", method="smoothgrad", threshold=0.3, blur_sigma=0.0, dilation=0)
+    img = _image(b=3, seed=4)
+    torch.manual_seed(1)
+    M, _ = N.FocusFixSaliencyMask().execute(img, Sharpness(), **settings)
+    torch.manual_seed(2)  # another global RNG state: no effect
+    again, _ = N.FocusFixSaliencyMask().execute(img, Sharpness(), **settings)
+    alone, _ = N.FocusFixSaliencyMask().execute(img[2:], Sharpness(), **settings)
+    assert torch.equal(M, again)
+    assert torch.equal(M[2:], alone)
+    # the noise is there: plain grad cuts another mask from the same image
+    grad, _ = N.FocusFixSaliencyMask().execute(img, Sharpness(), **{**settings, "method": "grad"})
+    assert not torch.equal(M, grad)
+
+
 # ------------------------------------------------------------------------ bad IMAGE and MASK inputs (review std, 10)
 
 
