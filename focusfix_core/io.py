@@ -290,7 +290,8 @@ def load_mask_image(path: str | os.PathLike) -> torch.Tensor:
     stays. The EXIF orientation is applied, as Load Image does (a phone photo painted on stays upright).
 
     Raises:
-        FileNotFoundError: no such file. ValueError (naming the file): not an image PIL can read.
+        FileNotFoundError: no such file. ValueError (naming the file): not an image PIL can read, or a 32-bit
+        integer / float greyscale image outside 0..65535 / 0..1.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -303,11 +304,23 @@ def load_mask_image(path: str | os.PathLike) -> torch.Tensor:
             if im.mode in ("RGBA", "LA", "PA") and im.getchannel("A").getextrema()[0] < 255:
                 a = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
                 return 1.0 - a
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale PNG
-                return torch.from_numpy(np.asarray(im, dtype=np.float32) / 65535.0).clamp(0, 1)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNG (Pillow reads some as "I"), TIFF
+                return _wide_grey(np.asarray(im, dtype=np.float64), im.mode, path)
             return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ValueError(f"could not read {str(path)!r} as a mask image (PNG, JPEG, WebP...): {e}") from None
+
+
+def _wide_grey(a: np.ndarray, mode: str, path: Path) -> torch.Tensor:
+    """A greyscale image wider than 8 bits -> [H,W] in [0,1]: integers are 16-bit (0..65535), floats 0..1. Other
+    ranges (a 32-bit integer TIFF, a float image in 0..255) have no one reading: refused, not guessed."""
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    top = 1.0 if mode == "F" else 65535.0
+    if not (np.isfinite(a).all() and 0.0 <= lo and hi <= top):
+        kind = "a floating-point" if mode == "F" else "a 32-bit integer"
+        raise ValueError(f"could not read {str(path)!r} as a mask image: it is {kind} greyscale image with values "
+                         f"{lo:g}..{hi:g}, expected 0..{top:g}. Save the mask as an 8- or 16-bit PNG")
+    return torch.from_numpy((a / top).astype(np.float32))
 
 
 def _torch_load(path: Path, expected: str) -> Any:

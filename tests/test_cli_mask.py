@@ -144,6 +144,18 @@ def test_mask_images_read_as_comfyui_reads_them(tmp_path):
     # 16-bit grey
     Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "16.png")
     assert load_mask_image(tmp_path / "16.png").tolist() == [[0, 1]]
+    # a float TIFF in 0..1 reads as it is (converting it to 8-bit grey first read 0.5 as black)
+    Image.fromarray(np.array([[0, 0.5, 1]], dtype=np.float32)).save(tmp_path / "f.tif")
+    assert load_mask_image(tmp_path / "f.tif").tolist() == [[0, 0.5, 1]]
+
+
+@pytest.mark.parametrize("values, dtype", [([0, 0.5, 255], np.float32), ([0, 2 ** 31 - 1], np.int32),
+                                           ([0, float("nan")], np.float32)])
+def test_mask_image_out_of_range_is_refused_not_guessed(tmp_path, values, dtype):
+    """A 32-bit integer or float image outside 16-bit / 0..1 has no one reading (a clamp made it all white)."""
+    Image.fromarray(np.array([values], dtype=dtype)).save(tmp_path / "m.tif")
+    with pytest.raises(ValueError, match=r"m\.tif.*greyscale image with values .*Save the mask as an 8- or 16-bit PNG"):
+        load_mask_image(tmp_path / "m.tif")
 
 
 def test_fit_mask_resizes_and_says_so():
