@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # read only with torch.load(weights_only=True)
-_PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
+# no bytes: torch pickles b"" as a call of `bytes`, which weights_only refuses (no state stores bytes)
+_PLAIN = (type(None), bool, int, float, str, torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
@@ -302,13 +303,15 @@ def load_mask_image(path: str | os.PathLike) -> torch.Tensor:
             if im.mode == "P" and "transparency" in im.info:  # a palette image's transparency becomes alpha
                 im = im.convert("RGBA")
             if im.mode in ("RGBA", "LA", "PA") and im.getchannel("A").getextrema()[0] < 255:
-                a = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
-                return 1.0 - a
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNG (Pillow reads some as "I"), TIFF
-                return _wide_grey(np.asarray(im, dtype=np.float64), im.mode, path)
-            return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+                return 1.0 - torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
+            mode = im.mode
+            # 16-bit PNG (Pillow reads some as "I"), 32-bit TIFF: kept wide, read below
+            wide = mode in ("I;16", "I;16B", "I;16L", "I", "F")
+            a = np.asarray(im, dtype=np.float64) if wide else np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        # ValueError: what Pillow raises for some damaged headers ("Truncated IHDR chunk")
         raise ValueError(f"could not read {str(path)!r} as a mask image (PNG, JPEG, WebP...): {e}") from None
+    return _wide_grey(a, mode, path) if wide else torch.from_numpy(a)
 
 
 def _wide_grey(a: np.ndarray, mode: str, path: Path) -> torch.Tensor:
@@ -469,6 +472,10 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
 
     if "\0" in filename:
         raise refuse("it contains a NUL character")
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a JSON widget value can hold "\ud800"; no file system can
+        raise refuse("it contains a lone surrogate (half of a character): retype the name") from None
     if filename.startswith(("/", "\\")) or _DRIVE.match(filename) or PureWindowsPath(filename).anchor:
         raise refuse("absolute paths and drive letters are not allowed")
     parts = [p for p in re.split(r"[/\\]", filename) if p not in ("", ".")]

@@ -182,6 +182,9 @@ def parse_ints(text: str, name: str = "seeds") -> list[int]:
         m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
         if m is None:
             raise ValueError(f"{name}: {part!r} is not an integer or a range like 3-5 (got {text!r})")
+        if max(len(g.lstrip("-0")) for g in m.groups() if g) > len(str(MAX_SEED)):  # before int(): its limit
+            raise ValueError(f"{name}: {part[:24]!r}... ({len(part)} characters) is outside 0 to {MAX_SEED} "
+                             f"(KSampler's seed range)")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if lo < 0 or hi > MAX_SEED:  # KSampler's seed range: a seed outside it could not be drawn again there
             raise ValueError(f"{name}: {part!r} is outside 0 to {MAX_SEED} (KSampler's seed range)")
