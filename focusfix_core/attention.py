@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -360,6 +361,7 @@ def attention_capture(net: nn.Module, store: AttentionStore, latent_hw: tuple[in
 
 
 _MARKERS = ("</w>", "Ġ", "▁")
+_SPECIAL = re.compile(r"<\|?/?[A-Za-z_]+\|?>")  # <|startoftext|>, <s>, </s>, <pad>, <embedding>: no word's pieces
 
 
 def _clean_token(token: str) -> str:
@@ -390,10 +392,13 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
     """Each word's token positions in a tokenised prompt (first occurrence; multi-token words joined).
 
     BPE markers ("</w>", "Ġ", "▁") are stripped and matching is case-insensitive, so "hummingbird"
-    matches ["humming", "bird</w>"]. Spaces inside a word are ignored ("hot dog" matches "hotdog"). Matching is
-    on UTF-8 bytes, so a word with accents or non-Latin letters ("café", "猫") is found also where a token holds
-    part of a character (give such tokens as `bytes.decode("utf-8", "surrogateescape")` of their bytes); words and
-    tokens are compared in Unicode's composed form (NFC), so the way an accent was typed does not matter.
+    matches ["humming", "bird</w>"]. The markers still say where the prompt's words start and end, and a word
+    matches whole words only: "horse" is not the end of "seahorse" ["sea", "horse</w>"] (tokens with no marker
+    at all, a word-level tokenizer, are each a word). Spaces inside a word are ignored ("hot dog" matches
+    "hotdog"). Matching is on UTF-8 bytes, so a word with accents or non-Latin letters ("café", "猫") is found
+    also where a token holds part of a character (give such tokens as `bytes.decode("utf-8", "surrogateescape")`
+    of their bytes); words and tokens are compared in Unicode's composed form (NFC), so the way an accent was
+    typed does not matter.
 
     Args:
         tokens: the prompt's tokens as strings, special tokens included at their positions.
@@ -403,8 +408,9 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
         one list of token positions per word.
 
     Raises:
-        ValueError: naming the word and showing the tokens when a word is not found, or naming both words when
-            two of them land on the same token (the same word twice: give distinct words).
+        ValueError: naming the word and showing the tokens when a word is not found (or naming the longer
+            word it is only a part of), or naming both words when two of them land on the same token (the same
+            word twice: give distinct words).
 
     Example:
         >>> word_token_indices(["<|startoftext|>", "a</w>", "humming", "bird</w>"], ["hummingbird"])
@@ -413,19 +419,43 @@ def word_token_indices(tokens: Sequence[str], words: Sequence[str]) -> list[list
     if isinstance(words, str):
         raise TypeError(f"words must be a list of strings, got the string {words!r}")
     clean = [_utf8(_nfc(_clean_token(t))) for t in tokens]
+    starts, ends = _word_bounds(tokens, clean)
     out = []
     for word in words:
         target = _utf8(_nfc("".join(str(word).lower().split())))
         if not target:
             raise ValueError(f"words must be non-empty strings, got {word!r}")
-        out.append(_find_word(clean, target, word, tokens))
+        found = _find_word(clean, target, starts, ends)
+        if found is None:
+            raise _not_found(word, tokens, _find_word(clean, target), starts, ends)
+        out.append(found)
     _check_distinct(out, words, tokens)
     return out
 
 
-def _find_word(clean: list[bytes], target: bytes, word: str, tokens: Sequence[str]) -> list[int]:
+def _word_bounds(tokens: Sequence[str], clean: list[bytes]) -> tuple[list[bool], list[bool]]:
+    """(starts, ends): whether a prompt word may start / end at each token. CLIP marks a word's last piece
+    ("</w>"); GPT-2 and SentencePiece its first ("Ġ", "▁", or a space once the bytes are decoded). Special
+    tokens bound words on both sides; with no marker anywhere every token is a word."""
+    n = len(tokens)
+    special = [bool(_SPECIAL.fullmatch(t)) and t != "</w>" for t in tokens]
+    last = [t.endswith("</w>") for t in tokens]
+    first = [t.startswith(("Ġ", "▁")) or t[:1].isspace() for t in tokens]
+    if not any(last) and not any(first):
+        return [True] * n, [True] * n
+    # a lone marker token ("▁" on its own) carries no letters: the word starts at the next token
+    first = [f or (i > 0 and first[i - 1] and not clean[i - 1]) for i, f in enumerate(first)]
+    starts = [i == 0 or special[i - 1] or last[i - 1] or first[i] for i in range(n)]
+    ends = [i == n - 1 or special[i + 1] or last[i] or first[i + 1] for i in range(n)]
+    return starts, ends
+
+
+def _find_word(clean: list[bytes], target: bytes, starts: Sequence[bool] | None = None,
+               ends: Sequence[bool] | None = None) -> list[int] | None:
+    """The token positions of the first match of `target` that starts and ends where words do (anywhere when
+    `starts`/`ends` are None); None when there is none."""
     for i, piece in enumerate(clean):
-        if not piece or not target.startswith(piece):
+        if not piece or not target.startswith(piece) or (starts is not None and not starts[i]):
             continue
         acc, positions = b"", []
         for j in range(i, len(clean)):
@@ -434,15 +464,31 @@ def _find_word(clean: list[bytes], target: bytes, word: str, tokens: Sequence[st
             acc += clean[j]
             positions.append(j)
             if acc == target:
-                return positions
+                if ends is None or ends[j]:
+                    return positions
+                break
             if not target.startswith(acc):
                 break
+    return None
+
+
+def _not_found(word: str, tokens: Sequence[str], inside: list[int] | None, starts: Sequence[bool],
+               ends: Sequence[bool]) -> ValueError:
+    if inside is not None:  # only as part of a longer word: name that word
+        i, j = inside[0], inside[-1]
+        while not starts[i]:
+            i -= 1
+        while not ends[j]:
+            j += 1
+        longer = "".join(_readable(t) for t in tokens[i:j + 1])
+        return ValueError(f"word {word!r} is only part of the longer word {longer!r} in the prompt: give whole words "
+                          f"as they are written in the prompt")
     # show the prompt's own tokens: the padding after the end token (up to 70 of them) says nothing
     shown = list(tokens)
     while len(shown) > 1 and shown[-1] == shown[-2]:
         shown.pop()
-    raise ValueError(f"word {word!r} not found in the prompt's tokens {[_readable(t) for t in shown]} (a word must "
-                     f"be written as in the prompt: singular/plural and spelling matter)")
+    return ValueError(f"word {word!r} not found in the prompt's tokens {[_readable(t) for t in shown]} (a word must "
+                      f"be written as in the prompt: singular/plural and spelling matter)")
 
 
 def _check_distinct(positions: list[list[int]], words: Sequence[str], tokens: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 
 import kornia
 import torch
@@ -179,6 +180,20 @@ def check_threshold(threshold_mode: str, threshold: float) -> None:
                          f"got {threshold}")
 
 
+MAX_SIGMA = 1e4  # pixels: a blur or feather that wide flattens any image (and past ~1e19 kornia overflows)
+
+
+def check_mask_settings(blur_sigma: float, dilation: int, feather: float) -> None:
+    """ValueError naming the setting unless blur_sigma and feather are finite pixels in [0, MAX_SIGMA] and
+    dilation a whole number of pixels >= 0."""
+    for name, value in (("blur_sigma", blur_sigma), ("feather", feather)):
+        if not (isinstance(value, numbers.Real) and 0 <= value <= MAX_SIGMA):  # NaN fails the comparison too
+            raise ValueError(f"{name} must be a number of pixels from 0 to {MAX_SIGMA:g}, got {value!r}")
+    if not (isinstance(dilation, numbers.Real) and math.isfinite(dilation) and dilation >= 0
+            and int(dilation) == dilation):
+        raise ValueError(f"dilation must be a whole number of pixels >= 0, got {dilation!r}")
+
+
 def heatmap_to_mask(
     H: torch.Tensor,
     blur_sigma: float = 2.0,
@@ -218,10 +233,7 @@ def heatmap_to_mask(
     """
     H = _as_map3(H, "heatmap H")
     check_threshold(threshold_mode, threshold)
-    if blur_sigma < 0 or feather < 0 or dilation < 0 or int(dilation) != dilation:
-        raise ValueError(
-            f"blur_sigma and feather must be >= 0 and dilation an int >= 0, got {blur_sigma}, {feather}, {dilation}"
-        )
+    check_mask_settings(blur_sigma, dilation, feather)
     if not torch.isfinite(H).all():
         raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
     if H.numel() and H.min() < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 import time
 from contextlib import ExitStack, contextmanager
@@ -32,7 +33,7 @@ from .losses import (NonFiniteScoreError, enhance_loss, key_change_loss, preserv
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
 from .records import StepRecord
 from .rewards.base import Reward
-from .saliency import check_mask, check_threshold, mask_from_reward
+from .saliency import SALIENCY_METHODS, check_mask, check_mask_settings, check_threshold, mask_from_reward
 from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules,
                       compile_denoiser, sample, sampling_sigmas, seed_noise)
 
@@ -73,6 +74,20 @@ def _check_positive(name, value, allow_zero=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_whole(name, value, least):
+    """A count: a whole number >= least (a fractional rank or a NaN iteration count would be cut silently)."""
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value) and value >= least):
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
+MAX_SEED = 2**64 - 1  # KSampler's seed widget goes up to 0xffffffffffffffff
+
+
+def _check_seed(name, value):
+    if not 0 <= value <= MAX_SEED:  # a torch generator takes 64 bits; KSampler's widget the same range
+        raise ValueError(f"{name}: {value} is outside 0 to {MAX_SEED} (KSampler's seed range)")
+
+
 @dataclass(frozen=True)
 class _LoRAConfig:
     lr: float = 1e-3
@@ -85,15 +100,13 @@ class _LoRAConfig:
     grad_clip: float = 1.0              # max adapter gradient norm; 0 = off
 
     def _check_common(self):
+        _check_seed("seed", self.seed)
         _check_positive("lr", self.lr)
-        if int(self.rank) <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank}")
+        for name in ("rank", "iterations", "batch_size"):
+            _check_whole(name, getattr(self, name), 1)
+            object.__setattr__(self, name, int(getattr(self, name)))  # 4.0 (a JSON number) is the count 4
         if self.alpha is not None:
             _check_positive("alpha", self.alpha)
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         _check_positive("grad_clip", self.grad_clip, allow_zero=True)
 
     def to_json(self) -> str:
@@ -136,6 +149,8 @@ class FixConfig(_LoRAConfig):
             raise ValueError("prompts is empty: give at least one non-empty prompt")
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
+        for s in self.seeds:
+            _check_seed("seeds", s)
         self._check_common()
         _check_choice("sampler", self.sampler, SAMPLERS)
         if not isinstance(self.scheduler, str) or not self.scheduler:
@@ -160,6 +175,8 @@ class FixConfig(_LoRAConfig):
         _check_choice("mask_source", self.mask_source, MASK_SOURCES)
         if self.mask_source in ("heatmap", "saliency"):  # before any image is sampled
             check_threshold(self.threshold_mode, self.threshold)
+            check_mask_settings(self.blur_sigma, self.dilation, self.feather)
+            _check_choice("saliency_method", self.saliency_method, SALIENCY_METHODS)
         _check_choice("mask_space", self.mask_space, ("pixel", "latent"))
         _check_choice("compile", self.compile, COMPILE_MODES)
         if self.height < 8 or self.width < 8:
@@ -170,7 +187,6 @@ class FixConfig(_LoRAConfig):
         return [(p, s) for p in self.prompts for s in self.seeds]
 
 
-MAX_SEED = 2**64 - 1  # KSampler's seed widget goes up to 0xffffffffffffffff
 
 
 def parse_ints(text: str, name: str = "seeds") -> list[int]:
@@ -236,7 +252,8 @@ def _single_object_prompts(prompt: str, objects: Sequence[str]) -> list[str]:
     no other one ('a red circle' of 'a red circle and a blue square'), else 'a <word>' (the reference code uses
     'a photo of <word>'). A part naming two objects ('a cat next to a dog') would hold the very composition
     the training changes."""
-    parts = [p.strip() for p in re.split(r"\band\b|,", prompt) if p.strip()]
+    # "and" as a word of its own: "black-and-white cat" is one object's part
+    parts = [p.strip() for p in re.split(r"(?<![\w-])and(?![\w-])|,", prompt, flags=re.I) if p.strip()]
     out = []
     for w in objects:
         hit = [p for p in parts if _names(p, w)]
@@ -297,9 +314,8 @@ class SeparateEnhanceConfig(_LoRAConfig):
             raise ValueError("lam_sep and lam_en are both 0: Separate-and-Enhance has nothing to train (lam_preserve "
                              "only holds the model as it is); give lam_sep or lam_en a weight")
         _check_choice("preservation", self.preservation, PRESERVATIONS)
-        lo, hi = self.t_range
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {self.t_range}")
+        if not (len(self.t_range) == 2 and 0.0 <= self.t_range[0] < self.t_range[1] <= 1.0):
+            raise ValueError(f"t_range must be (lo, hi) with 0 <= lo < hi <= 1, got {self.t_range}")
         if not self.preserve_prompts and self.lam_preserve > 0:
             derived = [q for p, o in zip(self.prompts, self.objects) for q in _single_object_prompts(p, o)]
             object.__setattr__(self, "preserve_prompts", tuple(dict.fromkeys(derived)))  # each once, in order

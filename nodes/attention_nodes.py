@@ -38,8 +38,8 @@ class FocusFixAttentionMaps:
             "prompt": tip("STRING", "The prompt to sample; the words below must appear in it.", multiline=True,
                           default="a cat and a dog"),
             "words": tip("STRING", "Words to map, separated by ',' or ';', each written as in the prompt. A word's "
-                         "first occurrence is used; a word of several tokens or words ('teddy bear', 'black cat') "
-                         "sums their maps. Two words must not share a token.", default="cat, dog"),
+                         "first whole-word occurrence is used; a word of several tokens or words ('teddy bear', "
+                         "'black cat') sums their maps. Two words must not share a token.", default="cat, dog"),
             "seed": tip("INT", "Noise seed (kept fixed between runs, so before/after maps compare).", default=0, min=0,
                         max=0xFFFFFFFFFFFFFFFF, control_after_generate=False),
             "steps": tip("INT", "Sampler steps (maps are averaged over all of them).", default=20, min=1, max=200),

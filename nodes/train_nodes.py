@@ -350,8 +350,8 @@ class FocusFixTrainSeparateEnhance:
             "clip": tip("CLIP", "The checkpoint's text encoder."),
             "prompts": tip("STRING", "One per line (a line starting with # is skipped): prompt | object words, "
                            "e.g. 'a cat and a dog | cat, dog' (words separated by ',' or ';'). Each word's first "
-                           "occurrence in the prompt is used; an object of several tokens or words ('teddy bear', "
-                           "'black cat') sums their maps. Objects must be distinct words.", multiline=True,
+                           "whole-word occurrence in the prompt is used; an object of several tokens or words "
+                           "('teddy bear', 'black cat') sums their maps. Objects must be distinct words.", multiline=True,
                            default="a cat and a dog | cat, dog"),
             "lam_sep": tip("FLOAT", "lam_sep: weight of the Separate loss (overlap of object maps).", default=1.0,
                            min=0.0, max=100.0, step=0.01),

@@ -440,5 +440,6 @@ def test_word_indices_refuse_two_words_on_the_same_token():
     with pytest.raises(ValueError, match=r"words 'cat' and 'cat' both land on the prompt's token\(s\) \['cat'\].*"
                                          r"distinct words, e.g. 'black cat, white cat'"):
         word_token_indices(CLIP_TOKENS, ["cat", "cat"])
-    with pytest.raises(ValueError, match="'hummingbird' and 'bird' both land"):
+    # "bird" is only the end of "hummingbird": no whole word of the prompt (before: both landed on one token)
+    with pytest.raises(ValueError, match="'bird' is only part of the longer word 'hummingbird'"):
         word_token_indices(CLIP_TOKENS, ["hummingbird", "bird"])

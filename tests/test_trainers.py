@@ -967,11 +967,29 @@ def test_an_empty_derived_mask_stops_with_the_item_and_the_threshold(small_model
     (("a cat with a dog and a bird",), (("cat", "dog", "bird"),), ("a cat", "a dog", "a bird")),
     (("a red circle and a blue square",), (("circle", "square"),), ("a red circle", "a blue square")),
     (("a cat next to a dog", "a dog and a cat"), (("cat", "dog"), ("dog", "cat")), ("a cat", "a dog")),
+    # "and" inside a hyphenated word does not split it (it gave "-white cat")
+    (("a black-and-white cat And a dog",), (("black-and-white cat", "dog"),), ("a black-and-white cat", "a dog")),
 ])
 def test_preservation_prompts_never_name_two_objects(prompts, objects, expected):
     """A part of the prompt is kept only when it names one object: 'a cat next to a dog' has no ' and ', and used
     to become both objects' preservation prompt (twice), holding the very composition training changes."""
     assert se_cfg(prompts=prompts, objects=objects).preserve_prompts == expected
+
+
+@pytest.mark.parametrize("field, value", [("rank", 1.5), ("rank", 0), ("iterations", math.nan), ("iterations", 2.5),
+                                          ("batch_size", 0), ("batch_size", math.inf)])
+def test_counts_are_whole_numbers(field, value):
+    """A fractional rank or a NaN iteration count was cut by int() somewhere later (or failed unnamed)."""
+    for make in (fix_cfg, se_cfg):
+        with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= 1, got {value!r}"):
+            make(**{field: value})
+    assert type(fix_cfg(rank=4.0).rank) is int  # a whole float (a JSON number) is that count
+
+
+@pytest.mark.parametrize("t_range", [(0.2,), (0.2, 0.5, 0.9), (0.6, 0.5)])
+def test_t_range_is_named_whatever_its_length(t_range):
+    with pytest.raises(ValueError, match=r"t_range must be \(lo, hi\) with 0 <= lo < hi <= 1"):
+        se_cfg(t_range=t_range)
 
 
 def test_the_same_object_twice_is_refused_with_distinct_words_suggested(small_model):
