@@ -651,6 +651,13 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
     the entries carry (areas, masks, ControlNets, timestep ranges), which training does not follow."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
+    for i, entry in enumerate(conditioning):  # a custom node's malformed output: refuse it, not guess a layout
+        if not (isinstance(entry, (list, tuple)) and 1 <= len(entry) <= 2 and isinstance(entry[0], torch.Tensor)
+                and entry[0].ndim == 3 and (len(entry) == 1 or isinstance(entry[1], dict))):
+            parts = entry if isinstance(entry, (list, tuple)) else [entry]
+            got = ", ".join(f"tensor {list(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__ for e in parts)
+            raise ValueError(f"{name} entry {i} is not a CONDITIONING entry [text encoding [B,T,D], dict]: got {got} "
+                             f"(connect CLIP Text Encode, or the node that made it is broken)")
     given = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_ADM_KEYS)
     conds = []
     for entry in conditioning:

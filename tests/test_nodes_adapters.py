@@ -1,6 +1,8 @@
 """ComfyUI layout conversions and node helpers, without ComfyUI."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from pack_loader import load_pack
@@ -237,3 +239,13 @@ def test_an_image_in_0_255_is_refused_an_overshoot_clamped():
     with pytest.raises(ValueError, match="0..255 pixel values"):
         A.image_to_bchw(torch.full((1, 8, 8, 3), 7, dtype=torch.uint8))
     assert float(A.image_to_bchw(torch.full((1, 8, 8, 3), 1.05)).max()) == 1.0
+
+
+@pytest.mark.parametrize("entry, got", [(torch.zeros(77, 768), "tensor [77, 768]"),
+                                        ([torch.zeros(1, 77, 768), "x"], "tensor [1, 77, 768], str"),
+                                        ("text", "str")])
+def test_a_malformed_conditioning_entry_is_refused_by_name(entry, got):
+    """A broken custom node's CONDITIONING ([tensor] without its entry list) read as a 2-D context before."""
+    with pytest.raises(ValueError, match=rf"^negative entry 0 is not a CONDITIONING entry .*: got {re.escape(got)} "):
+        A.conditioning_to_cond([entry], False, "negative")
+    assert A.conditioning_to_cond([[torch.zeros(1, 77, 768), {}]], False)["context"].shape == (1, 77, 768)
