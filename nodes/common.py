@@ -146,8 +146,8 @@ def parse_lines(text: str, name: str = "prompts") -> list[str]:
 
 
 def clock(seconds: float) -> str:
-    """Seconds as a clock: 75 -> '1:15', 3725 -> '1:02:05'."""
-    m, s = divmod(int(round(seconds)), 60)
+    """Seconds as a clock: 75 -> '1:15', 3725 -> '1:02:05'; nothing left (an ETA past its end) -> '0:00'."""
+    m, s = divmod(int(round(max(seconds, 0))), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 

@@ -172,3 +172,9 @@ def test_clock_reads_back_as_the_rounded_seconds(seconds):
         h, mm, ss = 0, int(m.group(4)), int(m.group(5))
         assert mm < 60 and ss < 60
     assert 3600 * h + 60 * mm + ss == int(round(seconds))
+
+
+@pytest.mark.parametrize("seconds", [-5, -0.4, -3600])
+def test_clock_of_a_negative_eta_is_zero(seconds):
+    """An ETA past its end read '-1:55'."""
+    assert C.clock(seconds) == "0:00"
