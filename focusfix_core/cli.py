@@ -288,8 +288,10 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     report = {
         "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
         "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
-        "separate_before": separate_loss(A0).tolist(), "separate_after": separate_loss(A1).tolist(),
-        "enhance_before": enhance_loss(A0).tolist(), "enhance_after": enhance_loss(A1).tolist(),
+        "separate_before": [_finite(v) for v in separate_loss(A0)],
+        "separate_after": [_finite(v) for v in separate_loss(A1)],
+        "enhance_before": [_finite(v) for v in enhance_loss(A0)],
+        "enhance_after": [_finite(v) for v in enhance_loss(A1)],
         "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
         "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
                   "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
@@ -319,6 +321,11 @@ def _finite(x: torch.Tensor) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _mean_or_na(values: list[float | None]) -> str:
+    """The mean for report.md; "n/a" when a value is null (NaN maps of a run that diverged)."""
+    return "n/a" if not values or None in values else f"{sum(values) / len(values):.4f}"
+
+
 def _write_report(out: Path, report: dict, columns: str) -> None:
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
     lines = [f"# FocusFix {report['method']} run", "", f"- status: {report['status']}",
@@ -331,8 +338,8 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
             lines.append(f"- {k.replace('_', ' ')}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
     for k in ("separate", "enhance"):
         if f"{k}_before" in report:
-            b, a = report[f"{k}_before"], report[f"{k}_after"]
-            lines.append(f"- {k} loss (mean over prompts): {sum(b) / len(b):.4f} -> {sum(a) / len(a):.4f}")
+            b, a = (_mean_or_na(report[f"{k}_{when}"]) for when in ("before", "after"))
+            lines.append(f"- {k} loss (mean over prompts): {b} -> {a}")
     lines += ["", f"Grid columns: {columns}.", "", "Files:"] + [f"- {k}: `{v}`" for k, v in report["files"].items()]
     if report.get("items"):
         lines += ["", "Images per (prompt, seed) item, at full size (paint a mask on a before image, white = may "

@@ -216,7 +216,10 @@ class CFGDenoiser(nn.Module):
         if self.scale == 1.0 and not getattr(self.guidance, "needs_uncond", False):  # skip the unconditional half
             x0 = self.inner(x, sigma, cond)
             return x0 if self.guidance is None else self.guidance(x, sigma, x0, None, self.scale)
-        uncond = self.uncond if cond_batch_size(self.uncond) == B else repeat_cond(self.uncond, B)
+        n = cond_batch_size(self.uncond)
+        if n not in (1, B):
+            raise ValueError(f"uncond has batch {n}: expected 1 (one negative prompt for all) or the batch {B}")
+        uncond = self.uncond if n == B else repeat_cond(self.uncond, B)
         pair = cat_cond(cond, uncond)
         pair[CFG_PAIR] = x.new_empty(2 * B, 0)
         x0 = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), pair)

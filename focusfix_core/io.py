@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import sys
 import tempfile
 import time
@@ -337,8 +338,11 @@ def _torch_load(path: Path, expected: str) -> Any:
             f"values, so it was NOT executed (loaded with weights_only=True). Expected {expected}; "
             f"convert trusted files to .safetensors (or it is not a PyTorch file at all). {' '.join(detail)}".rstrip()
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"could not read {str(path)!r} as {expected}: corrupt or truncated ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, struct.error, AssertionError,
+            AttributeError, TypeError, RecursionError) as e:
+        # the weights-only unpickler meets damaged or foreign bytes with whatever error its opcode handling raises
+        raise ValueError(f"could not read {str(path)!r} as {expected}: corrupt or truncated, or not a PyTorch file "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def _sniff(path: Path) -> str:

@@ -160,11 +160,10 @@ def lora_weight_delta(
         >>> lora_weight_delta(torch.ones(2, 5), torch.ones(3, 2), alpha=1.0).shape
         torch.Size([3, 5])
     """
-    r = down.shape[0]
-    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != r or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-        raise ValueError(
-            f"down/up must be [r,in]/[out,r] or [r,in,kh,kw]/[out,r,1,1], got {tuple(down.shape)} and {tuple(up.shape)}"
-        )
+    r = down.shape[0] if down.ndim in (2, 4) else 0
+    if not r or up.ndim != down.ndim or up.shape[1] != r or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        raise ValueError(f"down/up must be [r,in]/[out,r] or [r,in,kh,kw]/[out,r,1,1] with r >= 1, got "
+                         f"{tuple(down.shape)} and {tuple(up.shape)}")
     alpha = float(r if alpha is None else alpha)
     dtype = _at_least_fp32(down.dtype, up.dtype)
     w = up.to(dtype).flatten(1) @ down.to(dtype).flatten(1)  # [out, in*kh*kw]
@@ -702,6 +701,12 @@ def _check_lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> None:
                                                     "earlier checkpoint)")
     except ValueError as e:
         raise ValueError(f"{name!r}: {e}") from None
+    # a down/up of another rank (a 0-dim "weight", or r = 0) has no place in any layer: refused here, by name
+    bad = [k for k, v in tensors.items() if k.endswith((".lora_down.weight", ".lora_up.weight"))
+           and (v.ndim not in (2, 4) or 0 in v.shape)]
+    if bad:
+        raise ValueError(f"{name!r}: a LoRA's down/up weights are [r,in]/[out,r] (conv: [r,in,kh,kw]/[out,r,1,1]) "
+                         f"with r >= 1, got {list(tensors[bad[0]].shape)} for {bad[:3]}")
     bad_alpha = [k for k, v in tensors.items() if k.endswith(f".{_ALPHA}") and (v.numel() != 1 or float(v) <= 0)]
     if bad_alpha:
         raise ValueError(f"{name!r}: each .alpha must be one number > 0, got "
@@ -762,7 +767,7 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
     try:
         targets = json.loads(metadata["focusfix_targets"])
         alpha = float(metadata.get("ss_network_alpha", rank))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise ValueError(f"{name!r}: unreadable FocusFix metadata ({e})") from None
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"{name!r}: unreadable FocusFix metadata (focusfix_targets must be a list of layer "
@@ -777,6 +782,11 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
         raise ValueError(f"{name!r}: {len(other)} .alpha tensors differ from the metadata's alpha "
                          f"(ss_network_alpha {alpha:g}), e.g. {other[0]} = {float(tensors[other[0]]):g}: the file "
                          f"was altered after FocusFix saved it")
+    # FocusFix always writes .alpha; without them every LoRA loader (ComfyUI's, kohya's) applies alpha = rank
+    if not any(k.endswith(f".{_ALPHA}") for k in tensors) and not math.isclose(alpha, rank, rel_tol=1e-2):
+        raise ValueError(f"{name!r}: the file has no .alpha tensors, so LoRA loaders apply it with alpha = rank "
+                         f"({rank}), but its metadata says ss_network_alpha {alpha:g}: the file was altered after "
+                         f"FocusFix saved it")
     targets = tuple(targets)
     # copies: a tensor safetensors maps keeps the file open, and Windows then refuses to replace it (a Save
     # LoRA over the LoRA this run continued)

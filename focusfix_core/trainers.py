@@ -102,6 +102,8 @@ class _LoRAConfig:
     def _check_common(self):
         _check_seed("seed", self.seed)
         _check_positive("lr", self.lr)
+        if self.lr > torch.finfo(torch.float32).max:  # the optimizer holds it in fp32 state beside the adapters
+            raise ValueError(f"lr must be at most {torch.finfo(torch.float32).max:.3g} (a float32), got {self.lr}")
         for name in ("rank", "iterations", "batch_size"):
             _check_whole(name, getattr(self, name), 1)
             object.__setattr__(self, name, int(getattr(self, name)))  # 4.0 (a JSON number) is the count 4
