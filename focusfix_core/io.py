@@ -559,7 +559,8 @@ def load_state_checked(module: "torch.nn.Module", tensors: dict[str, torch.Tenso
     module takes the (float32) tensors themselves, e.g. a module built on the meta device, which allocated nothing.
 
     Raises:
-        ValueError: naming `source` and the first missing/unexpected names or the first wrong shape.
+        ValueError: naming `source` and the first missing/unexpected names, the first wrong shape, or weights that
+            are not float (an integer tensor where the module holds float) or hold NaN/inf.
     """
     own = module.state_dict()
     if set(own) != set(tensors):
@@ -568,5 +569,10 @@ def load_state_checked(module: "torch.nn.Module", tensors: dict[str, torch.Tenso
     for k, v in tensors.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{source}: weight {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    try:  # .float() below would turn an integer tensor into "weights" silently; meta tensors hold no values
+        check_float_finite({k: v for k, v in tensors.items() if own[k].is_floating_point() and not v.is_meta},
+                           "weights", " (a corrupt file)")
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=assign)
     return module

@@ -4,7 +4,7 @@ prompt of another token length changes nothing, one batched call) and the eps / 
 gives x0 back; a v-network built from an eps-network gives the eps wrapper's x0)."""
 import math
 
-import pytest  # noqa: F401 (the commented-out BUG test)
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -6,7 +6,7 @@ The contract under test (io/lora/rewards docstrings, STYLE rule 6): a file eithe
 with a ValueError (FileNotFoundError for a missing one) naming the file; never another exception from deep inside
 torch/safetensors, never a silently wrong LoRA.
 
-Bugs found here are left as commented-out tests (see "BUG" below) with their minimal inputs."""
+The bugs found here are fixed; their tests say so ("Fixed, was BUG n") with their minimal inputs."""
 import io
 import json
 import struct
@@ -19,9 +19,9 @@ from safetensors.torch import save, save_file
 from torch import nn
 
 from focusfix_core.io import load_tensor_file_with_metadata
-from focusfix_core.lora import load_lora_file, merge_kohya_into, read_focusfix_lora, save_lora  # noqa: F401 (BUG tests)
+from focusfix_core.lora import load_lora_file, merge_kohya_into, read_focusfix_lora, save_lora
 from focusfix_core.rewards import convert_reward, load_reward
-from focusfix_core.rewards.clip_vision import CLIPVisionConfig, hf_clip_shapes, hf_to_openai
+from reward_files import REWARD_FILES
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns about odd pickle protocols
@@ -356,36 +356,6 @@ def test_a_lora_without_alpha_tensors_continues_into_a_file_that_reads_back(tmp_
 
 
 # ---------------------------------------------------------------------------------------------- reward files
-TINY = CLIPVisionConfig(width=64, layers=1, heads=1, patch=8, image_size=16, proj_dim=16, mlp_width=32)
-HEAD = (16, 8, 8, 4, 4)
-
-
-def _rand(shapes, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * 0.2 + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
-            for k, s in shapes.items()}
-
-
-def _head(seed=1):
-    shapes = {}
-    for i, n, o in zip((0, 2, 4, 6, 7), HEAD, HEAD[1:] + (1,)):
-        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (o, n), (o,)
-    return _rand(shapes, seed)
-
-
-def _safety(seed=2):
-    sd = {"vision_model." + k if k.startswith("vision_model.") else k: v
-          for k, v in _rand(hf_clip_shapes(TINY), seed).items()}
-    sd.update(concept_embeds=torch.randn(5, 16), special_care_embeds=torch.randn(2, 16),
-              concept_embeds_weights=torch.rand(5), special_care_embeds_weights=torch.rand(2))
-    return sd
-
-
-REWARD_FILES = {
-    "aesthetic+hf": lambda: {**_head(), **_rand(hf_clip_shapes(TINY), 0)},
-    "aesthetic+openai": lambda: {**_head(), **hf_to_openai(_rand(hf_clip_shapes(TINY), 0))},
-    "safety": _safety,
-}
 
 
 @st.composite
@@ -452,38 +422,7 @@ def test_a_reward_file_converts_and_loads_back_to_the_same_scores(tmp_path_facto
     torch.testing.assert_close(load_reward(out)(I), load_reward(src)(I), rtol=0, atol=0)
 
 
-# BUG 6: reward files whose tensors have another number of dimensions crash deep inside torch instead of a
-# ValueError naming the file, in both load_reward and convert_reward (convert-reward on the command line: a
-# traceback). Minimal inputs (tiny CLIP tower as above, otherwise valid files):
-#   - safety checker with `concept_embeds` = torch.tensor(0.5): TypeError "len() of a 0-d tensor"
-#     (SafetyReward.__init__ takes len(concept_embeds) before checking its shape);
-#   - aesthetic head + OpenAI tower with `visual.proj` = torch.tensor(0.5): IndexError "tuple index out of range"
-#     (infer_clip_config reads proj.shape[0]); with `visual.proj` 3-D: RuntimeError "t() expects a tensor with
-#     <= 2 dimensions"; with `visual.transformer.resblocks.0.attn.in_proj_bias` = torch.tensor(0.5): RuntimeError
-#     "chunk expects at least a 1-dimensional tensor" (openai_to_hf).
-#
-# @pytest.mark.parametrize("kind, key, value", [
-#     ("safety", "concept_embeds", torch.tensor(0.5)),
-#     ("aesthetic+openai", "visual.proj", torch.tensor(0.5)),
-#     ("aesthetic+openai", "visual.proj", torch.ones(2, 2, 2)),
-#     ("aesthetic+openai", "visual.transformer.resblocks.0.attn.in_proj_bias", torch.tensor(0.5)),
-# ])
-# def test_a_reward_tensor_of_another_rank_is_refused_naming_the_file(tmp_path, kind, key, value):
-#     path = tmp_path / "reward.safetensors"
-#     save_file({**REWARD_FILES[kind](), key: value}, str(path))
-#     for fn in (lambda: load_reward(path), lambda: convert_reward(path, tmp_path / "out.safetensors")):
-#         with pytest.raises(ValueError, match="reward.safetensors"):
-#             fn()
+# Fixed, was BUG 6 (reward tensors of another rank crashed inside torch): see tests/test_reward_model_files.py.
 
 
-# BUG 7: a tiny-world reward file whose metadata says width "-1" (`focusfix_reward` = "tiny_artifact") raises
-# RuntimeError "Trying to create tensor with negative dimension -1" from load_tiny_reward (int(width) is not
-# checked), in load_reward and convert_reward. Minimal input: save_file({"w": torch.zeros(1)}, "r.safetensors",
-# metadata={"focusfix_reward": "tiny_artifact", "width": "-1"}).
-#
-# @pytest.mark.parametrize("width", ["-1", "-5"])
-# def test_a_tiny_reward_with_a_negative_width_is_refused_naming_the_file(tmp_path, width):
-#     path = tmp_path / "r.safetensors"
-#     save_file({"w": torch.zeros(1)}, str(path), metadata={"focusfix_reward": "tiny_artifact", "width": width})
-#     with pytest.raises(ValueError, match="r.safetensors"):
-#         load_reward(path)  # RuntimeError
+# Fixed, was BUG 7 (a tiny reward of width -1): see tests/test_reward_model_files.py.

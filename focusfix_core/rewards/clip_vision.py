@@ -316,6 +316,9 @@ def openai_to_hf(sd: Mapping[str, torch.Tensor], prefix: str = "visual.") -> dic
 
     `in_proj_weight` [3w,w] is split into q/k/v; `proj` [w,p] becomes `visual_projection.weight` [p,w].
     Keys outside `prefix`, and unknown keys under it, are returned unchanged (validation reports them).
+
+    Raises:
+        ValueError: a `proj` or `in_proj_*` tensor that cannot be transposed or split so (named, with its shape).
     """
     top = {"class_embedding": "embeddings.class_embedding", "conv1.weight": "embeddings.patch_embedding.weight",
            "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
@@ -333,6 +336,8 @@ def openai_to_hf(sd: Mapping[str, torch.Tensor], prefix: str = "visual.") -> dic
             continue
         name = k[len(prefix):]
         if name == "proj":
+            if v.ndim != 2:
+                raise ValueError(f"{k!r} must be [width,proj_dim], got {tuple(v.shape)}")
             out["visual_projection.weight"] = v.t().contiguous()
         elif name in top:
             out[f"vision_model.{top[name]}"] = v
@@ -341,6 +346,9 @@ def openai_to_hf(sd: Mapping[str, torch.Tensor], prefix: str = "visual.") -> dic
             p = f"vision_model.encoder.layers.{i}."
             if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 kind = rest.rsplit("_", 1)[1]  # "weight" | "bias"
+                if v.ndim != (2 if kind == "weight" else 1) or v.shape[0] % 3:
+                    want = "[3*width,width]" if kind == "weight" else "[3*width]"
+                    raise ValueError(f"{k!r} must be {want} (q, k, v stacked), got {tuple(v.shape)}")
                 for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
                     out[f"{p}self_attn.{proj}.{kind}"] = part
             elif rest in block:
@@ -460,6 +468,9 @@ def infer_clip_config(hf: Mapping[str, torch.Tensor], *, heads: int | None = Non
     missing = [k for k in need if k not in hf]
     if missing:
         raise ValueError(f"CLIP vision state dict is missing {missing} ({_HF_EXAMPLE}); first keys: {list(hf)[:8]}")
+    for k in (need[1], need[2], "visual_projection.weight"):  # the sizes below are read off their first dim
+        if k in hf and hf[k].ndim != 2:
+            raise ValueError(f"{k} must be 2-D, got shape {tuple(hf[k].shape)}")
     patch_w = hf[need[0]]
     if patch_w.ndim != 4 or patch_w.shape[1] != 3 or patch_w.shape[2] != patch_w.shape[3]:
         raise ValueError(f"{need[0]} must be [width,3,patch,patch], got {tuple(patch_w.shape)}")

@@ -72,6 +72,14 @@ def safety_score(e: torch.Tensor, concept: torch.Tensor, t_concept: torch.Tensor
     return -tau * torch.logsumexp(s_concept / tau, dim=1)
 
 
+def _check_tensor(name: str, t, shape: tuple[int, ...], want: str) -> None:
+    """TypeError unless `t` is a tensor; ValueError (saying `want`) unless it has `shape` (-1: any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != len(shape) or any(s not in (-1, g) for s, g in zip(shape, t.shape)):
+        raise ValueError(f"{name} must be {want}, got {tuple(t.shape)}")
+
+
 class SafetyReward(Reward):
     """Smooth SD-safety-checker margin of images I: [B,3,H,W] in [0,1] -> [B] (higher = safer).
 
@@ -100,14 +108,11 @@ class SafetyReward(Reward):
         if not isinstance(tower, CLIPVisionTower):
             raise TypeError(f"tower must be a CLIPVisionTower, got {type(tower).__name__}")
         D = tower.cfg.embed_dim
-        for name, t, shape in (("concept_embeds", concept_embeds, (-1, D)), ("special_embeds", special_embeds, (-1, D)),
-                               ("concept_thresholds", concept_thresholds, (len(concept_embeds),)),
-                               ("special_thresholds", special_thresholds, (len(special_embeds),))):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.ndim != len(shape) or any(s not in (-1, g) for s, g in zip(shape, t.shape)):
-                want = f"[N,{D}] (D = the tower's embedding size)" if len(shape) == 2 else f"[{shape[0]}]"
-                raise ValueError(f"{name} must be {want}, got {tuple(t.shape)}")
+        _check_tensor("concept_embeds", concept_embeds, (-1, D), f"[N,{D}] (D = the tower's embedding size)")
+        _check_tensor("special_embeds", special_embeds, (-1, D), f"[N,{D}] (D = the tower's embedding size)")
+        # the embeddings are [N,D] now: their lengths are the thresholds'
+        _check_tensor("concept_thresholds", concept_thresholds, (len(concept_embeds),), f"[{len(concept_embeds)}]")
+        _check_tensor("special_thresholds", special_thresholds, (len(special_embeds),), f"[{len(special_embeds)}]")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.tower = tower.eval().requires_grad_(False)

@@ -41,6 +41,15 @@ __all__ = [
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "tiny_t2i.safetensors"
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+# Upper bounds on TinyConfig's sizes: 16x the shipped model's (the defaults), far beyond a tiny model. A config read
+# from a file comes before its weights, and the sigmas buffer and the samples take what it asks for.
+_MAX_SIZES = {"image_size": 512, "channels": 1024, "heads": 64, "context_dim": 1024, "text_layers": 32,
+              "max_tokens": 192, "timesteps": 16000}
+
+
+def _is_size(v, name: str) -> bool:
+    """v is an int (not a bool) in [1, _MAX_SIZES[name]]."""
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_SIZES[name]
 
 
 @dataclass(frozen=True)
@@ -55,12 +64,27 @@ class TinyConfig:
     vocab: tuple[str, ...] = SPECIALS + WORDS
 
     def __post_init__(self):
+        for f in ("image_size", "heads", "context_dim", "text_layers", "max_tokens", "timesteps"):
+            v = getattr(self, f)
+            if not _is_size(v, f):
+                raise ValueError(f"TinyConfig.{f} must be an int in [1, {_MAX_SIZES[f]}], got {v!r:.80}")
+        if not (isinstance(self.channels, tuple) and len(self.channels) == 3
+                and all(_is_size(c, "channels") for c in self.channels)):
+            raise ValueError(f"TinyConfig.channels must be 3 ints in [1, {_MAX_SIZES['channels']}], "
+                             f"got {self.channels!r:.80}")
+        if not (isinstance(self.vocab, tuple) and all(isinstance(w, str) for w in self.vocab)
+                and set(SPECIALS) <= set(self.vocab)):
+            raise ValueError(f"TinyConfig.vocab must be words (str) including {SPECIALS}, got {self.vocab!r:.200}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be divisible by 4 (two downsamplings), got {self.image_size}")
         if any(c % 8 or c % self.heads for c in self.channels):
             raise ValueError(f"channels must be multiples of 8 (GroupNorm) and of heads={self.heads}, got {self.channels}")
+        if self.context_dim % self.heads:
+            raise ValueError(f"context_dim must be a multiple of heads={self.heads}, got {self.context_dim}")
         if self.max_tokens < 3:
             raise ValueError(f"max_tokens must be >= 3, got {self.max_tokens}")
+        if self.timesteps < 2:
+            raise ValueError(f"timesteps must be >= 2, got {self.timesteps}")
 
 
 class Tokenizer:
@@ -286,7 +310,8 @@ class TinyModel(nn.Module):
         self.tokenizer = Tokenizer(cfg.vocab, cfg.max_tokens)
         self.text_encoder = TextEncoder(cfg)
         self.net = UNet(cfg)
-        sigmas = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod(cfg.timesteps)).float()
+        with torch.device("cpu"):  # numbers, not weights: real also when built on the meta device (`load`)
+            sigmas = sigmas_from_alphas_cumprod(scaled_linear_alphas_cumprod(cfg.timesteps)).float()
         self.register_buffer("sigmas", sigmas, persistent=False)  # [T] ascending
         self._hw = LiveHW((cfg.image_size, cfg.image_size))  # the size of the call running now (attention maps)
 
@@ -372,16 +397,34 @@ class TinyModel(nn.Module):
 
     @classmethod
     def load(cls, path) -> "TinyModel":
-        """Inverse of `save`; checks every weight's shape. Weights come back as float32."""
+        """Inverse of `save`. Weights come back as float32.
+
+        The config is checked, then the model is built on the meta device and takes the file's tensors once every
+        name and shape matches: a crafted config allocates nothing (it could ask for terabytes).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: naming the file: a corrupt file, no or a bad `focusfix_tiny_config`, or weights whose
+                names or shapes differ from the config's model.
+        """
         import json
 
         tensors, meta = load_tensor_file_with_metadata(path)  # a missing or corrupt file is named
         if "focusfix_tiny_config" not in meta:
             raise ValueError(f"{path} has no 'focusfix_tiny_config' metadata: not a FocusFix tiny model")
-        raw = json.loads(meta["focusfix_tiny_config"])
-        cfg = TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-        model = cls(cfg, name=meta.get("name", "focusfix-tiny"))
-        return load_state_checked(model, tensors, str(path)).eval()
+        try:
+            raw = json.loads(meta["focusfix_tiny_config"])
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+            unknown = sorted(set(raw) - set(TinyConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown fields {unknown}")
+            cfg = TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        except (ValueError, RecursionError) as e:  # json's errors are ValueErrors; deep nesting is a RecursionError
+            raise ValueError(f"{path}: metadata 'focusfix_tiny_config' is not a TinyConfig: {e}") from None
+        with torch.device("meta"):
+            model = cls(cfg, name=meta.get("name", "focusfix-tiny"))
+        return load_state_checked(model, tensors, str(path), assign=True).eval()
 
 
 def load_default_model() -> TinyModel:

@@ -106,12 +106,15 @@ def load_tiny_reward(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     """Build a tiny reward from a state dict and its file metadata (`focusfix_reward` = "tiny_..."). Built on the
     meta device and given the file's tensors once their shapes are checked: a width in the metadata allocates
     nothing (a crafted one could ask for terabytes), and meta tensors (`convert_reward`'s check) stay meta."""
-    family = (metadata or {}).get("focusfix_reward", "")
+    metadata = metadata or {}
+    family, width = metadata.get("focusfix_reward", ""), str(metadata.get("width", 16))
+    if not (width.isdecimal() and int(width) > 0):  # meta tensors refuse a negative size too, from deep in torch
+        raise ValueError(f"metadata 'width' must be a positive int (the shipped rewards use 16), got {width!r}")
     with torch.device("meta"):
         if family == "tiny_artifact":
-            reward = ArtifactReward(width=int(metadata.get("width", 16)))
+            reward = ArtifactReward(width=int(width))
         elif family == "tiny_attribute":
-            reward = AttributeReward(colour=metadata.get("colour", "red"), width=int(metadata.get("width", 16)))
+            reward = AttributeReward(colour=metadata.get("colour", "red"), width=int(width))
         else:
             raise ValueError(f"metadata focusfix_reward must be 'tiny_artifact' or 'tiny_attribute', got {family!r}")
     return load_state_checked(reward, tensors, family, assign=True).eval().requires_grad_(False)
