@@ -49,7 +49,7 @@ def _check_token_indices(token_indices: object) -> list[list[list[int]]]:
             if (
                 not isinstance(word, (list, tuple))
                 or len(word) == 0
-                or not all(isinstance(t, int) and t >= 0 for t in word)
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in word)  # True is 1
             ):
                 raise ValueError(f"token_indices[{b}]: each word must be a non-empty list of token positions >= 0, got {word!r}")
             entry.append(list(word))
@@ -531,6 +531,8 @@ def overlay_maps(I: torch.Tensor, A: torch.Tensor, alpha: float = 0.5) -> torch.
         raise ValueError(f"attention maps A must be [B,n_words,h,w] with B = {I.shape[0]}, got shape {tuple(A.shape)}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0,1], got {alpha}")
+    if A.shape[-2] < 1 or A.shape[-1] < 1 or not torch.isfinite(A).all():
+        raise ValueError(f"attention maps A must be finite with at least one pixel, got shape {tuple(A.shape)}")
     A = A.to(I.dtype).clamp_min(0)
     A = A / A.flatten(2).amax(2)[..., None, None].clamp_min(torch.finfo(A.dtype).tiny)  # (B, n, h, w) in [0,1]
     A = F.interpolate(A, size=I.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)  # (B, n, H, W)

@@ -156,6 +156,8 @@ def _check_maps(A: torch.Tensor, min_words: int) -> tuple[int, int, int, int]:
         raise ValueError(f"attention maps A must be [B,N,h,w], got shape {tuple(A.shape)}")
     if A.shape[1] < min_words:
         raise ValueError(f"attention maps A need N >= {min_words} object tokens, got N = {A.shape[1]}")
+    if A.shape[2] < 1 or A.shape[3] < 1:
+        raise ValueError(f"attention maps A need at least one pixel, got shape {tuple(A.shape)}")
     return tuple(A.shape)
 
 
@@ -218,8 +220,8 @@ def enhance_loss(A: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
     B, N, h, w = _check_maps(A, 1)
     if h < 2 or w < 2:
         raise ValueError(f"attention maps A must be at least 2x2 for the 3x3 blur, got {h}x{w}")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not 0 < sigma <= 1e4:  # a wider blur flattens any map (kornia overflows float32 far beyond)
+        raise ValueError(f"sigma must be > 0 and at most 1e4 pixels, got {sigma}")
     GA = kornia.filters.gaussian_blur2d(A, (3, 3), (sigma, sigma), border_type="reflect")  # (B, N, h, w)
     return 1 - GA.flatten(2).amax(2).amin(1)  # (B,)
 
@@ -270,12 +272,15 @@ def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor, *
     if len(deltas) == 0:
         raise ValueError("deltas is empty: key_change_loss needs at least one adapted layer")
     _check_tensor(base_energy, "base_energy", "[P]")
+    if base_energy.ndim != 1:
+        raise ValueError(f"base_energy must be [P] finite and > 0, got shape {tuple(base_energy.shape)}")
     P = base_energy.shape[0]
-    if base_energy.ndim != 1 or check_energy and not bool((torch.isfinite(base_energy) & (base_energy > 0)).all()):
+    if check_energy and not bool((torch.isfinite(base_energy) & (base_energy > 0)).all()):
         raise ValueError(f"base_energy must be [P] finite and > 0, got shape {tuple(base_energy.shape)}")
     for d in deltas:
         _check_tensor(d, "each of deltas", "[P,T,C]")
-        if d.ndim < 1 or d.shape[0] != P:
-            raise ValueError(f"each of deltas must have P = {P} rows (one per prompt), got shape {tuple(d.shape)}")
+        if d.ndim < 2 or d.shape[0] != P:
+            raise ValueError(f"each of deltas must be [P,...] with P = {P} rows (one per prompt), got shape "
+                             f"{tuple(d.shape)}")
     num = sum(d.to(torch.promote_types(d.dtype, torch.float32)).square().flatten(1).sum(1) for d in deltas)  # (P,)
     return num / base_energy.to(num.device, num.dtype)

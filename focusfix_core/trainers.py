@@ -801,7 +801,7 @@ class FixTrainer(_LoRATrainer):
             return M[0]
         if len(M) == len(self.items):
             return M[i]
-        return M[self.cfg.seeds.index(self.items[i][1])]
+        return M[i % len(self.cfg.seeds)]  # items are prompt-major: the seed's position, also for a repeated seed
 
     @contextmanager
     def _as_in_a_step(self):

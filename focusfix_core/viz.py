@@ -24,6 +24,8 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [N,3,H,W], got {tuple(images.shape)}")
     N = images.shape[0]
+    if N == 0:
+        raise ValueError("images is empty: a grid needs at least one image")
     nrow = nrow or math.ceil(math.sqrt(N))
     rows = math.ceil(N / nrow)
     filler = images.new_full((rows * nrow - N, *images.shape[1:]), pad_value)
@@ -48,7 +50,12 @@ def mask_overlay(I: torch.Tensor, M: torch.Tensor, color=(1.0, 0.2, 0.2), alpha:
 def heat_overlay(I: torch.Tensor, H: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Blend a per-image-normalised heatmap (blue -> red) over I. H: [B,H,W] or [B,1,H,W] -> [B,3,H,W]."""
     H = H[:, None] if H.ndim == 3 else H
-    H = F.interpolate(H.float(), size=I.shape[-2:], mode="bilinear", align_corners=False) if H.shape[-2:] != I.shape[-2:] else H.float()
+    if not torch.isfinite(H).all():
+        raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
+    # float64: a finite map's range (hi - lo) can overflow float32
+    H = H.double()
+    if H.shape[-2:] != I.shape[-2:]:
+        H = F.interpolate(H, size=I.shape[-2:], mode="bilinear", align_corners=False)
     lo = H.amin(dim=(1, 2, 3), keepdim=True)
     hi = H.amax(dim=(1, 2, 3), keepdim=True)
     h = (H - lo) / (hi - lo).clamp_min(1e-8)
