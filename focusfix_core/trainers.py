@@ -189,8 +189,6 @@ class FixConfig(_LoRAConfig):
         return [(p, s) for p in self.prompts for s in self.seeds]
 
 
-
-
 def parse_ints(text: str, name: str = "seeds") -> list[int]:
     """'0, 1, 5-7' -> [0, 1, 5, 6, 7] (the seeds of the nodes and the CLI); ValueError quoting the bad part."""
     out: list[int] = []
