@@ -531,9 +531,10 @@ def overlay_maps(I: torch.Tensor, A: torch.Tensor, alpha: float = 0.5) -> torch.
         raise ValueError(f"attention maps A must be [B,n_words,h,w] with B = {I.shape[0]}, got shape {tuple(A.shape)}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0,1], got {alpha}")
-    if A.shape[-2] < 1 or A.shape[-1] < 1 or not torch.isfinite(A).all():
-        raise ValueError(f"attention maps A must be finite with at least one pixel, got shape {tuple(A.shape)}")
-    A = A.to(I.dtype).clamp_min(0)
+    if A.shape[-2] < 1 or A.shape[-1] < 1:
+        raise ValueError(f"attention maps A need at least one pixel, got shape {tuple(A.shape)}")
+    # NaN/inf (the maps of a run that diverged, drawn in its report) as 0, not NaN pixels
+    A = torch.nan_to_num(A.to(I.dtype), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
     A = A / A.flatten(2).amax(2)[..., None, None].clamp_min(torch.finfo(A.dtype).tiny)  # (B, n, h, w) in [0,1]
     A = F.interpolate(A, size=I.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)  # (B, n, H, W)
     heat = rearrange(_heat(A), "b n H W c -> b n c H W")

@@ -48,12 +48,12 @@ def mask_overlay(I: torch.Tensor, M: torch.Tensor, color=(1.0, 0.2, 0.2), alpha:
 
 
 def heat_overlay(I: torch.Tensor, H: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Blend a per-image-normalised heatmap (blue -> red) over I. H: [B,H,W] or [B,1,H,W] -> [B,3,H,W]."""
+    """Blend a per-image-normalised heatmap (blue -> red) over I. H: [B,H,W] or [B,1,H,W] -> [B,3,H,W]; a NaN or
+    inf value of H draws as 0."""
     H = H[:, None] if H.ndim == 3 else H
-    if not torch.isfinite(H).all():
-        raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
-    # float64: a finite map's range (hi - lo) can overflow float32
-    H = H.double()
+    # NaN/inf (the map of a run that diverged, drawn in its failure report) as 0, not NaN pixels; float64: a
+    # finite map's range (hi - lo) can overflow float32
+    H = torch.nan_to_num(H.double(), nan=0.0, posinf=0.0, neginf=0.0)
     if H.shape[-2:] != I.shape[-2:]:
         H = F.interpolate(H, size=I.shape[-2:], mode="bilinear", align_corners=False)
     lo = H.amin(dim=(1, 2, 3), keepdim=True)
