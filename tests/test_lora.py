@@ -17,6 +17,7 @@ from focusfix_core.lora import (
     resolve_targets,
     save_lora,
 )
+from unet_skeleton import skeleton as _skeleton
 
 
 
@@ -669,23 +670,6 @@ def _sd15_unet_hosts() -> list[str]:
     for i in range(12):
         block(f"output_blocks.{i}", skip=True, attention=i >= 3, upsampler=i in (2, 5, 8))
     return hosts
-
-
-def _skeleton(paths: list[str], **attrs) -> nn.Module:
-    """A weightless stand-in net holding a 1-channel Linear or 1x1 Conv2d at each path (never run forward)."""
-    net = nn.Module()
-    for path in paths:
-        *parents, leaf = path.split(".")
-        m = net
-        for p in parents:
-            if not hasattr(m, p):
-                m.add_module(p, nn.Module())
-            m = getattr(m, p)
-        linear = any(s in path for s in ("transformer_blocks", "emb_layers", "time_embed"))
-        m.add_module(leaf, nn.Linear(1, 1) if linear else nn.Conv2d(1, 1, 1))
-    for k, v in attrs.items():
-        setattr(net, k, v)
-    return net
 
 
 # LDM path -> the name kohya's SD1.5 LoRAs use (diffusers' UNet2DConditionModel; as comfy.utils.unet_to_diffusers)

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from torch import nn
 
 from focusfix_core.lora import LoRA, _kohya_name, diffusers_unet_names, merge_kohya_into, read_focusfix_lora
+from unet_skeleton import skeleton as _skeleton
 
 FAST = settings(max_examples=15, deadline=None)
 _RES = ("in_layers.2", "emb_layers.1", "out_layers.3")  # a ResBlock's Linear/Conv2d layers
@@ -70,23 +70,6 @@ def unet_layouts(draw):
                 hosts.append(f"{block}.{2 if level in attn_levels else 1}.conv")
             j += 1
     return hosts, res
-
-
-def _skeleton(paths, **attrs) -> nn.Module:
-    """A stand-in net holding a 1-channel Linear or 1x1 Conv2d at each path (never run forward)."""
-    net = nn.Module()
-    for path in paths:
-        *parents, leaf = path.split(".")
-        m = net
-        for p in parents:
-            if not hasattr(m, p):
-                m.add_module(p, nn.Module())
-            m = getattr(m, p)
-        linear = any(s in path for s in ("transformer_blocks", "emb_layers", "time_embed"))
-        m.add_module(leaf, nn.Linear(1, 1) if linear else nn.Conv2d(1, 1, 1))
-    for k, v in attrs.items():
-        setattr(net, k, v)
-    return net
 
 
 def _randomized(lora, seed):
