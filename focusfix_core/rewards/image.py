@@ -36,9 +36,19 @@ def luminance(I: torch.Tensor) -> torch.Tensor:
     return kornia.color.rgb_to_grayscale(I)
 
 
+def _laplacian(I: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Laplacian of the luma, reflect borders. I: [B,3,H,W] -> [B,1,H,W]; each side must exceed kernel_size // 2
+    (the reflect padding), else a ValueError naming the images."""
+    if min(I.shape[-2:]) <= kernel_size // 2:
+        side = kernel_size // 2 + 1
+        raise ValueError(f"images must be at least {side}x{side} pixels for a {kernel_size}x{kernel_size} Laplacian, "
+                         f"got {I.shape[-2]}x{I.shape[-1]}")
+    return kornia.filters.laplacian(luminance(I), kernel_size, border_type="reflect", normalized=False)
+
+
 def laplacian_energy(I: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
     """Squared Laplacian of the luma (pixel-wise high-frequency energy). I: [B,3,H,W] -> [B,1,H,W]."""
-    return kornia.filters.laplacian(luminance(I), kernel_size, border_type="reflect", normalized=False) ** 2
+    return _laplacian(I, kernel_size) ** 2
 
 
 def fit_region(region: torch.Tensor, I: torch.Tensor, name: str = "region") -> torch.Tensor:
@@ -102,8 +112,7 @@ class SharpnessReward(Reward):
         self.kernel_size, self.window = kernel_size, float(window)
 
     def score(self, I: torch.Tensor) -> torch.Tensor:
-        lap = kornia.filters.laplacian(luminance(I), self.kernel_size, border_type="reflect", normalized=False)
-        return lap.flatten(1).var(dim=1)
+        return _laplacian(I, self.kernel_size).flatten(1).var(dim=1)
 
     def heatmap(self, I: torch.Tensor) -> torch.Tensor:
         E = _blur(laplacian_energy(I, self.kernel_size), self.window)  # [B,1,H,W]
