@@ -380,7 +380,7 @@ def damaged_reward_files(draw):
             sd[key] = torch.randn(shape)
         elif op == "int":
             sd[key] = t.to(torch.int32)
-        elif op == "nan" and t.numel():
+        elif op == "nan" and t.numel() and t.is_floating_point():  # (an earlier "int" damage of the same key)
             sd[key] = t.clone().view(-1).index_fill(0, torch.tensor([0]), float("nan")).view(t.shape)
         elif op == "extra":
             sd["unexpected.weight"] = torch.ones(3)

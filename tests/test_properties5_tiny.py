@@ -3,7 +3,7 @@ and the tiny tokenizer (tiny/model.py `Tokenizer`): determinism per seed, docume
 matches the pixels, tokens() always max_tokens long with unknown words mapped to <unk>."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from focusfix_core.tiny.evaluate import glitch_map, has_glitch
@@ -128,5 +128,6 @@ def test_tokens_are_always_max_tokens_long_start_end_pad_and_unknown_words_are_u
 @given(prompt=PROMPTS, T=st.integers(3, 20))
 def test_tokens_are_a_function_of_the_lowercased_words(prompt, T):
     tok = Tokenizer(VOCAB, T)
+    assume(prompt.upper().lower() == prompt.lower())  # "ﬀ".upper() is "FF": another text, not another case
     assert tok.tokens(prompt) == tok.tokens(prompt.upper()) == tok.tokens("  ,".join(prompt.split()))
     assert set(tok.tokens(prompt)) <= set(VOCAB) and set(SPECIALS) <= set(VOCAB)
