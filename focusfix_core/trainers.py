@@ -780,9 +780,9 @@ class FixTrainer(_LoRATrainer):
         if bad:
             raise ValueError(f"{bad[0]}: paint the region that may change (in ComfyUI's mask editor the painted "
                              f"part is 1 = may change), or set lam 0 for plain DRaFT")
-        M = M.float().clamp(0, 1)
+        M = M.float().clamp(0, 1).cpu()  # in CPU memory like the cache it feeds (`_keep`)
         self._painted_digest = _digest(M)  # a resume with other masks is refused
-        return M.to(self.device)
+        return M
 
     # -- I0 and M: computed once per item (the base model is frozen) ----------------------------------------
     def _noise(self, idx: list[int]) -> torch.Tensor:
@@ -815,11 +815,34 @@ class FixTrainer(_LoRATrainer):
             return fns[0] if fns else None
         return lambda info: [f(info) for f in fns]
 
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        """A cache entry: t copied to CPU memory (page-locked beside a CUDA device, so the copy back in each
+        step is asynchronous). On the device the cache would grow by every (prompt, seed): ~4 MB an item at
+        512², ~17 MB at 1024²; the copy back moves a batch's share of that (about 1 ms per 17 MB over PCIe 4)."""
+        t = t.detach().cpu()
+        if self.device.type == "cuda":
+            try:
+                return t.pin_memory()
+            except RuntimeError:  # page-locked memory can run short (WSL caps it): a plain copy is only slower
+                pass
+        return t
+
     @torch.no_grad()
     def base(self, idx: list[int], callback: Callable[[dict], None] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx, cached;
-        `callback` follows the sampler's steps when I0 is sampled.
+        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx on the
+        trainer's device, from the cache (`_fill_cache`); `callback` follows the sampler's steps when I0 is
+        sampled."""
+        self._fill_cache(idx, callback)
+        entries = [self._cache[i] for i in idx]
+
+        def stacked(k: int) -> torch.Tensor:
+            return torch.stack([e[k].to(self.device, non_blocking=True) for e in entries])
+        return stacked(0), stacked(1), None if entries[0][2] is None else stacked(2)
+
+    @torch.no_grad()
+    def _fill_cache(self, idx: list[int], callback: Callable[[dict], None] | None = None) -> None:
+        """Sample I0 and derive M for the items of idx not in the cache yet, and cache them in CPU memory.
 
         A batch with a new item is sampled whole, cached items too: kernels round differently at other batch
         sizes, and the new item's I0 must equal its I in the step that trains it on this batch while the LoRA is
@@ -845,9 +868,7 @@ class FixTrainer(_LoRATrainer):
             else:
                 M = torch.cat([self._derived_mask(i, I0[j:j + 1]) for j, i in enumerate(todo)])
             for j, i in enumerate(todo):
-                self._cache[i] = (I0[j], z0[j], None if M is None else M[j].to(self.device))
-        I0, z0, M = zip(*(self._cache[i] for i in idx))
-        return torch.stack(I0), torch.stack(z0), None if M[0] is None else torch.stack(M)
+                self._cache[i] = (self._keep(I0[j]), self._keep(z0[j]), None if M is None else self._keep(M[j]))
 
     def _derived_mask(self, i: int, I0: torch.Tensor) -> torch.Tensor:
         """M(I0): [1,H,W] of item i from the reward (heatmap or saliency), for I0 [1,3,H,W] as the artist sees it
@@ -871,8 +892,9 @@ class FixTrainer(_LoRATrainer):
     @torch.no_grad()
     def before_after(self, progress: Callable[[int], Callable[[dict], None]] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """I0 [N,3,H,W], I [N,3,H,W] (the LoRA as it is now) and M [N,H,W] (None for "none") of every item,
-        batch_size items at a time: the peak memory stays a training batch's, however many items there are.
+        """I0 [N,3,H,W], I [N,3,H,W] (the LoRA as it is now) and M [N,H,W] (None for "none") of every item, in
+        CPU memory, drawn batch_size items at a time: the device's peak stays a training batch's, however many
+        items there are.
 
         progress: called once with the number of sampler steps to come (I0 of items not seen in training, and
         every I); the callback it returns follows each of them (a progress bar with previews)."""
@@ -883,11 +905,11 @@ class FixTrainer(_LoRATrainer):
         I0, I, M = [], [], []
         with self._explain_oom("while drawing the before/after images"):
             for chunk in chunks:
-                i0, _, m = self.base(chunk, callback)
-                I0.append(i0)
-                I.append(self.sample_images(chunk, callback))
-                M.append(m)
-        return torch.cat(I0), torch.cat(I), None if M[0] is None else torch.cat(M)
+                self._fill_cache(chunk, callback)
+                I0 += [self._cache[i][0] for i in chunk]
+                M += [self._cache[i][2] for i in chunk]
+                I.append(self.sample_images(chunk, callback).cpu())
+        return torch.stack(I0), torch.cat(I), None if M[0] is None else torch.stack(M)
 
     @torch.no_grad()
     def sample_images(self, idx: list[int], callback: Callable[[dict], None] | None = None) -> torch.Tensor:

@@ -649,6 +649,27 @@ def test_a_batch_with_a_new_item_is_sampled_whole(small_model, square_reward, mo
     trainer.lora.remove()
 
 
+@pytest.mark.parametrize("mask_source", ["heatmap", "mask"])
+def test_the_cache_and_the_before_after_images_stay_in_cpu_memory(small_model, square_reward, mask_source):
+    """Device memory does not grow with the number of (prompt, seed) items: I0, z0 and M are cached in CPU
+    memory and copied to the trainer's device per batch; before_after() hands back CPU tensors. (On this
+    CPU-only machine the device is switched to `meta` once the cache is filled, to see where base() puts them.)"""
+    masks = torch.zeros(3, 16, 16) if mask_source == "mask" else None
+    if masks is not None:
+        masks[:, 4:8, 4:8] = 1
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(seeds=(0, 1, 2), batch_size=2, mask_source=mask_source),
+                         masks=masks)
+    I0, I, M = trainer.before_after()
+    assert {t.device.type for t in (I0, I, M)} == {"cpu"}
+    assert {t.device.type for entry in trainer._cache.values() for t in entry} == {"cpu"}
+    assert trainer._painted is None or trainer._painted.device.type == "cpu"
+    trainer.device = torch.device("meta")  # every item is cached: base() only copies
+    out = trainer.base([2, 0])
+    assert [t.device.type for t in out] == ["meta"] * 3
+    assert [tuple(t.shape) for t in out] == [(2, 3, 16, 16), (2, *trainer.latent_shape), (2, 16, 16)]
+    trainer.lora.remove()
+
+
 def test_before_after_progress_announces_and_follows_every_sampler_step(small_model, square_reward):
     """progress(total) is called once; its callback follows exactly `total` sampler steps: I0 of the batches with
     an item training never saw, and every I."""

@@ -946,7 +946,11 @@ def test_idle_models_are_released_on_a_comfyui_without_model_patches(comfy, chec
     dm = adapters.ComfyDiffusionModel(model.clone(), clip, vae)
     mm.load_models_gpu([dm.patcher, vae.patcher])
     ours = {id(dm.patcher.model), id(vae.patcher.model)}
-    dm.patcher, dm.vae.patcher = OldPatcher(dm.patcher), OldPatcher(vae.patcher)
-    assert not hasattr(dm.patcher, "model_patches_models")
-    adapters.release_idle_models(dm)  # no AttributeError, and our MODEL and VAE stay loaded
-    assert ours <= {id(lm.model.model) for lm in mm.current_loaded_models}
+    vae_patcher = vae.patcher
+    dm.patcher, dm.vae.patcher = OldPatcher(dm.patcher), OldPatcher(vae_patcher)
+    try:
+        assert not hasattr(dm.patcher, "model_patches_models")
+        adapters.release_idle_models(dm)  # no AttributeError, and our MODEL and VAE stay loaded
+        assert ours <= {id(lm.model.model) for lm in mm.current_loaded_models}
+    finally:  # dm.vae is the shared fixture's VAE: later tests must get its real patcher back
+        vae.patcher = vae_patcher
