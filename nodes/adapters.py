@@ -44,6 +44,7 @@ __all__ = [
     "reward_choices",
     "load_reward_by_name",
     "grad_mode",
+    "reward_device",
     "reward_on",
     "prompt_attention_maps",
 ]
@@ -893,6 +894,19 @@ def grad_mode() -> Iterator[None]:
         yield
 
 
+def _home(reward: nn.Module) -> torch.device:
+    return next((t.device for t in (*reward.parameters(), *reward.buffers())), torch.device("cpu"))
+
+
+def reward_device(reward: nn.Module) -> torch.device:
+    """Where `reward_on` puts the reward: ComfyUI's compute device (outside ComfyUI, where the reward is)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return _home(reward)
+    return mm.get_torch_device()
+
+
 @contextmanager
 def reward_on(reward: nn.Module, *tensors: torch.Tensor) -> Iterator[tuple]:
     """While active: the reward on the compute device; yields (reward, *plain clones of tensors on that device).
@@ -901,12 +915,7 @@ def reward_on(reward: nn.Module, *tensors: torch.Tensor) -> Iterator[tuple]:
     goes back where it was, also after an error or a cancel (a CLIP reward's tower, 1.14 GiB in fp32, would
     otherwise stay on the card beside the next KSampler's models). Use inside `grad_mode()`: the clones are
     ordinary tensors autograd may save."""
-    home = next((t.device for t in (*reward.parameters(), *reward.buffers())), torch.device("cpu"))
-    try:
-        import comfy.model_management as mm
-        device = mm.get_torch_device()
-    except ImportError:
-        device = home
+    home, device = _home(reward), reward_device(reward)
     try:
         reward.to(device)  # in place: nn.Module.to moves the cached object itself
         yield (reward, *(t.detach().clone().to(device) for t in tensors))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, TypeVar
 
 import torch
 
@@ -9,16 +10,42 @@ from ..focusfix_core import saliency, viz
 from ..focusfix_core.rewards.composite import WeightedSum
 from ..focusfix_core.rewards.loading import TOWER_DTYPES
 from .adapters import b1hw_to_mask, bchw_to_image, grad_mode, image_to_bchw, load_reward_by_name, mask_to_b1hw, \
-    reward_choices, reward_on
+    reward_choices, reward_device, reward_on
 from .common import REWARD, check_widget_ranges, file_fingerprint, tip, widgets_checked
 
 __all__ = ["FocusFixLoadReward", "FocusFixCombineRewards", "FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixCompare",
            "score_table", "weighted_sum_name"]
 
 
+T = TypeVar("T")
+
 # smallest image side the reward nodes take: the rewards' filters (sharpness: a 5x5 Laplacian with reflect
 # border) need a few pixels, and a 1x1 image ended in a raw torch padding error
 _MIN_SIDE = 8
+
+
+def each_image(reward, I: torch.Tensor, fn: Callable[[torch.nn.Module, torch.Tensor], T]) -> list[T]:
+    """[fn(r, x) for each image x: [1,3,H,W] of I: [B,3,H,W]], with the reward r on the compute device and x a
+    plain copy there (call inside `grad_mode()`). One image at a time: the node's device memory is one image's
+    (a gradient saliency map through a CLIP tower holds its activations), whatever the batch; a result
+    depends on its image alone. ComfyUI's progress bar follows the images, and its cancel is checked between
+    them."""
+    try:
+        import comfy.model_management as mm
+        import comfy.utils
+    except ImportError:  # the core's tests, without ComfyUI
+        mm = pbar = None
+    else:
+        pbar = comfy.utils.ProgressBar(len(I))
+    device, out = reward_device(reward), []
+    with reward_on(reward) as (r,):
+        for j in range(len(I)):
+            if mm is not None:
+                mm.throw_exception_if_processing_interrupted()
+            out.append(fn(r, I[j:j + 1].to(device, copy=True)))
+            if pbar is not None:
+                pbar.update_absolute(j + 1, len(I))
+    return out
 
 
 def score_table(scores: list[float], name: str) -> str:
@@ -131,11 +158,16 @@ class FocusFixScoreImages:
                              "reward": tip(REWARD, "The reward (FocusFix Load Reward).")}}
 
     def execute(self, image, reward):
-        with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):
+        I = image_to_bchw(image, "image", _MIN_SIDE)
+
+        def score_and_map(r, x):
             with torch.no_grad():
-                scores = r(I).float().cpu().tolist()
-            heat = _heatmap(r, I)
-            return (scores, score_table(scores, r.name), b1hw_to_mask(heat), bchw_to_image(viz.heat_overlay(I, heat)))
+                score = float(r(x).float()[0])
+            return score, _heatmap(r, x).cpu()
+        with grad_mode():
+            scores, heat = zip(*each_image(reward, I, score_and_map))
+        scores, heat = list(scores), torch.cat(heat)
+        return (scores, score_table(scores, reward.name), b1hw_to_mask(heat), bchw_to_image(viz.heat_overlay(I, heat)))
 
 
 def _heatmap(reward, I):
@@ -195,14 +227,16 @@ class FocusFixSaliencyMask:
 
     @widgets_checked
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
-        with grad_mode(), reward_on(reward, image_to_bchw(image, "image", _MIN_SIDE)) as (r, I):
-            # one image at a time, smoothgrad's noise seeded the same for each: an image's mask depends on that
-            # image alone (not on the run, nor on the batch it came in), as the Train node's masks do
-            M = torch.cat([saliency.mask_from_reward(
-                r, I[j:j + 1], source, method=method, generator=torch.Generator(device=I.device).manual_seed(0),
+        I = image_to_bchw(image, "image", _MIN_SIDE)
+
+        def mask(r, x):  # smoothgrad's noise seeded the same for each image, as the Train node's masks are
+            return saliency.mask_from_reward(
+                r, x, source, method=method, generator=torch.Generator(device=x.device).manual_seed(0),
                 blur_sigma=blur_sigma, threshold_mode=threshold_mode, threshold=threshold, dilation=dilation,
-                feather=feather) for j in range(I.shape[0])])
-            return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))
+                feather=feather).cpu()
+        with grad_mode():
+            M = torch.cat(each_image(reward, I, mask))
+        return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))
 
 
 class FocusFixCompare:
@@ -233,8 +267,8 @@ class FocusFixCompare:
         inside, outside = _mean_over(D, M), _mean_over(D, 1 - M)
         rb = ra = 0.0
         if reward is not None:
-            with grad_mode(), torch.no_grad(), reward_on(reward, torch.cat([I0, I])) as (r, both):
-                s = r(both).float().cpu()
+            with grad_mode(), torch.no_grad():
+                s = torch.tensor(each_image(reward, torch.cat([I0, I]), lambda r, x: float(r(x).float()[0])))
             rb, ra = float(s[: len(I0)].mean()), float(s[len(I0):].mean())
         scored = f"reward before {rb:.4f} -> after {ra:.4f}" if reward is not None else "reward: none connected"
         text = (f"{scored}\nchange inside mask {_fmt(inside, 'empty mask')}, "

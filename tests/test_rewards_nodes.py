@@ -47,15 +47,31 @@ class Failing(Sharpness):
         raise RuntimeError("boom: the node failed (or was cancelled) while the reward was on the device")
 
 
+class _Progress:
+    """A stand-in `comfy.utils.ProgressBar` recording its updates (class-wide, in `updates`)."""
+    updates: list = []
+
+    def __init__(self, total):
+        self.total = total
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.updates.append((value, total))
+
+
 @pytest.fixture
 def comfy_device(monkeypatch):
-    """A stand-in `comfy.model_management` whose compute device is DEVICE."""
+    """Stand-ins for `comfy.model_management` (compute device DEVICE, cancel never pressed) and `comfy.utils`."""
     mm = types.ModuleType("comfy.model_management")
     mm.get_torch_device = lambda: DEVICE
+    mm.throw_exception_if_processing_interrupted = lambda: None
+    utils = types.ModuleType("comfy.utils")
+    monkeypatch.setattr(_Progress, "updates", [])
+    utils.ProgressBar = _Progress
     comfy = types.ModuleType("comfy")
-    comfy.model_management = mm
+    comfy.model_management, comfy.utils = mm, utils
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
     return DEVICE
 
 
@@ -95,6 +111,50 @@ def test_reward_nodes_leave_the_reward_where_it_was(comfy_device, node):
     with pytest.raises(RuntimeError, match="boom"):
         N.FocusFixScoreImages().execute(img, failing)
     assert failing.moves == [str(comfy_device), "cpu"]
+
+
+# ------------------------------------------------------------------------ one image at a time on the device
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def test_each_image_runs_one_plain_image_at_a_time_with_progress_and_cancel(comfy_device, monkeypatch):
+    """The reward nodes' batches go to the device one image at a time (a gradient saliency map through a CLIP
+    tower holds its activations: a whole batch could run out of memory where KSampler's batch fit), each a plain
+    copy autograd may save, with ComfyUI's progress bar over the images and its cancel between them."""
+    r, seen = Sharpness(), []
+    with torch.inference_mode():  # as ComfyUI hands IMAGE tensors over
+        I = torch.rand(3, 3, 16, 16)
+    with A.grad_mode():
+        out = N.each_image(r, I, lambda rr, x: seen.append((rr, x)) or float(x.sum()))
+    assert [tuple(x.shape) for _, x in seen] == [(1, 3, 16, 16)] * 3
+    assert all(rr is r and x.device.type == comfy_device.type and not x.is_inference() for rr, x in seen)
+    assert out == pytest.approx([float(I[j].sum()) for j in range(3)])
+    assert _Progress.updates == [(1, 3), (2, 3), (3, 3)] and r.moves == [str(comfy_device), "cpu"]
+
+    calls = []
+
+    def cancel_after_first():
+        if calls:
+            raise _Cancelled
+    monkeypatch.setattr(sys.modules["comfy.model_management"], "throw_exception_if_processing_interrupted",
+                        cancel_after_first)
+    with pytest.raises(_Cancelled), A.grad_mode():
+        N.each_image(r, I, lambda rr, x: calls.append(x))
+    assert len(calls) == 1 and r.moves[-2:] == [str(comfy_device), "cpu"], "a cancel still moves the reward back"
+
+
+def test_score_images_and_compare_score_as_the_whole_batch_does(comfy_device):
+    """Per image, the nodes give the scores and maps the reward gives the batch."""
+    r, img, after = Sharpness(), _image(b=3), _image(b=3, seed=1)
+    I, I1 = A.image_to_bchw(img), A.image_to_bchw(after)
+    scores, _, heat, _ = N.FocusFixScoreImages().execute(img, r)
+    assert scores == pytest.approx(r(I).tolist(), rel=1e-5)
+    torch.testing.assert_close(heat, N._heatmap(r, I)[:, 0])
+    _, _, rb, ra, _, _ = N.FocusFixCompare().execute(img, after, reward=r)
+    assert (rb, ra) == pytest.approx((float(r(I).mean()), float(r(I1).mean())), rel=1e-5)
 
 
 # ------------------------------------------------------------------------ Combine Rewards' weights (7)
