@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import re
 import time
 from contextlib import ExitStack, contextmanager
@@ -351,6 +352,19 @@ def _check_loss_scaling(device_type: str, version: str) -> None:
     if device_type == "mps" and major_minor < (2, 8):
         raise ValueError(f"this model computes in fp16, and training it on Apple's MPS needs torch 2.8 or newer "
                          f"(this is {version}): update ComfyUI's torch, or start ComfyUI with --force-fp32")
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM in bytes; None where it cannot be read (then nothing is checked against it)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # Linux, macOS
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        import psutil  # not ours to require: ComfyUI installs it (Windows has no sysconf)
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().total)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -741,6 +755,7 @@ class FixTrainer(_LoRATrainer):
                              f"partial denoise (a scheduler's denoise < 1, SplitSigmas' low half) would train on "
                              f"noise too weak to make an image from. Give sigmas of a full denoise (denoise 1)")
         self.items = cfg.items
+        self._check_host_memory()
         self._painted = self._check_painted_masks(masks) if cfg.mask_source == "mask" else None
         if cfg.mask_source != "mask" and masks is not None:
             raise ValueError(f"masks were given but mask_source is {cfg.mask_source!r}: set mask_source='mask'")
@@ -760,6 +775,20 @@ class FixTrainer(_LoRATrainer):
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.last_images: torch.Tensor | None = None
+
+    def _check_host_memory(self) -> None:
+        """Refuse, before any sampling, item counts whose images would not fit in CPU memory: the cache (I0, z0,
+        M) and at the end before_after()'s I0, I and M, 11 fp32 planes of H x W an item (~46 MB at 1024²).
+        Running out of RAM would end the whole process (ComfyUI included) without a word."""
+        c, ram = self.cfg, physical_memory_bytes()
+        per_item = 4 * (11 * c.height * c.width + math.prod(self.latent_shape))
+        need = per_item * len(self.items)
+        if ram is not None and need > ram / 2:
+            raise ValueError(
+                f"{len(c.prompts)} prompt(s) x {len(c.seeds)} seed(s) = {len(self.items)} items would hold "
+                f"{need / 2**30:.1f} GiB of images in CPU memory ({per_item / 2**20:.0f} MB an item at "
+                f"{c.width}x{c.height}), over half of this machine's {ram / 2**30:.1f} GiB: use fewer seeds or "
+                f"prompts (train in several runs with continue_from), or a smaller width and height")
 
     def _check_painted_masks(self, masks):
         cfg = self.cfg

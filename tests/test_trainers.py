@@ -1214,3 +1214,22 @@ def test_separate_enhance_with_no_loss_weight_is_refused():
     with pytest.raises(ValueError, match="lam_sep and lam_en are both 0"):
         se_cfg(lam_sep=0.0, lam_en=0.0)
     se_cfg(lam_sep=0.0, lam_en=1.0)  # one of them is enough
+
+
+def test_items_whose_images_would_not_fit_in_ram_are_refused_before_sampling(small_model, square_reward,
+                                                                              monkeypatch):
+    """The cache and the before/after images live in CPU memory (11 fp32 planes an item): an item count over half
+    the machine's RAM is refused at setup, naming the counts and what to lower, instead of the OS ending the
+    process mid-run. Where RAM cannot be read, nothing is refused."""
+    import focusfix_core.trainers as tr
+    assert tr.physical_memory_bytes() > 2**30  # read on this machine
+    cfg = fix_cfg(prompts=("a red circle", "a blue square"), seeds=tuple(range(10)))  # 20 items at 16x16
+    latent = small_model.latent_channels * (16 // small_model.latent_scale) ** 2
+    need = 20 * 4 * (11 * 16 * 16 + latent)
+    monkeypatch.setattr(tr, "physical_memory_bytes", lambda: 2 * need - 1)
+    with pytest.raises(ValueError, match=r"2 prompt\(s\) x 10 seed\(s\) = 20 items would hold .* use fewer seeds"):
+        FixTrainer(small_model, square_reward, cfg)
+    monkeypatch.setattr(tr, "physical_memory_bytes", lambda: 2 * need)
+    FixTrainer(small_model, square_reward, cfg).lora.remove()
+    monkeypatch.setattr(tr, "physical_memory_bytes", lambda: None)
+    FixTrainer(small_model, square_reward, replace(cfg, seeds=tuple(range(1000)))).lora.remove()
