@@ -190,6 +190,9 @@ class FixConfig(_LoRAConfig):
         return [(p, s) for p in self.prompts for s in self.seeds]
 
 
+MAX_INTS = 10_000  # seeds in one list: 10 000 items already hold over 100 GB of images at 512² (`_check_host_memory`)
+
+
 def parse_ints(text: str, name: str = "seeds") -> list[int]:
     """'0, 1, 5-7' -> [0, 1, 5, 6, 7] (the seeds of the nodes and the CLI); ValueError quoting the bad part."""
     out: list[int] = []
@@ -208,6 +211,8 @@ def parse_ints(text: str, name: str = "seeds") -> list[int]:
         if hi < lo or hi - lo > 1000:
             raise ValueError(f"{name}: range {part!r} must go up and hold at most 1001 values")
         out += range(lo, hi + 1)
+        if len(out) > MAX_INTS:  # checked as it grows: a pasted wall of ranges stops here, not in RAM
+            raise ValueError(f"{name} holds over {MAX_INTS} values (at {part!r}): give at most {MAX_INTS}")
     if not out:
         raise ValueError(f"{name} is empty: give at least one integer, e.g. 0, 1, 2")
     return out

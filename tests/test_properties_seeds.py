@@ -110,3 +110,11 @@ def test_a_very_long_number_is_refused_by_name(text):
         return
     with pytest.raises(ValueError, match=r"^seeds: .*outside 0 to"):
         parse_ints(text)
+
+
+def test_a_list_of_over_10000_seeds_is_refused_by_name():
+    """Each range holds at most 1001 seeds, and the whole list at most 10 000 (checked as it grows)."""
+    walls = ", ".join(f"{k * 1000}-{k * 1000 + 999}" for k in range(10))
+    assert len(parse_ints(walls)) == 10_000
+    with pytest.raises(ValueError, match=r"^seeds holds over 10000 values \(at '10000-10999'\)"):
+        parse_ints(walls + ", 10000-10999, " + ", ".join(f"{k}-{k + 1000}" for k in range(0, 10**8, 2000)))
