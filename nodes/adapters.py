@@ -88,14 +88,15 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
 
 
 def bchw_to_image(I: torch.Tensor) -> torch.Tensor:
-    """I: [B,3,H,W] (or [3,H,W]) -> ComfyUI IMAGE [B,H,W,3] float32 on CPU, clamped to [0,1]."""
+    """I: [B,3,H,W] (or [3,H,W]) -> ComfyUI IMAGE [B,H,W,3] float32 on CPU, clamped to [0,1]; NaN as 0 (black:
+    Save Image would otherwise cast NaN to an arbitrary byte)."""
     if I.ndim == 3:
         I = I[None]
     if I.ndim != 4 or I.shape[1] not in (1, 3):
         raise ValueError(f"images must be [B,3,H,W], got shape {tuple(I.shape)}")
     if I.shape[1] == 1:
         I = I.expand(-1, 3, -1, -1)
-    return I.detach().float().clamp(0, 1).movedim(1, -1).cpu().contiguous()  # (B, H, W, 3)
+    return I.detach().float().nan_to_num(0.0).clamp(0, 1).movedim(1, -1).cpu().contiguous()  # (B, H, W, 3)
 
 
 def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch: int | None = None,

@@ -228,7 +228,7 @@ class FocusFixTrainFocusNFix:
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
-                            *_precision_notes(run.history),
+                            *_precision_notes(run.history), *_non_finite_notes(run.I),
                             *_unchanged_notes(run.history, None if reward_target >= NO_TARGET else reward_target)])
         log.info(report)
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_FIX)), bchw_to_image(run.I0), bchw_to_image(run.I),
@@ -320,6 +320,15 @@ def _unchanged_notes(history, reward_target: float | None) -> list[str]:
            f"reward was {history[0].reward:.4g}), where the reward stops pushing: raise reward_target, or set it "
            f"to {NO_TARGET:g} to never stop" if reward_target is not None else "the loss gave no gradient")
     return [f"the LoRA did not change: every step's gradient was 0 ({why})"]
+
+
+def _non_finite_notes(I: torch.Tensor) -> list[str]:
+    """A report line when the trained LoRA draws NaN or inf pixels (the after IMAGE shows NaN black)."""
+    bad = (~torch.isfinite(I)).flatten(1).any(1).nonzero().flatten().tolist()
+    if not bad:
+        return []
+    return [f"WARNING: with the LoRA, image(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} of {len(I)} hold NaN or inf "
+            f"pixels: train again with a lower lr (or lam)"]
 
 
 def _precision_notes(history) -> list[str]:

@@ -20,6 +20,19 @@ def test_image_roundtrip_and_alpha():
     assert A.image_to_bchw(torch.rand(8, 6, 1)).shape == (1, 3, 8, 6)
 
 
+def test_non_finite_pixels_leave_as_black_or_white_and_the_train_report_names_them():
+    """A LoRA that draws NaN gave an IMAGE holding NaN (Save Image casts it to an arbitrary byte); NaN is now 0,
+    and the Train node's report names the images."""
+    I = torch.rand(3, 3, 4, 4)
+    I[1, 0, 0, 0], I[1, 1, 0, 0], I[1, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
+    out = A.bchw_to_image(I)
+    assert torch.isfinite(out).all() and out[1, 0, 0].tolist() == [0.0, 1.0, 0.0]
+    train = load_pack().nodes.train_nodes
+    assert train._non_finite_notes(I[[0, 2]]) == []
+    (note,) = train._non_finite_notes(I)
+    assert note.startswith("WARNING: with the LoRA, image(s) [1] of 3 hold NaN or inf pixels")
+
+
 @pytest.mark.parametrize("bad", [torch.rand(2, 8), torch.rand(1, 8, 8, 2)])
 def test_image_bad_shape(bad):
     with pytest.raises(ValueError, match="IMAGE"):
