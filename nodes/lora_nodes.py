@@ -194,9 +194,10 @@ class FocusFixSaveLoRA:
 
 
 def loras_name(path: Path, folder: str | None = None) -> str:
-    """A file's name as Load LoRA lists it: relative to the loras folder (`folder`; None = ComfyUI's first)."""
+    """A file's name as Load LoRA lists it: relative to the loras folder (`folder`; None = ComfyUI's first),
+    with the OS's separator as ComfyUI's list has it (`focusfix\\x.safetensors` on Windows)."""
     if folder is None:
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
     root = Path(folder).resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
