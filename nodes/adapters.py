@@ -27,7 +27,7 @@ from torch import nn
 
 from ..focusfix_core.attention import LiveHW, attention_capture, word_token_indices
 from ..focusfix_core.denoisers import CFG_PAIR, Cond, Guidance, cat_cond
-from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora
+from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora, release_pinned_memory
 from ..focusfix_core.saliency import fit_mask
 
 __all__ = [
@@ -316,6 +316,7 @@ class ComfyDiffusionModel:
         self.family = _family(self.base.model_config)
         self.v_prediction = any(c.__name__ == "V_PREDICTION" for c in type(ms).__mro__)
         self._hw = LiveHW()  # the latent size of the call running now, for attention_capture
+        self._encoded: dict[str, Cond] = {}  # prompt -> its conditioning (`encode_prompts`, `encode_first`)
 
     @property
     def device(self) -> torch.device:
@@ -534,13 +535,30 @@ class ComfyDiffusionModel:
         return self.clip
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Text conditioning, batch = len(prompts): {"context": [B,T,D]} (+ "pooled": [B,P] for SDXL)."""
+        """Text conditioning, batch = len(prompts): {"context": [B,T,D]} (+ "pooled": [B,P] for SDXL). Each
+        prompt is encoded once per adapter, and remembered."""
         clip = self._require_clip()
-        conds = []
-        for p in prompts:
-            out = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True, return_dict=True)
-            conds.append(_cond_from(out["cond"], out.get("pooled_output"), self.is_adm))
-        return cat_cond(*conds)
+        for p in dict.fromkeys(prompts):
+            if p not in self._encoded:
+                out = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True, return_dict=True)
+                self._encoded[p] = _cond_from(out["cond"], out.get("pooled_output"), self.is_adm)
+        return cat_cond(*(self._encoded[p] for p in prompts))
+
+    def encode_first(self, prompts: Sequence[str]) -> None:
+        """Encode `prompts` now, out of inference mode (remembered for `encode_prompts`). Call it before the
+        MODEL is loaded for a run: ComfyUI loads the text encoder to encode, and when memory is short (always
+        with --disable-smart-memory) unloads the UNet for it. In a training session that unload would put an
+        upstream LoRA's backed-up weights back over the session's trainable copies (a failed run, or a LoRA
+        trained on the wrong model); in Attention Maps it would take the MODEL's patches off mid-run."""
+        with torch.inference_mode(False), torch.no_grad():
+            for p in dict.fromkeys(prompts):
+                self.encode_prompts([p])
+
+    def load(self, full: bool = True) -> None:
+        """Load the MODEL and VAE on the compute device (after `encode_first`), so no reload happens mid-run;
+        full=False lets ComfyUI load part of them where memory is short (sampling without gradients)."""
+        import comfy.model_management as mm
+        mm.load_models_gpu([self.patcher] + ([self.vae.patcher] if self.vae is not None else []), force_full_load=full)
 
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as text at their context positions (start/end/padding included): CLIP's byte-level
@@ -708,12 +726,12 @@ def _restore(swapped) -> None:
 def training_session(dm: ComfyDiffusionModel, extra_modules: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Run a core trainer on ComfyUI models: out of inference mode, grad on, weights made autograd-safe.
 
-    Loads the MODEL (and VAE) on the compute device first, so no reload happens mid-run; every swap and
-    hook is undone in `finally`, and ComfyUI's cache is emptied afterwards.
+    Loads the MODEL (and VAE) on the compute device first, so no reload happens mid-run: encode the run's
+    prompts before (`dm.encode_first`). Every swap and hook is undone in `finally`, and ComfyUI's cache is
+    emptied afterwards.
     """
     import comfy.model_management as mm
-    patchers = [dm.patcher] + ([dm.vae.patcher] if dm.vae is not None else [])
-    mm.load_models_gpu(patchers, force_full_load=True)
+    dm.load()
     swapped = []
     try:
         with torch.inference_mode(False), torch.enable_grad():
@@ -723,6 +741,7 @@ def training_session(dm: ComfyDiffusionModel, extra_modules: Sequence[nn.Module]
         _restore(swapped)
         swapped.clear()
         mm.soft_empty_cache()
+        release_pinned_memory()  # what the run pinned and freed (the merge's weight copies), else held for good
 
 
 MIN_COMFYUI_TO_TRAIN = "0.3.60"
@@ -948,6 +967,8 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     if resolution != "any":  # the shorter side: portrait and landscape sizes have maps of their shape
         resolution = map_size(resolution, hw, attention_levels=dm.attention_levels(), latent_scale=dm.latent_scale)
     tokens = dm.token_indices(prompt, words)  # ValueError names a missing word
+    dm.encode_first([prompt, negative])
+    dm.load(full=False)  # after encoding: loading the text encoder could unload the MODEL (and its patches)
     cond, uncond = (dm.prepare_cond(dm.encode_prompts([p]), hw) for p in (prompt, negative))
     sigmas = sampling_sigmas(dm, steps, scheduler).to(dm.device)
     x = initial_x(dm, seed_noise([seed], (dm.latent_channels, *hw), device=dm.device), float(sigmas[0]))

@@ -66,13 +66,13 @@ class FocusFixAttentionMaps:
         if not names:
             raise ValueError("words is empty: give the prompt words to map, e.g. cat, dog")
         dm = ComfyDiffusionModel(model, clip, vae)
-        import comfy.model_management as mm
-        mm.load_models_gpu([model] + ([vae.patcher] if vae is not None else []))
         A, z = prompt_attention_maps(dm, prompt, names, seed=seed, steps=steps, cfg_scale=cfg, width=width,
                                      height=height, resolution=resolution, sampler=sampler_name, scheduler=scheduler,
                                      callback=sampling_progress(model, steps))
         A = A.float().cpu()
-        I = dm.decode(z).float().cpu().clamp(0, 1) if vae is not None else torch.full((1, 3, height, width), 0.5)
+        # VAE Decode's own path (no gradient here): ComfyUI's memory estimate, and its tiled decode when short
+        I = (vae.decode(dm.latent_format.process_out(z)).float().cpu().clamp(0, 1).movedim(-1, 1)[:, :3]
+             if vae is not None else torch.full((1, 3, height, width), 0.5))
         overlap = float(separate_loss(A)[0]) if len(names) > 1 else 0.0
         peaks = [1 - float(enhance_loss(A[:, i:i + 1])[0]) for i in range(len(names))]
         up = F.interpolate(A, size=(height, width), mode="bilinear", align_corners=False)[0]       # (n, H, W)

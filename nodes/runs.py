@@ -119,12 +119,14 @@ def _release(dm: ComfyDiffusionModel) -> None:
 def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, cond=None, uncond=None,
                     checkpoint_every: int = 0, checkpoint_name: str = "",
                     continue_from: LoraData | None = None, graph: dict[str, str] | None = None) -> FixRun:
-    """Train Focus-N-Fix on ComfyUI models. `make_cfg()` builds the FixConfig (called inside the session,
-    so a config error leaves nothing attached); cond/uncond: Cond or callables building them; continue_from:
+    """Train Focus-N-Fix on ComfyUI models. `make_cfg()` builds the FixConfig (before anything is loaded, so a
+    config error costs nothing); the prompts are encoded before the session loads the MODEL (`encode_first`);
+    cond/uncond: Cond or callables building them (inside the session); continue_from:
     a LoRA to train further instead of a new one (I0 and M stay the base MODEL's)."""
     ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
+    cfg: FixConfig = make_cfg()
+    dm.encode_first(([] if cond is not None else list(cfg.prompts)) + ([] if uncond is not None else [cfg.negative_prompt]))
     with training_session(dm, [reward]), reward_on(reward) as (r,):  # on the device for the run, then back
-        cfg: FixConfig = make_cfg()
         cond, uncond = (c() if callable(c) else c for c in (cond, uncond))
         trainer = _trainer(lambda lora: FixTrainer(dm, r, cfg, masks=masks, cond=cond, uncond=uncond, lora=lora,
                                                    on_sampler_step=check_cancel), continue_from, dm)
@@ -136,6 +138,7 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
             return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written, save.error)
         finally:
             trainer.lora.remove()
+            trainer.release()  # the session's end then gives the page-locked copies back
 
 
 def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every: int = 0,
@@ -144,13 +147,14 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
     """Train Separate-and-Enhance on ComfyUI models; maps before/after at the config's seed (before: with the
     LoRA it continues, if any; preservation still holds the base model's prompts)."""
     ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
+    cfg: SeparateEnhanceConfig = make_cfg()
+    for p, o in zip(cfg.prompts, cfg.objects):  # a missing word fails here, before anything is loaded
+        try:
+            dm.token_indices(p, list(o))
+        except ValueError as e:
+            raise ValueError(f"prompts line {p!r}: {e}") from None
+    dm.encode_first([*cfg.prompts, *cfg.preserve_prompts])
     with training_session(dm):
-        cfg: SeparateEnhanceConfig = make_cfg()
-        for p, o in zip(cfg.prompts, cfg.objects):  # a missing word fails here, before any hook is attached
-            try:
-                dm.token_indices(p, list(o))
-            except ValueError as e:
-                raise ValueError(f"prompts line {p!r}: {e}") from None
         trainer = _trainer(lambda lora: SeparateEnhanceTrainer(dm, cfg, lora=lora), continue_from, dm)
         try:
             _release(dm)
