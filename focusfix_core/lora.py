@@ -28,6 +28,7 @@ from .io import atomic_save_safetensors, check_float_finite, load_tensor_file_wi
 
 __all__ = [
     "MergedWhenNoGrad",
+    "release_pinned_memory",
     "BASE_FAMILIES",
     "base_model_metadata",
     "TARGET_PRESETS",
@@ -844,11 +845,20 @@ class MergedWhenNoGrad:
 
     @torch.no_grad()
     def _merge(self) -> None:
-        # the hosts hold the originals here (never merged, or restored): add the delta in place
+        # the hosts hold the originals here (never merged, or restored): add the delta in place. Marked merged
+        # first: a failure part-way (out of memory in a delta) leaves restore() to write back every original,
+        # not LoRA deltas baked into a shared MODEL's weights for the rest of the session
+        self.merged = True
         for host, adapter in zip(self.lora._hosts, self.lora.adapters):
             w = host.weight
             w.copy_((w.to(_at_least_fp32(w.dtype)) + adapter.weight_delta(self.lora.strength).to(w.device)).to(w.dtype))
-        self.lora.enabled, self.merged = False, True
+        self.lora.enabled = False
+
+    def release(self) -> None:
+        """Restore, then drop the copy of the original weights (page-locked beside a GPU: see
+        `release_pinned_memory`); later graph-free calls run the hooks, as on fp8 weights."""
+        self.restore()
+        self.originals, self.mergeable = [], False
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -863,3 +873,12 @@ class MergedWhenNoGrad:
         elif self.mergeable and not self.merged and self.lora.enabled and not torch.is_grad_enabled():
             self._merge()
         return self.denoiser(x, sigma, cond)
+
+
+def release_pinned_memory() -> None:
+    """Give torch's cached page-locked host memory back (its allocator keeps freed pinned blocks for the life of
+    the process): call after a run on a GPU, once `MergedWhenNoGrad.release` dropped its copy. A no-op without
+    CUDA, or on a torch without `torch.accelerator.empty_host_cache`."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty()

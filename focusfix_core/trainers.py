@@ -849,17 +849,19 @@ class FixTrainer(_LoRATrainer):
             return fns[0] if fns else None
         return lambda info: [f(info) for f in fns]
 
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        """A cache entry: t copied to CPU memory (page-locked beside a CUDA device, so the copy back in each
-        step is asynchronous). On the device the cache would grow by every (prompt, seed): ~4 MB an item at
-        512², ~17 MB at 1024²; the copy back moves a batch's share of that (about 1 ms per 17 MB over PCIe 4)."""
-        t = t.detach().cpu()
-        if self.device.type == "cuda":
-            try:
-                return t.pin_memory()
-            except RuntimeError:  # page-locked memory can run short (WSL caps it): a plain copy is only slower
-                pass
-        return t
+    @staticmethod
+    def _keep(t: torch.Tensor) -> torch.Tensor:
+        """A cache entry: t in CPU memory. On the device the cache would grow by every (prompt, seed): ~4 MB an
+        item at 512², ~17 MB at 1024²; the copy back moves a batch's share of that (a few ms per 17 MB). Not
+        page-locked: torch's pinned allocator rounds each block up to a power of two (+25-60 % here) and keeps
+        freed blocks for the life of the process."""
+        return t.detach().cpu()
+
+    def release(self) -> None:
+        """Free what only training needs once a run is over: the cached I0/z0/M and the merge's copy of the
+        original weights (`MergedWhenNoGrad.release`). The trainer can still draw images, unmerged."""
+        self._cache.clear()
+        self._train_denoiser.release()
 
     @torch.no_grad()
     def base(self, idx: list[int], callback: Callable[[dict], None] | None = None
@@ -936,14 +938,16 @@ class FixTrainer(_LoRATrainer):
         chunks = [idx[k:k + b] for k in range(0, len(idx), b)]
         new = [any(i not in self._cache for i in chunk) for chunk in chunks]
         callback = None if progress is None else progress((len(self.sigmas) - 1) * (len(chunks) + sum(new)))
-        I0, I, M = [], [], []
+        I: torch.Tensor | None = None  # filled chunk by chunk: a list joined at the end would hold I twice
         with self._explain_oom("while drawing the before/after images"):
-            for chunk in chunks:
+            for k, chunk in zip(range(0, len(idx), b), chunks):
                 self._fill_cache(chunk, callback)
-                I0 += [self._cache[i][0] for i in chunk]
-                M += [self._cache[i][2] for i in chunk]
-                I.append(self.sample_images(chunk, callback).cpu())
-        return torch.stack(I0), torch.cat(I), None if M[0] is None else torch.stack(M)
+                drawn = self.sample_images(chunk, callback)
+                if I is None:
+                    I = torch.empty((len(idx), *drawn.shape[1:]), dtype=drawn.dtype)
+                I[k:k + len(chunk)] = drawn.cpu()
+        I0, _, M = zip(*(self._cache[i] for i in idx))
+        return torch.stack(I0), I, None if M[0] is None else torch.stack(M)
 
     @torch.no_grad()
     def sample_images(self, idx: list[int], callback: Callable[[dict], None] | None = None) -> torch.Tensor:

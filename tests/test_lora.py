@@ -528,6 +528,46 @@ def test_merged_when_no_grad_equals_hooks_and_restores_exactly(offload):
     assert torch.equal(again, got) and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
 
 
+def test_a_merge_that_fails_part_way_is_restored_whole(monkeypatch):
+    """Out of memory in the second layer's delta: restore() (the trainer's `finally`) puts every original back,
+    the first layer's too; the LoRA's delta was left baked into the (shared) weights before."""
+    from focusfix_core.lora import MergedWhenNoGrad
+    torch.manual_seed(0)
+    net = Attention(8, 6)
+    lora = _trained_lora(net)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora)
+    real = type(lora.adapters[1]).weight_delta
+
+    def delta(self, *a, **k):
+        if self is lora.adapters[1]:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return real(self, *a, **k)
+    monkeypatch.setattr(type(lora.adapters[1]), "weight_delta", delta)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
+        merged(torch.randn(2, 5, 8), None, torch.randn(2, 3, 6))
+    merged.restore()
+    assert lora.enabled and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+
+
+def test_release_restores_drops_the_copy_and_later_calls_use_the_hooks():
+    from focusfix_core.lora import MergedWhenNoGrad, release_pinned_memory
+    torch.manual_seed(0)
+    net = Attention(8, 6)
+    lora = _trained_lora(net)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    merged = MergedWhenNoGrad(lambda x, s, c: net(x, c), lora)
+    with torch.no_grad():
+        hooked = net(x, ctx)
+        merged(x, None, ctx)
+        merged.release()
+        assert merged.originals == [] and not merged.merged and lora.enabled
+        assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+        assert torch.equal(merged(x, None, ctx), hooked) and not merged.merged
+    release_pinned_memory()  # no CUDA here: a no-op, not an error
+
+
 def test_merged_when_no_grad_keeps_hooks_on_fp8_weights():
     """fp8 storage would round the delta away (3 mantissa bits): the graph-free calls keep the hooks."""
     from focusfix_core.lora import MergedWhenNoGrad

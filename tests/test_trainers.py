@@ -667,6 +667,10 @@ def test_the_cache_and_the_before_after_images_stay_in_cpu_memory(small_model, s
     out = trainer.base([2, 0])
     assert [t.device.type for t in out] == ["meta"] * 3
     assert [tuple(t.shape) for t in out] == [(2, 3, 16, 16), (2, *trainer.latent_shape), (2, 16, 16)]
+    trainer.device = torch.device("cpu")
+    trainer.release()  # the end of a run: the cache goes, images can still be drawn (hooks, not merged)
+    assert trainer._cache == {} and trainer._train_denoiser.originals == []
+    torch.testing.assert_close(trainer.sample_images([0, 1, 2]), I)
     trainer.lora.remove()
 
 
