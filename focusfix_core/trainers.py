@@ -710,8 +710,9 @@ class FixTrainer(_LoRATrainer):
         cfg: `FixConfig`.
         masks: for mask_source "mask" (painted): M [N,H,W] or [N,1,H,W] in [0,1] (1 = may change), N = 1 (all items),
             len(seeds) (one per seed, any prompt) or len(items) (prompt-major order).
-        cond, uncond: optional precomputed conditioning (batch len(prompts) and 1), instead of encoding
-            `cfg.prompts` / `cfg.negative_prompt` with the model's text encoder.
+        cond, uncond: optional precomputed conditioning instead of encoding `cfg.prompts` / `cfg.negative_prompt`
+            with the model's text encoder: cond one Cond of batch len(prompts), or a list of one Cond per prompt
+            (each of its own context length); uncond of batch 1.
         lora: an attached LoRA to continue; a new one is attached otherwise.
         on_sampler_step: called with `sample`'s step info after every sampler step the trainer takes (I0, I, the
             training trajectory), and with {"mask_item": i} before item i's mask is derived from the reward; it
@@ -766,7 +767,9 @@ class FixTrainer(_LoRATrainer):
             raise ValueError(f"masks were given but mask_source is {cfg.mask_source!r}: set mask_source='mask'")
         with torch.no_grad():  # the text encoder is frozen: encode once
             hw = self.latent_shape[1:]
-            self.cond = prepare_cond(model, cond if cond is not None else model.encode_prompts(list(cfg.prompts)), hw)
+            # one cond per prompt, each of its own length (a prompt over 75 tokens has 154): a batch joins only its
+            # own rows (`_cond`), so a short prompt is not attended at the least common multiple of every length
+            self.prompt_conds = [prepare_cond(model, c, hw) for c in self._per_prompt(cond)]
             self.uncond = prepare_cond(
                 model, uncond if uncond is not None else model.encode_prompts([cfg.negative_prompt]), hw)
         guidance = model_guidance(model)  # the model's own CFG where it has one (e.g. a patched ComfyUI MODEL)
@@ -823,9 +826,20 @@ class FixTrainer(_LoRATrainer):
         seeds = [self.items[i][1] for i in idx]
         return initial_x(self.model, seed_noise(seeds, self.latent_shape, device=self.device), self._sigma_max)
 
+    def _per_prompt(self, cond: Cond | Sequence[Cond] | None) -> list[Cond]:
+        """The conditioning of each prompt: encoded one by one, the given per-prompt Conds, or the rows of a
+        Cond of batch len(prompts) (at its joined length)."""
+        P = len(self.cfg.prompts)
+        if cond is None:
+            return [self.model.encode_prompts([p]) for p in self.cfg.prompts]
+        rows = sum(len(c["context"]) for c in cond) if isinstance(cond, (list, tuple)) else len(cond["context"])
+        if rows != P or (isinstance(cond, (list, tuple)) and len(cond) != P):
+            raise ValueError(f"cond holds {rows} text encoding(s) for {P} prompt(s): give one per prompt")
+        return list(cond) if isinstance(cond, (list, tuple)) else [index_cond(cond, [i]) for i in range(P)]
+
     def _cond(self, idx: list[int]) -> Cond:
-        rows = [self.cfg.prompts.index(self.items[i][0]) for i in idx]
-        return index_cond(self.cond, rows)
+        """The batch's conditioning: its prompts' rows, joined (cat_cond) only to this batch's lengths."""
+        return cat_cond(*(self.prompt_conds[self.cfg.prompts.index(self.items[i][0])] for i in idx))
 
     def _painted_mask(self, i: int) -> torch.Tensor:
         M = self._painted
@@ -1093,7 +1107,6 @@ class SeparateEnhanceTrainer(_LoRATrainer):
                 # its rows with cat_cond, and the maps sum the copies of a shorter row's tokens (context_lengths)
                 self.prompt_conds = [prepare_cond(model, model.encode_prompts([p]), hw) for p in cfg.prompts]
                 self.context_lengths = [int(c["context"].shape[1]) for c in self.prompt_conds]
-                self.cond = cat_cond(*self.prompt_conds)
                 self.pcond = (prepare_cond(model, model.encode_prompts(list(cfg.preserve_prompts)), hw)
                               if cfg.preserve_prompts else None)
             self.preservation = "none" if self.pcond is None or cfg.lam_preserve == 0 else self._setup_preservation()
@@ -1101,6 +1114,11 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             if lora is None:
                 self.lora.remove()
             raise
+
+    @property
+    def cond(self) -> Cond:
+        """Every prompt's conditioning, joined (cat_cond): batch len(prompts)."""
+        return cat_cond(*self.prompt_conds)
 
     def _setup_preservation(self) -> str:
         """Resolve cfg.preservation; for "keys", keep each adapted layer's input on the preserve prompts
@@ -1144,6 +1162,8 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             raise ValueError("preservation='keys': the base model's adapted keys of a preserve prompt are zero or not "
                              "finite, so their relative change is undefined; check preserve_prompts, or use "
                              "preservation='outputs'")
+        # in the adapters' fp32 once: each adapter would cast (and keep for backward) its own copy every step
+        self._text = {k: t.float() for k, t in self._text.items()}
         return "keys"
 
     def _layer_inputs(self, pidx: list[int], x, sigma) -> list[torch.Tensor] | None:

@@ -37,6 +37,7 @@ __all__ = [
     "b1hw_to_mask",
     "ComfyDiffusionModel",
     "conditioning_to_cond",
+    "conditioning_to_conds",
     "conditioning_ignored",
     "training_session",
     "LoraData",
@@ -664,7 +665,13 @@ def _cond_from(context: torch.Tensor, pooled: torch.Tensor | None, is_adm: bool,
 
 
 def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> Cond:
-    """ComfyUI CONDITIONING ([[context [1,T,D], {"pooled_output": ...}], ...]) -> Cond with batch = entries.
+    """ComfyUI CONDITIONING -> one Cond with batch = entries (`conditioning_to_conds`, joined by cat_cond)."""
+    return cat_cond(*conditioning_to_conds(conditioning, is_adm, name))
+
+
+def conditioning_to_conds(conditioning, is_adm: bool, name: str = "positive") -> list[Cond]:
+    """ComfyUI CONDITIONING ([[context [1,T,D], {"pooled_output": ...}], ...]) -> one Cond of batch 1 per entry
+    row, each at its own context length.
 
     The text encoding is used, with SDXL's pooled output and size conditioning (CLIPTextEncodeSDXL's width, height,
     crops and target size; CLIPTextEncodeSDXLRefiner's aesthetic score); `conditioning_ignored` names what else
@@ -686,7 +693,7 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
             pooled = extra.get("pooled_output")
             conds.append(_cond_from(context[row:row + 1], None if pooled is None else pooled[row:row + 1], is_adm,
                                     extra if given else None))
-    return cat_cond(*conds)
+    return conds
 
 
 def conditioning_ignored(conditioning, name: str = "positive") -> list[str]:

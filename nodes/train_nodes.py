@@ -16,7 +16,7 @@ from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
 from ..focusfix_core.trainers import MASK_SOURCES, FixConfig, SeparateEnhanceConfig, split_objects_prompt
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, conditioning_ignored,
-                       conditioning_to_cond, mask_to_b1hw)
+                       conditioning_to_conds, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
                      graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip, widgets_checked)
 from .lora_nodes import loras_name
@@ -248,7 +248,7 @@ def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, not
     if positive is not None:
         n = sum(len(c[0]) for c in positive)
         labels = [f"positive[{i}]" for i in range(n)]
-        cond = lambda: conditioning_to_cond(positive, dm.is_adm)  # noqa: E731
+        cond = lambda: conditioning_to_conds(positive, dm.is_adm)  # noqa: E731  (one per entry: own lengths)
         if n > 1:  # KSampler would blend them (Conditioning Combine) into one image
             notes.append(f"positive has {n} entries: each is trained as its own prompt (positive[0..{n - 1}]); "
                          f"KSampler draws one image from all of them together, so to draw item i again give "
@@ -257,7 +257,7 @@ def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, not
         labels = parse_lines(prompts)
     if negative is not None:
         negative_prompt = "negative[0]"  # the label the report and the LoRA's metadata show
-        uncond = lambda: {k: v[:1] for k, v in conditioning_to_cond(negative, dm.is_adm, "negative").items()}  # noqa
+        uncond = lambda: conditioning_to_conds(negative, dm.is_adm, "negative")[0]  # noqa: E731
         if sum(len(c[0]) for c in negative) > 1:
             notes.append("negative has several entries: the first is the negative prompt of every item")
     return labels, negative_prompt, cond, uncond

@@ -1237,3 +1237,33 @@ def test_items_whose_images_would_not_fit_in_ram_are_refused_before_sampling(sma
     FixTrainer(small_model, square_reward, cfg).lora.remove()
     monkeypatch.setattr(tr, "physical_memory_bytes", lambda: None)
     FixTrainer(small_model, square_reward, replace(cfg, seeds=tuple(range(1000)))).lora.remove()
+
+
+def test_each_batch_attends_its_own_prompts_lengths(small_model, square_reward, monkeypatch):
+    """Prompts of different context lengths (a prompt over 75 tokens has 154): a batch joins only its own
+    prompts' rows, so a short prompt alone is attended at its own length, not at the least common multiple of
+    every prompt's (5 prompts of 77..385 tokens made that 4620 for each). A joined Cond (batch len(prompts)) is
+    still taken, at its joined length; a count that does not match the prompts is refused."""
+    prompts = ("a red circle", "a blue square")
+    short = small_model.encode_prompts([prompts[0]])
+    T = short["context"].shape[1]
+    long = {"context": small_model.encode_prompts([prompts[1]])["context"].repeat(1, 3, 1)}  # 3T, same attention
+    seen = []
+    real = small_model.denoise
+    monkeypatch.setattr(small_model, "denoise", lambda x, s, c: seen.append(c["context"].shape[1]) or real(x, s, c))
+    cfg = fix_cfg(prompts=prompts, seeds=(0,), batch_size=1, iterations=2)
+    trainer = FixTrainer(small_model, square_reward, cfg, cond=[short, long])
+    for idx, length in (([0], T), ([1], 3 * T), ([0, 1], 3 * T)):
+        seen.clear()
+        trainer.sample_images(idx)
+        assert set(seen) == {length}, (idx, seen)  # CFG joins the negative prompt (T) too: no longer than that
+    trainer.lora.remove()
+    with pytest.raises(ValueError, match=r"cond holds 1 text encoding\(s\) for 2 prompt\(s\)"):
+        FixTrainer(small_model, square_reward, cfg, cond=short)
+    with pytest.raises(ValueError, match=r"cond holds 3 text encoding\(s\) for 2 prompt\(s\)"):
+        FixTrainer(small_model, square_reward, cfg, cond=[short, short, short])
+    joined = FixTrainer(small_model, square_reward, cfg, cond={"context": torch.cat([short["context"]] * 2)})
+    seen.clear()
+    joined.sample_images([0])
+    assert set(seen) == {T}
+    joined.lora.remove()
