@@ -186,7 +186,7 @@ def _metadata(trainer) -> dict:
 def _start(trainer, continue_from: SavedLoRA | None, state: dict | None, out: Path):
     """Record the LoRA a new run continues, or load the state a resumed run continues (out/state.pt)."""
     if continue_from is not None:
-        trainer.continued = dict(continue_from.metadata)
+        trainer.continues(continue_from.metadata)
     if state is not None:
         try:
             trainer.load_state_dict(state)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -521,20 +521,25 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
     return path
 
 
-def unique_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`path` if free (or `overwrite`), else the first free `stem_00001.ext`, `stem_00002.ext`, ...
+def unique_path(path: str | os.PathLike, overwrite: bool = False, companions: Sequence[str] = ()) -> Path:
+    """`path` if free (or `overwrite`), else the first free `stem_00001.ext`, `stem_00002.ext`, ...; a name is
+    taken while a companion file of it exists too (`stem` + each suffix in `companions`, e.g. ".preview.png"):
+    a new file must not inherit what a deleted one left beside it.
 
     Examples:
         >>> unique_path("/nonexistent/fix.safetensors").name
         'fix.safetensors'
     """
     path = Path(path)
-    if overwrite or not os.path.lexists(path):  # lexists: a dangling symlink is taken too
+
+    def taken(p: Path) -> bool:  # lexists: a dangling symlink is taken too
+        return os.path.lexists(p) or any(os.path.lexists(p.with_name(p.stem + c)) for c in companions)
+    if overwrite or not taken(path):
         return path
     i = 1
     while True:
         candidate = path.with_name(f"{path.stem}_{i:05d}{path.suffix}")
-        if not os.path.lexists(candidate):
+        if not taken(candidate):
             return candidate
         i += 1
 

@@ -21,6 +21,7 @@ __all__ = [
     "gradient_saliency",
     "heatmap_to_mask",
     "mask_from_reward",
+    "mask_noise",
     "mask_coverage",
     "check_mask",
     "fit_mask",
@@ -259,6 +260,13 @@ def heatmap_to_mask(
     if dilation > 0:
         M = dilate(M, int(dilation))
     return _blur(M, feather).clamp(0, 1).to(device)
+
+
+def mask_noise(device: torch.device | str) -> torch.Generator:
+    """The generator of smoothgrad's noise for one image's mask, seeded the same for every image: a mask depends
+    on its image and settings alone, not on a run, a batch or a seed, so the Saliency Mask node shows the mask
+    the Train node trains with."""
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def mask_from_reward(

@@ -34,7 +34,7 @@ from .losses import (NonFiniteScoreError, enhance_loss, key_change_loss, preserv
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
 from .records import StepRecord
 from .rewards.base import Reward
-from .saliency import SALIENCY_METHODS, check_mask, check_mask_settings, check_threshold, mask_from_reward
+from .saliency import SALIENCY_METHODS, check_mask, check_mask_settings, check_threshold, mask_from_reward, mask_noise
 from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules,
                       compile_denoiser, sample, sampling_sigmas, seed_noise)
 
@@ -546,6 +546,19 @@ class _LoRATrainer:
         self.mutation_allowed = False  # set once a step met a model writing into saved tensors (see `_checked_step`)
         self._good = self._snapshot()
 
+    def continues(self, metadata: dict[str, str]) -> None:
+        """Record the saved LoRA this new run trains further (its metadata), before the first step. Its draws
+        (item order, noise, timesteps) are then seeded by (seed, the steps the LoRA already has): with the same
+        seed, a continued run would otherwise replay the first run's batches, and leave out what they missed."""
+        self.continued = dict(metadata)
+        try:
+            before = int(metadata.get("focusfix_steps_trained", 0))
+        except ValueError:
+            before = 0
+        if before > 0:
+            self.generator.manual_seed((self.cfg.seed * 1_000_003 + before) % 2**63)
+            self._good = self._snapshot()
+
     # -- state -------------------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
         """The state after the last finished step: the LoRA and what the next step will draw (a step stopped half
@@ -786,8 +799,9 @@ class FixTrainer(_LoRATrainer):
 
     def _check_host_memory(self) -> None:
         """Refuse, before any sampling, item counts whose images would not fit in CPU memory: the cache (I0, z0,
-        M) and at the end before_after()'s I0, I and M, 11 fp32 planes of H x W an item (~46 MB at 1024²).
-        Running out of RAM would end the whole process (ComfyUI included) without a word."""
+        M) and at the end before_after()'s I0, I and M, 11 fp32 planes of H x W an item (~46 MB at 1024²); a
+        node's IMAGE copies of them come on top, within the margin. Running out of RAM would end the whole
+        process (ComfyUI included) without a word."""
         c, ram = self.cfg, physical_memory_bytes()
         per_item = 4 * (11 * c.height * c.width + math.prod(self.latent_shape))
         need = per_item * len(self.items)
@@ -922,16 +936,16 @@ class FixTrainer(_LoRATrainer):
 
     def _derived_mask(self, i: int, I0: torch.Tensor) -> torch.Tensor:
         """M(I0): [1,H,W] of item i from the reward (heatmap or saliency), for I0 [1,3,H,W] as the artist sees it
-        (clamped, as VAE Decode gives it). One item at a time, smoothgrad noise seeded by the item: an item's mask
-        is the same whichever items share its batch (a blur rounds differently per batch, and a top_percent cut
-        flips near-tied pixels), so a resumed run draws the masks it had."""
+        (clamped, as VAE Decode gives it). One item at a time, smoothgrad's noise the same for each
+        (`mask_noise`): an item's mask is the same whichever items share its batch (a blur rounds differently
+        per batch, and a top_percent cut flips near-tied pixels), so a resumed run draws the masks it had, and
+        the Saliency Mask node shows it."""
         c, (prompt, seed) = self.cfg, self.items[i]
         if self.on_sampler_step is not None:  # a cancel between items: smoothgrad runs 8 reward backwards each
             self.on_sampler_step({"mask_item": i})
-        gen = torch.Generator(device=I0.device).manual_seed((c.seed * 1_000_003 + seed) % 2 ** 63)
         M = mask_from_reward(self.reward, I0.clamp(0, 1), source=c.mask_source, method=c.saliency_method,
                              blur_sigma=c.blur_sigma, threshold_mode=c.threshold_mode, threshold=c.threshold,
-                             dilation=c.dilation, feather=c.feather, generator=gen)
+                             dilation=c.dilation, feather=c.feather, generator=mask_noise(I0.device))
         if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix
             # every threshold mode keeps the peak of a normalised map: only a flat map (no location) gets here
             raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty: the reward's "

@@ -497,8 +497,8 @@ class ComfyDiffusionModel:
             raise ValueError(f"the text encoding is {width} wide, but this MODEL ({self.name}) reads {reads}-wide "
                              f"text: encode the prompts with the CLIP of the MODEL's checkpoint (Load Checkpoint's "
                              f"CLIP output), also for CONDITIONING inputs")
-        args = cond.pop("adm_args", None)  # they live on in y (and a negative prompt without them can be batched)
-        cond = {k: v.to(self.device) for k, v in cond.items()}
+        args = cond.get("adm_args")  # they live on in y (and a negative prompt without them can be batched)
+        cond = {k: v.to(self.device) for k, v in cond.items() if k != "adm_args"}  # the caller's dict stays whole
         for negative in (False, True) if self.adm_reads_prompt_type else (False,):
             key = _y_key(latent_hw, negative)
             if self.is_adm and "pooled" in cond and key not in cond:

@@ -11,6 +11,8 @@ from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, t
 __all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_path", "lora_patches", "loras_name",
            "save_lora_data", "save_preview", "write_lora"]
 
+PREVIEW_SUFFIX = ".preview.png"  # beside <name>.safetensors: the thumbnail A1111/Forge (and LoRA managers) show
+
 
 def lora_patches(model, lora: LoraData) -> dict:
     """ComfyUI weight patches for `lora` on `model`, converted by ComfyUI's own LoRA code (as Load LoRA does).
@@ -44,13 +46,14 @@ def lora_patches(model, lora: LoraData) -> dict:
 
 
 def lora_path(filename: str, overwrite: bool = False, folder: str | None = None) -> Path:
-    """`<loras folder>/<filename>.safetensors`, or the first free `<filename>_00001...` when that file exists and
-    not `overwrite`. ValueError for a name that would leave the folder or that Windows cannot hold."""
+    """`<loras folder>/<filename>.safetensors`, or the first free `<filename>_00001...` when that file (or a
+    preview of that name, left by a deleted LoRA) exists and not `overwrite`. ValueError for a name that would
+    leave the folder or that Windows cannot hold."""
     from ..focusfix_core.io import safe_join, unique_path
     if folder is None:
         import folder_paths
         folder = folder_paths.get_folder_paths("loras")[0]
-    return unique_path(safe_join(folder, filename.strip()), overwrite=overwrite)
+    return unique_path(safe_join(folder, filename.strip()), overwrite=overwrite, companions=(PREVIEW_SUFFIX,))
 
 
 def write_lora(lora: LoraData, path: Path, extra_metadata: dict[str, str] | None = None,
@@ -80,7 +83,7 @@ def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> P
     ComfyUI's model library and LoRA managers show, atomically. None (nothing written) when that file exists
     and not `overwrite`: a LoRA saved with a counter may sit beside an image that is not its own."""
     from ..focusfix_core.viz import save_png
-    path = lora_path.with_name(f"{lora_path.stem}.preview.png")
+    path = lora_path.with_name(lora_path.stem + PREVIEW_SUFFIX)
     try:
         return save_png(I[0], path, overwrite)
     except FileExistsError:

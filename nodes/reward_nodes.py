@@ -229,9 +229,9 @@ class FocusFixSaliencyMask:
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
         I = image_to_bchw(image, "image", _MIN_SIDE)
 
-        def mask(r, x):  # smoothgrad's noise seeded the same for each image, as the Train node's masks are
+        def mask(r, x):  # smoothgrad's noise the same for each image, as for the Train node's masks
             return saliency.mask_from_reward(
-                r, x, source, method=method, generator=torch.Generator(device=x.device).manual_seed(0),
+                r, x, source, method=method, generator=saliency.mask_noise(x.device),
                 blur_sigma=blur_sigma, threshold_mode=threshold_mode, threshold=threshold, dilation=dilation,
                 feather=feather).cpu()
         with grad_mode():

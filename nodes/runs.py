@@ -57,11 +57,14 @@ def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
     attached LoRA is removed if the trainer cannot be built."""
     lora = continue_from.attach(dm.net) if continue_from is not None else None
     try:
-        return make(lora)
+        trainer = make(lora)
     except BaseException:
         if lora is not None:
             lora.remove()
         raise
+    if continue_from is not None:
+        trainer.continues(continue_from.metadata)  # draws past the first run's (not a replay of its batches)
+    return trainer
 
 
 def checkpoint_path(every: int, name: str) -> Path | None:

@@ -229,6 +229,15 @@ class TestUniquePath:
         (tmp_path / "fix_00003.safetensors").touch()
         assert unique_path(p) == tmp_path / "fix_00002.safetensors"
 
+    def test_a_name_whose_companion_remains_is_taken(self, tmp_path):
+        """A deleted LoRA's preview stays: a new LoRA of that name would show the old one's thumbnail."""
+        p = tmp_path / "fix.safetensors"
+        (tmp_path / "fix_00001.preview.png").touch()
+        (tmp_path / "fix.preview.png").touch()
+        assert unique_path(p) == p  # companions count only when asked for
+        assert unique_path(p, companions=(".preview.png",)) == tmp_path / "fix_00002.safetensors"
+        assert unique_path(p, overwrite=True, companions=(".preview.png",)) == p
+
     def test_dangling_symlink_counts_as_taken(self, tmp_path):
         p = tmp_path / "fix.safetensors"
         p.symlink_to(tmp_path / "gone")

@@ -1267,3 +1267,30 @@ def test_each_batch_attends_its_own_prompts_lengths(small_model, square_reward, 
     joined.sample_images([0])
     assert set(seen) == {T}
     joined.lora.remove()
+
+
+def test_a_continued_run_draws_past_the_first_runs_batches(small_model, square_reward):
+    """Continuing a saved LoRA with the same seed replayed the first run's draws: seeds 0, 1, 2 at batch 1 trained
+    [2], [0] and then [2], [0] again, never seed 1. The draws are now seeded by (seed, steps already trained);
+    a LoRA without steps (or a new run) draws as before, and S&E's noise moves on the same way."""
+    cfg = fix_cfg(seeds=(0, 1, 2), batch_size=1, iterations=4)
+
+    def draws(metadata=None, n=3):
+        trainer = FixTrainer(small_model, square_reward, cfg)
+        if metadata is not None:
+            trainer.continues(metadata)
+        out = [trainer._next_items()[0] for _ in range(n)]
+        trainer.lora.remove()
+        return out
+    first = draws()
+    assert draws({"focusfix_steps_trained": "2"}) != first
+    assert draws({"focusfix_steps_trained": "2"}) == draws({"focusfix_steps_trained": "2"})  # still seeded
+    assert draws({}) == first and draws({"focusfix_steps_trained": "x"}) == first
+    se = SeparateEnhanceTrainer(small_model, se_cfg())
+    x0, _ = se._noisy(2)
+    se.lora.remove()
+    se = SeparateEnhanceTrainer(small_model, se_cfg())
+    se.continues({"focusfix_steps_trained": "8"})
+    x1, _ = se._noisy(2)
+    se.lora.remove()
+    assert not torch.equal(x0, x1)

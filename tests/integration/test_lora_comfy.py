@@ -148,7 +148,8 @@ def test_save_metadata_counter_overwrite_and_escape(fresh, lora_data):
 
 def test_save_writes_the_preview_beside_the_lora_and_keeps_a_strangers(fresh, lora_data):
     """preview -> <name>.preview.png (the first image, 8-bit), also under a counter name; an existing image that
-    the save did not write is kept unless overwrite is on, and the node says so."""
+    the save did not write is kept unless overwrite is on: its name is taken (the LoRA gets the next free name,
+    so it never pairs with a thumbnail that is not its own)."""
     import numpy as np
     from PIL import Image
     data, _ = lora_data
@@ -169,8 +170,9 @@ def test_save_writes_the_preview_beside_the_lora_and_keeps_a_strangers(fresh, lo
     Image.new("RGB", (4, 4)).save(stranger)
     with torch.inference_mode():
         out = save.execute(lora=data, filename="fixes/mine", preview=images, overwrite=False)
-    assert out["result"][0] == "fixes/mine.safetensors" and "kept the existing mine.preview.png" in out["ui"]["text"][0]
-    assert Image.open(stranger).size == (4, 4)
+    assert out["result"][0] == "fixes/mine_00001.safetensors" and "kept" not in out["ui"]["text"][0]
+    assert Image.open(stranger).size == (4, 4) and not (fresh.loras / "fixes" / "mine.safetensors").exists()
+    assert Image.open(fresh.loras / "fixes" / "mine_00001.preview.png").size == (32, 24)
     with torch.inference_mode():
         save.execute(lora=data, filename="fixes/mine", preview=images, overwrite=True)
     assert Image.open(stranger).size == (32, 24)

@@ -121,6 +121,13 @@ def test_sdxl_size_conditioning_matches_comfyui_sampler(fresh):
     without_sizes, _, _ = _ours_and_comfys(fresh, model, clip, vae, unsized, negative, CFG)
     assert (without_sizes - want).abs().max() > 1e-4, "the sizes should matter (else this test proves nothing)"
     assert "adm_args" in adapters.conditioning_to_cond(sized, True) and adapters.conditioning_ignored(sized) == []
+    # prepare_cond leaves the caller's Cond whole: one Cond given for two prompts keeps its sizes for both
+    dm = adapters.ComfyDiffusionModel(model, clip, vae)
+    (c,) = adapters.conditioning_to_conds(sized, True)
+    with torch.inference_mode(False), torch.no_grad():
+        first, second = dm.prepare_cond(c, (8, 8)), dm.prepare_cond(c, (8, 8))
+    assert "adm_args" in c and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def _with_aesthetic_score(conditioning, score: float):

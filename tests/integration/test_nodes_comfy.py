@@ -954,3 +954,20 @@ def test_idle_models_are_released_on_a_comfyui_without_model_patches(comfy, chec
         assert ours <= {id(lm.model.model) for lm in mm.current_loaded_models}
     finally:  # dm.vae is the shared fixture's VAE: later tests must get its real patcher back
         vae.patcher = vae_patcher
+
+
+def test_saliency_mask_node_shows_the_mask_the_train_node_trains_with(fresh, checkpoint):
+    """smoothgrad's noise is the same for every image in both nodes: the Train node's `before` images through
+    Saliency Mask with the same settings give its `mask` (the Train node seeded it by seed and image seed, so
+    about a tenth of the pixels differed)."""
+    model, clip, vae = checkpoint
+    (reward,) = fresh.run("FocusFixLoadReward", reward_name="builtin:sharpness")
+    settings = dict(threshold_mode="top_percent", threshold=0.15, dilation=1, blur_sigma=2.0, feather=0.0)
+    out = fresh.run("FocusFixTrainFocusNFix", model=model, clip=clip, vae=vae, reward=reward, prompts="a cat",
+                    negative_prompt="", seeds="1, 2", width=SIZE, height=SIZE, steps=3, cfg=3.0, K=1, lam=1.0,
+                    mask_source="saliency", saliency_method="smoothgrad", rank=2, targets="attn", lr=1e-3,
+                    iterations=1, seed=7, **{k: settings[k] for k in ("threshold_mode", "threshold", "dilation")})
+    before, train_mask = out[2], out[4]
+    mask, _ = fresh.run("FocusFixSaliencyMask", image=before, reward=reward, source="saliency", method="smoothgrad",
+                        **settings)
+    assert torch.equal(mask, train_mask)
