@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -44,16 +45,28 @@ def graph_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str,
     return out
 
 
+_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) of its last hash
+
+
 def file_fingerprint(folder: str, name: str) -> str:
-    """IS_CHANGED of a node that loads `name` from a models folder: the file's size and modification time, so a
-    file rewritten under the same name is read again instead of coming from ComfyUI's cache ("" when missing:
-    the node's execute names it)."""
+    """IS_CHANGED of a node that loads `name` from a models folder: the sha256 of the file's bytes, as LoadImage
+    hashes its image. A file rewritten under the same name is read again instead of coming from ComfyUI's
+    cache, and one only touched, synced or copied back is not (a needless retrain downstream). Hashed again
+    only when its size or modification time changes ("" when missing: the node's execute names it)."""
     import folder_paths
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         return ""
     st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    known = _DIGESTS.get(path)
+    if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        known = (st.st_size, st.st_mtime_ns, h.hexdigest())
+        _DIGESTS[path] = known
+    return known[2]
 
 
 def scheduler_names() -> list[str]:

@@ -82,8 +82,9 @@ def test_load_lora_refuses_a_lora_focusfix_did_not_save(fresh):
 
 
 def test_load_lora_reads_a_rewritten_file_again(fresh, checkpoint):
-    """A checkpoint file is replaced during training: Load LoRA's IS_CHANGED follows the file, so ComfyUI reads
-    it again instead of serving the cached LoRA."""
+    """A checkpoint file is replaced during training: Load LoRA's IS_CHANGED follows the file's bytes, so ComfyUI
+    reads it again instead of serving the cached LoRA; a file only touched (synced, copied back) is not read again,
+    so nothing downstream retrains for it."""
     import os
     node = fresh.node("FocusFixLoadLoRA")
     first, *_ = _fix(fresh, checkpoint, iterations=1)
@@ -93,6 +94,8 @@ def test_load_lora_reads_a_rewritten_file_again(fresh, checkpoint):
     second, *_ = _fix(fresh, checkpoint, iterations=2)
     path = fresh.loras / name
     st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 7))  # touched: same bytes
+    assert node.IS_CHANGED(lora_name=name) == before
     fresh.run("FocusFixSaveLoRA", lora=second, filename="fixes/ckpt", overwrite=True)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime even on a coarse clock
     assert node.IS_CHANGED(lora_name=name) != before

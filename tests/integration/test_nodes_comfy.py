@@ -598,8 +598,8 @@ def test_load_reward_files_from_the_rewards_folder(fresh):
 
 
 def test_load_reward_reads_a_rewritten_file_again(fresh):
-    """As Load LoRA: IS_CHANGED follows a reward file's size and time, so a file converted again under the same
-    name is not served from ComfyUI's cache; built-in rewards are their name."""
+    """As Load LoRA: IS_CHANGED follows a reward file's bytes, so a file converted again under the same name is not
+    served from ComfyUI's cache, and a touched one is; built-in rewards are their name."""
     import os
     import shutil
     import folder_paths
@@ -610,6 +610,8 @@ def test_load_reward_reads_a_rewritten_file_again(fresh):
     before = node.IS_CHANGED(reward_name="rewritten.safetensors", precision="fp32", clip_vision=None)
     assert before and node.IS_CHANGED(reward_name="rewritten.safetensors") == before
     st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 7))  # touched: same bytes
+    assert node.IS_CHANGED(reward_name="rewritten.safetensors") == before
     shutil.copy(REPO / "focusfix_core" / "tiny" / "weights" / "tiny_attribute.safetensors", path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime even on a coarse clock
     assert node.IS_CHANGED(reward_name="rewritten.safetensors") != before

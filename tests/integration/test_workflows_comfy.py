@@ -119,8 +119,9 @@ def test_saved_loras_carry_the_graph_that_made_them(fresh, wt, painted):
     api[train]["inputs"].update(checkpoint_every=1, checkpoint_name="ckpt/fix")
     save = next(n for n in api.values() if n["class_type"] == "FocusFixSaveLoRA")
     for disabled in (False, True):
-        for f in fresh.loras.rglob("*.safetensors"):
-            f.unlink()
+        for f in fresh.loras.rglob("*"):  # previews too: a preview left behind keeps its name taken
+            if f.is_file():
+                f.unlink()
         args.disable_metadata = disabled
         try:
             ex = fresh.execute(api, extra_data={"extra_pnginfo": {"workflow": ui}})
