@@ -45,6 +45,7 @@ __all__ = [
     "SavedLoRA",
     "read_focusfix_lora",
     "continued_metadata",
+    "steps_trained",
 ]
 
 # name -> (regex searched in module paths, host types that qualify)
@@ -795,15 +796,19 @@ def read_focusfix_lora(path: str | os.PathLike) -> SavedLoRA:
                      alpha, name)
 
 
+def steps_trained(metadata: dict) -> int:
+    """The steps a saved LoRA was trained (`focusfix_steps_trained`); 0 when absent or unreadable."""
+    try:
+        return int(metadata.get("focusfix_steps_trained", 0))
+    except ValueError:
+        return 0
+
+
 def continued_metadata(metadata: dict, previous: dict) -> dict:
     """LoRA metadata of a run that continued a LoRA with metadata `previous`: `focusfix_steps_trained` counts
     the earlier steps too, and `focusfix_previous_config` keeps the earlier run's settings."""
     out = dict(metadata)
-    try:
-        before = int(previous.get("focusfix_steps_trained", 0))
-    except ValueError:
-        before = 0
-    out["focusfix_steps_trained"] = str(before + int(metadata.get("focusfix_steps_trained", 0)))
+    out["focusfix_steps_trained"] = str(steps_trained(previous) + int(metadata.get("focusfix_steps_trained", 0)))
     if "focusfix_config" in previous:
         out["focusfix_previous_config"] = previous["focusfix_config"]
     return out

@@ -31,7 +31,7 @@ from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond,
 from .io import atomic_torch_save, load_training_state
 from .losses import (NonFiniteScoreError, enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask,
                      reward_loss, separate_loss)
-from .lora import LoRA, MergedWhenNoGrad, base_model_metadata
+from .lora import LoRA, MergedWhenNoGrad, base_model_metadata, steps_trained
 from .records import StepRecord
 from .rewards.base import Reward
 from .saliency import SALIENCY_METHODS, check_mask, check_mask_settings, check_threshold, mask_from_reward, mask_noise
@@ -551,10 +551,7 @@ class _LoRATrainer:
         (item order, noise, timesteps) are then seeded by (seed, the steps the LoRA already has): with the same
         seed, a continued run would otherwise replay the first run's batches, and leave out what they missed."""
         self.continued = dict(metadata)
-        try:
-            before = int(metadata.get("focusfix_steps_trained", 0))
-        except ValueError:
-            before = 0
+        before = steps_trained(metadata)
         if before > 0:
             self.generator.manual_seed((self.cfg.seed * 1_000_003 + before) % 2**63)
             self._good = self._snapshot()
