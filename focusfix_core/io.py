@@ -1,13 +1,15 @@
 """Files: atomic saves (nothing is lost, nothing half-written), safe paths and safe loading.
 
 A save writes a temporary file in the target folder, fsyncs it and `os.replace`s it over the target,
-so a crash leaves either the old file or the new one, never a truncated one. A save that must not replace a
+so a crash leaves either the old file or the new one, never a truncated one (a killed process's temp file is
+deleted by a later save into the folder, `_sweep_stale_temps`). A save that must not replace a
 file (`overwrite=False`) lands with a hard link instead, which fails if the name was taken meanwhile. Loading never runs
 pickled code: `.safetensors` is read by safetensors, `.pt/.pth/.bin/.ckpt` only with
 `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -40,6 +42,9 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # read only with torch.load(weights_only=True)
+_TMP_PREFIX, _TMP_SUFFIX = ".focusfix-", ".tmp"
+_TMP_NAME_LEN = len(_TMP_PREFIX) + 8 + len(_TMP_SUFFIX)  # mkstemp's names have 8 random characters
+_STALE_TMP_SECONDS = 3600.0
 # no bytes: torch pickles b"" as a call of `bytes`, which weights_only refuses (no state stores bytes)
 _PLAIN = (type(None), bool, int, float, str, torch.Tensor, torch.dtype, torch.device, torch.Size)
 
@@ -48,8 +53,9 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     """Call `write(tmp)` on a temp file next to `path`, fsync it, then move it onto `path` (see `_publish`)."""
     path = Path(path)
     _make_folder(path)
+    _sweep_stale_temps(path.parent)
     # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".focusfix-", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     os.close(fd)
     tmp = Path(tmp_name)
     publishing = False
@@ -71,6 +77,28 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _sweep_stale_temps(folder: Path, now: float | None = None) -> None:
+    """Delete the temp files a killed save left in `folder` (power cut, out-of-memory killer, kill -9: no cleanup
+    ran), a little litter in the artist's loras folder each (hidden on Linux and macOS, listed on Windows). Only
+    plain files with our temp names, unchanged for `_STALE_TMP_SECONDS`: a live save writes its file within
+    seconds, then renames it. Best effort: a file that cannot be read or deleted stays."""
+    now = time.time() if now is None else now
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if len(name) != _TMP_NAME_LEN or not name.startswith(_TMP_PREFIX) or not name.endswith(_TMP_SUFFIX):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False) and (
+                            now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TMP_SECONDS):
+                        _remove(Path(entry.path))
+                except OSError:
+                    pass
+    except OSError:
+        pass
 
 
 def _remove(tmp: Path) -> None:
@@ -209,7 +237,31 @@ def atomic_save_safetensors(
         if bad:
             raise TypeError(f"metadata must be a dict[str, str], got non-str entries {bad[:5]}")
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), overwrite)
+
+    def write(tmp: Path) -> None:
+        save_file(cpu, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+    return _atomic_write(path, write, overwrite)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the `__metadata__` entries of the safetensors file at `path` in key order, in place.
+
+    safetensors writes them from a Rust HashMap, in another order in every process: the same LoRA trained twice
+    gave files of other bytes (another sha256, so another Civitai hash, and Load LoRA ran again downstream).
+    Only the order changes, and `json` escapes as serde_json does, so the header keeps its length (padded with
+    spaces, as the format allows, should it shrink) and the tensors their offsets."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(ordered) <= n:  # a longer one would move the tensors: keep the file as safetensors wrote it
+            f.seek(8)
+            f.write(ordered.ljust(n))
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -413,7 +465,6 @@ _NOT_PORTABLE = re.compile(r'[<>:"|?*\x00-\x1f]')
 _RESERVED = re.compile(r"^(con|prn|aux|nul|conin\$|conout\$|com[0-9¹²³]|lpt[0-9¹²³]) *(\..*)?$", re.IGNORECASE)
 MAX_NAME_BYTES = 200  # per path component, suffix included: leaves room for a "_00001" counter within 255
 _PLATFORM = sys.platform  # read through this name, so tests can ask for another system's limits
-_TMP_NAME_LEN = 22  # ".focusfix-" + mkstemp's 8 characters + ".tmp"
 _COUNTER_LEN = len("_00001")
 
 

@@ -1,4 +1,8 @@
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,53 @@ class TestAtomicSave:
         assert meta == {"k": "v"}
         assert all(torch.equal(back[k], t[k]) for k in t)
         assert sorted(os.listdir(p.parent)) == ["x.safetensors"]  # no temp file left
+
+    def test_a_killed_saves_temp_file_is_swept_by_the_next_save(self, tmp_path):
+        # kill -9 or a power cut during a save leaves its temp file (no cleanup runs); the next save into the
+        # folder deletes ours that are an hour old, and nothing else
+        old = time.time() - 2 * 3600
+        stale, live = tmp_path / ".focusfix-abc123_x.tmp", tmp_path / ".focusfix-zzzzzzzz.tmp"
+        others = [tmp_path / n for n in (".focusfix-notes.tmp", "focusfix-abc123_x.tmp", ".focusfix-abc123_x.tmpx",
+                                         "mine.tmp")]
+        for f in (stale, live, *others):
+            f.write_bytes(b"partial")
+        for f in (stale, *others):
+            os.utime(f, (old, old))
+        (tmp_path / ".focusfix-dir00000.tmp").mkdir()
+        target = tmp_path / "kept.bin"
+        target.write_bytes(b"the artist's")
+        os.utime(target, (old, old))
+        link = tmp_path / ".focusfix-link0000.tmp"
+        link.symlink_to(target)
+        os.utime(link, (old, old), follow_symlinks=False)  # an old link: still not ours to delete
+        atomic_save_safetensors({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
+        assert not stale.exists()
+        assert live.exists() and all(f.exists() for f in others) and (tmp_path / ".focusfix-dir00000.tmp").is_dir()
+        assert link.is_symlink() and target.read_bytes() == b"the artist's"
+
+    def test_same_content_same_bytes(self, tmp_path):
+        # safetensors orders the metadata by a Rust HashMap, another order in every process and map: the same
+        # LoRA saved twice had other bytes (another sha256)
+        script = ("import sys, torch; from focusfix_core.io import atomic_save_safetensors as save; "
+                  "save({'b': torch.arange(6.).reshape(2, 3), 'a': torch.ones(2, dtype=torch.float16)}, sys.argv[1], "
+                  "{k: k * 3 for k in 'qwertyuiopasdfg'})")
+        paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+        for path in paths:
+            subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=Path(__file__).parents[1])
+        assert len({path.read_bytes() for path in paths}) == 1
+
+    def test_metadata_order_kept_out_of_the_bytes(self, tmp_path):
+        # values json and serde_json must escape alike, or the header would change length
+        meta = {"quote": 'a "b" \\ c', "ctrl": "x\x01\ty\nz\x7f", "wide": "猫 café \u2028 ☃", "num": "1e-4",
+                "json": json.dumps({"k": [1, "ü"]}), "": "empty key"}
+        t = {"w": torch.randn(3, 2), "b": torch.zeros(4, dtype=torch.bfloat16)}
+        one = atomic_save_safetensors(t, tmp_path / "one.safetensors", meta)
+        other = atomic_save_safetensors(t, tmp_path / "other.safetensors", dict(reversed(list(meta.items()))))
+        assert one.read_bytes() == other.read_bytes()
+        back, got = load_tensor_file_with_metadata(one)
+        assert got == meta and all(torch.equal(back[k], t[k]) for k in t)
+        n = int.from_bytes(one.read_bytes()[:8], "little")
+        assert list(json.loads(one.read_bytes()[8:8 + n])["__metadata__"]) == sorted(meta)
 
     @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
     def test_file_mode_not_private(self, tmp_path):

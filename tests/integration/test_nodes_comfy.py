@@ -655,6 +655,10 @@ def test_training_is_reproducible_and_returns_plain_data(fresh, checkpoint):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors), "same seed, same LoRA"
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.requires_grad for v in a.tensors.values())
     assert all(isinstance(v, str) for v in a.metadata.values())
+    # and the same file, byte for byte (same sha256: the same Civitai hash, no re-run of a Load LoRA downstream)
+    names = [fresh.run("FocusFixSaveLoRA", lora=lora, filename=f"repro/{k}", overwrite=False)[0]
+             for k, lora in enumerate((a, b))]
+    assert (fresh.loras / names[0]).read_bytes() == (fresh.loras / names[1]).read_bytes()
 
 
 class _LittleFreeMemory:
