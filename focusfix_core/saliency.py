@@ -19,6 +19,7 @@ from torch import nn
 
 __all__ = [
     "gradient_saliency",
+    "score_and_saliency",
     "heatmap_to_mask",
     "mask_from_reward",
     "mask_noise",
@@ -48,14 +49,32 @@ def _check_images(I: object) -> None:
         raise ValueError("images I must be finite, got NaN or inf values")
 
 
-def _score_grad(reward: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """d(sum_b r(x_b))/dx, without touching the reward's parameters' .grad. x: [B,C,H,W]."""
+def _score_grad(reward: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(x) [B], d(sum_b r(x_b))/dx [B,C,H,W]), without touching the reward's parameters' .grad. x: [B,C,H,W]."""
     x = x.detach().clone().requires_grad_(True)
     scores = reward(x)
     if scores.shape != (x.shape[0],):
         raise ValueError(f"reward must return scores [B] = [{x.shape[0]}], got shape {tuple(scores.shape)}")
     (g,) = torch.autograd.grad(scores.sum(), x)  # samples are independent, so this is per-sample
-    return g
+    return scores.detach(), g
+
+
+def score_and_saliency(reward: nn.Module, I: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores r(I) [B] and the "grad" saliency |dr/dI| [B,H,W] (`gradient_saliency`) of images I [B,3,H,W]
+    in [0,1], from one forward and one backward: the scores come from the forward the gradient needs, not from
+    another one.
+
+    Example:
+        >>> class Red(nn.Module):
+        ...     def forward(self, I): return I[:, 0].mean((1, 2))
+        >>> scores, S = score_and_saliency(Red(), torch.full((1, 3, 2, 2), 0.5))
+        >>> scores.tolist(), S[0].tolist()
+        ([0.5], [[0.25, 0.25], [0.25, 0.25]])
+    """
+    _check_images(I)
+    with torch.inference_mode(False), torch.enable_grad():
+        scores, g = _score_grad(reward, I.detach().clone())
+    return scores, g.abs().sum(1)
 
 
 def gradient_saliency(
@@ -101,14 +120,14 @@ def gradient_saliency(
     with torch.inference_mode(False), torch.enable_grad():
         x = I.detach().clone()  # a normal tensor even when I is an inference tensor
         if method == "grad":
-            S = _score_grad(reward, x).abs().sum(1)
+            S = _score_grad(reward, x)[1].abs().sum(1)
         elif method == "grad_x_input":
-            S = (_score_grad(reward, x) * x).abs().sum(1)
+            S = (_score_grad(reward, x)[1] * x).abs().sum(1)
         else:
             S = torch.zeros_like(x[:, 0])
             for _ in range(n_samples):
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                S = S + _score_grad(reward, x + noise_std * noise).abs().sum(1)
+                S = S + _score_grad(reward, x + noise_std * noise)[1].abs().sum(1)
             S = S / n_samples
     return S.detach()  # (B, H, W)
 

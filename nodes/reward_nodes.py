@@ -159,28 +159,30 @@ class FocusFixScoreImages:
 
     def execute(self, image, reward):
         I = image_to_bchw(image, "image", _MIN_SIDE)
-
-        def score_and_map(r, x):
-            with torch.no_grad():
-                score = float(r(x).float()[0])
-            return score, _heatmap(r, x).cpu()
         with grad_mode():
-            scores, heat = zip(*each_image(reward, I, score_and_map))
+            scores, heat = zip(*each_image(reward, I, _score_and_map))
         scores, heat = list(scores), torch.cat(heat)
         return (scores, score_table(scores, reward.name), b1hw_to_mask(heat), bchw_to_image(viz.heat_overlay(I, heat)))
 
 
-def _heatmap(reward, I):
-    """[B,1,H,W] in [0,1]: the reward's heatmap if it has one, else gradient sensitivity, min-max normalised."""
+def _score_and_map(reward, I) -> tuple[float, torch.Tensor]:
+    """(r(I), [1,1,H,W] map in [0,1] on the CPU) of one image I [1,3,H,W]: the reward's heatmap if it has one,
+    else gradient sensitivity, whose forward gives the score too (one forward, not two)."""
     if getattr(reward, "has_heatmap", False):
         with torch.no_grad():
-            H = reward.heatmap(I).float()
+            score, H = reward(I), reward.heatmap(I).float()
     else:
-        H = saliency.gradient_saliency(reward, I)
+        score, H = saliency.score_and_saliency(reward, I)
+    return float(score.float()[0]), _map_01(H, I).cpu()
+
+
+def _map_01(H: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
+    """A map H [B,H',W'] or [B,1,H',W'] at the size of images I [B,3,H,W], min-max normalised per image:
+    [B,1,H,W] in [0,1]."""
     H = H if H.ndim == 4 else H[:, None]
     H = torch.nn.functional.interpolate(H, size=I.shape[-2:], mode="bilinear") if H.shape[-2:] != I.shape[-2:] else H
     lo, hi = H.amin((1, 2, 3), keepdim=True), H.amax((1, 2, 3), keepdim=True)
-    return ((H - lo) / (hi - lo).clamp_min(1e-8)).detach()
+    return (H - lo) / (hi - lo).clamp_min(1e-8)
 
 
 class FocusFixSaliencyMask:
@@ -228,7 +230,6 @@ class FocusFixSaliencyMask:
     @widgets_checked
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
         I = image_to_bchw(image, "image", _MIN_SIDE)
-
         def mask(r, x):  # smoothgrad's noise the same for each image, as for the Train node's masks
             return saliency.mask_from_reward(
                 r, x, source, method=method, generator=saliency.mask_noise(x.device),

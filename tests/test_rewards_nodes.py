@@ -146,15 +146,34 @@ def test_each_image_runs_one_plain_image_at_a_time_with_progress_and_cancel(comf
     assert len(calls) == 1 and r.moves[-2:] == [str(comfy_device), "cpu"], "a cancel still moves the reward back"
 
 
-def test_score_images_and_compare_score_as_the_whole_batch_does(comfy_device):
+class _Counted(Brightness):
+    """A reward without a heatmap (as the CLIP rewards) that counts its forwards."""
+    has_heatmap = False
+
+    def forward(self, I):
+        self.forwards = getattr(self, "forwards", 0) + 1
+        return super().forward(I)
+
+
+@pytest.mark.parametrize("reward", [Sharpness, _Counted], ids=["heatmap", "saliency"])
+def test_score_images_and_compare_score_as_the_whole_batch_does(comfy_device, reward):
     """Per image, the nodes give the scores and maps the reward gives the batch."""
-    r, img, after = Sharpness(), _image(b=3), _image(b=3, seed=1)
+    r, img, after = reward(), _image(b=3), _image(b=3, seed=1)
     I, I1 = A.image_to_bchw(img), A.image_to_bchw(after)
     scores, _, heat, _ = N.FocusFixScoreImages().execute(img, r)
     assert scores == pytest.approx(r(I).tolist(), rel=1e-5)
-    torch.testing.assert_close(heat, N._heatmap(r, I)[:, 0])
+    H = r.heatmap(I) if r.has_heatmap else P.focusfix_core.saliency.gradient_saliency(r, I)
+    torch.testing.assert_close(heat, N._map_01(H, I)[:, 0])
     _, _, rb, ra, _, _ = N.FocusFixCompare().execute(img, after, reward=r)
     assert (rb, ra) == pytest.approx((float(r(I).mean()), float(r(I1).mean())), rel=1e-5)
+
+
+def test_score_images_scores_from_the_saliency_maps_forward():
+    """A reward without a heatmap runs one forward per image: the gradient's forward gives the score too (it ran
+    a second, graph-free forward for the score: a CLIP tower's forward each)."""
+    r = _Counted()
+    N.FocusFixScoreImages().execute(_image(b=3), r)
+    assert r.forwards == 3
 
 
 # ------------------------------------------------------------------------ Combine Rewards' weights (7)
