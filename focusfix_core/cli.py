@@ -37,6 +37,9 @@ __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
 OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.png", "curves.png", "state.pt",
                 "attention.png", "demo_summary.json")
+# rows of before_after.png (train-fnf): hundreds of items made a picture no viewer opens and a grid of 4 image
+# copies per item in memory; every item still has its full-size before_K.png and after_K.png
+GRID_ITEMS = 16
 ITEM_IMAGES = re.compile(r"(before|after)_(\d+)\.png")  # train-fnf: each item's I0 and I at full size (paint M on I0)
 
 
@@ -221,7 +224,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         Mb = (M >= 0.5).float()
         inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
         outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
-    tiles = [I0, I] if M is None else [I0, mask_overlay(I0, M), I, heat_overlay(I, diff)]
+    g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
+    tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g], heat_overlay(I[g], diff[g])]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
     items = []  # at full size, named by item (the order --mask takes one mask per item in)
@@ -248,8 +252,10 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         "history": [r.as_dict() for r in history],
         "focusfix_version": __version__,
     }
-    _write_report(out, report, columns="I0 | mask M over I0 | I (fine-tuned) | |I - I0|" if M is not None
-                  else "I0 | I (fine-tuned)")
+    columns = "I0 | mask M over I0 | I (fine-tuned) | |I - I0|" if M is not None else "I0 | I (fine-tuned)"
+    if len(items) > GRID_ITEMS:
+        columns += f"; rows: the first {GRID_ITEMS} of the {len(items)} items"
+    _write_report(out, report, columns=columns)
     return report
 
 

@@ -142,6 +142,20 @@ def test_before_after_shows_a_bar_over_its_sampler_steps(model_file, tmp_path, c
     assert "before/after images: 3/3" in err, err
 
 
+def test_before_after_grid_shows_the_first_items_and_every_item_has_its_images(model_file, tmp_path, monkeypatch):
+    """Hundreds of items made a before_after.png no viewer opens (and 4 image copies per item in memory): the grid
+    holds the first GRID_ITEMS; every item keeps its full-size images, and report.md says how many rows there are."""
+    from PIL import Image
+    from focusfix_core.viz import image_grid, upscale
+    monkeypatch.setattr(cli, "GRID_ITEMS", 2)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--seeds", "0-2", "--iterations", "1")) == 0
+    expected = image_grid(upscale(torch.zeros(2 * 4, 3, 16, 16)), nrow=4)  # 2 rows of I0 | mask | I | change
+    assert Image.open(out / "before_after.png").size == (expected.shape[2], expected.shape[1])
+    assert all((out / f"{kind}_{k}.png").is_file() for kind in ("before", "after") for k in range(3))
+    assert "rows: the first 2 of the 3 items" in (out / "report.md").read_text()
+
+
 def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run(model_file, tmp_path, monkeypatch):
     """Ctrl-C while a step samples: --resume redraws that step's batch, and the final LoRA is the one an
     uninterrupted run saves (3 seeds at batch 2: the seeded order decides every batch)."""
