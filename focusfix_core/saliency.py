@@ -73,7 +73,7 @@ def score_and_saliency(reward: nn.Module, I: torch.Tensor) -> tuple[torch.Tensor
     """
     _check_images(I)
     with torch.inference_mode(False), torch.enable_grad():
-        scores, g = _score_grad(reward, I.detach().clone())
+        scores, g = _score_grad(reward, I)  # it differentiates a plain copy, also of an inference tensor
     return scores, g.abs().sum(1)
 
 

@@ -13,6 +13,7 @@ from focusfix_core.saliency import (
     heatmap_to_mask,
     mask_coverage,
     mask_from_reward,
+    score_and_saliency,
 )
 
 SQ = (slice(4, 12), slice(2, 10))  # the square the reward looks at, in a 16x16 image
@@ -330,3 +331,14 @@ def test_dilate_a_radius_beyond_the_image_fills_it_and_stays_small():
     M[0, 0, 0] = 1
     out = dilate(M, 10**6)  # clamped to the image's diagonal, not a 2e6-wide disk
     assert out[0].eq(1).all() and out[1].eq(0).all()
+
+
+def test_score_and_saliency_is_the_score_and_grad_saliency_in_one_pass():
+    r = SquareRed()
+    with torch.inference_mode():  # as ComfyUI hands images over
+        I = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores, S = score_and_saliency(r, I)
+    with torch.no_grad():
+        torch.testing.assert_close(scores, r(I.clone()))
+    torch.testing.assert_close(S, gradient_saliency(r, I))
+    assert not scores.requires_grad and not S.requires_grad and r.gain.grad is None

@@ -19,7 +19,10 @@ import logging
 from pathlib import Path
 
 import pytest
+import reward_files
 import torch
+
+from focusfix_core.rewards.clip_vision import CLIPVisionConfig
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_5 = REPO / "workflows" / "api" / "focusfix_5_fix_with_aesthetic_safety.json"
@@ -38,33 +41,21 @@ def comfy_config(proj: int = PROJ) -> dict:
             "num_channels": 3, "num_hidden_layers": LAYERS, "patch_size": PATCH, "projection_dim": proj}
 
 
-def _rand(shapes: dict, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    gain = lambda k: 1.0 if k.endswith(("norm.weight", "norm1.weight", "norm2.weight")) else 0.0  # noqa: E731
-    return {k: torch.randn(s, generator=g) * 0.2 + gain(k) for k, s in shapes.items()}
+def _tower(proj: int = PROJ) -> CLIPVisionConfig:
+    return CLIPVisionConfig(width=WIDTH, layers=LAYERS, heads=1, patch=PATCH, image_size=IMAGE, proj_dim=proj,
+                            mlp_width=MLP)
 
 
 def tower_sd(proj: int = PROJ, seed: int = 0) -> dict:
-    from focusfix_core.rewards.clip_vision import CLIPVisionConfig, hf_clip_shapes
-    cfg = CLIPVisionConfig(width=WIDTH, layers=LAYERS, heads=1, patch=PATCH, image_size=IMAGE, proj_dim=proj,
-                           mlp_width=MLP)
-    return _rand(hf_clip_shapes(cfg), seed)
+    return reward_files.tower_sd(_tower(proj), seed)
 
 
 def head_sd(seed: int = 1) -> dict:
-    shapes = {}
-    for i, n, o in zip((0, 2, 4, 6, 7), HEAD, HEAD[1:] + (1,)):
-        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (o, n), (o,)
-    return _rand(shapes, seed)
+    return reward_files.head_sd(seed, HEAD)
 
 
 def safety_sd(seed: int = 2) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {("vision_model." + k if k.startswith("vision_model.") else k): v for k, v in tower_sd(seed=seed).items()}
-    sd.update(concept_embeds=torch.randn(17, PROJ, generator=g), special_care_embeds=torch.randn(3, PROJ, generator=g),
-              concept_embeds_weights=torch.rand(17, generator=g) * 0.2 + 0.1,
-              special_care_embeds_weights=torch.rand(3, generator=g) * 0.2 + 0.1)
-    return sd
+    return reward_files.safety_sd(seed, _tower(), concepts=(17, 3))
 
 
 class FocusFixTestTinyCLIPVision:
