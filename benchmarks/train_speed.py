@@ -540,6 +540,13 @@ def release_idle(model, device: torch.device) -> int | None:
     return released
 
 
+def _force_eager():
+    """`torch.compiler.set_stance("force_eager")`; before torch 2.6, which lacks it, nothing is compiled to keep
+    eager (`--compile` is refused there)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return nullcontext() if set_stance is None else set_stance("force_eager")
+
+
 def _compiled_counts(trainer) -> tuple[int, int] | None:
     """(compiled, eager) graph-free calls so far of the trainer's CompiledWhenNoGrad; None when not compiling."""
     inner = getattr(trainer.sampling_denoiser, "inner", None) if hasattr(trainer, "sampling_denoiser") else None
@@ -588,7 +595,7 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
             # counted with I0 and M cached, also under --no-cache: FlopCounterMode's module hooks cannot run
             # through the torch.autograd.grad of the saliency mask. Eagerly: dynamo never compiles under a
             # dispatch mode and would mark the compiled sampler's code as skipped for the rest of the process
-            with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter, autocast:
+            with _force_eager(), FlopCounterMode(display=False) as counter, autocast:
                 next(it)
             flops = counter.get_total_flops()
             if args.profile:
@@ -799,6 +806,9 @@ def save(doc: dict, path: str | None) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compile != "off" and not hasattr(torch.compiler, "set_stance"):  # this machine's torch, not the plan's
+        sys.exit(f"train_speed: --compile needs torch 2.6 or newer (the FLOP count keeps compiled code eager with "
+                 f"torch.compiler.set_stance), this is {torch.__version__}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

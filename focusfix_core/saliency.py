@@ -272,9 +272,11 @@ def heatmap_to_mask(
         if threshold < 1:  # never pick the background minimum (0 after normalisation) through ties
             q = q.clamp_min(torch.finfo(H.dtype).tiny)
         M = H >= q[:, None, None]
-    else:
+    elif len(H):  # otsu: kornia 0.8 fails on an empty batch
         M, _ = kornia.filters.otsu_threshold(H[:, None], return_mask=True)
         M = M[:, 0]
+    else:
+        M = H > 0
     M = (M & informative).to(H.dtype)  # (B, H, W) binary
     if dilation > 0:
         M = dilate(M, int(dilation))

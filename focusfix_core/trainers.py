@@ -495,10 +495,13 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
 
 
 @contextmanager
-def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[None]:
-    """`allow_mutation_on_saved_tensors` from `net`'s first forward with grad enabled to the end of the block (the
-    backward included: the copies it keeps are read there). The graph-free sampler calls before it, N - K of a
-    Focus-N-Fix step's N, run without its per-op Python; they save nothing, so their writes need no copy."""
+def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[Callable[[], None]]:
+    """`allow_mutation_on_saved_tensors` from `net`'s first forward with grad enabled until the `end()` this
+    yields is called, after the backward (the copies it keeps are read there), or the block ends. The graph-free
+    sampler calls before it, N - K of a Focus-N-Fix step's N, run without its per-op Python; they save nothing, so
+    their writes need no copy. Nor do the gradient clipping and the optimizer step after it: there the mode's
+    per-op Python would cost a step's every adapter tensor, and on torch 2.5 (not 2.13) its check failed on their
+    multi-tensor (foreach) kernels ("'list' object has no attribute 'data_ptr'")."""
     with ExitStack() as stack:
         entered = False
 
@@ -509,8 +512,12 @@ def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[None]:
                 entered = True
 
         handle = net.register_forward_pre_hook(enter_on_first_graph)
+
+        def end() -> None:
+            handle.remove()
+            stack.close()
         try:
-            yield
+            yield end
         finally:
             handle.remove()
 
@@ -544,6 +551,7 @@ class _LoRATrainer:
         # LoRA still counts the earlier run's steps (`lora.continued_metadata`)
         self.continued: dict[str, str] = {}
         self.mutation_allowed = False  # set once a step met a model writing into saved tensors (see `_checked_step`)
+        self._after_backward: Callable[[], None] | None = None  # ends that step's mutation context
         self._good = self._snapshot()
 
     def continues(self, metadata: dict[str, str]) -> None:
@@ -615,6 +623,8 @@ class _LoRATrainer:
                                      f"the weights of step {self.step} (lower lr or lam, or check the reward)")
         scaler = self.scaler
         (loss if scaler is None else scaler.scale(loss)).backward()
+        if self._after_backward is not None:
+            self._after_backward()
         if scaler is not None:
             self._scale_used = scaler.get_scale()
             scaler.unscale_(self.optimizer)  # the adapters' own (fp32) gradients
@@ -655,8 +665,11 @@ class _LoRATrainer:
         copies such a tensor before the write. It runs Python for every op, so only a model that needs it pays, and
         only from the step's first UNet call that records a graph (`_mutation_allowed_from_first_graph`)."""
         if self.mutation_allowed:
-            with _mutation_allowed_from_first_graph(self.model.net):
-                return self.train_step()
+            with _mutation_allowed_from_first_graph(self.model.net) as self._after_backward:
+                try:
+                    return self.train_step()
+                finally:
+                    self._after_backward = None
         try:
             return self.train_step()
         except RuntimeError as e:

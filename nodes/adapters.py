@@ -752,13 +752,25 @@ def training_session(dm: ComfyDiffusionModel, extra_modules: Sequence[nn.Module]
 
 
 MIN_COMFYUI_TO_TRAIN = "0.3.60"
+MIN_TORCH_TO_TRAIN = "2.5"  # torch.OutOfMemoryError (training's memory advice); the oldest torch the tests ran on
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version: a pre-release or vendor build of 2.5 ("2.5.0a0+872d972", NVIDIA's
+    containers) is 2.5."""
+    return tuple(int(v) for v in version.split(".")[:2])
 
 
 def check_comfyui_trains() -> None:
-    """RuntimeError unless this ComfyUI lets a call choose its attention kernel (`optimized_attention_override`,
-    ComfyUI 0.3.60, with `attention.wrap_attn`). Older ones ignore the choice, and training then runs through
-    whatever kernel ComfyUI picked: sage or flash attention pass no gradient to the LoRA's q/k/v (a silently
-    partial fix), sub-quadratic attention fails in backward."""
+    """RuntimeError unless this ComfyUI and its torch can train. ComfyUI must let a call choose its attention
+    kernel (`optimized_attention_override`, ComfyUI 0.3.60, with `attention.wrap_attn`): older ones ignore the
+    choice, and training then runs through whatever kernel ComfyUI picked: sage or flash attention pass no
+    gradient to the LoRA's q/k/v (a silently partial fix), sub-quadratic attention fails in backward. Before
+    torch 2.5, any failure in a run (out of memory, a NaN loss) would end in an AttributeError instead."""
+    if _release(str(torch.__version__)) < _release(MIN_TORCH_TO_TRAIN):
+        raise RuntimeError(f"FocusFix training needs torch {MIN_TORCH_TO_TRAIN} or newer (ComfyUI runs torch "
+                           f"{torch.__version__}): update torch in ComfyUI's Python (ComfyUI's README says how for "
+                           f"your GPU), then restart ComfyUI")
     import comfy.ldm.modules.attention as attention
     if hasattr(attention, "wrap_attn"):
         return

@@ -262,3 +262,20 @@ def test_a_malformed_conditioning_entry_is_refused_by_name(entry, got):
     with pytest.raises(ValueError, match=rf"^negative entry 0 is not a CONDITIONING entry .*: got {re.escape(got)} "):
         A.conditioning_to_cond([entry], False, "negative")
     assert A.conditioning_to_cond([[torch.zeros(1, 77, 768), {}]], False)["context"].shape == (1, 77, 768)
+
+
+@pytest.mark.parametrize("version, refused", [("2.4.1+cu121", True), ("1.13.1", True), ("2.5.0a0+872d972e41.nv24.8", False),
+                                              ("2.5.1", False), ("2.13.0+cpu", False), ("3.0.0", False)])
+def test_training_on_a_torch_older_than_2_5_is_refused_by_name(monkeypatch, version, refused):
+    """Before torch 2.5 there is no torch.OutOfMemoryError: any failure in a run (out of memory, a NaN loss) ended
+    in an AttributeError naming neither. A pre-release or vendor build of 2.5 is 2.5."""
+    monkeypatch.setattr(torch, "__version__", version)
+    if refused:
+        with pytest.raises(RuntimeError, match=rf"FocusFix training needs torch 2\.5 or newer \(ComfyUI runs torch "
+                                               rf"{re.escape(version)}\): update torch"):
+            A.check_comfyui_trains()
+    else:
+        try:
+            A.check_comfyui_trains()
+        except ModuleNotFoundError as e:  # past the torch check, at the ComfyUI one (no ComfyUI here)
+            assert e.name.startswith("comfy")

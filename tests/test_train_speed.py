@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_speed.py"
@@ -217,6 +218,8 @@ def _module():
 TINY = ["--backend", "core", "--size", "tiny", "--iters", "2", "--warmup", "1", "--device", "cpu"]
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"),
+                    reason="--compile needs torch 2.6 (torch.compiler.set_stance keeps the FLOP count eager)")
 def test_compiled_sampler_still_runs_compiled_after_the_flop_count_6(monkeypatch):
     """FlopCounterMode is a dispatch mode: a compiled frame called under it is skipped by dynamo for the rest of the
     process, and the next case (or the profile, the breakdown) would time eager code. Counted eagerly, the next

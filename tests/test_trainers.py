@@ -407,6 +407,8 @@ def compiler(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="torch 2.5 compiles the sampler again for every trajectory (README: FixConfig.compile)")
 def test_compiled_sampler_traces_once_and_trains_like_eager(small_model, square_reward, compiler):
     graphs, _ = compiler
     cfg = fix_cfg(iterations=3)
@@ -670,7 +672,8 @@ def test_the_cache_and_the_before_after_images_stay_in_cpu_memory(small_model, s
     trainer.device = torch.device("cpu")
     trainer.release()  # the end of a run: the cache goes, images can still be drawn (hooks, not merged)
     assert trainer._cache == {} and trainer._train_denoiser.originals == []
-    torch.testing.assert_close(trainer.sample_images([0, 1, 2]), I)
+    # in before_after()'s batches of 2: another batch size rounds differently (torch 2.5: 1.2e-5 at one pixel)
+    torch.testing.assert_close(torch.cat([trainer.sample_images([0, 1]), trainer.sample_images([2])]), I)
     trainer.lora.remove()
 
 
@@ -1190,8 +1193,9 @@ def test_an_invalid_training_state_is_refused_whole_and_leaves_the_trainer(small
 
 
 def test_the_mutation_context_covers_only_the_calls_that_record_a_graph(small_model, square_reward):
-    """Its per-op Python is paid from the step's first UNet call with grad on: the N - K graph-free sampler calls
-    before it run without it (they save nothing for a backward, so their in-place writes need no copy)."""
+    """Its per-op Python is paid from the step's first UNet call with grad on to the backward: the N - K graph-free
+    sampler calls before it run without it (they save nothing for a backward, so their in-place writes need no
+    copy), and so do the clipping and the optimizer step after the backward."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     seen = []
 
@@ -1202,14 +1206,21 @@ def test_the_mutation_context_covers_only_the_calls_that_record_a_graph(small_mo
     handle = small_model.net.mid_block.register_forward_hook(note)
     try:
         trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=2, steps=4, K=1))
+        step = trainer.optimizer.step
+
+        def noted_step(*args, **kwargs):
+            seen.append(("optimizer", _get_current_dispatch_mode() is not None))
+            return step(*args, **kwargs)
+        trainer.optimizer.step = noted_step
         list(trainer)
     finally:
         handle.remove()
         trainer.lora.remove()
     assert trainer.mutation_allowed
-    last_step = seen[-4:]  # 3 graph-free sampler calls, then the differentiated one
-    assert [grad for grad, _ in last_step] == [False, False, False, True]
-    assert [mode for _, mode in last_step] == [False, False, False, True]
+    last_step = seen[-5:]  # 3 graph-free sampler calls, the differentiated one, then the optimizer step
+    assert [grad for grad, _ in last_step] == [False, False, False, True, "optimizer"]
+    # nor for the clipping and the update after the backward (on torch 2.5 the mode failed on their foreach ops)
+    assert [mode for _, mode in last_step] == [False, False, False, True, False]
 
 
 def test_separate_enhance_with_no_loss_weight_is_refused():
