@@ -755,7 +755,7 @@ MIN_COMFYUI_TO_TRAIN = "0.3.60"
 MIN_TORCH_TO_TRAIN = "2.5"  # torch.OutOfMemoryError (training's memory advice); the oldest torch the tests ran on
 
 
-def _release(version: str) -> tuple[int, int]:
+def _major_minor(version: str) -> tuple[int, int]:
     """(major, minor) of a version: a pre-release or vendor build of 2.5 ("2.5.0a0+872d972", NVIDIA's
     containers) is 2.5."""
     return tuple(int(v) for v in version.split(".")[:2])
@@ -767,7 +767,7 @@ def check_comfyui_trains() -> None:
     choice, and training then runs through whatever kernel ComfyUI picked: sage or flash attention pass no
     gradient to the LoRA's q/k/v (a silently partial fix), sub-quadratic attention fails in backward. Before
     torch 2.5, any failure in a run (out of memory, a NaN loss) would end in an AttributeError instead."""
-    if _release(str(torch.__version__)) < _release(MIN_TORCH_TO_TRAIN):
+    if _major_minor(str(torch.__version__)) < _major_minor(MIN_TORCH_TO_TRAIN):
         raise RuntimeError(f"FocusFix training needs torch {MIN_TORCH_TO_TRAIN} or newer (ComfyUI runs torch "
                            f"{torch.__version__}): update torch in ComfyUI's Python (ComfyUI's README says how for "
                            f"your GPU), then restart ComfyUI")
