@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch_versions import compile_checked
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compile_check.py"
@@ -35,6 +36,7 @@ def test_bad_calls_refused_6():
 
 
 @pytest.mark.comfyui
+@compile_checked
 def test_one_graph_per_call_through_comfyui_6():
     reason = _skip_reason()
     if reason:
@@ -78,6 +80,7 @@ def test_off_device_nodes_finds_cpu_work_in_a_device_graph_6():
 
 
 @pytest.mark.comfyui
+@compile_checked
 def test_sdxl_call_stays_on_the_device_6():
     """Full SDXL on meta: with the cond prepared as the trainers prepare it, the merged graph-free call has no
     CPU work inside (ComfyUI's encode_adm would put its size embeddings there, and CUDA graphs skip such graphs)."""

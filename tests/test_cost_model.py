@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch_versions import meta_checked
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "cost_model.py"
@@ -47,6 +48,7 @@ def test_op_counter_skips_views_6():
 
 
 @pytest.mark.comfyui
+@meta_checked
 def test_cost_model_sd15_full_size_6():
     if not COMFYUI_DIR or not Path(COMFYUI_DIR, "comfy").is_dir():
         pytest.skip("COMFYUI_DIR is not set: the full-size cost model needs ComfyUI's model classes")

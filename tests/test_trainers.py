@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch_versions import compile_checked
 
 from focusfix_core.lora import LoRA
 from focusfix_core.trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
@@ -407,8 +408,7 @@ def compiler(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
-                    reason="torch 2.5 compiles the sampler again for every trajectory (README: FixConfig.compile)")
+@compile_checked
 def test_compiled_sampler_traces_once_and_trains_like_eager(small_model, square_reward, compiler):
     graphs, _ = compiler
     cfg = fix_cfg(iterations=3)

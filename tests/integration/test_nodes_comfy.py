@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch_versions import compile_checked
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -743,6 +744,7 @@ def test_sdxl_size_embeddings_are_built_once_per_cond(fresh, monkeypatch):
     assert len(calls) == 3                        # two prompts and the negative, once each; before: every call
 
 
+@compile_checked
 def test_compiled_sampler_holds_inside_comfyui(fresh, checkpoint, monkeypatch):
     """FixConfig.compile through ComfyUI's UNet (GPU-free: dynamo with an eager backend that rounds 1e-3 off,
     as compiled kernels round differently): one graph for I0, every training trajectory and the final
