@@ -94,7 +94,9 @@ def _sweep_stale_temps(folder: Path, now: float | None = None) -> None:
                 try:
                     if entry.is_file(follow_symlinks=False) and (
                             now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TMP_SECONDS):
-                        _remove(Path(entry.path))
+                        # a plain unlink, not `_remove`: a save killed between its link and unlink left a temp
+                        # that is a hard link to the saved file, whose read-only mode a chmod would clear
+                        os.unlink(entry.path)
                 except OSError:
                     pass
     except OSError:

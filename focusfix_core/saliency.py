@@ -256,7 +256,9 @@ def heatmap_to_mask(
     check_mask_settings(blur_sigma, dilation, feather)
     if not torch.isfinite(H).all():
         raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
-    if H.numel() and H.min() < 0:
+    if not H.numel():  # an empty batch (or image): an empty mask, without kornia's Otsu or an FFT, which fail on it
+        return torch.zeros_like(H)  # (_as_map3 made H float)
+    if H.min() < 0:
         raise ValueError(f"heatmap H must be >= 0, got a minimum of {float(H.min()):.4g}")
     device = H.device
     if device.type == "mps":  # kthvalue (before torch 2.9) and FFTs (pytorch#124096) fail there; a mask is small
@@ -272,11 +274,9 @@ def heatmap_to_mask(
         if threshold < 1:  # never pick the background minimum (0 after normalisation) through ties
             q = q.clamp_min(torch.finfo(H.dtype).tiny)
         M = H >= q[:, None, None]
-    elif len(H):  # otsu: kornia 0.8 fails on an empty batch
+    else:
         M, _ = kornia.filters.otsu_threshold(H[:, None], return_mask=True)
         M = M[:, 0]
-    else:
-        M = H > 0
     M = (M & informative).to(H.dtype)  # (B, H, W) binary
     if dilation > 0:
         M = dilate(M, int(dilation))

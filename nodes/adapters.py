@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -757,8 +758,9 @@ MIN_TORCH_TO_TRAIN = "2.5"  # torch.OutOfMemoryError (training's memory advice);
 
 def _major_minor(version: str) -> tuple[int, int]:
     """(major, minor) of a version: a pre-release or vendor build of 2.5 ("2.5.0a0+872d972", NVIDIA's
-    containers) is 2.5."""
-    return tuple(int(v) for v in version.split(".")[:2])
+    containers, "2.5+cpu") is 2.5."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
 def check_comfyui_trains() -> None:

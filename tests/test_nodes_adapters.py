@@ -264,7 +264,8 @@ def test_a_malformed_conditioning_entry_is_refused_by_name(entry, got):
     assert A.conditioning_to_cond([[torch.zeros(1, 77, 768), {}]], False)["context"].shape == (1, 77, 768)
 
 
-@pytest.mark.parametrize("version, refused", [("2.4.1+cu121", True), ("1.13.1", True), ("2.5.0a0+872d972e41.nv24.8", False),
+@pytest.mark.parametrize("version, refused", [("2.4.1+cu121", True), ("1.13.1", True), ("2.4+cpu", True),
+                                              ("2.5.0a0+872d972e41.nv24.8", False), ("2.5+cpu", False),
                                               ("2.5.1", False), ("2.13.0+cpu", False), ("3.0.0", False)])
 def test_training_on_a_torch_older_than_2_5_is_refused_by_name(monkeypatch, version, refused):
     """Before torch 2.5 there is no torch.OutOfMemoryError: any failure in a run (out of memory, a NaN loss) ended
@@ -279,3 +280,5 @@ def test_training_on_a_torch_older_than_2_5_is_refused_by_name(monkeypatch, vers
             A.check_comfyui_trains()
         except ModuleNotFoundError as e:  # past the torch check, at the ComfyUI one (no ComfyUI here)
             assert e.name.startswith("comfy")
+        except RuntimeError as e:  # past it too: a ComfyUI older than 0.3.60 on the path
+            assert "needs ComfyUI" in str(e)

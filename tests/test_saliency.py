@@ -234,8 +234,11 @@ def test_heatmap_errors_say_which_check_failed_and_empty_batch_review10():
         heatmap_to_mask(torch.full((1, 8, 8), float("inf")))
     with pytest.raises(ValueError, match="heatmap H must be >= 0, got a minimum of -1"):
         heatmap_to_mask(-torch.ones(1, 8, 8))
-    for mode in THRESHOLD_MODES:  # top_percent read H[0]: IndexError
-        assert heatmap_to_mask(torch.rand(0, 8, 8), threshold_mode=mode, threshold=0.2).shape == (0, 8, 8)
+    for mode in THRESHOLD_MODES:  # top_percent read H[0]: IndexError; otsu (kornia 0.8) and dilation's FFT failed
+        for dilation, feather in ((0, 0.0), (3, 2.0)):
+            M = heatmap_to_mask(torch.rand(0, 8, 8), threshold_mode=mode, threshold=0.2, dilation=dilation,
+                                feather=feather)
+            assert M.shape == (0, 8, 8) and M.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- review: mutation-testing gaps M1, M2, M4, M7, M8, M9

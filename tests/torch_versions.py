@@ -4,10 +4,12 @@ The package runs on torch 2.5 or newer (the tests that need neither pass on 2.5.
 on torch 2.13 only. On 2.5.1 dynamo graph-broke inside ComfyUI's model call and compiled the sampler again for
 every trajectory, and activation checkpointing failed on the meta device (benchmarks/RESULTS.md, session 16).
 None of them is offered by the nodes or the CLI."""
+import re
+
 import pytest
 import torch
 
-TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2])
+TORCH = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
 CHECKED = (2, 13)
 
 compile_checked = pytest.mark.skipif(
