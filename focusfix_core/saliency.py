@@ -198,6 +198,12 @@ def check_threshold(threshold_mode: str, threshold: float) -> None:
     if threshold_mode == "top_percent" and not 0 < threshold <= 1:
         raise ValueError(f"threshold must be a fraction in (0,1] for 'top_percent' (the share of pixels kept), "
                          f"got {threshold}")
+    # requirements.txt asks for 0.8.2, but an installer that skips a package it finds (any version) leaves
+    # ComfyUI's own kornia (it asks only for 0.7.1): say so when the mode is chosen, not in an AttributeError
+    if threshold_mode == "otsu" and not hasattr(kornia.filters, "otsu_threshold"):
+        raise ValueError(f"threshold_mode 'otsu' needs kornia 0.8.2 or newer, this Python has kornia "
+                         f"{getattr(kornia, '__version__', '(unknown version)')}: update it (in ComfyUI's Python: "
+                         f"python -m pip install -U kornia) and restart, or choose 'value' or 'top_percent'")
 
 
 MAX_SIGMA = 1e4  # pixels: a blur or feather that wide flattens any image (and past ~1e19 kornia overflows)

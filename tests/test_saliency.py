@@ -346,3 +346,15 @@ def test_score_and_saliency_is_the_score_and_grad_saliency_in_one_pass():
         torch.testing.assert_close(scores, r(I.clone()))
     torch.testing.assert_close(S, gradient_saliency(r, I))
     assert not scores.requires_grad and not S.requires_grad and r.gain.grad is None
+
+
+def test_otsu_on_a_kornia_without_it_says_which_version_it_needs(monkeypatch):
+    """kornia before 0.8.2 has no otsu_threshold; ComfyUI asks only for 0.7.1, and an installer may keep it:
+    the mode is refused naming both versions and the other modes (it was an AttributeError from kornia)."""
+    import kornia
+    monkeypatch.delattr(kornia.filters, "otsu_threshold")
+    monkeypatch.setattr(kornia, "__version__", "0.7.1")
+    with pytest.raises(ValueError, match=r"threshold_mode 'otsu' needs kornia 0\.8\.2 or newer, this Python has "
+                                         r"kornia 0\.7\.1: update it .* or choose 'value' or 'top_percent'"):
+        heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="otsu")
+    assert heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="value", threshold=0.5).shape == (1, 8, 8)
