@@ -230,6 +230,7 @@ class FocusFixSaliencyMask:
     @widgets_checked
     def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
         I = image_to_bchw(image, "image", _MIN_SIDE)
+
         def mask(r, x):  # smoothgrad's noise the same for each image, as for the Train node's masks
             return saliency.mask_from_reward(
                 r, x, source, method=method, generator=saliency.mask_noise(x.device),
