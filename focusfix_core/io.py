@@ -79,12 +79,12 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     return path
 
 
-def _sweep_stale_temps(folder: Path, now: float | None = None) -> None:
+def _sweep_stale_temps(folder: Path) -> None:
     """Delete the temp files a killed save left in `folder` (power cut, out-of-memory killer, kill -9: no cleanup
     ran), a little litter in the artist's loras folder each (hidden on Linux and macOS, listed on Windows). Only
     plain files with our temp names, unchanged for `_STALE_TMP_SECONDS`: a live save writes its file within
     seconds, then renames it. Best effort: a file that cannot be read or deleted stays."""
-    now = time.time() if now is None else now
+    now = time.time()
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
