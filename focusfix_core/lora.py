@@ -34,6 +34,7 @@ __all__ = [
     "TARGET_PRESETS",
     "diffusers_unet_names",
     "resolve_targets",
+    "paths_in_kohya",
     "lora_delta",
     "lora_weight_delta",
     "LoRAAdapter",
@@ -105,6 +106,31 @@ def resolve_targets(net: nn.Module, targets: str | Sequence[str]) -> list[str]:
             )
         found.update(dict.fromkeys(hits))
     return [name for name, _ in hosts if name in found]
+
+
+def _host_paths(net: nn.Module, paths: Sequence[str]) -> list[str]:
+    """`paths` checked as LoRA hosts of `net` (nn.Linear/nn.Conv2d), in `named_modules()` order."""
+    wanted = set(paths)
+    hosts = [name for name, m in net.named_modules() if name in wanted and isinstance(m, _HOST_TYPES)]
+    if not hosts or len(hosts) != len(wanted):
+        bad = sorted(wanted - set(hosts))
+        raise ValueError(f"modules must be nn.Linear/nn.Conv2d paths of {type(net).__name__}, got "
+                         f"{bad[:3] if bad else 'none'}")
+    return hosts
+
+
+def paths_in_kohya(net: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "lora_unet") -> list[str]:
+    """The host paths of `net` (nn.Linear/nn.Conv2d) that kohya `tensors` name, under either of their names
+    (`diffusers_unet_names`), in `named_modules()` order.
+
+    Raises:
+        ValueError: no key names a layer of `net` (a LoRA of another model)."""
+    hosts = [name for name, m in net.named_modules() if name and isinstance(m, _HOST_TYPES)]
+    groups, _ = _group_kohya(tensors, prefix, hosts, diffusers_unet_names(net))
+    if not groups:
+        raise ValueError(f"its keys name no layer of this {type(net).__name__}, e.g. {sorted(tensors)[:2]} "
+                         f"(a LoRA of another model?)")
+    return [name for name in hosts if name in groups]
 
 
 def lora_delta(
@@ -401,6 +427,7 @@ class LoRA(nn.Module):
         alpha: float | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        modules: Sequence[str] | None = None,
     ) -> LoRA:
         """Hook fresh adapters (up = 0: output unchanged) onto the modules `resolve_targets` picks.
 
@@ -413,6 +440,8 @@ class LoRA(nn.Module):
             alpha: > 0; None means alpha = rank (scale 1).
             device: adapter device; None -> each host weight's device.
             generator: for the init of `down`.
+            modules: the host paths themselves, in place of resolving `targets` (which are then only recorded,
+                e.g. for the saved metadata).
 
         Raises:
             ValueError: rank/alpha <= 0, no match, grouped conv, two paths with the same kohya name.
@@ -424,7 +453,7 @@ class LoRA(nn.Module):
         """
         alpha = rank if alpha is None else alpha
         _check_rank_alpha(rank, alpha)
-        names = resolve_targets(net, targets)
+        names = resolve_targets(net, targets) if modules is None else _host_paths(net, modules)
         kohya = [_kohya_name("", n) for n in names]
         if len(set(kohya)) != len(kohya):
             dup = [n for n, k in zip(names, kohya) if kohya.count(k) > 1]
@@ -450,15 +479,17 @@ class LoRA(nn.Module):
 
     @classmethod
     def from_kohya(cls, net: nn.Module, tensors: dict[str, torch.Tensor], targets: str | Sequence[str] = "attn",
-                   rank: int = 4, alpha: float | None = None, prefix: str = "lora_unet") -> LoRA:
-        """`attach` adapters as a saved LoRA was attached (its targets, rank, alpha), then `load_kohya` its
-        tensors: the saved LoRA, hooked and trainable again (e.g. to continue training it). Adapters on CPU.
+                   rank: int = 4, alpha: float | None = None, prefix: str = "lora_unet",
+                   modules: Sequence[str] | None = None) -> LoRA:
+        """`attach` adapters as a saved LoRA was attached (its targets, rank, alpha; or the given `modules`), then
+        `load_kohya` its tensors: the saved LoRA, hooked and trainable again (e.g. to continue training it).
+        Adapters on CPU.
 
         Raises:
             ValueError: the tensors do not fit `net` (a LoRA of another model) or these targets/rank; nothing
                 stays attached.
         """
-        lora = cls.attach(net, targets, rank, alpha, device="cpu")
+        lora = cls.attach(net, targets, rank, alpha, device="cpu", modules=modules)
         try:
             lora.load_kohya(tensors, prefix, strict=True)
         except BaseException:
@@ -737,9 +768,14 @@ class SavedLoRA:
 
     def attach(self, net: nn.Module) -> LoRA:
         """This LoRA hooked onto `net` again, trainable (`LoRA.from_kohya`; ValueError if it does not fit, naming
-        `source`)."""
+        `source`).
+
+        Preset targets pick the layers as in the run that saved it. Other targets are regexes read from the file:
+        they are never run (a shared file's pattern built to backtrack would hang the process, where no cancel
+        reaches); the file's own keys name its layers instead (`paths_in_kohya`)."""
         try:
-            return LoRA.from_kohya(net, self.tensors, self.config_targets, self.rank, self.alpha)
+            modules = None if all(t in TARGET_PRESETS for t in self.targets) else paths_in_kohya(net, self.tensors)
+            return LoRA.from_kohya(net, self.tensors, self.config_targets, self.rank, self.alpha, modules=modules)
         except ValueError as e:
             if not self.source:
                 raise

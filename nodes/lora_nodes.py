@@ -90,6 +90,20 @@ def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> P
         return None
 
 
+def drop_preview(lora_path: Path) -> bool:
+    """Remove `<name>.preview.png` beside a LoRA saved over another without a preview of its own, so loaders do
+    not show the replaced LoRA's thumbnail for it. True when one was removed; a symlink or folder there is left."""
+    path = lora_path.with_name(lora_path.stem + PREVIEW_SUFFIX)
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        path.unlink()
+    except OSError as e:
+        log.warning(f"could not remove the replaced LoRA's preview {path.name}: {e}")
+        return False
+    return True
+
+
 class FocusFixApplyLoRA:
     DESCRIPTION = "Apply a FocusFix LoRA to a MODEL without saving it (same result as saving + Load LoRA)."
     CATEGORY = "FocusFix/lora"
@@ -192,6 +206,8 @@ class FocusFixSaveLoRA:
         text = name
         if preview is not None and save_preview(preview, path, overwrite) is None:
             text += f"\n(kept the existing {path.stem}.preview.png: turn overwrite on to replace it)"
+        elif preview is None and overwrite and drop_preview(path):
+            text += f"\n(removed {path.stem}.preview.png: it showed the LoRA this one replaced)"
         log.info(f"saved LoRA {name} ({lora!r})")
         return {"ui": {"text": [text]}, "result": (name,)}
 

@@ -42,7 +42,7 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int, seed_tip: str
         "targets": tip(list(TARGET_PRESETS), "Layers the LoRA adapts: attn (all attention projections), to_k "
                        "(cross-attention keys only), all_linear (every Linear layer of the UNet).",
                        default=default_targets),
-        "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-5, round=1e-6),
+        "lr": tip("FLOAT", "Learning rate (AdamW).", default=lr, min=1e-6, max=1.0, step=1e-6, round=1e-6),
         "iterations": tip("INT", "Optimizer steps.", default=iterations, min=1, max=100000),
         "seed": tip("INT", seed_tip, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False),
     }

@@ -677,6 +677,48 @@ def test_read_focusfix_lora_refuses_bad_tensors_naming_file_and_key(tmp_path, ch
         read_focusfix_lora(bad)
 
 
+def test_a_saved_loras_own_patterns_are_never_run_its_keys_name_its_layers(tmp_path, monkeypatch):
+    """focusfix_targets comes from a file someone may share: a regex built to backtrack (`^(.|.)*attn2\\.to_kk$`)
+    hung the continuing run inside `re`, where no cancel reaches (review B1). Patterns that are not presets are
+    now never compiled; the file's keys name the layers, so a continued LoRA is the saved one."""
+    from safetensors.torch import load_file, save_file
+
+    from focusfix_core import lora as lora_mod
+    from focusfix_core.lora import read_focusfix_lora
+
+    x, c = _inputs()
+    saved = LoRA.attach(_net(), [r"attn2\.to_(k|v)$", "conv_in"], rank=2, alpha=1.0)
+    _randomize(saved)
+    path = save_lora(tmp_path / "fix.safetensors", saved)
+    want, expected = saved.module_names, _forward_with(saved, x, c)
+    net = _net()
+    for shared in (r"^(.|.)*attn2\.to_kk$", "(", "attn"):  # a trap, an invalid regex, a preset that does not fit
+        meta = {**read_focusfix_lora(path).metadata, "focusfix_targets": json.dumps([shared, "x"])}
+        bad = tmp_path / "shared.safetensors"
+        save_file(load_file(str(path)), str(bad), metadata=meta)
+        monkeypatch.setattr(lora_mod, "resolve_targets", lambda *a: pytest.fail("a file's pattern was run"))
+        got = read_focusfix_lora(bad).attach(net)
+        monkeypatch.undo()
+        assert got.module_names == want and got.targets == (shared, "x")  # recorded for the next save
+        assert torch.equal(net(x, c), expected)
+        got.remove()
+    meta = {**read_focusfix_lora(path).metadata, "focusfix_targets": json.dumps(["(a|a)*b"])}
+    save_file({"lora_unet_other.lora_down.weight": torch.zeros(2, 4), "lora_unet_other.lora_up.weight":
+               torch.zeros(4, 2), "lora_unet_other.alpha": torch.tensor(1.0)}, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="^'shared.safetensors': its keys name no layer of this TinyNet"):
+        read_focusfix_lora(bad).attach(net)
+
+
+def _forward_with(lora, x, c):
+    """`_net()`'s output with `lora`'s adapters (their targets resolved as when it was attached)."""
+    net = _net()
+    again = LoRA.from_kohya(net, lora.state_dict_kohya(), lora.targets, lora.rank, lora.alpha)
+    try:
+        return net(x, c)
+    finally:
+        again.remove()
+
+
 def test_read_focusfix_lora_takes_a_bf16_alpha_and_names_the_file_when_it_does_not_fit(tmp_path):
     from focusfix_core.lora import read_focusfix_lora
     path, _, _ = _saved_lora_file(tmp_path, dtype=torch.bfloat16, alpha=0.3)  # .alpha 0.30078125 in bf16

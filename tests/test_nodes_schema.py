@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,32 @@ def test_inputs_have_types_tooltips_and_ranges(node_id, cls):
             assert isinstance(opts.get("default", ""), str)
         if kind == "INT" and name == "seed":  # training seeds stay fixed between runs (no randomize widget)
             assert opts.get("control_after_generate") is False
+
+
+def _frontend_float(value: float, opts: dict) -> float:
+    """What ComfyUI's frontend stores for a FLOAT widget typed as `value` (comfyui_frontend_package 1.27,
+    useFloatWidget + onFloatValueChange): its decimals come from `step`, even when `round` is finer."""
+    precision = max(0, -math.floor(math.log10(opts.get("step", 0.5))))
+    r = opts.get("round") or (10.0 ** -precision if precision else None)
+    if r:
+        value = float(f"{round(value / r) * r:.{precision}f}")
+    return min(max(value, opts["min"]), opts["max"])
+
+
+@pytest.mark.parametrize("node_id, cls", NODES)
+def test_float_widgets_keep_the_values_their_round_allows(node_id, cls):
+    """lr had step 1e-5 and round 1e-6: the frontend kept 5 decimals, so a typed 5e-6 was stored as 1e-6 (and
+    any lr between 1e-6 and 1e-5 as another one), silently (review A1)."""
+    for name, (kind, opts), _ in _inputs(cls):
+        if kind != "FLOAT":
+            continue
+        assert _frontend_float(opts["default"], opts) == pytest.approx(opts["default"], rel=1e-9), name
+        r = opts.get("round")
+        if r:
+            for k in (1, 3, 5, 7, 15, 25):  # values on the round's own grid come back as typed
+                v = opts["min"] + k * r
+                if v <= opts["max"]:
+                    assert _frontend_float(v, opts) == pytest.approx(v, rel=1e-9), f"{node_id}.{name}: {v}"
 
 
 @pytest.mark.parametrize("node_id, cls", NODES)

@@ -264,6 +264,28 @@ def test_a_preview_lands_beside_its_own_lora_and_never_replaces_another_unless_a
         assert n3 == n1 and torch.allclose(png(p1), second[0], atol=1 / 255 * 0.51 + 1e-6)
 
 
+def test_a_lora_saved_over_another_without_a_preview_does_not_keep_the_old_thumbnail(tmp_path):
+    """overwrite on, no preview: the replaced LoRA's <name>.preview.png went on showing beside the new file in
+    A1111/Forge and LoRA managers (review A2). It is removed (and said); overwrite off keeps a stranger's."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    with _Comfy(folder):
+        save = L.FocusFixSaveLoRA()
+        save.execute(_data(0), "fix", False, preview=torch.rand(1, 4, 4, 3))
+        thumb = folder / "fix.preview.png"
+        assert thumb.is_file()
+        out = save.execute(_data(1), "fix", True)
+        assert out["result"][0] == "fix.safetensors" and not thumb.exists()
+        assert "removed fix.preview.png" in out["ui"]["text"][0]
+        assert "removed" not in save.execute(_data(2), "fix", True)["ui"]["text"][0]  # nothing there: no note
+        thumb.mkdir()  # not a file: left alone
+        assert "removed" not in save.execute(_data(0), "fix", True)["ui"]["text"][0] and thumb.is_dir()
+        thumb.rmdir()
+        (folder / "other.preview.png").write_bytes(b"mine")
+        assert save.execute(_data(0), "other", False)["result"][0] == "other_00001.safetensors"
+        assert (folder / "other.preview.png").read_bytes() == b"mine"
+
+
 @settings(max_examples=15, deadline=None)
 @given(bad=st.sampled_from([torch.rand(1, 8, 8), torch.full((1, 8, 8, 3), float("nan")), torch.rand(0, 8, 8, 3),
                             (torch.rand(1, 8, 8, 3) * 255).round().to(torch.uint8)]))
