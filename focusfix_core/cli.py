@@ -110,9 +110,10 @@ def load_reward_spec(spec: str):
 
 # -- output folder -------------------------------------------------------------------------------------------
 
-def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
+def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> Path:
     """Check the output folder (created when the first file is written, so a refused run leaves no empty
-    folder); refuse to overwrite earlier outputs unless asked (or resuming)."""
+    folder); refuse to overwrite earlier outputs unless asked (or resuming; `resumable`: the command has
+    --resume)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder")
     base = next(p for p in (out, *out.absolute().parents) if p.exists())  # where the folder would be created
@@ -123,8 +124,9 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
     existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
     existing += sorted(p.name for p in out.iterdir() if ITEM_IMAGES.fullmatch(p.name)) if out.is_dir() else []
     if existing and not (overwrite or resume):
-        raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite "
-                              f"(or --resume to continue from {out / 'state.pt'})")
+        resume_hint = f" (or --resume to continue from {out / 'state.pt'})" if resumable else ""
+        raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite"
+                              f"{resume_hint}")
     return out
 
 
@@ -246,6 +248,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
         "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
         "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
+        "notes": [f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training never drew "
+                  f"it, and its images show it with an empty mask" for p, s in trainer.unmasked],
         "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
                   "curves": str(out / "curves.png"), "state": str(out / "state.pt")},
         "items": items,
@@ -294,10 +298,10 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     report = {
         "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
         "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
-        "separate_before": [_finite(v) for v in separate_loss(A0)],
-        "separate_after": [_finite(v) for v in separate_loss(A1)],
-        "enhance_before": [_finite(v) for v in enhance_loss(A0)],
-        "enhance_after": [_finite(v) for v in enhance_loss(A1)],
+        "separate_before": _per_prompt(separate_loss, A0, cfg.objects),
+        "separate_after": _per_prompt(separate_loss, A1, cfg.objects),
+        "enhance_before": _per_prompt(enhance_loss, A0, cfg.objects),
+        "enhance_after": _per_prompt(enhance_loss, A1, cfg.objects),
         "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
         "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
                   "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
@@ -332,6 +336,12 @@ def _mean_or_na(values: list[float | None]) -> str:
     return "n/a" if not values or None in values else f"{sum(values) / len(values):.4f}"
 
 
+def _per_prompt(loss: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor, objects) -> list[float | None]:
+    """`loss` of each prompt's own maps (A: [P,N,h,w] from `eval_maps`): the blank maps padding a prompt with
+    fewer objects than the most are left out (they made its Enhance 1 and diluted its Separate)."""
+    return [_finite(loss(A[i:i + 1, :len(words)])[0]) for i, words in enumerate(objects)]
+
+
 def _write_report(out: Path, report: dict, columns: str) -> None:
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
     lines = [f"# FocusFix {report['method']} run", "", f"- status: {report['status']}",
@@ -342,6 +352,7 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
         if report.get(k) is not None:
             v = report[k]
             lines.append(f"- {k.replace('_', ' ')}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
+    lines += [f"- note: {n}" for n in report.get("notes", [])]
     for k in ("separate", "enhance"):
         if f"{k}_before" in report:
             b, a = (_mean_or_na(report[f"{k}_{when}"]) for when in ("before", "after"))
@@ -498,6 +509,12 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
     if source == "mask" and not a.mask:
         raise ValueError("--mask-source mask needs --mask IMAGE (white = may change); paint it over the "
                          "before_0.png (1, 2, ...) an earlier run wrote")
+    out = a.out.resolve()
+    for path in a.mask:  # this run writes (and with --overwrite removes) its outputs there: the mask would go
+        if path.resolve().parent == out and (path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name)):
+            raise ValueError(f"--mask {path} is one of the files this run writes into --out {a.out} (each item's "
+                             f"before_K.png and after_K.png): the run would overwrite or remove it. Save the "
+                             f"painted mask under another name, e.g. {path.with_name('mask_' + path.name)}")
     masks = []
     for path in a.mask:
         M, note = fit_mask(load_mask_image(path)[None, None], (size, size), f"--mask {path}")

@@ -52,9 +52,9 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
     from .trainers import split_objects_prompt
 
     t0 = time.perf_counter()
-    out = prepare_out(Path(out), overwrite, resume=False)
+    out = prepare_out(Path(out), overwrite, resume=False, resumable=False)
     for part in ("focus_n_fix", "separate_enhance"):  # a demo stopped half way left outputs there
-        prepare_out(out / part, overwrite, resume=False)
+        prepare_out(out / part, overwrite, resume=False, resumable=False)
     model, note = load_model("tiny", random_ok=True)
     _log(f"model: {note}")
     try:

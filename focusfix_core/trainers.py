@@ -612,10 +612,11 @@ class _LoRATrainer:
 
     # -- one optimizer step ---------------------------------------------------------------------------------
     def _optimizer_step(self, loss: torch.Tensor) -> float:
-        """Backward, NaN guard, clip, step. On a non-finite loss/grad, restore the last good LoRA and raise.
+        """Backward, NaN guard, clip: the gradient norm (the update itself is `_finish_step`'s). On a non-finite
+        loss/grad, restore the last good LoRA and raise.
 
         With fp16 in the gradient path the loss is scaled (`self.scaler`); a non-finite gradient there is an
-        overflow at that scale: the update is skipped (the returned norm is inf) and the scale halved."""
+        overflow at that scale: `_finish_step` skips the update (the returned norm is inf) and halves the scale."""
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.restore_last_good()
@@ -634,13 +635,21 @@ class _LoRATrainer:
             self.restore_last_good()
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}: stopped; the LoRA "
                                      f"keeps the weights of step {self.step}")
-        if scaler is None:
-            self.optimizer.step()
-        else:
-            scaler.step(self.optimizer)  # skipped when the gradients overflowed
-            scaler.update()
-        self._good = self._snapshot()
         return grad_norm if math.isfinite(grad_norm) else math.inf
+
+    def _finish_step(self, t0: float, **terms) -> StepRecord:
+        """The update, its snapshot (`restore_last_good`) and the step count, as one: a Ctrl-C meanwhile waits
+        until all three are done (`_interrupts_held`), so an interrupted run holds the step before or this one,
+        never half of it (Adam's moments one update ahead of the LoRA, or a state.pt one step behind its LoRA,
+        which a resume would then train a step too many). `terms` (the record's numbers) are read before."""
+        with _interrupts_held():
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+                self.scaler.update()
+            self._good = self._snapshot()
+            return self._record(t0, **terms)
 
     def restore_last_good(self) -> None:
         """Put back the LoRA and random draws of the last finished step (after an interrupt that may have hit
@@ -711,6 +720,27 @@ class _LoRATrainer:
                                    width=self.cfg.width, height=self.cfg.height, title=f"FocusFix {self.method}")
         return {**base, "focusfix_method": self.method, "focusfix_base_model": getattr(m, "name", "unknown"),
                 "focusfix_steps_trained": self.step, "focusfix_config": json.dumps(cfg, sort_keys=True)}
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise its KeyboardInterrupt. Only where Python's own
+    handler is installed and this is the main thread (the command line); elsewhere (ComfyUI's worker thread,
+    whose cancel is checked between sampler calls) the block runs as is."""
+    import signal
+    import threading
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt
 
 
 class _SwitchAfter:
@@ -806,6 +836,9 @@ class FixTrainer(_LoRATrainer):
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.last_images: torch.Tensor | None = None
+        # (prompt, seed) items first met by before_after() whose derived mask is empty (a flat map): shown with
+        # it; training refuses such an item, but it never met this one, and its LoRA must not be lost for a picture
+        self.unmasked: list[tuple[str, int]] = []
 
     def _check_host_memory(self) -> None:
         """Refuse, before any sampling, item counts whose images would not fit in CPU memory: the cache (I0, z0,
@@ -908,6 +941,10 @@ class FixTrainer(_LoRATrainer):
         trainer's device, from the cache (`_fill_cache`); `callback` follows the sampler's steps when I0 is
         sampled."""
         self._fill_cache(idx, callback)
+        flat = [self.items[i] for i in idx if self.items[i] in self.unmasked]
+        if flat:  # cached by before_after() with its empty mask: a step would hold the whole image
+            raise ValueError(f"the {self.cfg.mask_source} mask of prompt {flat[0][0]!r}, seed {flat[0][1]} is empty "
+                             f"(a flat map): paint the mask, or set lam 0")
         entries = [self._cache[i] for i in idx]
 
         def stacked(k: int) -> torch.Tensor:
@@ -915,7 +952,8 @@ class FixTrainer(_LoRATrainer):
         return stacked(0), stacked(1), None if entries[0][2] is None else stacked(2)
 
     @torch.no_grad()
-    def _fill_cache(self, idx: list[int], callback: Callable[[dict], None] | None = None) -> None:
+    def _fill_cache(self, idx: list[int], callback: Callable[[dict], None] | None = None,
+                    shown_only: bool = False) -> None:
         """Sample I0 and derive M for the items of idx not in the cache yet, and cache them in CPU memory.
 
         A batch with a new item is sampled whole, cached items too: kernels round differently at other batch
@@ -940,11 +978,11 @@ class FixTrainer(_LoRATrainer):
             elif src == "none":
                 M = None
             else:
-                M = torch.cat([self._derived_mask(i, I0[j:j + 1]) for j, i in enumerate(todo)])
+                M = torch.cat([self._derived_mask(i, I0[j:j + 1], shown_only) for j, i in enumerate(todo)])
             for j, i in enumerate(todo):
                 self._cache[i] = (self._keep(I0[j]), self._keep(z0[j]), None if M is None else self._keep(M[j]))
 
-    def _derived_mask(self, i: int, I0: torch.Tensor) -> torch.Tensor:
+    def _derived_mask(self, i: int, I0: torch.Tensor, shown_only: bool = False) -> torch.Tensor:
         """M(I0): [1,H,W] of item i from the reward (heatmap or saliency), for I0 [1,3,H,W] as the artist sees it
         (clamped, as VAE Decode gives it). One item at a time, smoothgrad's noise the same for each
         (`mask_noise`): an item's mask is the same whichever items share its batch (a blur rounds differently
@@ -957,6 +995,9 @@ class FixTrainer(_LoRATrainer):
                              blur_sigma=c.blur_sigma, threshold_mode=c.threshold_mode, threshold=c.threshold,
                              dilation=c.dilation, feather=c.feather, generator=mask_noise(I0.device))
         if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix
+            if shown_only:  # before_after(): drawn with its empty mask, and said (`unmasked`)
+                self.unmasked.append((prompt, seed))
+                return M
             # every threshold mode keeps the peak of a normalised map: only a flat map (no location) gets here
             raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty: the reward's "
                              f"{c.mask_source} of that image is flat (it marks no place), so no threshold helps. "
@@ -971,7 +1012,10 @@ class FixTrainer(_LoRATrainer):
         items there are.
 
         progress: called once with the number of sampler steps to come (I0 of items not seen in training, and
-        every I); the callback it returns follows each of them (a progress bar with previews)."""
+        every I); the callback it returns follows each of them (a progress bar with previews).
+
+        An item training never met whose derived mask is empty (a flat map, which a step refuses) is drawn with
+        that mask and listed in `unmasked`, instead of failing the run at its end."""
         idx, b = list(range(len(self.items))), self.cfg.batch_size
         chunks = [idx[k:k + b] for k in range(0, len(idx), b)]
         new = [any(i not in self._cache for i in chunk) for chunk in chunks]
@@ -979,7 +1023,7 @@ class FixTrainer(_LoRATrainer):
         I: torch.Tensor | None = None  # filled chunk by chunk: a list joined at the end would hold I twice
         with self._explain_oom("while drawing the before/after images"):
             for k, chunk in zip(range(0, len(idx), b), chunks):
-                self._fill_cache(chunk, callback)
+                self._fill_cache(chunk, callback, shown_only=True)
                 drawn = self.sample_images(chunk, callback)
                 if I is None:
                     I = torch.empty((len(idx), *drawn.shape[1:]), dtype=drawn.dtype)
@@ -1063,8 +1107,8 @@ class FixTrainer(_LoRATrainer):
                     loss = loss + cfg.lam * region
             grad_norm = self._optimizer_step(loss)
         self.last_images = I.detach()[::n]
-        return self._record(t0, loss=loss.item(), grad_norm=grad_norm, reward=scores.mean().item(),
-                            region=None if region is None else region.item())
+        return self._finish_step(t0, loss=loss.item(), grad_norm=grad_norm, reward=scores.mean().item(),
+                                 region=None if region is None else region.item())
 
     def metadata(self) -> dict:
         meta = super().metadata()
@@ -1273,8 +1317,8 @@ class SeparateEnhanceTrainer(_LoRATrainer):
                 p = preservation_loss(self.model.denoise(xp, sp, pc), base).mean()
                 loss = loss + cfg.lam_preserve * p
             grad_norm = self._optimizer_step(loss)
-        return self._record(t0, loss=loss.item(), grad_norm=grad_norm, separate=s.item(), enhance=e.item(),
-                            preserve=None if p is None else p.item())
+        return self._finish_step(t0, loss=loss.item(), grad_norm=grad_norm, separate=s.item(), enhance=e.item(),
+                                 preserve=None if p is None else p.item())
 
     @torch.no_grad()
     def eval_maps(self, seed: int = 0, sigma_frac: float = 0.8) -> torch.Tensor:

@@ -30,6 +30,7 @@ class FixRun:
     M: torch.Tensor | None       # [N,H,W] masks used (None: plain DRaFT)
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
     checkpoint_error: str | None = None  # why the last checkpoint write failed (None: it did not)
+    unmasked: tuple[tuple[str, int], ...] = ()  # items training never met whose derived mask is empty
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
             save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images, save)
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
-            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written, save.error)
+            return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written, save.error,
+                          tuple(trainer.unmasked))
         finally:
             trainer.lora.remove()
             trainer.release()  # the session's end then gives the page-locked copies back

@@ -225,6 +225,8 @@ class FocusFixTrainFocusNFix:
             continue_from=continue_from, graph=graph_metadata(prompt, extra_pnginfo))
         M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
         notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
+        notes += [f"prompt {p!r}, seed {s}: no mask (the reward's {mask_source} of its image is flat); training "
+                  f"never drew it, and its before/after show it with an empty mask" for p, s in run.unmasked]
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),

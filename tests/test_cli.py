@@ -111,6 +111,30 @@ def test_train_sne_and_errors(model_file, tmp_path, capsys):
     assert cli.main(fnf_args(tmp_path / "missing.safetensors", tmp_path / "z")) == 2
 
 
+def test_train_sne_reports_each_prompts_losses_on_its_own_objects(model_file, tmp_path, monkeypatch):
+    """A 2-object prompt beside a 3-object one had its maps padded with a blank one: its Enhance read 1.0 and its
+    Separate a third of its value (review C1). Each prompt's values now come from its own maps."""
+    from focusfix_core.losses import enhance_loss, separate_loss
+    maps = []
+    real = cli.SeparateEnhanceTrainer.eval_maps
+
+    def kept(self, *a, **kw):
+        maps.append(real(self, *a, **kw))
+        return maps[-1]
+    monkeypatch.setattr(cli.SeparateEnhanceTrainer, "eval_maps", kept)
+    out = tmp_path / "sne"
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(out), "--iterations", "1",
+                     "--resolution", "8", "--prompt", "a red circle and a blue square | circle, square",
+                     "--prompt", "red circle blue square green triangle | circle, square, triangle"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    A0, A1 = maps
+    assert A0.shape[1] == 3 and not A0[0, 2].any()  # the padding is there
+    for key, loss, A in (("separate_before", separate_loss, A0), ("enhance_after", enhance_loss, A1)):
+        assert report[key][0] == pytest.approx(float(loss(A[:1, :2])[0]), rel=1e-6), key
+        assert report[key][1] == pytest.approx(float(loss(A[1:])[0]), rel=1e-6), key
+    assert report["enhance_before"][0] < 1.0
+
+
 def test_demo_quick_end_to_end(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
@@ -281,7 +305,8 @@ def test_ctrl_c_in_the_demo_stops_the_demo(tmp_path, monkeypatch, capsys):
     assert "interrupted after 1 steps" in capsys.readouterr().err
     # a demo stopped half way left outputs: a new demo there does not replace them without --overwrite
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
-    assert "already holds" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--resume" not in err  # demo has no --resume to suggest
 
 
 def test_bad_data_met_mid_run_keeps_the_steps_done(model_file, tmp_path, monkeypatch, capsys):

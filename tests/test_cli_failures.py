@@ -24,6 +24,25 @@ def test_a_lora_that_draws_nan_images_is_reported_and_exits_1(tmp_path, capsys):
     assert "non-finite" in capsys.readouterr().err
 
 
+def test_a_flat_map_of_an_item_training_never_met_is_a_note_not_exit_2(tmp_path, monkeypatch):
+    """The empty mask of an item first drawn after training (many seeds, few steps) ended the run with exit 2, no
+    report.json and no images, though the LoRA was trained (review C3). It is now a note in the report."""
+    real = cli.FixTrainer.before_after
+
+    def flat_from_now(self, *a, **kw):
+        self.reward.heatmap = lambda I: I[:, :1] * 0  # flat for every image drawn after training
+        return real(self, *a, **kw)
+    monkeypatch.setattr(cli.FixTrainer, "before_after", flat_from_now)
+    out = tmp_path / "late"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps",
+                   "3", "--seeds", "0-2", "--batch-size", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "done" and len(report["notes"]) == 2 and len(report["items"]) == 3
+    assert all("no mask (its reward heatmap is flat); training never drew it" in n for n in report["notes"])
+    assert "- note: prompt 'a red circle', seed" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", "33"], "--size must be a multiple of 4"),
     (["--seeds", "18446744073709551616"], "outside 0 to 18446744073709551615"),

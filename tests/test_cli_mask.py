@@ -93,6 +93,24 @@ def test_bad_painted_masks_are_refused_by_name(model_file, tmp_path, capsys, ext
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_mask_painted_in_place_over_an_item_image_is_refused_before_the_run_removes_it(model_file, tmp_path,
+                                                                                       capsys):
+    """Painting over before_1.png where it lies and training again into that folder with --overwrite removed it
+    (no item 1 any more), and the --resume after it could not find the mask (review C2)."""
+    out = tmp_path / "run"
+    assert cli.main(args(model_file, out)) == 0
+    painted = half(out, "before_1.png", "left", SIZE)
+    before = painted.read_bytes()
+    for extra in (("--seeds", "1", "--overwrite"), ("--iterations", "3", "--resume")):
+        assert cli.main(args(model_file, out, *extra, "--mask", str(painted))) == 2
+        err = capsys.readouterr().err
+        assert "is one of the files this run writes into --out" in err and "mask_before_1.png" in err
+        assert painted.read_bytes() == before
+    kept = painted.rename(out / "mask_before_1.png")  # the name the message suggests
+    assert cli.main(args(model_file, out, "--seeds", "1", "--overwrite", "--mask", str(kept))) == 0
+    assert kept.is_file()
+
+
 def test_mask_source_mask_without_a_mask_is_refused(model_file, tmp_path, capsys):
     assert cli.main(args(model_file, tmp_path / "run", "--mask-source", "mask")) == 2
     assert "--mask-source mask needs --mask IMAGE" in capsys.readouterr().err

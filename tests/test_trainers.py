@@ -50,6 +50,56 @@ def test_focus_n_fix_raises_reward_and_holds_outside(small_model, square_reward)
     assert results[2.0][1] < results[0.0][1], results                 # lam > 0 changes the outside less
 
 
+def test_an_item_training_never_met_with_a_flat_map_is_shown_not_fatal(small_model, square_reward):
+    """before_after() raised on an item no step had drawn whose heatmap is flat: after the whole training, the
+    node failed (its LoRA lost) and the CLI exited 2 without a report (review C3). It is drawn with its empty
+    mask and listed in `unmasked`; a step on it is still refused."""
+    trainer, _ = run(small_model, square_reward, fix_cfg(seeds=(0, 1, 2), batch_size=1, iterations=1))
+    seen = set(trainer._cache)
+    assert len(seen) == 1
+    square_reward.heatmap = lambda I: torch.zeros_like(I[:, :1])  # flat from now on
+    I0, I, M = trainer.before_after()
+    assert [trainer.items.index(it) for it in trainer.unmasked] == [i for i in range(3) if i not in seen]
+    for i in range(3):
+        assert bool(M[i].any()) == (i in seen)
+    assert I0.shape == I.shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match="mask of prompt 'a red circle', seed .* is empty"):
+        trainer.base([trainer.items.index(trainer.unmasked[0])])
+    trainer.lora.remove()
+
+
+def test_a_ctrl_c_during_the_update_lands_once_the_step_is_counted(small_model, square_reward):
+    """A Ctrl-C between the optimizer's update and the step count left Adam a step ahead of the LoRA (restored to
+    the snapshot before), or state.pt a step behind its LoRA: a resume trained one step too many (review C4). It
+    now waits for the step to finish; the run then goes on as if never interrupted."""
+    import os
+    import signal
+    cfg = fix_cfg(iterations=4)
+    whole, _ = run(small_model, square_reward, cfg)
+    expected = {k: v.clone() for k, v in whole.lora.state_dict().items()}
+    whole.lora.remove()
+    trainer = FixTrainer(small_model, square_reward, cfg)
+    real = trainer.optimizer.step
+
+    def step(*a, **kw):
+        out = real(*a, **kw)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, right after the second update
+        return out
+    trainer.optimizer.step = step
+    steps = iter(trainer)
+    next(steps)
+    with pytest.raises(KeyboardInterrupt):
+        next(steps)
+    assert trainer.step == len(trainer.history) == 2
+    assert {float(st["step"]) for st in trainer.optimizer.state.values()} == {2.0}  # Adam's count is the LoRA's
+    trainer.restore_last_good()  # what the command line does on Ctrl-C
+    list(trainer)
+    for k, v in trainer.lora.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    trainer.lora.remove()
+
+
 def test_region_term_logged_and_mask_cached_once(small_model, square_reward, monkeypatch):
     import focusfix_core.trainers as tr
     calls = []

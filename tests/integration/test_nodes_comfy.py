@@ -229,6 +229,24 @@ def test_an_empty_painted_mask_is_refused_and_a_full_one_noted(fresh, checkpoint
     assert "M[0] is full (coverage 1): nothing is held" in report
 
 
+def test_a_flat_map_met_only_after_training_keeps_the_lora_and_is_noted(fresh, checkpoint, monkeypatch):
+    """An item no step drew whose heatmap is flat made before_after() raise after the whole training: the node
+    failed and its LoRA was lost (review C3). The node now returns it, and its report names the item."""
+    import sys
+    trainers = sys.modules[f"{fresh.pack.__name__}.focusfix_core.trainers"]
+    real = trainers.FixTrainer.before_after
+
+    def flat_from_now(self, *a, **kw):
+        monkeypatch.setattr(self.reward, "heatmap", lambda I: I[:, :1] * 0)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(trainers.FixTrainer, "before_after", flat_from_now)
+    lora, curve, before, after, mask, report = _train_fix(fresh, checkpoint, iterations=1, seeds="0, 1, 2",
+                                                          prompts="a cat")
+    assert lora.tensors and before.shape[0] == 3
+    assert report.count("no mask (the reward's heatmap of its image is flat); training never drew it") == 2
+    assert sorted(bool(m.any()) for m in mask) == [False, False, True]
+
+
 def test_train_focus_n_fix_plain_draft(fresh, checkpoint):
     lora, *_, report = _train_fix(fresh, checkpoint, mask_source="none", iterations=1, seeds="0", prompts="a cat")
     assert lora.method == "draft"
