@@ -31,7 +31,7 @@ from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
                        SeparateEnhanceTrainer, parse_ints, split_objects_prompt)
-from .viz import heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
+from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
@@ -227,7 +227,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
         outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
     g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
-    tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g], heat_overlay(I[g], diff[g])]
+    tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g], heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
     items = []  # at full size, named by item (the order --mask takes one mask per item in)
@@ -256,7 +256,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         "history": [r.as_dict() for r in history],
         "focusfix_version": __version__,
     }
-    columns = "I0 | mask M over I0 | I (fine-tuned) | |I - I0|" if M is not None else "I0 | I (fine-tuned)"
+    columns = (f"I0 | mask M over I0 | I (fine-tuned) | |I - I0| (blue = none, red = {CHANGE_SCALE:g} or more)"
+               if M is not None else "I0 | I (fine-tuned)")
     if len(items) > GRID_ITEMS:
         columns += f"; rows: the first {GRID_ITEMS} of the {len(items)} items"
     _write_report(out, report, columns=columns)

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from .io import atomic_write_bytes
 
-__all__ = ["image_grid", "mask_overlay", "heat_overlay", "plot_curves", "to_pil", "save_png", "upscale"]
+__all__ = ["CHANGE_SCALE", "image_grid", "mask_overlay", "heat_overlay", "plot_curves", "to_pil", "save_png", "upscale"]
 
 _CURVE_COLORS = [(230, 80, 60), (60, 140, 230), (70, 170, 90), (200, 150, 40), (150, 90, 200), (90, 90, 90)]
 
@@ -47,18 +47,27 @@ def mask_overlay(I: torch.Tensor, M: torch.Tensor, color=(1.0, 0.2, 0.2), alpha:
     return (I * (1 - alpha * M) + c * alpha * M).clamp(0, 1)
 
 
-def heat_overlay(I: torch.Tensor, H: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Blend a per-image-normalised heatmap (blue -> red) over I. H: [B,H,W] or [B,1,H,W] -> [B,3,H,W]; a NaN or
-    inf value of H draws as 0."""
+# |I - I0| (mean over RGB, in [0, 1]) is drawn on [0, CHANGE_SCALE]: red = a change of a quarter of the range
+# or more, blue = none; one fixed scale, so a rounding-level change looks as small as it is
+CHANGE_SCALE = 0.25
+
+
+def heat_overlay(I: torch.Tensor, H: torch.Tensor, alpha: float = 0.5, vmax: float | None = None) -> torch.Tensor:
+    """Blend a heatmap (blue -> red) over I. H: [B,H,W] or [B,1,H,W] -> [B,3,H,W]; a NaN or inf value of H draws
+    as 0. Each image's map is scaled to its own range; with `vmax`, every map to the fixed range [0, vmax] (values
+    above it draw red), so maps of different sizes compare."""
     H = H[:, None] if H.ndim == 3 else H
     # NaN/inf (the map of a run that diverged, drawn in its failure report) as 0, not NaN pixels; float64: a
     # finite map's range (hi - lo) can overflow float32
     H = torch.nan_to_num(H.double(), nan=0.0, posinf=0.0, neginf=0.0)
     if H.shape[-2:] != I.shape[-2:]:
         H = F.interpolate(H, size=I.shape[-2:], mode="bilinear", align_corners=False)
-    lo = H.amin(dim=(1, 2, 3), keepdim=True)
-    hi = H.amax(dim=(1, 2, 3), keepdim=True)
-    h = (H - lo) / (hi - lo).clamp_min(1e-8)
+    if vmax is not None:
+        h = (H / vmax).clamp(0, 1)
+    else:
+        lo = H.amin(dim=(1, 2, 3), keepdim=True)
+        hi = H.amax(dim=(1, 2, 3), keepdim=True)
+        h = (H - lo) / (hi - lo).clamp_min(1e-8)
     heat = torch.cat([h, 1 - (2 * h - 1).abs(), 1 - h], dim=1)  # red high, green mid, blue low
     return (I * (1 - alpha) + heat.to(I) * alpha).clamp(0, 1)
 

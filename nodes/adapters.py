@@ -924,7 +924,17 @@ def _clip_vision_copy(clip_vision, used: list) -> Callable[[], dict]:
     file needs a tower (ViT-L/14: 1.2 GB copied for nothing otherwise); it records the call in `used`."""
     def copy() -> dict:
         used.append(True)
-        return {k: v.detach().clone() for k, v in clip_vision.get_sd().items()}
+        # to the CPU, where Load Reward keeps a reward between nodes (`reward_on` takes a reward back to where its
+        # weights are): ComfyUI's CLIP_VISION weights sit on the GPU once CLIP Vision Encode has used them
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in clip_vision.get_sd().items()}
+        fp8 = sorted({str(v.dtype) for v in sd.values() if v.dtype.itemsize == 1 and v.is_floating_point()})
+        if fp8:  # ComfyUI stores CLIP vision in the text encoders' dtype: fp8 with --fp8_e4m3fn-text-enc
+            from .common import log
+            log.warning(f"Load Reward: the clip_vision weights are stored in {', '.join(fp8)} (ComfyUI started "
+                        f"with an fp8 text-encoder flag?): the reward's tower is built from those rounded weights, "
+                        f"so its scores are a little off the file's. Start ComfyUI without the flag for the full "
+                        f"weights")
+        return sd
     return copy
 
 

@@ -133,9 +133,12 @@ def _check_weights(weight_a, weight_b) -> None:
 
 
 def weighted_sum_name(terms) -> str:
-    """`1*aesthetic + 10*safety`, `1*sharpness - 0.5*brightness`, `-1*brightness`: (reward, weight) terms, readable."""
+    """`1*aesthetic + 10*safety`, `1*sharpness - 0.5*brightness`, `-1*brightness`: (reward, weight) terms, readable;
+    a term that is itself a sum (chained Combine Rewards) in parentheses: `-1*(1*sharpness + 0.5*brightness)`."""
+    def name(r) -> str:
+        return f"({r.name})" if " " in r.name else r.name
     (r0, w0), rest = terms[0], terms[1:]
-    return " ".join([f"{w0:g}*{r0.name}"] + [f"{'-' if w < 0 else '+'} {abs(w):g}*{r.name}" for r, w in rest])
+    return " ".join([f"{w0:g}*{name(r0)}"] + [f"{'-' if w < 0 else '+'} {abs(w):g}*{name(r)}" for r, w in rest])
 
 
 class FocusFixScoreImages:
@@ -247,7 +250,8 @@ class FocusFixCompare:
     FUNCTION = "execute"
     RETURN_TYPES = ("IMAGE", "STRING", "FLOAT", "FLOAT", "FLOAT", "FLOAT")
     RETURN_NAMES = ("grid", "text", "reward_before", "reward_after", "change_inside", "change_outside")
-    OUTPUT_TOOLTIPS = ("One row per image; columns: before | after | |after - before|.", "All numbers, readable.",
+    OUTPUT_TOOLTIPS = ("One row per image; columns: before | after | |after - before| on one fixed scale for every "
+                       "row (blue = no change, red = 0.25 or more).", "All numbers, readable.",
                        "Mean reward of the before images (0 without a reward).",
                        "Mean reward of the after images (0 without a reward).",
                        "Mean |after - before| inside the mask (1 = may change); NaN when nothing is inside.",
@@ -275,7 +279,7 @@ class FocusFixCompare:
         scored = f"reward before {rb:.4f} -> after {ra:.4f}" if reward is not None else "reward: none connected"
         text = (f"{scored}\nchange inside mask {_fmt(inside, 'empty mask')}, "
                 f"outside {_fmt(outside, 'no mask' if mask is None else 'full mask')}" + (f"\n{note}" if note else ""))
-        heat = viz.heat_overlay(torch.zeros_like(I0), D, alpha=1.0)
+        heat = viz.heat_overlay(torch.zeros_like(I0), D, alpha=1.0, vmax=viz.CHANGE_SCALE)
         rows = torch.stack([I0, I, heat], 1).flatten(0, 1)             # (B*3, 3, H, W)
         return (bchw_to_image(viz.image_grid(rows, nrow=3)), text, rb, ra, inside, outside)
 

@@ -282,3 +282,41 @@ def test_training_on_a_torch_older_than_2_5_is_refused_by_name(monkeypatch, vers
             assert e.name.startswith("comfy")
         except RuntimeError as e:  # past it too: a ComfyUI older than 0.3.60 on the path
             assert "needs ComfyUI" in str(e)
+
+
+def test_a_clip_vision_tower_is_copied_into_cpu_memory_wherever_comfyui_keeps_it():
+    """The copy was `clone()`: on the GPU after a CLIP Vision Encode (or with --gpu-only), so the reward's home was
+    the GPU, and 1.2 GB stayed there between nodes where ComfyUI cannot unload it (review D1)."""
+    class OnTheGPU:  # a weight as ComfyUI's CLIP_VISION holds it on a card (none here): only a copy to the CPU
+        def __init__(self, value):
+            self.value = value
+
+        def detach(self):
+            return self
+
+        def to(self, device, copy=False):
+            assert torch.device(device).type == "cpu" and copy
+            return self.value.clone()
+
+    class ClipVision:
+        def get_sd(self):
+            return {"w": OnTheGPU(torch.ones(2))}
+    used = []
+    sd = A._clip_vision_copy(ClipVision(), used)()
+    assert used == [True] and isinstance(sd["w"], torch.Tensor) and sd["w"].device.type == "cpu"
+
+
+def test_a_clip_vision_tower_stored_in_fp8_is_named_in_the_log(caplog):
+    """ComfyUI with --fp8_e4m3fn-text-enc stores CLIP vision in fp8: the 'fp32' tower was built from fp8-rounded
+    weights without a word (review D3)."""
+    class ClipVision:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def get_sd(self):
+            return {"w": torch.ones(2, dtype=self.dtype)}
+    with caplog.at_level("WARNING"):
+        A._clip_vision_copy(ClipVision(torch.float16), [])()
+        assert not caplog.records
+        A._clip_vision_copy(ClipVision(torch.float8_e4m3fn), [])()
+    assert "clip_vision weights are stored in torch.float8_e4m3fn" in caplog.text

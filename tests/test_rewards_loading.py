@@ -297,10 +297,13 @@ def test_tiny_family_delegated(tmp_path, monkeypatch):
 
 
 def test_unknown_layout(tmp_path):
-    path = tmp_path / "unet.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(path))
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.blocks.0.weight": torch.zeros(4, 4)}, str(path))
     with pytest.raises(ValueError, match="unknown reward file layout; known formats: aesthetic.*safety.*"
-                                         "First keys: \\['model.diffusion_model.input_blocks.0.0.weight'\\]"):
+                                         "First keys: \\['encoder.blocks.0.weight'\\]"):
+        load_reward(path)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(path))  # a checkpoint
+    with pytest.raises(ValueError, match="a diffusion model checkpoint"):
         load_reward(path)
 
 
@@ -474,6 +477,13 @@ def _full_clip_hf():
     ("ViT-L-14.pt", {"logit_scale": torch.zeros(()), "text_projection": torch.zeros(8, 4), **hf_to_openai(tower_sd())},
      "whole CLIP model"),
     ("clip_vision_l.safetensors", tower_sd(), "a CLIP image tower, not a reward.*models/clip_vision.*clip_vision input"),
+    # these have a text_projection but no image tower: "move it to clip_vision" sent them where they fail (review D5)
+    ("sd_xl_base.safetensors", {"conditioner.embedders.1.model.text_projection": torch.zeros(8, 8),
+                                "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)},
+     "a diffusion model checkpoint .*models/checkpoints"),
+    ("clip_g.safetensors", {"text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
+                            "text_projection.weight": torch.zeros(8, 8)},
+     "a CLIP text encoder, without an image tower .*models/text_encoders"),
 ])
 def test_files_that_are_no_reward_say_what_they_are(tmp_path, name, sd, match):
     path = tmp_path / name

@@ -212,6 +212,29 @@ def test_combine_rewards_names_negative_weights_readably(weights, name):
     assert r.name == name
 
 
+def test_chained_combine_rewards_name_the_inner_sum_in_parentheses():
+    """-1 * (sharpness + 0.5 brightness) read "-1*1*sharpness + 0.5*brightness", another reward than the one that
+    scored (review D2)."""
+    (inner,) = N.FocusFixCombineRewards().execute(Sharpness(), 1.0, Brightness(), 0.5)
+    (outer,) = N.FocusFixCombineRewards().execute(inner, -1.0, Sharpness(), 1.0)
+    assert outer.name == "-1*(1*sharpness + 0.5*brightness) + 1*sharpness"
+
+
+def test_compare_draws_every_rows_change_on_one_scale():
+    """Each row's |after - before| was scaled to its own range: a change of 0.005 drew as red as one of 0.75
+    (review D4). Blue is no change, red a change of 0.25 or more, in every row."""
+    before = torch.full((3, 32, 32, 3), 0.2)
+    after = before.clone()
+    after[0, :16] += 0.005  # too small to see
+    after[1, :16] += 0.75
+    grid, *_ = N.FocusFixCompare().execute(before, after)
+    step = 32 + 2  # image_grid's tiles and padding: the third column of each row
+    change = torch.stack([grid[0, 2 + r * step:2 + r * step + 32, 2 + 2 * step:2 + 2 * step + 32] for r in range(3)])
+    top_red = change[:, :16, :, 0].mean((1, 2))
+    assert top_red[1] > 0.99 and top_red[0] < 0.05 and change[2, ..., 0].max() == 0  # row 2: no change, blue
+    assert torch.allclose(change[:, 16:, :, 2], torch.ones(()))  # unchanged halves are blue
+
+
 # ------------------------------------------------------------------------ saliency is sensitivity, not badness (8)
 
 

@@ -111,14 +111,20 @@ def _known_non_reward(sd: Mapping[str, torch.Tensor]) -> str | None:
     keys = list(sd)
     if any(k.startswith("blip.") for k in keys):
         return f"this is ImageReward (BLIP + MLP), which is not supported: {_PROMPT_SCORED}"
+    if any(k.startswith(("model.diffusion_model.", "diffusion_model.")) for k in keys):
+        return "this is a diffusion model checkpoint (it goes in models/checkpoints, and loads with Load Checkpoint)"
+    try:
+        detect_clip_layout(sd)
+        tower = True
+    except ValueError:
+        tower = False
+    if not tower and any(k.endswith(("text_projection", "text_projection.weight")) for k in keys):
+        return ("this is a CLIP text encoder, without an image tower (it goes in models/text_encoders or "
+                "models/clip): a reward scores images")
     if any(k.endswith(("logit_scale", "text_projection", "text_projection.weight")) for k in keys):
         return (f"this is a whole CLIP model, image and text towers (PickScore and HPSv2 files look like this; "
                 f"they are not supported: {_PROMPT_SCORED}); {_AS_TOWER}")
-    try:
-        detect_clip_layout(sd)
-    except ValueError:
-        return None
-    return f"this is a CLIP image tower, not a reward; {_AS_TOWER}"
+    return f"this is a CLIP image tower, not a reward; {_AS_TOWER}" if tower else None
 
 
 def _tower_kwargs(metadata: Mapping[str, str]) -> dict:
