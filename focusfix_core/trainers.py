@@ -253,13 +253,22 @@ def _names(part: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", part, re.I) is not None
 
 
+def _without_weights(prompt: str) -> str:
+    """The prompt without ComfyUI's emphasis syntax: '(a cat and a dog:1.2)' -> 'a cat and a dog'. Split
+    parts of it kept unbalanced '(' and ':1.2)', which the text encoder reads as literal tokens. Escaped
+    parentheses (\\( \\)), literal text to ComfyUI, stay."""
+    plain = re.sub(r"(?<!\\):\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?=\))", "", prompt)  # ':1.2' before a ')'
+    return re.sub(r"(?<!\\)[()]", "", plain)
+
+
 def _single_object_prompts(prompt: str, objects: Sequence[str]) -> list[str]:
     """Preservation prompts, one per object: the prompt's part around ' and ' / ',' that names this object and
     no other one ('a red circle' of 'a red circle and a blue square'), else 'a <word>' (the reference code uses
     'a photo of <word>'). A part naming two objects ('a cat next to a dog') would hold the very composition
     the training changes."""
     # "and" as a word of its own: "black-and-white cat" is one object's part
-    parts = [p.strip() for p in re.split(r"(?<![\w-])and(?![\w-])|,", prompt, flags=re.I) if p.strip()]
+    parts = [p.strip() for p in re.split(r"(?<![\w-])and(?![\w-])|,", _without_weights(prompt), flags=re.I)
+             if p.strip()]
     out = []
     for w in objects:
         hit = [p for p in parts if _names(p, w)]

@@ -208,6 +208,11 @@ class _NoComfyConds:
 _NO_COMFY_CONDS = _NoComfyConds()
 
 
+# patches (by a word of their function's name) that draw from torch's global random numbers while sampling
+_GLOBAL_RNG_PATCHES = {"tome": "ToMe (TomePatchModel)",
+                       "hypertile": "HyperTile (its tile sizes are random with swap_size 3 or more)"}
+
+
 def _patch_name(fn) -> str:
     """A patch function's readable name: 'RescaleCFG.patch.<locals>.rescale_cfg' (module comfy_extras....)."""
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -357,7 +362,8 @@ class ComfyDiffusionModel:
     def redraw_caveats(self) -> list[str]:
         """Report notes on what keeps KSampler on this MODEL from drawing the Train node's images to float rounding:
         sampler wrappers training does not run (EasyCache, LazyCache), a patch drawing from torch's global random
-        numbers (ToMe: KSampler seeds them per run, training does not), and the attention kernel training swapped
+        numbers (ToMe, HyperTile: KSampler seeds them per run, training does not), fp8 weights (a LoRA loader rounds
+        the LoRA into them), and the attention kernel training swapped
         in (ComfyUI's pick has no backward: in fp16/bf16 its rounding can exceed a short run's change)."""
         import comfy.ldm.modules.attention as attention
         notes = []
@@ -368,9 +374,14 @@ class ComfyDiffusionModel:
             notes.append(f"the MODEL carries sampler wrappers ({', '.join(wrappers)}, e.g. EasyCache): training and "
                          f"its images run without them, so KSampler's images on this MODEL differ from these")
         patches = [_patch_name(fn) for fns in topts.get("patches", {}).values() for fn in fns]
-        if any("tome" in name.lower() for name in patches):
-            notes.append("the MODEL carries ToMe (TomePatchModel), which draws from torch's global random numbers: "
-                         "KSampler seeds them per run and training does not, so their images differ")
+        for marker, what in _GLOBAL_RNG_PATCHES.items():
+            if any(marker in name.lower() for name in patches):
+                notes.append(f"the MODEL carries {what}, which draws from torch's global random numbers: KSampler "
+                             f"seeds them per run and training does not, so their images differ")
+        if any(p.dtype.itemsize == 1 and p.is_floating_point() for p in self.net.parameters()):
+            notes.append("the MODEL's weights are stored in fp8: Load LoRA (and Apply LoRA) round the LoRA into them, "
+                         "so KSampler's images with it differ from the after images, which keep the LoRA beside the "
+                         "weights in full precision (a short run's change can be smaller than that rounding)")
         kernel = getattr(attention.optimized_attention, "__name__", "")
         if kernel not in _ATTENTION_WITH_BACKWARD:
             notes.append(f"ComfyUI's attention here ({kernel}) has no backward: training and its images use PyTorch "

@@ -48,7 +48,9 @@ class FocusFixAttentionMaps:
             "width": tip("INT", "Image width in pixels.", default=512, min=16, max=4096, step=8),
             "height": tip("INT", "Image height in pixels.", default=512, min=16, max=4096, step=8),
         }, "optional": {"vae": tip("VAE", "Decode the sampled image to draw the maps over it."),
-                        **sampler_inputs("The image is sampled")}}
+                        **sampler_inputs("The image is sampled"),
+                        "negative_prompt": tip("STRING", "Negative prompt for CFG: give your KSampler's, so the "
+                                               "maps are of the image it draws.", multiline=True, default="")}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, resolution, width, height):
@@ -61,14 +63,14 @@ class FocusFixAttentionMaps:
 
     @widgets_checked
     def execute(self, model, clip, prompt, words, seed, steps, cfg, resolution, width, height, vae=None,
-                sampler_name="ddim", scheduler="normal"):
+                sampler_name="ddim", scheduler="normal", negative_prompt=""):
         names = split_words(words)
         if not names:
             raise ValueError("words is empty: give the prompt words to map, e.g. cat, dog")
         dm = ComfyDiffusionModel(model, clip, vae)
         A, z = prompt_attention_maps(dm, prompt, names, seed=seed, steps=steps, cfg_scale=cfg, width=width,
-                                     height=height, resolution=resolution, sampler=sampler_name, scheduler=scheduler,
-                                     callback=sampling_progress(model, steps))
+                                     height=height, resolution=resolution, negative=negative_prompt,
+                                     sampler=sampler_name, scheduler=scheduler, callback=sampling_progress(model, steps))
         A = A.float().cpu()
         # VAE Decode's own path (no gradient here): ComfyUI's memory estimate, and its tiled decode when short
         I = (vae.decode(dm.latent_format.process_out(z)).float().cpu().clamp(0, 1).movedim(-1, 1)[:, :3]

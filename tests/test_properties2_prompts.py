@@ -117,6 +117,26 @@ def test_each_preservation_prompt_names_its_object_and_no_other(parts, joins, da
         assert not alone or len([p for p in pieces if names(p, w)]) > 1
 
 
+@FAST
+@given(parts=st.lists(st.lists(WORD, min_size=1, max_size=3).map(" ".join), min_size=2, max_size=3, unique=True),
+       weights=st.lists(st.sampled_from(["", ":1.2", ":0.8", ": 1.5 ", ":.5"]), min_size=4, max_size=4),
+       nest=st.lists(st.integers(0, 2), min_size=3, max_size=3), whole=st.booleans())
+def test_weighted_prompts_give_the_same_preservation_prompts_without_their_syntax(parts, weights, nest, whole):
+    """'(a cat and a dog:1.2)' gave '(a cat' and 'a dog:1.2)': ComfyUI reads unbalanced '(' and ':1.2)' as literal
+    tokens, so the preservation prompts held text no image had (review E4). With the syntax gone they are the
+    unweighted prompt's."""
+    objects = [p.split()[-1] for p in parts]
+    assume(len({o.lower() for o in objects}) == len(objects) and "and" not in {o.lower() for o in objects})
+    plain = " and ".join(parts)
+    wrapped = [("(" * n + p + (w if n else "") + ")" * n) for p, n, w in zip(parts, nest, weights)]
+    weighted = " and ".join(wrapped)
+    if whole:
+        weighted = f"({weighted}{weights[-1]})"
+    assert _single_object_prompts(weighted, objects) == _single_object_prompts(plain, objects)
+    assert all("(" not in q and ")" not in q and ":" not in q for q in _single_object_prompts(weighted, objects))
+    assert _single_object_prompts(r"a \(black\) cat and a dog", ["cat", "dog"])[0] == r"a \(black\) cat"
+
+
 # -------------------------------------------------------------------------------------- word_token_indices
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

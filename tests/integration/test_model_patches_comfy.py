@@ -400,7 +400,7 @@ def test_freeu_v2_trains_in_both_nodes_and_ksampler_draws_the_images(fresh, tiny
 
 def test_the_report_names_what_keeps_ksampler_from_drawing_the_same_images(fresh, checkpoint, monkeypatch):
     """Models review, findings 3-5: EasyCache's wrappers (training runs without them: I0 0.022 from KSampler's), ToMe
-    (global random numbers) and ComfyUI's attention kernel when training swapped it for SDPA are named in the
+    and HyperTile (global random numbers) and ComfyUI's attention kernel when training swapped it for SDPA are named in the
     report, under the line saying KSampler draws these images; a plain MODEL on SDPA gets none of them."""
     import comfy.ldm.modules.attention as attention
     model, clip, vae = checkpoint
@@ -412,6 +412,9 @@ def test_the_report_names_what_keeps_ksampler_from_drawing_the_same_images(fresh
     assert "sampler wrappers (easycache, e.g. EasyCache)" in report
     assert "ComfyUI's attention here (attention_sub_quad) has no backward" in report
     assert "ToMe" in _train(fresh, tome, clip, vae, iterations=1)[-1]
+    # HyperTile's random tile sizes (swap_size 3+): I0 0.27 from KSampler's, more than the patch's own effect
+    tiles = fresh.run("HyperTile", model=model, tile_size=32, swap_size=3, max_depth=0, scale_depth=False)[0]
+    assert "HyperTile (its tile sizes are random" in _train(fresh, tiles, clip, vae, iterations=1)[-1]
     monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
     plain = _train(fresh, model, clip, vae, iterations=1)[-1]
     assert not any(w in plain for w in ("sampler wrappers", "ToMe", "has no backward")), plain

@@ -82,6 +82,25 @@ def test_attention_maps(comfy, checkpoint, layout):
         comfy.run("FocusFixAttentionMaps", seed=2**64, **kw)
 
 
+def test_attention_maps_sample_the_image_ksampler_draws_with_its_negative_prompt(comfy, checkpoint):
+    """The node sampled with an empty negative prompt only: against a KSampler with "blurry, low quality" its
+    image differed by 0.44, so the maps were of an image the artist never saw (review E3)."""
+    model, clip, vae = checkpoint
+    negative = "blurry, low quality"
+    kw = dict(model=model, clip=clip, prompt="a cat and a dog", words="cat, dog", seed=3, steps=3, cfg=4.0,
+              resolution=4, width=SIZE, height=SIZE, vae=vae)
+    latent = comfy.run("KSampler", model=model, seed=3, steps=3, cfg=4.0, sampler_name="ddim", scheduler="normal",
+                       positive=comfy.run("CLIPTextEncode", clip=clip, text="a cat and a dog")[0],
+                       negative=comfy.run("CLIPTextEncode", clip=clip, text=negative)[0], denoise=1.0,
+                       latent_image={"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)})[0]
+    image = comfy.run("VAEDecode", samples=latent, vae=vae)[0][0]
+
+    def drawn(**extra):  # the overlay grid's first tile: the sampled image
+        return comfy.run("FocusFixAttentionMaps", **kw, **extra)[1][0, 2:2 + SIZE, 2:2 + SIZE]
+    torch.testing.assert_close(drawn(negative_prompt=negative), image, rtol=0, atol=1e-4)
+    assert (drawn() - image).abs().max() > 1e-2
+
+
 def test_attention_maps_sample_with_ksamplers_sampler_and_scheduler(comfy, checkpoint):
     """The maps come from the image KSampler draws with the same seed, steps, cfg, sampler_name and scheduler
     (here dpmpp_2m on karras): the node's sampled image equals KSampler's, and differs from ddim/normal's."""
@@ -172,6 +191,8 @@ def test_train_focus_n_fix_on_fp8_weights(fresh, tiny_models):
     weights = {n: p.view(torch.uint8).clone() for n, p in model.model.diffusion_model.named_parameters()}
     assert {p.dtype for p in model.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
     lora, curve, before, after, mask, report = _train_fix(fresh, checkpoint, iterations=3)
+    # KSampler with the LoRA rounds it into the fp8 weights: after 7e-4 from KSampler's, 4x the fix (review E1)
+    assert "the MODEL's weights are stored in fp8: Load LoRA (and Apply LoRA) round the LoRA into them" in report
     assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in lora.tensors.items())
     assert not torch.equal(before, after), "the fp8 model's images should change"
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model) and not model.patches
