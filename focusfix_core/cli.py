@@ -227,7 +227,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
         outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
     g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
-    tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g], heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
+    tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g],
+                                             heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
     grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
     save_png(grid, out / "before_after.png")
     items = []  # at full size, named by item (the order --mask takes one mask per item in)
@@ -299,10 +300,10 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     report = {
         "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
         "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
-        "separate_before": _per_prompt(separate_loss, A0, cfg.objects),
-        "separate_after": _per_prompt(separate_loss, A1, cfg.objects),
-        "enhance_before": _per_prompt(enhance_loss, A0, cfg.objects),
-        "enhance_after": _per_prompt(enhance_loss, A1, cfg.objects),
+        "separate_before": _loss_per_prompt(separate_loss, A0, cfg.objects),
+        "separate_after": _loss_per_prompt(separate_loss, A1, cfg.objects),
+        "enhance_before": _loss_per_prompt(enhance_loss, A0, cfg.objects),
+        "enhance_after": _loss_per_prompt(enhance_loss, A1, cfg.objects),
         "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
         "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
                   "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
@@ -337,7 +338,8 @@ def _mean_or_na(values: list[float | None]) -> str:
     return "n/a" if not values or None in values else f"{sum(values) / len(values):.4f}"
 
 
-def _per_prompt(loss: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor, objects) -> list[float | None]:
+def _loss_per_prompt(loss: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor,
+                     objects) -> list[float | None]:
     """`loss` of each prompt's own maps (A: [P,N,h,w] from `eval_maps`): the blank maps padding a prompt with
     fewer objects than the most are left out (they made its Enhance 1 and diluted its Separate)."""
     return [_finite(loss(A[i:i + 1, :len(words)])[0]) for i, words in enumerate(objects)]

@@ -17,6 +17,8 @@ import math
 import numbers
 import os
 import re
+import signal
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -736,8 +738,6 @@ def _interrupts_held() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) until the block ends, then raise its KeyboardInterrupt. Only where Python's own
     handler is installed and this is the main thread (the command line); elsewhere (ComfyUI's worker thread,
     whose cancel is checked between sampler calls) the block runs as is."""
-    import signal
-    import threading
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield

@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 
 from .io import atomic_write_bytes
 
-__all__ = ["CHANGE_SCALE", "image_grid", "mask_overlay", "heat_overlay", "plot_curves", "to_pil", "save_png", "upscale"]
+__all__ = ["CHANGE_SCALE", "image_grid", "mask_overlay", "heat_overlay", "plot_curves", "to_pil", "save_png",
+           "upscale"]
 
 _CURVE_COLORS = [(230, 80, 60), (60, 140, 230), (70, 170, 90), (200, 150, 40), (150, 90, 200), (90, 90, 90)]
 

@@ -362,9 +362,9 @@ class ComfyDiffusionModel:
     def redraw_caveats(self) -> list[str]:
         """Report notes on what keeps KSampler on this MODEL from drawing the Train node's images to float rounding:
         sampler wrappers training does not run (EasyCache, LazyCache), a patch drawing from torch's global random
-        numbers (ToMe, HyperTile: KSampler seeds them per run, training does not), fp8 weights (a LoRA loader rounds
-        the LoRA into them), and the attention kernel training swapped
-        in (ComfyUI's pick has no backward: in fp16/bf16 its rounding can exceed a short run's change)."""
+        numbers (ToMe, HyperTile: KSampler seeds them per run, training does not), fp8 weights (a LoRA loader
+        rounds the LoRA into them), and the attention kernel training swapped in (ComfyUI's pick has no backward:
+        in fp16/bf16 its rounding can exceed a short run's change)."""
         import comfy.ldm.modules.attention as attention
         notes = []
         topts = self.patcher.model_options.get("transformer_options", {})
