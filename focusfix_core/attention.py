@@ -510,13 +510,16 @@ def _heat(a: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def overlay_maps(I: torch.Tensor, A: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def overlay_maps(I: torch.Tensor, A: torch.Tensor, alpha: float = 0.5,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """Blend each word's attention map, as a heat colormap, over its image (for previews).
 
     Args:
         I: [B,3,H,W] images in [0,1].
         A: [B,n_words,h,w] maps (>= 0); each is scaled to [0,1] by its max, then upsampled bilinearly.
         alpha: weight of the heatmap.
+        scale: [B] each image's maps divided by this instead (values above it draw as 1): one scale for all of
+            a prompt's words (and its before and after), so a weak word's map looks weak.
 
     Returns:
         [B,n_words,3,H,W] in [0,1].
@@ -535,7 +538,8 @@ def overlay_maps(I: torch.Tensor, A: torch.Tensor, alpha: float = 0.5) -> torch.
         raise ValueError(f"attention maps A need at least one pixel, got shape {tuple(A.shape)}")
     # NaN/inf (the maps of a run that diverged, drawn in its report) as 0, not NaN pixels
     A = torch.nan_to_num(A.to(I.dtype), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
-    A = A / A.flatten(2).amax(2)[..., None, None].clamp_min(torch.finfo(A.dtype).tiny)  # (B, n, h, w) in [0,1]
+    top = A.flatten(2).amax(2) if scale is None else scale.to(A)[:, None].expand(A.shape[:2])  # (B, n)
+    A = (A / top[..., None, None].clamp_min(torch.finfo(A.dtype).tiny)).clamp(max=1)  # (B, n, h, w) in [0,1]
     A = F.interpolate(A, size=I.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)  # (B, n, H, W)
     heat = rearrange(_heat(A), "b n H W c -> b n c H W")
     return ((1 - alpha) * I[:, None] + alpha * heat).clamp(0, 1)  # (B, n, 3, H, W)

@@ -29,8 +29,9 @@ from .records import StepRecord
 from .saliency import THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
-from .trainers import (MASK_SOURCES, FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
-                       SeparateEnhanceTrainer, parse_ints, split_objects_prompt)
+from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
+                       SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, parse_ints,
+                       split_objects_prompt)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -472,9 +473,10 @@ def _size(model, size):
     return size or getattr(getattr(model, "cfg", None), "image_size", 512)
 
 
-def _lora_settings(a, out: Path) -> tuple[SavedLoRA | None, dict, dict | None]:
+def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, dict | None]:
     """(the LoRA --continue-from names, the rank/targets/alpha config fields, the state --resume continues):
-    a resumed run keeps the LoRA settings it was saved with, a continued run takes the saved LoRA's."""
+    a resumed run keeps the LoRA settings it was saved with, a continued run takes the saved LoRA's (of this
+    `method`: another method's is refused)."""
     if a.continue_from is not None and a.resume:
         raise ValueError("--resume and --continue-from exclude each other: --resume finishes the run saved in "
                          "OUT/state.pt (LoRA, optimizer, step); --continue-from starts a new run from a saved LoRA")
@@ -495,6 +497,10 @@ def _lora_settings(a, out: Path) -> tuple[SavedLoRA | None, dict, dict | None]:
     if a.continue_from is None:
         return None, {"rank": a.rank, "targets": a.targets}, None
     saved = read_focusfix_lora(a.continue_from)
+    own = "train-fnf" if METHOD_TRAINERS.get(saved.method) == "focus-n-fix" else "train-sne"
+    check_continued_method(saved.method, method, f"--continue-from {a.continue_from}",
+                           f"continue it with {own}, or start a new LoRA (in ComfyUI, apply it to the MODEL with "
+                           f"FocusFix Apply LoRA and train a new one there)")
     targets = saved.config_targets
     note = f"continuing {a.continue_from}: rank {saved.rank}, targets {targets}"
     if (a.rank, a.targets) != (saved.rank, targets):
@@ -532,7 +538,7 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
 
 def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
-    saved, lora_kw, state = _lora_settings(a, out)
+    saved, lora_kw, state = _lora_settings(a, out, "focus-n-fix")
     model, note = load_model(a.model)
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
@@ -549,7 +555,7 @@ def cmd_train_fnf(a) -> dict:
 
 def cmd_train_sne(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
-    saved, lora_kw, state = _lora_settings(a, out)
+    saved, lora_kw, state = _lora_settings(a, out, "separate-and-enhance")
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
     size = _size(model, None)

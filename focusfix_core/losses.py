@@ -26,6 +26,7 @@ __all__ = [
     "reward_loss",
     "separate_loss",
     "enhance_loss",
+    "overlap_and_peaks",
     "preservation_loss",
     "key_change_loss",
 ]
@@ -224,6 +225,25 @@ def enhance_loss(A: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
         raise ValueError(f"sigma must be > 0 and at most 1e4 pixels, got {sigma}")
     GA = kornia.filters.gaussian_blur2d(A, (3, 3), (sigma, sigma), border_type="reflect")  # (B, N, h, w)
     return 1 - GA.flatten(2).amax(2).amin(1)  # (B,)
+
+
+def overlap_and_peaks(A: torch.Tensor) -> tuple[float, list[float]]:
+    """The numbers an artist reads off one prompt's maps: (overlap, each word's peak).
+
+    Args:
+        A: [1,n,h,w] the maps of one prompt's n >= 1 words (n >= 2 for an overlap; 0 with one word).
+
+    Returns:
+        overlap: `separate_loss` (0 = the words apart); peaks: per word, its strongest blurred attention
+        (1 - `enhance_loss` of that map alone), which Enhance raises for the weakest word.
+
+    Example:
+        >>> overlap_and_peaks(torch.zeros(1, 2, 4, 4))
+        (0.0, [0.0, 0.0])
+    """
+    n = _check_maps(A, 1)[1]
+    overlap = float(separate_loss(A[:1])[0]) if n > 1 else 0.0
+    return overlap, [1 - float(enhance_loss(A[:1, i:i + 1])[0]) for i in range(n)]
 
 
 def preservation_loss(x0: torch.Tensor, x0_base: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,8 @@ __all__ = [
     "train_fix",
     "train_separate_enhance",
     "split_objects_prompt",
+    "check_continued_method",
+    "METHOD_TRAINERS",
     "split_words",
 ]
 
@@ -253,6 +255,20 @@ def split_objects_prompt(line: str) -> tuple[str, list[str]]:
 
 def _names(part: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", part, re.I) is not None
+
+
+# the trainer each saved method belongs to: DRaFT is Focus-N-Fix with lam 0 (mask_source none)
+METHOD_TRAINERS = {"focus-n-fix": "focus-n-fix", "draft": "focus-n-fix", "separate-and-enhance": "separate-and-enhance"}
+
+
+def check_continued_method(saved: str, method: str, name: str, apply_first: str) -> None:
+    """Refuse to train a LoRA further under another method than its own (`method`: "focus-n-fix" or
+    "separate-and-enhance"). The run would relabel it, and the other method's loss would work against it (S&E's
+    preservation pulls single-object prompts back to the MODEL without it, undoing part of a fix). `name` names
+    the LoRA, `apply_first` how to build on it instead."""
+    if METHOD_TRAINERS.get(saved, saved) != method:
+        raise ValueError(f"{name} is a {saved} LoRA: this {method} run trains only LoRAs of its own method further. "
+                         f"To build on it, {apply_first}")
 
 
 def _without_weights(prompt: str) -> str:

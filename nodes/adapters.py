@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -211,6 +212,27 @@ _NO_COMFY_CONDS = _NoComfyConds()
 # patches (by a word of their function's name) that draw from torch's global random numbers while sampling
 _GLOBAL_RNG_PATCHES = {"tome": "ToMe (TomePatchModel)",
                        "hypertile": "HyperTile (its tile sizes are random with swap_size 3 or more)"}
+
+
+def _text_width(clip, key: str) -> int | None:
+    """The width of the text encoder `clip_<key>`'s token embeddings (None where it cannot be read)."""
+    enc = getattr(clip.cond_stage_model, f"clip_{key}", None)
+    try:
+        return int(enc.transformer.get_input_embeddings().weight.shape[-1])
+    except (AttributeError, TypeError, IndexError):
+        return None
+
+
+def _embedding_fits(emb, width: int | None) -> bool:
+    """Whether ComfyUI's CLIP encoder puts a prompt's embedding token in (a tensor, or {"type": "embedding"}, of
+    its width) or leaves it out; unknown width: assumed in."""
+    if isinstance(emb, dict):
+        if emb.get("type", None) != "embedding":
+            return False
+        emb = emb.get("data", None)
+    if not torch.is_tensor(emb):
+        return False
+    return width is None or emb.shape[-1] == width
 
 
 def _patch_name(fn) -> str:
@@ -581,12 +603,18 @@ class ComfyDiffusionModel:
         tokenized = clip.tokenize(prompt)
         key = "l" if "l" in tokenized else next(iter(tokenized))
         sub = getattr(clip.tokenizer, f"clip_{key}", None)
-        ids = [t[0] for batch in tokenized[key] for t in batch]
         hf = getattr(sub, "tokenizer", None)
         if hf is None:
             raise ValueError(f"cannot read the token strings of this text encoder ({type(clip.tokenizer).__name__})")
+        width = _text_width(clip, key)
+        pieces = []
+        for chunk in tokenized[key]:
+            # the encoder leaves out an embedding of another width (an SD2/SDXL one on SD1.5: ComfyUI logs "shape
+            # mismatch") and pads the chunk at its end: the later tokens move up by its vectors
+            kept = [hf.convert_ids_to_tokens(int(t)) if isinstance(t, numbers.Integral) else "<embedding>"
+                    for t, *_ in chunk if isinstance(t, numbers.Integral) or _embedding_fits(t, width)]
+            pieces += kept + ["<pad>"] * (len(chunk) - len(kept))
         table = _byte_decoder(hf)
-        pieces = [hf.convert_ids_to_tokens(int(i)) if isinstance(i, int) else "<embedding>" for i in ids]
         if table is None:
             return pieces
         return [bytes(b for ch in p for b in ([table[ch]] if ch in table else ch.encode()))
@@ -937,7 +965,8 @@ def _clip_vision_copy(clip_vision, used: list) -> Callable[[], dict]:
         used.append(True)
         # to the CPU, where Load Reward keeps a reward between nodes (`reward_on` takes a reward back to where its
         # weights are): ComfyUI's CLIP_VISION weights sit on the GPU once CLIP Vision Encode has used them
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in clip_vision.get_sd().items()}
+        sd = {k: v.detach().to("cpu" if v.device.type != "meta" else "meta", copy=True)  # meta: shapes, no data
+              for k, v in clip_vision.get_sd().items()}
         fp8 = sorted({str(v.dtype) for v in sd.values() if v.dtype.itemsize == 1 and v.is_floating_point()})
         if fp8:  # ComfyUI stores CLIP vision in the text encoders' dtype: fp8 with --fp8_e4m3fn-text-enc
             from .common import log

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
-from ..focusfix_core.losses import enhance_loss, separate_loss
+from ..focusfix_core.losses import overlap_and_peaks
 from ..focusfix_core.trainers import split_words
 from .adapters import ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, prompt_attention_maps
 from .common import (RESOLUTION_TIP, check_map_size, check_widget_ranges, sampler_inputs, sampling_progress, tip,
@@ -76,8 +76,7 @@ class FocusFixAttentionMaps:
         # VAE Decode's own path (no gradient here): ComfyUI's memory estimate, and its tiled decode when short
         I = (vae.decode(dm.latent_format.process_out(z)).float().cpu().clamp(0, 1).movedim(-1, 1)[:, :3]
              if vae is not None else torch.full((1, 3, height, width), 0.5))
-        overlap = float(separate_loss(A)[0]) if len(names) > 1 else 0.0
-        peaks = [1 - float(enhance_loss(A[:, i:i + 1])[0]) for i in range(len(names))]
+        overlap, peaks = overlap_and_peaks(A)
         up = F.interpolate(A, size=(height, width), mode="bilinear", align_corners=False)[0]       # (n, H, W)
         up = up / up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
         tiles = torch.cat([I, overlay_maps(I, A)[0]])                                             # (1+n, 3, H, W)

@@ -11,10 +11,12 @@ import torch
 
 from ..focusfix_core import viz
 from ..focusfix_core.attention import overlay_maps
+from ..focusfix_core.losses import overlap_and_peaks
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
-from ..focusfix_core.trainers import MASK_SOURCES, FixConfig, SeparateEnhanceConfig, split_objects_prompt
+from ..focusfix_core.trainers import (MASK_SOURCES, FixConfig, SeparateEnhanceConfig, check_continued_method,
+                                      split_objects_prompt)
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, conditioning_ignored,
                        conditioning_to_conds, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
@@ -54,11 +56,14 @@ def _continue_input(compared: str) -> dict:
                                  f"inputs. {compared} still compare with the MODEL without any LoRA.")}
 
 
-def _continued_settings(continue_from, rank: int, targets: str, notes: list[str]):
+def _continued_settings(continue_from, method: str, rank: int, targets: str, notes: list[str]):
     """(rank, targets, alpha) for the config: the continued LoRA's, with a report note when the node's differ;
-    the node's own (alpha None = rank) for a new LoRA."""
+    the node's own (alpha None = rank) for a new LoRA. A LoRA of the other method is refused."""
     if continue_from is None:
         return rank, targets, None
+    check_continued_method(continue_from.method, method, f"continue_from ({continue_from!r})",
+                           "apply it to the MODEL first (FocusFix Apply LoRA or Load LoRA) and train a new LoRA on "
+                           "that MODEL")
     t = continue_from.saved().config_targets
     note = f"continued {continue_from!r}, targets {t}"
     if (int(rank), targets) != (continue_from.rank, t):
@@ -208,7 +213,7 @@ class FocusFixTrainFocusNFix:
         check_comfyui_trains()
         dm = ComfyDiffusionModel(model.clone(), clip, vae)
         notes = []
-        rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
+        rank, targets, alpha = _continued_settings(continue_from, "focus-n-fix", rank, targets, notes)
         labels, negative_prompt, cond, uncond = _text_inputs(dm, prompts, negative_prompt, positive, negative, notes)
         schedule = _schedule(sigmas, notes)
         seed_list = _seed_list(seeds, notes)
@@ -407,7 +412,7 @@ class FocusFixTrainSeparateEnhance:
         check_comfyui_trains()
         dm = ComfyDiffusionModel(model.clone(), clip)
         notes = []
-        rank, targets, alpha = _continued_settings(continue_from, rank, targets, notes)
+        rank, targets, alpha = _continued_settings(continue_from, "separate-and-enhance", rank, targets, notes)
         parsed = _object_prompts(prompts)
         run = run_separate_enhance(dm, lambda: SeparateEnhanceConfig(
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
@@ -419,11 +424,14 @@ class FocusFixTrainSeparateEnhance:
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             f"preservation: {preservation}" + (f", on {', '.join(map(repr, run.preserve_prompts))}"
                                                                if preservation != "none" else ""),
-                            *notes,
+                            *_maps_notes(run.A_before, run.A_after, parsed), *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
                             *_precision_notes(run.history)])
-        return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)), bchw_to_image(_maps_grid(run.A_before)),
-                bchw_to_image(_maps_grid(run.A_after)), report)
+        # one scale per prompt for its words, before and after: a weak word's map looks weak, and Enhance shows
+        top = torch.maximum(run.A_before.flatten(1).amax(1), run.A_after.flatten(1).amax(1)).float().cpu()
+        return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)),
+                bchw_to_image(_maps_grid(run.A_before, top=top)), bchw_to_image(_maps_grid(run.A_after, top=top)),
+                report)
 
 
 def _object_prompts(text: str) -> list[tuple[str, list[str]]]:
@@ -431,14 +439,25 @@ def _object_prompts(text: str) -> list[tuple[str, list[str]]]:
     return [split_objects_prompt(line) for line in parse_lines(text)]
 
 
-def _maps_grid(A: torch.Tensor, size: int = 128) -> torch.Tensor:
+def _maps_notes(before: torch.Tensor, after: torch.Tensor, parsed) -> list[str]:
+    """Per prompt: its words' overlap and peaks before -> after (the maps [P,n,h,w] of the attention outputs)."""
+    lines = []
+    for i, (text, words) in enumerate(parsed):
+        (o0, p0), (o1, p1) = (overlap_and_peaks(A[i:i + 1, :len(words)].float().cpu()) for A in (before, after))
+        peaks = ", ".join(f"{w} {a:.4g} -> {b:.4g}" for w, a, b in zip(words, p0, p1))
+        lines.append(f"maps of {text!r}: overlap {o0:.4g} -> {o1:.4g}; peaks {peaks}")
+    return lines
+
+
+def _maps_grid(A: torch.Tensor, size: int = 128, top: torch.Tensor | None = None) -> torch.Tensor:
     """A: [P, n, h, w] -> one grid image [1,3,H,W], rows = prompts, columns = words; tiles keep the maps' aspect
-    ratio (longer side `size`), and an all-zero map (a prompt with fewer objects) is a blank grey tile."""
+    ratio (longer side `size`), and an all-zero map (a prompt with fewer objects) is a blank grey tile. top: [P]
+    each row's scale (`overlay_maps`); None scales every map by its own max."""
     P, n, h, w = A.shape
     th, tw = max(round(size * h / max(h, w)), 1), max(round(size * w / max(h, w)), 1)
     A = A.float().cpu()
     grey = torch.full((P, 3, th, tw), 0.5)
-    tiles = overlay_maps(grey, A, alpha=0.85)                                    # (P, n, 3, th, tw)
+    tiles = overlay_maps(grey, A, alpha=0.85, scale=top)                         # (P, n, 3, th, tw)
     blank = (A.flatten(2).amax(2) == 0)[..., None, None, None]                   # (P, n, 1, 1, 1)
     tiles = torch.where(blank, grey[:, None], tiles)
     return viz.image_grid(tiles.flatten(0, 1), nrow=n)[None]

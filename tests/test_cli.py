@@ -93,6 +93,18 @@ def test_continue_from_a_saved_lora(model_file, tmp_path, capsys):
     assert cli.main([*sne, "--out", str(tmp_path / "s2"), "--continue-from", str(s1)]) == 0
     _, meta = load_tensor_file_with_metadata(tmp_path / "s2" / "lora.safetensors")
     assert meta["focusfix_steps_trained"] == "2" and meta["focusfix_method"] == "separate-and-enhance"
+    # another method's LoRA: relabelled, and its loss worked against the fix (review F4); refused by name
+    capsys.readouterr()
+    assert cli.main([*sne, "--out", str(tmp_path / "s3"), "--continue-from", str(lora)]) == 2
+    assert "is a focus-n-fix LoRA: this separate-and-enhance run trains only LoRAs of its own method further. " \
+           "To build on it, continue it with train-fnf" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, tmp_path / "f3", "--continue-from", str(s1))) == 2
+    assert "is a separate-and-enhance LoRA: this focus-n-fix run" in capsys.readouterr().err
+    assert not (tmp_path / "s3").exists() and not (tmp_path / "f3").exists()
+    draft = tmp_path / "draft"  # DRaFT is Focus-N-Fix with lam 0: it continues either way
+    assert cli.main(fnf_args(model_file, draft, "--mask-source", "none", "--lam", "0", "--iterations", "1")) == 0
+    assert cli.main(fnf_args(model_file, tmp_path / "f4", "--continue-from", str(draft / "lora.safetensors"),
+                             "--iterations", "1")) == 0
 
 
 def test_train_sne_and_errors(model_file, tmp_path, capsys):

@@ -288,6 +288,8 @@ def test_a_clip_vision_tower_is_copied_into_cpu_memory_wherever_comfyui_keeps_it
     """The copy was `clone()`: on the GPU after a CLIP Vision Encode (or with --gpu-only), so the reward's home was
     the GPU, and 1.2 GB stayed there between nodes where ComfyUI cannot unload it (review D1)."""
     class OnTheGPU:  # a weight as ComfyUI's CLIP_VISION holds it on a card (none here): only a copy to the CPU
+        device = torch.device("cuda")
+
         def __init__(self, value):
             self.value = value
 
@@ -320,3 +322,26 @@ def test_a_clip_vision_tower_stored_in_fp8_is_named_in_the_log(caplog):
         assert not caplog.records
         A._clip_vision_copy(ClipVision(torch.float8_e4m3fn), [])()
     assert "clip_vision weights are stored in torch.float8_e4m3fn" in caplog.text
+
+
+@pytest.mark.parametrize("method, node, refused", [("focus-n-fix", "separate-and-enhance", True),
+                                                   ("separate-and-enhance", "focus-n-fix", True),
+                                                   ("draft", "focus-n-fix", False),
+                                                   ("separate-and-enhance", "separate-and-enhance", False)])
+def test_continue_from_takes_only_a_lora_of_the_nodes_own_method(method, node, refused):
+    """A Focus-N-Fix LoRA given to Train S&E trained, was saved as separate-and-enhance, and S&E's preservation
+    pulled it back toward the MODEL without it (review F4). Refused by name before anything loads; DRaFT is
+    Focus-N-Fix with lam 0."""
+    train = load_pack().nodes.train_nodes
+    key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{key}.lora_down.weight": torch.zeros(2, 8), f"{key}.lora_up.weight": torch.zeros(8, 2),
+               f"{key}.alpha": torch.tensor(2.0)}
+    data = A.LoraData(tensors=tensors, metadata={"focusfix_targets": '["to_k"]', "focusfix_method": method},
+                      rank=2, alpha=2.0, targets=("to_k",), method=method)
+    if refused:
+        with pytest.raises(ValueError, match=f"continue_from .* is a {method} LoRA: this {node} run trains only "
+                                             f"LoRAs of its own method further. To build on it, apply it to the "
+                                             f"MODEL first"):
+            train._continued_settings(data, node, 4, "attn", [])
+    else:
+        assert train._continued_settings(data, node, 4, "attn", []) == (2, "to_k", 2.0)

@@ -324,6 +324,25 @@ def test_the_maps_grid_has_rows_per_prompt_columns_per_word_and_grey_blank_tiles
                 assert not torch.equal(tile, torch.full_like(tile, 0.5)), (p, i)
 
 
+@FAST
+@given(weak=st.floats(0.01, 0.5), seed=st.integers(0, 2**16))
+def test_the_maps_grid_on_one_scale_shows_a_weak_word_weak(weak, seed):
+    """Each tile was scaled by its own max: a word's map 20x weaker than the other's drew the same (review F3), so
+    the attention views could not show what Enhance does. With one scale per prompt it draws weaker."""
+    g = torch.Generator().manual_seed(seed)
+    strong = torch.rand(1, 1, 8, 8, generator=g) + 0.1
+    A = torch.cat([strong, strong * weak], 1)                                    # (1, 2, 8, 8): dog = weak * cat
+    size = 8
+
+    def red(grid, i):  # mean red of word i's tile
+        return float(grid[0, 0, 2:2 + size, 2 + i * (size + 2):2 + i * (size + 2) + size].mean())
+    own = T._maps_grid(A, size)
+    assert red(own, 1) == pytest.approx(red(own, 0), abs=1e-5)                  # its own max: the same picture
+    shared = T._maps_grid(A, size, top=A.flatten(1).amax(1))
+    assert red(shared, 1) < red(shared, 0) - 0.05 * (1 - weak)
+    assert torch.equal(shared[..., :2 + size], own[..., :2 + size])              # the strongest word as before
+
+
 # ------------------------------------------------------------------------------------------- _text_inputs
 @st.composite
 def _conditioning(draw, D=8):
@@ -381,11 +400,11 @@ def test_a_continued_lora_brings_its_own_rank_targets_and_alpha_with_a_note_when
         rank, saved_rank, alpha, targets, saved_targets, new):
     notes = []
     if new:
-        assert T._continued_settings(None, rank, targets, notes) == (rank, targets, None) and notes == []
+        assert T._continued_settings(None, "focus-n-fix", rank, targets, notes) == (rank, targets, None) and notes == []
         return
     data = load_pack().nodes.adapters.LoraData(tensors={"lora_unet_a.lora_down.weight": torch.zeros(saved_rank, 4)},
                                                rank=saved_rank, alpha=alpha, targets=saved_targets)
     want_targets = saved_targets[0] if len(saved_targets) == 1 else saved_targets
-    assert T._continued_settings(data, rank, targets, notes) == (saved_rank, want_targets, alpha)
+    assert T._continued_settings(data, "focus-n-fix", rank, targets, notes) == (saved_rank, want_targets, alpha)
     assert len(notes) == 1 and notes[0].startswith("continued LoraData(")
     assert ("are not used" in notes[0]) == ((rank, targets) != (saved_rank, want_targets))

@@ -1,6 +1,7 @@
 """Each FocusFix node on tiny SD1.5- and SDXL-layout models inside a real ComfyUI (in-process, CPU)."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -495,7 +496,23 @@ def test_train_separate_enhance(fresh, checkpoint, layout):
     # a to_k LoRA: every attn2 of ComfyUI's UNet reads the text alone, so preservation runs on the keys
     assert lora.metadata["focusfix_preservation"] == "keys" and "preservation: keys" in report
     assert "trained 2 steps in 0:" in report
+    # the numbers the maps show, before -> after, and what keeps KSampler from drawing them (review F2, F3)
+    num = r"[0-9.e-]+"
+    assert re.search(rf"maps of 'a cat and a dog': overlap {num} -> {num}; peaks cat {num} -> {num}, dog {num} -> "
+                     rf"{num}", report), report
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model)
+
+
+def test_separate_enhance_report_names_fp8_weights(fresh, tiny_models):
+    """The S&E report left out the redraw caveats the Focus-N-Fix report gives: on fp8 weights the stock Load
+    LoRA's maps were as far from attention_after as the whole fix (review F2)."""
+    with torch.inference_mode():
+        model, clip, _ = tiny_models.tiny_checkpoint("sd15", 0, weight_dtype=torch.float8_e4m3fn)
+    *_, report = fresh.run(
+        "FocusFixTrainSeparateEnhance", model=model, clip=clip, prompts="a cat and a dog | cat, dog",
+        lam_sep=1.0, lam_en=1.0, lam_preserve=1.0, resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k",
+        lr=1e-2, iterations=1, seed=0)
+    assert "the MODEL's weights are stored in fp8" in report
 
 
 def test_separate_enhance_preservation_on_outputs_for_attn_targets(fresh, checkpoint):
@@ -906,6 +923,33 @@ def test_a_map_size_the_model_lacks_is_refused_before_sampling(fresh):
                                                         r"this model has cross-attention only in maps of 4x4: set "
                                                         r"resolution to 4")
     assert _hooks(model.model.diffusion_model) == 0
+
+
+def test_object_words_after_an_embedding_the_encoder_leaves_out_are_found_where_it_puts_them(fresh, tmp_path,
+                                                                                             tiny_models):
+    """An embedding of another width (an SD2/SDXL one on SD1.5) is left out by ComfyUI's encoder, which moves the
+    later tokens up: 'cat' was trained on dog's token and 'dog' on padding (review F1). One of the encoder's width
+    counts its vectors."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from safetensors.torch import save_file
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.randn(3, 48)}, str(folder / "other.safetensors"))          # another width
+    save_file({"emb_params": torch.randn(2, tiny_models.WIDTH)}, str(folder / "mine.safetensors"))
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, embedding_directory=str(folder),
+                         model_options={"clip_l_model_config": dict(tiny_models._CLIP_CFG)})
+    tiny_models.randomize(clip.cond_stage_model, 1)
+    model, _, _ = fresh.run("FocusFixTestTinyCheckpoint", layout="sd15", seed=0)
+    dm = _adapters(fresh).ComfyDiffusionModel(model, clip)
+    with torch.inference_mode():
+        plain = dm.encode_prompts(["a cat and a dog"])["context"][0]
+        other = dm.encode_prompts(["embedding:other a cat and a dog"])["context"][0]
+    torch.testing.assert_close(other, plain)  # the encoder left it out: 'cat' is at 2 again
+    assert dm.token_indices("embedding:other a cat and a dog", ["cat", "dog"]) == [[2], [5]]
+    assert dm.token_indices("embedding:mine a cat and a dog", ["cat", "dog"]) == [[4], [7]]  # 2 vectors in
 
 
 def test_object_words_with_accents_and_other_scripts(fresh, checkpoint):

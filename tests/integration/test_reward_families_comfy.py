@@ -104,7 +104,7 @@ def files(comfy, bw, tmp_path_factory):
     rewards = Path(folder_paths.get_folder_paths("focusfix_rewards")[0])
     save_file(head_sd(), str(rewards / bw.AESTHETIC_FILE))
     save_file(safety_sd(), str(rewards / bw.SAFETY_FILE))
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(rewards / JUNK))
+    save_file({"encoder.blocks.0.weight": torch.zeros(4, 4)}, str(rewards / JUNK))  # no layout FocusFix knows
     clip_dir = tmp_path_factory.mktemp("clip_vision")
     save_file(tower_sd(), str(clip_dir / bw.CLIP_VISION_FILE))
     save_file(tower_sd(proj=8, seed=3), str(clip_dir / "clip_vision_8d.safetensors"))
@@ -250,7 +250,7 @@ def test_precision_bf16_halves_the_towers_and_trains(fresh, bw, clip_vision, rew
 
 def test_unknown_layout_and_missing_tower_are_clear_errors(comfy, bw, files, clip_vision):
     with pytest.raises(ValueError, match=f"{JUNK}.*unknown reward file layout; known formats: aesthetic.*safety.*"
-                                         "First keys: \\['model.diffusion_model"):
+                                         "First keys: \\['encoder.blocks.0.weight"):
         comfy.run("FocusFixLoadReward", reward_name=JUNK)
     with pytest.raises(ValueError, match="aesthetic head needs a CLIP ViT-L/14 image tower and this file holds none: "
                                          "connect OpenAI CLIP ViT-L/14 at 224 px \\(in ComfyUI: Load CLIP Vision "
