@@ -258,7 +258,8 @@ def _names(part: str, word: str) -> bool:
 
 
 # the trainer each saved method belongs to: DRaFT is Focus-N-Fix with lam 0 (mask_source none)
-METHOD_TRAINERS = {"focus-n-fix": "focus-n-fix", "draft": "focus-n-fix", "separate-and-enhance": "separate-and-enhance"}
+METHOD_TRAINERS = {"focus-n-fix": "focus-n-fix", "draft": "focus-n-fix",
+                   "separate-and-enhance": "separate-and-enhance"}
 
 
 def check_continued_method(saved: str, method: str, name: str, apply_first: str) -> None:
