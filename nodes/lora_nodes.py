@@ -78,12 +78,17 @@ def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folde
     raise FileExistsError(f"filename {filename!r}: every free name was taken by another save while writing")
 
 
+def preview_path(lora_path: Path) -> Path:
+    """Where a LoRA's thumbnail lives: `<name>.preview.png` beside `<name>.safetensors`."""
+    return lora_path.with_name(lora_path.stem + PREVIEW_SUFFIX)
+
+
 def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> Path | None:
     """Write I[0] ([B,3,H,W] in [0,1]) beside the LoRA as `<name>.preview.png`, the thumbnail A1111/Forge,
     ComfyUI's model library and LoRA managers show, atomically. None (nothing written) when that file exists
     and not `overwrite`: a LoRA saved with a counter may sit beside an image that is not its own."""
     from ..focusfix_core.viz import save_png
-    path = lora_path.with_name(lora_path.stem + PREVIEW_SUFFIX)
+    path = preview_path(lora_path)
     try:
         return save_png(I[0], path, overwrite)
     except FileExistsError:
@@ -93,7 +98,7 @@ def save_preview(I: torch.Tensor, lora_path: Path, overwrite: bool = False) -> P
 def drop_preview(lora_path: Path) -> bool:
     """Remove `<name>.preview.png` beside a LoRA saved over another without a preview of its own, so loaders do
     not show the replaced LoRA's thumbnail for it. True when one was removed; a symlink or folder there is left."""
-    path = lora_path.with_name(lora_path.stem + PREVIEW_SUFFIX)
+    path = preview_path(lora_path)
     if not path.is_file() or path.is_symlink():
         return False
     try:
