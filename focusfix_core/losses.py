@@ -102,14 +102,16 @@ def region_loss(I: torch.Tensor, I0: torch.Tensor, M: torch.Tensor) -> torch.Ten
 
 
 def resize_mask(M: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize a mask by area interpolation, e.g. from pixels [H,W] to latents [h,w]; values stay in [0,1].
+    """Resize a mask, e.g. from pixels [H,W] to latents [h,w]; values stay in [0,1]. Enlarged bilinearly;
+    shrunk by the maximum over each output pixel's footprint, so a thin "may change" stroke stays 1 (an
+    average would fade a 3-pixel stroke to 0.375 at 1/8 size, and the region term would still hold most of it).
 
     Args:
         M: [B,H,W] or [B,1,H,W] in [0,1].
         size: h (square) or (h, w).
 
     Returns:
-        [B,1,h,w] the mask averaged over each latent pixel's footprint.
+        [B,1,h,w].
 
     Example:
         >>> resize_mask(torch.ones(2, 64, 48), (8, 6)).shape
@@ -120,7 +122,14 @@ def resize_mask(M: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
         size = (size, size)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"size must be a positive int or (h, w), got {size}")
-    return F.interpolate(M, size=tuple(size), mode="area").clamp(0, 1)  # (B, 1, h, w)
+    size = tuple(int(s) for s in size)
+    h, w = M.shape[-2:]
+    up = (max(h, size[0]), max(w, size[1]))  # enlarge first along a side that grows, then shrink the other
+    if up != (h, w):
+        M = F.interpolate(M, size=up, mode="bilinear", align_corners=False)
+    if up != size:
+        M = F.adaptive_max_pool2d(M, size)
+    return M.clamp(0, 1)  # (B, 1, h, w)
 
 
 class NonFiniteScoreError(ValueError):
@@ -273,8 +282,8 @@ def key_change_loss(deltas: Sequence[torch.Tensor], base_energy: torch.Tensor, *
 
     With a LoRA only on layers that read the text alone (cross-attention to_k / to_v), the model's output
     for a prompt changes only through these layers' outputs on that prompt's text: zero change means the
-    prompt is drawn exactly as the base model draws it, at every noise and timestep, so preserving it
-    needs no UNet pass.
+    prompt's prediction is exactly the base model's, at every noise and timestep, so preserving it needs no
+    UNet pass. (Under CFG the image also reads the negative prompt's keys, which this does not hold.)
 
     Args:
         deltas: per adapted layer l, the LoRA's change of the layer's output on the prompts' text, [P,T,C_l].

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import resize_mask
+
 __all__ = [
     "gradient_saliency",
     "score_and_saliency",
@@ -371,9 +373,8 @@ def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
 
 
 def fit_mask(M: torch.Tensor, size: tuple[int, int], name: str = "mask") -> tuple[torch.Tensor, str]:
-    """M: [B,1,h,w] float in [0,1] -> (M [B,1,H,W] with (H, W) = size, note). Enlarged bilinearly; shrunk by
-    the maximum over each output pixel's footprint, so a thin painted stroke stays "may change" (an average
-    would fade a 3-pixel stroke on a 512-pixel mask to nothing at 16 pixels).
+    """M: [B,1,h,w] float in [0,1] -> (M [B,1,H,W] with (H, W) = size, note), resized by `resize_mask` (a thin
+    painted stroke stays "may change").
 
     The note ("" when the size already fits) says so, and warns when the aspect ratio differs by over 2 %:
     the mask is then stretched, likely painted on another (or a rotated) image."""
@@ -383,9 +384,4 @@ def fit_mask(M: torch.Tensor, size: tuple[int, int], name: str = "mask") -> tupl
     note = f"{name} resized from {h}x{w} to {size[0]}x{size[1]}"
     if abs(h * size[1] - w * size[0]) > 0.02 * w * size[0]:
         note += " (another aspect ratio: stretched; was it painted on another or a rotated image?)"
-    up = (max(h, size[0]), max(w, size[1]))
-    if up != (h, w):
-        M = F.interpolate(M, size=up, mode="bilinear", align_corners=False)
-    if up != tuple(size):
-        M = F.adaptive_max_pool2d(M, tuple(size))
-    return M.clamp(0, 1), note
+    return resize_mask(M, size), note

@@ -319,9 +319,10 @@ class SeparateEnhanceConfig(_LoRAConfig):
     lam_sep: float = 1.0
     lam_en: float = 1.0
     lam_preserve: float = 1.0
-    # "keys": relative change of the adapted to_k/to_v outputs on the preserve prompts' text (exact, no UNet
-    # pass; only for LoRAs on those layers); "outputs": x0 MSE against the adapters-disabled model on random
-    # noisy latents (any targets, two more UNet passes per step); "auto": keys where possible
+    # "keys": relative change of the adapted to_k/to_v outputs on the preserve prompts' text (exact for their
+    # conditional prediction, no UNet pass; only for LoRAs on those layers); "outputs": x0 MSE against the
+    # adapters-disabled model on random noisy latents (any targets, two more UNet passes per step); "auto": keys
+    # where possible
     preservation: str = "auto"
     t_range: tuple[float, float] = (0.5, 1.0)  # fraction of the training timesteps (1 = pure noise)
     resolution: int = 16                     # attention maps' shorter side (16 for SD at 512 px; `map_size`)

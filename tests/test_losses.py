@@ -137,11 +137,22 @@ def test_region_property_bounds(B, C, H, W, seed):
 
 
 # ---------------------------------------------------------------- resize_mask
-def test_resize_mask_area_and_range():
+def test_resize_mask_blocks_and_range():
     M = _square_mask(2, 16, 16, top=0, left=0, size=8)
     m = resize_mask(M, (2, 2))
     assert m.shape == (2, 1, 2, 2)
     torch.testing.assert_close(m[0, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_resize_mask_keeps_a_thin_stroke_free():
+    """A 3-px "may change" stroke on a 64-px mask stays 1 at latent size 8: averaged (0.375) the region term
+    would still hold 62 % of the region it should free (FixConfig(mask_space="latent"))."""
+    M = torch.zeros(1, 64, 64)
+    M[:, :, 30:33] = 1
+    m = resize_mask(M, 8)
+    assert m.max() == 1 and m[0, 0, :, 3:5].min() == 1 and m[0, 0, :, :3].max() == 0
+    up = resize_mask(torch.eye(4)[None], 16)  # enlarging interpolates, in [0, 1]
+    assert up.shape == (1, 1, 16, 16) and 0 < up.mean() < 1
     m = resize_mask(torch.rand(1, 1, 17, 13), 5)
     assert m.shape == (1, 1, 5, 5) and m.min() >= 0 and m.max() <= 1
 
