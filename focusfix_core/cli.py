@@ -12,8 +12,11 @@ import argparse
 import io
 import json
 import math
+import os
 import re
+import signal
 import sys
+import threading
 import tempfile
 import time
 from dataclasses import asdict
@@ -31,7 +34,7 @@ from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
                        SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, parse_ints,
-                       split_objects_prompt)
+                       split_objects_prompt, stop_as_interrupt)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -117,6 +120,9 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True
     --resume)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder")
+    if out.is_symlink() and not out.exists():  # the first write would fail only after training
+        raise ValueError(f"--out {out} is a link to {os.readlink(out)}, which does not exist: create that folder, "
+                         f"or give another --out")
     base = next(p for p in (out, *out.absolute().parents) if p.exists())  # where the folder would be created
     try:  # a real write: os.access says yes for every folder on Windows, and training would run for nothing
         tempfile.TemporaryFile(dir=base).close()
@@ -157,12 +163,25 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
         if trainer.step == 0:
             raise
         trainer.restore_last_good()
-        trainer.save_state(out / "state.pt")
-        path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
-        raise RunFailed(f"{e}\nstopped after {trainer.step} steps: {path} holds their LoRA and "
-                        f"{out / 'state.pt'} their state") from None
-    trainer.save_state(out / "state.pt")
+        path, _, state = _save_trained(trainer, out, "")
+        raise RunFailed(f"{e}\nstopped after {trainer.step} steps: {path} holds their LoRA"
+                        + (f" and {state} their state" if state else "")) from None
     return trainer.history, status
+
+
+def _save_trained(trainer, out: Path, status: str) -> tuple[Path, str, dict[str, str]]:
+    """Write lora.safetensors, then state.pt; -> (the LoRA's path, status, {"state": its path} or {}). The LoRA
+    first: it is what the run is for, and the smaller file. A state.pt that cannot be written is a warning and
+    makes the status failed (exit 1): the LoRA holds every step, but --resume cannot continue them."""
+    path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
+    try:
+        trainer.save_state(out / "state.pt")
+    except OSError as e:
+        why = f"{out / 'state.pt'} was not written ({e.strerror or e}): {path} holds the LoRA, --resume cannot go on"
+        print(f"warning: {why}", file=sys.stderr)
+        status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
+        return path, status, {}
+    return path, status, {"state": str(out / "state.pt")}
 
 
 def _step_bar(desc: str, quiet: bool) -> Callable[[int], Callable[[dict], None]]:
@@ -214,7 +233,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
     # saved before the images are drawn: a Ctrl-C while they sample keeps the trained LoRA
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
+    lora_path, status, state_file = _save_trained(trainer, out, status)
     I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
     with torch.no_grad():  # `score`, unchecked: a LoRA drawing NaN images is reported (null), not an exit 2
         r0, r1 = reward.score(I0.clamp(0, 1)).float(), reward.score(I.clamp(0, 1)).float()
@@ -253,7 +272,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         "notes": [f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training never drew "
                   f"it, and its images show it with an empty mask" for p, s in trainer.unmasked],
         "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
-                  "curves": str(out / "curves.png"), "state": str(out / "state.pt")},
+                  "curves": str(out / "curves.png"), **state_file},
         "items": items,
         "history": [r.as_dict() for r in history],
         "focusfix_version": __version__,
@@ -283,7 +302,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
-    lora_path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
+    lora_path, status, state_file = _save_trained(trainer, out, status)
     A1 = trainer.eval_maps()
     S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
     from .losses import enhance_loss, separate_loss
@@ -308,7 +327,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
         "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
                   "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
-                  "state": str(out / "state.pt")},
+                  **state_file},
         "history": [r.as_dict() for r in history],
         "focusfix_version": __version__,
     }
@@ -606,6 +625,10 @@ def main(argv=None) -> int:
         print(f"error: --checkpoint-every must be >= 0 (0 = at the end only), got {args.checkpoint_every}",
               file=sys.stderr)
         return 2
+    # a SIGTERM (kill, timeout, a job scheduler's stop) ends training as Ctrl-C does: the steps done are written
+    term = getattr(signal, "SIGTERM", None)
+    previous = (signal.signal(term, stop_as_interrupt)
+                if term is not None and threading.current_thread() is threading.main_thread() else None)
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
@@ -625,10 +648,13 @@ def main(argv=None) -> int:
         print("interrupted: the folder keeps what was finished (lora.safetensors once training ended, state.pt "
               "for --resume)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(term, previous)
     files = result.get("files") or {k: v for k, v in result.items() if k == "output"}
     status = result.get("status", "done")
     if status != "done":
-        print(f"note: {status} (--resume continues it)", file=sys.stderr)
+        print(f"note: {status}" + (" (--resume continues it)" if "state" in files else ""), file=sys.stderr)
     for k, v in files.items():
         print(f"{k}: {v}")
     # a script tells a partial run from a full one: 130 after Ctrl-C (as a shell does), 1 after a failure

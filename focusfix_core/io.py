@@ -9,10 +9,12 @@ pickled code: `.safetensors` is read by safetensors, `.pt/.pth/.bin/.ckpt` only 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -60,7 +62,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     tmp = Path(tmp_name)
     publishing = False
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (SafetensorError, RuntimeError) as e:
+            raise _write_failed(e, path) from e
         with open(tmp, "r+b") as f:  # fsync needs a descriptor that may write on some systems
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; other readers (a server) need the usual mode
@@ -77,6 +82,18 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _write_failed(e: Exception, path: Path) -> OSError:
+    """The OSError for a writer's own error on a failed write (safetensors' SafetensorError "No space left on
+    device (os error 28)", torch.save's RuntimeError "unexpected pos"): every caller handles a write that
+    failed as an OSError (a checkpoint warns and training goes on), and these are not OSErrors."""
+    try:
+        full = "os error 28" in str(e) or shutil.disk_usage(path.parent).free < 2**20
+    except OSError:
+        full = False
+    why = "No space left on device" if full else str(e).strip().splitlines()[-1][:200]
+    return OSError(errno.ENOSPC if full else errno.EIO, f"{why} ({type(e).__name__} while writing)", str(path))
 
 
 def _sweep_stale_temps(folder: Path) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "check_continued_method",
     "METHOD_TRAINERS",
     "split_words",
+    "stop_as_interrupt",
 ]
 
 MASK_SOURCES = ("heatmap", "saliency", "mask", "none")
@@ -751,21 +752,31 @@ class _LoRATrainer:
                 "focusfix_steps_trained": self.step, "focusfix_config": json.dumps(cfg, sort_keys=True)}
 
 
+def stop_as_interrupt(signum, frame) -> None:
+    """A signal handler that stops a run as Ctrl-C does: the command line's for SIGTERM (`kill`, `timeout`, a job
+    scheduler's stop), so the steps done are written as after a Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+
+
 @contextmanager
 def _interrupts_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block ends, then raise its KeyboardInterrupt. Only where Python's own
-    handler is installed and this is the main thread (the command line); elsewhere (ComfyUI's worker thread,
-    whose cancel is checked between sampler calls) the block runs as is."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
+    """Hold a Ctrl-C (SIGINT), or a SIGTERM the command line turns into one, until the block ends, then raise its
+    KeyboardInterrupt. Only for the signals whose handler raises it (Python's own for SIGINT, `stop_as_interrupt`)
+    and in the main thread (the command line); elsewhere (ComfyUI's worker thread, whose cancel is checked between
+    sampler calls) the block runs as is."""
+    kept = {} if threading.current_thread() is not threading.main_thread() else {
+        s: h for s in _STOP_SIGNALS if (h := signal.getsignal(s)) in (signal.default_int_handler, stop_as_interrupt)}
     held = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    for s in kept:
+        signal.signal(s, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s, h in kept.items():
+            signal.signal(s, h)
         if held:
             raise KeyboardInterrupt
 

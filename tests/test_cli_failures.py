@@ -108,3 +108,68 @@ def test_a_windows_console_encoding_does_not_crash_the_cli(tmp_path):
     run = subprocess.run([sys.executable, "-m", "focusfix_core", "train-fnf", "--prompt", "一只猫", "--reward",
                           "nope", "--out", str(tmp_path / "o")], env=env, capture_output=True)
     assert run.returncode == 2 and b"error: --reward 'nope'" in run.stderr
+
+
+def test_a_sigterm_ends_training_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """`kill`, `timeout` or a job scheduler's stop (SIGTERM) ended the process at once: every step since the last
+    state.pt was lost, and with --checkpoint-every 0 the whole run (review G5). The steps done are now written, as
+    after a Ctrl-C; the handler is the one it was once main() returns."""
+    import os
+    import signal
+
+    if not hasattr(signal, "SIGTERM") or os.name == "nt":
+        pytest.skip("os.kill(SIGTERM) ends the process on Windows; the handler is only reached on POSIX")
+    before = signal.getsignal(signal.SIGTERM)
+    real = cli.FixTrainer._finish_step
+
+    def term_at_step_2(self, *a, **kw):
+        rec = real(self, *a, **kw)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+    monkeypatch.setattr(cli.FixTrainer, "_finish_step", term_at_step_2)
+    out = tmp_path / "o"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "6", "--steps",
+                   "3", "--seeds", "0", "--batch-size", "1", "--out", str(out)])
+    assert rc == 130, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "interrupted after 2 steps" and report["steps_trained"] == 2
+    assert (out / "lora.safetensors").is_file() and (out / "state.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_state_pt_that_cannot_be_written_at_the_end_keeps_the_lora(tmp_path, capsys, monkeypatch):
+    """state.pt was written before the LoRA: on a full disk (or a folder named state.pt) the run exited 2 with no
+    LoRA, though the LoRA is smaller and what the run is for (review G2). The LoRA is now written first; the run
+    is reported as failed (exit 1), its report names no state file, and no note offers --resume."""
+    from focusfix_core import io as ffio
+
+    def full(obj, f, *a, **k):  # torch.save's own error on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(ffio.torch, "save", full)
+    monkeypatch.setattr(ffio.shutil, "disk_usage", lambda p: ffio.shutil._ntuple_diskusage(10**9, 10**9, 0))
+    out = tmp_path / "o"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "2", "--steps",
+                   "3", "--seeds", "0", "--batch-size", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"warning: {out / 'state.pt'} was not written (No space left on device" in err
+    assert "--resume continues it" not in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"].startswith("failed: ") and report["steps_trained"] == 2
+    assert "state" not in report["files"] and not (out / "state.pt").exists()
+    assert (out / "lora.safetensors").is_file()
+
+
+def test_an_out_that_is_a_dangling_link_is_refused_before_training(tmp_path, capsys):
+    """A dangling symlink --out passed the checks, trained, then failed with "'o' is a file, not a folder" and
+    nothing saved (review G2)."""
+    out = tmp_path / "o"
+    try:
+        out.symlink_to(tmp_path / "gone", target_is_directory=True)
+    except OSError:
+        pytest.skip("this user cannot create symlinks")
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps",
+                   "3", "--seeds", "0", "--out", str(out)])
+    assert rc == 2
+    assert "which does not exist: create that folder, or give another --out" in capsys.readouterr().err

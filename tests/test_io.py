@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -115,6 +117,37 @@ class TestAtomicSave:
         with pytest.raises(OSError, match="disk full"):
             atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
         assert os.listdir(tmp_path) == []
+
+    @pytest.mark.parametrize("writer, error", [
+        ("save_file", lambda: ffio.SafetensorError("No space left on device (os error 28)")),
+        ("torch.save", lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")),
+    ])
+    def test_a_full_disk_is_an_oserror_naming_the_file(self, tmp_path, monkeypatch, writer, error):
+        """On a full disk the writers raise their own errors (as seen on a real full tmpfs), not OSError: a
+        checkpoint's `except OSError` missed them and a ComfyUI run died at its first checkpoint (review G1)."""
+        def full(obj, f, *a, **k):
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            raise error()
+
+        if writer == "save_file":
+            monkeypatch.setattr(ffio, "save_file", full)
+            save = lambda p: atomic_save_safetensors({"a": torch.zeros(2)}, p)  # noqa: E731
+        else:
+            monkeypatch.setattr(ffio.torch, "save", full)
+            save = lambda p: atomic_torch_save({"a": torch.zeros(2)}, p)  # noqa: E731
+        target = tmp_path / "x.safetensors"
+        monkeypatch.setattr(ffio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+        with pytest.raises(OSError, match="No space left on device") as e:
+            save(target)
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+        assert os.listdir(tmp_path) == []
+        monkeypatch.setattr(ffio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 0, 10**9))
+        error = lambda: RuntimeError("PytorchStreamWriter failed writing file data/0")  # noqa: E731
+        monkeypatch.setattr(ffio.torch, "save", full)
+        with pytest.raises(OSError, match="failed writing file data/0 .RuntimeError while writing.") as e:
+            atomic_torch_save({"a": torch.zeros(2)}, target)
+        assert e.value.errno == errno.EIO and os.listdir(tmp_path) == []
 
     def test_failed_write_keeps_old_file(self, tmp_path, monkeypatch):
         p = atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")

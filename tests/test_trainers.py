@@ -68,12 +68,22 @@ def test_an_item_training_never_met_with_a_flat_map_is_shown_not_fatal(small_mod
     trainer.lora.remove()
 
 
-def test_a_ctrl_c_during_the_update_lands_once_the_step_is_counted(small_model, square_reward):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_during_the_update_lands_once_the_step_is_counted(small_model, square_reward, request, signame):
     """A Ctrl-C between the optimizer's update and the step count left Adam a step ahead of the LoRA (restored to
     the snapshot before), or state.pt a step behind its LoRA: a resume trained one step too many (review C4). It
-    now waits for the step to finish; the run then goes on as if never interrupted."""
+    now waits for the step to finish; the run then goes on as if never interrupted. The same for a SIGTERM, which
+    the command line turns into a Ctrl-C (review G5)."""
     import os
     import signal
+
+    from focusfix_core.trainers import stop_as_interrupt
+    if not hasattr(signal, signame):
+        pytest.skip(f"this platform has no {signame}")
+    sig = getattr(signal, signame)
+    if sig != signal.SIGINT:  # as the command line installs it
+        previous = signal.signal(sig, stop_as_interrupt)
+        request.addfinalizer(lambda: signal.signal(sig, previous))
     cfg = fix_cfg(iterations=4)
     whole, _ = run(small_model, square_reward, cfg)
     expected = {k: v.clone() for k, v in whole.lora.state_dict().items()}
@@ -84,7 +94,7 @@ def test_a_ctrl_c_during_the_update_lands_once_the_step_is_counted(small_model, 
     def step(*a, **kw):
         out = real(*a, **kw)
         if trainer.step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, right after the second update
+            os.kill(os.getpid(), sig)  # a real Ctrl-C (or SIGTERM), right after the second update
         return out
     trainer.optimizer.step = step
     steps = iter(trainer)
