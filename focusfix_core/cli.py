@@ -99,15 +99,16 @@ def load_reward_spec(spec: str):
     """A reward by name (built-in image rewards, the tiny world's 'artifact'/'attribute') or by file path."""
     from .rewards import loading
 
-    if spec in loading.BUILTIN_REWARDS:
-        return loading.BUILTIN_REWARDS[spec]()
+    name = spec.removeprefix(loading.BUILTIN_PREFIX)  # the Load Reward node's spelling works too
+    if name in loading.BUILTIN_REWARDS:
+        return loading.BUILTIN_REWARDS[name]()
     if spec in ("artifact", "attribute"):
         from .tiny.rewards import load_default_rewards
 
         return load_default_rewards()[spec]
     path = Path(spec)
     if path.is_file():
-        return loading.load_reward(path)
+        return loading.load_reward(path, tower_name=None)  # the command line has no input for a tower
     known = sorted(loading.BUILTIN_REWARDS) + ["artifact", "attribute"]
     raise ValueError(f"--reward {spec!r} is neither a known reward {known} nor an existing file")
 
@@ -331,7 +332,8 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         "history": [r.as_dict() for r in history],
         "focusfix_version": __version__,
     }
-    _write_report(out, report, columns="before | after (same seed), one row per prompt")
+    _write_report(out, report, columns="before | after (same seed), one row per prompt; attention.png: a row per "
+                                       "prompt, each object's cross-attention map before training, then each after")
     return report
 
 
@@ -464,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dilation", type=int, default=2, help="grow M by this many pixels (default 2)")
     f.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
 
-    s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a cat and a dog | cat, dog'")
+    s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
     _add_lora_args(s, "to_k")
     s.add_argument("--prompt", action="append", required=True, help="'prompt | object, object' (repeatable)")
     s.add_argument("--lam-sep", type=float, default=1.0, help="weight of the Separate loss (maps' overlap)")
@@ -501,6 +503,9 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
                          "OUT/state.pt (LoRA, optimizer, step); --continue-from starts a new run from a saved LoRA")
     if a.resume:
         path = out / "state.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist, so there is no run to resume in {out}: "
+                                    f"start it without --resume")
         state = load_training_state(path)
         try:  # the trainer checks all of it; its LoRA settings are needed first, to build the trainer
             saved_cfg = json.loads(state["config"])
@@ -512,9 +517,17 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         kw = {k: saved_cfg[k] for k in ("rank", "targets", "alpha") if k in saved_cfg}
         if isinstance(kw.get("targets"), list):
             kw["targets"] = tuple(kw["targets"])
+        targets, rank, alpha = kw.get("targets", ""), kw.get("rank", 1), kw.get("alpha")
+        if not (type(rank) is int and rank >= 1 and (alpha is None or type(alpha) in (int, float))
+                and (isinstance(targets, str) or isinstance(targets, tuple) and all(isinstance(t, str) for t in targets))):
+            raise ValueError(f"{path}: the training state is invalid: its LoRA settings rank {rank!r}, targets "
+                             f"{targets!r}, alpha {alpha!r} are not an int >= 1, a target name (or names) and a "
+                             f"number (or null)")
         return None, kw, state
     if a.continue_from is None:
         return None, {"rank": a.rank, "targets": a.targets}, None
+    if not a.continue_from.is_file():
+        raise FileNotFoundError(f"--continue-from {a.continue_from}: no such file (give a LoRA FocusFix saved)")
     saved = read_focusfix_lora(a.continue_from)
     own = "train-fnf" if METHOD_TRAINERS.get(saved.method) == "focus-n-fix" else "train-sne"
     check_continued_method(saved.method, method, f"--continue-from {a.continue_from}",
@@ -555,10 +568,19 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
     return source, torch.cat(masks) if masks else None
 
 
+def _check_prompts(model, prompts: Iterable[str]) -> None:
+    """Refuse a --prompt word the (tiny) model cannot read: it would be trained on as an unknown token, silently."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if hasattr(tokenizer, "check"):
+        for p in prompts:
+            tokenizer.check(p, "--prompt")
+
+
 def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
     saved, lora_kw, state = _lora_settings(a, out, "focus-n-fix")
     model, note = load_model(a.model)
+    _check_prompts(model, a.prompt)
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
     mask_source, masks = _painted_masks(a, size)
@@ -577,6 +599,7 @@ def cmd_train_sne(a) -> dict:
     saved, lora_kw, state = _lora_settings(a, out, "separate-and-enhance")
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
+    _check_prompts(model, prompts)
     size = _size(model, None)
     cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, iterations=a.iterations, lr=a.lr, **lora_kw,
                                 batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
@@ -610,13 +633,25 @@ COMMANDS = {"demo": cmd_demo, "train-fnf": cmd_train_fnf, "train-sne": cmd_train
             "convert-reward": cmd_convert_reward}
 
 
+_CONFIG_FLAGS = {"cfg_scale": "--cfg"}  # config fields whose flag has another name
+
+
+def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A config's error in the command line's words: 'batch_size must be ...' -> '--batch-size must be ...'."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {**{a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}, **_CONFIG_FLAGS}
+    field = re.match(r"[a-z]+(?:_[a-z0-9]+)+\b", message)  # a field name: only underscored ones read otherwise
+    return flags[field[0]] + message[field.end():] if field and field[0] in flags else message
+
+
 def main(argv=None) -> int:
     """Run the command line on `argv` (sys.argv[1:] when None); the exit status: 0 done, 1 failed mid-run,
     2 bad input, 130 interrupted."""
     for stream in (sys.stdout, sys.stderr):  # a prompt or λ on a Windows console or pipe (cp1252) must not crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
@@ -632,7 +667,7 @@ def main(argv=None) -> int:
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_flags(str(e), parser, args.command)}", file=sys.stderr)
         return 2
     except OSError as e:  # an output path that cannot be written: no permission, a file where a folder goes
         print(f"error: cannot write {e.filename or 'the outputs'}: {e.strerror or e} (check --out / the output "

@@ -409,6 +409,9 @@ def _digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+_ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")  # what shapes an update
+
+
 def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepRecord], dict[str, str]]:
     """Check every part of a training state (`_LoRATrainer.state_dict`) against `trainer` before any of it is
     used: a corrupt or crafted state.pt then fails at once, naming the part, not mid-run or after training.
@@ -447,6 +450,15 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
     if "reward" in state and now_reward is not None and state["reward"] != now_reward:
         raise ValueError(f"the training state was saved by a run with reward {str(state['reward'])[:120]} (now "
                          f"{now_reward[:120]}). Resume with the same reward, or start a new run")
+    weights = state.get("weights")  # states saved before the weights were recorded have none to compare
+    if weights is not None:
+        if not (isinstance(weights, dict) and all(isinstance(v, str) for v in weights.values())):
+            raise invalid(f"weights must map the frozen modules to their sha256, got {str(weights)[:60]!r}")
+        other = [k for k, v in trainer.weights_digest().items() if k in weights and weights[k] != v]
+        if other:
+            raise ValueError(f"the training state was saved by a run with another {' and '.join(other)} (the same "
+                             f"name and settings, other weights). Resume with the {' and '.join(other)} it trained "
+                             f"against, or start a new run")
     painted = getattr(trainer, "_painted_digest", None)
     if "painted" in state and painted is not None and state["painted"] != painted:
         raise ValueError("the training state was saved by a run with other painted masks: resume with the same "
@@ -491,6 +503,14 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
             if isinstance(v, torch.Tensor) and v.ndim and (v.shape != p.shape or not torch.isfinite(v).all()):
                 raise invalid(f"optimizer {k!r} has shape {tuple(v.shape)} or non-finite values, expected "
                               f"finite values of shape {tuple(p.shape)}")
+            if isinstance(v, torch.Tensor) and not v.ndim and not (torch.isfinite(v) and v >= 0):  # Adam's count
+                raise invalid(f"optimizer {k!r} is {v.item()}, expected a finite count >= 0")
+    # the settings of this run's optimizer (lr, betas, eps, ...), which the config already matched: others (an
+    # edited or damaged file) would train with what no setting says, or fail inside the first step
+    for saved_group, group in zip(scratch.param_groups, trainer.optimizer.param_groups):
+        odd = [k for k in _ADAM_SETTINGS if k in group and saved_group.get(k) != group[k]]
+        if odd:
+            raise invalid(f"optimizer {odd[0]} is {saved_group.get(odd[0])!r}, but this run's is {group[odd[0]]!r}")
 
     if hasattr(trainer, "items") and "order" in state:  # FixTrainer: the items left of the current pass
         order, n = state["order"], len(trainer.items)
@@ -576,6 +596,7 @@ class _LoRATrainer:
         self._scale_used: float | None = None  # the loss scale of the last backward (the record's loss_scale)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self._weights_digest: dict[str, str] | None = None  # `weights_digest`, computed on the first save
         self.history: list[StepRecord] = []
         # metadata of the saved LoRA this run continues ({}: a new LoRA); kept in the state, so a resumed run's
         # LoRA still counts the earlier run's steps (`lora.continued_metadata`)
@@ -607,10 +628,30 @@ class _LoRATrainer:
         """The draws of a snapshot, or of a saved state (`state_dict`)."""
         self.generator.set_state(state["rng"])
 
+    def _frozen_modules(self) -> dict[str, nn.Module]:
+        """What the run trains against, by what a resume names: the model (FixTrainer: and the reward)."""
+        return {"model": self.model if isinstance(self.model, nn.Module) else self.model.net}
+
+    def weights_digest(self) -> dict[str, str]:
+        """sha256 of each frozen module's weights (`_frozen_modules`; the LoRA's excluded), computed once: a resume
+        with another model or reward of the same name and settings is refused (`_check_training_state`)."""
+        if self._weights_digest is None:
+            own = {id(p) for p in self.lora.parameters()}
+            self._weights_digest = {}
+            for what, module in self._frozen_modules().items():
+                h = hashlib.sha256()
+                for name, t in (*module.named_parameters(), *module.named_buffers()):
+                    if id(t) not in own:
+                        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                self._weights_digest[what] = h.hexdigest()
+        return self._weights_digest
+
     def state_dict(self) -> dict:
         return {
             "method": self.method,
             "config": self.cfg.to_json(),
+            "weights": self.weights_digest(),
             "step": self.step,
             "lora": self.lora.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -1098,6 +1139,9 @@ class FixTrainer(_LoRATrainer):
 
     def _draw_state(self) -> dict:
         return {**super()._draw_state(), "order": list(self._order)}
+
+    def _frozen_modules(self) -> dict[str, nn.Module]:
+        return {**super()._frozen_modules(), **({"reward": self.reward} if isinstance(self.reward, nn.Module) else {})}
 
     def _memory_advice(self) -> str:
         c = self.cfg

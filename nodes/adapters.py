@@ -901,7 +901,6 @@ class LoraData:
 
 # -- rewards ------------------------------------------------------------------------------------------------
 REWARD_FOLDER = "focusfix_rewards"
-BUILTIN_PREFIX = "builtin:"
 
 
 def register_reward_folder() -> None:
@@ -918,7 +917,7 @@ def register_reward_folder() -> None:
 
 def reward_choices() -> list[str]:
     """Combo entries: builtin:<name> for every weight-free reward, then the files in models/focusfix_rewards."""
-    from ..focusfix_core.rewards import BUILTIN_REWARDS
+    from ..focusfix_core.rewards.loading import BUILTIN_PREFIX, BUILTIN_REWARDS
     names = [BUILTIN_PREFIX + n for n in BUILTIN_REWARDS]
     try:
         import folder_paths
@@ -934,7 +933,7 @@ def load_reward_by_name(name: str, clip_vision=None, precision: str = "fp32"):
     precision ("fp32", "bf16") is the CLIP tower's (`load_reward`'s tower_dtype). `clip_vision` (a CLIP_VISION)
     is copied only when the file is an aesthetic head stored alone; otherwise a note says it is ignored."""
     from ..focusfix_core.rewards import BUILTIN_REWARDS, load_reward
-    from ..focusfix_core.rewards.loading import TOWER_DTYPES
+    from ..focusfix_core.rewards.loading import BUILTIN_PREFIX, TOWER_DTYPES
     from .common import log
     if precision not in TOWER_DTYPES:
         raise ValueError(f"precision must be one of {list(TOWER_DTYPES)}, got {precision!r}")

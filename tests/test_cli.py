@@ -350,6 +350,11 @@ def test_bad_data_met_mid_run_keeps_the_steps_done(model_file, tmp_path, monkeyp
     (lambda s: {**s, "order": torch.tensor([99])}, "order must be distinct item indices in 0..1"),
     (lambda s: {**s, "continued": "[1,2]"}, "continued must be the continued LoRA's metadata"),
     (lambda s: [1, 2, 3], "expected a dict whose 'config' holds the run's settings"),  # was an AttributeError
+    # read before the trainer checks the state: "'int' object is not iterable", "'>' not supported" (review G6)
+    (lambda s: {**s, "config": json.dumps({**json.loads(s["config"]), "targets": 5})},
+     "its LoRA settings rank 4, targets 5, alpha None are not an int >= 1"),
+    (lambda s: {**s, "config": json.dumps({**json.loads(s["config"]), "alpha": "x"})},
+     "its LoRA settings rank 4, targets 'attn', alpha 'x' are not"),
 ])
 def test_resume_refuses_an_invalid_state_before_training(model_file, tmp_path, capsys, change, match):
     """step -5 was accepted (the run reported done), an order index out of range failed mid-run (IndexError), a
@@ -390,3 +395,18 @@ def test_lam_and_reward_target_reach_the_run(model_file, tmp_path):
     _, meta = load_tensor_file_with_metadata(out / "lora.safetensors")
     config = json.loads(meta["focusfix_config"])
     assert meta["focusfix_method"] == "draft" and config["lam"] == 0 and config["reward_target"] == -0.05
+
+
+
+def test_resume_refuses_another_model_of_the_same_name_and_settings(model_file, tmp_path, capsys):
+    """A resume compared the settings and the reward's name, not the weights: another tiny-model file of the same
+    layout (--model swapped, or the file replaced) trained one LoRA against two models (review G4)."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    before = (out / "lora.safetensors").read_bytes()
+    TinyModel.random(seed=5, config=TinyModel.load(model_file).cfg).save(model_file)  # same name, other weights
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "saved by a run with another model (the same name and settings, other weights)" in err, err
+    assert (out / "lora.safetensors").read_bytes() == before

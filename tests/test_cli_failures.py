@@ -173,3 +173,46 @@ def test_an_out_that_is_a_dangling_link_is_refused_before_training(tmp_path, cap
                    "3", "--seeds", "0", "--out", str(out)])
     assert rc == 2
     assert "which does not exist: create that folder, or give another --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, prompt, message", [
+    # <unk> for every unknown word: trained silently on what the model cannot read (review I2)
+    ("train-fnf", "a photo of a cat", "--prompt 'a photo of a cat': the tiny model does not know ['photo', 'of', "
+                                      "'cat']; it knows only the words"),
+    # the help's own example failed with "word 'cat' not found ... (a word must be written as in the prompt)"
+    ("train-sne", "a cat and a dog | cat, dog", "--prompt 'a cat and a dog': the tiny model does not know ['cat', "
+                                                "'dog']"),
+    ("train-fnf", " ".join(["a red circle and"] * 5), "has 20 words; the tiny model reads at most"),
+])
+def test_a_prompt_the_tiny_model_cannot_read_is_refused(tmp_path, capsys, command, prompt, message):
+    reward = ["--reward", "artifact"] if command == "train-fnf" else []
+    rc = cli.main([command, "--prompt", prompt, "--out", str(tmp_path / "o"), "--iterations", "1", *reward])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert "'circle'" in err or "reads at most" in err  # the vocabulary is listed
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    # config field names where the user typed flags (review I5)
+    (["--batch-size", "0"], "error: --batch-size must be"),
+    (["--lv-copies", "1", "--K", "2"], "error: --lv-copies "),
+    (["--resume"], "--resume: {out}/state.pt does not exist, so there is no run to resume"),
+    (["--continue-from", "{out}/none.safetensors"], "--continue-from {out}/none.safetensors: no such file"),
+])
+def test_errors_name_the_flags_the_user_typed(tmp_path, capsys, args, message):
+    out = tmp_path / "o"
+    args = [a.format(out=out) for a in args]
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps",
+                   "3", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message.format(out=out) in err, err
+
+
+def test_the_load_reward_nodes_builtin_names_work_on_the_command_line():
+    """`--reward builtin:sharpness` (the Load Reward node's name for it) was "neither a known reward" (review I6)."""
+    from focusfix_core.rewards.loading import BUILTIN_REWARDS
+    for name in BUILTIN_REWARDS:
+        assert type(cli.load_reward_spec(f"builtin:{name}")) is type(cli.load_reward_spec(name))
+    with pytest.raises(ValueError, match="neither a known reward"):
+        cli.load_reward_spec("builtin:artifacts")

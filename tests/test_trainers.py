@@ -1207,6 +1207,17 @@ def _bad_opt_moment(s):
     return {**s, "optimizer": opt}
 
 
+def _opt_group(s, **settings):
+    opt = {**s["optimizer"], "param_groups": [{**g, **settings} for g in s["optimizer"]["param_groups"]]}
+    return {**s, "optimizer": opt}
+
+
+def _nan_opt_count(s):
+    opt = {**s["optimizer"], "state": {**s["optimizer"]["state"]}}
+    opt["state"][0] = {**opt["state"][0], "step": torch.tensor(math.nan)}
+    return {**s, "optimizer": opt}
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda s: [1, 2, 3], "expected a dict .*got list"),
     (lambda s: {k: v for k, v in s.items() if k != "step"}, "it lacks \\['step'\\]"),
@@ -1225,6 +1236,12 @@ def _bad_opt_moment(s):
     (lambda s: {**s, "rng": s["rng"].float()}, "rng must be a generator state .*got torch.float32"),
     (lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": []}}, "optimizer does not fit this run's LoRA"),
     (_bad_opt_moment, "optimizer 'exp_avg' has shape \\(7,\\)"),
+    # an edited or damaged file: a NaN lr or count wrote a NaN LoRA blaming the reward; betas (5.0,) failed inside
+    # the first step with "not enough values to unpack" (review G6)
+    (lambda s: _opt_group(s, lr=math.nan), "optimizer lr is nan, but this run's is 0.02"),
+    (lambda s: _opt_group(s, betas=(5.0,)), "optimizer betas is \\(5.0,\\), but this run's is \\(0.9, 0.999\\)"),
+    (lambda s: _opt_group(s, lr="fast"), "optimizer lr is 'fast'"),
+    (_nan_opt_count, "optimizer 'step' is nan, expected a finite count >= 0"),
     (lambda s: {**s, "order": torch.tensor([99])}, "order must be distinct item indices in 0..2 .*got \\[99\\]"),
     (lambda s: {**s, "order": torch.tensor([1, 1])}, "order must be distinct item indices"),
     (lambda s: {**s, "history": [json.dumps({"foo": 1})]}, "history must list the steps' records"),
@@ -1365,3 +1382,32 @@ def test_a_continued_run_draws_past_the_first_runs_batches(small_model, square_r
     x1, _ = se._noisy(2)
     se.lora.remove()
     assert not torch.equal(x0, x1)
+
+
+def test_a_resume_against_another_reward_of_the_same_name_is_refused(small_model):
+    """The state named the reward (its describe()), not its weights: a reward file of the same name with other
+    weights (a negated head) resumed silently, the reward per step jumping (review G4)."""
+    from conftest import SquareRedReward
+
+    class Head(SquareRedReward):
+        def __init__(self, w: float):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(w), requires_grad=False)
+
+        def score(self, I):
+            return self.w * super().score(I)
+
+    cfg = fix_cfg(iterations=2)
+    first = FixTrainer(small_model, Head(1.0), cfg)
+    next(iter(first))
+    state = first.state_dict()
+    first.lora.remove()
+    assert set(state["weights"]) == {"model", "reward"}
+    other = FixTrainer(small_model, Head(-1.0), cfg)
+    with pytest.raises(ValueError, match="saved by a run with another reward .the same name and settings"):
+        other.load_state_dict(state)
+    other.lora.remove()
+    same = FixTrainer(small_model, Head(1.0), cfg)
+    same.load_state_dict(state)
+    assert same.step == 1
+    same.lora.remove()

@@ -32,7 +32,7 @@ from .clip_vision import CLIPVisionConfig, CLIPVisionTower, detect_clip_layout
 from .image import BrightnessReward, ColorTargetReward, SharpnessReward
 from .safety import SafetyReward, is_safety_checker
 
-__all__ = ["BUILTIN_REWARDS", "METADATA_KEY", "REWARD_FAMILIES", "TOWER_DTYPES", "build_reward", "convert_reward",
+__all__ = ["BUILTIN_PREFIX", "BUILTIN_REWARDS", "METADATA_KEY", "REWARD_FAMILIES", "TOWER_DTYPES", "build_reward", "convert_reward",
            "detect_reward_family", "load_reward"]
 
 METADATA_KEY = "focusfix_reward"
@@ -68,6 +68,7 @@ def _named(reward: Reward, name: str) -> Reward:
     return reward
 
 
+BUILTIN_PREFIX = "builtin:"  # how the Load Reward node lists them (builtin:sharpness); the CLI takes it too
 BUILTIN_REWARDS: dict[str, Callable[[], Reward]] = {
     "sharpness": SharpnessReward,
     "brightness": BrightnessReward,
@@ -179,14 +180,16 @@ def _given_tower(clip_vision_tower: TowerSource, dtype: torch.dtype, tower_name:
 
 
 def _aesthetic_tower(sd: Mapping[str, torch.Tensor], given: TowerSource | None, tower_kw: dict,
-                     tower_name: str) -> tuple[CLIPVisionTower, str]:
+                     tower_name: str | None) -> tuple[CLIPVisionTower, str]:
     """The head's tower and its name for messages: the file's own (it wins over a given one), else the given one."""
     rest = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     if rest:
         return CLIPVisionTower.from_state_dict(rest, **tower_kw), "the tower in this file"
     if given is None:
-        raise ValueError(f"the aesthetic head needs a CLIP ViT-L/14 image tower and this file holds none: connect "
-                         f"{L14_TOWER} to {tower_name}, or use a file holding the head and its tower")
+        how = (f"connect {L14_TOWER} to {tower_name}, or use" if tower_name is not None else  # no input for one
+               "use")
+        raise ValueError(f"the aesthetic head needs a CLIP ViT-L/14 image tower and this file holds none: {how} a "
+                         f"file holding the head and its tower")
     return _given_tower(given, tower_kw["dtype"], tower_name), tower_name
 
 
@@ -213,7 +216,7 @@ def _check_weights(sd: Mapping[str, torch.Tensor]) -> None:
 
 def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                  clip_vision_tower: TowerSource | None = None, *, tower_dtype: torch.dtype = torch.float32,
-                 tower_name: str = "clip_vision_tower") -> Reward:
+                 tower_name: str | None = "clip_vision_tower") -> Reward:
     """Build the Reward a state dict describes (see the module docstring for the formats).
 
     Args:
@@ -225,7 +228,8 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
         tower_dtype: the CLIP tower's weights, float32 or bfloat16 (`TOWER_DTYPES`). The tower holds nearly
             all of a CLIP reward's weights (ViT-L/14: 1.14 GiB in fp32); bf16 halves that, while the small
             heads, concept embeddings and thresholds stay fp32. Tiny-world rewards ignore it.
-        tower_name: what error messages call `clip_vision_tower` (a node names its input).
+        tower_name: what error messages call `clip_vision_tower` (a node names its input); None where the caller
+            has no way to give a tower (the command line).
 
     Raises:
         ValueError: unknown layout, wrong shapes, an aesthetic head with no tower or with a tower other than
@@ -253,7 +257,7 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
 
 
 def load_reward(path: str | os.PathLike, clip_vision_tower: TowerSource | None = None, *,
-                tower_dtype: torch.dtype = torch.float32, tower_name: str = "clip_vision_tower") -> Reward:
+                tower_dtype: torch.dtype = torch.float32, tower_name: str | None = "clip_vision_tower") -> Reward:
     """Load a reward file: `.safetensors`, or `.pt/.pth/.bin/.ckpt` via `torch.load(weights_only=True)`.
 
     Returns:

@@ -100,6 +100,19 @@ class Tokenizer:
         toks = ["<start>", *words[: self.max_tokens - 2], "<end>"]
         return toks + ["<pad>"] * (self.max_tokens - len(toks))
 
+    def check(self, prompt: str, what: str = "prompt") -> None:
+        """ValueError naming the words of `prompt` this tokenizer reads as <unk>, or those cut off past T - 2:
+        the model would draw something else than asked, silently."""
+        words = re.findall(r"[a-z]+", prompt.lower())
+        unknown = list(dict.fromkeys(w for w in words if w not in self.ids))
+        if unknown:
+            known = [w for w in self.vocab if not w.startswith("<")]
+            raise ValueError(f"{what} {prompt!r}: the tiny model does not know {unknown}; it knows only the words "
+                             f"{known} (e.g. 'a red circle and a blue square')")
+        if len(words) > self.max_tokens - 2:
+            raise ValueError(f"{what} {prompt!r} has {len(words)} words; the tiny model reads at most "
+                             f"{self.max_tokens - 2}")
+
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> ids: [B,T] long."""
         return torch.tensor([[self.ids[t] for t in self.tokens(p)] for p in prompts], dtype=torch.long)
