@@ -19,9 +19,10 @@ import sys
 import threading
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -136,6 +137,47 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True
         raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite"
                               f"{resume_hint}")
     return out
+
+
+LOCK_NAME = ".focusfix.lock"
+
+
+@contextmanager
+def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> Iterator[Path]:
+    """Hold OUT/.focusfix.lock while a run writes into `out`: a second run into the same folder is refused at once,
+    not left to write over the first one's outputs. An OS lock (flock; msvcrt.locking on Windows), so a
+    killed run holds nothing. Once held, `prepare_out`'s check runs again: a run that started while the folder
+    was still empty must not replace what a run finished meanwhile."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FileExistsError(f"another FocusFix run is writing into --out {out}: wait for it to end, or choose "
+                                  f"another --out") from None
+        try:
+            prepare_out(out, overwrite, resume, resumable)
+            yield out
+        finally:
+            if os.name != "nt":  # Windows deletes no open file: below, once closed
+                path.unlink(missing_ok=True)  # held: no other run is between its open and its lock on this file
+    finally:
+        os.close(fd)
+        try:
+            if os.name == "nt":
+                path.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):  # a run refused before it wrote anything leaves no empty folder
+                out.rmdir()
+        except OSError:  # another run holds the lock now, or wrote meanwhile: its files stay
+            pass
 
 
 class RunFailed(Exception):
@@ -590,8 +632,9 @@ def cmd_train_fnf(a) -> dict:
                     steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg,
                     mask_source=mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
                     dilation=a.dilation, height=size, width=size)
-    return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
-                   model_note=note, continue_from=saved)
+    with claim_out(out, a.overwrite, a.resume):
+        return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
+                       model_note=note, continue_from=saved)
 
 
 def cmd_train_sne(a) -> dict:
@@ -605,8 +648,9 @@ def cmd_train_sne(a) -> dict:
                                 batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
                                 lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
                                 resolution=a.resolution, height=size, width=size)
-    return run_separate_enhance(model, cfg, out, state=state, checkpoint_every=a.checkpoint_every,
-                                model_note=note, continue_from=saved)
+    with claim_out(out, a.overwrite, a.resume):
+        return run_separate_enhance(model, cfg, out, state=state, checkpoint_every=a.checkpoint_every,
+                                    model_note=note, continue_from=saved)
 
 
 def cmd_demo(a) -> dict:

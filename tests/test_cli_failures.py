@@ -216,3 +216,24 @@ def test_the_load_reward_nodes_builtin_names_work_on_the_command_line():
         assert type(cli.load_reward_spec(f"builtin:{name}")) is type(cli.load_reward_spec(name))
     with pytest.raises(ValueError, match="neither a known reward"):
         cli.load_reward_spec("builtin:artifacts")
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_path, capsys):
+    """Two runs into one --out passed the empty-folder check together and wrote over each other: the first run's
+    LoRA was silently gone (review G3). A run now holds OUT/.focusfix.lock (an OS lock) while it writes, and checks
+    the folder again once it holds it."""
+    out = tmp_path / "o"
+    args = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps", "3",
+            "--seeds", "0", "--out", str(out)]
+    with cli.claim_out(out, overwrite=False, resume=False):  # the first run, writing
+        assert (out / cli.LOCK_NAME).exists()
+        assert cli.main(args) == 2
+        assert f"another FocusFix run is writing into --out {out}" in capsys.readouterr().err
+        assert list(out.iterdir()) == [out / cli.LOCK_NAME]  # nothing of the second run's
+    assert not out.exists()  # the lock is gone, and so is the folder the first run made but never wrote to
+    assert cli.main(args) == 0 and not (out / cli.LOCK_NAME).exists()
+    # a run that passed the check before the first one wrote is refused once it holds the lock
+    with pytest.raises(FileExistsError, match="already holds"):
+        with cli.claim_out(out, overwrite=False, resume=False):
+            pass
+    assert (out / "lora.safetensors").is_file() and not (out / cli.LOCK_NAME).exists()
