@@ -3,15 +3,20 @@
 # must end inside its 10 minutes, and a fresh machine costs a minute or two to start, so few full calls are
 # best). Each train_speed run rewrites its JSON in $OUT (./out when OUT is unset) after every case, and runs
 # under `timeout`: its own limit, or what is left of the call's PLAN_SECONDS (default 570 of the tool's 600), so
-# a run cut off keeps the cases it finished and the call still ends in time to return its files (at most 8).
+# a run cut off keeps the cases it finished and the call still ends in time to return its files. Each run's output
+# (its progress and any traceback) is also kept in $OUT/NAME.log (cut to its first 1 and last 6 MiB past 8 MiB):
+# two files a run, and the tool returns at most 8 files a call, so a call holds at most 4 runs.
 #
 #   here, once:  COMFYUI_DIR=/path/ComfyUI bash benchmarks/gpu_plan.sh pack   # .comfy/ + .whl/ (.gitignore: never committed)
 #   on the GPU:  run(carry=[".comfy", ".whl"], command="bash benchmarks/gpu_plan.sh smoke sd15", timeout_s=600)
 #
 # Steps (rough times on an H100, from the CPU runs and the cost model; measure them), [each run's limit in s]:
 #   smoke          every CUDA-only path at tiny size first (cases, --breakdown with ComfyUI's KSampler, --profile,
-#                  reduce-overhead with --profile); stops the call at once if comfy.samplers or kornia
-#                  cannot be imported (wheels not carried)                             ~2 min [240 + 240]
+#                  reduce-overhead with --profile), then reduce-overhead under ComfyUI's own allocator
+#                  (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, which its main.py sets on most GPUs; the
+#                  core's check that skips CUDA graphs there turned off, so it shows whether they fail and
+#                  whether the fallback holds); stops the call at once if comfy.samplers or kornia cannot be
+#                  imported (wheels not carried)                               ~2-3 min [210 + 180 + 90]
 #   sd15           SD1.5 baseline, all cases, with the breakdown and a profiled iteration  ~4 min [420]
 #   sd15-compile   FixConfig.compile = reduce-overhead (CUDA graphs) on the Focus-N-Fix cases; compiles
 #                  twice (batch 1, then batch 4)                                      ~5-7 min [540]
@@ -71,22 +76,33 @@ nvidia-smi -L || true
 
 budget=${PLAN_SECONDS:-570}  # the call's runs share it; the rest of the tool's 600 s returns $OUT
 failed=()
-limited() {  # NAME SECONDS STDOUT CMD...: CMD under `timeout`, its own SECONDS or what is left of the budget
-    local name=$1 limit=$2 to=$3 rc=0; shift 3
-    local left=$((budget - SECONDS))
+log_bytes=$((8 << 20))  # a run's log past this keeps its first 1 and last 6 MiB (the tool returns 16 MiB a file)
+limited() {  # NAME SECONDS STDOUT CMD...: CMD under `timeout`, its own SECONDS or what is left of the budget; its
+    local name=$1 limit=$2 to=$3 rc=0 log="$out/$1.log"; shift 3  # stderr (and stdout, unless STDOUT names a
+    local left=$((budget - SECONDS))                                # file) shown and kept in $out/NAME.log
     if [ "$left" -lt 5 ]; then
         echo "[gpu_plan] $name not started: ${left}s left of PLAN_SECONDS=$budget" >&2; failed+=("$name"); return
     fi
     [ "$limit" -le "$left" ] || limit=$left
-    if [ -n "$to" ]; then timeout -k 10 "$limit" "$@" > "$to" || rc=$?; else timeout -k 10 "$limit" "$@" || rc=$?; fi
+    if [ -n "$to" ]; then
+        timeout -k 10 "$limit" "$@" 2>&1 > "$to" | tee "$log" >&2 || rc=$?  # pipefail: timeout's status
+    else
+        timeout -k 10 "$limit" "$@" 2>&1 | tee "$log" >&2 || rc=$?
+    fi
+    if [ "$(wc -c < "$log")" -gt "$log_bytes" ]; then
+        { head -c $((1 << 20)) "$log"; printf '\n[gpu_plan] ... log cut here ...\n'; tail -c $((6 << 20)) "$log"; } \
+            > "$log.cut" && mv "$log.cut" "$log"
+    fi
+    rm -f "$out/$name.json.tmp"  # a JSON rewrite cut off mid-way: not a file to spend the tool's 8 on
     [ "$rc" != 124 ] && [ "$rc" != 137 ] || echo "[gpu_plan] $name stopped at its ${limit}s limit" >&2
-    echo "[gpu_plan] wrote $out/$name.json (rc $rc; $SECONDS s since the start)"
+    echo "[gpu_plan] wrote $out/$name.json and $name.log (rc $rc; $SECONDS s since the start)"
     [ "$rc" = 0 ] || failed+=("$name")
 }
+run_env=()  # NAME=VALUE variables for the next bench runs (smoke's cudaMallocAsync run)
 bench() {  # NAME SECONDS ARGS...: train_speed through ComfyUI on the GPU, bf16 (a later --dtype wins), its JSON
     local name=$1 limit=$2; shift 2  # rewritten after every case; a failure is noted, the plan goes on
-    limited "$name" "$limit" "" python3 benchmarks/train_speed.py --backend comfy --device cuda --dtype bf16 \
-        --out "$out/$name.json" "$@"
+    limited "$name" "$limit" "" env ${run_env[@]+"${run_env[@]}"} python3 benchmarks/train_speed.py --backend comfy \
+        --device cuda --dtype bf16 --out "$out/$name.json" "$@"
 }
 ts() { local name=$1 limit=$2; shift 2; bench "$name" "$limit" --size full "$@"; }  # at the issue's settings
 imports() {  # what every Focus-N-Fix/DRaFT case imports, before any run: a missing wheel stops the call here
@@ -100,9 +116,14 @@ imports() {  # what every Focus-N-Fix/DRaFT case imports, before any run: a miss
 for step in "$@"; do
     case "$step" in
         smoke)         imports
-                       bench smoke 240 --size tiny --models sd15,sdxl --iters 1 --warmup 0 --breakdown --profile
-                       bench smoke_compile 240 --size tiny --models sd15 --cases fnf_b1 --compile reduce-overhead \
-                           --iters 1 --warmup 1 --profile ;;
+                       bench smoke 210 --size tiny --models sd15,sdxl --iters 1 --warmup 0 --breakdown --profile
+                       bench smoke_compile 180 --size tiny --models sd15 --cases fnf_b1 --compile reduce-overhead \
+                           --iters 1 --warmup 1 --profile
+                       # as ComfyUI runs it: main.py's cuda_malloc sets this allocator for +cu torch on most GPUs
+                       run_env=(PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync)
+                       bench smoke_async 90 --size tiny --models sd15 --cases fnf_b1 --compile reduce-overhead \
+                           --allocator-check off --iters 1 --warmup 1
+                       run_env=() ;;
         sd15)          ts sd15_base 420 --models sd15 --iters 5 --warmup 2 --breakdown --profile ;;
         sd15-compile)  ts sd15_compile 540 --models sd15 --cases draft_b1,fnf_b1,fnf_b4 --compile reduce-overhead \
                            --iters 5 --warmup 2 --breakdown --profile ;;

@@ -39,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -145,18 +146,68 @@ def _rss() -> int:
 
 @contextmanager
 def _memory(device: torch.device):
-    """Yields a dict that gets `peak_memory_bytes` (CUDA: max allocated; CPU: RSS growth) on exit."""
+    """Yields a dict that gets `peak_memory_bytes` (CUDA: max allocated; CPU: RSS growth) on exit, and on CUDA
+    `peak_memory_reserved_bytes` (max reserved: what the caching allocator held, what a smaller card must fit)."""
     out: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         yield out
         out.update(peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)),
-                   peak_memory_kind="torch.cuda.max_memory_allocated (weights included)")
+                   peak_memory_kind="torch.cuda.max_memory_allocated (weights included)",
+                   peak_memory_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
     else:
         with _RSSPeak() as rss:
             yield out
         out.update(peak_memory_bytes=max(int(rss.delta), 1),
                    peak_memory_kind="RSS growth during the case (weights excluded)")
+
+
+def cuda_allocator_backend() -> str | None:
+    """torch's CUDA allocator backend: "native", or "cudaMallocAsync" (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync,
+    which ComfyUI's main.py sets for CUDA builds of torch on most NVIDIA GPUs: this harness does not import it, so a
+    run measures torch's native allocator unless the variable is set). None on a torch built without CUDA."""
+    get = getattr(getattr(torch.cuda, "memory", None), "get_allocator_backend", None)
+    try:
+        return None if get is None else get()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+CUDAGRAPH_LOG = "torch._inductor.cudagraph_utils.__cudagraphs"  # inductor's "cudagraphs" log: why it skipped them
+
+
+class _Messages(logging.Handler):
+    """The first few distinct messages of a logger, on one line each."""
+
+    def __init__(self, keep: int = 8):
+        super().__init__(logging.WARNING)
+        self.keep, self.messages = keep, []
+
+    def emit(self, record):
+        msg = " ".join(record.getMessage().split())[:300]
+        if msg not in self.messages and len(self.messages) < self.keep:
+            self.messages.append(msg)
+
+
+@contextmanager
+def _cudagraph_skips(enabled: bool):
+    """Yields a dict that gets, with `enabled`, `cudagraph_skips`: the change of Inductor's
+    `counters["inductor"]["cudagraph_skips"]` over the block (graphs compiled without the CUDA graphs their mode
+    asked for; on a CPU every reduce-overhead graph), and `cudagraph_skip_reasons`, what Inductor logged."""
+    out: dict = {}
+    if not enabled:
+        yield out
+        return
+    from torch._dynamo.utils import counters
+    handler, logger = _Messages(), logging.getLogger(CUDAGRAPH_LOG)
+    before = counters["inductor"]["cudagraph_skips"]
+    logger.addHandler(handler)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+        out.update(cudagraph_skips=counters["inductor"]["cudagraph_skips"] - before,
+                   cudagraph_skip_reasons=handler.messages)
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float, str]:
@@ -366,6 +417,11 @@ def levers(core: str, model, args):
             # train_step passes checkpoint= itself: a partial's keyword would lose to it
             trainers.sample = lambda *a, **k: orig(*a, **{**k, "checkpoint": False})
             stack.callback(setattr, trainers, "sample", orig)
+        if args.allocator_check == "off":  # CUDA graphs tried under cudaMallocAsync too: does the fallback hold?
+            sampler = importlib.import_module(f"{core}.sampler")
+            if hasattr(sampler, "cuda_graphs_blocked"):
+                stack.callback(setattr, sampler, "cuda_graphs_blocked", sampler.cuda_graphs_blocked)
+                sampler.cuda_graphs_blocked = lambda mode, device: None
         if args.checkpoint_decode:  # the whole decode checkpointed as one, instead of the decoder's blocks
             decode = model.decode
 
@@ -440,12 +496,21 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
         runs["sample_no_grad_lora_merged_compiled"] = merged_compiled
     if hasattr(trainer.model, "patcher"):  # comfy backend: the same sampling by ComfyUI's own KSampler
         runs["ksampler_comfy_lora_off"] = ksampler_reference(trainer)
+    # the graph-free sampling as a training step runs it (`_as_in_a_step`: net frozen, its blocks' checkpoint
+    # wrappers in place and idle without grad): a compiled sampler's guards then hold and it reuses the step's
+    # graph (outside, they failed and it compiled a second one). The tail and ComfyUI's KSampler stay outside.
+    in_a_step = getattr(trainer, "_as_in_a_step", nullcontext)
+    sampling = [k for k in runs if k.startswith("sample_")]
     out = {k: math.inf for k in runs}
     with autocast:
         for _ in range(reps):
+            with in_a_step():
+                for k in sampling:
+                    out[k] = min(out[k], _time(runs[k], device))
             for k, fn in runs.items():
-                out[k] = min(out[k], _time(fn, device))
-    return out
+                if k not in sampling:
+                    out[k] = min(out[k], _time(fn, device))
+    return {k: out[k] for k in runs}
 
 
 def ksampler_reference(trainer):
@@ -521,11 +586,20 @@ def _error(e: BaseException, limit: int = 500) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
 
 
-def _diagnostic(fn) -> dict:
-    """fn() for a diagnostic (profile, breakdown): a failure gives {"error"} and never costs the case its figures."""
+def _print_failure(what: str) -> None:
+    """The exception being handled, with its traceback, on stderr (the run's log): the JSON keeps one line."""
+    print(f"[train_speed] {what} FAILED:", file=sys.stderr, flush=True)
+    traceback.print_exc(file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _diagnostic(fn, what: str = "diagnostic") -> dict:
+    """fn() for a diagnostic (profile, breakdown): a failure gives {"error"} and never costs the case its figures;
+    its traceback goes to stderr."""
     try:
         return fn()
     except Exception as e:
+        _print_failure(what)
         return {"error": _error(e, 300)}
 
 
@@ -563,6 +637,7 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
     times, cpu_times, first, profiled, parts, bmem, timed0, timed1 = [], [], None, None, None, {}, None, None
     with ExitStack() as stack:
         stack.enter_context(levers(core, model, args))
+        skips = stack.enter_context(_cudagraph_skips(args.compile != "off"))
         with _memory(device) as mem:
             trainer = make_trainer(core, kind, overrides, batch, model, reward, geometry, args, iterations)
             stack.callback(trainer.lora.remove)
@@ -600,13 +675,15 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
             flops = counter.get_total_flops()
             if args.profile:
                 with autocast:
-                    profiled = _diagnostic(lambda: profile_iteration(lambda: next(it), device, median=med))
+                    profiled = _diagnostic(lambda: profile_iteration(lambda: next(it), device, median=med),
+                                           f"{name} profile")
             last = trainer.history[-1]
             history = [{k: v for k, v in r.as_dict().items() if v is not None and k not in ("total", "seconds")}
                        for r in trainer.history]
         if args.breakdown and kind == "fix":  # after the training peak is read: its own peak (no block checkpoints)
             with _memory(device) as bmem:
-                parts = _diagnostic(lambda: breakdown(trainer, core, device, autocast, reps=args.breakdown_reps))
+                parts = _diagnostic(lambda: breakdown(trainer, core, device, autocast, reps=args.breakdown_reps),
+                                    f"{name} breakdown")
         compiled = _compiled_counts(trainer)
     out = {"case": name, "method": trainer.method, "batch": batch, "iterations_timed": len(times),
            "seconds_per_iteration": {"median": med, "min": min(times), "all": times},
@@ -621,15 +698,22 @@ def run_case(name: str, model, reward, core: str, geometry, args, device: torch.
         (c0, e0), (c1, e1) = timed0, timed1
         out["compiled_sampler_calls"] = {"timed": {"compiled": c1 - c0, "eager": e1 - e0},
                                          "whole_case": {"compiled": compiled[0], "eager": compiled[1]},
-                                         "failure": trainer.sampling_denoiser.inner.failure}
+                                         "failure": trainer.sampling_denoiser.inner.failure,
+                                         # compiled in this case without CUDA graphs (a graph an earlier case
+                                         # compiled, reused here, is counted there)
+                                         **skips}
     if kind == "se":
         out["preservation"] = trainer.preservation  # what auto resolved to (none without the term)
     if parts is not None:
         out["breakdown_seconds"] = parts
         out["breakdown_peak_memory_bytes"] = bmem["peak_memory_bytes"]
+        if "peak_memory_reserved_bytes" in bmem:
+            out["breakdown_peak_memory_reserved_bytes"] = bmem["peak_memory_reserved_bytes"]
     if profiled is not None:
         out["profile"] = profiled
     out["peak_memory_gib"] = out["peak_memory_bytes"] / 2**30
+    if "peak_memory_reserved_bytes" in out:
+        out["peak_memory_reserved_gib"] = out["peak_memory_reserved_bytes"] / 2**30
     return out
 
 
@@ -640,7 +724,7 @@ def run_case_kept(name: str, *args) -> dict:
     try:
         return run_case(name, *args)
     except Exception as e:
-        print(f"[train_speed] {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _print_failure(name)  # the whole traceback in the log; the JSON keeps "Type: message"
         out = {"case": name, "error": _error(e)}
     # out of the except block: its traceback no longer holds the failed case's frames and tensors
     gc.collect()
@@ -700,6 +784,11 @@ def parse_args(argv=None):
                    help="FixConfig.compile: torch.compile the graph-free sampler steps (LoRA merged, no hooks; "
                         "reduce-overhead = CUDA graphs); the first iteration compiles. S&E steps all carry gradients: "
                         "unaffected")
+    g.add_argument("--allocator-check", choices=("on", "off"), default="on",
+                   help="off: the core tries CUDA graphs (--compile reduce-overhead / max-autotune) under the "
+                        "cudaMallocAsync allocator too, instead of sampling eagerly at once "
+                        "(sampler.cuda_graphs_blocked), so a run shows whether they fail there and whether the "
+                        "fallback at their first run holds")
     g.add_argument("--no-cache", action="store_true", help="rebuild I0 and M every iteration (the 'before' of caching)")
     g.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
                    help="S&E preservation term: keys (the core's auto for a to_k LoRA; no UNet pass) or outputs "
@@ -822,10 +911,14 @@ def main(argv=None) -> dict:
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
         "peak_tflops": peak, "peak_source": source, "comfy_attention": None,
+        # ComfyUI's main.py sets backend:cudaMallocAsync on most GPUs; this harness runs what the variable says
+        "cuda_allocator_backend": cuda_allocator_backend(),
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "reward_dtype": args.reward_dtype, "weight_dtype": args.weight_dtype, "comfy_args": args.comfy_args,
         "levers": {"no_checkpoint": args.no_checkpoint, "fused_adam": args.fused_adam, "autocast": args.autocast,
                    "no_cache": args.no_cache, "checkpoint_decode": args.checkpoint_decode,
                    "merge_nograd": args.merge_nograd, "se_early_exit": args.se_early_exit, "compile": args.compile,
+                   "allocator_check": args.allocator_check,
                    "preservation": args.preservation,
                    "inference_weights": args.inference_weights == "on" if args.backend == "comfy" else None},
         "iters": args.iters, "warmup": args.warmup, "out": args.out, "settings": {}, "cases": [],
@@ -836,11 +929,12 @@ def main(argv=None) -> dict:
         try:
             run_family(family, args, device, dtype, doc, lambda: save(doc, args.out))
         except Exception as e:  # the other family's figures are kept
-            print(f"[train_speed] {family} FAILED: {_error(e)}", file=sys.stderr, flush=True)
+            _print_failure(family)
             doc["failed_models"][family] = _error(e)
         try:  # out of the except block: its traceback no longer holds the family's models
             _unload_comfy()
         except Exception as e:
+            _print_failure(f"{family} unloading")
             doc["failed_models"].setdefault(family, f"unloading: {_error(e)}")
         save(doc, args.out)
     doc["finished"] = True

@@ -918,8 +918,10 @@ class MergedWhenNoGrad:
 
 def release_pinned_memory() -> None:
     """Give torch's cached page-locked host memory back (its allocator keeps freed pinned blocks for the life of
-    the process): call after a run on a GPU, once `MergedWhenNoGrad.release` dropped its copy. A no-op without
-    CUDA, or on a torch without `torch.accelerator.empty_host_cache`."""
-    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    the process): call after a run on a GPU, once `MergedWhenNoGrad.release` dropped its copy. Through
+    `torch.accelerator.empty_host_cache` where torch has it, else `torch._C._host_emptyCache` (torch 2.5 to 2.11,
+    the GPU machines' build among them); a no-op without CUDA, before CUDA is initialized, or with neither."""
+    empty = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+             or getattr(torch._C, "_host_emptyCache", None))
     if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         empty()

@@ -19,11 +19,13 @@ from .denoisers import Cond, Denoiser, repeat_cond
 from .schedules import scheduler_sigmas
 
 __all__ = ["sample", "seed_noise", "sampling_sigmas", "check_sigmas", "check_steps", "checkpointed_modules",
-           "CompiledWhenNoGrad", "compile_denoiser", "COMPILE_MODES", "SAMPLERS"]
+           "CompiledWhenNoGrad", "compile_denoiser", "cuda_allocator_backend", "cuda_graphs_blocked", "COMPILE_MODES",
+           "CUDA_GRAPH_MODES", "SAMPLERS"]
 
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that run CUDA graphs (torch.compile's own)
 # deterministic samplers, by KSampler's names: "ddim" and "euler" take the same step (as in ComfyUI)
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 
@@ -120,6 +122,37 @@ def compile_denoiser(denoiser: Denoiser, mode: str) -> Denoiser:
     return torch.compile(graph_free_call, mode=None if mode == "default" else mode, dynamic=False)
 
 
+def cuda_allocator_backend() -> str | None:
+    """torch's CUDA allocator backend, "native" or "cudaMallocAsync" (`PYTORCH_CUDA_ALLOC_CONF=backend:...`, read
+    without initializing CUDA); None on a torch built without CUDA."""
+    get = getattr(getattr(torch.cuda, "memory", None), "get_allocator_backend", None)
+    try:
+        return None if get is None else get()
+    except (AttributeError, RuntimeError):  # a CPU-only build lacks torch._C._cuda_getAllocatorBackend
+        return None
+
+
+def cuda_graphs_blocked(mode: str, device) -> str | None:
+    """Why a compile `mode` cannot run its CUDA graphs on `device`, or None where it can (or runs none).
+
+    ComfyUI's main.py (`cuda_malloc.py`) sets `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` for CUDA builds of
+    torch on most NVIDIA GPUs, and torch's cudaMallocAsync allocator lacks what CUDA-graph trees call on their
+    first run (`checkPoolLiveAllocations`, graph memory pools): "reduce-overhead" and "max-autotune" raise a
+    RuntimeError there (Comfy-Org/ComfyUI#6831)."""
+    if mode not in CUDA_GRAPH_MODES or torch.device(device).type != "cuda":
+        return None
+    if cuda_allocator_backend() != "cudaMallocAsync":
+        return None
+    return (f"cudaMallocAsync allocator: compile mode {mode!r} runs CUDA graphs, which torch's cudaMallocAsync "
+            f"allocator (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, ComfyUI's default on most NVIDIA GPUs) "
+            f"does not support; start ComfyUI with --disable-cuda-malloc for them, or use compile mode 'default'")
+
+
+def _reason(e: BaseException) -> str:
+    """A failure as `CompiledWhenNoGrad.failure` gives it: "Type: message", on one line, cut to 300 characters."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 class CompiledWhenNoGrad:
     """A denoiser whose graph-free calls run compiled and whose differentiated calls run eagerly.
 
@@ -134,7 +167,11 @@ class CompiledWhenNoGrad:
     size and batch) reuses the compiled graph.
 
     If compiling fails (no working Triton or C++ compiler on this machine), it logs a warning once and runs
-    eagerly from then on: the results are the same, only slower.
+    eagerly from then on: the results are the same, only slower. So does a compiled call that raises a
+    RuntimeError (CUDA graphs under an allocator that cannot hold them, at their first run): the same call then
+    runs eagerly, and an error of the model itself comes back from that eager call. A CUDA-graph mode on a CUDA
+    input under the cudaMallocAsync allocator (ComfyUI's default, `cuda_graphs_blocked`) is not tried at all.
+    `failure` then says why ("Type: message").
 
     `compiled_calls` / `eager_calls` count the graph-free calls that ran the traced graph and those that ran
     eagerly. Dynamo may run a compiled function's plain code with no error (a frame it skips for good, e.g.
@@ -158,16 +195,26 @@ class CompiledWhenNoGrad:
             return denoiser(x, sigma, cond), torch.compiler.is_compiling()
 
         self.failure: str | None = None  # why compiling failed, when it did
+        self._allocator_checked = False  # cuda_graphs_blocked, asked at the first graph-free call (its device)
         try:  # refused up front where torch.compile has no support (older torch on Windows, Python 3.15+)
             self.compiled: Callable | None = compiler(probed, mode)
         except RuntimeError as e:
-            self.compiled, self.failure = None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            log.warning("torch.compile is not available here (%s); sampling without it", self.failure)
+            self._give_up(_reason(e), "torch.compile is not available here")
         self.compiled_calls = self.eager_calls = 0  # graph-free calls that ran the traced graph / eagerly
+
+    def _give_up(self, failure: str, what: str) -> None:
+        """Sample eagerly from now on, saying why once."""
+        self.compiled, self.failure = None, failure
+        log.warning("%s (%s); sampling without it", what, failure)
 
     def __call__(self, x, sigma, cond):
         if torch.is_grad_enabled():
             return self.denoiser(x, sigma, cond)
+        if self.compiled is not None and not self._allocator_checked:
+            self._allocator_checked = True
+            blocked = cuda_graphs_blocked(self.mode, x.device)
+            if blocked is not None:
+                self._give_up(blocked, "torch.compile skipped")
         if self.compiled is None:
             self.eager_calls += 1
             return self.denoiser(x, sigma, cond)
@@ -175,10 +222,13 @@ class CompiledWhenNoGrad:
             out, traced = self.compiled(x, sigma, cond)
         except self._compile_error as e:  # the compiler or tracer failed; a model error recurs eagerly below
             cause = getattr(e, "inner_exception", None) or e  # the backend's own error, not dynamo's wrapper
-            self.compiled, self.failure = None, f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
-            log.warning("torch.compile failed (%s); sampling without it", self.failure)
+            self._give_up(_reason(cause), "torch.compile failed")
             self.eager_calls += 1
             return self.denoiser(x, sigma, cond)
+        except RuntimeError as e:  # the compiled code's run failed (CUDA graphs' first run under cudaMallocAsync)
+            self._give_up(_reason(e), f"torch.compile's {self.mode!r} code failed at its run")
+            self.eager_calls += 1
+            return self.denoiser(x, sigma, cond)  # a model error (out of memory, a shape) is raised again here
         if traced:
             self.compiled_calls += 1
         else:

@@ -28,16 +28,19 @@ def _scripts():
 
 
 def _stand_ins(tmp_path: Path, fail_if: str = "", sleep_if: str = "") -> tuple[Path, Path]:
-    """(bin folder, log): a python3 that logs its arguments, writes '{}' to its --out file, exits 1 when they
-    contain fail_if and sleeps when they contain sleep_if; an nvidia-smi."""
+    """(bin folder, log): a python3 that logs its arguments, writes '{}' to its --out file, says on stderr its
+    arguments and PYTORCH_CUDA_ALLOC_CONF (what the run's log must keep), exits 1 when they contain fail_if and
+    sleeps when they contain sleep_if; an nvidia-smi."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
     fail = f'case "$*" in *"{fail_if}"*) exit 1;; esac\n' if fail_if else ""
-    sleep = f'case "$*" in *"{sleep_if}"*) exec sleep 60;; esac\n' if sleep_if else ""
-    out = 'prev=; for a in "$@"; do [ "$prev" = --out ] && echo "{}" > "$a"; prev=$a; done\n'
+    # sleeping, it leaves a JSON rewrite half done (train_speed writes NAME.json.tmp, then renames it)
+    sleep = f'case "$*" in *"{sleep_if}"*) echo "{{" > "$o.tmp"; exec sleep 60;; esac\n' if sleep_if else ""
+    out = 'prev=; o=; for a in "$@"; do [ "$prev" = --out ] && echo "{}" > "$a" && o=$a; prev=$a; done\n'
     pip = 'case "$*" in *"pip download"*) mkdir -p .whl;; esac\n'
+    said = 'echo "stand-in python3 $* alloc=${PYTORCH_CUDA_ALLOC_CONF:-unset}" >&2\n'
     (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> "{log}"\necho >> "{log}"\n'
-                                     f'{out}{pip}{fail}{sleep}')
+                                     f'{out}{pip}{said}{fail}{sleep}')
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
@@ -83,8 +86,13 @@ def test_each_step_passes_arguments_the_scripts_accept_6(step, tmp_path):
     if step.endswith("-compile"):
         assert all("reduce-overhead" in argv for argv in runs)
     if step == "smoke":  # the first KSampler reference and the first profiled CUDA-graph replay, at tiny size
-        first, compiled = (train_speed.parse_args(argv[1:]) for argv in runs)
+        first, compiled, under_async = (train_speed.parse_args(argv[1:]) for argv in runs)
         assert first.breakdown and first.profile and compiled.profile and compiled.compile == "reduce-overhead"
+        # then CUDA graphs under ComfyUI's own allocator, with the core's check off: do they fail, does it fall back
+        assert under_async.compile == "reduce-overhead" and under_async.allocator_check == "off"
+        logs = {n: (tmp_path / "out" / f"{n}.log").read_text() for n in ("smoke", "smoke_compile", "smoke_async")}
+        assert "alloc=backend:cudaMallocAsync" in logs["smoke_async"]
+        assert "alloc=unset" in logs["smoke"] and "alloc=unset" in logs["smoke_compile"]
     if step == "sd15-memory":
         assert any(train_speed.parse_args(argv[1:]).no_checkpoint for argv in runs)
 
@@ -95,8 +103,9 @@ def test_several_steps_in_one_call_run_in_order_6(tmp_path):
     runs = [c for c in calls if c and c[0].startswith("benchmarks/")]
     assert [r[0].split("/")[1] for r in runs] == ["train_speed.py", "train_speed.py", "compile_check.py"]
     assert "--preservation" in runs[0] and "fp16" in runs[1]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compile_check.json", "sd15_fp16.json",
-                                                                     "sd15_se_outputs.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "compile_check.json", "compile_check.log", "sd15_fp16.json", "sd15_fp16.log", "sd15_se_outputs.json",
+        "sd15_se_outputs.log"]
 
 
 def test_a_failed_run_is_noted_and_the_plan_goes_on_6(tmp_path):
@@ -155,6 +164,7 @@ def test_a_run_past_the_calls_budget_is_stopped_and_the_next_not_started_6(tmp_p
     assert "[gpu_plan] failed: sd15_base sd15_se_outputs" in proc.stderr
     assert [c[0] for c in calls if c[0].startswith("benchmarks/")] == ["benchmarks/train_speed.py"]
     assert (tmp_path / "out" / "sd15_base.json").is_file()
+    assert not list((tmp_path / "out").glob("*.tmp"))  # not a file to spend the tool's 8 on
 
 
 def test_suggested_calls_fit_ten_minutes_by_the_plans_own_estimates_6():
@@ -168,3 +178,52 @@ def test_suggested_calls_fit_ten_minutes_by_the_plans_own_estimates_6():
     assert sorted(s for c in calls for s in c.split()) == sorted(STEPS)
     for call in calls:
         assert sum(estimates[s] for s in call.split()) <= 9, call
+
+
+def test_each_run_keeps_its_log_in_out_6(tmp_path):
+    """A run that fails on the GPU must bring its traceback back: each run's output is kept in $OUT/NAME.log (and
+    still shown), a failed run's too; compile_check's stdout stays its JSON, its stderr goes to the log."""
+    proc, _ = _run(["sd15", "compile-check"], tmp_path, fail_if="--breakdown")
+    assert proc.returncode == 1
+    out = tmp_path / "out"
+    base = (out / "sd15_base.log").read_text()
+    assert "stand-in python3 benchmarks/train_speed.py" in base and "--breakdown" in base
+    assert "stand-in python3 benchmarks/train_speed.py" in proc.stderr  # still shown as the run goes
+    check = (out / "compile_check.log").read_text()
+    assert "stand-in python3 benchmarks/compile_check.py" in check
+    assert "stand-in" not in (out / "compile_check.json").read_text()
+
+
+def test_a_long_log_is_cut_to_what_the_tool_returns_6(tmp_path):
+    """The device tool returns files of 16 MiB at most: a log past 8 MiB keeps its first 1 and last 6 MiB."""
+    bin_dir, _ = _stand_ins(tmp_path)
+    chatty = bin_dir / "python3"
+    chatty.write_text(chatty.read_text() + 'head -c 10485760 /dev/zero | tr "\\0" x >&2\necho THE-END >&2\n')
+    (tmp_path / "comfy").mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "COMFYUI_DIR": str(tmp_path / "comfy")}
+    proc = subprocess.run(["bash", str(SCRIPT), "se"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "out" / "sd15_se_outputs.log").read_bytes()
+    assert 7 << 20 < len(log) < 8 << 20
+    assert log.startswith(b"stand-in python3") and log.rstrip().endswith(b"THE-END") and b"log cut here" in log
+
+
+def test_each_suggested_call_returns_every_file_6(tmp_path):
+    """The device tool returns at most 8 files a call, no more than 2 folders down, named in letters, digits, '.',
+    '_' and '-': every suggested call's $OUT (a JSON and a log per run) fits, a run cut off mid-rewrite too."""
+    head = SCRIPT.read_text().split("set -euo pipefail")[0]
+    suggested = head.split("Suggested calls", 1)[1].split("A failed case")[0]
+    calls = re.findall(r'"([a-z0-9 -]+)"', suggested)
+    assert len(calls) >= 8
+    for k, call in enumerate(calls):
+        where = tmp_path / f"call{k}"
+        where.mkdir()
+        proc, _ = _run(call.split(), where)
+        assert proc.returncode == 0, (call, proc.stderr[-2000:])
+        files = [p for p in (where / "out").rglob("*") if p.is_file()]
+        assert len(files) <= 8, (call, sorted(p.name for p in files))
+        for p in files:
+            rel = p.relative_to(where / "out")
+            assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
+            assert p.stat().st_size < 16 << 20

@@ -1,5 +1,6 @@
 """Sampler: DRaFT-K truncation, determinism, DDIM against the closed form for Gaussian data."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ from focusfix_core.denoisers import CFGDenoiser
 from focusfix_core.sampler import check_steps, sample, seed_noise
 from focusfix_core.schedules import (get_sigmas_karras, get_sigmas_uniform, scaled_linear_alphas_cumprod, sigma_to_t,
                                      sigmas_from_alphas_cumprod, t_to_sigma)
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -457,3 +461,157 @@ def test_a_scheduler_with_no_one_step_schedule_says_to_give_more_steps():
     with pytest.raises(ValueError, match=r"'kl_optimal' scheduler's sigmas must be finite.*with steps 1: give steps 2"):
         sampling_sigmas(KLOptimalLike(), 1, "kl_optimal")
     assert len(sampling_sigmas(KLOptimalLike(), 2, "kl_optimal")) == 3
+
+
+# -- the compiled sampler (`CompiledWhenNoGrad`) on a CUDA machine: the allocator, a failing first run ---------------
+ASYNC_ERROR = ("cudaMallocAsync does not yet support checkPoolLiveAllocations. If you need it, please file an issue "
+               "describing your use case.")
+
+
+def _compiled(mode, run):
+    """A CompiledWhenNoGrad over GaussianDenoiser whose 'compiled' callable is `run` (x, sigma, cond) -> (x0, traced),
+    with the compiler's calls recorded."""
+    from focusfix_core.sampler import CompiledWhenNoGrad
+
+    den, made = GaussianDenoiser(), []
+
+    def compiler(probed, mode):
+        made.append(mode)
+        return lambda x, sigma, c: run(probed, x, sigma, c)
+
+    return CompiledWhenNoGrad(den, mode, compiler), den, made
+
+
+def _inputs():
+    return torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.full((2,), 3.0), cond()
+
+
+def test_cuda_graphs_are_blocked_under_cudamallocasync_on_cuda_only_6(monkeypatch):
+    """ComfyUI's main.py sets PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync on most GPUs, where CUDA-graph modes
+    fail at their first run: reduce-overhead and max-autotune on a CUDA device are refused there, with the reason,
+    and nothing else is (default mode, a CPU device, the native allocator, a torch without CUDA)."""
+    from focusfix_core import sampler
+
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert sampler.cuda_allocator_backend() == "cudaMallocAsync"
+    for mode in ("reduce-overhead", "max-autotune"):
+        why = sampler.cuda_graphs_blocked(mode, torch.device("cuda", 0))
+        assert why.startswith("cudaMallocAsync allocator:") and mode in why and "--disable-cuda-malloc" in why
+    assert sampler.cuda_graphs_blocked("default", "cuda") is None
+    assert sampler.cuda_graphs_blocked("reduce-overhead", "cpu") is None
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
+    assert sampler.cuda_graphs_blocked("reduce-overhead", "cuda") is None
+
+    def cpu_only_build():  # torch 2.13+cpu: torch._C has no _cuda_getAllocatorBackend
+        raise AttributeError("module 'torch._C' has no attribute '_cuda_getAllocatorBackend'")
+
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", cpu_only_build)
+    assert sampler.cuda_allocator_backend() is None and sampler.cuda_graphs_blocked("reduce-overhead", "cuda") is None
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch build has no CUDA allocator to read")
+def test_the_allocator_is_read_from_comfyuis_variable_without_a_gpu_6(tmp_path):
+    """On a CUDA build of torch (the GPU machines' 2.11+cu130), the backend ComfyUI's cuda_malloc.py sets is read
+    from PYTORCH_CUDA_ALLOC_CONF as it is, with no GPU and without initializing CUDA."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from focusfix_core.sampler import cuda_allocator_backend as b, cuda_graphs_blocked as g; "
+            "print(b(), g('reduce-overhead', 'cuda') is not None, g('default', 'cuda'), torch.cuda.is_initialized())")
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=REPO)
+    assert got.stdout.split() == ["cudaMallocAsync", "True", "None", "False"], got.stderr[-2000:]
+    env.pop("PYTORCH_CUDA_ALLOC_CONF")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=REPO)
+    assert got.stdout.split() == ["native", "False", "None", "False"], got.stderr[-2000:]
+
+
+def test_cuda_graphs_under_cudamallocasync_sample_eagerly_and_say_why_6(monkeypatch, caplog):
+    """A CUDA-graph mode under cudaMallocAsync never runs its compiled code (it would raise a RuntimeError and stop
+    the run): every graph-free call runs eagerly, with the results of the plain denoiser, and `failure` and one
+    warning name the allocator. The device asked about is the input's."""
+    from focusfix_core import sampler
+
+    asked = []
+
+    def blocked(mode, device):
+        asked.append((mode, torch.device(device)))
+        return "cudaMallocAsync allocator: compile mode 'reduce-overhead' runs CUDA graphs (stand-in)"
+
+    monkeypatch.setattr(sampler, "cuda_graphs_blocked", blocked)
+    ran = []
+    wrapped, den, made = _compiled("reduce-overhead", lambda probed, *a: ran.append(1) or probed(*a))
+    x, sigma, c = _inputs()
+    with caplog.at_level("WARNING", logger="focusfix_core.sampler"), torch.no_grad():
+        outs = [wrapped(x, sigma, c) for _ in range(3)]
+    assert asked == [("reduce-overhead", torch.device("cpu"))]  # once, at the first graph-free call
+    assert ran == [] and wrapped.compiled is None
+    assert wrapped.failure.startswith("cudaMallocAsync allocator:")
+    assert (wrapped.compiled_calls, wrapped.eager_calls) == (0, 3)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cudaMallocAsync" in warnings[0], warnings
+    with torch.no_grad():
+        for out in outs:
+            torch.testing.assert_close(out, den(x, sigma, c))
+
+
+def test_a_runtime_error_at_the_compiled_run_falls_back_to_eager_6(caplog):
+    """CUDA graphs that fail at their first run (cudaMallocAsync's RuntimeError, not a dynamo exception) no longer
+    stop the training run: that call and every later one run eagerly, `failure` says why as for a compile
+    failure ("Type: message", 300 characters at most), and the warning comes once."""
+    ran = []
+
+    def run(probed, x, sigma, c):
+        ran.append(1)
+        raise RuntimeError(ASYNC_ERROR)
+
+    wrapped, den, _ = _compiled("reduce-overhead", run)
+    x, sigma, c = _inputs()
+    with caplog.at_level("WARNING", logger="focusfix_core.sampler"), torch.no_grad():
+        first, second = wrapped(x, sigma, c), wrapped(x, sigma, c)
+        expected = den(x, sigma, c)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    assert ran == [1] and wrapped.compiled is None and (wrapped.compiled_calls, wrapped.eager_calls) == (0, 2)
+    assert wrapped.failure == f"RuntimeError: {ASYNC_ERROR}"[:len("RuntimeError: ") + 300]
+    assert sum("torch.compile" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_model_error_in_the_compiled_run_is_still_raised_6():
+    """A RuntimeError of the model itself (a shape, out of memory) is not hidden by the fallback: the eager call
+    that follows raises it again."""
+    from focusfix_core.sampler import CompiledWhenNoGrad
+
+    def broken(x, sigma, c):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (stand-in)")
+
+    wrapped = CompiledWhenNoGrad(broken, "default", lambda probed, mode: probed)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        wrapped(*_inputs())
+
+
+def test_release_pinned_memory_reaches_the_host_cache_on_torch_2_11_6(monkeypatch):
+    """torch 2.5-2.11 (the GPU machines' build) have no torch.accelerator.empty_host_cache: the cached pinned memory
+    is then given back through torch._C._host_emptyCache, only once CUDA is initialized."""
+    from focusfix_core.lora import release_pinned_memory
+
+    calls = []
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        monkeypatch.delattr(accelerator, "empty_host_cache", raising=False)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append("host"), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    initialized = [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized[0])
+    release_pinned_memory()
+    assert calls == []  # CUDA never started: nothing was pinned, and no CUDA context is made for it
+    initialized[0] = True
+    release_pinned_memory()
+    assert calls == ["host"]
+    if accelerator is not None:  # where torch has the public call, it is the one used
+        monkeypatch.setattr(accelerator, "empty_host_cache", lambda: calls.append("accelerator"), raising=False)
+        release_pinned_memory()
+        assert calls == ["host", "accelerator"]

@@ -414,3 +414,171 @@ def test_checkpoint_levers_and_fp16_vae_on_comfy_models_6():
     assert flops[""] < flops["--checkpoint-decode"] < 1.2 * flops[""]
     doc = _run(*common, "--dtype", "fp16")
     assert doc["settings"]["sd15"]["vae_dtype"] in ("bfloat16", "float32")
+
+
+def test_a_failure_brings_its_traceback_to_the_log_6(monkeypatch, capsys):
+    """On a GPU a failure must be found from what the device tool brings back: a failed case, a failed diagnostic and
+    a failed model family print their whole traceback to stderr (gpu_plan.sh keeps it in $OUT/NAME.log); the JSON
+    keeps its one line."""
+    ts = _module()
+    real = ts.run_case
+
+    def deep_in_the_first_case():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (stand-in)")
+
+    def flaky(name, *args):
+        if name == "draft_b1":
+            deep_in_the_first_case()
+        return real(name, *args)
+
+    def profiler_stand_in(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED (stand-in)")
+
+    monkeypatch.setattr(ts, "run_case", flaky)
+    monkeypatch.setattr(ts, "profile_iteration", profiler_stand_in)
+    doc = ts.main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "draft_b1,se_b4", "--profile"])
+    err = capsys.readouterr().err
+    bad, good = doc["cases"]
+    assert bad["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered (stand-in)"
+    assert good["profile"] == {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED (stand-in)"}
+    assert err.count("Traceback (most recent call last)") == 2
+    assert "in deep_in_the_first_case" in err and "in profiler_stand_in" in err
+    assert "[train_speed] draft_b1 FAILED" in err and "[train_speed] se_b4 profile FAILED" in err
+
+    def building_the_unet(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory while building (stand-in)")
+
+    monkeypatch.setattr(ts, "build_comfy", building_the_unet)
+    doc = ts.main(["--backend", "comfy", "--size", "tiny", "--models", "sd15", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert doc["failed_models"] == {"sd15": "RuntimeError: CUDA out of memory while building (stand-in)"}
+    assert "Traceback (most recent call last)" in err and "in building_the_unet" in err
+
+
+needs_set_stance = pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"),
+                                      reason="--compile needs torch 2.6 (torch.compiler.set_stance keeps the FLOP "
+                                             "count eager)")
+
+
+def _counting_compiler(monkeypatch, on_first_call=None) -> list:
+    """compile_denoiser's shape with a backend that records each graph it is given (and runs it as traced);
+    on_first_call() runs at each compiled function's first call."""
+    import torch._dynamo
+
+    import focusfix_core.trainers as trainers
+
+    graphs = []
+
+    def compile_denoiser(denoiser, mode):
+        def graph_free_call(x, sigma, cond):
+            return denoiser(x, sigma, cond)
+
+        def backend(gm, example_inputs):
+            graphs.append(len(example_inputs))
+            return gm.forward
+
+        compiled, first = torch.compile(graph_free_call, backend=backend, dynamic=False), [True]
+
+        def call(*args):
+            if first and on_first_call is not None:
+                first.clear()
+                on_first_call()
+            return compiled(*args)
+        return call
+
+    monkeypatch.setattr(trainers, "compile_denoiser", compile_denoiser)
+    torch._dynamo.reset()
+    return graphs
+
+
+@needs_set_stance
+def test_the_breakdown_reuses_the_steps_compiled_graph_6(monkeypatch):
+    """The breakdown's compiled sampling runs as a training step's graph-free calls do (the trainer's
+    `_as_in_a_step`: net frozen, block checkpoint wrappers in place): dynamo's guards hold and it reuses the step's
+    graph. Outside, they failed and it compiled a second graph (timing the recompile with `--breakdown-reps 1`)."""
+    import torch._dynamo
+
+    graphs = _counting_compiler(monkeypatch)
+    try:
+        doc = _module().main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "fnf_b1", "--compile", "default",
+                              "--breakdown", "--breakdown-reps", "1"])
+    finally:
+        torch._dynamo.reset()
+    (case,) = doc["cases"]
+    parts = case["breakdown_seconds"]
+    assert "error" not in parts and parts["sample_no_grad_lora_merged_compiled"] > 0
+    assert list(parts)[:4] == ["sample_no_grad_lora_on", "sample_no_grad_lora_off", "sample_no_grad_lora_merged",
+                               "decode_reward_fwd_bwd"]
+    assert len(graphs) == 1, graphs  # one graph for batch 1: I0, the steps and the breakdown
+    assert case["compiled_sampler_calls"]["whole_case"]["eager"] == 3  # the FLOP-counted iteration's, as before
+
+
+@needs_set_stance
+def test_compiled_sampler_calls_count_the_cuda_graphs_skipped_6(monkeypatch):
+    """Inductor compiles a graph without the CUDA graphs reduce-overhead asks for (CPU tensors in it, a mutated
+    input, ...) with a logged reason and nothing else: each case's compiled_sampler_calls has the change of its
+    `cudagraph_skips` counter and the reasons. Here the stand-in compiler calls Inductor's own skip at its first
+    call (Inductor's C++ build is too slow for this test)."""
+    import torch._dynamo
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    ts = _module()
+    reason = "skipping cudagraphs due to cpu device (stand-in)"
+    _counting_compiler(monkeypatch, on_first_call=lambda: log_cudagraph_skip_and_bump_counter(reason))
+    try:
+        doc = ts.main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "draft_b1,se_b4", "--compile",
+                       "reduce-overhead"])
+    finally:
+        torch._dynamo.reset()
+    fix, se = doc["cases"]
+    calls = fix["compiled_sampler_calls"]
+    assert calls["cudagraph_skips"] == 1 and calls["cudagraph_skip_reasons"] == [reason], calls
+    assert calls["failure"] is None  # a CPU run: no CUDA device, so no allocator check
+    assert "compiled_sampler_calls" not in se  # S&E steps all carry gradients: nothing compiled
+
+
+def test_the_run_records_the_cuda_allocator_and_can_turn_the_cores_check_off_6(monkeypatch):
+    """ComfyUI's main.py sets PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync on most GPUs and this harness does not
+    import it: the JSON says which allocator a run measured. `--allocator-check off` turns the core's refusal of
+    CUDA graphs under that allocator off for the run (gpu_plan's smoke_async: do they fail, does the fallback
+    hold), and puts it back after."""
+    import focusfix_core.sampler as sampler
+
+    ts = _module()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    doc = ts.main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "se_b4"])
+    assert doc["pytorch_cuda_alloc_conf"] == "expandable_segments:True"
+    assert doc["cuda_allocator_backend"] == ts.cuda_allocator_backend()
+    assert doc["cuda_allocator_backend"] in ((None,) if torch.version.cuda is None else ("native", "cudaMallocAsync"))
+    assert doc["levers"]["allocator_check"] == "on"
+
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert sampler.cuda_graphs_blocked("reduce-overhead", "cuda")
+    with ts.levers("focusfix_core", None, ts.parse_args(["--allocator-check", "off"])):
+        assert sampler.cuda_graphs_blocked("reduce-overhead", "cuda") is None
+    assert sampler.cuda_graphs_blocked("reduce-overhead", "cuda")
+
+
+def test_peak_memory_reserved_is_recorded_beside_allocated_6(monkeypatch):
+    """What fits on a 12 GiB card is what the caching allocator reserves, not only what tensors hold: on cuda each
+    case (and its breakdown) records torch.cuda.max_memory_reserved beside max_memory_allocated."""
+    ts = _module()
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 5 * 2**30)
+    with ts._memory(torch.device("cuda")) as mem:
+        pass
+    assert mem["peak_memory_bytes"] == 3 * 2**30 and mem["peak_memory_reserved_bytes"] == 5 * 2**30
+
+    from contextlib import contextmanager
+
+    real = ts._memory
+
+    @contextmanager
+    def as_on_cuda(device):  # the CUDA figures (stand-ins) for a CPU run
+        with real(torch.device("cuda")) as mem:
+            yield mem
+
+    monkeypatch.setattr(ts, "_memory", as_on_cuda)
+    (case,) = ts.main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "draft_b1", "--breakdown"])["cases"]
+    assert case["peak_memory_reserved_gib"] == 5.0 and case["breakdown_peak_memory_reserved_bytes"] == 5 * 2**30
