@@ -34,8 +34,8 @@ from .saliency import THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
-                       SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, parse_ints,
-                       split_objects_prompt, stop_as_interrupt)
+                       SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, interrupts_held,
+                       parse_ints, split_objects_prompt, stop_as_interrupt)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -215,15 +215,17 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
 def _save_trained(trainer, out: Path, status: str) -> tuple[Path, str, dict[str, str]]:
     """Write lora.safetensors, then state.pt; -> (the LoRA's path, status, {"state": its path} or {}). The LoRA
     first: it is what the run is for, and the smaller file. A state.pt that cannot be written is a warning and
-    makes the status failed (exit 1): the LoRA holds every step, but --resume cannot continue them."""
-    path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
-    try:
-        trainer.save_state(out / "state.pt")
-    except OSError as e:
-        why = f"{out / 'state.pt'} was not written ({e.strerror or e}): {path} holds the LoRA, --resume cannot go on"
-        print(f"warning: {why}", file=sys.stderr)
-        status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
-        return path, status, {}
+    makes the status failed (exit 1): the LoRA holds every step, but --resume cannot continue them. A second
+    Ctrl-C (or SIGTERM) while they are written waits until both are (milliseconds), then stops the command."""
+    with interrupts_held():
+        path = save_lora(out / "lora.safetensors", trainer.lora, _metadata(trainer), overwrite=True)
+        try:
+            trainer.save_state(out / "state.pt")
+        except OSError as e:
+            why = f"{out / 'state.pt'} was not written ({e.strerror or e}): {path} holds the LoRA, --resume cannot go on"
+            print(f"warning: {why}", file=sys.stderr)
+            status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
+            return path, status, {}
     return path, status, {"state": str(out / "state.pt")}
 
 

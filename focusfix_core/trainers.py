@@ -54,6 +54,7 @@ __all__ = [
     "METHOD_TRAINERS",
     "split_words",
     "stop_as_interrupt",
+    "interrupts_held",
 ]
 
 MASK_SOURCES = ("heatmap", "saliency", "mask", "none")
@@ -710,10 +711,10 @@ class _LoRATrainer:
 
     def _finish_step(self, t0: float, **terms) -> StepRecord:
         """The update, its snapshot (`restore_last_good`) and the step count, as one: a Ctrl-C meanwhile waits
-        until all three are done (`_interrupts_held`), so an interrupted run holds the step before or this one,
+        until all three are done (`interrupts_held`), so an interrupted run holds the step before or this one,
         never half of it (Adam's moments one update ahead of the LoRA, or a state.pt one step behind its LoRA,
         which a resume would then train a step too many). `terms` (the record's numbers) are read before."""
-        with _interrupts_held():
+        with interrupts_held():
             if self.scaler is None:
                 self.optimizer.step()
             else:
@@ -803,7 +804,7 @@ _STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasat
 
 
 @contextmanager
-def _interrupts_held() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT), or a SIGTERM the command line turns into one, until the block ends, then raise its
     KeyboardInterrupt. Only for the signals whose handler raises it (Python's own for SIGINT, `stop_as_interrupt`)
     and in the main thread (the command line); elsewhere (ComfyUI's worker thread, whose cancel is checked between

@@ -3,6 +3,7 @@ import io
 import json
 
 import pytest
+import torch
 
 from focusfix_core import cli
 
@@ -237,3 +238,25 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_pa
         with cli.claim_out(out, overwrite=False, resume=False):
             pass
     assert (out / "lora.safetensors").is_file() and not (out / cli.LOCK_NAME).exists()
+
+
+def test_a_second_ctrl_c_while_the_lora_is_written_waits_for_it(tmp_path, capsys, monkeypatch):
+    """A fast double Ctrl-C (or a SIGTERM after a Ctrl-C) landed inside the final save: the steps' LoRA and
+    state.pt were lost, while the message said "lora.safetensors once training ended" (review G, side note). The
+    writes now finish first (milliseconds), then the command stops (130)."""
+    import os
+    import signal
+
+    real = cli.save_lora
+
+    def interrupted_save(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, as the LoRA is about to be written
+        return real(*a, **kw)
+    monkeypatch.setattr(cli, "save_lora", interrupted_save)
+    out = tmp_path / "o"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "2", "--steps",
+                   "3", "--seeds", "0", "--out", str(out)])
+    assert rc == 130
+    assert "interrupted: the folder keeps what was finished" in capsys.readouterr().err
+    assert cli.read_focusfix_lora(out / "lora.safetensors").metadata["focusfix_steps_trained"] == "2"
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
