@@ -9,6 +9,7 @@ keeps the LoRA of the last finished step.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import math
@@ -151,26 +152,17 @@ def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock(path, out)
     try:
-        try:
-            if os.name == "nt":
-                import msvcrt
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise FileExistsError(f"another FocusFix run is writing into --out {out}: wait for it to end, or choose "
-                                  f"another --out") from None
         try:
             prepare_out(out, overwrite, resume, resumable)
             yield out
         finally:
-            if os.name != "nt":  # Windows deletes no open file: below, once closed
-                path.unlink(missing_ok=True)  # held: no other run is between its open and its lock on this file
+            if fd is not None and os.name != "nt":  # Windows deletes no open file: below, once closed
+                path.unlink(missing_ok=True)  # held: a run that opened it meanwhile sees it gone (`_lock`)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         try:
             if os.name == "nt":
                 path.unlink(missing_ok=True)
@@ -178,6 +170,35 @@ def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) 
                 out.rmdir()
         except OSError:  # another run holds the lock now, or wrote meanwhile: its files stay
             pass
+
+
+def _lock(path: Path, out: Path) -> int | None:
+    """Open and lock `path` without waiting -> its descriptor; FileExistsError when another run holds it; None
+    (with a warning) where the file system has no locks (some network and FUSE mounts)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, getattr(errno, "EDEADLOCK", None)):
+                raise FileExistsError(f"another FocusFix run is writing into --out {out}: wait for it to end, or "
+                                      f"choose another --out") from None
+            print(f"warning: cannot lock {path} ({e.strerror}): a second run into --out {out} would not be "
+                  f"refused", file=sys.stderr)
+            return None
+        try:  # the run that held it unlinked it between our open and our lock: lock the file that is there now
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 class RunFailed(Exception):

@@ -65,7 +65,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         try:
             write(tmp)
         except (SafetensorError, RuntimeError) as e:
-            raise _write_failed(e, path) from e
+            failed = _write_failed(e, path)
+            if failed is None:  # not a failed write (e.g. safetensors refusing shared tensors): as it is
+                raise
+            raise failed from e
         with open(tmp, "r+b") as f:  # fsync needs a descriptor that may write on some systems
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; other readers (a server) need the usual mode
@@ -77,22 +80,29 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
             raise PermissionError(e.errno, f"{e.strerror}: {str(path)!r} could not be replaced; is it open in "
                                   f"another program (a Load LoRA node, another UI), or read-only? Close it or "
                                   f"choose another name") from e
-        if isinstance(e, OSError) and e.filename == tmp_name and e.errno is not None:
+        if isinstance(e, OSError) and e.filename in (tmp_name, None) and e.errno is not None:
             raise type(e)(e.errno, e.strerror, str(path)) from e  # name the file being saved, not our temp file
         raise
     _fsync_dir(path.parent)
     return path
 
 
-def _write_failed(e: Exception, path: Path) -> OSError:
+_WRITE_FAILURES = ("os error", "unexpected pos", "failed writing", "write failed")  # the writers' own words
+
+
+def _write_failed(e: Exception, path: Path) -> OSError | None:
     """The OSError for a writer's own error on a failed write (safetensors' SafetensorError "No space left on
     device (os error 28)", torch.save's RuntimeError "unexpected pos"): every caller handles a write that
-    failed as an OSError (a checkpoint warns and training goes on), and these are not OSErrors."""
+    failed as an OSError (a checkpoint warns and training goes on), and these are not OSErrors. None for an
+    error that is not a failed write."""
+    text = " ".join(str(e).split())
     try:
-        full = "os error 28" in str(e) or shutil.disk_usage(path.parent).free < 2**20
+        full = "os error 28" in text or shutil.disk_usage(path.parent).free < 2**20
     except OSError:
         full = False
-    why = "No space left on device" if full else str(e).strip().splitlines()[-1][:200]
+    if not (full or isinstance(e, SafetensorError) or any(w in text for w in _WRITE_FAILURES)):
+        return None
+    why = "No space left on device" if full else text[:300]
     return OSError(errno.ENOSPC if full else errno.EIO, f"{why} ({type(e).__name__} while writing)", str(path))
 
 

@@ -260,3 +260,46 @@ def test_a_second_ctrl_c_while_the_lora_is_written_waits_for_it(tmp_path, capsys
     assert "interrupted: the folder keeps what was finished" in capsys.readouterr().err
     assert cli.read_focusfix_lora(out / "lora.safetensors").metadata["focusfix_steps_trained"] == "2"
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.skipif(__import__("os").name == "nt", reason="Windows deletes no open file: the lock file is never "
+                    "replaced under a run that opened it")
+def test_a_run_that_opened_the_lock_file_as_it_was_removed_locks_the_new_one(tmp_path, monkeypatch):
+    """A run that opened .focusfix.lock just before the run holding it removed it locked the removed file, so it and
+    a third run both held "the" lock (review K1). It now locks the file that is there."""
+    import os
+    out = tmp_path / "o"
+    out.mkdir()
+    with cli.claim_out(out, overwrite=False, resume=False):
+        stale = os.open(out / cli.LOCK_NAME, os.O_RDWR)  # opened by a second run, not yet locked
+    assert not (out / cli.LOCK_NAME).exists()
+    third = os.open(out / cli.LOCK_NAME, os.O_RDWR | os.O_CREAT)  # a third run takes a new lock file
+    import fcntl
+    fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    real, opens = os.open, []
+
+    def reopen(*a, **kw):
+        opens.append(1)
+        return stale if len(opens) == 1 else real(*a, **kw)
+    monkeypatch.setattr(cli.os, "open", reopen)
+    with pytest.raises(FileExistsError, match="another FocusFix run is writing"):
+        cli._lock(out / cli.LOCK_NAME, out)  # the removed file's lock was free: it looks again, and meets the third
+    assert len(opens) == 2
+    os.close(third)
+
+
+@pytest.mark.skipif(__import__("os").name == "nt", reason="flock is POSIX (Windows: msvcrt.locking)")
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Every run was refused as if another one held the folder (review K2)."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "o"
+    with cli.claim_out(out, overwrite=False, resume=False):
+        (out / "lora.safetensors").write_bytes(b"x")
+    err = capsys.readouterr().err
+    assert "cannot lock" in err and "a second run into --out" in err and "would not be refused" in err
+    assert (out / "lora.safetensors").exists()

@@ -148,6 +148,21 @@ class TestAtomicSave:
         with pytest.raises(OSError, match="failed writing file data/0 .RuntimeError while writing.") as e:
             atomic_torch_save({"a": torch.zeros(2)}, target)
         assert e.value.errno == errno.EIO and os.listdir(tmp_path) == []
+        # not a failed write: the writer's own error, whole (its cause was on a first line the OSError dropped)
+        shared = "Some tensors share memory, this will lead to duplicate memory on disk.\n  More information at ..."
+        error = lambda: RuntimeError(shared)  # noqa: E731
+        with pytest.raises(RuntimeError, match="^Some tensors share memory") as e:
+            atomic_torch_save({"a": torch.zeros(2)}, target)
+        assert not isinstance(e.value, OSError) and os.listdir(tmp_path) == []
+
+    def test_an_oserror_without_a_file_name_names_the_target(self, tmp_path, monkeypatch):
+        """A full disk met by a plain write (a report, a PNG) gave "cannot write the outputs" (review K4)."""
+        def full(data, f, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ffio, "save_file", full)
+        with pytest.raises(OSError) as e:
+            atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "r.safetensors")
+        assert e.value.filename == str(tmp_path / "r.safetensors") and os.listdir(tmp_path) == []
 
     def test_failed_write_keeps_old_file(self, tmp_path, monkeypatch):
         p = atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
