@@ -35,8 +35,8 @@ from .saliency import THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
-                       SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, interrupts_held,
-                       parse_ints, split_objects_prompt, stop_as_interrupt)
+                       SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, check_state_format,
+                       interrupts_held, parse_ints, split_objects_prompt, stop_as_interrupt)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -572,6 +572,10 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
             raise FileNotFoundError(f"--resume: {path} does not exist, so there is no run to resume in {out}: "
                                     f"start it without --resume")
         state = load_training_state(path)
+        try:
+            check_state_format(state)  # before its config is read: a newer layout may hold it otherwise
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         try:  # the trainer checks all of it; its LoRA settings are needed first, to build the trainer
             saved_cfg = json.loads(state["config"])
         except (TypeError, ValueError, KeyError, IndexError):

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import __version__
 from .attention import AttentionStore, map_size
 from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x, model_guidance,
                         prepare_cond)
@@ -55,6 +56,8 @@ __all__ = [
     "split_words",
     "stop_as_interrupt",
     "interrupts_held",
+    "check_state_format",
+    "STATE_FORMAT",
 ]
 
 MASK_SOURCES = ("heatmap", "saliency", "mask", "none")
@@ -412,6 +415,22 @@ def _digest(t: torch.Tensor) -> str:
 
 _ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")  # what shapes an update
 
+STATE_FORMAT = 1  # the layout of a training state (`state_dict`): raise it when a change would misread older ones
+
+
+def check_state_format(state) -> None:
+    """Refuse a training state written in a newer layout than this FocusFix reads (states from before the
+    field read as format 1): it would be misread, or refused with a message about the wrong part."""
+    fmt = state.get("format", 1) if isinstance(state, dict) else 1
+    if type(fmt) is not int or fmt < 1:
+        raise ValueError(f"the training state is invalid: format must be an int >= 1, got {str(fmt)[:60]!r}")
+    if fmt > STATE_FORMAT:
+        by = state.get("focusfix_version")
+        raise ValueError(f"the training state was written by a newer FocusFix"
+                         f"{f' ({by})' if isinstance(by, str) else ''} in format {fmt}; this FocusFix "
+                         f"({__version__}) reads format {STATE_FORMAT} or older: update FocusFix to resume it, "
+                         f"or start a new run")
+
 
 def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepRecord], dict[str, str]]:
     """Check every part of a training state (`_LoRATrainer.state_dict`) against `trainer` before any of it is
@@ -428,6 +447,7 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
 
     if not isinstance(state, dict):
         raise invalid(f"expected a dict of the run's step, lora, optimizer and rng, got {type(state).__name__}")
+    check_state_format(state)
     if state.get("method") != trainer.method:
         raise ValueError(f"training state is for method {state.get('method')!r}, not {trainer.method!r}")
     missing = [k for k in ("config", "step", "lora", "optimizer", "rng") if k not in state]
@@ -650,6 +670,8 @@ class _LoRATrainer:
 
     def state_dict(self) -> dict:
         return {
+            "format": STATE_FORMAT,
+            "focusfix_version": __version__,
             "method": self.method,
             "config": self.cfg.to_json(),
             "weights": self.weights_digest(),

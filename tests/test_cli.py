@@ -369,6 +369,19 @@ def test_resume_refuses_an_invalid_state_before_training(model_file, tmp_path, c
     assert (out / "lora.safetensors").read_bytes() == lora  # nothing trained, nothing written
 
 
+def test_resume_refuses_a_state_in_a_newer_format_before_reading_its_settings(model_file, tmp_path, capsys):
+    """A newer layout (its config elsewhere) was refused as "invalid ... LoRA settings"; now by its format."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    torch.save({**state, "format": 2, "config": None}, out / "state.pt")
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'state.pt'}: the training state was written by a newer FocusFix" in err, err
+    assert "reads format 1 or older: update FocusFix to resume it, or start a new run" in err
+
+
 def test_continue_from_a_nan_lora_is_refused_naming_the_file(model_file, tmp_path, capsys):
     """It trained, then failed blaming the reward and the lr (the review's finding 6)."""
     first = tmp_path / "first"

@@ -1411,3 +1411,25 @@ def test_a_resume_against_another_reward_of_the_same_name_is_refused(small_model
     same.load_state_dict(state)
     assert same.step == 1
     same.lora.remove()
+
+
+def test_a_state_in_a_newer_format_is_refused_an_older_one_resumes(small_model, square_reward):
+    """state.pt had no layout version: a newer FocusFix's state would be misread, or refused naming whichever part
+    changed first. Now its format is checked first; a state from before the field (format 1) still resumes."""
+    cfg = fix_cfg(iterations=2)
+    first = FixTrainer(small_model, square_reward, cfg)
+    next(iter(first))
+    state = first.state_dict()
+    first.lora.remove()
+    assert state["format"] == 1 and isinstance(state["focusfix_version"], str)
+    other = FixTrainer(small_model, square_reward, cfg)
+    with pytest.raises(ValueError, match=r"written by a newer FocusFix \(9\.0\) in format 2; this FocusFix "
+                                         r"\(.*\) reads format 1 or older: update FocusFix"):
+        other.load_state_dict({**state, "format": 2, "focusfix_version": "9.0", "lora": "a new layout"})
+    with pytest.raises(ValueError, match="the training state is invalid: format must be an int >= 1, got '1'"):
+        other.load_state_dict({**state, "format": "1"})
+    assert other.step == 0
+    older = {k: v for k, v in state.items() if k not in ("format", "focusfix_version")}
+    other.load_state_dict(older)
+    assert other.step == 1
+    other.lora.remove()
