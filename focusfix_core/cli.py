@@ -250,6 +250,21 @@ def _save_trained(trainer, out: Path, status: str) -> tuple[Path, str, dict[str,
     return path, status, {"state": str(out / "state.pt")}
 
 
+@contextmanager
+def _lora_kept(lora_path: Path, state_file: dict[str, str]) -> Iterator[None]:
+    """Around the images and report drawn after training: a failure there (a full disk, out of memory) is exit 1
+    naming what was not written and what is kept, not exit 2 reading as if the run had saved nothing."""
+    kept = f"training ended: {lora_path} holds the trained LoRA" + (
+        f" and {state_file['state']} its state" if state_file else "")
+    try:
+        yield
+    except OSError as e:
+        raise RunFailed(f"cannot write {e.filename or 'the images and report'}: {e.strerror or e}\n{kept}; the "
+                        f"images and report are incomplete") from None
+    except torch.OutOfMemoryError as e:
+        raise RunFailed(f"{e}\n{kept}, complete; the before/after images did not fit in memory") from None
+
+
 def _step_bar(desc: str, quiet: bool) -> Callable[[int], Callable[[dict], None]]:
     """A `before_after(progress=...)` factory: a bar over the sampler steps to come."""
     def progress(total: int) -> Callable[[dict], None]:
@@ -300,55 +315,56 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     train_seconds = time.perf_counter() - t0
     # saved before the images are drawn: a Ctrl-C while they sample keeps the trained LoRA
     lora_path, status, state_file = _save_trained(trainer, out, status)
-    I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
-    with torch.no_grad():  # `score`, unchecked: a LoRA drawing NaN images is reported (null), not an exit 2
-        r0, r1 = reward.score(I0.clamp(0, 1)).float(), reward.score(I.clamp(0, 1)).float()
-    if not (torch.isfinite(I).all() and torch.isfinite(r1).all()):
-        why = "the LoRA draws non-finite images or scores: train again with a lower lr (or --lam)"
-        status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
-    diff = (I - I0).abs().mean(1)                                          # [n,H,W]
-    inside = outside = None
-    if M is not None:
-        Mb = (M >= 0.5).float()
-        inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
-        outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
-    g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
-    tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g],
-                                             heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
-    grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
-    save_png(grid, out / "before_after.png")
-    items = []  # at full size, named by item (the order --mask takes one mask per item in)
-    for k, (prompt, seed) in enumerate(trainer.items):
-        before = save_png(I0[k].clamp(0, 1), out / f"before_{k}.png")
-        after = save_png(I[k].clamp(0, 1), out / f"after_{k}.png")
-        items.append({"prompt": prompt, "seed": seed, "before": str(before), "after": str(after)})
-    for stale in out.iterdir():  # an earlier run's (--overwrite) with more items: not this run's item K
-        match = ITEM_IMAGES.fullmatch(stale.name)
-        if match and int(match.group(2)) >= len(items):
-            stale.unlink(missing_ok=True)
-    save_png(_curves(history, ("loss", "reward", "region")), out / "curves.png")
-    report = {
-        "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
-        "reward": getattr(reward, "name", type(reward).__name__), "steps_trained": trainer.step,
-        "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
-        "reward_before": [_finite(r) for r in r0], "reward_after": [_finite(r) for r in r1],
-        "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
-        "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
-        "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
-        "notes": [f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training never drew "
-                  f"it, and its images show it with an empty mask" for p, s in trainer.unmasked],
-        "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
-                  "curves": str(out / "curves.png"), **state_file},
-        "items": items,
-        "history": [r.as_dict() for r in history],
-        "focusfix_version": __version__,
-    }
-    columns = (f"I0 | mask M over I0 | I (fine-tuned) | |I - I0| (blue = none, red = {CHANGE_SCALE:g} or more)"
-               if M is not None else "I0 | I (fine-tuned)")
-    if len(items) > GRID_ITEMS:
-        columns += f"; rows: the first {GRID_ITEMS} of the {len(items)} items"
-    _write_report(out, report, columns=columns)
-    return report
+    with _lora_kept(lora_path, state_file):
+        I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
+        with torch.no_grad():  # `score`, unchecked: a LoRA drawing NaN images is reported (null), not an exit 2
+            r0, r1 = reward.score(I0.clamp(0, 1)).float(), reward.score(I.clamp(0, 1)).float()
+        if not (torch.isfinite(I).all() and torch.isfinite(r1).all()):
+            why = "the LoRA draws non-finite images or scores: train again with a lower lr (or --lam)"
+            status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
+        diff = (I - I0).abs().mean(1)                                          # [n,H,W]
+        inside = outside = None
+        if M is not None:
+            Mb = (M >= 0.5).float()
+            inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
+            outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
+        g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
+        tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g],
+                                                 heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
+        grid = image_grid(upscale(torch.stack(tiles, 1).flatten(0, 1).clamp(0, 1)), nrow=len(tiles))
+        save_png(grid, out / "before_after.png")
+        items = []  # at full size, named by item (the order --mask takes one mask per item in)
+        for k, (prompt, seed) in enumerate(trainer.items):
+            before = save_png(I0[k].clamp(0, 1), out / f"before_{k}.png")
+            after = save_png(I[k].clamp(0, 1), out / f"after_{k}.png")
+            items.append({"prompt": prompt, "seed": seed, "before": str(before), "after": str(after)})
+        for stale in out.iterdir():  # an earlier run's (--overwrite) with more items: not this run's item K
+            match = ITEM_IMAGES.fullmatch(stale.name)
+            if match and int(match.group(2)) >= len(items):
+                stale.unlink(missing_ok=True)
+        save_png(_curves(history, ("loss", "reward", "region")), out / "curves.png")
+        report = {
+            "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
+            "reward": getattr(reward, "name", type(reward).__name__), "steps_trained": trainer.step,
+            "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
+            "reward_before": [_finite(r) for r in r0], "reward_after": [_finite(r) for r in r1],
+            "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
+            "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
+            "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
+            "notes": [f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training never drew "
+                      f"it, and its images show it with an empty mask" for p, s in trainer.unmasked],
+            "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
+                      "curves": str(out / "curves.png"), **state_file},
+            "items": items,
+            "history": [r.as_dict() for r in history],
+            "focusfix_version": __version__,
+        }
+        columns = (f"I0 | mask M over I0 | I (fine-tuned) | |I - I0| (blue = none, red = {CHANGE_SCALE:g} or more)"
+                   if M is not None else "I0 | I (fine-tuned)")
+        if len(items) > GRID_ITEMS:
+            columns += f"; rows: the first {GRID_ITEMS} of the {len(items)} items"
+        _write_report(out, report, columns=columns)
+        return report
 
 
 # -- Separate-and-Enhance -------------------------------------------------------------------------------------
@@ -369,37 +385,38 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
     history, status = _consume(trainer, bar, out, checkpoint_every)
     train_seconds = time.perf_counter() - t0
     lora_path, status, state_file = _save_trained(trainer, out, status)
-    A1 = trainer.eval_maps()
-    S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
-    from .losses import enhance_loss, separate_loss
+    with _lora_kept(lora_path, state_file):
+        A1 = trainer.eval_maps()
+        S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
+        from .losses import enhance_loss, separate_loss
 
-    # attention grid: per prompt a row: [before maps..., after maps...] as heat images
-    def heat(A):  # [P,N,r,r] -> [P,N,3,r,r]; an all-zero map (a prompt with fewer objects) is a blank grey tile
-        a = A / A.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-        tiles = heat_overlay(torch.zeros(a.numel() // a[0, 0].numel(), 3, *a.shape[-2:]), a.flatten(0, 1)[:, None],
-                             alpha=1.0).view(*a.shape[:2], 3, *a.shape[-2:])
-        return torch.where((A.amax(dim=(-2, -1)) == 0)[..., None, None, None], torch.full_like(tiles, 0.5), tiles)
-    tiles = torch.cat([heat(A0), heat(A1)], 1)
-    save_png(image_grid(upscale(tiles.flatten(0, 1), 64), nrow=tiles.shape[1]), out / "attention.png")
-    save_png(image_grid(upscale(torch.stack([S0, S1], 1).flatten(0, 1)), nrow=2), out / "before_after.png")
-    save_png(_curves(history, ("loss", "separate", "enhance", "preserve")), out / "curves.png")
-    report = {
-        "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
-        "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
-        "separate_before": _loss_per_prompt(separate_loss, A0, cfg.objects),
-        "separate_after": _loss_per_prompt(separate_loss, A1, cfg.objects),
-        "enhance_before": _loss_per_prompt(enhance_loss, A0, cfg.objects),
-        "enhance_after": _loss_per_prompt(enhance_loss, A1, cfg.objects),
-        "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
-        "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
-                  "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
-                  **state_file},
-        "history": [r.as_dict() for r in history],
-        "focusfix_version": __version__,
-    }
-    _write_report(out, report, columns="before | after (same seed), one row per prompt; attention.png: a row per "
-                                       "prompt, each object's cross-attention map before training, then each after")
-    return report
+        # attention grid: per prompt a row: [before maps..., after maps...] as heat images
+        def heat(A):  # [P,N,r,r] -> [P,N,3,r,r]; an all-zero map (a prompt with fewer objects) is a blank grey tile
+            a = A / A.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+            tiles = heat_overlay(torch.zeros(a.numel() // a[0, 0].numel(), 3, *a.shape[-2:]), a.flatten(0, 1)[:, None],
+                                 alpha=1.0).view(*a.shape[:2], 3, *a.shape[-2:])
+            return torch.where((A.amax(dim=(-2, -1)) == 0)[..., None, None, None], torch.full_like(tiles, 0.5), tiles)
+        tiles = torch.cat([heat(A0), heat(A1)], 1)
+        save_png(image_grid(upscale(tiles.flatten(0, 1), 64), nrow=tiles.shape[1]), out / "attention.png")
+        save_png(image_grid(upscale(torch.stack([S0, S1], 1).flatten(0, 1)), nrow=2), out / "before_after.png")
+        save_png(_curves(history, ("loss", "separate", "enhance", "preserve")), out / "curves.png")
+        report = {
+            "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
+            "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
+            "separate_before": _loss_per_prompt(separate_loss, A0, cfg.objects),
+            "separate_after": _loss_per_prompt(separate_loss, A1, cfg.objects),
+            "enhance_before": _loss_per_prompt(enhance_loss, A0, cfg.objects),
+            "enhance_after": _loss_per_prompt(enhance_loss, A1, cfg.objects),
+            "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
+            "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
+                      "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
+                      **state_file},
+            "history": [r.as_dict() for r in history],
+            "focusfix_version": __version__,
+        }
+        _write_report(out, report, columns="before | after (same seed), one row per prompt; attention.png: a row per "
+                                           "prompt, each object's cross-attention map before training, then each after")
+        return report
 
 
 @torch.no_grad()
@@ -747,7 +764,7 @@ def main(argv=None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError as e:  # after training: the LoRA is written, the images did not fit
+    except torch.OutOfMemoryError as e:  # before training (the base images); during, after it: _consume, _lora_kept
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # after training (a Ctrl-C during it ends training and still writes the outputs)

@@ -303,3 +303,30 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "cannot lock" in err and "a second run into --out" in err and "would not be refused" in err
     assert (out / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["train-fnf", "train-sne"])
+def test_a_disk_that_fills_after_the_lora_is_exit_1_naming_what_is_kept(tmp_path, capsys, monkeypatch, command):
+    """A full disk at the images after training ended the run with exit 2 ("cannot write ...: check --out"), as if
+    nothing were saved, though the LoRA and state.pt were written (left from session 18). Now exit 1, naming the
+    file not written and the LoRA and state kept."""
+    import errno
+    real = cli.save_png
+
+    def full(img, path, *a, **k):
+        if path.name == "curves.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(img, path, *a, **k)
+    monkeypatch.setattr(cli, "save_png", full)
+    out = tmp_path / "o"
+    extra = (["--reward", "artifact", "--steps", "3", "--seeds", "0", "--batch-size", "1"] if command == "train-fnf"
+             else ["--resolution", "8"])
+    prompt = "a red circle" if command == "train-fnf" else "a red circle and a blue square | circle, square"
+    rc = cli.main([command, "--prompt", prompt, "--iterations", "1", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"error: cannot write {out / 'curves.png'}: No space left on device" in err
+    assert (f"training ended: {out / 'lora.safetensors'} holds the trained LoRA and {out / 'state.pt'} its state; "
+            f"the images and report are incomplete") in err
+    assert (out / "lora.safetensors").is_file() and (out / "state.pt").is_file()
+    assert not (out / "report.json").exists()
