@@ -149,7 +149,7 @@ def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) 
     not left to write over the first one's outputs. An OS lock (flock; msvcrt.locking on Windows), so a
     killed run holds nothing. Once held, `prepare_out`'s check runs again: a run that started while the folder
     was still empty must not replace what a run finished meanwhile."""
-    created = not out.exists()
+    created = [p for p in (out, *out.absolute().parents) if not p.exists()]  # deepest first: removed in that order
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
     fd = _lock(path, out)
@@ -166,8 +166,8 @@ def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) 
         try:
             if os.name == "nt":
                 path.unlink(missing_ok=True)
-            if created and not any(out.iterdir()):  # a run refused before it wrote anything leaves no empty folder
-                out.rmdir()
+            for folder in created:  # a run refused before it wrote anything leaves no empty folder, nor parents
+                folder.rmdir()  # OSError once one is not empty
         except OSError:  # another run holds the lock now, or wrote meanwhile: its files stay
             pass
 

@@ -240,6 +240,33 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_pa
     assert (out / "lora.safetensors").is_file() and not (out / cli.LOCK_NAME).exists()
 
 
+def test_a_refused_run_leaves_none_of_the_folders_it_made(tmp_path, capsys):
+    """--out runs/2026/fix, none of them there, refused once the lock was held: only `fix` was removed, `runs/2026`
+    stayed (left from session 18). Every folder the run made is removed; one that was there, or that holds
+    another run's files, stays."""
+    (tmp_path / "runs").mkdir()
+    out = tmp_path / "runs" / "2026" / "nov" / "fix"
+    with cli.claim_out(out, overwrite=False, resume=False):  # another run is writing into it
+        args = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps", "3",
+                "--seeds", "0", "--out", str(out)]
+        assert cli.main(args) == 2
+        assert "another FocusFix run is writing" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []  # 2026/nov/fix gone, `runs` (there before) kept
+    with pytest.raises(FileExistsError, match="already holds"):
+        with cli.claim_out(out, overwrite=False, resume=False):
+            (tmp_path / "runs" / "2026" / "notes.txt").write_text("mine")  # another's file, written meanwhile
+            (out / "lora.safetensors").write_bytes(b"x")
+            raise FileExistsError("already holds")
+    assert (out / "lora.safetensors").exists()  # a run that wrote keeps its folder
+    dec = tmp_path / "runs" / "2026" / "dec"
+    with pytest.raises(ValueError):
+        with cli.claim_out(dec / "fix", overwrite=False, resume=False):
+            (dec / "other.txt").write_text("mine")  # another's file in a folder this run made
+            raise ValueError("refused")
+    assert list(dec.iterdir()) == [dec / "other.txt"]  # `fix` removed, `dec` kept for the file
+    assert sorted(p.name for p in (tmp_path / "runs" / "2026").iterdir()) == ["dec", "notes.txt", "nov"]
+
+
 def test_a_second_ctrl_c_while_the_lora_is_written_waits_for_it(tmp_path, capsys, monkeypatch):
     """A fast double Ctrl-C (or a SIGTERM after a Ctrl-C) landed inside the final save: the steps' LoRA and
     state.pt were lost, while the message said "lora.safetensors once training ended" (review G, side note). The
