@@ -350,7 +350,7 @@ def load_training_state(path: str | os.PathLike) -> Any:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is corrupt, or holds objects other than tensors and plain values.
+        ValueError: the file is unreadable or corrupt, or holds objects other than tensors and plain values.
     """
     path = _existing_file(path, "training state (torch.save of tensors and plain values)")
     return _torch_load(path, "a training state (torch.save of tensors and plain values)")
@@ -362,6 +362,11 @@ def _existing_file(path: str | os.PathLike, expected: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{expected} file {str(path)!r} not found")
+    try:  # an OSError from deep inside a reader would read as a failed write (the CLI), or not name the file
+        open(path, "rb").close()
+    except OSError as e:
+        raise ValueError(f"cannot read {expected} file {str(path)!r}: {e.strerror or e} (check that this user "
+                         f"may read it)") from None
     return path
 
 
@@ -447,7 +452,8 @@ def load_tensor_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown extension, corrupt/truncated file, pickled objects, non-tensor entries.
+        ValueError: a file this user may not read, unknown extension, corrupt/truncated file, pickled objects,
+            non-tensor entries.
     """
     path = _existing_file(path, "tensor")
     suffix = path.suffix.lower()

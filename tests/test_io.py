@@ -484,3 +484,31 @@ def test_an_interrupted_save_without_hard_links_leaves_no_empty_file(tmp_path, m
     monkeypatch.setattr(os, "replace", real_replace)
     ffio._atomic_write(tmp_path / "fix.safetensors", lambda tmp: tmp.write_bytes(b"ours"), overwrite=False)
     assert (tmp_path / "fix.safetensors").read_bytes() == b"ours"
+
+
+def test_a_file_this_user_may_not_read_is_named_as_an_input(tmp_path, monkeypatch, capsys):
+    """A LoRA, reward, model or state file without read permission raised PermissionError from inside the reader:
+    the command line said "cannot write <the input>: Permission denied (check --out / the output path)"."""
+    import builtins
+    import re
+
+    from focusfix_core import cli
+    from focusfix_core.lora import read_focusfix_lora
+
+    locked = tmp_path / "locked.safetensors"
+    save_file({"w": torch.zeros(2)}, str(locked))
+
+    def no_read(file, *a, **kw):  # as for a chmod 000 file (root reads every file, so the test cannot chmod)
+        if str(file) == str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, *a, **kw)
+    monkeypatch.setattr(ffio, "open", no_read, raising=False)
+    message = f"cannot read tensor file {str(locked)!r}: Permission denied (check that this user may read it)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_focusfix_lora(locked)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_tensor_file(locked)
+    assert cli.main(["train-fnf", "--prompt", "a red circle", "--reward", str(locked), "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "cannot write" not in err, err
