@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -41,6 +42,7 @@ __all__ = [
     "load_tensor_file",
     "load_tensor_file_with_metadata",
     "load_mask_image",
+    "is_read_only",
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # read only with torch.load(weights_only=True)
@@ -54,10 +56,16 @@ _PLAIN = (type(None), bool, int, float, str, torch.Tensor, torch.dtype, torch.de
 def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
     """Call `write(tmp)` on a temp file next to `path`, fsync it, then move it onto `path` (see `_publish`)."""
     path = Path(path)
+    if overwrite and is_read_only(path):  # Windows refuses to replace it; elsewhere too, so a save acts the same
+        raise PermissionError(errno.EACCES, READ_ONLY_KEPT, str(path))
     _make_folder(path)
     _sweep_stale_temps(path.parent)
-    # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+    try:  # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+    except OSError as e:  # a folder this user may not write to: name the file being saved, not a temp name
+        if e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     publishing = False
@@ -85,6 +93,18 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         raise
     _fsync_dir(path.parent)
     return path
+
+
+READ_ONLY_KEPT = "it is read-only, and was kept: make it writable to replace it, or choose another name"
+
+
+def is_read_only(path: Path) -> bool:
+    """A file nobody may write to (chmod a-w; on Windows the read-only attribute): its owner marked it to keep."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 
 
 _WRITE_FAILURES = ("os error", "unexpected pos", "failed writing", "write failed")  # the writers' own words

@@ -407,11 +407,11 @@ def test_paths_over_another_systems_limit_are_refused_at_once(tmp_path, monkeypa
 
 def test_a_file_in_use_is_named_and_no_temp_file_is_left(tmp_path, monkeypatch):
     """Windows refuses to replace a LoRA another program holds open (a cached Load LoRA, another UI): the
-    error names the file and why; the temp file goes, even when it took the target's read-only mode."""
+    error names the file and why; the temp file goes, even when it took a read-only mode (the target made
+    read-only while the save wrote; one read-only before is kept: `test_a_read_only_file_is_kept_even_with_...`)."""
     path = tmp_path / "fix.safetensors"
     path.write_bytes(b"theirs")
-    os.chmod(path, 0o444)
-    real_unlink = Path.unlink
+    real_unlink, real_mode = Path.unlink, ffio._file_mode
 
     def windows_replace(src, dst):
         raise PermissionError(13, "Access is denied", str(src))
@@ -421,8 +421,13 @@ def test_a_file_in_use_is_named_and_no_temp_file_is_left(tmp_path, monkeypatch):
             raise PermissionError(13, "Access is denied", str(self))
         return real_unlink(self, missing_ok=missing_ok)
 
+    def made_read_only(p):
+        os.chmod(p, 0o444)
+        return real_mode(p)
+
     monkeypatch.setattr(os, "replace", windows_replace)
     monkeypatch.setattr(Path, "unlink", windows_unlink)
+    monkeypatch.setattr(ffio, "_file_mode", made_read_only)
     with pytest.raises(PermissionError, match="could not be replaced; is it open in another program"):
         atomic_write_bytes(b"ours", path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors"]
@@ -512,3 +517,37 @@ def test_a_file_this_user_may_not_read_is_named_as_an_input(tmp_path, monkeypatc
                      str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and "cannot write" not in err, err
+
+
+def test_a_read_only_file_is_kept_even_with_overwrite(tmp_path):
+    """On Linux and macOS a save with overwrite replaced a file marked read-only (chmod a-w), which Windows refuses:
+    the same node or command kept or replaced an artist's protected LoRA depending on the system."""
+    import stat
+
+    path = tmp_path / "keep.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    before = path.read_bytes()
+    path.chmod(0o444)
+    try:
+        with pytest.raises(PermissionError, match="it is read-only, and was kept: make it writable") as e:
+            atomic_save_safetensors({"w": torch.zeros(2)}, path, overwrite=True)
+        assert e.value.filename == str(path)
+        assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+        path.chmod(0o644)  # writable again: replaced
+        atomic_save_safetensors({"w": torch.zeros(2)}, path, overwrite=True)
+        assert torch.equal(load_tensor_file(path)["w"], torch.zeros(2))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        path.chmod(0o644)
+
+
+def test_a_folder_this_user_may_not_write_to_is_named_by_the_file_being_saved(tmp_path, monkeypatch):
+    """The temp file's creation failed first, so the error named `.focusfix-xxxxxxxx.tmp`, a name the artist never
+    gave (seen as a non-root user saving into a read-only folder)."""
+    def refused(dir=None, prefix="", suffix=""):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "abcd1234" + suffix))
+    monkeypatch.setattr(ffio.tempfile, "mkstemp", refused)
+    target = tmp_path / "lora.safetensors"
+    with pytest.raises(PermissionError) as e:
+        atomic_write_text("x", target)
+    assert e.value.filename == str(target) and e.value.strerror == "Permission denied"
