@@ -146,6 +146,23 @@ def test_save_metadata_counter_overwrite_and_escape(fresh, lora_data):
     assert not [p for p in fresh.loras.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_save_with_overwrite_keeps_a_read_only_lora(fresh, lora_data):
+    """Save LoRA with overwrite on replaced a LoRA the artist marked read-only on Linux and macOS (Windows
+    refuses): it is kept, and the error says how to replace it."""
+    data, _ = lora_data
+    assert fresh.run("FocusFixSaveLoRA", lora=data, filename="kept", overwrite=False)[0] == "kept.safetensors"
+    path = fresh.loras / "kept.safetensors"
+    before = path.read_bytes()
+    path.chmod(0o444)
+    try:
+        with pytest.raises(PermissionError, match="it is read-only, and was kept: make it writable to replace it"):
+            fresh.run("FocusFixSaveLoRA", lora=data, filename="kept", overwrite=True,
+                      preview=torch.zeros(1, 8, 8, 3))
+        assert path.read_bytes() == before and not (fresh.loras / "kept.preview.png").exists()
+    finally:
+        path.chmod(0o644)
+
+
 def test_save_writes_the_preview_beside_the_lora_and_keeps_a_strangers(fresh, lora_data):
     """preview -> <name>.preview.png (the first image, 8-bit), also under a counter name; an existing image that
     the save did not write is kept unless overwrite is on: its name is taken (the LoRA gets the next free name,
