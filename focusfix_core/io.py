@@ -59,7 +59,6 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     if overwrite and is_read_only(path):  # Windows refuses to replace it; elsewhere too, so a save acts the same
         raise PermissionError(errno.EACCES, READ_ONLY_KEPT, str(path))
     _make_folder(path)
-    _sweep_stale_temps(path.parent)
     try:  # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     except OSError as e:  # a folder this user may not write to: name the file being saved, not a temp name
@@ -68,6 +67,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
         raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    _sweep_stale_temps(tmp)
     publishing = False
     try:
         try:
@@ -126,12 +126,17 @@ def _write_failed(e: Exception, path: Path) -> OSError | None:
     return OSError(errno.ENOSPC if full else errno.EIO, f"{why} ({type(e).__name__} while writing)", str(path))
 
 
-def _sweep_stale_temps(folder: Path) -> None:
-    """Delete the temp files a killed save left in `folder` (power cut, out-of-memory killer, kill -9: no cleanup
-    ran), a little litter in the artist's loras folder each (hidden on Linux and macOS, listed on Windows). Only
-    plain files with our temp names, unchanged for `_STALE_TMP_SECONDS`: a live save writes its file within
-    seconds, then renames it. Best effort: a file that cannot be read or deleted stays."""
-    now = time.time()
+def _sweep_stale_temps(own: Path) -> None:
+    """Delete the temp files a killed save left in `own`'s folder (power cut, out-of-memory killer, kill -9: no
+    cleanup ran), a little litter in the artist's loras folder each (hidden on Linux and macOS, listed on Windows).
+    Only plain files with our temp names, unchanged for `_STALE_TMP_SECONDS` by the folder's own clock (`own`, the
+    temp file this save just made: a network share's clock may run ahead of ours). A live save writes its file
+    within seconds, then renames it. Best effort: a file that cannot be read or deleted stays."""
+    folder = own.parent
+    try:
+        now = own.stat().st_mtime
+    except OSError:
+        return
     try:
         with os.scandir(folder) as entries:
             for entry in entries:

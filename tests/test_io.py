@@ -67,6 +67,17 @@ class TestAtomicSave:
         assert live.exists() and all(f.exists() for f in others) and (tmp_path / ".focusfix-dir00000.tmp").is_dir()
         assert link.is_symlink() and target.read_bytes() == b"the artist's"
 
+    def test_the_sweep_goes_by_the_folders_clock_not_this_machines(self, tmp_path, monkeypatch):
+        """The age was this machine's time minus the file's mtime, which a network share stamps by its own clock:
+        with this machine 2 hours ahead, another live save's fresh temp file looked 2 hours old and was deleted
+        under it (its save then failed, the trained LoRA lost)."""
+        live = tmp_path / ".focusfix-zzzzzzzz.tmp"
+        live.write_bytes(b"another save, writing")
+        real = time.time
+        monkeypatch.setattr(ffio.time, "time", lambda: real() + 2 * 3600)
+        atomic_save_safetensors({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
+        assert live.exists()
+
     def test_same_content_same_bytes(self, tmp_path):
         # safetensors orders the metadata by a Rust HashMap, another order in every process and map: the same
         # LoRA saved twice had other bytes (another sha256)
