@@ -75,7 +75,13 @@ def test_quick_demo_counts_both_objects_and_keeps_its_layout(quick_demo):
     n = len(se["check_seeds"])
     assert len(se["both_objects_before"]) == len(se["both_objects_after"]) == len(demo.DEMO_PAIRS)
     assert all(0 <= k <= n for k in se["both_objects_before"] + se["both_objects_after"])
+    held = se["held_out"]  # prompts it did not train on, counted the same way
+    assert held["prompts"] == list(demo.DEMO_HELD_OUT_PAIRS[:demo.QUICK.held_out_pairs])
+    assert not set(held["prompts"]) & set(se["prompts"])
+    assert len(held["both_objects_before"]) == len(held["both_objects_after"]) == len(held["prompts"])
+    assert all(0 <= k <= n for k in held["both_objects_before"] + held["both_objects_after"])
     for part, names in (("focus_n_fix", ("lora.safetensors", "before_after.png", "report.json")),
-                        ("separate_enhance", ("lora.safetensors", "attention.png", "both_objects.png"))):
+                        ("separate_enhance", ("lora.safetensors", "attention.png", "both_objects.png",
+                                              "held_out.png"))):
         for name in names:
             assert (out / part / name).is_file(), (part, name)
