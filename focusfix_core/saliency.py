@@ -1,7 +1,9 @@
 """Where the reward looks: gradient saliency and heatmaps turned into Focus-N-Fix masks M(I0).
 
-M: [B,H,W] in [0,1], 1 = the image may change there. A reward with a heatmap (RichHF-style artifact
-maps) gives it directly; any other reward gets one from the gradient of its score w.r.t. the image.
+M: [B,1,H,W] in [0,1], 1 = the image may change there. A reward with a heatmap (RichHF-style artifact
+maps) gives it directly; any other reward gets one from the gradient of its score w.r.t. the image. Maps are
+[B,1,H,W] too (H, a reward's heatmap, the saliency S), so a map and its mask share one layout; functions that
+read a map or a mask also take [B,H,W].
 
 References:
     Simonyan et al. 2014 (gradient saliency), Smilkov et al. 2017 (SmoothGrad),
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import resize_mask
+from .losses import _as_mask4, resize_mask
 
 __all__ = [
     "gradient_saliency",
@@ -62,7 +64,7 @@ def _score_grad(reward: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def score_and_saliency(reward: nn.Module, I: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scores r(I) [B] and the "grad" saliency |dr/dI| [B,H,W] (`gradient_saliency`) of images I [B,3,H,W]
+    """The scores r(I) [B] and the "grad" saliency |dr/dI| [B,1,H,W] (`gradient_saliency`) of images I [B,3,H,W]
     in [0,1], from one forward and one backward: the scores come from the forward the gradient needs, not from
     another one.
 
@@ -70,13 +72,13 @@ def score_and_saliency(reward: nn.Module, I: torch.Tensor) -> tuple[torch.Tensor
         >>> class Red(nn.Module):
         ...     def forward(self, I): return I[:, 0].mean((1, 2))
         >>> scores, S = score_and_saliency(Red(), torch.full((1, 3, 2, 2), 0.5))
-        >>> scores.tolist(), S[0].tolist()
+        >>> scores.tolist(), S[0, 0].tolist()
         ([0.5], [[0.25, 0.25], [0.25, 0.25]])
     """
     _check_images(I)
     with torch.inference_mode(False), torch.enable_grad():
         scores, g = _score_grad(reward, I)  # it differentiates a plain copy, also of an inference tensor
-    return scores, g.abs().sum(1)
+    return scores, g.abs().sum(1, keepdim=True)  # (B, 1, H, W)
 
 
 def gradient_saliency(
@@ -103,7 +105,7 @@ def gradient_saliency(
         generator: randomness for "smoothgrad".
 
     Returns:
-        [B,H,W] saliency >= 0 (detached).
+        S: [B,1,H,W] saliency >= 0 (detached).
 
     Raises:
         ValueError: a bad method, or empty or non-finite images I.
@@ -112,7 +114,7 @@ def gradient_saliency(
         >>> class Red(nn.Module):
         ...     def forward(self, I): return I[:, 0].mean((1, 2))
         >>> gradient_saliency(Red(), torch.rand(2, 3, 8, 8)).shape
-        torch.Size([2, 8, 8])
+        torch.Size([2, 1, 8, 8])
     """
     _check_images(I)
     if method not in SALIENCY_METHODS:
@@ -122,45 +124,42 @@ def gradient_saliency(
     with torch.inference_mode(False), torch.enable_grad():
         x = I.detach().clone()  # a normal tensor even when I is an inference tensor
         if method == "grad":
-            S = _score_grad(reward, x)[1].abs().sum(1)
+            S = _score_grad(reward, x)[1].abs().sum(1, keepdim=True)
         elif method == "grad_x_input":
-            S = (_score_grad(reward, x)[1] * x).abs().sum(1)
+            S = (_score_grad(reward, x)[1] * x).abs().sum(1, keepdim=True)
         else:
-            S = torch.zeros_like(x[:, 0])
+            S = torch.zeros_like(x[:, :1])
             for _ in range(n_samples):
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                S = S + _score_grad(reward, x + noise_std * noise)[1].abs().sum(1)
+                S = S + _score_grad(reward, x + noise_std * noise)[1].abs().sum(1, keepdim=True)
             S = S / n_samples
-    return S.detach()  # (B, H, W)
+    return S.detach()  # (B, 1, H, W)
 
 
-def _as_map3(H: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(H, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B,H,W] or [B,1,H,W], got {type(H).__name__}")
-    if H.ndim == 4 and H.shape[1] == 1:
-        H = H[:, 0]
-    if H.ndim != 3:
-        raise ValueError(f"{name} must be [B,H,W] or [B,1,H,W], got shape {tuple(H.shape)}")
-    return H if H.is_floating_point() else H.float()
+def _as_map4(H: torch.Tensor, name: str) -> torch.Tensor:
+    """A map or mask H: [B,H,W] or [B,1,H,W] of any real dtype (a bool mask too) -> float [B,1,H,W]."""
+    if isinstance(H, torch.Tensor) and not H.is_floating_point():
+        H = H.float()
+    return _as_mask4(H, name)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of x: [B,H,W] (reflect border; kernel 2*ceil(3 sigma)+1, capped to fit the image)."""
+    """Gaussian blur of x: [B,1,H,W] (reflect border; kernel 2*ceil(3 sigma)+1, capped to fit the image)."""
     if sigma <= 0:
         return x
     k = 2 * math.ceil(3 * sigma) + 1
     kh, kw = (min(k, 2 * ((n - 1) // 2) + 1) for n in x.shape[-2:])  # reflect needs pad < size
     if kh < 3 or kw < 3:
         return x
-    return kornia.filters.gaussian_blur2d(x[:, None], (kh, kw), (sigma, sigma), border_type="reflect")[:, 0]
+    return kornia.filters.gaussian_blur2d(x, (kh, kw), (sigma, sigma), border_type="reflect")
 
 
 def _normalise(H: torch.Tensor) -> torch.Tensor:
-    """Min-max per image to [0,1]; a constant image becomes zeros. H: [B,H,W]."""
-    lo = H.flatten(1).amin(1)[:, None, None]
-    span = H.flatten(1).amax(1)[:, None, None] - lo
+    """Min-max per image to [0,1]; a constant image becomes zeros. H: [B,1,H,W]."""
+    lo = H.flatten(1).amin(1)[:, None, None, None]
+    span = H.flatten(1).amax(1)[:, None, None, None] - lo
     # relative test: saliency of a large reward model can be ~1e-7 everywhere and still well structured
-    scale = H.flatten(1).abs().amax(1)[:, None, None]
+    scale = H.flatten(1).abs().amax(1)[:, None, None, None]
     flat = span <= torch.finfo(H.dtype).eps * scale
     return torch.where(flat, torch.zeros_like(H), (H - lo) / torch.where(flat, torch.ones_like(span), span))
 
@@ -171,22 +170,22 @@ def _disk(radius: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
 
 
 def dilate(M: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary M [B,H,W] grown by a disk of `radius` pixels: a pixel is on when the disk around it holds an on
+    """Binary M [B,1,H,W] grown by a disk of `radius` pixels: a pixel is on when the disk around it holds an on
     pixel (zero outside the image). An FFT convolution with the disk, so memory stays O(HW) at any radius:
     kornia's dilation unfolds (2r+1)^2 values per pixel on CUDA (257 GiB at 512 px and r = 256).
 
     Examples:
-        >>> M = torch.zeros(1, 7, 7); M[0, 3, 3] = 1
-        >>> dilate(M, 1)[0, 2:5, 2:5].tolist()
+        >>> M = torch.zeros(1, 1, 7, 7); M[0, 0, 3, 3] = 1
+        >>> dilate(M, 1)[0, 0, 2:5, 2:5].tolist()
         [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]
     """
-    _, h, w = M.shape
+    h, w = M.shape[-2:]
     r = min(int(radius), math.ceil(math.hypot(h, w)))  # a larger disk covers the image from any on pixel
     if r <= 0:
         return M
     size = (h + 2 * r, w + 2 * r)  # room for the full linear convolution: no wrap-around
     spectrum = torch.fft.rfft2(M.float(), s=size) * torch.fft.rfft2(_disk(r, M.device, torch.float32), s=size)
-    count = torch.fft.irfft2(spectrum, s=size)[:, r:r + h, r:r + w]  # on pixels under each disk (+- rounding)
+    count = torch.fft.irfft2(spectrum, s=size)[..., r:r + h, r:r + w]  # on pixels under each disk (+- rounding)
     return (count > 0.5).to(M.dtype)
 
 
@@ -250,29 +249,29 @@ def heatmap_to_mask(
         feather: soften the mask edge with this Gaussian sigma in pixels (0 = hard mask).
 
     Returns:
-        M: [B,H,W] float in [0,1], 1 = may change.
+        M: [B,1,H,W] float in [0,1], 1 = may change.
 
     Raises:
         ValueError: for a bad mode (listing the options), a negative heatmap or out-of-range numbers.
 
     Example:
         >>> heatmap_to_mask(torch.rand(2, 32, 32), threshold_mode="top_percent", threshold=0.1).shape
-        torch.Size([2, 32, 32])
+        torch.Size([2, 1, 32, 32])
     """
-    H = _as_map3(H, "heatmap H")
+    H = _as_map4(H, "heatmap H")
     check_threshold(threshold_mode, threshold)
     check_mask_settings(blur_sigma, dilation, feather)
     if not torch.isfinite(H).all():
         raise ValueError(f"heatmap H must be finite, got NaN or inf values (shape {tuple(H.shape)})")
     if not H.numel():  # an empty batch (or image): an empty mask, without kornia's Otsu or an FFT, which fail on it
-        return torch.zeros_like(H)  # (_as_map3 made H float)
+        return torch.zeros_like(H)  # (_as_map4 made H float)
     if H.min() < 0:
         raise ValueError(f"heatmap H must be >= 0, got a minimum of {float(H.min()):.4g}")
     device = H.device
     if device.type == "mps":  # kthvalue (before torch 2.9) and FFTs (pytorch#124096) fail there; a mask is small
         H = H.cpu()
-    H = _normalise(_blur(H.detach(), blur_sigma))  # (B, H, W) in [0,1]
-    informative = (H.flatten(1).amax(1) > 0)[:, None, None]
+    H = _normalise(_blur(H.detach(), blur_sigma))  # (B, 1, H, W) in [0,1]
+    informative = (H.flatten(1).amax(1) > 0)[:, None, None, None]
     if threshold_mode == "value":
         M = H >= threshold
     elif threshold_mode == "top_percent":
@@ -281,11 +280,10 @@ def heatmap_to_mask(
         q = H.flatten(1).kthvalue(n - keep + 1, dim=1).values  # (B,) the keep-th largest value
         if threshold < 1:  # never pick the background minimum (0 after normalisation) through ties
             q = q.clamp_min(torch.finfo(H.dtype).tiny)
-        M = H >= q[:, None, None]
+        M = H >= q[:, None, None, None]
     else:
-        M, _ = kornia.filters.otsu_threshold(H[:, None], return_mask=True)
-        M = M[:, 0]
-    M = (M & informative).to(H.dtype)  # (B, H, W) binary
+        M, _ = kornia.filters.otsu_threshold(H, return_mask=True)
+    M = (M & informative).to(H.dtype)  # (B, 1, H, W) binary
     if dilation > 0:
         M = dilate(M, int(dilation))
     return _blur(M, feather).clamp(0, 1).to(device)
@@ -318,7 +316,7 @@ def mask_from_reward(
         **mask_kwargs: passed to `heatmap_to_mask`.
 
     Returns:
-        M: [B,H,W] in [0,1].
+        M: [B,1,H,W] in [0,1].
 
     Raises:
         ValueError: empty or non-finite images I, a bad source, or a reward whose map is not finite.
@@ -335,9 +333,9 @@ def mask_from_reward(
         heat = gradient_saliency(reward, I, method=method, generator=generator)
     else:
         with torch.no_grad():
-            heat = _as_map3(reward.heatmap(I), "reward heatmap")
+            heat = _as_map4(reward.heatmap(I), "reward heatmap")
         if heat.shape[-2:] != I.shape[-2:]:
-            heat = torch.nn.functional.interpolate(heat[:, None], size=I.shape[-2:], mode="bilinear")[:, 0]
+            heat = torch.nn.functional.interpolate(heat, size=I.shape[-2:], mode="bilinear")
         heat = heat.clamp_min(0)
     if not torch.isfinite(heat).all():  # I is finite (checked above): the reward made the NaN
         name = getattr(reward, "name", type(reward).__name__)
@@ -347,7 +345,7 @@ def mask_from_reward(
 
 def mask_coverage(M: torch.Tensor) -> torch.Tensor:
     """Fraction of pixels with M >= 0.5 per image. M: [B,H,W] or [B,1,H,W] -> [B] (never NaN)."""
-    M = _as_map3(M, "mask M")
+    M = _as_map4(M, "mask M")
     return (M >= 0.5).flatten(1).sum(1).to(M.dtype) / max(M.shape[-2] * M.shape[-1], 1)
 
 
@@ -359,7 +357,7 @@ def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
         >>> check_mask(torch.zeros(1, 4, 4))
         ['mask M[0] is empty (coverage 0): the whole image is held fixed']
     """
-    M = _as_map3(M, name)
+    M = _as_map4(M, name)
     warnings = []
     bad = ~torch.isfinite(M).flatten(1).all(1)
     for b, (c, nonfinite) in enumerate(zip(mask_coverage(M).tolist(), bad.tolist())):

@@ -961,7 +961,7 @@ class FixTrainer(_LoRATrainer):
         cfg = self.cfg
         if masks is None:
             raise ValueError("mask_source is 'mask' but no masks were passed (connect a MASK)")
-        M = masks if masks.ndim == 3 else masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else None
+        M = masks[:, None] if masks.ndim == 3 else masks if masks.ndim == 4 and masks.shape[1] == 1 else None
         if M is None:
             raise ValueError(f"masks must be [N,H,W] or [N,1,H,W], got {tuple(masks.shape)}")
         if tuple(M.shape[-2:]) != (cfg.height, cfg.width):
@@ -976,8 +976,9 @@ class FixTrainer(_LoRATrainer):
         if bad:
             raise ValueError(f"{bad[0]}: paint the region that may change (in ComfyUI's mask editor the painted "
                              f"part is 1 = may change), or set lam 0 for plain DRaFT")
-        M = M.float().clamp(0, 1).cpu()  # in CPU memory like the cache it feeds (`_keep`)
-        self._painted_digest = _digest(M)  # a resume with other masks is refused
+        M = M.float().clamp(0, 1).cpu()  # (N, 1, H, W) in CPU memory like the cache it feeds (`_keep`)
+        # a resume with other masks is refused; hashed as [N,H,W], the layout states were saved with
+        self._painted_digest = _digest(M[:, 0])
         return M
 
     # -- I0 and M: computed once per item (the base model is frozen) ----------------------------------------
@@ -1039,7 +1040,7 @@ class FixTrainer(_LoRATrainer):
     @torch.no_grad()
     def base(self, idx: list[int], callback: Callable[[dict], None] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,H,W] (None for "none") for items idx on the
+        """I0 [b,3,H,W], its latents z0 [b,C,h,w] and M [b,1,H,W] (None for "none") for items idx on the
         trainer's device, from the cache (`_fill_cache`); `callback` follows the sampler's steps when I0 is
         sampled."""
         self._fill_cache(idx, callback)
@@ -1085,7 +1086,7 @@ class FixTrainer(_LoRATrainer):
                 self._cache[i] = (self._keep(I0[j]), self._keep(z0[j]), None if M is None else self._keep(M[j]))
 
     def _derived_mask(self, i: int, I0: torch.Tensor, shown_only: bool = False) -> torch.Tensor:
-        """M(I0): [1,H,W] of item i from the reward (heatmap or saliency), for I0 [1,3,H,W] as the artist sees it
+        """M(I0): [1,1,H,W] of item i from the reward (heatmap or saliency), for I0 [1,3,H,W] as the artist sees it
         (clamped, as VAE Decode gives it). One item at a time, smoothgrad's noise the same for each
         (`mask_noise`): an item's mask is the same whichever items share its batch (a blur rounds differently
         per batch, and a top_percent cut flips near-tied pixels), so a resumed run draws the masks it had, and
@@ -1109,7 +1110,7 @@ class FixTrainer(_LoRATrainer):
     @torch.no_grad()
     def before_after(self, progress: Callable[[int], Callable[[dict], None]] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """I0 [N,3,H,W], I [N,3,H,W] (the LoRA as it is now) and M [N,H,W] (None for "none") of every item, in
+        """I0 [N,3,H,W], I [N,3,H,W] (the LoRA as it is now) and M [N,1,H,W] (None for "none") of every item, in
         CPU memory, drawn batch_size items at a time: the device's peak stays a training batch's, however many
         items there are.
 

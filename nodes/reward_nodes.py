@@ -196,7 +196,7 @@ class FocusFixSaliencyMask:
     FUNCTION = "execute"
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("mask", "overlay")
-    OUTPUT_TOOLTIPS = ("M: [B,H,W] in [0,1], 1 = may change.", "The mask tinted red over the images.")
+    OUTPUT_TOOLTIPS = ("M as a ComfyUI MASK [B,H,W] in [0,1], 1 = may change.", "The mask tinted red over the images.")
 
     @classmethod
     def INPUT_TYPES(cls):

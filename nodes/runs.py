@@ -27,7 +27,7 @@ class FixRun:
     history: list
     I0: torch.Tensor             # [N,3,H,W] base images of every (prompt, seed) item
     I: torch.Tensor              # [N,3,H,W] the same items with the trained LoRA
-    M: torch.Tensor | None       # [N,H,W] masks used (None: plain DRaFT)
+    M: torch.Tensor | None       # [N,1,H,W] masks used (None: plain DRaFT)
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
     checkpoint_error: str | None = None  # why the last checkpoint write failed (None: it did not)
     unmasked: tuple[tuple[str, int], ...] = ()  # items training never met whose derived mask is empty

@@ -228,7 +228,7 @@ class FocusFixTrainFocusNFix:
             threshold_mode=threshold_mode, threshold=threshold, dilation=dilation, saliency_method=saliency_method),
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
             continue_from=continue_from, graph=graph_metadata(prompt, extra_pnginfo))
-        M = torch.ones_like(run.I0[:, 0]) if run.M is None else run.M
+        M = torch.ones_like(run.I0[:, :1]) if run.M is None else run.M
         notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
         notes += [f"prompt {p!r}, seed {s}: no mask (the reward's {mask_source} of its image is flat); training "
                   f"never drew it, and its before/after show it with an empty mask" for p, s in run.unmasked]

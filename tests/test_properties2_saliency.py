@@ -16,15 +16,15 @@ FAST = settings(max_examples=60, deadline=None)
 
 @st.composite
 def heatmaps(draw, B=st.integers(1, 3), side=st.integers(1, 12), dtype=st.sampled_from([torch.float32, torch.float64])):
-    """[B,H,W] >= 0: random values, with plateaus (quantised), zero areas and sometimes a constant image."""
+    """[B,1,H,W] >= 0: random values, with plateaus (quantised), zero areas and sometimes a constant image."""
     b, h, w = draw(B), draw(side), draw(side)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    H = torch.rand(b, h, w, generator=g, dtype=torch.float64)
+    H = torch.rand(b, 1, h, w, generator=g, dtype=torch.float64)
     levels = draw(st.sampled_from([0, 3, 8]))
     if levels:  # ties
         H = (H * levels).floor() / levels
     if draw(st.booleans()):  # a zero background
-        H = H * (torch.rand(b, h, w, generator=g, dtype=torch.float64) < 0.4)
+        H = H * (torch.rand(b, 1, h, w, generator=g, dtype=torch.float64) < 0.4)
     if draw(st.integers(0, 5)) == 0:  # one constant image in the batch
         H[0] = draw(st.sampled_from([0.0, 0.7]))
     return (H * draw(st.sampled_from([1e-6, 1.0, 1e4]))).to(draw(dtype))
@@ -43,8 +43,8 @@ SETTINGS = dict(blur_sigma=st.sampled_from([0.0, 0.5, 1.5, 4.0]), dilation=st.in
 def test_any_heatmap_gives_a_mask_of_its_size_in_0_1(H, mode, data, layout):
     kw = {k: data.draw(v) for k, v in SETTINGS.items()}
     t = data.draw(thresholds(mode))
-    M = heatmap_to_mask(H if layout == "BHW" else H[:, None], threshold_mode=mode, threshold=t, **kw)
-    assert M.shape == H.shape and M.dtype == H.dtype
+    M = heatmap_to_mask(H[:, 0] if layout == "BHW" else H, threshold_mode=mode, threshold=t, **kw)
+    assert M.shape == H.shape and M.dtype == H.dtype  # [B,1,H,W] from either layout
     assert torch.isfinite(M).all() and M.min() >= 0 and M.max() <= 1
     if kw["feather"] == 0:
         assert ((M == 0) | (M == 1)).all()

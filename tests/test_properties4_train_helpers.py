@@ -171,7 +171,7 @@ def test_each_item_gets_the_mask_the_nodes_note_promises(n_prompts, seeds, per, 
     for i in range(n_items):
         p, j = divmod(i, len(seeds))
         want = M[0] if n == 1 else M[i] if n == n_items else M[j]
-        assert torch.equal(got[i], want), (i, p, j)
+        assert torch.equal(got[i, 0], want), (i, p, j)  # got: [N,1,H,W]
 
 
 @settings(max_examples=6, deadline=None)
@@ -195,7 +195,7 @@ def test_a_repeated_seed_gets_its_own_painted_mask(seed):
     M = _distinct_masks(2, seed)
     got = _painted_masks_used(PROMPTS[:2], [5, 5], M)
     for i in range(4):
-        assert torch.equal(got[i], M[i % 2]), i
+        assert torch.equal(got[i, 0], M[i % 2]), i
 
 
 # ------------------------------------------------------------------------------------------- report lines

@@ -45,8 +45,9 @@ class HeatReward(SquareRed):
 
 
 def _square(B=1, H=16, W=16, dtype=torch.float32):
-    M = torch.zeros(B, H, W, dtype=dtype)
-    M[:, SQ[0], SQ[1]] = 1
+    """M: [B,1,H,W], 1 on SQ."""
+    M = torch.zeros(B, 1, H, W, dtype=dtype)
+    M[..., SQ[0], SQ[1]] = 1
     return M
 
 
@@ -56,7 +57,7 @@ def test_saliency_mass_in_square(method):
     reward = SquareRed()
     I = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
     S = gradient_saliency(reward, I, method=method, n_samples=4, generator=torch.Generator().manual_seed(1))
-    assert S.shape == (2, 16, 16) and (S >= 0).all() and not S.requires_grad
+    assert S.shape == (2, 1, 16, 16) and (S >= 0).all() and not S.requires_grad
     inside = (S * _square()).flatten(1).sum(1) / S.flatten(1).sum(1)
     assert (inside >= 0.9).all(), inside
     assert reward.gain.grad is None
@@ -91,17 +92,18 @@ def test_saliency_errors():
 @pytest.mark.parametrize("mode", THRESHOLD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mask_shape_dtype_range(mode, dtype):
-    H = _square(2, dtype=dtype) * 3 + 0.1 * torch.rand(2, 16, 16, dtype=dtype)
-    M = heatmap_to_mask(H[:, None], blur_sigma=1.0, threshold_mode=mode, threshold=0.25, feather=1.0)
-    assert M.shape == (2, 16, 16) and M.dtype == dtype
-    assert M.min() >= 0 and M.max() <= 1 and torch.isfinite(M).all()
+    H = _square(2, dtype=dtype) * 3 + 0.1 * torch.rand(2, 1, 16, 16, dtype=dtype)
+    for heat in (H, H[:, 0]):  # [B,1,H,W] or [B,H,W] in, [B,1,H,W] out
+        M = heatmap_to_mask(heat, blur_sigma=1.0, threshold_mode=mode, threshold=0.25, feather=1.0)
+        assert M.shape == (2, 1, 16, 16) and M.dtype == dtype
+        assert M.min() >= 0 and M.max() <= 1 and torch.isfinite(M).all()
 
 
 @pytest.mark.parametrize("mode", THRESHOLD_MODES)
 def test_mask_constant_heatmap_is_empty(mode):
     for value in (0.0, 2.5):
         M = heatmap_to_mask(torch.full((1, 8, 8), value), threshold_mode=mode, threshold=0.3)
-        assert torch.equal(M, torch.zeros(1, 8, 8))
+        assert torch.equal(M, torch.zeros(1, 1, 8, 8))
 
 
 def test_mask_value_recovers_square():
@@ -111,8 +113,8 @@ def test_mask_value_recovers_square():
 
 def test_mask_otsu_bimodal():
     g = torch.Generator().manual_seed(3)
-    H = 0.2 + 0.05 * torch.randn(2, 16, 16, generator=g)  # background mode
-    H = torch.where(_square(2).bool(), 0.8 + 0.05 * torch.randn(2, 16, 16, generator=g), H).clamp_min(0)
+    H = 0.2 + 0.05 * torch.randn(2, 1, 16, 16, generator=g)  # background mode
+    H = torch.where(_square(2).bool(), 0.8 + 0.05 * torch.randn(2, 1, 16, 16, generator=g), H).clamp_min(0)
     M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="otsu")
     torch.testing.assert_close(M, _square(2))
 
@@ -184,7 +186,7 @@ def test_mask_from_reward_sources():
 
 # ---------------------------------------------------------------- coverage / warnings
 def test_coverage_and_warnings():
-    M = torch.stack([torch.zeros(8, 8), torch.ones(8, 8), _square(1, 8, 8)[0] * 0.7])
+    M = torch.stack([torch.zeros(8, 8), torch.ones(8, 8), _square(1, 8, 8)[0, 0] * 0.7])
     M[2, 0, 0] = float("nan")
     cov = mask_coverage(M[:, None])
     assert torch.isfinite(cov).all()
@@ -203,7 +205,7 @@ def test_tiny_magnitude_heatmap_still_gives_a_mask():
     H[0, 8:16, 8:16] = 3e-7
     H = H + 1e-9
     M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="top_percent", threshold=0.1)
-    assert M.sum() > 0 and M[0, 8:16, 8:16].mean() > 0.9
+    assert M.sum() > 0 and M[0, 0, 8:16, 8:16].mean() > 0.9
 
 
 # ---------------------------------------------------------------- bad images are named as images (review std, 10)
@@ -238,7 +240,7 @@ def test_heatmap_errors_say_which_check_failed_and_empty_batch_review10():
         for dilation, feather in ((0, 0.0), (3, 2.0)):
             M = heatmap_to_mask(torch.rand(0, 8, 8), threshold_mode=mode, threshold=0.2, dilation=dilation,
                                 feather=feather)
-            assert M.shape == (0, 8, 8) and M.dtype == torch.float32
+            assert M.shape == (0, 1, 8, 8) and M.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- review: mutation-testing gaps M1, M2, M4, M7, M8, M9
@@ -254,13 +256,13 @@ def test_mask_blur_of_one_pixel_is_the_gaussian_disk():
     yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
     disk = (((yy - 16) ** 2 + (xx - 16) ** 2) <= 8 * torch.log(torch.tensor(2.0))).float()
     assert int(disk.sum()) == 21 and int(M.sum()) == 21
-    assert torch.equal(M[0], disk)
+    assert torch.equal(M[0, 0], disk)
 
 
 @pytest.mark.parametrize("fraction, keep", [(0.1, 40), (0.123, 50), (0.0025, 1)])
 def test_mask_top_percent_keeps_exactly_ceil_of_the_fraction(fraction, keep):
     """Tie-free values (a permutation of 0..399): exactly ceil(fraction * 400) pixels, the largest ones."""
-    H = torch.randperm(400, generator=torch.Generator().manual_seed(5)).float().view(1, 20, 20)
+    H = torch.randperm(400, generator=torch.Generator().manual_seed(5)).float().view(1, 1, 20, 20)
     M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="top_percent", threshold=fraction)
     assert int(M.sum()) == keep
     assert torch.equal(M.bool(), H >= 400 - keep)
@@ -270,9 +272,9 @@ def test_mask_value_threshold_keeps_a_pixel_exactly_at_it():
     """The docs say "value" keeps H >= threshold: a pixel that normalises to exactly the threshold is in."""
     H = torch.tensor([[[0.0, 2.0, 4.0], [1.0, 3.0, 0.0]]])  # normalised: 0, 0.5, 1 / 0.25, 0.75, 0 (exact)
     M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="value", threshold=0.5)
-    assert M.tolist() == [[[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]]]
+    assert M.tolist() == [[[[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]]]]
     M = heatmap_to_mask(H, blur_sigma=0.0, threshold_mode="value", threshold=0.25)
-    assert M.tolist() == [[[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]]]
+    assert M.tolist() == [[[[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]]]]
 
 
 class _RedSquared(nn.Module):
@@ -286,14 +288,14 @@ def test_smoothgrad_is_the_mean_grad_at_noisy_copies():
     reward = _RedSquared()
     I = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     grad = gradient_saliency(reward, I, "grad")
-    torch.testing.assert_close(grad, 2 * I[:, 0])
+    torch.testing.assert_close(grad, 2 * I[:, :1])
     no_noise = gradient_saliency(reward, I, "smoothgrad", n_samples=3, noise_std=0.0,
                                  generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(no_noise, grad)
     S = gradient_saliency(reward, I, "smoothgrad", n_samples=4, noise_std=0.3,
                           generator=torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)  # the same draws: one randn(I.shape) per copy
-    ref = sum((2 * (I + 0.3 * torch.randn(I.shape, generator=g))[:, 0]).abs() for _ in range(4)) / 4
+    ref = sum((2 * (I + 0.3 * torch.randn(I.shape, generator=g))[:, :1]).abs() for _ in range(4)) / 4
     torch.testing.assert_close(S, ref)
     assert (S - grad).abs().max() > 0.1
 
@@ -307,9 +309,9 @@ def test_grad_x_input_is_weight_times_the_red_channel():
             return (w * I[:, 0]).sum((1, 2))
 
     I = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(gradient_saliency(Linear(), I, "grad"), w.abs().expand(2, 8, 8))
+    torch.testing.assert_close(gradient_saliency(Linear(), I, "grad"), w.abs().expand(2, 1, 8, 8))
     gxi = gradient_saliency(Linear(), I, "grad_x_input")
-    torch.testing.assert_close(gxi, w.abs() * I[:, 0])
+    torch.testing.assert_close(gxi, w.abs() * I[:, :1])
     assert (gxi - w.abs()).abs().max() > 0.1
 
 
@@ -323,16 +325,15 @@ def test_dilate_equals_kornias_exact_dilation(h, w, radius, density, seed):
     import kornia
 
     from focusfix_core.saliency import _disk, dilate
-    M = (torch.rand(2, h, w, generator=torch.Generator().manual_seed(seed)) < density).float()
-    want = M if radius == 0 else kornia.morphology.dilation(M[:, None], _disk(radius, M.device, M.dtype),
-                                                               engine="unfold")[:, 0]
+    M = (torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(seed)) < density).float()
+    want = M if radius == 0 else kornia.morphology.dilation(M, _disk(radius, M.device, M.dtype), engine="unfold")
     assert torch.equal(dilate(M, radius), want)
 
 
 def test_dilate_a_radius_beyond_the_image_fills_it_and_stays_small():
     from focusfix_core.saliency import dilate
-    M = torch.zeros(2, 40, 30)
-    M[0, 0, 0] = 1
+    M = torch.zeros(2, 1, 40, 30)
+    M[0, 0, 0, 0] = 1
     out = dilate(M, 10**6)  # clamped to the image's diagonal, not a 2e6-wide disk
     assert out[0].eq(1).all() and out[1].eq(0).all()
 
@@ -357,4 +358,4 @@ def test_otsu_on_a_kornia_without_it_says_which_version_it_needs(monkeypatch):
     with pytest.raises(ValueError, match=r"threshold_mode 'otsu' needs kornia 0\.8\.2 or newer, this Python has "
                                          r"kornia 0\.7\.1: update it .* or choose 'value' or 'top_percent'"):
         heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="otsu")
-    assert heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="value", threshold=0.5).shape == (1, 8, 8)
+    assert heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="value", threshold=0.5).shape == (1, 1, 8, 8)

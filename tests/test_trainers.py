@@ -32,7 +32,7 @@ def outside_change(trainer):
     from focusfix_core.sampler import sample
     with torch.no_grad():
         I = trainer.model.decode(sample(trainer.denoiser, trainer._noise(idx), trainer.sigmas, trainer._cond(idx)))
-    out = 1 - M[:, None]
+    out = 1 - M  # (N, 1, H, W)
     return float(((I - I0).abs() * out).sum() / out.sum() / 3), I, I0
 
 
@@ -170,8 +170,20 @@ def test_painted_mask_and_latent_space(small_model, square_reward):
     trainer, recs = run(small_model, square_reward, fix_cfg(mask_source="mask", mask_space="latent", iterations=2),
                         masks=M)
     _, _, Mc = trainer.base([0, 1])
-    assert torch.equal(Mc, M.expand(2, -1, -1))
+    assert torch.equal(Mc, M[:, None].expand(2, -1, -1, -1))  # [N,H,W] in, [N,1,H,W] kept
     trainer.lora.remove()
+
+
+def test_painted_masks_keep_the_fingerprint_saved_states_hold(small_model, square_reward):
+    """Painted masks are kept [N,1,H,W] but fingerprinted as [N,H,W], as states saved before that were: they
+    resume, whichever layout the masks come in."""
+    from focusfix_core.trainers import _digest
+    M = torch.zeros(2, 16, 16)
+    M[:, 4:12, 4:12] = 1
+    for given in (M, M[:, None]):
+        trainer = FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"), masks=given)
+        trainer.lora.remove()
+        assert trainer._painted.shape == (2, 1, 16, 16) and trainer._painted_digest == _digest(M)
 
 
 def test_nan_reward_stops_and_keeps_last_good_lora(small_model, square_reward):
@@ -706,7 +718,7 @@ def test_a_batch_with_a_new_item_is_sampled_whole(small_model, square_reward, mo
     torch.testing.assert_close(trainer.base([0])[0], first, rtol=0, atol=0)
     batches.clear()
     I0, I, M = trainer.before_after()
-    assert I0.shape == I.shape == (3, 3, 16, 16) and M.shape == (3, 16, 16)
+    assert I0.shape == I.shape == (3, 3, 16, 16) and M.shape == (3, 1, 16, 16)
     assert batches == [2, 1, 1]  # I of [0, 1] (their I0 is cached), then I0 and I of [2]
     trainer.lora.remove()
 
@@ -728,7 +740,7 @@ def test_the_cache_and_the_before_after_images_stay_in_cpu_memory(small_model, s
     trainer.device = torch.device("meta")  # every item is cached: base() only copies
     out = trainer.base([2, 0])
     assert [t.device.type for t in out] == ["meta"] * 3
-    assert [tuple(t.shape) for t in out] == [(2, 3, 16, 16), (2, *trainer.latent_shape), (2, 16, 16)]
+    assert [tuple(t.shape) for t in out] == [(2, 3, 16, 16), (2, *trainer.latent_shape), (2, 1, 16, 16)]
     trainer.device = torch.device("cpu")
     trainer.release()  # the end of a run: the cache goes, images can still be drawn (hooks, not merged)
     assert trainer._cache == {} and trainer._train_denoiser.originals == []

@@ -195,10 +195,10 @@ def test_a_mask_per_seed_goes_to_every_prompts_item_of_that_seed(small_model, sq
     trainer = FixTrainer(small_model, square_reward, _fix(prompts=("a red circle", "a blue square"), seeds=seeds,
                                                           mask_source="mask"), masks=M)
     assert trainer.items == [("a red circle", 7), ("a red circle", 3), ("a blue square", 7), ("a blue square", 3)]
-    got = trainer.base([0, 1, 2, 3])[2]
+    got = trainer.base([0, 1, 2, 3])[2]  # (4, 1, H, W)
     trainer.lora.remove()
     for i, (_, seed) in enumerate(trainer.items):
-        assert torch.equal(got[i], M[seeds.index(seed)]), i
+        assert torch.equal(got[i, 0], M[seeds.index(seed)]), i
 
 
 def test_the_region_term_gets_each_batch_items_own_mask(small_model, square_reward, monkeypatch):
@@ -215,7 +215,7 @@ def test_the_region_term_gets_each_batch_items_own_mask(small_model, square_rewa
     trainer.lora.remove()
     assert len(seen) == len(batches) == 3
     for idx, Mb in zip(batches, seen):
-        assert torch.equal(Mb, M[idx]), idx
+        assert torch.equal(Mb, M[idx][:, None]), idx  # [b,1,H,W]
 
 
 def test_a_derived_mask_gets_the_configs_mask_settings(small_model, square_reward, monkeypatch):
