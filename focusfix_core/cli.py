@@ -322,7 +322,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         if not (torch.isfinite(I).all() and torch.isfinite(r1).all()):
             why = "the LoRA draws non-finite images or scores: train again with a lower lr (or --lam)"
             status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
-        diff = (I - I0).abs().mean(1, keepdim=True)                            # (N, 1, H, W), like M
+        diff = (I - I0).abs().mean(1, keepdim=True)                            # [N,1,H,W], like M
         inside = outside = None
         if M is not None:
             Mb = (M >= 0.5).float()
@@ -650,7 +650,7 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
         if a.lam > 0 and not bool((M >= 0.5).any()):  # the trainer's test (coverage), in the CLI's words
             raise ValueError(f"--mask {path} marks nothing (no pixel is at least half white): nothing may change. "
                              f"Paint the region to fix white (an inverted mask?), or give --lam 0 for plain DRaFT")
-        masks.append(M)  # (1, 1, H, W)
+        masks.append(M)  # [1,1,H,W]
     return source, torch.cat(masks) if masks else None
 
 

@@ -78,7 +78,7 @@ def score_and_saliency(reward: nn.Module, I: torch.Tensor) -> tuple[torch.Tensor
     _check_images(I)
     with torch.inference_mode(False), torch.enable_grad():
         scores, g = _score_grad(reward, I)  # it differentiates a plain copy, also of an inference tensor
-    return scores, g.abs().sum(1, keepdim=True)  # (B, 1, H, W)
+    return scores, g.abs().sum(1, keepdim=True)  # [B,1,H,W]
 
 
 def gradient_saliency(
@@ -133,7 +133,7 @@ def gradient_saliency(
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 S = S + _score_grad(reward, x + noise_std * noise)[1].abs().sum(1, keepdim=True)
             S = S / n_samples
-    return S.detach()  # (B, 1, H, W)
+    return S.detach()  # [B,1,H,W]
 
 
 def _as_map4(H: torch.Tensor, name: str) -> torch.Tensor:
@@ -270,7 +270,7 @@ def heatmap_to_mask(
     device = H.device
     if device.type == "mps":  # kthvalue (before torch 2.9) and FFTs (pytorch#124096) fail there; a mask is small
         H = H.cpu()
-    H = _normalise(_blur(H.detach(), blur_sigma))  # (B, 1, H, W) in [0,1]
+    H = _normalise(_blur(H.detach(), blur_sigma))  # [B,1,H,W] in [0,1]
     informative = (H.flatten(1).amax(1) > 0)[:, None, None, None]
     if threshold_mode == "value":
         M = H >= threshold
@@ -283,7 +283,7 @@ def heatmap_to_mask(
         M = H >= q[:, None, None, None]
     else:
         M, _ = kornia.filters.otsu_threshold(H, return_mask=True)
-    M = (M & informative).to(H.dtype)  # (B, 1, H, W) binary
+    M = (M & informative).to(H.dtype)  # [B,1,H,W] binary
     if dilation > 0:
         M = dilate(M, int(dilation))
     return _blur(M, feather).clamp(0, 1).to(device)

@@ -976,7 +976,7 @@ class FixTrainer(_LoRATrainer):
         if bad:
             raise ValueError(f"{bad[0]}: paint the region that may change (in ComfyUI's mask editor the painted "
                              f"part is 1 = may change), or set lam 0 for plain DRaFT")
-        M = M.float().clamp(0, 1).cpu()  # (N, 1, H, W) in CPU memory like the cache it feeds (`_keep`)
+        M = M.float().clamp(0, 1).cpu()  # [N,1,H,W] in CPU memory like the cache it feeds (`_keep`)
         # a resume with other masks is refused; hashed as [N,H,W], the layout states were saved with
         self._painted_digest = _digest(M[:, 0])
         return M

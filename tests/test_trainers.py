@@ -32,7 +32,7 @@ def outside_change(trainer):
     from focusfix_core.sampler import sample
     with torch.no_grad():
         I = trainer.model.decode(sample(trainer.denoiser, trainer._noise(idx), trainer.sigmas, trainer._cond(idx)))
-    out = 1 - M  # (N, 1, H, W)
+    out = 1 - M  # [N,1,H,W]
     return float(((I - I0).abs() * out).sum() / out.sum() / 3), I, I0
 
 
