@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import __version__
-from .io import atomic_write_text, load_mask_image, load_training_state
+from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
 from .saliency import THRESHOLD_MODES, fit_mask
@@ -137,6 +137,10 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True
         resume_hint = f" (or --resume to continue from {out / 'state.pt'})" if resumable else ""
         raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite"
                               f"{resume_hint}")
+    kept = [n for n in existing if is_read_only(out / n)]  # a save keeps it (`io`): refused now, not after training
+    if kept:
+        raise FileExistsError(f"{out} holds {kept} marked read-only, which this run would replace: make them "
+                              f"writable, or choose another --out")
     return out
 
 

@@ -162,6 +162,29 @@ def test_a_state_pt_that_cannot_be_written_at_the_end_keeps_the_lora(tmp_path, c
     assert (out / "lora.safetensors").is_file()
 
 
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_a_read_only_output_is_refused_before_training(tmp_path, capsys, monkeypatch, flag):
+    """A save keeps a read-only file (Windows always did): --overwrite or --resume onto a read-only lora.safetensors
+    trained, then could not write the LoRA (exit 2, the steps lost). Refused before training now."""
+    out = tmp_path / "o"
+    args = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps", "3",
+            "--seeds", "0", "--out", str(out)]
+    assert cli.main(args) == 0
+    lora = out / "lora.safetensors"
+    before = lora.read_bytes()
+    lora.chmod(0o444)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", lambda self: pytest.fail("trained"))
+    try:
+        capsys.readouterr()
+        assert cli.main([*args, "--iterations", "2", flag]) == 2  # the last --iterations counts
+        err = capsys.readouterr().err
+        assert f"{out} holds ['lora.safetensors'] marked read-only, which this run would replace: make them " \
+               f"writable, or choose another --out" in err, err
+        assert lora.read_bytes() == before
+    finally:
+        lora.chmod(0o644)
+
+
 def test_an_out_that_is_a_dangling_link_is_refused_before_training(tmp_path, capsys):
     """A dangling symlink --out passed the checks, trained, then failed with "'o' is a file, not a folder" and
     nothing saved (review G2)."""
