@@ -266,7 +266,8 @@ def _lora_kept(lora_path: Path, state_file: dict[str, str]) -> Iterator[None]:
         raise RunFailed(f"cannot write {e.filename or 'the images and report'}: {e.strerror or e}\n{kept}; the "
                         f"images and report are incomplete") from None
     except torch.OutOfMemoryError as e:
-        raise RunFailed(f"{e}\n{kept}, complete; the before/after images did not fit in memory") from None
+        raise RunFailed(f"{e}\n{kept}; the before/after images did not fit in memory (the LoRA is "
+                        f"complete)") from None
 
 
 def _step_bar(desc: str, quiet: bool) -> Callable[[int], Callable[[dict], None]]:

@@ -380,3 +380,19 @@ def test_a_disk_that_fills_after_the_lora_is_exit_1_naming_what_is_kept(tmp_path
             f"the images and report are incomplete") in err
     assert (out / "lora.safetensors").is_file() and (out / "state.pt").is_file()
     assert not (out / "report.json").exists()
+
+
+def test_memory_running_out_at_the_images_after_training_names_the_lora_kept(tmp_path, capsys, monkeypatch):
+    """The same for an out-of-memory error while the before/after images are drawn (it said only the error)."""
+    def too_big(self, *a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(cli.FixTrainer, "before_after", too_big)
+    out = tmp_path / "o"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "1", "--steps",
+                   "3", "--seeds", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "error: CUDA out of memory. Tried to allocate 2.00 GiB\n" in err
+    assert (f"training ended: {out / 'lora.safetensors'} holds the trained LoRA and {out / 'state.pt'} its state; "
+            f"the before/after images did not fit in memory (the LoRA is complete)") in err
+    assert cli.read_focusfix_lora(out / "lora.safetensors").metadata["focusfix_steps_trained"] == "1"
