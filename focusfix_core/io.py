@@ -61,15 +61,15 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwr
     _make_folder(path)
     try:  # a short temp name: any name the final file may take (up to the file system's 255 bytes) fits
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
-    except OSError as e:  # a folder this user may not write to: name the file being saved, not a temp name
+    except OSError as e:  # a folder this user may not write to: name the file being saved and its folder
         if e.errno is None:
             raise
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise type(e)(e.errno, f"{e.strerror} (no file can be made in {str(path.parent)!r})", str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
-    _sweep_stale_temps(tmp)
     publishing = False
     try:
+        _sweep_stale_temps(tmp)
         try:
             write(tmp)
         except (SafetensorError, RuntimeError) as e:
@@ -262,8 +262,8 @@ def atomic_save_safetensors(
         tensors: name -> tensor.
         path: target file; its folder is created if missing.
         metadata: str -> str header metadata.
-        overwrite: replace an existing file; False: FileExistsError when `path` exists, also when it appears
-            while the file is written.
+        overwrite: replace an existing file (never one marked read-only, `is_read_only`); False:
+            FileExistsError when `path` exists, also when it appears while the file is written.
 
     Returns:
         The path written.
@@ -271,6 +271,7 @@ def atomic_save_safetensors(
     Raises:
         TypeError: a name, tensor or metadata entry of the wrong type.
         FileExistsError: `path` exists and not `overwrite` (nothing is written).
+        PermissionError: `path` is marked read-only (`READ_ONLY_KEPT`; nothing is written), or cannot be written.
 
     Examples:
         >>> import tempfile; d = tempfile.mkdtemp()
@@ -320,7 +321,8 @@ def _sort_metadata(path: Path) -> None:
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write `data` to `path` atomically (reports, PNGs): readers see the old file or the new one, never half.
-    Not `overwrite`: FileExistsError when `path` exists, as `atomic_save_safetensors`."""
+    Not `overwrite`: FileExistsError when `path` exists; a read-only file is never replaced (PermissionError), as
+    in `atomic_save_safetensors`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     return _atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite)

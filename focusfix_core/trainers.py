@@ -415,7 +415,7 @@ def _digest(t: torch.Tensor) -> str:
 
 _ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")  # what shapes an update
 
-STATE_FORMAT = 1  # the layout of a training state (`state_dict`): raise it when a change would misread older ones
+STATE_FORMAT = 1  # the layout of a training state (`state_dict`): raise it when an older FocusFix would misread it
 
 
 def check_state_format(state) -> None:

@@ -1,6 +1,7 @@
 """FocusFix Apply LoRA and FocusFix Save LoRA: use a trained LoRA now, or write it for the stock Load LoRA."""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -69,10 +70,15 @@ def save_lora_data(lora: LoraData, filename: str, overwrite: bool = False, folde
     """`write_lora` to `lora_path(filename, overwrite, folder)`: never onto an existing file unless `overwrite`.
     A name another save takes between the look and the write (a second ComfyUI on the same folder) is kept: the
     save moves on to the next free name."""
-    from ..focusfix_core.io import NameTakenError
+    from ..focusfix_core.io import READ_ONLY_KEPT, NameTakenError, is_read_only
     for _ in range(100):
+        path = lora_path(filename, overwrite, folder)
+        # the LoRA and its thumbnail are replaced together or not at all: a read-only one keeps both
+        kept = next((p for p in (path, preview_path(path)) if overwrite and is_read_only(p)), None)
+        if kept is not None:
+            raise PermissionError(errno.EACCES, READ_ONLY_KEPT, str(kept))
         try:
-            return write_lora(lora, lora_path(filename, overwrite, folder), extra_metadata, overwrite)
+            return write_lora(lora, path, extra_metadata, overwrite)
         except NameTakenError:
             continue
     raise FileExistsError(f"filename {filename!r}: every free name was taken by another save while writing")

@@ -146,21 +146,26 @@ def test_save_metadata_counter_overwrite_and_escape(fresh, lora_data):
     assert not [p for p in fresh.loras.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_save_with_overwrite_keeps_a_read_only_lora(fresh, lora_data):
+def test_save_with_overwrite_keeps_a_read_only_lora_or_preview(fresh, lora_data):
     """Save LoRA with overwrite on replaced a LoRA the artist marked read-only on Linux and macOS (Windows
-    refuses): it is kept, and the error says how to replace it."""
+    refuses): it is kept, and the error says how to replace it. A read-only thumbnail keeps its LoRA too (the LoRA
+    was replaced, then the node failed on the preview, review of session 19)."""
     data, _ = lora_data
-    assert fresh.run("FocusFixSaveLoRA", lora=data, filename="kept", overwrite=False)[0] == "kept.safetensors"
-    path = fresh.loras / "kept.safetensors"
-    before = path.read_bytes()
-    path.chmod(0o444)
-    try:
-        with pytest.raises(PermissionError, match="it is read-only, and was kept: make it writable to replace it"):
-            fresh.run("FocusFixSaveLoRA", lora=data, filename="kept", overwrite=True,
-                      preview=torch.zeros(1, 8, 8, 3))
-        assert path.read_bytes() == before and not (fresh.loras / "kept.preview.png").exists()
-    finally:
-        path.chmod(0o644)
+    preview = torch.zeros(1, 8, 8, 3)
+    assert fresh.run("FocusFixSaveLoRA", lora=data, filename="kept", overwrite=False,
+                     preview=preview)[0] == "kept.safetensors"
+    path, thumb = fresh.loras / "kept.safetensors", fresh.loras / "kept.preview.png"
+    before = path.read_bytes(), thumb.read_bytes()
+    for marked in (path, thumb):
+        marked.chmod(0o444)
+        try:
+            for kw in ({"preview": torch.ones(1, 8, 8, 3)}, {}):  # a new thumbnail, or none (the old one removed)
+                with pytest.raises(PermissionError, match="it is read-only, and was kept: make it writable") as e:
+                    fresh.run("FocusFixSaveLoRA", lora=data, filename="kept", overwrite=True, **kw)
+                assert e.value.filename == str(marked)
+                assert (path.read_bytes(), thumb.read_bytes()) == before  # neither written
+        finally:
+            marked.chmod(0o644)
 
 
 def test_save_writes_the_preview_beside_the_lora_and_keeps_a_strangers(fresh, lora_data):
