@@ -139,8 +139,8 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True
                               f"{resume_hint}")
     kept = [n for n in existing if is_read_only(out / n)]  # a save keeps it (`io`): refused now, not after training
     if kept:
-        raise FileExistsError(f"{out} holds {kept} marked read-only, which this run would replace: make them "
-                              f"writable, or choose another --out")
+        raise FileExistsError(f"{out} holds {kept}, marked read-only: a run into it replaces its outputs. Make them "
+                              f"writable" + ("" if resume else ", or choose another --out"))
     return out
 
 

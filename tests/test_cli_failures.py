@@ -178,8 +178,8 @@ def test_a_read_only_output_is_refused_before_training(tmp_path, capsys, monkeyp
         capsys.readouterr()
         assert cli.main([*args, "--iterations", "2", flag]) == 2  # the last --iterations counts
         err = capsys.readouterr().err
-        assert f"{out} holds ['lora.safetensors'] marked read-only, which this run would replace: make them " \
-               f"writable, or choose another --out" in err, err
+        assert f"{out} holds ['lora.safetensors'], marked read-only: a run into it replaces its outputs. Make " \
+               f"them writable" + ("" if flag == "--resume" else ", or choose another --out") + "\n" in err, err
         assert lora.read_bytes() == before
     finally:
         lora.chmod(0o644)
