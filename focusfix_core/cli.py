@@ -42,7 +42,7 @@ from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curv
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
 OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.png", "curves.png", "state.pt",
-                "attention.png", "demo_summary.json")
+                "attention.png", "demo_summary.json", "both_objects.png", "held_out.png")  # the last two: the demo's
 # rows of before_after.png (train-fnf): hundreds of items made a picture no viewer opens and a grid of 4 image
 # copies per item in memory; every item still has its full-size before_K.png and after_K.png
 GRID_ITEMS = 16
