@@ -32,8 +32,8 @@ from .attention import AttentionStore, map_size
 from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x, model_guidance,
                         prepare_cond)
 from .io import atomic_torch_save, load_training_state
-from .losses import (NonFiniteScoreError, enhance_loss, key_change_loss, preservation_loss, region_loss, resize_mask,
-                     reward_loss, separate_loss)
+from .losses import (NonFiniteScoreError, _as_mask4, enhance_loss, key_change_loss, preservation_loss, region_loss,
+                     resize_mask, reward_loss, separate_loss)
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata, steps_trained
 from .records import StepRecord
 from .rewards.base import Reward
@@ -961,9 +961,7 @@ class FixTrainer(_LoRATrainer):
         cfg = self.cfg
         if masks is None:
             raise ValueError("mask_source is 'mask' but no masks were passed (connect a MASK)")
-        M = masks[:, None] if masks.ndim == 3 else masks if masks.ndim == 4 and masks.shape[1] == 1 else None
-        if M is None:
-            raise ValueError(f"masks must be [N,H,W] or [N,1,H,W], got {tuple(masks.shape)}")
+        M = _as_mask4(masks, "masks")
         if tuple(M.shape[-2:]) != (cfg.height, cfg.width):
             raise ValueError(f"mask M is {M.shape[-2]}x{M.shape[-1]} but images are {cfg.height}x{cfg.width}: "
                              f"resize the mask to the image size")
