@@ -50,6 +50,7 @@ def server(tmp_path_factory):
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
          "--database-url", "sqlite:///:memory:", "--output-directory", str(tmp / "out"),
          "--input-directory", str(tmp / "in"), "--user-directory", str(tmp / "user"),
+         "--temp-directory", str(tmp),  # previews go to tmp/temp, not into the ComfyUI checkout
          "--extra-model-paths-config", str(tmp / "extra.yaml")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
