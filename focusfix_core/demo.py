@@ -165,17 +165,25 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
     """Focus-N-Fix then Separate-and-Enhance on the embedded tiny model, into `out`/focus_n_fix and
     `out`/separate_enhance, with a summary in `out`/demo_summary.json; returns {"status", "files"} as the
     commands do."""
-    from .cli import claim_out, prepare_out
+    from .cli import RunFailed, claim_out, prepare_out
 
     t0 = time.perf_counter()
     out = prepare_out(Path(out), overwrite, resume=False, resumable=False)
     for part in ("focus_n_fix", "separate_enhance"):  # a demo stopped half way left outputs there
         prepare_out(out / part, overwrite, resume=False, resumable=False)
     with claim_out(out, overwrite, resume=False, resumable=False):  # another demo writing there is refused
-        return _run(out, QUICK if quick else FULL, quick, t0)
+        trained: list[str] = []  # the LoRAs this demo has written
+        try:
+            return _run(out, QUICK if quick else FULL, quick, t0, trained)
+        except OSError as e:  # a disk that fills at the pictures and summary after training: as the commands do
+            if not trained:
+                raise
+            raise RunFailed(f"cannot write {e.filename or 'the demo outputs'}: {e.strerror or e}\n"
+                            f"{' and '.join(trained)} hold the trained LoRAs; the pictures and summary are "
+                            f"incomplete") from None
 
 
-def _run(out: Path, s: DemoSetting, quick: bool, t0: float) -> dict:
+def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) -> dict:
     from .cli import load_model, run_fix, run_separate_enhance
     from .trainers import split_objects_prompt
     from .viz import save_png
@@ -210,6 +218,7 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float) -> dict:
                         threshold=0.5, dilation=2, iterations=s.fix_iterations, lr=8e-3, rank=4, batch_size=2,
                         targets="all_linear")
     fix = run_fix(model, reward, fix_cfg, out / "focus_n_fix", model_note=note)
+    trained.append(fix["files"]["lora"])
     if fix["status"] != "done":  # Ctrl-C (or a failure) ends the demo here: its outputs are written
         return {"status": fix["status"], "files": {f"focus_n_fix_{k}": v for k, v in fix["files"].items()}}
     check = _fix_check(fix, pick, seeds, prompt, s, out / "focus_n_fix")
@@ -235,6 +244,7 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float) -> dict:
                                    lam_sep=5.0, lam_en=1.0)
     se = run_separate_enhance(se_model, se_cfg, out / "separate_enhance", model_note=note,
                               sample_steps=s.steps, cfg_scale=s.se_cfg)
+    trained.append(se["files"]["lora"])
     se_files = dict(se["files"])
     both1 = held1 = None
     if se["status"] == "done":

@@ -85,3 +85,25 @@ def test_quick_demo_counts_both_objects_and_keeps_its_layout(quick_demo):
                                               "held_out.png"))):
         for name in names:
             assert (out / part / name).is_file(), (part, name)
+
+
+def test_a_disk_that_fills_after_the_demos_training_names_the_loras_kept(tmp_path, capsys, monkeypatch):
+    """A full disk at the demo's own pictures (held_out.png, both_objects.png) or summary after its LoRAs were
+    written was exit 2 "cannot write ...", as if nothing had been saved; now exit 1 naming the LoRAs kept."""
+    import errno
+
+    import focusfix_core.viz as viz
+    real = viz.save_png
+
+    def full(img, path, *a, **k):
+        if path.name == "held_out.png" and path.parent.name == "focus_n_fix":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(img, path, *a, **k)
+    monkeypatch.setattr(viz, "save_png", full)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out / 'focus_n_fix' / 'held_out.png'}: No space left on device\n" in err, err
+    assert f"{out / 'focus_n_fix' / 'lora.safetensors'} hold the trained LoRAs; the pictures and summary are " \
+           f"incomplete" in err
+    assert (out / "focus_n_fix" / "lora.safetensors").is_file()
