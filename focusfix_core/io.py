@@ -99,12 +99,13 @@ READ_ONLY_KEPT = "it is read-only, and was kept: make it writable to replace it,
 
 
 def is_read_only(path: Path) -> bool:
-    """A file nobody may write to (chmod a-w; on Windows the read-only attribute): its owner marked it to keep."""
+    """A file nobody may write to (chmod a-w; on Windows the read-only attribute): its owner marked it to keep.
+    Not under a umask that makes every new file so (0222): there it is how our own checkpoints are made."""
     try:
         st = os.stat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222 and bool(0o666 & ~_umask() & 0o222)
 
 
 _WRITE_FAILURES = ("os error", "unexpected pos", "failed writing", "write failed")  # the writers' own words
@@ -226,14 +227,16 @@ def _file_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o777
     except OSError:
-        pass
-    umask = 0o022
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """This process's umask; 0o022 where it cannot be read (Windows has none)."""
     try:  # reading the umask with os.umask() would briefly change it for every thread
         with open("/proc/self/status") as f:
-            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), umask)
+            return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
     except (OSError, ValueError):
-        pass
-    return 0o666 & ~umask
+        return 0o022
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -552,6 +552,17 @@ def test_a_read_only_file_is_kept_even_with_overwrite(tmp_path):
         path.chmod(0o644)
 
 
+def test_under_a_umask_that_makes_every_file_read_only_our_own_files_are_replaced(tmp_path, monkeypatch):
+    """Under umask 0222 every new file is 0444, FocusFix's own checkpoints too: refusing to replace them failed every
+    state.pt checkpoint after the first (review of session 19). Read-only is no mark there."""
+    monkeypatch.setattr(ffio, "_umask", lambda: 0o222)
+    path = tmp_path / "state.pt"
+    atomic_torch_save({"step": 1}, path)
+    path.chmod(0o444)  # what the umask gave it (chmod: mkstemp's own mode does not follow the umask)
+    atomic_torch_save({"step": 2}, path)
+    assert load_training_state(path)["step"] == 2
+
+
 def test_a_folder_this_user_may_not_write_to_is_named_by_the_file_being_saved(tmp_path, monkeypatch):
     """The temp file's creation failed first, so the error named `.focusfix-xxxxxxxx.tmp`, a name the artist never
     gave (seen as a non-root user saving into a read-only folder)."""
