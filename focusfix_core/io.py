@@ -396,7 +396,7 @@ def _existing_file(path: str | os.PathLike, expected: str) -> Path:
         open(path, "rb").close()
     except OSError as e:
         raise ValueError(f"cannot read {expected} file {str(path)!r}: {e.strerror or e} (check that this user "
-                         f"may read it)") from None
+                         f"may read it; on Windows, that no other program holds it)") from None
     return path
 
 

@@ -519,7 +519,8 @@ def test_a_file_this_user_may_not_read_is_named_as_an_input(tmp_path, monkeypatc
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return builtins.open(file, *a, **kw)
     monkeypatch.setattr(ffio, "open", no_read, raising=False)
-    message = f"cannot read tensor file {str(locked)!r}: Permission denied (check that this user may read it)"
+    message = (f"cannot read tensor file {str(locked)!r}: Permission denied (check that this user may read it; on "
+               f"Windows, that no other program holds it)")
     with pytest.raises(ValueError, match=re.escape(message)):
         read_focusfix_lora(locked)
     with pytest.raises(ValueError, match=re.escape(message)):
