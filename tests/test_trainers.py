@@ -982,6 +982,15 @@ def test_an_empty_or_broken_painted_mask_is_refused(small_model, square_reward, 
                ).lora.remove()  # lam 0 (plain DRaFT) reads no mask
 
 
+@pytest.mark.parametrize("masks, error, match", [
+    ([[1.0]], TypeError, r"masks must be a torch.Tensor \[B,H,W\] or \[B,1,H,W\], got list"),  # was an AttributeError
+    (torch.ones(2, 3, 16, 16), ValueError, r"masks must be \[B,H,W\] or \[B,1,H,W\], got shape \(2, 3, 16, 16\)"),
+])
+def test_painted_masks_of_the_wrong_type_or_shape_are_named(small_model, square_reward, masks, error, match):
+    with pytest.raises(error, match=match):
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"), masks=masks)
+
+
 def test_separate_enhance_trains_at_portrait_and_landscape_sizes(small_model):
     """resolution is the maps' shorter side (`map_size`): a non-square size trains on maps of its shape, where a
     square r x r was asked of layers that have none (the run failed after the model had loaded)."""
