@@ -142,7 +142,7 @@ for step in "$@"; do
                            --comfy-args="--fast autotune"
                        ts sd15_channels_last 240 --models sd15 --cases fnf_b1,fnf_b4 --iters 3 --warmup 1 \
                            --comfy-args="--force-channels-last" ;;
-        sd15-sampler)  ts sd15_dpmpp_2m_20 240 --models sd15 --cases fnf_b1,fnf_b4 --sampler dpmpp_2m --scheduler karras \
+        sd15-sampler)  ts sd15_dpmpp_2m_20 240 --models sd15 --cases fnf_b1,fnf_b4 --sampler-name dpmpp_2m --scheduler karras \
                            --steps 20 --iters 3 --warmup 1 ;;
         compile-check) limited compile_check 300 "$out/compile_check.json" \
                            python3 benchmarks/compile_check.py --models sd15,sdxl --size full --device cuda ;;

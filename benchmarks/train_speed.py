@@ -390,7 +390,7 @@ def make_trainer(core: str, kind: str, overrides: dict, batch: int, model, rewar
     common = dict(rank=4, lr=1e-4, iterations=iterations, batch_size=batch, seed=0, height=side, width=side)
     if kind == "fix":
         cfg = trainers.FixConfig(prompts=(FIX_PROMPT,), seeds=tuple(range(batch)), steps=args.steps or steps,
-                                 sampler=args.sampler, scheduler=args.scheduler, cfg_scale=7.5, K=1, targets="attn",
+                                 sampler_name=args.sampler_name, scheduler=args.scheduler, cfg_scale=7.5, K=1, targets="attn",
                                  compile=args.compile, **common, **overrides)
         return trainers.FixTrainer(model, reward, cfg)
     cfg = trainers.SeparateEnhanceConfig(prompts=(SE_PROMPT,), objects=(SE_OBJECTS,), targets="to_k",
@@ -464,7 +464,7 @@ def breakdown(trainer, core: str, device, autocast, reps: int = 3) -> dict:
     graph-free sampling with the LoRA hooks on, off, and merged into the weights (MergeWhenNoGrad, merge and
     restore included), and decode + reward forward and backward on a fixed latent."""
     sampler = importlib.import_module(f"{core}.sampler")
-    how = dict(K=0, sampler=trainer.cfg.sampler)  # the trainer's own sampler
+    how = dict(K=0, sampler_name=trainer.cfg.sampler_name)  # the trainer's own sampler
     idx = list(range(trainer.cfg.batch_size))
     x, cond = trainer._noise(idx), trainer._cond(idx)
     z = trainer.base(idx)[1].detach()
@@ -532,7 +532,7 @@ def ksampler_reference(trainer):
 
     def run():
         with trainer.lora.disabled(), torch.inference_mode():  # KSampler runs in inference mode, as every node
-            comfy.sample.sample(dm.patcher, noise, cfg.steps, cfg.cfg_scale, cfg.sampler, cfg.scheduler, positive,
+            comfy.sample.sample(dm.patcher, noise, cfg.steps, cfg.cfg_scale, cfg.sampler_name, cfg.scheduler, positive,
                                 negative, latent, disable_pbar=True, seed=0)
     return run
 
@@ -751,8 +751,8 @@ def parse_args(argv=None):
                    help="write the JSON here (atomically) after every case instead of stdout at the end, so a run "
                         "stopped at a time limit keeps the cases it finished")
     p.add_argument("--steps", type=int, default=None, help="override sampler steps (default 50; tiny 4)")
-    p.add_argument("--sampler", choices=("ddim", "euler", "dpmpp_2m"), default="ddim",
-                   help="Focus-N-Fix/DRaFT cases' sampler (FixConfig.sampler)")
+    p.add_argument("--sampler-name", "--sampler", choices=("ddim", "euler", "dpmpp_2m"), default="ddim",
+                   help="Focus-N-Fix/DRaFT cases' sampler (FixConfig.sampler_name)")
     p.add_argument("--scheduler", default="normal", help="their scheduler (ComfyUI's names; the core's for --backend core)")
     p.add_argument("--size-px", type=int, default=None, help="override the image side (default 512/1024; tiny 32/64)")
     p.add_argument("--resolution", type=int, default=None, help="override the S&E attention-map side")
@@ -834,7 +834,7 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype, doc:
         session = adapters.training_session(model, [reward])
     side, steps, res = geometry
     settings = doc["settings"][family] = {
-        "image": args.size_px or side, "steps": args.steps or steps, "sampler": args.sampler,
+        "image": args.size_px or side, "steps": args.steps or steps, "sampler_name": args.sampler_name,
         "scheduler": args.scheduler, "cfg_scale": 7.5, "K": 1, "lora": "rank 4 on attn q/k/v/out (S&E: attn2 to_k)",
         "se_resolution": args.resolution or res, "unet_parameters": sum(p.numel() for p in model.net.parameters()),
         "reward": reward.describe()}

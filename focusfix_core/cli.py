@@ -535,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lv-copies", type=int, default=0,
                    help="DRaFT-LV re-noised copies of the last step (default 0 = off; needs --K 1)")
     f.add_argument("--steps", type=int, default=20, help="sampler steps N (default 20)")
-    f.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="deterministic sampler (ddim = euler)")
+    # --sampler: the flag's earlier name, kept so scripts that use it still run
+    f.add_argument("--sampler-name", "--sampler", default="ddim", choices=SAMPLERS,
+                   help="KSampler's deterministic sampler (ddim = euler; default ddim)")
     f.add_argument("--scheduler", default="normal", choices=SCHEDULERS, help="sigma schedule (default normal)")
     f.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     f.add_argument("--mask-source", default=None, choices=MASK_SOURCES,
@@ -678,7 +680,7 @@ def cmd_train_fnf(a) -> dict:
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, reward_target=a.reward_target, K=a.K,
                     lv_copies=a.lv_copies,
-                    steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg,
+                    steps=a.steps, sampler_name=a.sampler_name, scheduler=a.scheduler, cfg_scale=a.cfg,
                     mask_source=mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
                     dilation=a.dilation, height=size, width=size)
     with claim_out(out, a.overwrite, a.resume):

@@ -268,7 +268,7 @@ def sample(
     generator: torch.Generator | None = None,
     checkpoint: bool = True,
     callback: Callable[[dict], None] | None = None,
-    sampler: str = "ddim",
+    sampler_name: str = "ddim",
 ) -> torch.Tensor:
     """A deterministic sampler (DDIM = Euler in sigma space, or DPM-Solver++(2M)); gradients flow through the
     last K denoiser calls only.
@@ -285,7 +285,7 @@ def sample(
         checkpoint: gradient-checkpoint each differentiated call (off when the caller checkpoints the
             network's blocks instead, see `checkpointed_modules`).
         callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}.
-        sampler: one of SAMPLERS. "ddim" / "euler": x' = x0 + (x - x0) sigma'/sigma. "dpmpp_2m": the same step
+        sampler_name: one of SAMPLERS (KSampler's names). "ddim" / "euler": x' = x0 + (x - x0) sigma'/sigma. "dpmpp_2m": the same step
             with x0 extrapolated from the previous call's (second order in log sigma), as KSampler's dpmpp_2m.
 
     Returns:
@@ -300,12 +300,12 @@ def sample(
     if lv_copies and K != 1:
         raise ValueError(f"DRaFT-LV differentiates only its re-noised copies of the last step: set K = 1 with "
                          f"lv_copies > 0, got K = {K}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: expected one of {list(SAMPLERS)}")
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler_name {sampler_name!r}: expected one of {list(SAMPLERS)}")
     grad = torch.is_grad_enabled() and K > 0
     loop_K = 0 if lv_copies else K  # DRaFT-LV: the loop's graph would be thrown away by the re-noising
     s_in = x.new_ones(x.shape[0])
-    w = _multistep_weights(sigmas) if sampler == "dpmpp_2m" else None
+    w = _multistep_weights(sigmas) if sampler_name == "dpmpp_2m" else None
     old = None
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -98,6 +98,10 @@ def _check_seed(name, value):
         raise ValueError(f"{name}: {value} is outside 0 to {MAX_SEED} (KSampler's seed range)")
 
 
+# fields renamed since states were first saved: old name -> new (a state saved before reads as the same run)
+RENAMED_CONFIG_FIELDS = {"sampler": "sampler_name"}
+
+
 @dataclass(frozen=True)
 class _LoRAConfig:
     lr: float = 1e-3
@@ -135,10 +139,10 @@ class FixConfig(_LoRAConfig):
     height: int = 512                   # image size in pixels (latents are height // latent_scale)
     width: int = 512
     steps: int = 20                     # sampler steps N (len(sigmas) - 1 when sigmas are given)
-    sampler: str = "ddim"               # ddim (= euler) | dpmpp_2m: KSampler's deterministic samplers
+    sampler_name: str = "ddim"          # ddim (= euler) | dpmpp_2m: KSampler's deterministic samplers
     scheduler: str = "normal"           # a name the model knows (schedules.SCHEDULERS; ComfyUI: its own list)
     sigmas: tuple[float, ...] = ()      # an explicit schedule, [steps + 1] ending at 0; replaces steps and scheduler
-    cfg_scale: float = 5.0
+    cfg_scale: float = 5.0              # the nodes' and CLI's `cfg` (KSampler's name): `cfg` names configs here
     K: int = 1                          # DRaFT-K: differentiated last steps
     lv_copies: int = 0                  # DRaFT-LV re-noised copies of the last step (0 = off)
     lam: float = 1.0                    # λ, weight of the region term; 0 = plain DRaFT (region still logged)
@@ -164,7 +168,7 @@ class FixConfig(_LoRAConfig):
         for s in self.seeds:
             _check_seed("seeds", s)
         self._check_common()
-        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("sampler_name", self.sampler_name, SAMPLERS)
         if not isinstance(self.scheduler, str) or not self.scheduler:
             raise ValueError(f"scheduler must be a scheduler's name, got {self.scheduler!r}")
         if self.sigmas:
@@ -459,6 +463,7 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
         saved = None
     if not isinstance(saved, dict):
         raise invalid(f"config must be the run's settings as a JSON object, got {str(state['config'])[:60]!r}")
+    saved = {RENAMED_CONFIG_FIELDS.get(k, k): v for k, v in saved.items()}
     now = json.loads(trainer.cfg.to_json())
     changed = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
                if k not in ("iterations", "compile") and saved.get(k) != now.get(k)]
@@ -1070,7 +1075,7 @@ class FixTrainer(_LoRATrainer):
                 denoiser = _SwitchAfter(denoiser, self.denoiser, self.cfg.steps - self.cfg.K)
             with self.lora.disabled(), self._as_in_a_step():
                 z0 = sample(denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False,
-                           callback=self._step_callback(callback), sampler=self.cfg.sampler)[todo]
+                           callback=self._step_callback(callback), sampler_name=self.cfg.sampler_name)[todo]
                 I0 = self.model.decode(z0).float()
             todo = [idx[j] for j in todo]
             src = self.cfg.mask_source
@@ -1139,7 +1144,7 @@ class FixTrainer(_LoRATrainer):
         with self._as_in_a_step():
             try:
                 z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=0, checkpoint=False,
-                           callback=self._step_callback(callback), sampler=self.cfg.sampler)
+                           callback=self._step_callback(callback), sampler_name=self.cfg.sampler_name)
             finally:
                 self._train_denoiser.restore()
             return self.model.decode(z).float()
@@ -1187,7 +1192,7 @@ class FixTrainer(_LoRATrainer):
             try:
                 z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
                            lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks,
-                           callback=self.on_sampler_step, sampler=cfg.sampler)
+                           callback=self.on_sampler_step, sampler_name=cfg.sampler_name)
             finally:
                 self._train_denoiser.restore()
             I = self.model.decode(z).float()

@@ -1017,9 +1017,9 @@ def reward_on(reward: nn.Module, *tensors: torch.Tensor) -> Iterator[tuple]:
 @torch.no_grad()
 def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str], *, seed: int, steps: int,
                           cfg_scale: float, width: int, height: int, resolution: int | str = 16,
-                          negative: str = "", sampler: str = "ddim", scheduler: str = "normal",
+                          negative: str = "", sampler_name: str = "ddim", scheduler: str = "normal",
                           callback: Callable[[dict], None] | None = None):
-    """Sample `prompt` (KSampler's deterministic `sampler` and `scheduler`) while averaging the words'
+    """Sample `prompt` (KSampler's deterministic `sampler_name` and `scheduler`) while averaging the words'
     cross-attention maps over all steps; `callback` follows the sampler's steps.
 
     Returns:
@@ -1048,7 +1048,7 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
                            context_lengths=[int(cond["context"].shape[1])])
     with dm.attention_capture(store):
         z = sample(CFGDenoiser(dm.denoise, uncond, cfg_scale, dm.guidance_function()), x, sigmas, cond, K=0,
-                   checkpoint=False, callback=callback, sampler=sampler)
+                   checkpoint=False, callback=callback, sampler_name=sampler_name)
     return store.maps(), z
 
 

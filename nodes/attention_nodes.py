@@ -70,7 +70,7 @@ class FocusFixAttentionMaps:
         dm = ComfyDiffusionModel(model, clip, vae)
         A, z = prompt_attention_maps(dm, prompt, names, seed=seed, steps=steps, cfg_scale=cfg, width=width,
                                      height=height, resolution=resolution, negative=negative_prompt,
-                                     sampler=sampler_name, scheduler=scheduler,
+                                     sampler_name=sampler_name, scheduler=scheduler,
                                      callback=sampling_progress(model, steps))
         A = A.float().cpu()
         # VAE Decode's own path (no gradient here): ComfyUI's memory estimate, and its tiled decode when short

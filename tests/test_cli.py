@@ -411,6 +411,24 @@ def test_lam_and_reward_target_reach_the_run(model_file, tmp_path):
 
 
 
+@pytest.mark.parametrize("flag", ["--sampler-name", "--sampler"])
+def test_sampler_name_is_the_nodes_name_and_the_old_flag_still_runs(model_file, tmp_path, flag):
+    """--sampler-name (the nodes' and KSampler's sampler_name) reaches the run; --sampler, its earlier name,
+    still does, so a script written against it keeps working."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, flag, "dpmpp_2m", "--iterations", "1", "--seeds", "0",
+                             "--batch-size", "1", "--steps", "2")) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["sampler_name"] == "dpmpp_2m"
+    _, meta = load_tensor_file_with_metadata(out / "lora.safetensors")
+    assert json.loads(meta["focusfix_config"])["sampler_name"] == "dpmpp_2m"
+
+
+def test_help_names_the_sampler_flag_by_the_nodes_name(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train-fnf", "--help"])
+    assert "--sampler-name" in capsys.readouterr().out
+
+
 def test_resume_refuses_another_model_of_the_same_name_and_settings(model_file, tmp_path, capsys):
     """A resume compared the settings and the reward's name, not the weights: another tiny-model file of the same
     layout (--model swapped, or the file replaced) trained one LoRA against two models (review G4)."""

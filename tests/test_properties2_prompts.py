@@ -265,7 +265,7 @@ def fix_kwargs(draw):
         mask_source=draw(st.sampled_from(MASK_SOURCES)), mask_space=draw(st.sampled_from(["pixel", "latent"])),
         saliency_method=draw(st.sampled_from(SALIENCY_METHODS)), blur_sigma=draw(NONNEG), threshold_mode=mode,
         threshold=threshold, dilation=draw(st.integers(0, 256)), feather=draw(NONNEG),
-        compile=draw(st.sampled_from(COMPILE_MODES)), sampler=draw(st.sampled_from(SAMPLERS)),
+        compile=draw(st.sampled_from(COMPILE_MODES)), sampler_name=draw(st.sampled_from(SAMPLERS)),
         scheduler=draw(st.sampled_from(["normal", "karras", "exponential", "sgm_uniform", "simple", "beta"])),
         height=draw(st.integers(8, 4096)), width=draw(st.integers(8, 4096)),
     )
@@ -284,7 +284,7 @@ def test_a_valid_fix_config_is_accepted_as_given(kw):
     assert cfg.prompts == tuple(p.strip() for p in kw["prompts"] if p.strip())
     assert cfg.seeds == kw["seeds"] and cfg.items == [(p, s) for p in cfg.prompts for s in cfg.seeds]
     assert cfg.steps == (len(kw["sigmas"]) - 1 if "sigmas" in kw else kw["steps"])
-    for name in ("lr", "rank", "alpha", "K", "lam", "threshold", "dilation", "sampler", "mask_source"):
+    for name in ("lr", "rank", "alpha", "K", "lam", "threshold", "dilation", "sampler_name", "mask_source"):
         assert getattr(cfg, name) == kw[name]
 
 
@@ -310,7 +310,7 @@ FIX_INVALID = [
     ("threshold", st.floats(1, exclude_min=True) | st.floats(max_value=0, exclude_max=True) | st.just(math.nan),
      {"threshold_mode": "value"}),
     ("compile", st.text(max_size=8).filter(lambda s: s not in COMPILE_MODES), {}),
-    ("sampler", st.text(max_size=8).filter(lambda s: s not in SAMPLERS), {}),
+    ("sampler_name", st.text(max_size=8).filter(lambda s: s not in SAMPLERS), {}),
     ("height", st.integers(max_value=7), {}),
     ("width", st.integers(max_value=7), {}),
 ]

@@ -63,14 +63,14 @@ def test_k_never_changes_the_image_only_where_gradients_flow(setup, sampler, che
     images = []
     for K in range(n + 1):
         net.calls.clear()
-        out = sample(net, x, sig, cond, K=K, sampler=sampler, checkpoint=checkpoint)
+        out = sample(net, x, sig, cond, K=K, sampler_name=sampler, checkpoint=checkpoint)
         assert out.shape == x.shape and out.requires_grad == (K > 0)
         # exactly the last K calls with grad (non-reentrant checkpointing recomputes only in backward)
         assert net.calls == [i >= n - K for i in range(n)]
         images.append(out.detach())
     assert all(torch.equal(im, images[0]) for im in images)
     with torch.no_grad():  # grad off: no graph whatever K
-        assert not sample(net, x, sig, cond, K=n, sampler=sampler, checkpoint=checkpoint).requires_grad
+        assert not sample(net, x, sig, cond, K=n, sampler_name=sampler, checkpoint=checkpoint).requires_grad
 
 
 @FAST
@@ -80,7 +80,7 @@ def test_the_image_is_the_last_denoised_estimate(setup, sampler):
     for euler/ddim; DPM-Solver++(2M) takes a first-order last step, as k-diffusion does)."""
     net, x, sig, cond, _ = setup
     seen = []
-    out = sample(net, x, sig, cond, sampler=sampler, callback=seen.append)
+    out = sample(net, x, sig, cond, sampler_name=sampler, callback=seen.append)
     assert [s["i"] for s in seen] == list(range(len(sig) - 1))
     assert torch.equal(out, seen[-1]["denoised"]) and torch.equal(out, seen[-1]["x"])
     assert all(torch.equal(s["sigma"], sig[s["i"]]) and torch.equal(s["sigma_next"], sig[s["i"] + 1]) for s in seen)
@@ -90,7 +90,7 @@ def test_the_image_is_the_last_denoised_estimate(setup, sampler):
 @given(sig=schedules(), sampler=st.sampled_from(SAMPLERS), c=st.floats(-3, 3), seed=st.integers(0, 2**31))
 def test_a_denoiser_that_always_says_c_gives_c(sig, sampler, c, seed):
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * sig[0]
-    out = sample(lambda x, s, cond: torch.full_like(x, c), x, sig, {}, sampler=sampler)
+    out = sample(lambda x, s, cond: torch.full_like(x, c), x, sig, {}, sampler_name=sampler)
     torch.testing.assert_close(out, torch.full_like(x, c), rtol=0, atol=1e-12)
 
 
@@ -99,11 +99,11 @@ def test_a_denoiser_that_always_says_c_gives_c(sig, sampler, c, seed):
 def test_a_seeds_image_does_not_depend_on_its_batch(setup, sampler, data):
     """One generator per seed: a seed's noise, and so its image, are the same alone or anywhere in a batch."""
     net, x, sig, cond, seeds = setup
-    batch = sample(net, x, sig, cond, sampler=sampler)
+    batch = sample(net, x, sig, cond, sampler_name=sampler)
     for i in data.draw(st.lists(st.integers(0, len(seeds) - 1), min_size=1, max_size=2, unique=True)):
         alone = seed_noise([seeds[i]], x.shape[1:], dtype=x.dtype)
         assert torch.equal(alone[0] * sig[0], x[i])
-        one = sample(net, alone * sig[0], sig, {"context": cond["context"][i:i + 1]}, sampler=sampler)
+        one = sample(net, alone * sig[0], sig, {"context": cond["context"][i:i + 1]}, sampler_name=sampler)
         assert torch.equal(one[0], batch[i])
 
 
@@ -134,7 +134,7 @@ def _truncated(net: Tiny, x, sig, cond, K, sampler, a, b):
         return net(x, sigma, cond)
 
     with torch.no_grad():
-        out = sample(denoiser, x, sig, cond, sampler=sampler)
+        out = sample(denoiser, x, sig, cond, sampler_name=sampler)
         net.a.copy_(own[0])
         net.b.copy_(own[1])
     return out
@@ -153,7 +153,7 @@ def test_the_gradient_at_k_is_that_of_the_last_k_steps(setup, sampler, data):
     grads = []
     for checkpoint in (True, False):
         net.zero_grad()
-        (weight * sample(net, x, sig, cond, K=K, sampler=sampler, checkpoint=checkpoint)).sum().backward()
+        (weight * sample(net, x, sig, cond, K=K, sampler_name=sampler, checkpoint=checkpoint)).sum().backward()
         grads.append((net.a.grad.clone(), net.b.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1])
     eps = 1e-6
@@ -203,5 +203,5 @@ def test_bad_k_and_lv_copies_are_refused_by_name(sig, K, lv):
         assert out.shape == (max(lv, 1), 1, 2, 2)
     with pytest.raises(ValueError, match="sigmas must end with 0"):
         sample(den, x, torch.cat([sig[:-1], sig[-2:-1] / 2]), {}, K=0)
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler_a'"):
-        sample(den, x, sig, {}, sampler="euler_a")
+    with pytest.raises(ValueError, match=r"unknown sampler_name 'euler_a'"):
+        sample(den, x, sig, {}, sampler_name="euler_a")

@@ -152,7 +152,7 @@ FNF = COMMON + [
     _opt("--seeds", st.sampled_from(["0", "0,1", "0-3", "3-1", "-1", "", "a", "18446744073709551616", "0,,1"])),
     _opt("--lam", FLOAT_OK), _opt("--reward-target", FLOAT_OK), _opt("--K", NUMBER), _opt("--lv-copies", NUMBER),
     _opt("--steps", NUMBER), _opt("--cfg", FLOAT_OK),
-    _opt("--sampler", st.sampled_from(["ddim", "euler", "dpmpp_2m", "euler_ancestral", ""])),
+    _opt("--sampler-name", st.sampled_from(["ddim", "euler", "dpmpp_2m", "euler_ancestral", ""])),
     _opt("--scheduler", st.sampled_from(["normal", "karras", "simple", "beta_x", ""])),
     _opt("--mask-source", st.sampled_from(["heatmap", "saliency", "mask", "none", "paint"])),
     _opt("--mask", st.sampled_from(["white", "black", "broken_png", "missing", "folder", "empty"])),

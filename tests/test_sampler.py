@@ -258,7 +258,7 @@ def test_dpmpp_2m_follows_the_solver_and_is_second_order():
         x = seed_noise([1, 2], (1, 4, 4)) * sigmas[0]
         exact = mu + (x - mu) * s / math.sqrt(s**2 + float(sigmas[0]) ** 2)
         with torch.no_grad():
-            out = {name: sample(den, x, sigmas, cond(), sampler=name) for name in ("ddim", "euler", "dpmpp_2m")}
+            out = {name: sample(den, x, sigmas, cond(), sampler_name=name) for name in ("ddim", "euler", "dpmpp_2m")}
             torch.testing.assert_close(out["dpmpp_2m"], _dpmpp_2m_reference(den, x, sigmas, cond()), rtol=1e-5,
                                        atol=1e-5)
         assert torch.equal(out["ddim"], out["euler"])  # one step rule, two names (as in ComfyUI)
@@ -277,7 +277,7 @@ def test_dpmpp_2m_differentiates_the_last_k_calls(K):
     for k in (1, K):
         den = GaussianDenoiser()
         out = sample(den, torch.ones(2, 1, 3, 3) * 5, get_sigmas_karras(6, 0.1, 10.0), cond(), K=k, checkpoint=False,
-                     sampler="dpmpp_2m")
+                     sampler_name="dpmpp_2m")
         assert den.grad_calls == k and den.calls == 6
         out.sum().backward()
         grads.append(float(den.p.grad))
@@ -289,7 +289,7 @@ def test_dpmpp_2m_differentiates_the_last_k_calls(K):
 def test_dpmpp_2m_survives_a_repeated_sigma():
     """A schedule with a repeated sigma (h = 0) takes a first-order step there instead of dividing by zero."""
     sigmas = torch.tensor([10.0, 4.0, 4.0, 1.0, 0.0])
-    out = sample(GaussianDenoiser(), torch.ones(2, 1, 3, 3) * 10, sigmas, cond(), sampler="dpmpp_2m")
+    out = sample(GaussianDenoiser(), torch.ones(2, 1, 3, 3) * 10, sigmas, cond(), sampler_name="dpmpp_2m")
     assert torch.isfinite(out).all()
 
 
@@ -330,8 +330,9 @@ def test_sampling_sigmas_prefers_the_models_own_and_checks_them():
         check_sigmas([math.nan, 0.0])
     with pytest.raises(ValueError, match="SplitSigmas"):
         check_sigmas([14.6, 3.0, 1.0])
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler_ancestral'.*dpmpp_2m"):
-        sample(GaussianDenoiser(), torch.zeros(2, 1, 2, 2), torch.tensor([2.0, 0.0]), cond(), sampler="euler_ancestral")
+    with pytest.raises(ValueError, match=r"unknown sampler_name 'euler_ancestral'.*dpmpp_2m"):
+        sample(GaussianDenoiser(), torch.zeros(2, 1, 2, 2), torch.tensor([2.0, 0.0]), cond(),
+               sampler_name="euler_ancestral")
 
 
 # ---------------------------------------------------------------- review: mutation-testing gaps S7-S10

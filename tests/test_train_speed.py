@@ -104,12 +104,12 @@ def test_train_speed_levers_6(core_doc):
 
 
 def test_train_speed_sampler_and_scheduler_6():
-    """--sampler/--scheduler reach the Focus-N-Fix cases and the breakdown (the fewer-steps lever); the run
+    """--sampler-name/--scheduler reach the Focus-N-Fix cases and the breakdown (the fewer-steps lever); the run
     records them, and an untrained LoRA still gives I == I0 at step 0 with the multistep sampler."""
     doc = _run("--backend", "core", "--size", "tiny", "--iters", "1", "--warmup", "0", "--device", "cpu",
-               "--cases", "fnf_b1", "--sampler", "dpmpp_2m", "--scheduler", "karras", "--steps", "6", "--breakdown")
+               "--cases", "fnf_b1", "--sampler-name", "dpmpp_2m", "--scheduler", "karras", "--steps", "6", "--breakdown")
     _check(doc, ["fnf_b1"], ["tiny"])
-    assert doc["settings"]["tiny"]["sampler"] == "dpmpp_2m" and doc["settings"]["tiny"]["scheduler"] == "karras"
+    assert doc["settings"]["tiny"]["sampler_name"] == "dpmpp_2m" and doc["settings"]["tiny"]["scheduler"] == "karras"
     case = doc["cases"][0]
     assert case["breakdown_seconds"]["sample_no_grad_lora_merged"] > 0
     assert case["history"][0]["region"] == pytest.approx(0.0, abs=1e-6)

@@ -224,7 +224,7 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(lam=-1.0), "lam"),
     (dict(compile="fast"), "compile must be one of"),
     (dict(reward_target=float("inf")), "reward_target must be a finite number"),
-    (dict(sampler="euler_ancestral"), r"sampler must be one of \['ddim', 'euler', 'dpmpp_2m'\]"),
+    (dict(sampler_name="euler_ancestral"), r"sampler_name must be one of \['ddim', 'euler', 'dpmpp_2m'\]"),
     (dict(scheduler=""), "scheduler must be a scheduler's name"),
     (dict(sigmas=(14.6, 2.0)), "sigmas must be positive and end at 0"),
     (dict(sigmas=(14.6, 1.0, 0.0), K=3), r"K \(3\) is more than the 2 steps of the sigmas"),
@@ -241,7 +241,7 @@ def test_sampler_scheduler_and_sigmas_drive_every_trajectory(small_model, square
     sigmas replace steps and scheduler."""
     from focusfix_core.sampler import sampling_sigmas
     from focusfix_core.schedules import get_sigmas_karras
-    cfg = fix_cfg(iterations=2, sampler="dpmpp_2m", scheduler="karras")
+    cfg = fix_cfg(iterations=2, sampler_name="dpmpp_2m", scheduler="karras")
     trainer, recs = run(small_model, square_reward, cfg)
     assert recs[0].region == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(trainer.sigmas, sampling_sigmas(small_model, 4, "karras"))
@@ -251,7 +251,7 @@ def test_sampler_scheduler_and_sigmas_drive_every_trajectory(small_model, square
     assert (plain.base([0, 1])[0] - I0).abs().max() > 1e-3
     plain.lora.remove()
     sig = get_sigmas_karras(6, float(small_model.sigmas[0]), float(small_model.sigmas[-1]))
-    given = fix_cfg(iterations=1, sampler="dpmpp_2m", steps=20, scheduler="normal", sigmas=tuple(sig.tolist()))
+    given = fix_cfg(iterations=1, sampler_name="dpmpp_2m", steps=20, scheduler="normal", sigmas=tuple(sig.tolist()))
     assert given.steps == 6
     trainer = FixTrainer(small_model, square_reward, given)
     torch.testing.assert_close(trainer.sigmas, sig)
@@ -1452,5 +1452,25 @@ def test_a_state_in_a_newer_format_is_refused_an_older_one_resumes(small_model, 
     assert other.step == 0
     older = {k: v for k, v in state.items() if k not in ("format", "focusfix_version")}
     other.load_state_dict(older)
+    assert other.step == 1
+    other.lora.remove()
+
+
+def test_a_state_saved_with_the_old_sampler_field_resumes_and_its_value_is_still_compared(small_model, square_reward):
+    """`sampler` became `sampler_name` (KSampler's name, as the nodes and --sampler-name): a state saved under the
+    old name is the same run, and a saved sampler that differs is still refused by name."""
+    import json
+    cfg = fix_cfg(iterations=2)
+    first = FixTrainer(small_model, square_reward, cfg)
+    next(iter(first))
+    state = first.state_dict()
+    first.lora.remove()
+    saved = json.loads(state["config"])
+    assert saved["sampler_name"] == "ddim" and "sampler" not in saved
+    old = {**saved, "sampler": saved.pop("sampler_name")}
+    other = FixTrainer(small_model, square_reward, cfg)
+    with pytest.raises(ValueError, match=r"other settings: sampler_name 'dpmpp_2m' \(now 'ddim'\)"):
+        other.load_state_dict({**state, "config": json.dumps({**old, "sampler": "dpmpp_2m"})})
+    other.load_state_dict({**state, "config": json.dumps(old)})
     assert other.step == 1
     other.lora.remove()

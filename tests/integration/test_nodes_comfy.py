@@ -111,7 +111,7 @@ def test_attention_maps_sample_with_ksamplers_sampler_and_scheduler(comfy, check
     dm = adapters.ComfyDiffusionModel(model, clip, vae)
     kw = dict(seed=5, steps=4, cfg_scale=3.0, width=SIZE, height=SIZE, resolution=4)
     with torch.inference_mode():
-        _, z = adapters.prompt_attention_maps(dm, "a cat and a dog", ["cat", "dog"], sampler="dpmpp_2m",
+        _, z = adapters.prompt_attention_maps(dm, "a cat and a dog", ["cat", "dog"], sampler_name="dpmpp_2m",
                                               scheduler="karras", **kw)
         _, z_ddim = adapters.prompt_attention_maps(dm, "a cat and a dog", ["cat", "dog"], **kw)
     positive = comfy.run("CLIPTextEncode", clip=clip, text="a cat and a dog")[0]
