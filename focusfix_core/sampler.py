@@ -285,8 +285,9 @@ def sample(
         checkpoint: gradient-checkpoint each differentiated call (off when the caller checkpoints the
             network's blocks instead, see `checkpointed_modules`).
         callback: called after each step with {"i", "x", "sigma", "sigma_next", "denoised"}.
-        sampler_name: one of SAMPLERS (KSampler's names). "ddim" / "euler": x' = x0 + (x - x0) sigma'/sigma. "dpmpp_2m": the same step
-            with x0 extrapolated from the previous call's (second order in log sigma), as KSampler's dpmpp_2m.
+        sampler_name: one of SAMPLERS (KSampler's names). "ddim" / "euler": x' = x0 + (x - x0) sigma'/sigma.
+            "dpmpp_2m": the same step with x0 extrapolated from the previous call's (second order in log
+            sigma), as KSampler's dpmpp_2m.
 
     Returns:
         x0: [B,C,h,w] ([B*n,...] with lv_copies=n) — the final sample.

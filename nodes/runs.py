@@ -82,18 +82,19 @@ def checkpoint_path(every: int, name: str) -> Path | None:
 
 class _Checkpointer:
     """on_record callback: atomically write the LoRA (with `graph`, the metadata of the graph running) every
-    `every` steps. The first write claims `name` in the loras folder without replacing a file (a name another
+    `every` steps and after the last of `total` (so a cancel while the before/after images are drawn keeps the
+    whole run, and a `total` that is no multiple of `every` loses no steps). The first write claims `name` in the loras folder without replacing a file (a name another
     save took since `checkpoint_path` looked moves it on to the next free name); later writes replace its own.
     A write that fails (disk full, permissions) is logged and kept in `error`, and training goes on: a checkpoint
     is insurance, and losing the run to it would lose more than the checkpoint."""
 
-    def __init__(self, trainer, every: int, path: Path | None, name: str, continue_from: LoraData | None = None,
-                 graph: dict[str, str] | None = None):
-        self.trainer, self.every, self.path, self.name = trainer, every, path, name
+    def __init__(self, trainer, every: int, total: int, path: Path | None, name: str,
+                 continue_from: LoraData | None = None, graph: dict[str, str] | None = None):
+        self.trainer, self.every, self.total, self.path, self.name = trainer, every, total, path, name
         self.continue_from, self.graph, self.written, self.error = continue_from, graph, None, None
 
     def __call__(self, rec) -> None:
-        if self.path is None or (rec.step + 1) % self.every:
+        if self.path is None or ((rec.step + 1) % self.every and rec.step + 1 != self.total):
             return
         data = _lora_data(self.trainer, self.continue_from)
         try:
@@ -136,7 +137,8 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
                                                    on_sampler_step=check_cancel), continue_from, dm)
         try:
             _release(dm)
-            save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
+            save = _Checkpointer(trainer, checkpoint_every, cfg.iterations, ckpt, checkpoint_name, continue_from,
+                                 graph)
             history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images, save)
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
             return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written, save.error,
@@ -164,7 +166,8 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
         try:
             _release(dm)
             before = trainer.eval_maps(cfg.seed)
-            save = _Checkpointer(trainer, checkpoint_every, ckpt, checkpoint_name, continue_from, graph)
+            save = _Checkpointer(trainer, checkpoint_every, cfg.iterations, ckpt, checkpoint_name, continue_from,
+                                 graph)
             history = run_with_progress(trainer, cfg.iterations, on_record=save)
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
                                       trainer.eval_maps(cfg.seed), save.written, cfg.preserve_prompts, save.error)

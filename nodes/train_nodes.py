@@ -86,8 +86,9 @@ def _batch_note(batch_size: int, n_items: int) -> list[str]:
 
 
 CHECKPOINT_INPUTS = {
-    "checkpoint_every": tip("INT", "Save the LoRA every N iterations into the loras folder (0 = off); a cancelled "
-                            "run then keeps the last complete one.", default=0, min=0, max=100000),
+    "checkpoint_every": tip("INT", "Save the LoRA into the loras folder every N iterations and after the last (0 = "
+                            "off): a cancel keeps the last one saved, all of training once it ended.", default=0,
+                            min=0, max=100000),
     "checkpoint_name": tip("STRING", "Checkpoint file in the loras folder, replaced by each checkpoint of this run. An "
                            "existing file of that name is kept and a counter added; the report names the file.",
                            default="focusfix/checkpoint"),
@@ -108,8 +109,9 @@ def _checkpoint_note(path, every: int, iterations: int, error: str | None = None
         kept = f"{loras_name(path)} holds an earlier step" if path is not None else "no checkpoint was written"
         return [f"checkpoint: {error}; training went on ({kept}; the LoRA output holds every step)"]
     if path is None:
-        return [f"checkpoint_every ({every}) is more than iterations ({iterations}): no checkpoint was written"]
-    return [f"checkpoint: {loras_name(path)} (every {every} iterations; FocusFix Load LoRA lists it, to continue from)"]
+        return ["checkpoint: none was written"]
+    when = f"every {every} iterations and after the last" if every < iterations else "after the last iteration"
+    return [f"checkpoint: {loras_name(path)} ({when}; FocusFix Load LoRA lists it, to continue from)"]
 
 
 def _curve(history, keys) -> torch.Tensor:

@@ -376,9 +376,9 @@ def test_checkpoints_keep_an_existing_file_and_a_bad_name_fails_before_training(
     *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/fix")
     assert theirs.read_bytes() == b"the artist's own file"
     assert (fresh.loras / "ckpt" / "fix_00001.safetensors").is_file()
-    assert "checkpoint: ckpt/fix_00001.safetensors (every 1 iterations" in report
+    assert "checkpoint: ckpt/fix_00001.safetensors (every 1 iterations and after the last;" in report
     *_, report = _train_fix(fresh, checkpoint, iterations=1, checkpoint_every=3, checkpoint_name="ckpt/late")
-    assert "checkpoint_every (3) is more than iterations (1): no checkpoint was written" in report
+    assert "checkpoint: ckpt/late.safetensors (after the last iteration;" in report
     fresh.progress.clear()
     with pytest.raises(ValueError, match="checkpoint_name: filename '../escape' must stay inside"):
         _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="../escape")
@@ -400,7 +400,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(fresh, check
     monkeypatch.setattr(runs, "write_lora", full_disk_on_second_write)
     lora, *_, report = _train_fix(fresh, checkpoint, iterations=3, checkpoint_every=1, checkpoint_name="ckpt/full")
     assert "step 3/3" in report and len(calls) == 3
-    assert "checkpoint: ckpt/full.safetensors (every 1 iterations" in report  # the third write worked again
+    assert "checkpoint: ckpt/full.safetensors (every 1 iterations and after" in report  # the third worked again
     calls.clear()
     monkeypatch.setattr(runs, "write_lora", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/none")
@@ -688,6 +688,30 @@ def test_cancel_with_checkpoints_keeps_the_last_complete_lora(fresh, checkpoint)
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata()["focusfix_steps_trained"] == "2"
     assert not [p for p in fresh.loras.rglob("*") if p.suffix == ".tmp"]
+
+
+def test_a_cancel_while_the_before_after_images_are_drawn_keeps_all_of_training(fresh, checkpoint):
+    """The run checkpoints after its last step too: 3 iterations with checkpoint_every 2 used to leave a 2-step
+    checkpoint, and a cancel while the before/after images were drawn lost the third step (the LoRA output is
+    never returned after a cancel). The checkpoint now holds all 3, the same LoRA a full run returns."""
+    import comfy.model_management as mm
+    from safetensors import safe_open
+    lora, *_, report = _train_fix(fresh, checkpoint, iterations=3, checkpoint_every=2, checkpoint_name="ckpt/full",
+                                  batch_size=1)
+    assert "checkpoint: ckpt/full.safetensors (every 2 iterations and after the last;" in report
+    (images_bar,) = {t for _, t, _ in fresh.progress if t != 3}  # the before/after images' step bar
+    fresh.progress.clear()
+    fresh.interrupt_at, fresh.interrupt_total = 2, images_bar
+    with pytest.raises(mm.InterruptProcessingException):
+        _train_fix(fresh, checkpoint, iterations=3, checkpoint_every=2, checkpoint_name="ckpt/cancelled",
+                   batch_size=1)
+    assert max(v for v, t, _ in fresh.progress if t == 3) == 3 and max(v for v, t, _ in fresh.progress
+                                                                        if t == images_bar) == 2
+    with safe_open(str(fresh.loras / "ckpt" / "cancelled.safetensors"), "pt") as f:
+        assert f.metadata()["focusfix_steps_trained"] == "3"
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+    assert kept.keys() == lora.tensors.keys()
+    assert all(torch.equal(kept[k], lora.tensors[k].to(kept[k].dtype)) for k in kept)
 
 
 def test_train_focus_n_fix_without_clip_needs_conditioning(fresh, checkpoint):
