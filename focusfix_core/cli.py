@@ -31,7 +31,7 @@ from . import __version__
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .saliency import THRESHOLD_MODES, fit_mask
+from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
@@ -540,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KSampler's deterministic sampler (ddim = euler; default ddim)")
     f.add_argument("--scheduler", default="normal", choices=SCHEDULERS, help="sigma schedule (default normal)")
     f.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    f.add_argument("--negative-prompt", default="", help="the negative prompt of classifier-free guidance "
+                                                         "(default none)")
     f.add_argument("--mask-source", default=None, choices=MASK_SOURCES,
                    help="where the mask M (1 = may change) comes from (default heatmap, or mask with --mask); "
                         "none = plain DRaFT")
@@ -553,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--threshold", type=float, default=0.15,
                    help="top_percent: the share of pixels kept, in (0,1]; value: the cut-off in [0,1]; otsu: unused")
     f.add_argument("--dilation", type=int, default=2, help="grow M by this many pixels (default 2)")
+    f.add_argument("--saliency-method", default="grad", choices=SALIENCY_METHODS,
+                   help="--mask-source saliency: the reward's gradient (grad), averaged over noisy copies "
+                        "(smoothgrad), or times the image (grad_x_input) (default grad)")
     f.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
 
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
@@ -661,12 +666,12 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
     return source, torch.cat(masks) if masks else None
 
 
-def _check_prompts(model, prompts: Iterable[str]) -> None:
-    """Refuse a --prompt word the (tiny) model cannot read: it would be trained on as an unknown token, silently."""
+def _check_prompts(model, prompts: Iterable[str], flag: str = "--prompt") -> None:
+    """Refuse a word the (tiny) model cannot read: it would be trained on as an unknown token, silently."""
     tokenizer = getattr(model, "tokenizer", None)
     if hasattr(tokenizer, "check"):
         for p in prompts:
-            tokenizer.check(p, "--prompt")
+            tokenizer.check(p, flag)
 
 
 def cmd_train_fnf(a) -> dict:
@@ -674,6 +679,8 @@ def cmd_train_fnf(a) -> dict:
     saved, lora_kw, state = _lora_settings(a, out, "focus-n-fix")
     model, note = load_model(a.model)
     _check_prompts(model, a.prompt)
+    if a.negative_prompt:
+        _check_prompts(model, [a.negative_prompt], "--negative-prompt")
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
     mask_source, masks = _painted_masks(a, size)
@@ -681,8 +688,9 @@ def cmd_train_fnf(a) -> dict:
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, reward_target=a.reward_target, K=a.K,
                     lv_copies=a.lv_copies,
                     steps=a.steps, sampler_name=a.sampler_name, scheduler=a.scheduler, cfg_scale=a.cfg,
-                    mask_source=mask_source, threshold_mode=a.threshold_mode, threshold=a.threshold,
-                    dilation=a.dilation, height=size, width=size)
+                    negative_prompt=a.negative_prompt, mask_source=mask_source, threshold_mode=a.threshold_mode,
+                    threshold=a.threshold, dilation=a.dilation, saliency_method=a.saliency_method,
+                    height=size, width=size)
     with claim_out(out, a.overwrite, a.resume):
         return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
                        model_note=note, continue_from=saved)

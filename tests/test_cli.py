@@ -423,6 +423,27 @@ def test_sampler_name_is_the_nodes_name_and_the_old_flag_still_runs(model_file, 
     assert json.loads(meta["focusfix_config"])["sampler_name"] == "dpmpp_2m"
 
 
+def test_negative_prompt_and_saliency_method_reach_the_run_as_the_nodes_inputs_do(model_file, tmp_path, capsys):
+    """--negative-prompt and --saliency-method: the Train node's negative_prompt and saliency_method. The
+    negative prompt changes the base image I0 (the guidance's other side); a word the tiny model cannot read is
+    refused naming the flag, before anything runs."""
+    runs = {}
+    for name, extra in (("plain", ()), ("neg", ("--negative-prompt", "a blue square", "--saliency-method",
+                                                  "grad_x_input"))):
+        out = tmp_path / name
+        assert cli.main(fnf_args(model_file, out, *extra, "--iterations", "1", "--seeds", "0", "--batch-size", "1",
+                                 "--steps", "2")) == 0
+        runs[name] = out
+    config = json.loads((runs["neg"] / "report.json").read_text())["config"]
+    assert config["negative_prompt"] == "a blue square" and config["saliency_method"] == "grad_x_input"
+    assert json.loads((runs["plain"] / "report.json").read_text())["config"]["negative_prompt"] == ""
+    assert (runs["plain"] / "before_0.png").read_bytes() != (runs["neg"] / "before_0.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, tmp_path / "bad", "--negative-prompt", "blurry")) == 2
+    err = capsys.readouterr().err
+    assert "--negative-prompt 'blurry': the tiny model does not know ['blurry']" in err
+    assert not (tmp_path / "bad").exists()
+
 def test_help_names_the_sampler_flag_by_the_nodes_name(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train-fnf", "--help"])

@@ -153,6 +153,8 @@ FNF = COMMON + [
     _opt("--lam", FLOAT_OK), _opt("--reward-target", FLOAT_OK), _opt("--K", NUMBER), _opt("--lv-copies", NUMBER),
     _opt("--steps", NUMBER), _opt("--cfg", FLOAT_OK),
     _opt("--sampler-name", st.sampled_from(["ddim", "euler", "dpmpp_2m", "euler_ancestral", ""])),
+    _opt("--negative-prompt", st.sampled_from(["", "a blue square", "blurry", " "])),
+    _opt("--saliency-method", st.sampled_from(["grad", "smoothgrad", "grad_x_input", "sobel"])),
     _opt("--scheduler", st.sampled_from(["normal", "karras", "simple", "beta_x", ""])),
     _opt("--mask-source", st.sampled_from(["heatmap", "saliency", "mask", "none", "paint"])),
     _opt("--mask", st.sampled_from(["white", "black", "broken_png", "missing", "folder", "empty"])),
@@ -215,6 +217,8 @@ def test_train_fnf_with_random_arguments_runs_or_refuses_cleanly(files, tmp_path
         assert cfg.prompts == tuple(p.strip() for a in argv if a.startswith("--prompt=")  # blank ones dropped
                                         for p in [a.split("=", 1)[1]] if p.strip())
         assert math.isfinite(cfg.lr) and cfg.lr > 0 and cfg.K <= cfg.steps
+        negative = [a.split("=", 1)[1] for a in argv if a.startswith("--negative-prompt=")]
+        assert cfg.negative_prompt == (negative[-1] if negative else "")
 
 
 @FAST
