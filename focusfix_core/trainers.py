@@ -99,7 +99,7 @@ def _check_seed(name, value):
 
 
 # fields renamed since states were first saved: old name -> new (a state saved before reads as the same run)
-RENAMED_CONFIG_FIELDS = {"sampler": "sampler_name"}
+_RENAMED_CONFIG_FIELDS = {"sampler": "sampler_name"}
 
 
 @dataclass(frozen=True)
@@ -463,7 +463,7 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
         saved = None
     if not isinstance(saved, dict):
         raise invalid(f"config must be the run's settings as a JSON object, got {str(state['config'])[:60]!r}")
-    saved = {RENAMED_CONFIG_FIELDS.get(k, k): v for k, v in saved.items()}
+    saved = {_RENAMED_CONFIG_FIELDS.get(k, k): v for k, v in saved.items()}
     now = json.loads(trainer.cfg.to_json())
     changed = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
                if k not in ("iterations", "compile") and saved.get(k) != now.get(k)]
