@@ -196,7 +196,7 @@ class FixConfig(_LoRAConfig):
         _check_choice("mask_space", self.mask_space, ("pixel", "latent"))
         _check_choice("compile", self.compile, COMPILE_MODES)
         if self.height < 8 or self.width < 8:
-            raise ValueError(f"height and width must be >= 8 pixels, got {self.height}x{self.width}")
+            raise ValueError(f"width and height must be >= 8 pixels, got {self.width}x{self.height}")
 
     @property
     def items(self) -> list[tuple[str, int]]:
@@ -252,6 +252,9 @@ def split_objects_prompt(line: str) -> tuple[str, list[str]]:
     """"a cat and a dog | cat, dog" -> ("a cat and a dog", ["cat", "dog"])."""
     if "|" not in line:
         raise ValueError(f"prompt line {line!r} needs object words after '|', e.g. 'a cat and a dog | cat, dog'")
+    if line.count("|") > 1:  # which '|' ends the prompt is a guess: the words would take the rest of the prompt
+        raise ValueError(f"prompt line {line!r} has {line.count('|')} '|': write the prompt, one '|', then the "
+                         f"object words, e.g. 'a cat and a dog | cat, dog'")
     prompt, words = line.split("|", 1)
     if not prompt.strip():
         raise ValueError(f"prompt line {line!r} has no prompt before '|', e.g. 'a cat and a dog | cat, dog'")
@@ -894,7 +897,8 @@ class FixTrainer(_LoRATrainer):
                              f"{getattr(reward, 'name', type(reward).__name__)!r} has none: use 'saliency'")
         scale = model.latent_scale
         if cfg.height % scale or cfg.width % scale:
-            raise ValueError(f"height and width must be multiples of {scale} for this model, got {cfg.height}x{cfg.width}")
+            raise ValueError(f"width and height must be multiples of {scale} for this model, got "
+                             f"{cfg.width}x{cfg.height}")
         self._order: list[int] = []  # items still to train on in this pass (part of every snapshot)
         super().__init__(model, cfg, lora, device)
         self.on_sampler_step = on_sampler_step
@@ -1266,7 +1270,8 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             raise TypeError(f"cfg must be a SeparateEnhanceConfig, got {type(cfg).__name__}")
         scale = model.latent_scale
         if cfg.height % scale or cfg.width % scale:
-            raise ValueError(f"height and width must be multiples of {scale}, got {cfg.height}x{cfg.width}")
+            raise ValueError(f"width and height must be multiples of {scale} for this model, got "
+                             f"{cfg.width}x{cfg.height}")
         # the maps' (h, w): resolution is their shorter side, so a portrait or landscape size works too; a size
         # where the model has no cross-attention is refused here, before any UNet pass
         levels = getattr(model, "attention_levels", None)

@@ -38,6 +38,7 @@ __all__ = [
     "mask_to_b1hw",
     "b1hw_to_mask",
     "ComfyDiffusionModel",
+    "check_conditioning",
     "conditioning_to_cond",
     "conditioning_to_conds",
     "conditioning_ignored",
@@ -140,6 +141,11 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
                          f"got dtype {M.dtype}")
     if not torch.isfinite(M).all():
         raise ValueError(f"{name} has NaN or inf values (shape {given}): expected finite values in [0,1]")
+    # as for an IMAGE: a blur's overshoot is clamped below, while 0..255 values would make it all "may change"
+    lo, hi = (float(v) for v in torch.aminmax(M.float()))
+    if hi > 2.0 or lo < -1.0:
+        raise ValueError(f"{name} has values from {lo:.4g} to {hi:.4g}: expected a float MASK in [0,1]"
+                         f"{' (0..255 values? divide by 255)' if hi > 2.0 else ''}")
     M, note = M.float()[:, None].clamp(0, 1), ""  # (B, 1, H, W)
     if size is not None and tuple(M.shape[-2:]) != tuple(size):
         if not resize:
@@ -257,9 +263,9 @@ def _run_patch(fn, args: dict):
 
 def _runs_model_again(fn) -> str:
     return (f"the MODEL carries the guidance patch {_patch_name(fn)}, which runs the model again on ComfyUI's own "
-            f"conditioning (as Perturbed-Attention, Self-Attention Guidance and Perp-Neg do): training cannot "
-            f"follow it. Connect the MODEL from before that node to the FocusFix node, and apply the patch to the "
-            f"sampler that uses the trained LoRA")
+            f"conditioning (as Perturbed-Attention, Self-Attention Guidance and Perp-Neg do): FocusFix's sampler "
+            f"cannot follow it. Connect the MODEL from before that node to the FocusFix node, and apply the patch "
+            f"to the KSampler that draws your images")
 
 
 def _raised_in_comfy_cond_batch(e: BaseException) -> bool:
@@ -420,9 +426,9 @@ class ComfyDiffusionModel:
         for key in _UNSUPPORTED_SAMPLER_PATCHES:
             if key in options:
                 raise ValueError(f"the MODEL carries {_patch_name(options[key])} ({key}, e.g. from Skip Layer "
-                                 f"Guidance), which runs the model on ComfyUI's own conditioning: training cannot "
-                                 f"follow it. Connect the MODEL from before that node to the FocusFix node, and apply "
-                                 f"the patch to the sampler that uses the trained LoRA")
+                                 f"Guidance), which runs the model on ComfyUI's own conditioning: FocusFix's "
+                                 f"sampler cannot follow it. Connect the MODEL from before that node to the FocusFix "
+                                 f"node, and apply the patch to the KSampler that draws your images")
         if not any(options.get(key) for key in _GUIDANCE_PATCHES):
             return None
         guidance = functools.partial(self._guidance)
@@ -709,6 +715,20 @@ def conditioning_to_cond(conditioning, is_adm: bool, name: str = "positive") -> 
     return cat_cond(*conditioning_to_conds(conditioning, is_adm, name))
 
 
+def check_conditioning(conditioning, name: str = "positive") -> None:
+    """ValueError naming `name` unless it is a non-empty CONDITIONING whose entries hold text encodings with at
+    least one row (a custom node's malformed output is refused, not guessed)."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
+    for i, entry in enumerate(conditioning):
+        if not (isinstance(entry, (list, tuple)) and 1 <= len(entry) <= 2 and isinstance(entry[0], torch.Tensor)
+                and entry[0].ndim == 3 and len(entry[0]) and (len(entry) == 1 or isinstance(entry[1], dict))):
+            parts = entry if isinstance(entry, (list, tuple)) else [entry]
+            got = ", ".join(f"tensor {list(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__ for e in parts)
+            raise ValueError(f"{name} entry {i} is not a CONDITIONING entry [text encoding [B,T,D], dict]: got {got} "
+                             f"(connect CLIP Text Encode, or the node that made it is broken)")
+
+
 def conditioning_to_conds(conditioning, is_adm: bool, name: str = "positive") -> list[Cond]:
     """ComfyUI CONDITIONING ([[context [1,T,D], {"pooled_output": ...}], ...]) -> one Cond of batch 1 per entry
     row, each at its own context length.
@@ -716,15 +736,7 @@ def conditioning_to_conds(conditioning, is_adm: bool, name: str = "positive") ->
     The text encoding is used, with SDXL's pooled output and size conditioning (CLIPTextEncodeSDXL's width, height,
     crops and target size; CLIPTextEncodeSDXLRefiner's aesthetic score); `conditioning_ignored` names what else
     the entries carry (areas, masks, ControlNets, timestep ranges), which training does not follow."""
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode)")
-    for i, entry in enumerate(conditioning):  # a custom node's malformed output: refuse it, not guess a layout
-        if not (isinstance(entry, (list, tuple)) and 1 <= len(entry) <= 2 and isinstance(entry[0], torch.Tensor)
-                and entry[0].ndim == 3 and (len(entry) == 1 or isinstance(entry[1], dict))):
-            parts = entry if isinstance(entry, (list, tuple)) else [entry]
-            got = ", ".join(f"tensor {list(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__ for e in parts)
-            raise ValueError(f"{name} entry {i} is not a CONDITIONING entry [text encoding [B,T,D], dict]: got {got} "
-                             f"(connect CLIP Text Encode, or the node that made it is broken)")
+    check_conditioning(conditioning, name)
     given = any(k in (entry[1] if len(entry) > 1 else {}) for entry in conditioning for k in _SDXL_ADM_KEYS)
     conds = []
     for entry in conditioning:

@@ -16,8 +16,8 @@ import torch
 
 from ..focusfix_core.trainers import parse_ints  # noqa: F401  (the seeds format, shared with the CLI)
 
-__all__ = ["LORA", "REWARD", "tip", "parse_lines", "parse_ints", "run_with_progress", "log", "scheduler_names",
-           "sampler_inputs", "GRAPH_INPUTS", "graph_metadata", "file_fingerprint"]
+__all__ = ["LORA", "REWARD", "tip", "parse_lines", "comment_notes", "parse_ints", "run_with_progress", "log",
+           "scheduler_names", "sampler_inputs", "GRAPH_INPUTS", "graph_metadata", "file_fingerprint"]
 
 LORA = "FOCUSFIX_LORA"      # adapters.LoraData
 REWARD = "FOCUSFIX_REWARD"  # a focusfix_core Reward module
@@ -150,12 +150,29 @@ def check_map_size(resolution: int | None, width: int | None, height: int | None
         map_size(resolution, (height // 8, width // 8), latent_scale=8)
 
 
+def _comment_lines(text: str) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip().startswith("#")]
+
+
 def parse_lines(text: str, name: str = "prompts") -> list[str]:
-    """Non-empty stripped lines; ValueError naming `name` when there are none."""
+    """Non-empty stripped lines that are no comment (# first); ValueError naming `name` when there are none."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip() and not line.strip().startswith("#")]
     if not lines:
-        raise ValueError(f"{name} is empty: write one per line")
+        comments = len(_comment_lines(text))
+        raise ValueError(f"{name} is empty: write one per line" + (
+            f" (its {comments} line{'s' * (comments > 1)} start with #, which marks a comment: remove the # of a "
+            f"line to use it)" if comments else ""))
     return lines
+
+
+def comment_notes(text: str, name: str = "prompts") -> list[str]:
+    """A report line naming the comment lines `parse_lines` skipped (a '#1 best photo' prompt drops silently)."""
+    comments = _comment_lines(text)
+    if not comments:
+        return []
+    first = comments[0] if len(comments[0]) <= 60 else comments[0][:57] + "..."
+    return [f"{name}: {len(comments)} line{'s' * (len(comments) > 1)} starting with # skipped as comment"
+            f"{'s' * (len(comments) > 1)} (e.g. {first!r}); remove the # to train on it"]
 
 
 def clock(seconds: float) -> str:

@@ -46,6 +46,40 @@ def lora_patches(model, lora: LoraData) -> dict:
     return patches
 
 
+def _lora_weights(patch):
+    """(up, down, ...) of a ComfyUI LoRA weight patch (a LoRAAdapter, or the ("lora", weights) tuple of older
+    ComfyUI versions); None for any other kind of patch."""
+    weights = getattr(patch, "weights", None)
+    if weights is None and isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "lora":
+        weights = patch[1]
+    ok = isinstance(weights, (tuple, list)) and len(weights) >= 2
+    return weights if ok and all(isinstance(w, torch.Tensor) for w in weights[:2]) else None
+
+
+def layers_applied(model, lora: LoraData) -> int:
+    """How many of `lora`'s layers the MODEL (a ModelPatcher) already carries as a weight patch of the same values
+    at a strength other than 0: Load LoRA or Apply LoRA of this LoRA (or of the file it was saved to) upstream.
+    0 for a LoRA that does not fit the MODEL (the training run names that)."""
+    try:
+        ours = lora_patches(model, lora)
+    except ValueError:
+        return 0
+    found = 0
+    for key, patch in ours.items():
+        mine = _lora_weights(patch)
+        key = key if isinstance(key, str) else key[0]
+        for strength, theirs, *_ in model.patches.get(key, ()):
+            theirs = _lora_weights(theirs)
+            if mine is None or theirs is None or strength == 0 or not mine[0].any():  # a zero layer adds nothing
+                continue
+            # fp16/bf16 rounding of a saved copy; another LoRA's random start is nowhere near
+            if all(a.shape == b.shape and torch.allclose(a.detach().float().cpu(), b.detach().float().cpu(),
+                                                          rtol=1e-2, atol=1e-6) for a, b in zip(mine[:2], theirs[:2])):
+                found += 1
+                break
+    return found
+
+
 def lora_path(filename: str, overwrite: bool = False, folder: str | None = None) -> Path:
     """`<loras folder>/<filename>.safetensors`, or the first free `<filename>_00001...` when that file (or a
     preview of that name, left by a deleted LoRA) exists and not `overwrite`. ValueError for a name that would

@@ -16,7 +16,7 @@ from ..focusfix_core.lora import continued_metadata
 from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import check_cancel, log, run_with_progress, sampling_progress
-from .lora_nodes import lora_path, save_lora_data, write_lora
+from .lora_nodes import layers_applied, lora_path, save_lora_data, write_lora
 
 __all__ = ["FixRun", "SeparateEnhanceRun", "run_focus_n_fix", "run_separate_enhance"]
 
@@ -51,6 +51,15 @@ def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
     if continue_from is None:
         return data
     return replace(data, metadata=continued_metadata(data.metadata, continue_from.metadata))
+
+
+def _check_not_applied(dm: ComfyDiffusionModel, continue_from: LoraData | None) -> None:
+    """Refuse a `continue_from` LoRA the MODEL already carries (Load LoRA or Apply LoRA of it upstream): the run
+    attaches it itself, so it would act twice, in the before images and in training."""
+    if continue_from is not None and (n := layers_applied(dm.patcher, continue_from)):
+        raise ValueError(f"continue_from: the MODEL already carries this LoRA ({n} of its layers, applied by a Load "
+                         f"LoRA or Apply LoRA before this node): the run adds continue_from itself, so it would act "
+                         f"twice. Connect the MODEL without it (the one before that LoRA node)")
 
 
 def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
@@ -130,6 +139,7 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
     a LoRA to train further instead of a new one (I0 and M stay the base MODEL's)."""
     ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
     cfg: FixConfig = make_cfg()
+    _check_not_applied(dm, continue_from)
     dm.encode_first(([] if cond is not None else list(cfg.prompts)) + ([] if uncond is not None else [cfg.negative_prompt]))
     with training_session(dm, [reward]), reward_on(reward) as (r,):  # on the device for the run, then back
         cond, uncond = (c() if callable(c) else c for c in (cond, uncond))
@@ -155,6 +165,7 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
     LoRA it continues, if any; preservation still holds the base model's prompts)."""
     ckpt = checkpoint_path(checkpoint_every, checkpoint_name)
     cfg: SeparateEnhanceConfig = make_cfg()
+    _check_not_applied(dm, continue_from)
     for p, o in zip(cfg.prompts, cfg.objects):  # a missing word fails here, before anything is loaded
         try:
             dm.token_indices(p, list(o))

@@ -17,10 +17,11 @@ from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
 from ..focusfix_core.trainers import (MASK_SOURCES, FixConfig, SeparateEnhanceConfig, check_continued_method,
                                       split_objects_prompt)
-from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, conditioning_ignored,
-                       conditioning_to_conds, mask_to_b1hw)
+from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, check_conditioning,
+                       conditioning_ignored, conditioning_to_conds, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
-                     graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip, widgets_checked)
+                     comment_notes, graph_metadata, log, parse_ints, parse_lines, sampler_inputs, tip,
+                     widgets_checked)
 from .lora_nodes import loras_name
 from .runs import checkpoint_path, run_focus_n_fix, run_separate_enhance
 
@@ -53,7 +54,8 @@ def _lora_inputs(default_targets: str, lr: float, iterations: int, seed_tip: str
 def _continue_input(compared: str) -> dict:
     return {"continue_from": tip(LORA, "Train this FocusFix LoRA further (from a Train node or FocusFix Load LoRA) "
                                  "instead of a new one: its rank and targets are used, not the rank and targets "
-                                 f"inputs. {compared} still compare with the MODEL without any LoRA.")}
+                                 f"inputs. {compared} still compare with the MODEL without any LoRA: connect "
+                                 f"the MODEL without this one (a MODEL that already carries it is refused).")}
 
 
 def _continued_settings(continue_from, method: str, rank: int, targets: str, notes: list[str]):
@@ -252,7 +254,9 @@ def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, not
         raise ValueError(f"connect the checkpoint's CLIP (clip input) to encode {missing}, or connect both "
                          f"positive and negative CONDITIONING")
     for conditioning, name in ((positive, "positive"), (negative, "negative")):
-        notes += conditioning_ignored(conditioning, name) if conditioning is not None else []
+        if conditioning is not None:
+            check_conditioning(conditioning, name)  # now, not once the session has loaded the MODEL
+            notes += conditioning_ignored(conditioning, name)
     cond = uncond = None
     if positive is not None:
         n = sum(len(c[0]) for c in positive)
@@ -264,6 +268,7 @@ def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, not
                          f"KSampler the text encoding of entry i alone")
     else:
         labels = parse_lines(prompts)
+        notes += comment_notes(prompts)
     if negative is not None:
         negative_prompt = "negative[0]"  # the label the report and the LoRA's metadata show
         uncond = lambda: conditioning_to_conds(negative, dm.is_adm, "negative")[0]  # noqa: E731
@@ -416,6 +421,7 @@ class FocusFixTrainSeparateEnhance:
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, "separate-and-enhance", rank, targets, notes)
         parsed = _object_prompts(prompts)
+        notes += comment_notes(prompts)
         run = run_separate_enhance(dm, lambda: SeparateEnhanceConfig(
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,

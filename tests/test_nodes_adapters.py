@@ -134,10 +134,20 @@ def test_image_min_side_defaults_to_one_pixel_review10():
     (torch.full((1, 8, 8), float("nan")), r"mask has NaN or inf values \(shape \(1, 8, 8\)\)"),
     (torch.rand(0, 8, 8), r"mask is empty \(shape \(0, 8, 8\)\)"),
     (torch.ones(1, 8, 8, dtype=torch.uint8) * 255, r"mask must be a float MASK with values in \[0,1\].*uint8"),
+    # audit: 0..255 values were clamped silently (all "may change"), where an IMAGE of them is refused
+    (torch.ones(1, 8, 8) * 255, r"mask has values from 255 to 255: expected a float MASK in \[0,1\] \(0\.\.255 "
+                                r"values\? divide by 255\)"),
+    (torch.full((1, 8, 8), -3.0), r"mask has values from -3 to -3: expected a float MASK in \[0,1\]$"),
 ])
 def test_mask_refuses_nonfinite_empty_and_integer_review10(mask, match):
     with pytest.raises(ValueError, match=match):
         A.mask_to_b1hw(mask, (8, 8), 2)
+
+
+def test_mask_overshoot_is_clamped_not_refused():
+    """A blur or resampler's small overshoot (1.05, -0.05) is no 0..255 mask: clamped to [0,1]."""
+    M, _ = A.mask_to_b1hw(torch.tensor([[[1.05, -0.05], [0.5, 2.0]]]), (2, 2), 1)
+    assert M.flatten().tolist() == [1.0, 0.0, 0.5, 1.0]
 
 
 def test_mask_bool_is_accepted_review10():
@@ -256,7 +266,7 @@ def test_an_image_in_0_255_is_refused_an_overshoot_clamped():
 
 @pytest.mark.parametrize("entry, got", [(torch.zeros(77, 768), "tensor [77, 768]"),
                                         ([torch.zeros(1, 77, 768), "x"], "tensor [1, 77, 768], str"),
-                                        ("text", "str")])
+                                        ("text", "str"), ([torch.zeros(0, 77, 768), {}], "tensor [0, 77, 768], dict")])
 def test_a_malformed_conditioning_entry_is_refused_by_name(entry, got):
     """A broken custom node's CONDITIONING ([tensor] without its entry list) read as a 2-D context before."""
     with pytest.raises(ValueError, match=rf"^negative entry 0 is not a CONDITIONING entry .*: got {re.escape(got)} "):

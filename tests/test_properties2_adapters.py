@@ -174,9 +174,14 @@ def test_every_mask_layout_reads_as_the_same_mask_and_converts_back(B, H, W, lay
 @given(B=st.integers(1, 3), H=st.integers(2, 8), W=st.integers(2, 8), lo=st.floats(-10, 0), hi=st.floats(1, 10),
        seed=st.integers(0, 2**31))
 def test_mask_values_are_clamped_into_0_1_both_ways(B, H, W, lo, hi, seed):
+    """An overshoot (down to -1, up to 2) is clamped; values past that (0..255) are refused, as an IMAGE's."""
     m = _rand((B, H, W), seed, lo=lo, hi=hi)
-    M, _ = A.mask_to_b1hw(m)
-    assert torch.equal(M[:, 0], m.clamp(0, 1))
+    if m.max() > 2 or m.min() < -1:
+        with pytest.raises(ValueError, match=r"mask has values from .* to .*: expected a float MASK in \[0,1\]"):
+            A.mask_to_b1hw(m)
+    else:
+        M, _ = A.mask_to_b1hw(m)
+        assert torch.equal(M[:, 0], m.clamp(0, 1))
     out = A.b1hw_to_mask(m[:, None])
     assert out.min() >= 0 and out.max() <= 1 and torch.equal(out, m.clamp(0, 1))
 

@@ -52,12 +52,31 @@ def test_parse_lines_gives_clean_lines_or_an_error_naming_the_input(text, name):
     try:
         out = C.parse_lines(text, name)
     except ValueError as e:
-        assert str(e) == f"{name} is empty: write one per line"
+        assert str(e).startswith(f"{name} is empty: write one per line")
         assert all(not line.strip() or line.strip().startswith("#") for line in text.splitlines())
+        comments = sum(line.strip().startswith("#") for line in text.splitlines())
+        assert (f"its {comments} line" in str(e) and "start with #, which marks a comment" in str(e)) == bool(comments)
         return
     assert out and all(line == line.strip() and line and not line.startswith("#") for line in out)
     assert all(not any(b in line for b in _LINE_BREAKS) for line in out)
     assert all(line in text for line in out)
+
+
+@FAST
+@given(lines=st.lists(LINE, min_size=1, max_size=4), comments=st.lists(st.sampled_from(
+    ["#1 best photo of a cat", "  # the dog", "#" + "x" * 80]), max_size=3), data=st.data())
+def test_comment_lines_are_counted_in_a_note_and_none_gives_no_note(lines, comments, data):
+    """A prompt such as '#1 best photo of a cat' is a comment line, skipped: the report says so, quoting one."""
+    text = "\n".join(data.draw(st.permutations(lines + comments)))
+    notes = C.comment_notes(text)
+    assert C.parse_lines(text) == [line for line in text.splitlines() if not line.strip().startswith("#")]
+    if not comments:
+        assert notes == []
+        return
+    (note,) = notes
+    assert note.startswith(f"prompts: {len(comments)} line") and "remove the # to train on it" in note
+    first = next(line.strip() for line in text.splitlines() if line.strip().startswith("#"))
+    assert (repr(first) in note) == (len(first) <= 60) and len(note) < 200
 
 
 # ------------------------------------------------------------------------------------------ widget ranges

@@ -90,6 +90,16 @@ def test_any_line_splits_or_is_refused_quoting_it(line):
     assert line.startswith(line.split("|", 1)[0]) and all(o in line for o in objects)
 
 
+@FAST
+@given(case=object_lines(), extra=st.sampled_from(["| and a dog |", "|", "| a bird | |"]))
+def test_a_line_with_a_second_bar_is_refused_counting_the_bars(case, extra):
+    """'a cat | and a dog | cat, dog' split at its first '|' made 'and a dog | cat' an object word, refused as a
+    word missing from the prompt; the line's extra '|' is now named."""
+    prompt, objects = case
+    line = f"{prompt} {extra} {', '.join(objects)}" if extra != "|" else f"{prompt} | {', '.join(objects)} |"
+    with pytest.raises(ValueError, match=rf"has {line.count('|')} '\|': write the prompt, one '\|', then"):
+        split_objects_prompt(line)
+
 # ----------------------------------------------------------------------------- single-object preservation
 @FAST
 @given(parts=st.lists(st.lists(WORD, min_size=1, max_size=3).map(" ".join), min_size=1, max_size=4),

@@ -410,3 +410,30 @@ def test_a_continued_lora_brings_its_own_rank_targets_and_alpha_with_a_note_when
     assert T._continued_settings(data, "focus-n-fix", rank, targets, notes) == (saved_rank, want_targets, alpha)
     assert len(notes) == 1 and notes[0].startswith("continued LoraData(")
     assert ("are not used" in notes[0]) == ((rank, targets) != (saved_rank, want_targets))
+
+
+# ------------------------------------------------------------------------------------------- _text_inputs
+@pytest.mark.parametrize("positive, negative, name", [
+    ([], [[torch.zeros(1, 4, 8), {}]], "positive"), ([[torch.zeros(1, 4, 8), {}]], [], "negative"),
+    ([[torch.zeros(0, 4, 8), {}]], [[torch.zeros(1, 4, 8), {}]], "positive")])
+def test_an_empty_conditioning_is_refused_naming_its_input_not_the_prompts(positive, negative, name):
+    """Audit: positive=[] (a custom node's empty output) trained no item and was refused as 'prompts is empty',
+    naming a widget the artist had not used. The CONDITIONING input is named now, before anything loads."""
+    dm = types.SimpleNamespace(clip=None, is_adm=False)
+    with pytest.raises(ValueError, match=rf"^{name} (must be a non-empty CONDITIONING|entry 0 is not a CONDITIONING)"):
+        T._text_inputs(dm, "a cat", "", positive, negative, [])
+    notes = []
+    labels, negative_label, cond, uncond = T._text_inputs(dm, "ignored", "", [[torch.zeros(2, 4, 8), {}]],
+                                                          [[torch.zeros(1, 4, 8), {}]], notes)
+    assert labels == ["positive[0]", "positive[1]"] and negative_label == "negative[0]" and len(cond()) == 2
+
+
+@pytest.mark.parametrize("text, n", [("#1 best photo of a cat\na dog", 1), ("a dog\n# off: a cat\n#x", 2),
+                                     ("a dog", 0)])
+def test_comment_lines_in_the_prompts_are_named_in_the_report(text, n):
+    """Audit: '#1 best photo of a cat' was dropped as a comment without a word in the report."""
+    dm = types.SimpleNamespace(clip=object(), is_adm=False)
+    notes = []
+    labels, *_ = T._text_inputs(dm, text, "", None, None, notes)
+    assert labels == ["a dog"]
+    assert len(notes) == (n > 0) and all(note.startswith(f"prompts: {n} line") for note in notes)

@@ -69,6 +69,37 @@ def test_separate_enhance_continues(fresh, checkpoint):
     assert "continued" in report and _hooks(model.model.diffusion_model) == 0
 
 
+def test_continuing_a_lora_the_model_already_carries_is_refused_by_name(fresh, checkpoint):
+    """Audit: LoraLoader (or Apply LoRA) of a LoRA into the MODEL, and the same LoRA as continue_from, applied it
+    twice: the before images were the base model's plus that LoRA, and training added it again (report region
+    3.6 at step 1 where about 0 is normal). Now refused before anything loads; another LoRA upstream (a style
+    LoRA, or this one at strength 0) still trains on top."""
+    model, clip, _ = checkpoint
+    first, *_ = _fix(fresh, checkpoint)
+    (name,) = fresh.run("FocusFixSaveLoRA", lora=first, filename="fixes/twice", overwrite=False)
+    (loaded,) = fresh.run("FocusFixLoadLoRA", lora_name=name)
+    other, *_ = _fix(fresh, checkpoint, seed=7, lr=5e-2)
+    stock = fresh.run("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=0.8)[0]
+    applied = fresh.run("FocusFixApplyLoRA", model=model, lora=first, strength=1.0)[0]
+    se = dict(clip=clip, prompts="a cat and a dog | cat, dog", lam_sep=1.0, lam_en=1.0, lam_preserve=1.0,
+              resolution=4, width=SIZE, height=SIZE, rank=2, targets="to_k", lr=1e-2, iterations=1, seed=0)
+    se_lora = fresh.run("FocusFixTrainSeparateEnhance", model=model, **se)[0]
+    se_applied = fresh.run("FocusFixApplyLoRA", model=model, lora=se_lora, strength=1.0)[0]
+    fresh.progress.clear()
+    for m, source in ((stock, loaded), (stock, first), (applied, loaded)):
+        with pytest.raises(ValueError, match=r"continue_from: the MODEL already carries this LoRA \(\d+ of its "
+                                             r"layers, applied by a Load LoRA or Apply LoRA before this node\)"):
+            _fix(fresh, (m, clip, checkpoint[2]), continue_from=source, iterations=1)
+    with pytest.raises(ValueError, match="continue_from: the MODEL already carries this LoRA"):
+        fresh.run("FocusFixTrainSeparateEnhance", model=se_applied, continue_from=se_lora, **se)
+    assert not fresh.progress, "refused before any step"
+    for m in (fresh.run("FocusFixApplyLoRA", model=model, lora=other, strength=1.0)[0],
+              fresh.run("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=0.0)[0]):
+        lora, *_, report = _fix(fresh, (m, clip, checkpoint[2]), continue_from=loaded, iterations=1)
+        assert "continued" in report
+    assert _hooks(model.model.diffusion_model) == 0 and not model.patches
+
+
 def test_a_lora_of_another_model_is_refused_and_nothing_stays_attached(fresh):
     sd15 = fresh.run("FocusFixTestTinyCheckpoint", layout="sd15", seed=0)
     sdxl = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
