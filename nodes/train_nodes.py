@@ -306,7 +306,13 @@ def _mask_input(mask, mask_source: str, size: tuple[int, int], n_prompts: int, n
 def _redraw_note(steps: int, cfg: float, sampler_name: str, scheduler: str, sigmas) -> str:
     """The report line that says how to draw the before/after images again outside the Train node."""
     if sigmas is not None:
-        return f"SamplerCustom draws these images with the connected sigmas, cfg {cfg:g} and sampler {sampler_name}"
+        note = f"SamplerCustom draws these images with the connected sigmas, cfg {cfg:g} and sampler {sampler_name}"
+        s = torch.as_tensor(sigmas).flatten()
+        # its second-order step divides by the previous step's size: 0 after a repeated sigma (not at the last)
+        if sampler_name == "dpmpp_2m" and bool((s[1:-2] == s[:-3]).any()):
+            note += (" (not with these sigmas: after a repeated sigma ComfyUI's dpmpp_2m divides by zero and draws "
+                     "black; remove the repeat, or use ddim)")
+        return note
     return (f"KSampler draws these images with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, "
             f"scheduler {scheduler} (one run of batch size 1 per seed)")
 

@@ -437,3 +437,16 @@ def test_comment_lines_in_the_prompts_are_named_in_the_report(text, n):
     labels, *_ = T._text_inputs(dm, text, "", None, None, notes)
     assert labels == ["a dog"]
     assert len(notes) == (n > 0) and all(note.startswith(f"prompts: {n} line") for note in notes)
+
+
+@pytest.mark.parametrize("sigmas, warned", [
+    ([14.6, 3.0, 3.0, 0.5, 0.0], True), ([14.6, 14.6, 3.0, 0.5, 0.0], True), ([3.0, 3.0, 3.0, 0.0], True),
+    ([14.6, 3.0, 0.5, 0.5, 0.0], False), ([14.6, 3.0, 0.5, 0.0], False), ([14.6, 14.6, 0.0], False)])
+def test_the_redraw_note_warns_where_comfyuis_dpmpp_2m_draws_nan(sigmas, warned):
+    """Audit: with a repeated sigma SamplerCustom's dpmpp_2m gave NaN (black) where training drew finite images,
+    and the report still said SamplerCustom draws them. (Which schedules do: tests/integration, against
+    ComfyUI's own sampler.) ddim has no such step."""
+    note = T._redraw_note(3, 5.0, "dpmpp_2m", "normal", torch.tensor(sigmas))
+    assert note.startswith("SamplerCustom draws these images with the connected sigmas")
+    assert ("after a repeated sigma ComfyUI's dpmpp_2m divides by zero" in note) == warned
+    assert "divides by zero" not in T._redraw_note(3, 5.0, "ddim", "normal", torch.tensor(sigmas))

@@ -418,3 +418,20 @@ def test_the_report_names_what_keeps_ksampler_from_drawing_the_same_images(fresh
     monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
     plain = _train(fresh, model, clip, vae, iterations=1)[-1]
     assert not any(w in plain for w in ("sampler wrappers", "ToMe", "has no backward")), plain
+
+
+def test_the_redraw_note_warns_exactly_where_comfyuis_dpmpp_2m_draws_nan(fresh):
+    """The Train node's report warns that SamplerCustom's dpmpp_2m cannot draw the images again with these
+    sigmas exactly where ComfyUI's own sample_dpmpp_2m gives non-finite values (a repeated sigma), checked on
+    schedules with repeats in every place."""
+    from comfy.k_diffusion import sampling as ks
+    train_nodes = sys.modules[f"{fresh.pack.__name__}.nodes.train_nodes"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        n = int(torch.randint(1, 6, (), generator=g))
+        s = torch.sort(torch.rand(n, generator=g) * 14 + 0.1, descending=True).values
+        i = int(torch.randint(0, n, (), generator=g))
+        s = torch.cat([s[:i + 1], s[i:i + 1], s[i + 1:], torch.zeros(1)])  # sigma i repeated, then 0
+        x = ks.sample_dpmpp_2m(lambda x, sigma, **kw: 0.5 * x, torch.ones(1, 1, 2, 2), s, disable=True)
+        note = train_nodes._redraw_note(len(s) - 1, 5.0, "dpmpp_2m", "normal", s)
+        assert ("divides by zero" in note) == (not bool(torch.isfinite(x).all())), s.tolist()
