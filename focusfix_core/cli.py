@@ -497,7 +497,8 @@ def _add_lora_args(p, targets):
                    help=f"LoRA targets: to_k | attn | all_linear | regex (default {targets})")
     p.add_argument("--batch-size", type=int, default=2, help="items per optimizer step (default 2)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the run: the new LoRA's start, the item order, the training noise (default 0)")
+                   help="seed of the run: the new LoRA's start, the item order, the training noise (Separate-and-"
+                        "Enhance's, DRaFT-LV's) (default 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT/state.pt (its LoRA settings; give the same other settings, only "
                         "--iterations may change)")

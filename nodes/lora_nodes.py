@@ -222,7 +222,8 @@ class FocusFixSaveLoRA:
             "lora": tip(LORA, "The LoRA from a FocusFix training node."),
             "filename": tip("STRING", "File name inside the loras folder; subfolders allowed (fixes/hands), "
                             "'..' and absolute paths are refused. .safetensors is added.", default="focusfix/fix"),
-            "overwrite": tip("BOOLEAN", "Replace an existing file of that name. Off: a counter is added "
+            "overwrite": tip("BOOLEAN", "Replace an existing file of that name, and its thumbnail (removed when no "
+                             "preview is connected: it showed the replaced LoRA). Off: a counter is added "
                              "(fix_00001.safetensors).", default=False),
         }, "optional": {
             "preview": tip("IMAGE", "Saved beside the LoRA as <name>.preview.png (the first image, e.g. the Train "

@@ -2,7 +2,7 @@
 
 Each node adapts its inputs, runs one core trainer under `training_session` (out of inference mode, weights
 autograd-safe, LoRA hooks removed in `finally`), shows progress (Focus-N-Fix with previews), and honours cancel
-at the next sampler step (Focus-N-Fix, also mid-step; Separate-and-Enhance between steps): a cancelled run
+at the next sampler step (Focus-N-Fix, also mid-step; Separate-and-Enhance within one UNet call): a cancelled run
 raises before any output exists, so nothing half-built leaves the node.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ CURVES_SE = ("loss", "separate", "enhance", "preserve")
 
 
 MODEL_TIP = "The checkpoint's diffusion model (an SD1.x, SD2.x or SDXL-type UNet); it is not modified."
-FIX_SEED_TIP = ("Seed of the run: the new LoRA's start, the item order, smoothgrad's noise (not the images' noise: "
-                "see seeds). A rerun gives the same LoRA.")
+FIX_SEED_TIP = ("Seed of the run: the new LoRA's start and the item order (not the images' noise: see seeds; "
+                "smoothgrad's noise is fixed, as in Saliency Mask). A rerun gives the same LoRA.")
 SNE_SEED_TIP = ("Seed of the run: the new LoRA's start, the prompts each step draws, the training noise, and the "
                 "noise of the attention maps before and after. A rerun gives the same LoRA.")
 
@@ -237,7 +237,8 @@ class FocusFixTrainFocusNFix:
         notes += [f"prompt {p!r}, seed {s}: no mask (the reward's {mask_source} of its image is flat); training "
                   f"never drew it, and its before/after show it with an empty mask" for p, s in run.unmasked]
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
-                            _redraw_note(steps, cfg, sampler_name, scheduler, sigmas), *dm.redraw_caveats(), *notes,
+                            _redraw_note(steps, cfg, sampler_name, scheduler, sigmas, width, height),
+                            *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
                             *_precision_notes(run.history), *_non_finite_notes(run.I),
                             *_unchanged_notes(run.history, None if reward_target >= NO_TARGET else reward_target)])
@@ -303,18 +304,22 @@ def _mask_input(mask, mask_source: str, size: tuple[int, int], n_prompts: int, n
     return masks, mask_source
 
 
-def _redraw_note(steps: int, cfg: float, sampler_name: str, scheduler: str, sigmas) -> str:
+def _redraw_note(steps: int, cfg: float, sampler_name: str, scheduler: str, sigmas, width: int,
+                 height: int) -> str:
     """The report line that says how to draw the before/after images again outside the Train node."""
+    each = (f"each prompt and seed, the negative prompt, an Empty Latent Image of {width}x{height} and batch size "
+            f"1")
     if sigmas is not None:
-        note = f"SamplerCustom draws these images with the connected sigmas, cfg {cfg:g} and sampler {sampler_name}"
+        note = (f"SamplerCustom draws these images ({each}) with the connected sigmas, cfg {cfg:g} and sampler "
+                f"{sampler_name}")
         s = torch.as_tensor(sigmas).flatten()
         # its second-order step divides by the previous step's size: 0 after a repeated sigma (not at the last)
         if sampler_name == "dpmpp_2m" and bool((s[1:-2] == s[:-3]).any()):
             note += (" (not with these sigmas: after a repeated sigma ComfyUI's dpmpp_2m divides by zero and draws "
                      "black; remove the repeat, or use ddim)")
         return note
-    return (f"KSampler draws these images with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, "
-            f"scheduler {scheduler} (one run of batch size 1 per seed)")
+    return (f"KSampler draws these images ({each}) with steps {steps}, cfg {cfg:g}, sampler_name {sampler_name}, "
+            f"scheduler {scheduler}")
 
 
 def _schedule(sigmas, notes: list[str]) -> tuple[float, ...]:

@@ -446,7 +446,8 @@ def test_the_redraw_note_warns_where_comfyuis_dpmpp_2m_draws_nan(sigmas, warned)
     """Audit: with a repeated sigma SamplerCustom's dpmpp_2m gave NaN (black) where training drew finite images,
     and the report still said SamplerCustom draws them. (Which schedules do: tests/integration, against
     ComfyUI's own sampler.) ddim has no such step."""
-    note = T._redraw_note(3, 5.0, "dpmpp_2m", "normal", torch.tensor(sigmas))
-    assert note.startswith("SamplerCustom draws these images with the connected sigmas")
+    note = T._redraw_note(3, 5.0, "dpmpp_2m", "normal", torch.tensor(sigmas), 64, 48)
+    assert note.startswith("SamplerCustom draws these images (each prompt and seed, the negative prompt, an "
+                           "Empty Latent Image of 64x48 and batch size 1) with the connected sigmas")
     assert ("after a repeated sigma ComfyUI's dpmpp_2m divides by zero" in note) == warned
-    assert "divides by zero" not in T._redraw_note(3, 5.0, "ddim", "normal", torch.tensor(sigmas))
+    assert "divides by zero" not in T._redraw_note(3, 5.0, "ddim", "normal", torch.tensor(sigmas), 64, 48)

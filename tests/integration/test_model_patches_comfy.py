@@ -433,5 +433,5 @@ def test_the_redraw_note_warns_exactly_where_comfyuis_dpmpp_2m_draws_nan(fresh):
         i = int(torch.randint(0, n, (), generator=g))
         s = torch.cat([s[:i + 1], s[i:i + 1], s[i + 1:], torch.zeros(1)])  # sigma i repeated, then 0
         x = ks.sample_dpmpp_2m(lambda x, sigma, **kw: 0.5 * x, torch.ones(1, 1, 2, 2), s, disable=True)
-        note = train_nodes._redraw_note(len(s) - 1, 5.0, "dpmpp_2m", "normal", s)
+        note = train_nodes._redraw_note(len(s) - 1, 5.0, "dpmpp_2m", "normal", s, 64, 64)
         assert ("divides by zero" in note) == (not bool(torch.isfinite(x).all())), s.tolist()
