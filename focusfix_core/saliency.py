@@ -299,38 +299,44 @@ def mask_noise(device: torch.device | str) -> torch.Generator:
 def mask_from_reward(
     reward: nn.Module,
     I: torch.Tensor,
-    source: str = "auto",
+    mask_source: str = "auto",
     *,
-    method: str = "grad",
+    saliency_method: str = "grad",
     generator: torch.Generator | None = None,
     **mask_kwargs,
 ) -> torch.Tensor:
     """M(I0) from a reward: its heatmap ("heatmap"), its gradient saliency ("saliency"), or "auto"
-    (the heatmap when the reward has one, else saliency).
+    (the heatmap when the reward has one, else saliency). The names are the Train node's and the Saliency Mask
+    node's.
 
     Args:
         reward: the reward module; `has_heatmap`/`heatmap(I) -> [B,1,H,W]` when it localises.
         I: [B,3,H,W] the base image I0 in [0,1].
-        source: one of MAP_SOURCES.
-        method, generator: passed to `gradient_saliency`.
+        mask_source: one of MAP_SOURCES.
+        saliency_method: one of SALIENCY_METHODS, the `method` of `gradient_saliency` (saliency only).
+        generator: passed to `gradient_saliency` (smoothgrad's noise).
         **mask_kwargs: passed to `heatmap_to_mask`.
 
     Returns:
         M: [B,1,H,W] in [0,1].
 
     Raises:
-        ValueError: empty or non-finite images I, a bad source, or a reward whose map is not finite.
+        ValueError: empty or non-finite images I, a bad mask_source (or saliency_method, when saliency is used), or a
+            reward whose map is not finite.
     """
     _check_images(I)
-    if source not in MAP_SOURCES:
-        raise ValueError(f"source must be one of {MAP_SOURCES}, got {source!r}")
+    if mask_source not in MAP_SOURCES:
+        raise ValueError(f"mask_source must be one of {MAP_SOURCES}, got {mask_source!r}")
     has_heatmap = bool(getattr(reward, "has_heatmap", False))
-    if source == "heatmap" and not has_heatmap:
+    if mask_source == "heatmap" and not has_heatmap:
         name = getattr(reward, "name", type(reward).__name__)
-        raise ValueError(f"source='heatmap' but reward {name!r} has no heatmap: use source='saliency' or 'auto'")
-    kind = "saliency" if source == "saliency" or not has_heatmap else "heatmap"
+        raise ValueError(f"mask_source='heatmap' but reward {name!r} has no heatmap: use mask_source='saliency' "
+                         f"or 'auto'")
+    kind = "saliency" if mask_source == "saliency" or not has_heatmap else "heatmap"
     if kind == "saliency":
-        heat = gradient_saliency(reward, I, method=method, generator=generator)
+        if saliency_method not in SALIENCY_METHODS:  # named as the caller names it, not as gradient_saliency does
+            raise ValueError(f"saliency_method must be one of {SALIENCY_METHODS}, got {saliency_method!r}")
+        heat = gradient_saliency(reward, I, method=saliency_method, generator=generator)
     else:
         with torch.no_grad():
             heat = _as_map4(reward.heatmap(I), "reward heatmap")

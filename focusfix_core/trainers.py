@@ -1101,7 +1101,7 @@ class FixTrainer(_LoRATrainer):
         c, (prompt, seed) = self.cfg, self.items[i]
         if self.on_sampler_step is not None:  # a cancel between items: smoothgrad runs 8 reward backwards each
             self.on_sampler_step({"mask_item": i})
-        M = mask_from_reward(self.reward, I0.clamp(0, 1), source=c.mask_source, method=c.saliency_method,
+        M = mask_from_reward(self.reward, I0.clamp(0, 1), mask_source=c.mask_source, saliency_method=c.saliency_method,
                              blur_sigma=c.blur_sigma, threshold_mode=c.threshold_mode, threshold=c.threshold,
                              dilation=c.dilation, feather=c.feather, generator=mask_noise(I0.device))
         if c.lam > 0 and not bool(M.amax() > 0):  # the region term would hold the whole image: nothing to fix

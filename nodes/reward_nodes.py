@@ -203,12 +203,11 @@ class FocusFixSaliencyMask:
         return {"required": {
             "image": tip("IMAGE", "I0: the base model's images."),
             "reward": tip(REWARD, "The reward the mask comes from."),
-            "source": tip(list(saliency.MAP_SOURCES), "The Train node's mask_source. heatmap: the reward's map of "
-                          "what it dislikes; saliency: gradient sensitivity |dr/dI|, where a change moves the score "
-                          "most (not what is bad), for rewards without a heatmap; auto: heatmap if it has one."),
-            "method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (saliency source only; the "
-                          "Train node's saliency_method). smoothgrad's noise is fixed: an image always gives the same "
-                          "mask."),
+            "mask_source": tip(list(saliency.MAP_SOURCES), "Where M comes from. heatmap: the reward's map of what it "
+                               "dislikes; saliency: gradient sensitivity |dr/dI|, where a change moves the score most "
+                               "(not what is bad), for rewards without a heatmap; auto: heatmap if it has one."),
+            "saliency_method": tip(list(saliency.SALIENCY_METHODS), "Gradient saliency variant (used when M comes "
+                                   "from saliency). smoothgrad's noise is fixed: an image always gives the same mask."),
             "blur_sigma": tip("FLOAT", "Blur before thresholding, in pixels.", default=2.0, min=0.0, max=64.0, step=0.1),
             "threshold_mode": tip(list(saliency.THRESHOLD_MODES), "value: keep >= threshold; top_percent: keep "
                                   "that fraction of pixels; otsu: automatic.", default="top_percent"),
@@ -231,14 +230,15 @@ class FocusFixSaliencyMask:
         return True
 
     @widgets_checked
-    def execute(self, image, reward, source, method, blur_sigma, threshold_mode, threshold, dilation, feather):
+    def execute(self, image, reward, mask_source, saliency_method, blur_sigma, threshold_mode, threshold, dilation,
+                feather):
         I = image_to_bchw(image, "image", _MIN_SIDE)
 
         def mask(r, x):  # smoothgrad's noise the same for each image, as for the Train node's masks
             return saliency.mask_from_reward(
-                r, x, source, method=method, generator=saliency.mask_noise(x.device),
-                blur_sigma=blur_sigma, threshold_mode=threshold_mode, threshold=threshold, dilation=dilation,
-                feather=feather).cpu()
+                r, x, mask_source=mask_source, saliency_method=saliency_method,
+                generator=saliency.mask_noise(x.device), blur_sigma=blur_sigma, threshold_mode=threshold_mode,
+                threshold=threshold, dilation=dilation, feather=feather).cpu()
         with grad_mode():
             M = torch.cat(each_image(reward, I, mask))
         return (b1hw_to_mask(M), bchw_to_image(viz.mask_overlay(I, M)))

@@ -80,8 +80,8 @@ def _image(b=2, size=32, seed=0):
 
 
 def _mask_inputs(**over):
-    return {"source": "auto", "method": "grad", "blur_sigma": 1.0, "threshold_mode": "top_percent", "threshold": 0.15,
-            "dilation": 1, "feather": 0.0, **over}
+    return {"mask_source": "auto", "saliency_method": "grad", "blur_sigma": 1.0, "threshold_mode": "top_percent",
+            "threshold": 0.15, "dilation": 1, "feather": 0.0, **over}
 
 
 # ------------------------------------------------------------------------ the reward goes back where it was (3)
@@ -242,7 +242,7 @@ def test_saliency_outputs_say_sensitivity_not_badness():
     heat = N.FocusFixScoreImages.OUTPUT_TOOLTIPS[2]
     assert "gradient sensitivity |dr/dI|" in heat and "not where the image is worst" in heat
     assert "not a map of what is bad" in N.FocusFixScoreImages.DESCRIPTION
-    source = N.FocusFixSaliencyMask.INPUT_TYPES()["required"]["source"][1]["tooltip"]
+    source = N.FocusFixSaliencyMask.INPUT_TYPES()["required"]["mask_source"][1]["tooltip"]
     assert "saliency: gradient sensitivity |dr/dI|" in source and "not what is bad" in source
 
 
@@ -267,7 +267,7 @@ def test_workflows_take_the_mask_from_a_rewards_heatmap_when_it_has_one(path):
         if loader["class_type"] != "FocusFixLoadReward" or not name.startswith("builtin:"):
             continue
         if BUILTIN_REWARDS[name.removeprefix("builtin:")]().has_heatmap:
-            source = inputs["source"] if kind == "FocusFixSaliencyMask" else inputs["mask_source"]
+            source = inputs["mask_source"]  # the same name on both nodes
             assert source in ("auto", "heatmap", "mask", "none"), f"{path.name}: {kind} uses {source} for {name}"
 
 
@@ -278,7 +278,7 @@ def test_workflow_2_mask_marks_the_blurry_half():
     (sal,) = [n["inputs"] for n in api.values() if n["class_type"] == "FocusFixSaliencyMask"]
     (train,) = [n["inputs"] for n in api.values() if n["class_type"] == "FocusFixTrainFocusNFix"]
     assert api[sal["reward"][0]]["inputs"]["reward_name"] == "builtin:sharpness"
-    assert train["mask_source"] == "heatmap" and sal["source"] in ("heatmap", "auto")
+    assert train["mask_source"] == "heatmap" and sal["mask_source"] in ("heatmap", "auto")
     assert all(train[k] == sal[k] for k in ("threshold_mode", "threshold", "dilation"))
     g, W = torch.Generator().manual_seed(0), 64
     img = torch.full((1, W, W, 3), 0.5)
@@ -292,7 +292,7 @@ def test_workflow_2_mask_marks_the_blurry_half():
 def test_smoothgrad_mask_depends_on_the_image_alone():
     """smoothgrad's noise is seeded per image: a rerun, or the same image in another batch, gives the same mask
     (unseeded, the global RNG made every run's mask differ)."""
-    settings = _mask_inputs(source="saliency", method="smoothgrad", threshold=0.3, blur_sigma=0.0, dilation=0)
+    settings = _mask_inputs(mask_source="saliency", saliency_method="smoothgrad", threshold=0.3, blur_sigma=0.0, dilation=0)
     img = _image(b=3, seed=4)
     torch.manual_seed(1)
     M, _ = N.FocusFixSaliencyMask().execute(img, Sharpness(), **settings)
@@ -302,7 +302,7 @@ def test_smoothgrad_mask_depends_on_the_image_alone():
     assert torch.equal(M, again)
     assert torch.equal(M[2:], alone)
     # the noise is there: plain grad cuts another mask from the same image
-    grad, _ = N.FocusFixSaliencyMask().execute(img, Sharpness(), **{**settings, "method": "grad"})
+    grad, _ = N.FocusFixSaliencyMask().execute(img, Sharpness(), **{**settings, "saliency_method": "grad"})
     assert not torch.equal(M, grad)
 
 

@@ -176,12 +176,17 @@ def test_mask_from_reward_sources():
     torch.testing.assert_close(from_heat, _square())
     from_grad = mask_from_reward(SquareRed(), I, blur_sigma=0.0, threshold=0.2)  # auto: saliency
     assert (from_grad * (1 - _square())).sum() == 0 and from_grad.sum() > 0
-    forced = mask_from_reward(HeatReward(), I, source="saliency", blur_sigma=0.0, threshold=0.2)
+    forced = mask_from_reward(HeatReward(), I, mask_source="saliency", blur_sigma=0.0, threshold=0.2)
     torch.testing.assert_close(forced, from_grad)
-    with pytest.raises(ValueError, match="has no heatmap"):
-        mask_from_reward(SquareRed(), I, source="heatmap")
-    with pytest.raises(ValueError, match="source"):
-        mask_from_reward(SquareRed(), I, source="clip")
+    with pytest.raises(ValueError, match="mask_source='heatmap' but reward .* has no heatmap: use mask_source="):
+        mask_from_reward(SquareRed(), I, mask_source="heatmap")
+    with pytest.raises(ValueError, match="mask_source must be one of"):
+        mask_from_reward(SquareRed(), I, mask_source="clip")
+    with pytest.raises(ValueError, match="saliency_method must be one of"):
+        mask_from_reward(SquareRed(), I, saliency_method="integrated")
+    # saliency_method reaches gradient_saliency: |dr/dI * I| drops the square's darkest red pixels
+    x_input = mask_from_reward(SquareRed(), I, saliency_method="grad_x_input", blur_sigma=0.0, threshold=0.2)
+    assert (x_input * (1 - _square())).sum() == 0 and 0 < x_input.sum() < from_grad.sum()
 
 
 # ---------------------------------------------------------------- coverage / warnings

@@ -235,12 +235,12 @@ def test_a_derived_mask_gets_the_configs_mask_settings(small_model, square_rewar
     assert len(calls) == 2
     for kw in calls:
         assert isinstance(kw.pop("generator"), torch.Generator)
-        assert kw == dict(source="saliency", method="grad_x_input", blur_sigma=1.5, threshold_mode="top_percent",
-                          threshold=0.3, dilation=1, feather=0.5)
+        assert kw == dict(mask_source="saliency", saliency_method="grad_x_input", blur_sigma=1.5,
+                          threshold_mode="top_percent", threshold=0.3, dilation=1, feather=0.5)
 
 
-@pytest.mark.parametrize("source", ["saliency", "heatmap"])
-def test_the_mask_is_derived_from_I0_as_vae_decode_shows_it(small_model, square_reward, source):
+@pytest.mark.parametrize("mask_source", ["saliency", "heatmap"])
+def test_the_mask_is_derived_from_I0_as_vae_decode_shows_it(small_model, square_reward, mask_source):
     """The reward sees I0 clamped to [0, 1] when it draws the mask, as it scores I in training."""
     class Seeing(type(square_reward)):
         seen = []
@@ -254,7 +254,7 @@ def test_the_mask_is_derived_from_I0_as_vae_decode_shows_it(small_model, square_
             return super().heatmap(I)
 
     reward = Seeing()
-    trainer = FixTrainer(small_model, reward, _fix(mask_source=source, threshold_mode="top_percent", threshold=0.2))
+    trainer = FixTrainer(small_model, reward, _fix(mask_source=mask_source, threshold_mode="top_percent", threshold=0.2))
     I0 = trainer.base([0, 1])[0]
     trainer.lora.remove()
     assert I0.amin() < 0 and I0.amax() > 1  # the case exists on this model

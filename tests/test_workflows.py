@@ -138,7 +138,7 @@ def test_workflow_5_wires_the_reward_files_and_explains_them():
     assert {combine["reward_a"][0], combine["reward_b"][0]} == {rewards[f][0] for f in bw.REWARD_FILES}
     (_, sal), = by_type["FocusFixSaliencyMask"]
     (_, train), = by_type["FocusFixTrainFocusNFix"]
-    assert sal["source"] == "saliency" and train["mask_source"] == "saliency"
+    assert sal["mask_source"] == "saliency" and train["mask_source"] == "saliency"
     for kind in ("FocusFixScoreImages", "FocusFixSaliencyMask", "FocusFixTrainFocusNFix", "FocusFixCompare"):
         assert all(inputs["reward"] == [combine_id, 0] for _, inputs in by_type[kind]), kind
     note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]

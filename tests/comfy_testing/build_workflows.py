@@ -165,13 +165,13 @@ Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Tra
 NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 
 1. KSampler makes an image (with the trainer's settings: it is the trainer's base image I0 for seed 0); Score Images says how the reward rates it and shows its heatmap: where the reward dislikes the image (for sharpness, the blurry parts).
-2. Saliency Mask (source heatmap) turns that heatmap into the Focus-N-Fix mask M (1 = may change). Tune threshold_mode/threshold/dilation here while looking at the overlay (keep blur_sigma 2 and feather 0: training uses those).
+2. Saliency Mask (mask_source heatmap) turns that heatmap into the Focus-N-Fix mask M (1 = may change). Tune threshold_mode/threshold/dilation here while looking at the overlay (keep blur_sigma 2 and feather 0: training uses those).
 3. Train Focus-N-Fix uses the same values (mask_source heatmap, threshold_mode, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
 4. Compare shows before | after | change, the reward before/after and the change inside vs outside the mask (outside should stay near 0).
 
 TUNE THE MASK BEFORE TRAINING: a Queue runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image, right-click > Queue Selected Output Nodes, tune, then Queue.
 
-Another reward: one with a heatmap works as it is. One without (aesthetic, safety: workflow 5) needs source and mask_source saliency: gradient sensitivity |dr/dI|, where a change moves the score most. That is not a map of what is bad (for sharpness it marks the parts that are already sharp), so use it only when the reward has no heatmap.
+Another reward: one with a heatmap works as it is. One without (aesthetic, safety: workflow 5) needs mask_source saliency on Saliency Mask and the Train node: gradient sensitivity |dr/dI|, where a change moves the score most. That is not a map of what is bad (for sharpness it marks the parts that are already sharp), so use it only when the reward has no heatmap.
 
 lam = 0 or mask_source none gives plain DRaFT (the whole image may change)."""
 
@@ -179,7 +179,7 @@ NOTE_3 = """SEPARATE AND ENHANCE (two objects in one prompt)
 
 Models often merge or drop one of two objects ('a cat and a dog' -> a cat-dog, or just a cat).
 Attention Maps (before) shows where 'cat' and 'dog' attend: overlap high = merged, a weak peak = dropped.
-Train Separate-and-Enhance fine-tunes only the cross-attention keys (to_k) so the maps separate (lam_sep) and each gets strong (lam_en), with lam_preserve keeping single-object prompts unchanged.
+Train Separate-and-Enhance fine-tunes only the cross-attention keys (to_k) so the maps separate (lam_sep) and each gets strong (lam_en), while lam_preserve weights a penalty that keeps single-object prompts close to how the base model draws them.
 Attention Maps (after) runs the same seed on the model with the LoRA: overlap should fall, both peaks rise. These are averaged over the sampling steps; the training curve takes them per step on random noise, so compare before with after, not with the curve.
 Object words are written as in the prompt (first occurrence used; 'teddy bear' sums its tokens); two of the same kind need their own words: 'a black cat and a white cat | black cat, white cat'.
 resolution: 16 for SD1.5 at 512 px, 32 for SDXL at 1024 px (SDXL has no cross-attention at 128)."""
@@ -201,7 +201,7 @@ FILES (once; no extra Python packages). Press R in ComfyUI after copying them.
 
 HOW IT RUNS
 1. Combine Rewards: r = weight_a * aesthetic + weight_b * safety. The aesthetic score runs about 1..10; the safety score is a cosine margin (> 0 = the checker passes, about -0.1..0.1), hence weight_b 10. For one reward alone, connect its Load Reward straight to Score Images, Saliency Mask, Train and Compare.
-2. Neither reward has a heatmap: Score Images shows the scores and the gradient saliency |dr/dI|, a sensitivity map (where a change moves the score most), not a map of what is bad: check on the overlay that it marks the part you want fixed. Saliency Mask (source saliency) turns it into M (1 = may change). Tune threshold_mode/threshold/dilation on the overlay (keep blur_sigma 2 and feather 0: training uses those), or paint the mask instead (workflow 1).
+2. Neither reward has a heatmap: Score Images shows the scores and the gradient saliency |dr/dI|, a sensitivity map (where a change moves the score most), not a map of what is bad: check on the overlay that it marks the part you want fixed. Saliency Mask (mask_source saliency) turns it into M (1 = may change). Tune threshold_mode/threshold/dilation on the overlay (keep blur_sigma 2 and feather 0: training uses those), or paint the mask instead (workflow 1).
 3. Train Focus-N-Fix (mask_source saliency, same values) raises r inside M and holds the rest to I0. Learned rewards can be gamed (pushed up by changes you do not want): set reward_target to the score that is good enough (read it off Score Images), and an image stops being pushed once it gets there.
 4. Compare: before | after | change, r before/after, change inside vs outside M (outside should stay near 0).
 
@@ -253,8 +253,8 @@ def fix_what_reward_dislikes(specs) -> dict:
     _preview(g, score, "overlay", (1650, 650), "Where the reward dislikes it")
     # sharpness has a heatmap (its blurry parts): the mask comes from it. Gradient saliency would mark the parts
     # that are already sharp, where a change moves the score most
-    sal = g.add("FocusFixSaliencyMask", (1300, 900), source="heatmap", threshold_mode="top_percent", threshold=0.15,
-                dilation=2)
+    sal = g.add("FocusFixSaliencyMask", (1300, 900), mask_source="heatmap", threshold_mode="top_percent",
+                threshold=0.15, dilation=2)
     g.link(image, "IMAGE", sal, "image")
     g.link(reward, "reward", sal, "reward")
     _preview(g, sal, "overlay", (1650, 950), "Mask M (red = may change)")
@@ -341,8 +341,8 @@ def fix_with_aesthetic_safety(specs) -> dict:
     g.link(reward, "reward", score, "reward")
     _text(g, score, "text", (1650, 750), "Scores")
     _preview(g, score, "overlay", (1650, 950), "Gradient saliency |dr/dI|")
-    sal = g.add("FocusFixSaliencyMask", (1300, 1200), source="saliency", threshold_mode="top_percent", threshold=0.15,
-                dilation=2)
+    sal = g.add("FocusFixSaliencyMask", (1300, 1200), mask_source="saliency", threshold_mode="top_percent",
+                threshold=0.15, dilation=2)
     g.link(image, "IMAGE", sal, "image")
     g.link(reward, "reward", sal, "reward")
     _preview(g, sal, "overlay", (1650, 1250), "Mask M (red = may change)")

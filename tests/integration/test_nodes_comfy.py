@@ -48,8 +48,9 @@ def test_score_saliency_compare(comfy):
     scores, text, heat, overlay = comfy.run("FocusFixScoreImages", image=img, reward=reward)
     assert len(scores) == 2 and "sharpness" in text
     assert heat.shape == (2, SIZE, SIZE) and overlay.shape == (2, SIZE, SIZE, 3)
-    mask, ov = comfy.run("FocusFixSaliencyMask", image=img, reward=reward, source="saliency", method="grad",
-                         blur_sigma=1.0, threshold_mode="top_percent", threshold=0.2, dilation=1, feather=0.0)
+    mask, ov = comfy.run("FocusFixSaliencyMask", image=img, reward=reward, mask_source="saliency",
+                         saliency_method="grad", blur_sigma=1.0, threshold_mode="top_percent", threshold=0.2,
+                         dilation=1, feather=0.0)
     assert mask.shape == (2, SIZE, SIZE) and 0 < float(mask.mean()) < 1
     # the mask is a plain MASK: core mask nodes take it
     (grown,) = comfy.run("GrowMask", mask=mask, expand=2, tapered_corners=True)
@@ -1083,6 +1084,6 @@ def test_saliency_mask_node_shows_the_mask_the_train_node_trains_with(fresh, che
                     mask_source="saliency", saliency_method="smoothgrad", rank=2, targets="attn", lr=1e-3,
                     iterations=1, seed=7, **{k: settings[k] for k in ("threshold_mode", "threshold", "dilation")})
     before, train_mask = out[2], out[4]
-    mask, _ = fresh.run("FocusFixSaliencyMask", image=before, reward=reward, source="saliency", method="smoothgrad",
-                        **settings)
+    mask, _ = fresh.run("FocusFixSaliencyMask", image=before, reward=reward, mask_source="saliency",
+                        saliency_method="smoothgrad", **settings)
     assert torch.equal(mask, train_mask)

@@ -190,14 +190,14 @@ def test_score_images_and_saliency_mask(comfy, rewards, family):
     assert heat.shape == (2, SIZE, SIZE) and overlay.shape == (2, SIZE, SIZE, 3)
     assert all(float(h.max()) == pytest.approx(1.0) and float(h.min()) == 0.0 for h in heat)
     assert not torch.equal(overlay, img), "the saliency overlay must show something"
-    mask, mask_overlay = comfy.run("FocusFixSaliencyMask", image=img, reward=reward, source="saliency", method="grad",
-                                   blur_sigma=1.0, threshold_mode="top_percent", threshold=0.15, dilation=1,
-                                   feather=0.0)
+    mask, mask_overlay = comfy.run("FocusFixSaliencyMask", image=img, reward=reward, mask_source="saliency",
+                                   saliency_method="grad", blur_sigma=1.0, threshold_mode="top_percent",
+                                   threshold=0.15, dilation=1, feather=0.0)
     assert mask.shape == (2, SIZE, SIZE) and mask_overlay.shape == (2, SIZE, SIZE, 3)
     for m in mask:
         assert 0.05 < float(m.mean()) < 0.9, "a non-empty mask that holds part of the image"
     # auto picks saliency for rewards without a heatmap
-    auto, _ = comfy.run("FocusFixSaliencyMask", image=img, reward=reward, source="auto", method="grad",
+    auto, _ = comfy.run("FocusFixSaliencyMask", image=img, reward=reward, mask_source="auto", saliency_method="grad",
                         blur_sigma=1.0, threshold_mode="top_percent", threshold=0.15, dilation=1, feather=0.0)
     assert torch.equal(auto, mask)
 

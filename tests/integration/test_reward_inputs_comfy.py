@@ -32,8 +32,8 @@ def test_reward_nodes_name_the_bad_image(comfy, sharpness, case):
     with pytest.raises(ValueError, match=f"^image {match}"):
         comfy.run("FocusFixScoreImages", image=image, reward=sharpness)
     with pytest.raises(ValueError, match=f"^image {match}"):
-        comfy.run("FocusFixSaliencyMask", image=image, reward=sharpness, source="auto", method="grad", blur_sigma=2.0,
-                  threshold_mode="top_percent", threshold=0.15, dilation=2, feather=0.0)
+        comfy.run("FocusFixSaliencyMask", image=image, reward=sharpness, mask_source="auto", saliency_method="grad",
+                  blur_sigma=2.0, threshold_mode="top_percent", threshold=0.15, dilation=2, feather=0.0)
     with pytest.raises(ValueError, match=f"^after {match}"):
         comfy.run("FocusFixCompare", before=_image(b=max(len(image), 1)), after=image, reward=sharpness)
 
