@@ -172,7 +172,7 @@ class FocusFixTrainFocusNFix:
                              "Training blurs the map by 2 px first, as Saliency Mask's default blur_sigma.",
                              default=0.15, min=0.0, max=1.0, step=0.01),
             "dilation": tip("INT", "Grow the mask by this many pixels.", default=2, min=0, max=256),
-            "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (saliency source)."),
+            "saliency_method": tip(list(SALIENCY_METHODS), "Gradient saliency variant (mask_source saliency)."),
             **_continue_input("The run's I0 and masks"),
             **CHECKPOINT_INPUTS,
             **sampler_inputs("I0 and I are sampled"),
