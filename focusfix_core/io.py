@@ -405,11 +405,13 @@ def load_mask_image(path: str | os.PathLike) -> torch.Tensor:
 
     An image with transparency reads as ComfyUI's Load Image reads it (what its mask editor saves): M = 1 - alpha,
     so the painted (erased) part may change. Any other image reads as its grey level: white may change, black
-    stays. The EXIF orientation is applied, as Load Image does (a phone photo painted on stays upright).
+    stays. A colour image without transparency is refused: its grey levels are the picture's, not a mask (white
+    painted over a `before_N.png` and saved without alpha). The EXIF orientation is applied, as Load Image does
+    (a phone photo painted on stays upright).
 
     Raises:
-        FileNotFoundError: no such file. ValueError (naming the file): not an image PIL can read, or a 32-bit
-        integer / float greyscale image outside 0..65535 / 0..1.
+        FileNotFoundError: no such file. ValueError (naming the file): not an image PIL can read, a colour image
+        without transparency, or a 32-bit integer / float greyscale image outside 0..65535 / 0..1.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -424,11 +426,31 @@ def load_mask_image(path: str | os.PathLike) -> torch.Tensor:
             mode = im.mode
             # 16-bit PNG (Pillow reads some as "I"), 32-bit TIFF: kept wide, read below
             wide = mode in ("I;16", "I;16B", "I;16L", "I", "F")
+            colour = 0.0 if wide or mode in ("1", "L", "LA", "La") else _colour_fraction(im)
             a = np.asarray(im, dtype=np.float64) if wide else np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         # ValueError: what Pillow raises for some damaged headers ("Truncated IHDR chunk")
         raise ValueError(f"could not read {str(path)!r} as a mask image (PNG, JPEG, WebP...): {e}") from None
+    if colour > _COLOUR_FRACTION:
+        raise ValueError(
+            f"{str(path)!r} is a colour image without transparency ({colour:.0%} of its pixels are coloured), not "
+            f"a mask: its grey levels would be the picture's. Paint the region that may change white and the rest "
+            f"black, or erase the region so it is transparent (as ComfyUI's mask editor saves it)")
     return _wide_grey(a, mode, path) if wide else torch.from_numpy(a)
+
+
+# A pixel is coloured when its channels differ by more than _COLOUR_SPREAD (of 255). A grey mask is grey to the
+# last bit even as a JPEG (Pillow, any quality, 4:2:0 chroma: spread 0; grey with +-3 noise per channel: 0 once
+# JPEG'd), so both bounds leave room for other encoders and a few coloured antialiased pixels.
+_COLOUR_SPREAD, _COLOUR_FRACTION = 8, 0.01
+
+
+def _colour_fraction(im) -> float:
+    """The fraction of an image's pixels whose red, green and blue differ by more than `_COLOUR_SPREAD`."""
+    rgb = np.asarray(im.convert("RGB"))  # [H,W,3] uint8
+    if rgb.size == 0:
+        return 0.0
+    return float(((rgb.max(-1) - rgb.min(-1)) > _COLOUR_SPREAD).mean())
 
 
 def _wide_grey(a: np.ndarray, mode: str, path: Path) -> torch.Tensor:

@@ -167,6 +167,67 @@ def test_mask_images_read_as_comfyui_reads_them(tmp_path):
     assert load_mask_image(tmp_path / "f.tif").tolist() == [[0, 0.5, 1]]
 
 
+def test_white_painted_over_a_colour_before_image_without_alpha_is_refused(model_file, tmp_path, capsys):
+    """A white stroke on before_0.png saved as RGB (no alpha) read as the picture's grey levels: coverage 0.57 for
+    a 0.14 stroke, silently (user audit). The same stroke on black is the mask it means."""
+    out = tmp_path / "run"
+    assert cli.main(args(model_file, out, "--seeds", "0")) == 0
+    I0 = np.asarray(Image.open(out / "before_0.png"))
+    painted = I0.copy()
+    painted[4:8] = 255
+    mask = png(tmp_path / "mask_before_0.png", painted)
+    assert Image.open(mask).mode == "RGB"
+    again = ("--seeds", "0", "--mask", str(mask))
+    assert cli.main(args(model_file, tmp_path / "again", *again)) == 2
+    err = capsys.readouterr().err
+    assert f"{str(mask)!r} is a colour image without transparency" in err
+    assert "white and the rest black, or erase the region so it is transparent" in err
+    stroke = np.zeros_like(I0)
+    stroke[4:8] = 255
+    png(mask, stroke)  # RGB too, but grey
+    assert cli.main(args(model_file, tmp_path / "again", *again)) == 0
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["mask_coverage"] == 0.25
+
+
+def _stroke(size=100):
+    a = np.zeros((size, size, 3), np.uint8)
+    a[20:40] = 255
+    return a
+
+
+def _jpeg(path, a, **kw):
+    Image.fromarray(a).save(path, quality=30, **kw)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: _jpeg(p / "m.jpg", _stroke()),  # a grey mask as an RGB JPEG (4:2:0 chroma)
+    lambda p: _jpeg(p / "m.jpg", _stroke()[..., 0]),
+    lambda p: png(p / "m.png", np.clip(_stroke() + np.array([0, 4, 8]), 0, 255)),  # a near-grey brush
+    lambda p: png(p / "m.png", np.where(np.arange(100)[:, None, None] == 99, [0, 255, 0], _stroke())),  # 1 %
+    lambda p: png(p / "m.png", np.dstack([_stroke(), np.full((100, 100), 255)]), "RGBA"),  # opaque alpha
+    lambda p: Image.fromarray(_stroke()).quantize(2).save(p / "m.png") or p / "m.png",  # a grey palette
+])
+def test_a_grey_mask_in_a_colour_format_reads_as_its_grey_level(tmp_path, make):
+    M = load_mask_image(make(tmp_path))
+    assert M.shape == (100, 100)
+    assert float((M[20:40] - 1).abs().max()) < 0.05 and float(M[:20].max()) < 0.05 and float(M[41:99].max()) < 0.05
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: png(p / "m.png", np.where(np.arange(100)[:, None, None] < 2, [0, 255, 0], _stroke())),  # 2 %
+    lambda p: _jpeg(p / "m.jpg", _stroke() // 2 + np.array([100, 0, 0], np.uint8)),  # a red-brown picture
+    lambda p: png(p / "m.png", np.dstack([_stroke() // 2 + np.array([0, 0, 90], np.uint8),
+                                          np.full((100, 100), 255)]), "RGBA"),  # opaque: no transparency to read
+    lambda p: Image.fromarray(_stroke() // 2 + np.array([100, 0, 0], np.uint8)).quantize(4).save(p / "m.png")
+    or p / "m.png",  # a colour palette without a transparent colour
+])
+def test_a_colour_mask_without_transparency_is_refused_by_name(tmp_path, make):
+    with pytest.raises(ValueError, match=r"m\.(png|jpg)' is a colour image without transparency .* Paint the "
+                                         r"region that may change white and the rest black, or erase the region"):
+        load_mask_image(make(tmp_path))
+
+
 @pytest.mark.parametrize("values, dtype", [([0, 0.5, 255], np.float32), ([0, 2 ** 31 - 1], np.int32),
                                            ([0, float("nan")], np.float32)])
 def test_mask_image_out_of_range_is_refused_not_guessed(tmp_path, values, dtype):

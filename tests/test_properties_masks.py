@@ -33,6 +33,11 @@ def images(draw):
         a = rng.integers(0, 256, (h, w) if c is None else (h, w, c), dtype=np.uint8)
         if c in (2, 4) and draw(st.booleans()):
             a[..., -1] = 255  # an opaque alpha channel: read as grey
+        if c in (3, 4) and draw(st.booleans()):  # a grey mask saved as colour, some pixels a little coloured
+            g = np.repeat(a[..., :1].astype(int), 3, -1)
+            tint = rng.random((h, w)) < draw(st.floats(0, 0.03))
+            g[tint, 1] += rng.integers(-12, 13, int(tint.sum()))  # either side of the 8/255 a pixel may differ
+            a[..., :3] = np.clip(g, 0, 255)
         if draw(st.booleans()):  # extremes: pure black / white pixels
             a[rng.random((h, w)) < 0.3] = draw(st.sampled_from([0, 255]))
     return mode, a
@@ -47,17 +52,26 @@ def _save_png(a: np.ndarray, path: Path) -> None:
 @given(img=images())
 def test_a_painted_mask_reads_as_documented(img):
     """[H,W] float32 in [0,1]; transparency (alpha below 255 anywhere) -> M = 1 - alpha; else the grey level
-    (white may change, black stays); 16-bit grey / 65535."""
+    (white may change, black stays); 16-bit grey / 65535; a colour image (over 1 % of its pixels with channels more
+    than 8/255 apart) without transparency is refused by name."""
     mode, a = img
+    transparent = mode in ("RGBA", "LA") and a[..., -1].min() < 255
+    rgb = a[..., :3].astype(int)
+    coloured = mode in ("RGB", "RGBA") and not transparent and ((rgb.max(-1) - rgb.min(-1)) > 8).mean() > 0.01
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "mask.png"
         _save_png(a, path)
+        if coloured:
+            with pytest.raises(ValueError, match="is a colour image without transparency") as e:
+                load_mask_image(path)
+            assert str(path) in str(e.value)
+            return
         M = load_mask_image(path)
     h, w = a.shape[:2]
     assert isinstance(M, torch.Tensor) and M.dtype == torch.float32 and M.shape == (h, w)
     assert bool(torch.isfinite(M).all()) and float(M.min()) >= 0 and float(M.max()) <= 1
     m = M.numpy().astype(np.float64)
-    if mode in ("RGBA", "LA") and a[..., -1].min() < 255:
+    if transparent:
         np.testing.assert_allclose(m, 1 - a[..., -1] / 255.0, atol=1e-6)
         return
     grey = {"L": lambda: a / 255.0, "I;16": lambda: a / 65535.0, "1": lambda: a.astype(np.float64),
