@@ -209,13 +209,29 @@ class RunFailed(Exception):
     """Training stopped on bad data after some steps; what they trained is written (exit 1)."""
 
 
-def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tuple[list[StepRecord], str]:
-    """Run the trainer; returns (records, status) where status is done | interrupted | failed: <why>."""
-    status = "done"
+class NothingTrained(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) before this run's first step: nothing is written, earlier files stay (exit 130)."""
+
+
+def clear_earlier_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from `out` (what --overwrite replaces), just before this run writes its
+    first file: a run stopped later must not leave the earlier run's report and images beside its own LoRA
+    (nor another command's, whose file names differ), and one stopped before that first write keeps them."""
+    for path in out.iterdir() if out.is_dir() else ():
+        if path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int,
+             first_write: Callable[[], None]) -> tuple[list[StepRecord], str]:
+    """Run the trainer; returns (records, status) where status is done | interrupted | failed: <why>.
+    `first_write()` runs before the first file is written into `out` (`clear_earlier_outputs` once)."""
+    status, start = "done", trainer.step
     try:
         for rec in trainer:
             bar.update(rec.step + 1, rec.summary().split("  ", 1)[1].rsplit("  ", 1)[0])
             if checkpoint_every and (rec.step + 1) % checkpoint_every == 0:
+                first_write()
                 try:
                     trainer.save_state(out / "state.pt")
                 except OSError as e:  # a checkpoint is insurance: losing the run to it would lose more
@@ -223,14 +239,19 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int) -> tup
                           file=sys.stderr)
     except KeyboardInterrupt:
         trainer.restore_last_good()
+        if trainer.step == start:  # an untrained (or unchanged) LoRA would replace what the folder holds
+            raise NothingTrained(f"interrupted before the first training step: nothing was written into {out}"
+                                 + (" (state.pt is unchanged: --resume still continues it)" if start else "")
+                                 ) from None
         status = f"interrupted after {trainer.step} steps"
     except (NonFiniteLossError, torch.OutOfMemoryError) as e:
         trainer.restore_last_good()
         status = f"failed: {e}"
     except ValueError as e:  # met mid-run (an item's empty mask, a NaN score of I0): keep the steps done
-        if trainer.step == 0:
+        if trainer.step == start:
             raise
         trainer.restore_last_good()
+        first_write()
         path, _, state = _save_trained(trainer, out, "")
         raise RunFailed(f"{e}\nstopped after {trainer.step} steps: {path} holds their LoRA"
                         + (f" and {state} their state" if state else "")) from None
@@ -268,6 +289,25 @@ def _lora_kept(lora_path: Path, state_file: dict[str, str]) -> Iterator[None]:
     except torch.OutOfMemoryError as e:
         raise RunFailed(f"{e}\n{kept}; the before/after images did not fit in memory (the LoRA is "
                         f"complete)") from None
+
+
+def _once(fn: Callable[[], object]) -> Callable[[], None]:
+    """`fn` on the first call only."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return call
+
+
+def _say_images_follow(status: str, lora_path: Path, quiet: bool) -> None:
+    """After a Ctrl-C ended training: the LoRA is written, and the images take a while (a second Ctrl-C skips)."""
+    if status.startswith("interrupted") and not quiet:
+        print(f"\n{status}: {lora_path} is written; drawing the before/after images and the report (Ctrl-C again "
+              f"to skip them)", file=sys.stderr)
 
 
 def _step_bar(desc: str, quiet: bool) -> Callable[[int], Callable[[dict], None]]:
@@ -316,10 +356,13 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     lora = continue_from.attach(model.net) if continue_from is not None else None
     trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state, out)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
-    history, status = _consume(trainer, bar, out, checkpoint_every)
+    first_write = _once(lambda: state is None and clear_earlier_outputs(out))  # resumed: they are this run's
+    history, status = _consume(trainer, bar, out, checkpoint_every, first_write)
     train_seconds = time.perf_counter() - t0
+    first_write()
     # saved before the images are drawn: a Ctrl-C while they sample keeps the trained LoRA
     lora_path, status, state_file = _save_trained(trainer, out, status)
+    _say_images_follow(status, lora_path, quiet)
     with _lora_kept(lora_path, state_file):
         I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
         with torch.no_grad():  # `score`, unchecked: a LoRA drawing NaN images is reported (null), not an exit 2
@@ -343,10 +386,6 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
             before = save_png(I0[k].clamp(0, 1), out / f"before_{k}.png")
             after = save_png(I[k].clamp(0, 1), out / f"after_{k}.png")
             items.append({"prompt": prompt, "seed": seed, "before": str(before), "after": str(after)})
-        for stale in out.iterdir():  # an earlier run's (--overwrite) with more items: not this run's item K
-            match = ITEM_IMAGES.fullmatch(stale.name)
-            if match and int(match.group(2)) >= len(items):
-                stale.unlink(missing_ok=True)
         save_png(_curves(history, ("loss", "reward", "region")), out / "curves.png")
         report = {
             "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
@@ -387,9 +426,12 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         A0 = trainer.eval_maps()
         S0 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
-    history, status = _consume(trainer, bar, out, checkpoint_every)
+    first_write = _once(lambda: state is None and clear_earlier_outputs(out))
+    history, status = _consume(trainer, bar, out, checkpoint_every, first_write)
     train_seconds = time.perf_counter() - t0
+    first_write()
     lora_path, status, state_file = _save_trained(trainer, out, status)
+    _say_images_follow(status, lora_path, quiet)
     with _lora_kept(lora_path, state_file):
         A1 = trainer.eval_maps()
         S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
@@ -651,7 +693,8 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
                          "before_0.png (1, 2, ...) an earlier run wrote")
     out = a.out.resolve()
     for path in a.mask:  # this run writes (and with --overwrite removes) its outputs there: the mask would go
-        if path.resolve().parent == out and (path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name)):
+        real = path.resolve()  # a link to an output is that output
+        if real.parent == out and (real.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(real.name)):
             raise ValueError(f"--mask {path} is one of the files this run writes into --out {a.out} (each item's "
                              f"before_K.png and after_K.png): the run would overwrite or remove it. Save the "
                              f"painted mask under another name, e.g. {path.with_name('mask_' + path.name)}")
@@ -783,6 +826,9 @@ def main(argv=None) -> int:
     except torch.OutOfMemoryError as e:  # before training (the base images); during, after it: _consume, _lora_kept
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except NothingTrained as e:
+        print(str(e), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # after training (a Ctrl-C during it ends training and still writes the outputs)
         print("interrupted: the folder keeps what was finished (lora.safetensors once training ended, state.pt "
               "for --resume)", file=sys.stderr)
@@ -792,8 +838,9 @@ def main(argv=None) -> int:
             signal.signal(term, previous)
     files = result.get("files") or {k: v for k, v in result.items() if k == "output"}
     status = result.get("status", "done")
-    if status != "done":
-        print(f"note: {status}" + (" (--resume continues it)" if "state" in files else ""), file=sys.stderr)
+    if status != "done":  # --resume keeps every setting but the iterations: no cure for a failure
+        resumable = "state" in files and status.startswith("interrupted")
+        print(f"note: {status}" + (" (--resume continues it)" if resumable else ""), file=sys.stderr)
     for k, v in files.items():
         print(f"{k}: {v}")
     # a script tells a partial run from a full one: 130 after Ctrl-C (as a shell does), 1 after a failure

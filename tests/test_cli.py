@@ -462,3 +462,99 @@ def test_resume_refuses_another_model_of_the_same_name_and_settings(model_file, 
     err = capsys.readouterr().err
     assert "saved by a run with another model (the same name and settings, other weights)" in err, err
     assert (out / "lora.safetensors").read_bytes() == before
+
+
+def test_overwrite_then_ctrl_c_leaves_no_report_of_the_earlier_run(model_file, tmp_path, monkeypatch, capsys):
+    """Audit: --overwrite into a finished run's folder, then Ctrl-C while the images were drawn, left the new
+    1-step LoRA beside the earlier run's report.json, report.md and PNGs (3 steps, other seeds): a folder that
+    described another LoRA. The earlier outputs go as this run writes its first file; the command says the images
+    are being drawn and that a second Ctrl-C skips them."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--seeds", "0,1,2")) == 0
+    assert (out / "after_2.png").is_file() and (out / "report.md").is_file()
+    capsys.readouterr()
+    real_step = cli.FixTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    def no_images(self, progress=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    monkeypatch.setattr(cli.FixTrainer, "before_after", no_images)
+    assert cli.main(fnf_args(model_file, out, "--overwrite", "--checkpoint-every", "0")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 1 steps: " in err and "drawing the before/after images and the report (Ctrl-C again" in err
+    assert sorted(p.name for p in out.iterdir() if p.name != cli.LOCK_NAME) == ["lora.safetensors", "state.pt"]
+    assert load_tensor_file_with_metadata(out / "lora.safetensors")[1]["focusfix_steps_trained"] == "1"
+
+
+def test_ctrl_c_before_the_first_step_writes_nothing_and_keeps_the_earlier_run(model_file, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Audit: a Ctrl-C before the first step wrote an untrained LoRA, which with --overwrite replaced a finished
+    one. Nothing is written now (exit 130), and the earlier run's files stay as they were."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".focusfix.lock"}
+    capsys.readouterr()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    assert cli.main(fnf_args(model_file, out, "--overwrite")) == 130
+    assert "interrupted before the first training step: nothing was written into" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".focusfix.lock"} == before
+    fresh = tmp_path / "fresh"
+    assert cli.main(fnf_args(model_file, fresh)) == 130 and not fresh.exists()  # no empty folder either
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume", "--iterations", "5")) == 130
+    assert "(state.pt is unchanged: --resume still continues it)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".focusfix.lock"} == before
+
+
+def test_overwrite_with_the_other_command_leaves_none_of_its_files(model_file, tmp_path):
+    """Audit: train-sne --overwrite into a train-fnf folder kept the before_K/after_K.png files, and train-fnf
+    into a train-sne folder kept attention.png."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--steps", "2")) == 0
+    sne = ["train-sne", "--model", str(model_file), "--out", str(out), "--iterations", "1", "--resolution", "4", "--prompt",
+           "a red circle and a blue square | circle, square"]
+    assert cli.main([*sne, "--overwrite"]) == 0
+    assert not [p for p in out.iterdir() if cli.ITEM_IMAGES.fullmatch(p.name)]
+    assert (out / "attention.png").is_file()
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--steps", "2", "--overwrite")) == 0
+    assert not (out / "attention.png").exists() and (out / "before_0.png").is_file()
+
+
+def test_a_failed_run_is_not_offered_resume_which_keeps_the_setting_that_failed(model_file, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Audit: after a NaN loss the note said "... lower lr (--resume continues it)", but --resume refuses any
+    setting but the iterations, and with the same lr the NaN comes back. Only an interrupted run is offered it."""
+    from focusfix_core.trainers import NonFiniteLossError
+    real_step = cli.FixTrainer.train_step
+
+    def diverges(self):
+        if self.step == 1:
+            raise NonFiniteLossError("the loss is NaN at step 2: lower lr")
+        return real_step(self)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", diverges)
+    assert cli.main(fnf_args(model_file, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert "note: failed: the loss is NaN at step 2: lower lr" in err and "--resume" not in err
+
+
+def test_a_link_to_an_output_given_as_the_mask_is_refused(model_file, tmp_path, capsys):
+    """Audit: a link named otherwise (link.png -> OUT/before_0.png) passed the check that a --mask is none of the
+    files the run replaces, and the run overwrote the painted image through it."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    link = tmp_path / "link.png"
+    link.symlink_to(out / "before_0.png")
+    before = (out / "before_0.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--overwrite", "--mask-source", "mask", "--mask",
+                             str(link))) == 2
+    assert "is one of the files this run writes into --out" in capsys.readouterr().err
+    assert (out / "before_0.png").read_bytes() == before
