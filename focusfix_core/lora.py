@@ -291,6 +291,24 @@ class LoRAAdapter(nn.Module):
         return f"{self.down.shape[1]}->{self.up.shape[0]}, rank={self.rank}, alpha={self.alpha:g}, {kind}"
 
 
+def _check_rank_fits(rank: int, names: Sequence[str], hosts: Sequence[nn.Module]) -> None:
+    """Refuse a rank above a host's smaller dimension: up @ down is full rank already, so such an adapter is no
+    low-rank adapter, only larger (and slower) than the full-rank one."""
+    def dims(host):  # down: [r, in] (conv: [r, in, kh, kw], so in * kh * kw), up: [out, r]
+        if isinstance(host, nn.Conv2d):
+            return host.in_channels * math.prod(host.kernel_size), host.out_channels
+        return host.in_features, host.out_features
+
+    name, host = min(zip(names, hosts), key=lambda nh: min(dims(nh[1])))
+    n_in, n_out = dims(host)
+    if rank > min(n_in, n_out):
+        kind = (f"Conv2d {host.in_channels}x{'x'.join(map(str, host.kernel_size))}" if isinstance(host, nn.Conv2d)
+                else f"Linear {n_in}")
+        raise ValueError(f"rank must be at most {min(n_in, n_out)}, the smaller size of the targeted layer {name!r} "
+                         f"({kind} -> {n_out}), got {rank}: a larger rank is no low-rank adapter. Lower the rank, "
+                         f"or leave that layer out of targets")
+
+
 def _check_rank_alpha(rank, alpha) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
@@ -444,7 +462,8 @@ class LoRA(nn.Module):
                 e.g. for the saved metadata).
 
         Raises:
-            ValueError: rank/alpha <= 0, no match, grouped conv, two paths with the same kohya name.
+            ValueError: rank/alpha <= 0, a rank above a target's smaller dimension, no match, grouped conv, two
+                paths with the same kohya name.
 
         Examples:
             >>> net = nn.Sequential(nn.Linear(4, 4))
@@ -460,6 +479,7 @@ class LoRA(nn.Module):
             raise ValueError(f"targets give modules whose kohya names collide: {dup[:4]}")
         modules = dict(net.named_modules())
         hosts = [modules[n] for n in names]
+        _check_rank_fits(rank, names, hosts)
         adapters = [LoRAAdapter.for_module(h, rank, alpha, device, generator) for h in hosts]
         lora = cls(names, adapters, rank, alpha, targets)
         lora._alias = diffusers_unet_names(net)

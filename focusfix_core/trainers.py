@@ -58,6 +58,7 @@ __all__ = [
     "interrupts_held",
     "check_state_format",
     "STATE_FORMAT",
+    "MAX_RANK",
 ]
 
 MASK_SOURCES = ("heatmap", "saliency", "mask", "none")
@@ -90,6 +91,7 @@ def _check_whole(name, value, least):
         raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
+MAX_RANK = 256  # also the nodes' rank widget; rank 100000 wrote a 1.9 GB LoRA of the tiny model and ruined its images
 MAX_SEED = 2**64 - 1  # KSampler's seed widget goes up to 0xffffffffffffffff
 
 
@@ -121,6 +123,8 @@ class _LoRAConfig:
         for name in ("rank", "iterations", "batch_size"):
             _check_whole(name, getattr(self, name), 1)
             object.__setattr__(self, name, int(getattr(self, name)))  # 4.0 (a JSON number) is the count 4
+        if self.rank > MAX_RANK:
+            raise ValueError(f"rank must be at most {MAX_RANK}, got {self.rank} (a low-rank adapter: 4 to 64 is usual)")
         if self.alpha is not None:
             _check_positive("alpha", self.alpha)
         _check_positive("grad_clip", self.grad_clip, allow_zero=True)
@@ -204,6 +208,21 @@ class FixConfig(_LoRAConfig):
 
 
 MAX_INTS = 10_000  # seeds in one list: 10 000 items already hold over 100 GB of images at 512² (`_check_host_memory`)
+
+
+def repeated_seeds_note(seeds: Sequence[int], name: str = "seeds") -> list[str]:
+    """A note naming the seeds given more than once ([] when none is): each repeat trains the same image again."""
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    return [f"{name} repeat {repeated}: each repeat trains the same image again (counts it more)"] if repeated else []
+
+
+def batch_note(batch_size: int, n_items: int, name: str = "batch_size") -> list[str]:
+    """A note when a batch is larger than the (prompt, seed) items: an item always gives the same trajectory, so
+    a step would compute some of them twice."""
+    if batch_size <= n_items:
+        return []
+    return [f"{name} {batch_size} is more than the {n_items} (prompt, seed) items: a step computes some of them "
+            f"twice (add seeds or prompts, or lower {name})"]
 
 
 def parse_ints(text: str, name: str = "seeds") -> list[int]:

@@ -15,8 +15,8 @@ from ..focusfix_core.losses import overlap_and_peaks
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
-from ..focusfix_core.trainers import (MASK_SOURCES, FixConfig, SeparateEnhanceConfig, check_continued_method,
-                                      split_objects_prompt)
+from ..focusfix_core.trainers import (MASK_SOURCES, MAX_RANK, FixConfig, SeparateEnhanceConfig, batch_note,
+                                      check_continued_method, repeated_seeds_note, split_objects_prompt)
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, check_conditioning,
                        conditioning_ignored, conditioning_to_conds, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
@@ -41,7 +41,7 @@ SNE_SEED_TIP = ("Seed of the run: the new LoRA's start, the prompts each step dr
 
 def _lora_inputs(default_targets: str, lr: float, iterations: int, seed_tip: str) -> dict:
     return {
-        "rank": tip("INT", "LoRA rank r.", default=4, min=1, max=256),
+        "rank": tip("INT", "LoRA rank r.", default=4, min=1, max=MAX_RANK),
         "targets": tip(list(TARGET_PRESETS), "Layers the LoRA adapts: attn (all attention projections), to_k "
                        "(cross-attention keys only), all_linear (every Linear layer of the UNet).",
                        default=default_targets),
@@ -77,14 +77,6 @@ def _continued_settings(continue_from, method: str, rank: int, targets: str, not
 def _batch_input(what: str, memory: str) -> dict:
     return {"batch_size": tip("INT", f"{what} per optimizer step: larger batches give smoother updates and take "
                               f"more memory ({memory}).", default=1, min=1, max=64)}
-
-
-def _batch_note(batch_size: int, n_items: int) -> list[str]:
-    """A (prompt, seed) item always gives the same trajectory: a batch larger than the items repeats work."""
-    if batch_size <= n_items:
-        return []
-    return [f"batch_size {batch_size} is more than the {n_items} (prompt, seed) items: a step computes some of "
-            f"them twice (add seeds or prompts, or lower batch_size)"]
 
 
 CHECKPOINT_INPUTS = {
@@ -222,7 +214,7 @@ class FocusFixTrainFocusNFix:
         schedule = _schedule(sigmas, notes)
         seed_list = _seed_list(seeds, notes)
         masks, mask_source = _mask_input(mask, mask_source, (height, width), len(labels), len(seed_list), notes)
-        notes += _batch_note(batch_size, len(labels) * len(seed_list))
+        notes += batch_note(batch_size, len(labels) * len(seed_list))
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(seed_list), negative_prompt=negative_prompt, height=height,
             width=width, steps=steps, cfg_scale=cfg, K=K, sampler_name=sampler_name, scheduler=scheduler, sigmas=schedule,
@@ -280,9 +272,7 @@ def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, not
 
 def _seed_list(seeds: str, notes: list[str]) -> list[int]:
     values = parse_ints(seeds)
-    repeated = sorted({s for s in values if values.count(s) > 1})
-    if repeated:
-        notes.append(f"seeds repeat {repeated}: each repeat trains the same image again (counts it more)")
+    notes += repeated_seeds_note(values)
     return values
 
 

@@ -287,6 +287,19 @@ class TestAttach:
         with pytest.raises(ValueError, match="rank|alpha"):
             LoRA.attach(_net(), "to_k", rank=rank, alpha=alpha)
 
+    @pytest.mark.parametrize("targets, rank, message", [
+        ("to_k", 7, r"at most 6, the smaller size of the targeted layer 'input_blocks\.0\.1\.attn2\.to_k' "
+                    r"\(Linear 6 -> 8\), got 7"),
+        ("conv_in", 9, r"at most 8, .* layer 'conv_in' \(Conv2d 3x3x3 -> 8\), got 9"),  # down: [r, 3*3*3]
+        (ALL, 4, r"at most 3, .* layer 'conv_out' \(Conv2d 8x3x3 -> 3\), got 4"),  # the smallest is named
+    ])
+    def test_a_rank_above_a_layers_size_is_refused_by_name(self, targets, rank, message):
+        net = _net()
+        with pytest.raises(ValueError, match=f"rank must be {message}: a larger rank is no low-rank adapter"):
+            LoRA.attach(net, targets, rank=rank)
+        assert not any(m._forward_hooks for m in net.modules())
+        LoRA.attach(net, targets, rank=rank - 1).remove()  # full rank: the most the layer can use
+
     def test_unknown_target(self):
         with pytest.raises(ValueError, match="nothing_here"):
             LoRA.attach(_net(), "nothing_here")

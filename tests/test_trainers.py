@@ -9,7 +9,7 @@ import torch
 from torch_versions import compile_checked
 
 from focusfix_core.lora import LoRA
-from focusfix_core.trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
+from focusfix_core.trainers import (MAX_RANK, FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
                                     SeparateEnhanceTrainer, split_objects_prompt)
 
 
@@ -220,6 +220,8 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(prompts=("  ",)), "prompts is empty"),
     (dict(K=5, steps=4), "K"),
     (dict(rank=0), "rank"),
+    (dict(rank=257), r"rank must be at most 256, got 257"),
+    (dict(rank=100000), r"rank must be at most 256, got 100000"),  # a 1.9 GB LoRA of the tiny model, "done"
     (dict(mask_source="paint"), "mask_source"),
     (dict(lam=-1.0), "lam"),
     (dict(compile="fast"), "compile must be one of"),
@@ -310,6 +312,20 @@ def test_separate_enhance_errors(small_model):
     assert split_objects_prompt("a cat and a dog | cat, dog") == ("a cat and a dog", ["cat", "dog"])
     with pytest.raises(ValueError, match=r"prompt line ' \| cat, dog' has no prompt before '\|'"):
         split_objects_prompt(" | cat, dog")  # named at queue time, not "prompts is empty" when it runs
+
+
+def test_rank_is_bounded_for_both_methods(small_model, square_reward):
+    """The nodes' widget and the configs share the bound; a rank within it but above a targeted layer's size is
+    refused by the LoRA, naming the layer, before any hook goes on."""
+    assert MAX_RANK == 256 and fix_cfg(rank=256).rank == 256
+    with pytest.raises(ValueError, match="rank must be at most 256, got 300"):
+        se_cfg(rank=300)
+    hooks = sum(len(m._forward_hooks) for m in small_model.net.modules())
+    with pytest.raises(ValueError, match=r"rank must be at most 16, the smaller size of the targeted layer "
+                                         r"'down_blocks\.1\.attentions\.0\..*attn1\.to_q' \(Linear 16 -> 16\), got 17"):
+        FixTrainer(small_model, square_reward, fix_cfg(rank=17))
+    assert sum(len(m._forward_hooks) for m in small_model.net.modules()) == hooks
+    FixTrainer(small_model, square_reward, fix_cfg(rank=16)).lora.remove()  # full rank: the most it can use
 
 
 def test_failed_setup_leaves_no_hooks(small_model, square_reward):
