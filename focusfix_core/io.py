@@ -500,7 +500,7 @@ def load_tensor_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
     """Load a tensor file and its metadata (`{}` for pickle formats). Tensors land on CPU.
 
     Accepts `.safetensors` and, read with `torch.load(weights_only=True)`, `.pt/.pth/.bin/.ckpt`
-    (a nested `"state_dict"` is unwrapped).
+    (a training checkpoint's `"state_dict"`, or its `"model"` when that holds tensors, is unwrapped).
 
     Raises:
         FileNotFoundError: no such file.
@@ -528,6 +528,9 @@ def load_tensor_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
         obj = _torch_load(path, "a dict of tensors")
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
+        elif isinstance(obj, dict) and _is_tensor_dict(obj.get("model")):
+            # {"model": sd, "optimizer": ..., "epoch": ...}; only tensors, as "model" may also name a config
+            obj = obj["model"]
         if not isinstance(obj, dict):
             raise ValueError(f"{str(path)!r} must hold a dict of tensors, got {type(obj).__name__}")
         bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -538,6 +541,11 @@ def load_tensor_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
         f"unknown tensor file extension {path.suffix!r} for {str(path)!r}; "
         f"expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}"
     )
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def load_tensor_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

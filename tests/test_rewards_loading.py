@@ -391,6 +391,31 @@ def test_convert_lone_head_and_refuses_bad(tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_convert_unwraps_a_training_checkpoint(tmp_path, key):
+    """{'model': sd, 'optimizer': ..., 'epoch': ...} (a common torch.save of a training run) was refused while
+    {'state_dict': sd} was read (user audit)."""
+    src = tmp_path / "ckpt.pth"
+    sd = head_sd()
+    optimizer = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    torch.save({key: sd, "optimizer": optimizer, "epoch": 3}, src)
+    out = convert_reward(src, tmp_path / "head.safetensors")
+    assert set(load_file(str(out))) == set(sd)
+    assert all(torch.equal(load_file(str(out))[k], v) for k, v in sd.items())
+    torch.testing.assert_close(load_reward(out, clip_vision_tower=tower_sd())(images()),
+                               load_reward(src, clip_vision_tower=tower_sd())(images()))
+
+
+def test_a_model_entry_other_than_tensors_is_not_unwrapped(tmp_path):
+    """'model' may name a config (or be a flat file's weight): only a dict of tensors is taken for the weights."""
+    src = tmp_path / "ckpt.pth"
+    torch.save({"model": {"name": "vit-l-14", "layers": 24}, "epoch": 3}, src)
+    with pytest.raises(ValueError, match=r"ckpt\.pth.*must hold a dict of str -> tensor, got non-tensor entries "
+                                         r"\['model', 'epoch'\]"):
+        convert_reward(src, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_builtin_names():
     assert {"sharpness", "brightness", "color_red", "color_blue"} <= set(BUILTIN_REWARDS)
 
