@@ -262,7 +262,7 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
             **{k: fix[k] for k in ("status", "mean_reward_before", "mean_reward_after",
                                    "mean_abs_change_inside_mask", "mean_abs_change_outside_mask")},
             "prompt": prompt, "cfg_scale": s.fix_cfg, "steps": s.steps,
-            "candidate_seeds": [s.candidates[0], s.candidates[1] - 1], "candidates_with_glitch": n_glitch,
+            "candidate_seeds": list(range(*s.candidates)), "candidates_with_glitch": n_glitch,
             "seeds": seeds, "glitches_before": check["glitches_before"], "glitches_after": check["glitches_after"],
             "items": check["items"],
             "held_out": {k: v for k, v in ho.items() if k != "file"},

@@ -55,6 +55,10 @@ def test_quick_demo_counts_glitches_with_the_exact_evaluator(quick_demo):
     fnf = summary["focus_n_fix"]
     assert fnf["status"] == "done" and fnf["prompt"] == demo.DEMO_FIX_PROMPT
     assert [it["seed"] for it in fnf["items"]] == fnf["seeds"]
+    # every seed searched, not [first, last] (read as two seeds, user audit); the trained and held-out among them
+    assert fnf["candidate_seeds"] == list(range(*demo.QUICK.candidates)) == [120, 121, 122, 123]
+    assert set(fnf["seeds"]) | set(fnf["held_out"]["seeds"]) <= set(fnf["candidate_seeds"])
+    assert len(fnf["seeds"]) <= fnf["candidates_with_glitch"] <= len(fnf["candidate_seeds"])
     # the --quick candidates hold glitches too: every trained image has one, read back from what the trainer drew
     assert fnf["glitches_before"] == len(fnf["seeds"]) == demo.QUICK.n_fix
     for k, it in enumerate(fnf["items"]):
