@@ -21,7 +21,7 @@ import threading
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -35,8 +35,9 @@ from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
-                       SeparateEnhanceConfig, SeparateEnhanceTrainer, check_continued_method, check_state_format,
-                       interrupts_held, parse_ints, split_objects_prompt, stop_as_interrupt)
+                       SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note, check_continued_method,
+                       check_state_format, interrupts_held, parse_ints, repeated_seeds_note, split_objects_prompt,
+                       stop_as_interrupt)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -348,10 +349,12 @@ def _start(trainer, continue_from: SavedLoRA | None, state: dict | None, out: Pa
 
 def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict | None = None,
             checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
-            continue_from: SavedLoRA | None = None) -> dict:
+            continue_from: SavedLoRA | None = None, notes: Iterable[str] = (),
+            mask_files: Iterable[str] = ()) -> dict:
     """Train Focus-N-Fix, then write the LoRA, before/after grid, curves and report into `out`.
     state: a training state to resume (`load_training_state` of OUT/state.pt); continue_from: a saved LoRA to
-    train further (cfg's rank/targets/alpha must be its own)."""
+    train further (cfg's rank/targets/alpha must be its own); notes: lines for the report (the input's notes);
+    mask_files: the painted masks' files (the report names them: --resume needs the same)."""
     t0 = time.perf_counter()
     lora = continue_from.attach(model.net) if continue_from is not None else None
     trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state, out)
@@ -395,8 +398,10 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
             "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
             "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
             "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
-            "notes": [f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training never drew "
-                      f"it, and its images show it with an empty mask" for p, s in trainer.unmasked],
+            "mask_files": [str(f) for f in mask_files], **_lineage(trainer, state, continue_from),
+            "notes": [*notes, *(f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training "
+                                f"never drew it, and its images show it with an empty mask"
+                                for p, s in trainer.unmasked)],
             "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
                       "curves": str(out / "curves.png"), **state_file},
             "items": items,
@@ -450,6 +455,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         report = {
             "method": trainer.method, "status": status, "model": model_note or getattr(model, "name", ""),
             "steps_trained": trainer.step, "train_seconds": round(train_seconds, 2), "config": asdict(cfg),
+            **_lineage(trainer, state, continue_from),
             "separate_before": _loss_per_prompt(separate_loss, A0, cfg.objects),
             "separate_after": _loss_per_prompt(separate_loss, A1, cfg.objects),
             "enhance_before": _loss_per_prompt(enhance_loss, A0, cfg.objects),
@@ -478,6 +484,18 @@ def _samples(model, trainer, cfg, steps: int, cfg_scale: float) -> torch.Tensor:
     return model.decode(sample(den, x, sig, trainer.cond)).clamp(0, 1)
 
 
+def _lineage(trainer, state: dict | None, continue_from: SavedLoRA | None) -> dict:
+    """Report fields for a run that goes on from another: the step a resumed run started at, and the LoRA a
+    continued one trained further with the steps the saved LoRA now holds in all."""
+    out = {}
+    if state is not None:
+        out["resumed_at_step"] = int(state["step"])
+    if continue_from is not None:
+        out["continued_from"] = continue_from.source
+        out["lora_steps_trained"] = int(_metadata(trainer).get("focusfix_steps_trained", trainer.step))
+    return out
+
+
 def _finite(x: torch.Tensor) -> float | None:
     """A report number; None (JSON null) for NaN/inf, which JSON cannot hold."""
     v = float(x)
@@ -496,11 +514,28 @@ def _loss_per_prompt(loss: Callable[[torch.Tensor], torch.Tensor], A: torch.Tens
     return [_finite(loss(A[i:i + 1, :len(words)])[0]) for i, words in enumerate(objects)]
 
 
+# report.md's settings: the run's config minus what is empty or the same for every run (the full config and
+# every value are in report.json)
+_QUIET_SETTINGS = ("sigmas", "compile", "mask_space", "grad_clip", "lv_copies", "t_range", "alpha",
+                   "preserve_prompts", "objects")
+
+
+def _setting(value) -> str:
+    """A config value as report.md shows it: a list without brackets, its texts quoted."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in value)
+    return str(value)
+
+
 def _write_report(out: Path, report: dict, columns: str) -> None:
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
+    time_note = (f"{report['train_seconds']} s in this run, which resumed at step {report['resumed_at_step']}"
+                 if "resumed_at_step" in report else f"{report['train_seconds']} s")
     lines = [f"# FocusFix {report['method']} run", "", f"- status: {report['status']}",
-             f"- model: {report['model']}", f"- steps trained: {report['steps_trained']} "
-             f"({report['train_seconds']} s)"]
+             f"- model: {report['model']}", f"- steps trained: {report['steps_trained']} ({time_note})"]
+    if "continued_from" in report:
+        lines.append(f"- continued from: `{report['continued_from']}` (the LoRA now holds "
+                     f"{report['lora_steps_trained']} steps in all)")
     for k in ("reward", "mean_reward_before", "mean_reward_after", "mean_abs_change_inside_mask",
               "mean_abs_change_outside_mask", "mask_coverage"):
         if report.get(k) is not None:
@@ -511,7 +546,15 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
         if f"{k}_before" in report:
             b, a = (_mean_or_na(report[f"{k}_{when}"]) for when in ("before", "after"))
             lines.append(f"- {k} loss (mean over prompts): {b} -> {a}")
-    lines += ["", f"Grid columns: {columns}.", "", "Files:"] + [f"- {k}: `{v}`" for k, v in report["files"].items()]
+    config = report["config"]
+    lines += ["", "Settings:"]
+    if "objects" in config:  # Separate-and-Enhance: each prompt with the words its maps are of
+        lines += [f"- prompt {p!r}, objects {', '.join(o)}" for p, o in zip(config["prompts"], config["objects"])]
+    lines += [f"- {k}: {_setting(v)}" for k, v in config.items() if k not in _QUIET_SETTINGS
+              and not (k == "prompts" and "objects" in config) and v not in ((), [], None, "")]
+    lines += [f"- painted mask: `{f}`" for f in report.get("mask_files", [])]
+    lines += ["", f"Grid columns: {columns}.", "", "Files (in this folder):"]
+    lines += [f"- {k}: `{Path(v).name}`" for k, v in report["files"].items()]
     if report.get("items"):
         lines += ["", "Images per (prompt, seed) item, at full size (paint a mask on a before image, white = may "
                   "change, and train again with `--mask`):"]
@@ -664,12 +707,14 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
             raise ValueError(f"{path}: the training state is invalid: its LoRA settings rank {rank!r}, targets "
                              f"{targets!r}, alpha {alpha!r} are not an int >= 1, a target name (or names) and a "
                              f"number (or null)")
+        if (a.rank, a.targets) != (rank, targets):  # as --continue-from says it: the run's own are kept
+            print(f"resuming {path}: rank {rank}, targets {targets} (--rank/--targets not used)", file=sys.stderr)
         return None, kw, state
     if a.continue_from is None:
         return None, {"rank": a.rank, "targets": a.targets}, None
     if not a.continue_from.is_file():
         raise FileNotFoundError(f"--continue-from {a.continue_from}: no such file (give a LoRA FocusFix saved)")
-    saved = read_focusfix_lora(a.continue_from)
+    saved = replace(read_focusfix_lora(a.continue_from), source=str(a.continue_from))  # as given: the report's
     own = "train-fnf" if METHOD_TRAINERS.get(saved.method) == "focus-n-fix" else "train-sne"
     check_continued_method(saved.method, method, f"--continue-from {a.continue_from}",
                            f"continue it with {own}, or start a new LoRA (in ComfyUI, apply it to the MODEL with "
@@ -682,8 +727,9 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
     return saved, {"rank": saved.rank, "targets": targets, "alpha": saved.alpha}, None
 
 
-def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
-    """(mask_source, masks [N,1,H,W] or None) from --mask-source and --mask: the images, resized to the run's size."""
+def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | None]:
+    """(mask_source, masks [N,1,H,W] or None) from --mask-source and --mask: the images, resized to the run's size
+    (`notes` gets what the report should say about them)."""
     source = a.mask_source or ("mask" if a.mask else "heatmap")
     if a.mask and source != "mask":
         raise ValueError(f"--mask gives a painted M, but --mask-source is {source!r}: drop --mask-source (or "
@@ -706,6 +752,9 @@ def _painted_masks(a, size: int) -> tuple[str, torch.Tensor | None]:
         if a.lam > 0 and not bool((M >= 0.5).any()):  # the trainer's test (coverage), in the CLI's words
             raise ValueError(f"--mask {path} marks nothing (no pixel is at least half white): nothing may change. "
                              f"Paint the region to fix white (an inverted mask?), or give --lam 0 for plain DRaFT")
+        if a.lam > 0 and bool((M >= 0.5).all()):
+            notes.append(f"--mask {path} is full (coverage 1): nothing is held, so Focus-N-Fix becomes plain DRaFT "
+                         f"(an inverted mask? white = may change)")
         masks.append(M)  # [1,1,H,W]
     return source, torch.cat(masks) if masks else None
 
@@ -727,7 +776,11 @@ def cmd_train_fnf(a) -> dict:
         _check_prompts(model, [a.negative_prompt], "--negative-prompt")
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
-    mask_source, masks = _painted_masks(a, size)
+    notes = [*repeated_seeds_note(a.seeds, "--seeds"),
+             *batch_note(a.batch_size, len([p for p in a.prompt if p.strip()]) * len(a.seeds), "--batch-size")]
+    mask_source, masks = _painted_masks(a, size, notes)
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, reward_target=a.reward_target, K=a.K,
                     lv_copies=a.lv_copies,
@@ -737,7 +790,7 @@ def cmd_train_fnf(a) -> dict:
                     height=size, width=size)
     with claim_out(out, a.overwrite, a.resume):
         return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
-                       model_note=note, continue_from=saved)
+                       model_note=note, continue_from=saved, notes=notes, mask_files=a.mask)
 
 
 def cmd_train_sne(a) -> dict:

@@ -43,6 +43,8 @@ from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas,
 
 __all__ = [
     "parse_ints",
+    "repeated_seeds_note",
+    "batch_note",
     "FixConfig",
     "FixTrainer",
     "SeparateEnhanceConfig",

@@ -558,3 +558,56 @@ def test_a_link_to_an_output_given_as_the_mask_is_refused(model_file, tmp_path, 
                              str(link))) == 2
     assert "is one of the files this run writes into --out" in capsys.readouterr().err
     assert (out / "before_0.png").read_bytes() == before
+
+
+def test_the_notes_the_node_gives_are_printed_and_reported(model_file, tmp_path, capsys):
+    """Audit: repeated seeds and a batch larger than the items trained silently on the command line, where the
+    Train node notes them (the same core notes now, in the flags' names)."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--seeds", "0,0", "--batch-size", "3", "--iterations", "1")) == 0
+    err = capsys.readouterr().err
+    expected = ["--seeds repeat [0]: each repeat trains the same image again (counts it more)",
+                "--batch-size 3 is more than the 2 (prompt, seed) items: a step computes some of them twice (add "
+                "seeds or prompts, or lower --batch-size)"]
+    assert all(f"note: {n}" in err for n in expected)
+    report = json.loads((out / "report.json").read_text())
+    assert report["notes"] == expected and report["model"] != expected[1]
+    assert all(f"- note: {n}" in (out / "report.md").read_text() for n in expected)
+    from PIL import Image
+    white = tmp_path / "white.png"
+    Image.new("L", (16, 16), 255).save(white)
+    assert cli.main(fnf_args(model_file, tmp_path / "full", "--mask-source", "mask", "--mask", str(white),
+                             "--iterations", "1")) == 0
+    assert (f"note: --mask {white} is full (coverage 1): nothing is held, so Focus-N-Fix becomes plain DRaFT"
+            in capsys.readouterr().err)
+
+
+def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_file, tmp_path, capsys):
+    """Audit: report.md showed no settings, named neither the painted masks (--resume needs the same) nor the
+    LoRA a run continued, counted only this run's steps of a continued LoRA, and timed a resumed run as if whole.
+    Its file list gives names in the folder (the paths were relative to where the command ran)."""
+    from PIL import Image
+    first = tmp_path / "first"
+    assert cli.main(fnf_args(model_file, first, "--iterations", "2")) == 0
+    mask = tmp_path / "mask.png"
+    img = Image.new("L", (16, 16), 0)
+    img.paste(255, (0, 0, 8, 16))
+    img.save(mask)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--continue-from", str(first / "lora.safetensors"), "--mask-source",
+                             "mask", "--mask", str(mask), "--iterations", "1")) == 0
+    md = (out / "report.md").read_text()
+    assert f"- continued from: `{first / 'lora.safetensors'}` (the LoRA now holds 3 steps in all)" in md
+    assert f"- painted mask: `{mask}`" in md and "- prompts: 'a red circle'" in md and "- seeds: 0, 1" in md
+    assert "- lam: 1.0" in md and "- mask_source: mask" in md and "- lora: `lora.safetensors`" in md
+    report = json.loads((out / "report.json").read_text())
+    assert report["mask_files"] == [str(mask)] and report["lora_steps_trained"] == 3
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, first, "--iterations", "3", "--resume", "--rank", "8")) == 0
+    assert "(--rank/--targets not used)" in capsys.readouterr().err
+    md = (first / "report.md").read_text()
+    assert "- steps trained: 3 (" in md and "s in this run, which resumed at step 2)" in md
+    sne = tmp_path / "sne"
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(sne), "--iterations", "1", "--resolution",
+                     "4", "--prompt", "a red circle and a blue square | circle, square"]) == 0
+    assert "- prompt 'a red circle and a blue square', objects circle, square" in (sne / "report.md").read_text()

@@ -391,5 +391,6 @@ def test_a_report_of_finite_numbers_or_nulls_is_written_as_strict_json_and_a_rea
     assert back == json.loads(json.dumps(report))
     md = (out / "report.md").read_text()
     assert md.startswith("# FocusFix focus-n-fix run\n") and f"- status: {report['status']}" in md
-    assert all(f"`{v}`" in md for v in report["files"].values())
+    assert all(f"- {k}: `{Path(v).name}`" in md for k, v in report["files"].items())  # names in the folder
+    assert "Settings:\n- lr: 0.002\n- prompts: 'a red circle'" in md
     assert all(f"`before_{k}.png`, `after_{k}.png`" in md for k in range(len(report["items"])))

@@ -17,7 +17,7 @@ from pack_loader import load_pack
 
 from focusfix_core.records import StepRecord
 from focusfix_core.rewards.base import Reward
-from focusfix_core.trainers import FixConfig, FixTrainer
+from focusfix_core.trainers import FixConfig, FixTrainer, batch_note
 
 T = load_pack().nodes.train_nodes
 FAST = settings(max_examples=60, deadline=None)
@@ -38,11 +38,11 @@ def test_seed_list_keeps_the_seeds_and_notes_exactly_the_repeated_ones(seeds, se
         assert notes == []
 
 
-# ------------------------------------------------------------------------------------------- _batch_note
+# -------------------------------------------------------------------------------------------- batch_note
 @FAST
 @given(batch=st.integers(1, 64), n_items=st.integers(1, 200))
 def test_batch_note_only_when_the_batch_is_larger_than_the_items(batch, n_items):
-    notes = T._batch_note(batch, n_items)
+    notes = batch_note(batch, n_items)
     if batch <= n_items:
         assert notes == []
     else:
