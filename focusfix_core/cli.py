@@ -21,7 +21,7 @@ import threading
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -93,6 +93,8 @@ def load_model(spec: str, random_ok: bool = False):
                 raise
             return TinyModel.random(seed=0), "RANDOMLY INITIALISED tiny model (shipped weights not found)"
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"--model {spec!r} is a folder: give 'tiny' or a TinyModel .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"--model {spec!r}: no such file (give 'tiny' or a TinyModel .safetensors)")
     return TinyModel.load(path), f"tiny model from {path}"
@@ -596,7 +598,9 @@ def _add_lora_args(p, targets):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m focusfix_core", description=__doc__.split("\n")[0])
+    # the `focusfix` script, or `python -m focusfix_core` (whose argv[0] is __main__.py)
+    prog = "focusfix" if Path(sys.argv[0]).stem == "focusfix" else "python -m focusfix_core"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--version", action="version", version=f"focusfix {__version__}")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the tiny model's small kernels run fastest on one)")
@@ -639,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--threshold-mode", default="top_percent", choices=THRESHOLD_MODES,
                    help="how the heatmap or saliency becomes M (default top_percent)")
     f.add_argument("--threshold", type=float, default=0.15,
-                   help="top_percent: the share of pixels kept, in (0,1]; value: the cut-off in [0,1]; otsu: unused")
+                   help="top_percent: the share of pixels kept, in (0,1]; value: the cut-off in [0,1]; otsu: unused "
+                        "(default 0.15)")
     f.add_argument("--dilation", type=int, default=2, help="grow M by this many pixels (default 2)")
     f.add_argument("--saliency-method", default="grad", choices=SALIENCY_METHODS,
                    help="--mask-source saliency: the reward's gradient (grad), averaged over noisy copies "
@@ -649,8 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
     _add_lora_args(s, "to_k")
     s.add_argument("--prompt", action="append", required=True, help="'prompt | object, object' (repeatable)")
-    s.add_argument("--lam-sep", type=float, default=1.0, help="weight of the Separate loss (maps' overlap)")
-    s.add_argument("--lam-en", type=float, default=1.0, help="weight of the Enhance loss (weakest map's peak)")
+    s.add_argument("--lam-sep", type=float, default=1.0, help="weight of the Separate loss (maps' overlap; default 1)")
+    s.add_argument("--lam-en", type=float, default=1.0, help="weight of the Enhance loss (weakest map's peak; default 1)")
     s.add_argument("--lam-preserve", type=float, default=1.0,
                    help="weight of the term that keeps single-object prompts as the base model draws them")
     s.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
@@ -658,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "outputs: x0 MSE against the base model (any --targets); auto: keys where possible")
     s.add_argument("--resolution", type=int, default=16,
                    help="attention maps' shorter side (default 16; the tiny model at 32 px: 16 or 8)")
+    s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
 
     c = sub.add_parser("convert-reward", help="write a safetensors copy of a reward file (never unpickles code)")
     c.add_argument("input", type=Path, help="a reward file (.pth/.pt/.bin read weights-only, or .safetensors)")
@@ -779,8 +785,6 @@ def cmd_train_fnf(a) -> dict:
     notes = [*repeated_seeds_note(a.seeds, "--seeds"),
              *batch_note(a.batch_size, len([p for p in a.prompt if p.strip()]) * len(a.seeds), "--batch-size")]
     mask_source, masks = _painted_masks(a, size, notes)
-    for line in notes:
-        print(f"note: {line}", file=sys.stderr)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
                     batch_size=a.batch_size, seed=a.seed, lam=a.lam, reward_target=a.reward_target, K=a.K,
                     lv_copies=a.lv_copies,
@@ -788,6 +792,8 @@ def cmd_train_fnf(a) -> dict:
                     negative_prompt=a.negative_prompt, mask_source=mask_source, threshold_mode=a.threshold_mode,
                     threshold=a.threshold, dilation=a.dilation, saliency_method=a.saliency_method,
                     height=size, width=size)
+    for line in notes:  # once the settings are known to be valid
+        print(f"note: {line}", file=sys.stderr)
     with claim_out(out, a.overwrite, a.resume):
         return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
                        model_note=note, continue_from=saved, notes=notes, mask_files=a.mask)
@@ -799,7 +805,7 @@ def cmd_train_sne(a) -> dict:
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
     _check_prompts(model, prompts)
-    size = _size(model, None)
+    size = _size(model, a.size)
     cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, iterations=a.iterations, lr=a.lr, **lora_kw,
                                 batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
                                 lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
@@ -833,15 +839,33 @@ COMMANDS = {"demo": cmd_demo, "train-fnf": cmd_train_fnf, "train-sne": cmd_train
             "convert-reward": cmd_convert_reward}
 
 
-_CONFIG_FLAGS = {"cfg_scale": "--cfg"}  # config fields whose flag has another name
+_CONFIG_FLAGS = {"cfg_scale": "--cfg", "prompts": "--prompt"}  # config fields whose flag has another name
+# one-word config fields: a message starting with one names the setting ("lr must be > 0"); other one-word
+# starts are English ("the", "model ...")
+_ONE_WORD_FIELDS = {f.name for c in (FixConfig, SeparateEnhanceConfig) for f in fields(c) if "_" not in f.name}
 
 
 def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
     """A config's error in the command line's words: 'batch_size must be ...' -> '--batch-size must be ...'."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     flags = {**{a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}, **_CONFIG_FLAGS}
-    field = re.match(r"[a-z]+(?:_[a-z0-9]+)+\b", message)  # a field name: only underscored ones read otherwise
-    return flags[field[0]] + message[field.end():] if field and field[0] in flags else message
+    field = re.match(r"[A-Za-z]+(?:_[a-z0-9]+)*\b", message)
+    if not field or field[0] not in flags or ("_" not in field[0] and field[0] not in _ONE_WORD_FIELDS):
+        return message
+    return flags[field[0]] + message[field.end():]
+
+
+def _threads_first(argv: list[str]) -> list[str]:
+    """--threads given after the command (where argparse would call it unrecognized) moved before it."""
+    out, moved, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--threads" and i + 1 < len(argv):
+            moved += argv[i:i + 2]
+            i += 2
+            continue
+        (moved if argv[i].startswith("--threads=") else out).append(argv[i])
+        i += 1
+    return moved + out
 
 
 def main(argv=None) -> int:
@@ -851,7 +875,7 @@ def main(argv=None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_threads_first(sys.argv[1:] if argv is None else list(argv)))
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2

@@ -611,3 +611,32 @@ def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_
     assert cli.main(["train-sne", "--model", str(model_file), "--out", str(sne), "--iterations", "1", "--resolution",
                      "4", "--prompt", "a red circle and a blue square | circle, square"]) == 0
     assert "- prompt 'a red circle and a blue square', objects circle, square" in (sne / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--lr", "-1"), "error: --lr must be > 0, got -1.0"),
+    (("--K", "0"), "error: --K (0) must be between 1 and steps"),
+    (("--iterations", "0"), "error: --iterations must be a whole number >= 1, got 0"),
+    (("--seed", "-1"), "error: --seed: -1 is outside 0 to"),
+    (("--prompt", " ", "--prompt", ""), "error: --prompt is empty: give at least one non-empty prompt"),
+    (("--model", "."), "error: --model '.' is a folder: give 'tiny' or a TinyModel .safetensors file"),
+])
+def test_errors_name_the_flag_not_the_config_field(tmp_path, capsys, extra, message):
+    """Audit: one-word settings were named as the config names them ("lr must be > 0", "prompts is empty"), the
+    underscored ones as flags; a folder given as --model read as a missing file."""
+    argv = ["train-fnf", "--reward", "artifact", "--out", str(tmp_path / "o"), *extra]
+    if "--prompt" not in extra:
+        argv += ["--prompt", "a red circle"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_threads_after_the_command_is_taken_and_train_sne_has_a_size(model_file, tmp_path, capsys):
+    """Audit: `train-sne ... --threads 2` was refused as unrecognized; train-sne had no --size, train-fnf had."""
+    out = tmp_path / "sne"
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(out), "--iterations", "1", "--size", "32",
+                     "--resolution", "8", "--threads", "1", "--prompt",
+                     "a red circle and a blue square | circle, square"]) == 0
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["height"], config["width"]) == (32, 32)
+    assert cli._threads_first(["train-fnf", "--threads=3", "--out", "o"]) == ["--threads=3", "train-fnf", "--out", "o"]
