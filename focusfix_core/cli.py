@@ -558,8 +558,9 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
     lines += ["", f"Grid columns: {columns}.", "", "Files (in this folder):"]
     lines += [f"- {k}: `{Path(v).name}`" for k, v in report["files"].items()]
     if report.get("items"):
-        lines += ["", "Images per (prompt, seed) item, at full size (paint a mask on a before image, white = may "
-                  "change, and train again with `--mask`):"]
+        lines += ["", "Images per (prompt, seed) item, at full size (paint a mask on a before image: white where "
+                  "it may change, the rest black, or erase that region to transparency; then train again with "
+                  "`--mask`):"]
         lines += [f"- {k}: prompt {it['prompt']!r}, seed {it['seed']}: `{Path(it['before']).name}`, "
                   f"`{Path(it['after']).name}`" for k, it in enumerate(report["items"])]
     atomic_write_text("\n".join(lines) + "\n", out / "report.md")
@@ -636,8 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the mask M (1 = may change) comes from (default heatmap, or mask with --mask); "
                         "none = plain DRaFT")
     f.add_argument("--mask", action="append", type=Path, default=[], metavar="IMAGE",
-                   help="a painted mask M: white = may change, black = keep (an image with transparency: the "
-                        "transparent part may change, as ComfyUI's mask editor saves it). Repeat: 1 for all "
+                   help="a painted mask M: white = may change, black = keep (a colour picture with white "
+                        "painted on it is refused: paint the rest black); an image with transparency: the "
+                        "transparent part may change, as ComfyUI's mask editor saves it. Repeat: 1 for all "
                         "items, one per seed or one per (prompt, seed) item (in the order of the run's "
                         "before_0.png, before_1.png, ...)")
     f.add_argument("--threshold-mode", default="top_percent", choices=THRESHOLD_MODES,
