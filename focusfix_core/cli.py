@@ -768,7 +768,11 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
 
 
 def _check_prompts(model, prompts: Iterable[str], flag: str = "--prompt") -> None:
-    """Refuse a word the (tiny) model cannot read: it would be trained on as an unknown token, silently."""
+    """Refuse a word the (tiny) model cannot read: it would be trained on as an unknown token, silently; and a
+    line break, which the nodes read as two prompts (here it would be one)."""
+    for p in prompts:
+        if "\n" in p.strip() or "\r" in p.strip():
+            raise ValueError(f"{flag} {p!r} holds a line break: give each prompt its own {flag}")
     tokenizer = getattr(model, "tokenizer", None)
     if hasattr(tokenizer, "check"):
         for p in prompts:

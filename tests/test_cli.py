@@ -620,6 +620,8 @@ def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_
     (("--seed", "-1"), "error: --seed: -1 is outside 0 to"),
     (("--prompt", " ", "--prompt", ""), "error: --prompt is empty: give at least one non-empty prompt"),
     (("--model", "."), "error: --model '.' is a folder: give 'tiny' or a TinyModel .safetensors file"),
+    (("--prompt", "a red circle\na blue square"), "error: --prompt 'a red circle\\na blue square' holds a line "
+                                                   "break: give each prompt its own --prompt"),
 ])
 def test_errors_name_the_flag_not_the_config_field(tmp_path, capsys, extra, message):
     """Audit: one-word settings were named as the config names them ("lr must be > 0", "prompts is empty"), the
