@@ -294,15 +294,15 @@ def _lora_kept(lora_path: Path, state_file: dict[str, str]) -> Iterator[None]:
                         f"complete)") from None
 
 
-def _once(fn: Callable[[], object]) -> Callable[[], None]:
-    """`fn` on the first call only."""
-    done = False
+def _before_first_write(out: Path, state: dict | None) -> Callable[[], None]:
+    """What runs before a run's first file: `clear_earlier_outputs` once (a resumed run's files are its own)."""
+    done = state is not None
 
     def call() -> None:
         nonlocal done
         if not done:
             done = True
-            fn()
+            clear_earlier_outputs(out)
     return call
 
 
@@ -361,7 +361,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     lora = continue_from.attach(model.net) if continue_from is not None else None
     trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state, out)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
-    first_write = _once(lambda: state is None and clear_earlier_outputs(out))  # resumed: they are this run's
+    first_write = _before_first_write(out, state)
     history, status = _consume(trainer, bar, out, checkpoint_every, first_write)
     train_seconds = time.perf_counter() - t0
     first_write()
@@ -433,7 +433,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         A0 = trainer.eval_maps()
         S0 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
-    first_write = _once(lambda: state is None and clear_earlier_outputs(out))
+    first_write = _before_first_write(out, state)
     history, status = _consume(trainer, bar, out, checkpoint_every, first_write)
     train_seconds = time.perf_counter() - t0
     first_write()
@@ -656,8 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
     _add_lora_args(s, "to_k")
     s.add_argument("--prompt", action="append", required=True, help="'prompt | object, object' (repeatable)")
-    s.add_argument("--lam-sep", type=float, default=1.0, help="weight of the Separate loss (maps' overlap; default 1)")
-    s.add_argument("--lam-en", type=float, default=1.0, help="weight of the Enhance loss (weakest map's peak; default 1)")
+    s.add_argument("--lam-sep", type=float, default=1.0,
+                   help="weight of the Separate loss (maps' overlap; default 1)")
+    s.add_argument("--lam-en", type=float, default=1.0,
+                   help="weight of the Enhance loss (weakest map's peak; default 1)")
     s.add_argument("--lam-preserve", type=float, default=1.0,
                    help="weight of the term that keeps single-object prompts as the base model draws them")
     s.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",

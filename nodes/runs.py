@@ -92,8 +92,9 @@ def checkpoint_path(every: int, name: str) -> Path | None:
 class _Checkpointer:
     """on_record callback: atomically write the LoRA (with `graph`, the metadata of the graph running) every
     `every` steps and after the last of `total` (so a cancel while the before/after images are drawn keeps the
-    whole run, and a `total` that is no multiple of `every` loses no steps). The first write claims `name` in the loras folder without replacing a file (a name another
-    save took since `checkpoint_path` looked moves it on to the next free name); later writes replace its own.
+    whole run, and a `total` that is no multiple of `every` loses no steps). The first write claims `name` in
+    the loras folder without replacing a file (a name another save took since `checkpoint_path` looked moves it
+    on to the next free name); later writes replace its own.
     A write that fails (disk full, permissions) is logged and kept in `error`, and training goes on: a checkpoint
     is insurance, and losing the run to it would lose more than the checkpoint."""
 

@@ -217,7 +217,8 @@ class FocusFixTrainFocusNFix:
         notes += batch_note(batch_size, len(labels) * len(seed_list))
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(seed_list), negative_prompt=negative_prompt, height=height,
-            width=width, steps=steps, cfg_scale=cfg, K=K, sampler_name=sampler_name, scheduler=scheduler, sigmas=schedule,
+            width=width, steps=steps, cfg_scale=cfg, K=K, sampler_name=sampler_name, scheduler=scheduler,
+            sigmas=schedule,
             lam=lam, reward_target=None if reward_target >= NO_TARGET else reward_target,
             mask_source=mask_source,
             lr=lr, rank=rank, alpha=alpha, targets=targets, iterations=iterations, seed=seed, batch_size=batch_size,
