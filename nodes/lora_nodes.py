@@ -67,10 +67,12 @@ def layers_applied(model, lora: LoraData) -> int:
     found = 0
     for key, patch in ours.items():
         mine = _lora_weights(patch)
+        if mine is None or not mine[0].any():  # a zero layer adds nothing, applied once or twice
+            continue
         key = key if isinstance(key, str) else key[0]
         for strength, theirs, *_ in model.patches.get(key, ()):
             theirs = _lora_weights(theirs)
-            if mine is None or theirs is None or strength == 0 or not mine[0].any():  # a zero layer adds nothing
+            if theirs is None or strength == 0:
                 continue
             # fp16/bf16 rounding of a saved copy; another LoRA's random start is nowhere near
             if all(a.shape == b.shape and torch.allclose(a.detach().float().cpu(), b.detach().float().cpu(),
