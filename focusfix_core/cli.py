@@ -220,9 +220,16 @@ def clear_earlier_outputs(out: Path) -> None:
     """Remove an earlier run's outputs from `out` (what --overwrite replaces), just before this run writes its
     first file: a run stopped later must not leave the earlier run's report and images beside its own LoRA
     (nor another command's, whose file names differ), and one stopped before that first write keeps them."""
+    kept = []
     for path in out.iterdir() if out.is_dir() else ():
         if path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # held by another program (Windows), or the like: training must not stop for it
+                kept.append(f"{path.name} ({e.strerror or e})")
+    if kept:
+        print(f"\nwarning: could not remove the earlier run's {', '.join(kept)} from {out}: the folder mixes "
+              f"that run's files with this one's", file=sys.stderr)
 
 
 def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int,

@@ -1,5 +1,6 @@
 """The command line end to end on a small random tiny model: outputs, no overwrite, interrupt, resume."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -642,3 +643,22 @@ def test_threads_after_the_command_is_taken_and_train_sne_has_a_size(model_file,
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["height"], config["width"]) == (32, 32)
     assert cli._threads_first(["train-fnf", "--threads=3", "--out", "o"]) == ["--threads=3", "train-fnf", "--out", "o"]
+
+
+def test_an_earlier_output_that_cannot_be_removed_does_not_stop_training(model_file, tmp_path, monkeypatch, capsys):
+    """The earlier outputs are removed at the first checkpoint, mid-training: a file another program holds (an
+    image viewer on Windows) must cost a warning, not the run."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    real = Path.unlink
+
+    def held(self, missing_ok=False):
+        if self.name == "before_after.png":
+            raise PermissionError(13, "The process cannot access the file")
+        return real(self, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", held)
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--overwrite")) == 0
+    err = capsys.readouterr().err
+    assert "warning: could not remove the earlier run's before_after.png (The process cannot access the file)" in err
+    assert json.loads((out / "report.json").read_text())["steps_trained"] == 3
