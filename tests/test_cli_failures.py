@@ -290,13 +290,16 @@ def test_a_refused_run_leaves_none_of_the_folders_it_made(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "runs" / "2026").iterdir()) == ["dec", "notes.txt", "nov"]
 
 
-def test_a_second_ctrl_c_while_the_lora_is_written_waits_for_it(tmp_path, capsys, monkeypatch):
+def test_a_second_ctrl_c_while_the_lora_is_written_waits_for_it(tmp_path, capsys, monkeypatch, request):
     """A fast double Ctrl-C (or a SIGTERM after a Ctrl-C) landed inside the final save: the steps' LoRA and
     state.pt were lost, while the message said "lora.safetensors once training ended" (review G, side note). The
     writes now finish first (milliseconds), then the command stops (130)."""
     import os
     import signal
 
+    # Python's own Ctrl-C handler, also where the tests run as a background job (whose SIGINT starts ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real = cli.save_lora
 
     def interrupted_save(*a, **kw):
