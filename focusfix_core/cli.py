@@ -34,7 +34,7 @@ from .records import StepRecord
 from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
-from .trainers import (MASK_SOURCES, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
+from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
                        SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note, check_continued_method,
                        check_state_format, interrupts_held, parse_ints, repeated_seeds_note, split_objects_prompt,
                        stop_as_interrupt)
@@ -732,6 +732,9 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
     if not a.continue_from.is_file():
         raise FileNotFoundError(f"--continue-from {a.continue_from}: no such file (give a LoRA FocusFix saved)")
     saved = replace(read_focusfix_lora(a.continue_from), source=str(a.continue_from))  # as given: the report's
+    if saved.rank > MAX_RANK:  # the config would name --rank, which this run does not use
+        raise ValueError(f"--continue-from {a.continue_from}: its rank {saved.rank} is above {MAX_RANK}, the most "
+                         f"FocusFix trains: start a new LoRA with --rank {MAX_RANK} or lower")
     own = "train-fnf" if METHOD_TRAINERS.get(saved.method) == "focus-n-fix" else "train-sne"
     check_continued_method(saved.method, method, f"--continue-from {a.continue_from}",
                            f"continue it with {own}, or start a new LoRA (in ComfyUI, apply it to the MODEL with "

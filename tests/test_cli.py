@@ -662,3 +662,25 @@ def test_an_earlier_output_that_cannot_be_removed_does_not_stop_training(model_f
     err = capsys.readouterr().err
     assert "warning: could not remove the earlier run's before_after.png (The process cannot access the file)" in err
     assert json.loads((out / "report.json").read_text())["steps_trained"] == 3
+
+
+def test_continue_from_a_lora_above_the_highest_rank_names_the_file_not_rank(model_file, tmp_path, capsys):
+    """A LoRA saved before the rank bound (e.g. --rank 300) is refused naming --continue-from: the config's own
+    message said "--rank must be at most 256", a flag that run does not use."""
+    first = tmp_path / "first"
+    assert cli.main(fnf_args(model_file, first, "--iterations", "1")) == 0
+    tensors, meta = load_tensor_file_with_metadata(first / "lora.safetensors")
+    big = {}
+    for k, v in tensors.items():
+        if k.endswith("lora_down.weight"):
+            v = torch.cat([v, torch.zeros(300 - v.shape[0], *v.shape[1:])])
+        elif k.endswith("lora_up.weight"):
+            v = torch.cat([v, torch.zeros(v.shape[0], 300 - v.shape[1], *v.shape[2:])], 1)
+        elif k.endswith(".alpha"):
+            v = torch.tensor(300.0)
+        big[k] = v.contiguous()
+    save_file(big, str(tmp_path / "big.safetensors"), {**meta, "ss_network_dim": "300", "ss_network_alpha": "300"})
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, tmp_path / "more", "--continue-from", str(tmp_path / "big.safetensors"))) == 2
+    err = capsys.readouterr().err
+    assert f"error: --continue-from {tmp_path / 'big.safetensors'}: its rank 300 is above 256" in err, err
