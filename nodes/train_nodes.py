@@ -66,6 +66,9 @@ def _continued_settings(continue_from, method: str, rank: int, targets: str, not
     check_continued_method(continue_from.method, method, f"continue_from ({continue_from!r})",
                            "apply it to the MODEL first (FocusFix Apply LoRA or Load LoRA) and train a new LoRA on "
                            "that MODEL")
+    if continue_from.rank > MAX_RANK:  # the config would name the rank input, which a continued run does not use
+        raise ValueError(f"continue_from ({continue_from!r}): its rank {continue_from.rank} is above {MAX_RANK}, "
+                         f"the most FocusFix trains: train a new LoRA with rank {MAX_RANK} or lower")
     t = continue_from.saved().config_targets
     note = f"continued {continue_from!r}, targets {t}"
     if (int(rank), targets) != (continue_from.rank, t):

@@ -451,3 +451,12 @@ def test_the_redraw_note_warns_where_comfyuis_dpmpp_2m_draws_nan(sigmas, warned)
                            "Empty Latent Image of 64x48 and batch size 1) with the connected sigmas")
     assert ("after a repeated sigma ComfyUI's dpmpp_2m divides by zero" in note) == warned
     assert "divides by zero" not in T._redraw_note(3, 5.0, "ddim", "normal", torch.tensor(sigmas), 64, 48)
+
+
+def test_a_continued_lora_above_the_highest_rank_is_refused_naming_continue_from():
+    """A LoRA saved before the rank bound: the config's "rank must be at most 256" named the node's rank input,
+    which a continued run does not use."""
+    data = load_pack().nodes.adapters.LoraData(tensors={"lora_unet_a.lora_down.weight": torch.zeros(300, 4)},
+                                               rank=300, alpha=300.0, targets=("attn",))
+    with pytest.raises(ValueError, match=r"^continue_from \(LoraData\(.*\)\): its rank 300 is above 256, the most"):
+        T._continued_settings(data, "focus-n-fix", 4, "attn", [])
