@@ -20,6 +20,7 @@ import re
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
@@ -214,7 +215,7 @@ MAX_INTS = 10_000  # seeds in one list: 10 000 items already hold over 100 GB of
 
 def repeated_seeds_note(seeds: Sequence[int], name: str = "seeds") -> list[str]:
     """A note naming the seeds given more than once ([] when none is): each repeat trains the same image again."""
-    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
     return [f"{name} repeat {repeated}: each repeat trains the same image again (counts it more)"] if repeated else []
 
 
