@@ -300,6 +300,23 @@ class TestAttach:
         assert not any(m._forward_hooks for m in net.modules())
         LoRA.attach(net, targets, rank=rank - 1).remove()  # full rank: the most the layer can use
 
+    def test_a_file_whose_rank_is_above_a_layers_size_is_read_exactly(self):
+        """The rank check guards the choice of a new rank: a LoRA file of rank 7 on a 6-wide layer (another
+        tool's, or an earlier FocusFix's) applies exactly, as the stock Load LoRA applies it, so from_kohya reads
+        it (to continue training it, or to compare)."""
+        net = _net()
+        g = torch.Generator().manual_seed(0)
+        key = "lora_unet_input_blocks_0_1_attn2_to_k"
+        tensors = {f"{key}.lora_down.weight": torch.randn(7, 6, generator=g),
+                   f"{key}.lora_up.weight": torch.randn(8, 7, generator=g), f"{key}.alpha": torch.tensor(3.5)}
+        lora = LoRA.from_kohya(net, tensors, "to_k", rank=7, alpha=3.5)
+        (a,) = lora.adapters
+        assert torch.equal(a.down, tensors[f"{key}.lora_down.weight"])
+        assert torch.equal(a.up, tensors[f"{key}.lora_up.weight"])
+        lora.remove()
+        with pytest.raises(ValueError, match="rank must be at most 6"):
+            LoRA.attach(net, "to_k", rank=7)  # a new adapter at that rank is still refused
+
     def test_unknown_target(self):
         with pytest.raises(ValueError, match="nothing_here"):
             LoRA.attach(_net(), "nothing_here")
