@@ -291,19 +291,6 @@ class LoRAAdapter(nn.Module):
         return f"{self.down.shape[1]}->{self.up.shape[0]}, rank={self.rank}, alpha={self.alpha:g}, {kind}"
 
 
-def _targeted_hosts(net: nn.Module, targets: str | Sequence[str],
-                    modules: Sequence[str] | None) -> tuple[list[str], list[nn.Module]]:
-    """(paths, modules) of the hosts `targets` pick in `net` (or the given `modules` paths); ValueError when two
-    of them would share a kohya name."""
-    names = resolve_targets(net, targets) if modules is None else _host_paths(net, modules)
-    kohya = [_kohya_name("", n) for n in names]
-    if len(set(kohya)) != len(kohya):
-        dup = [n for n, k in zip(names, kohya) if kohya.count(k) > 1]
-        raise ValueError(f"targets give modules whose kohya names collide: {dup[:4]}")
-    by_path = dict(net.named_modules())
-    return names, [by_path[n] for n in names]
-
-
 def _check_rank_fits(rank: int, names: Sequence[str], hosts: Sequence[nn.Module]) -> None:
     """Refuse a rank above a host's smaller dimension: up @ down is full rank already, so such an adapter is no
     low-rank adapter, only larger (and slower) than the full-rank one."""
@@ -483,16 +470,25 @@ class LoRA(nn.Module):
             >>> LoRA.attach(net, "all_linear", rank=2).module_names
             ['0']
         """
-        alpha = rank if alpha is None else alpha
-        _check_rank_alpha(rank, alpha)
-        names, hosts = _targeted_hosts(net, targets, modules)
-        _check_rank_fits(rank, names, hosts)
-        return cls._hooked(net, names, hosts, targets, rank, alpha, device, generator)
+        return cls._hooked(net, targets, rank, alpha, device, generator, modules, new_rank=True)
 
     @classmethod
-    def _hooked(cls, net: nn.Module, names: list[str], hosts: list[nn.Module], targets: str | Sequence[str],
-                rank: int, alpha: float, device, generator) -> LoRA:
-        """Fresh adapters on `hosts` (at `names` in `net`), their forward hooks registered."""
+    def _hooked(cls, net: nn.Module, targets: str | Sequence[str], rank: int, alpha: float | None, device,
+                generator, modules: Sequence[str] | None, new_rank: bool) -> LoRA:
+        """`attach`; `new_rank` False (a saved LoRA's rank, `from_kohya`) skips the check of the rank against
+        the layers' sizes: that guards the choice of a new rank, while a file whose rank is above a layer's smaller
+        size is wasteful but applies exactly (as the stock Load LoRA applies it), so it is read, not refused."""
+        alpha = rank if alpha is None else alpha
+        _check_rank_alpha(rank, alpha)
+        names = resolve_targets(net, targets) if modules is None else _host_paths(net, modules)
+        kohya = [_kohya_name("", n) for n in names]
+        if len(set(kohya)) != len(kohya):
+            dup = [n for n, k in zip(names, kohya) if kohya.count(k) > 1]
+            raise ValueError(f"targets give modules whose kohya names collide: {dup[:4]}")
+        by_path = dict(net.named_modules())
+        hosts = [by_path[n] for n in names]
+        if new_rank:
+            _check_rank_fits(rank, names, hosts)
         adapters = [LoRAAdapter.for_module(h, rank, alpha, device, generator) for h in hosts]
         lora = cls(names, adapters, rank, alpha, targets)
         lora._alias = diffusers_unet_names(net)
@@ -522,12 +518,7 @@ class LoRA(nn.Module):
             ValueError: the tensors do not fit `net` (a LoRA of another model) or these targets/rank; nothing
                 stays attached.
         """
-        alpha = rank if alpha is None else alpha
-        _check_rank_alpha(rank, alpha)
-        names, hosts = _targeted_hosts(net, targets, modules)
-        # no _check_rank_fits: that guards the choice of a new rank; a file whose rank is above a layer's smaller
-        # size is wasteful but applies exactly (as the stock Load LoRA applies it), so it is read, not refused
-        lora = cls._hooked(net, names, hosts, targets, rank, alpha, "cpu", None)
+        lora = cls._hooked(net, targets, rank, alpha, "cpu", None, modules, new_rank=False)
         try:
             lora.load_kohya(tensors, prefix, strict=True)
         except BaseException:
