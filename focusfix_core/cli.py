@@ -29,7 +29,7 @@ import torch
 
 from . import __version__
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
-from .lora import SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
+from .lora import LoRA, SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
 from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
@@ -37,7 +37,7 @@ from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
                        SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note, check_continued_method,
                        check_state_format, interrupts_held, parse_ints, repeated_seeds_note, split_objects_prompt,
-                       stop_as_interrupt)
+                       stop_as_interrupt, trainer_on)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -301,15 +301,20 @@ def _lora_kept(lora_path: Path, state_file: dict[str, str]) -> Iterator[None]:
                         f"complete)") from None
 
 
-def _before_first_write(out: Path, state: dict | None) -> Callable[[], None]:
-    """What runs before a run's first file: `clear_earlier_outputs` once (a resumed run's files are its own)."""
-    done = state is not None
+def _before_first_write(out: Path, state: dict | None, then: Callable[[], None] | None = None
+                        ) -> Callable[[], None]:
+    """What runs before a run's first file, once: `clear_earlier_outputs` (not for a resumed run: its files are
+    its own), then `then()`."""
+    done = False
 
     def call() -> None:
         nonlocal done
         if not done:
             done = True
-            clear_earlier_outputs(out)
+            if state is None:
+                clear_earlier_outputs(out)
+            if then is not None:
+                then()
     return call
 
 
@@ -344,10 +349,21 @@ def _metadata(trainer) -> dict:
     return continued_metadata(meta, trainer.continued) if trainer.continued else meta
 
 
-def _start(trainer, continue_from: SavedLoRA | None, state: dict | None, out: Path):
-    """Record the LoRA a new run continues, or load the state a resumed run continues (out/state.pt)."""
+def _start(make: Callable, net, cfg, continue_from: SavedLoRA | None, state: dict | None, out: Path):
+    """make(lora), the run's trainer: with a new LoRA (None); the saved LoRA a new run continues (recorded); or,
+    for a resumed run, adapters of its state's rank, then the state (out/state.pt) loaded. A saved or resumed
+    rank is a trained one, read as it is, not checked as a new choice (`LoRA.attach`'s `saved`). The LoRA
+    attached here is removed if the trainer cannot be built."""
     if continue_from is not None:
-        trainer.continues(continue_from.metadata)
+        lora = continue_from.attach(net)
+    elif state is not None:
+        lora = LoRA.attach(net, cfg.targets, cfg.rank, cfg.alpha, device="cpu", saved=True,  # the state's follow
+                           generator=torch.Generator().manual_seed(cfg.seed))  # not torch's global one
+    else:
+        lora = None
+    trainer = trainer_on(make, lora)
+    if continue_from is not None:
+        trainer.continues(continue_from.metadata, continue_from.source)
     if state is not None:
         try:
             trainer.load_state_dict(state)
@@ -359,16 +375,17 @@ def _start(trainer, continue_from: SavedLoRA | None, state: dict | None, out: Pa
 def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict | None = None,
             checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
             continue_from: SavedLoRA | None = None, notes: Iterable[str] = (),
-            mask_files: Iterable[str] = ()) -> dict:
+            mask_files: Iterable[str] = (), on_first_write: Callable[[], None] | None = None) -> dict:
     """Train Focus-N-Fix, then write the LoRA, before/after grid, curves and report into `out`.
     state: a training state to resume (`load_training_state` of OUT/state.pt); continue_from: a saved LoRA to
     train further (cfg's rank/targets/alpha must be its own); notes: lines for the report (the input's notes);
-    mask_files: the painted masks' files (the report names them: --resume needs the same)."""
+    mask_files: the painted masks' files (the report names them: --resume needs the same); on_first_write: called
+    once, just before the run's first file is written (the demo clears its other outputs then)."""
     t0 = time.perf_counter()
-    lora = continue_from.attach(model.net) if continue_from is not None else None
-    trainer = _start(FixTrainer(model, reward, cfg, masks=masks, lora=lora), continue_from, state, out)
+    trainer = _start(lambda lora: FixTrainer(model, reward, cfg, masks=masks, lora=lora), model.net, cfg,
+                     continue_from, state, out)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
-    first_write = _before_first_write(out, state)
+    first_write = _before_first_write(out, state, on_first_write)
     history, status = _consume(trainer, bar, out, checkpoint_every, first_write)
     train_seconds = time.perf_counter() - t0
     first_write()
@@ -430,17 +447,18 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
 def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state: dict | None = None,
                          checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
                          sample_steps: int = 20, cfg_scale: float = 3.0,
-                         continue_from: SavedLoRA | None = None) -> dict:
+                         continue_from: SavedLoRA | None = None,
+                         on_first_write: Callable[[], None] | None = None) -> dict:
     """Train Separate-and-Enhance, then write the LoRA, attention maps and samples before/after, and a report.
-    state, continue_from: as in `run_fix`."""
+    state, continue_from, on_first_write: as in `run_fix`."""
     t0 = time.perf_counter()
-    lora = continue_from.attach(model.net) if continue_from is not None else None
-    trainer = _start(SeparateEnhanceTrainer(model, cfg, lora=lora), continue_from, state, out)
+    trainer = _start(lambda lora: SeparateEnhanceTrainer(model, cfg, lora=lora), model.net, cfg, continue_from,
+                     state, out)
     with trainer.lora.disabled():
         A0 = trainer.eval_maps()
         S0 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
     bar = ProgressBar(cfg.iterations, trainer.method, stream=io.StringIO() if quiet else None, start=trainer.step)
-    first_write = _before_first_write(out, state)
+    first_write = _before_first_write(out, state, on_first_write)
     history, status = _consume(trainer, bar, out, checkpoint_every, first_write)
     train_seconds = time.perf_counter() - t0
     first_write()
@@ -495,12 +513,13 @@ def _samples(model, trainer, cfg, steps: int, cfg_scale: float) -> torch.Tensor:
 
 def _lineage(trainer, state: dict | None, continue_from: SavedLoRA | None) -> dict:
     """Report fields for a run that goes on from another: the step a resumed run started at, and the LoRA a
-    continued one trained further with the steps the saved LoRA now holds in all."""
+    continued one (or the run a resumed one goes on with) trained further, with the steps it now holds in all."""
     out = {}
     if state is not None:
         out["resumed_at_step"] = int(state["step"])
-    if continue_from is not None:
-        out["continued_from"] = continue_from.source
+    if continue_from is not None or trainer.continued:  # this run's, or the resumed run's (kept in its state)
+        # a state saved before it kept the file's name: the first run's report names it
+        out["continued_from"] = trainer.continued_from or "a saved LoRA (named in the first run's report)"
         out["lora_steps_trained"] = int(_metadata(trainer).get("focusfix_steps_trained", trainer.step))
     return out
 
@@ -724,6 +743,10 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
             raise ValueError(f"{path}: the training state is invalid: its LoRA settings rank {rank!r}, targets "
                              f"{targets!r}, alpha {alpha!r} are not an int >= 1, a target name (or names) and a "
                              f"number (or null)")
+        if rank > MAX_RANK:  # the config would name --rank, which a resumed run does not use
+            raise ValueError(f"{path}: the run's rank {rank} is above {MAX_RANK}, the most this FocusFix trains "
+                             f"(an earlier version started it), so it cannot be resumed: start a new run with "
+                             f"--rank {MAX_RANK} or lower")
         if (a.rank, a.targets) != (rank, targets):  # as --continue-from says it: the run's own are kept
             print(f"resuming {path}: rank {rank}, targets {targets} (--rank/--targets not used)", file=sys.stderr)
         return None, kw, state

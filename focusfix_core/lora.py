@@ -446,6 +446,7 @@ class LoRA(nn.Module):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         modules: Sequence[str] | None = None,
+        saved: bool = False,
     ) -> LoRA:
         """Hook fresh adapters (up = 0: output unchanged) onto the modules `resolve_targets` picks.
 
@@ -460,24 +461,20 @@ class LoRA(nn.Module):
             generator: for the init of `down`.
             modules: the host paths themselves, in place of resolving `targets` (which are then only recorded,
                 e.g. for the saved metadata).
+            saved: the rank of a LoRA already trained (a saved file, a resumed state), whose tensors go in next:
+                not checked against the layers' sizes. That check guards the choice of a new rank; a trained LoRA
+                whose rank is above a layer's smaller size is wasteful but applies exactly (as the stock Load LoRA
+                applies it), so it is read, not refused.
 
         Raises:
-            ValueError: rank/alpha <= 0, a rank above a target's smaller dimension, no match, grouped conv, two
-                paths with the same kohya name.
+            ValueError: rank/alpha <= 0, a new rank above a target's smaller dimension, no match, grouped conv,
+                two paths with the same kohya name.
 
         Examples:
             >>> net = nn.Sequential(nn.Linear(4, 4))
             >>> LoRA.attach(net, "all_linear", rank=2).module_names
             ['0']
         """
-        return cls._hooked(net, targets, rank, alpha, device, generator, modules, new_rank=True)
-
-    @classmethod
-    def _hooked(cls, net: nn.Module, targets: str | Sequence[str], rank: int, alpha: float | None, device,
-                generator, modules: Sequence[str] | None, new_rank: bool) -> LoRA:
-        """`attach`; `new_rank` False (a saved LoRA's rank, `from_kohya`) skips the check of the rank against
-        the layers' sizes: that guards the choice of a new rank, while a file whose rank is above a layer's smaller
-        size is wasteful but applies exactly (as the stock Load LoRA applies it), so it is read, not refused."""
         alpha = rank if alpha is None else alpha
         _check_rank_alpha(rank, alpha)
         names = resolve_targets(net, targets) if modules is None else _host_paths(net, modules)
@@ -487,7 +484,7 @@ class LoRA(nn.Module):
             raise ValueError(f"targets give modules whose kohya names collide: {dup[:4]}")
         by_path = dict(net.named_modules())
         hosts = [by_path[n] for n in names]
-        if new_rank:
+        if not saved:
             _check_rank_fits(rank, names, hosts)
         adapters = [LoRAAdapter.for_module(h, rank, alpha, device, generator) for h in hosts]
         lora = cls(names, adapters, rank, alpha, targets)
@@ -518,7 +515,7 @@ class LoRA(nn.Module):
             ValueError: the tensors do not fit `net` (a LoRA of another model) or these targets/rank; nothing
                 stays attached.
         """
-        lora = cls._hooked(net, targets, rank, alpha, "cpu", None, modules, new_rank=False)
+        lora = cls.attach(net, targets, rank, alpha, "cpu", modules=modules, saved=True)
         try:
             lora.load_kohya(tensors, prefix, strict=True)
         except BaseException:

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ __all__ = [
     "train_separate_enhance",
     "split_objects_prompt",
     "check_continued_method",
+    "trainer_on",
     "METHOD_TRAINERS",
     "split_words",
     "stop_as_interrupt",
@@ -94,6 +95,7 @@ def _check_whole(name, value, least):
         raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
+_T = TypeVar("_T")  # a trainer (`trainer_on`)
 MAX_RANK = 256  # also the nodes' rank widget; rank 100000 wrote a 1.9 GB LoRA of the tiny model and ruined its images
 MAX_SEED = 2**64 - 1  # KSampler's seed widget goes up to 0xffffffffffffffff
 
@@ -121,8 +123,11 @@ class _LoRAConfig:
     def _check_common(self):
         _check_seed("seed", self.seed)
         _check_positive("lr", self.lr)
-        if self.lr > torch.finfo(torch.float32).max:  # the optimizer holds it in fp32 state beside the adapters
-            raise ValueError(f"lr must be at most {torch.finfo(torch.float32).max:.3g} (a float32), got {self.lr}")
+        # AdamW's first step is lr / (1 - beta1) = 10 lr, a float32 beside the adapters: above this it overflowed
+        # in torch ("value cannot be converted to type float without overflow"), not in our NaN guard
+        top = torch.finfo(torch.float32).max / 10
+        if self.lr > top:
+            raise ValueError(f"lr must be at most {top:.3g} (AdamW's first step, 10 lr, is a float32), got {self.lr}")
         for name in ("rank", "iterations", "batch_size"):
             _check_whole(name, getattr(self, name), 1)
             object.__setattr__(self, name, int(getattr(self, name)))  # 4.0 (a JSON number) is the count 4
@@ -296,6 +301,18 @@ METHOD_TRAINERS = {"focus-n-fix": "focus-n-fix", "draft": "focus-n-fix",
                    "separate-and-enhance": "separate-and-enhance"}
 
 
+def trainer_on(make: Callable[[LoRA | None], _T], lora: LoRA | None) -> _T:
+    """make(lora): a trainer on `lora`, already hooked onto the net (a continued or resumed LoRA; None: the
+    trainer attaches a new one). `lora` is removed again if the trainer cannot be built: the net is left as it
+    was."""
+    try:
+        return make(lora)
+    except BaseException:
+        if lora is not None:
+            lora.remove()
+        raise
+
+
 def check_continued_method(saved: str, method: str, name: str, apply_first: str) -> None:
     """Refuse to train a LoRA further under another method than its own (`method`: "focus-n-fix" or
     "separate-and-enhance"). The run would relabel it, and the other method's loss would work against it (S&E's
@@ -461,12 +478,13 @@ def check_state_format(state) -> None:
                          f"or start a new run")
 
 
-def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepRecord], dict[str, str]]:
+def _check_training_state(state, trainer: _LoRATrainer
+                          ) -> tuple[int, list[StepRecord], tuple[dict[str, str], str]]:
     """Check every part of a training state (`_LoRATrainer.state_dict`) against `trainer` before any of it is
     used: a corrupt or crafted state.pt then fails at once, naming the part, not mid-run or after training.
 
     Returns:
-        (step, history, continued), parsed.
+        (step, history, (continued, continued_from)), parsed.
 
     Raises:
         ValueError: another method or other settings, more steps than iterations, or an invalid part.
@@ -592,7 +610,10 @@ def _check_training_state(state, trainer: _LoRATrainer) -> tuple[int, list[StepR
     if not isinstance(continued, dict) or not all(isinstance(v, str) for v in continued.values()):
         raise invalid(f"continued must be the continued LoRA's metadata as a JSON object of strings, got "
                       f"{state.get('continued')!r}")
-    return step, history, continued
+    source = state.get("continued_from", "")  # states saved before it was kept have none
+    if not isinstance(source, str):
+        raise invalid(f"continued_from must be the continued LoRA's file name, got {source!r}")
+    return step, history, (continued, source)
 
 
 @contextmanager
@@ -652,15 +673,17 @@ class _LoRATrainer:
         # metadata of the saved LoRA this run continues ({}: a new LoRA); kept in the state, so a resumed run's
         # LoRA still counts the earlier run's steps (`lora.continued_metadata`)
         self.continued: dict[str, str] = {}
+        self.continued_from = ""  # that LoRA's file, for the report (kept in the state too)
         self.mutation_allowed = False  # set once a step met a model writing into saved tensors (see `_checked_step`)
         self._after_backward: Callable[[], None] | None = None  # ends that step's mutation context
         self._good = self._snapshot()
 
-    def continues(self, metadata: dict[str, str]) -> None:
-        """Record the saved LoRA this new run trains further (its metadata), before the first step. Its draws
+    def continues(self, metadata: dict[str, str], source: str = "") -> None:
+        """Record the saved LoRA this new run trains further (its metadata, and its file `source` if read from
+        one), before the first step. Its draws
         (item order, noise, timesteps) are then seeded by (seed, the steps the LoRA already has): with the same
         seed, a continued run would otherwise replay the first run's batches, and leave out what they missed."""
-        self.continued = dict(metadata)
+        self.continued, self.continued_from = dict(metadata), str(source)
         before = steps_trained(metadata)
         if before > 0:
             self.generator.manual_seed((self.cfg.seed * 1_000_003 + before) % 2**63)
@@ -711,6 +734,7 @@ class _LoRATrainer:
             "rng": self.generator.get_state(),
             "history": [json.dumps(r.as_dict()) for r in self.history],
             "continued": json.dumps(self.continued),
+            "continued_from": self.continued_from,
             **({} if self.scaler is None else {"scaler": self.scaler.state_dict()}),
         }
 
@@ -722,7 +746,7 @@ class _LoRATrainer:
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._set_draw_state(state)
-        self.step, self.history, self.continued = step, history, continued
+        self.step, self.history, (self.continued, self.continued_from) = step, history, continued
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self._good = self._snapshot()

@@ -13,7 +13,8 @@ import torch
 
 from ..focusfix_core.io import NameTakenError
 from ..focusfix_core.lora import continued_metadata
-from ..focusfix_core.trainers import FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer
+from ..focusfix_core.trainers import (FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer,
+                                      trainer_on)
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import check_cancel, log, run_with_progress, sampling_progress
 from .lora_nodes import layers_applied, lora_path, save_lora_data, write_lora
@@ -65,13 +66,7 @@ def _check_not_applied(dm: ComfyDiffusionModel, continue_from: LoraData | None) 
 def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
     """make(lora) with the continued LoRA attached to the MODEL (None: the trainer attaches a new one); the
     attached LoRA is removed if the trainer cannot be built."""
-    lora = continue_from.attach(dm.net) if continue_from is not None else None
-    try:
-        trainer = make(lora)
-    except BaseException:
-        if lora is not None:
-            lora.remove()
-        raise
+    trainer = trainer_on(make, continue_from.attach(dm.net) if continue_from is not None else None)
     if continue_from is not None:
         trainer.continues(continue_from.metadata)  # draws past the first run's (not a replay of its batches)
     return trainer

@@ -322,6 +322,63 @@ def test_ctrl_c_in_the_demo_stops_the_demo(tmp_path, monkeypatch, capsys):
     assert "already holds" in err and "--resume" not in err  # demo has no --resume to suggest
 
 
+def _an_earlier_demo(out: Path) -> None:
+    """The outputs a finished demo leaves (their names: what --overwrite replaces)."""
+    for name in ("demo_summary.json", "focus_n_fix/lora.safetensors", "focus_n_fix/report.json",
+                 "separate_enhance/lora.safetensors", "separate_enhance/report.json", "separate_enhance/held_out.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("earlier demo")
+
+
+def _interrupt_at(monkeypatch, trainer_class, step: int) -> None:
+    real_step = trainer_class.train_step
+
+    def interrupted(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real_step(self)
+    monkeypatch.setattr(trainer_class, "train_step", interrupted)
+
+
+def test_an_overwriting_demo_stopped_before_separate_enhance_trains_writes_its_summary(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """--overwrite over a finished demo, Ctrl-C before Separate-and-Enhance's first step: the summary of this
+    demo's finished Focus-N-Fix is written (it was not: the earlier demo's stayed beside the new outputs), the
+    earlier Separate-and-Enhance outputs are gone, and the command says what happened (exit 130)."""
+    import focusfix_core.cli as c
+    out = tmp_path / "demo"
+    _an_earlier_demo(out)
+    _interrupt_at(monkeypatch, c.SeparateEnhanceTrainer, 0)
+    assert cli.main(["demo", "--quick", "--overwrite", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"note: interrupted before Separate-and-Enhance's first step (Focus-N-Fix is done): nothing was " \
+           f"written into {out / 'separate_enhance'}" in err, err
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["focus_n_fix"]["status"] == "done" and summary["focus_n_fix"]["glitches_after"] is not None
+    assert summary["separate_enhance"]["status"] == "interrupted before its first step: nothing was written"
+    assert summary["separate_enhance"]["both_objects_after"] is None
+    assert sorted(p.name for p in (out / "separate_enhance").iterdir()) == []
+    assert json.loads((out / "focus_n_fix" / "report.json").read_text())["status"] == "done"
+
+
+def test_an_overwriting_demo_stopped_in_focus_n_fix_leaves_none_of_the_earlier_demo(tmp_path, monkeypatch, capsys):
+    """--overwrite over a finished demo, Ctrl-C during Focus-N-Fix's training: the earlier demo's summary
+    (saying "done") and Separate-and-Enhance outputs went on beside this demo's interrupted Focus-N-Fix."""
+    import focusfix_core.cli as c
+    out = tmp_path / "demo"
+    _an_earlier_demo(out)
+    _interrupt_at(monkeypatch, c.FixTrainer, 1)
+    assert cli.main(["demo", "--quick", "--overwrite", "--out", str(out)]) == 130
+    assert not (out / "demo_summary.json").exists()
+    assert sorted(p.name for p in (out / "separate_enhance").iterdir()) == []
+    assert json.loads((out / "focus_n_fix" / "report.json").read_text())["status"] == "interrupted after 1 steps"
+    # stopped before its first step, the demo changes nothing
+    _an_earlier_demo(out)
+    _interrupt_at(monkeypatch, c.FixTrainer, 0)
+    assert cli.main(["demo", "--quick", "--overwrite", "--out", str(out)]) == 130
+    assert all((out / n).read_text() == "earlier demo" for n in ("demo_summary.json", "separate_enhance/report.json"))
+
+
 def test_bad_data_met_mid_run_keeps_the_steps_done(model_file, tmp_path, monkeypatch, capsys):
     # e.g. a later item's derived mask comes out empty: the finished steps are written, the command fails (1)
     real_step = cli.FixTrainer.train_step
@@ -616,6 +673,8 @@ def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_
 
 @pytest.mark.parametrize("extra, message", [
     (("--lr", "-1"), "error: --lr must be > 0, got -1.0"),
+    # was a traceback from inside AdamW ("value cannot be converted to type float without overflow")
+    (("--lr", "1e38"), "error: --lr must be at most 3.4e+37 (AdamW's first step, 10 lr, is a float32), got 1e+38"),
     (("--K", "0"), "error: --K (0) must be between 1 and steps"),
     (("--iterations", "0"), "error: --iterations must be a whole number >= 1, got 0"),
     (("--seed", "-1"), "error: --seed: -1 is outside 0 to"),
@@ -664,22 +723,66 @@ def test_an_earlier_output_that_cannot_be_removed_does_not_stop_training(model_f
     assert json.loads((out / "report.json").read_text())["steps_trained"] == 3
 
 
+def _padded_lora(src: Path, dst: Path, rank: int) -> None:
+    """`src`'s LoRA at a higher `rank` (zero rows and columns added, alpha = rank): the same layers, a rank a new
+    run would not be given."""
+    tensors, meta = load_tensor_file_with_metadata(src)
+    big = {}
+    for k, v in tensors.items():
+        if k.endswith("lora_down.weight"):
+            v = torch.cat([v, torch.zeros(rank - v.shape[0], *v.shape[1:])])
+        elif k.endswith("lora_up.weight"):
+            v = torch.cat([v, torch.zeros(v.shape[0], rank - v.shape[1], *v.shape[2:])], 1)
+        elif k.endswith(".alpha"):
+            v = torch.tensor(float(rank))
+        big[k] = v.contiguous()
+    save_file(big, str(dst), {**meta, "ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
+
+
+def test_a_run_continued_from_a_lora_wider_than_its_layers_resumes_and_names_that_lora(model_file, tmp_path,
+                                                                                        capsys):
+    """A saved LoRA whose rank is above a layer's smaller size is read exactly (a new run may not choose that
+    rank): the run continuing it resumed with "--rank must be at most 32 ... Lower the rank", a flag a resumed
+    run does not use; and the resumed run's report lost the LoRA it continues."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main(fnf_args(model_file, first, "--iterations", "1")) == 0
+    wide = tmp_path / "wide.safetensors"
+    _padded_lora(first / "lora.safetensors", wide, 40)  # the model's attention layers are 16 or 32 wide
+    assert cli.main(fnf_args(model_file, tmp_path / "new", "--rank", "40")) == 2
+    assert "--rank must be at most" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, second, "--continue-from", str(wide), "--iterations", "2")) == 0
+    state = torch.load(second / "state.pt", weights_only=True)
+    assert json.loads(state["config"])["rank"] == 40
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "3")) == 0, capsys.readouterr().err
+    report = json.loads((second / "report.json").read_text())
+    assert (report["resumed_at_step"], report["steps_trained"]) == (2, 3)
+    assert report["continued_from"] == str(wide) and report["lora_steps_trained"] == 4  # 1 + 3
+    assert f"continued from: `{wide}` (the LoRA now holds 4 steps in all)" in (second / "report.md").read_text()
+    _, meta = load_tensor_file_with_metadata(second / "lora.safetensors")
+    assert (meta["ss_network_dim"], meta["focusfix_steps_trained"]) == ("40", "4")
+
+
+def test_resume_of_a_run_above_the_highest_rank_names_the_state_not_rank(model_file, tmp_path, capsys):
+    """A state an earlier version saved at rank 300 is refused naming state.pt, not "--rank", which a resumed
+    run does not use."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    state["config"] = json.dumps({**json.loads(state["config"]), "rank": 300})
+    torch.save(state, out / "state.pt")
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume", "--iterations", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'state.pt'}: the run's rank 300 is above 256" in err and "--rank must" not in err, err
+
+
 def test_continue_from_a_lora_above_the_highest_rank_names_the_file_not_rank(model_file, tmp_path, capsys):
     """A LoRA saved before the rank bound (e.g. --rank 300) is refused naming --continue-from: the config's own
     message said "--rank must be at most 256", a flag that run does not use."""
     first = tmp_path / "first"
     assert cli.main(fnf_args(model_file, first, "--iterations", "1")) == 0
-    tensors, meta = load_tensor_file_with_metadata(first / "lora.safetensors")
-    big = {}
-    for k, v in tensors.items():
-        if k.endswith("lora_down.weight"):
-            v = torch.cat([v, torch.zeros(300 - v.shape[0], *v.shape[1:])])
-        elif k.endswith("lora_up.weight"):
-            v = torch.cat([v, torch.zeros(v.shape[0], 300 - v.shape[1], *v.shape[2:])], 1)
-        elif k.endswith(".alpha"):
-            v = torch.tensor(300.0)
-        big[k] = v.contiguous()
-    save_file(big, str(tmp_path / "big.safetensors"), {**meta, "ss_network_dim": "300", "ss_network_alpha": "300"})
+    _padded_lora(first / "lora.safetensors", tmp_path / "big.safetensors", 300)
     capsys.readouterr()
     assert cli.main(fnf_args(model_file, tmp_path / "more", "--continue-from", str(tmp_path / "big.safetensors"))) == 2
     err = capsys.readouterr().err
