@@ -184,7 +184,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
 
 
 def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) -> dict:
-    from .cli import load_model, run_fix, run_separate_enhance
+    from .cli import clear_earlier_outputs, load_model, run_fix, run_separate_enhance
     from .trainers import split_objects_prompt
     from .viz import save_png
 
@@ -217,7 +217,10 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
                         cfg_scale=s.fix_cfg, K=2, lam=0.5, mask_source="heatmap", threshold_mode="value",
                         threshold=0.5, dilation=2, iterations=s.fix_iterations, lr=8e-3, rank=4, batch_size=2,
                         targets="all_linear")
-    fix = run_fix(model, reward, fix_cfg, out / "focus_n_fix", model_note=note)
+    # its first write makes the folder this demo's: an earlier demo's summary and Separate-and-Enhance outputs
+    # (--overwrite) go then, so a demo stopped later leaves none of them beside its own
+    fix = run_fix(model, reward, fix_cfg, out / "focus_n_fix", model_note=note,
+                  on_first_write=lambda: [clear_earlier_outputs(d) for d in (out, out / "separate_enhance")])
     trained.append(fix["files"]["lora"])
     if fix["status"] != "done":  # Ctrl-C (or a failure) ends the demo here: its outputs are written
         return {"status": fix["status"], "files": {f"focus_n_fix_{k}": v for k, v in fix["files"].items()}}
@@ -235,18 +238,28 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
     _log(f"Separate-and-Enhance on {list(prompts)} (CFG {s.se_cfg:g})")
     se_model = _fresh_model()  # without the Focus-N-Fix LoRA, which stays hooked on `model`
     check_seeds, held = list(range(s.check_seeds)), DEMO_HELD_OUT_PAIRS[:s.held_out_pairs]
-    S0, both0 = _both_objects(se_model, prompts, check_seeds, s)
-    H0, held0 = _both_objects(se_model, held, check_seeds, s)
-    # lam_sep 5, lam_en 1: on the tiny model Enhance raises both maps until the objects merge (lam_en 2 lost more
-    # objects than it found); Separate is what brings the missing object back
-    se_cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, height=size, width=size,
-                                   iterations=s.se_iterations, lr=3e-3, rank=4, batch_size=2, resolution=size // 2,
-                                   lam_sep=5.0, lam_en=1.0)
-    se = run_separate_enhance(se_model, se_cfg, out / "separate_enhance", model_note=note,
-                              sample_steps=s.steps, cfg_scale=s.se_cfg)
-    trained.append(se["files"]["lora"])
+    both0 = held0 = both1 = held1 = None
+    se_wrote = []  # set at Separate-and-Enhance's first write
+
+    try:
+        S0, both0 = _both_objects(se_model, prompts, check_seeds, s)
+        H0, held0 = _both_objects(se_model, held, check_seeds, s)
+        # lam_sep 5, lam_en 1: on the tiny model Enhance raises both maps until the objects merge (lam_en 2 lost
+        # more objects than it found); Separate is what brings the missing object back
+        se_cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, height=size, width=size,
+                                       iterations=s.se_iterations, lr=3e-3, rank=4, batch_size=2,
+                                       resolution=size // 2, lam_sep=5.0, lam_en=1.0)
+        se = run_separate_enhance(se_model, se_cfg, out / "separate_enhance", model_note=note,
+                                  sample_steps=s.steps, cfg_scale=s.se_cfg,
+                                  on_first_write=lambda: se_wrote.append(1))
+    except KeyboardInterrupt:  # Ctrl-C before its first step: Focus-N-Fix's results still get their summary
+        if se_wrote:
+            raise
+        se = {"status": "interrupted before its first step: nothing was written", "files": {}}
+        _log(f"Separate-and-Enhance {se['status']}")
     se_files = dict(se["files"])
-    both1 = held1 = None
+    if "lora" in se_files:
+        trained.append(se_files["lora"])
     if se["status"] == "done":
         tuned = _fresh_model(se["files"]["lora"])
         S1, both1 = _both_objects(tuned, prompts, check_seeds, s)
@@ -269,7 +282,8 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
             "files": {**fix["files"], **({"held_out": ho["file"]} if "file" in ho else {})},
         },
         "separate_enhance": {
-            **{k: se[k] for k in ("status", "separate_before", "separate_after", "enhance_before", "enhance_after")},
+            "status": se["status"],
+            **{k: se[k] for k in ("separate_before", "separate_after", "enhance_before", "enhance_after") if k in se},
             "prompts": list(prompts), "cfg_scale": s.se_cfg, "check_seeds": check_seeds,
             "both_objects_before": both0, "both_objects_after": both1,
             "held_out": {"prompts": list(held), "both_objects_before": held0, "both_objects_after": held1},
@@ -277,6 +291,12 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
         },
     }
     atomic_write_text(json.dumps(summary, indent=2), out / "demo_summary.json")
+    files = {"summary": str(out / "demo_summary.json"), **{f"focus_n_fix_{k}": v for k, v in
+                                                             summary["focus_n_fix"]["files"].items()},
+             **{f"separate_enhance_{k}": v for k, v in se_files.items()}}
+    if "separate_before" not in se:  # exit 130, as a Ctrl-C in training
+        return {"status": f"interrupted before Separate-and-Enhance's first step (Focus-N-Fix is done): nothing "
+                          f"was written into {out / 'separate_enhance'}", "files": files}
     n, sep, en = len(check_seeds), [_mean(se[f"separate_{w}"]) for w in ("before", "after")], \
         [_mean(se[f"enhance_{w}"]) for w in ("before", "after")]
 
@@ -292,7 +312,4 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
          f"{'n/a' if held1 is None else sum(held1)} of {n * len(held)} with both objects "
          f"({counts(held, held0, held1)})")
     _log(f"done in {seconds:.0f} s; outputs in {out.resolve()}")
-    files = {"summary": str(out / "demo_summary.json"), **{f"focus_n_fix_{k}": v for k, v in
-                                                             summary["focus_n_fix"]["files"].items()},
-             **{f"separate_enhance_{k}": v for k, v in se_files.items()}}
     return {"status": se["status"], "files": files}
