@@ -282,8 +282,9 @@ def test_a_damaged_pickle_is_refused_cleanly_by_the_cli(tmp_path, data):
 # `python -m focusfix_core train-fnf --prompt "a red circle" --reward artifact --iterations 1 --steps 2 --seeds 0
 # --batch-size 1 --lr 1e39 --out o` (train-sne too). Expected: exit 2 naming --lr before training, or exit 1 with
 # the run reported as failed.
-@settings(max_examples=3, deadline=None)
-@given(lr=st.sampled_from(["1e39", "1e300", "3.5e38"]))
+# Session 22: 1e38 (below float32's largest value) still died there: Adam's first step is lr / (1 - beta1) = 10 lr.
+@settings(max_examples=5, deadline=None)
+@given(lr=st.sampled_from(["1e39", "1e300", "3.5e38", "1e38", "4e37"]))
 def test_an_lr_beyond_float32_is_refused_or_fails_cleanly(tmp_path_factory, lr):
     out = tmp_path_factory.mktemp("lr") / "o"
     err = io.StringIO()
