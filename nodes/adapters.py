@@ -748,12 +748,24 @@ def conditioning_to_conds(conditioning, is_adm: bool, name: str = "positive") ->
     return conds
 
 
+# parts of a CONDITIONING the SD UNets FocusFix trains never read (it refuses inpainting and image-conditioned
+# MODELs, which do): InpaintModelConditioning / InstructPix2Pix's latents, StyleModelApply's attention bias
+_UNREAD_BY_SD_UNETS = frozenset({"concat_latent_image", "concat_mask", "attention_mask"})
+
+
 def conditioning_ignored(conditioning, name: str = "positive") -> list[str]:
-    """Report lines naming what a CONDITIONING carries besides its text (and SDXL's sizes and aesthetic score):
-    training ignores it."""
-    keys = sorted({k for entry in conditioning if len(entry) > 1 for k in entry[1]}
-                  - {"pooled_output", *_SDXL_ADM_KEYS})
-    return [f"{name}: training uses the text encoding only; ignored {', '.join(keys)}"] if keys else []
+    """Report lines naming what a CONDITIONING carries besides its text (and SDXL's sizes and aesthetic score)
+    that changes KSampler's images (areas, masks, ControlNets, timestep ranges): training ignores it. Left out:
+    parts these MODELs never read, and the strength of a lone entry without an area or mask (KSampler divides
+    it out again)."""
+    keys = ({k for entry in conditioning if len(entry) > 1 for k in entry[1]}
+            - {"pooled_output", *_SDXL_ADM_KEYS} - _UNREAD_BY_SD_UNETS)
+    if len(conditioning) == 1 and not keys & {"area", "mask"}:
+        keys.discard("strength")
+    if not keys:
+        return []
+    return [f"{name}: training uses the text encoding only, without its {', '.join(sorted(keys))}: KSampler given "
+            f"this CONDITIONING draws other images than these (these are what it draws from the text alone)"]
 
 
 # -- leaving inference mode ---------------------------------------------------------------------------------
