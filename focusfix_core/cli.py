@@ -42,12 +42,13 @@ from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curv
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
+COMMAND_OF_METHOD = {"focus-n-fix": "train-fnf", "separate-and-enhance": "train-sne"}
 OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.png", "curves.png", "state.pt",
                 "attention.png", "demo_summary.json", "both_objects.png", "held_out.png")  # the last two: the demo's
 # rows of before_after.png (train-fnf): hundreds of items made a picture no viewer opens and a grid of 4 image
 # copies per item in memory; every item still has its full-size before_K.png and after_K.png
 GRID_ITEMS = 16
-ITEM_IMAGES = re.compile(r"(before|after)_(\d+)\.png")  # train-fnf: each item's I0 and I at full size (paint M on I0)
+ITEM_IMAGES = re.compile(r"(before|after)_(0|[1-9]\d*)\.png")  # train-fnf: each item's I0 and I at full size (paint M on I0)
 
 
 class ProgressBar:
@@ -120,6 +121,13 @@ def load_reward_spec(spec: str):
 
 # -- output folder -------------------------------------------------------------------------------------------
 
+def is_output(path: Path, out: Path) -> bool:
+    """Whether `path` (a link: the file it points to) is one of the files a run writes into, or with --overwrite
+    removes from, `out`."""
+    real = path.resolve()
+    return real.parent == out.resolve() and (real.name in OUTPUT_NAMES or bool(ITEM_IMAGES.fullmatch(real.name)))
+
+
 def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> Path:
     """Check the output folder (created when the first file is written, so a refused run leaves no empty
     folder); refuse to overwrite earlier outputs unless asked (or resuming; `resumable`: the command has
@@ -137,7 +145,8 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True
     existing = [n for n in OUTPUT_NAMES if (out / n).exists()]
     existing += sorted(p.name for p in out.iterdir() if ITEM_IMAGES.fullmatch(p.name)) if out.is_dir() else []
     if existing and not (overwrite or resume):
-        resume_hint = f" (or --resume to continue from {out / 'state.pt'})" if resumable else ""
+        resume_hint = (f" (or --resume to continue from {out / 'state.pt'})"
+                       if resumable and (out / "state.pt").is_file() else "")
         raise FileExistsError(f"{out} already holds {existing}: choose another --out, or pass --overwrite"
                               f"{resume_hint}")
     kept = [n for n in existing if is_read_only(out / n)]  # a save keeps it (`io`): refused now, not after training
@@ -150,12 +159,24 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True
 LOCK_NAME = ".focusfix.lock"
 
 
+def file_stamp(path: Path) -> tuple | None:
+    """(inode, size, modification time) of `path`, None when it is missing: an atomic save (a new file renamed
+    over it) changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @contextmanager
-def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> Iterator[Path]:
+def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True,
+              state_read: tuple | None = None) -> Iterator[Path]:
     """Hold OUT/.focusfix.lock while a run writes into `out`: a second run into the same folder is refused at once,
     not left to write over the first one's outputs. An OS lock (flock; msvcrt.locking on Windows), so a
     killed run holds nothing. Once held, `prepare_out`'s check runs again: a run that started while the folder
-    was still empty must not replace what a run finished meanwhile."""
+    was still empty must not replace what a run finished meanwhile; nor may a resumed run whose state.pt
+    (`file_stamp` when it was read: `state_read`) another run replaced meanwhile."""
     created = [p for p in (out, *out.absolute().parents) if not p.exists()]  # deepest first: removed in that order
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
@@ -163,6 +184,9 @@ def claim_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) 
     try:
         try:
             prepare_out(out, overwrite, resume, resumable)
+            if state_read is not None and file_stamp(out / "state.pt") != state_read:
+                raise FileExistsError(f"{out / 'state.pt'} changed while this run started (another run wrote into "
+                                      f"--out {out} meanwhile): run the command again to resume what it holds now")
             yield out
         finally:
             if fd is not None and os.name != "nt":  # Windows deletes no open file: below, once closed
@@ -216,13 +240,16 @@ class NothingTrained(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) before this run's first step: nothing is written, earlier files stay (exit 130)."""
 
 
-def clear_earlier_outputs(out: Path) -> None:
+def clear_earlier_outputs(out: Path, resumed: bool = False) -> None:
     """Remove an earlier run's outputs from `out` (what --overwrite replaces), just before this run writes its
     first file: a run stopped later must not leave the earlier run's report and images beside its own LoRA
-    (nor another command's, whose file names differ), and one stopped before that first write keeps them."""
+    (nor another command's, whose file names differ), and one stopped before that first write keeps them.
+    resumed: the run goes on from the LoRA and state.pt there (and replaces them): only the reports and images
+    drawn at fewer steps go."""
     kept = []
     for path in out.iterdir() if out.is_dir() else ():
-        if path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name):
+        if (path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name)) and not (
+                resumed and path.name in ("lora.safetensors", "state.pt")):
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:  # held by another program (Windows), or the like: training must not stop for it
@@ -256,6 +283,9 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int,
         status = f"interrupted after {trainer.step} steps"
     except (NonFiniteLossError, torch.OutOfMemoryError) as e:
         trainer.restore_last_good()
+        if trainer.step == start:  # as a Ctrl-C there: an untrained LoRA would replace what the folder holds
+            raise RunFailed(f"{e}\nno step finished: nothing was written into {out}"
+                            + (" (state.pt is unchanged)" if start else "")) from None
         status = f"failed: {e}"
     except ValueError as e:  # met mid-run (an item's empty mask, a NaN score of I0): keep the steps done
         if trainer.step == start:
@@ -264,7 +294,7 @@ def _consume(trainer, bar: ProgressBar, out: Path, checkpoint_every: int,
         first_write()
         path, _, state = _save_trained(trainer, out, "")
         raise RunFailed(f"{e}\nstopped after {trainer.step} steps: {path} holds their LoRA"
-                        + (f" and {state} their state" if state else "")) from None
+                        + (f" and {state['state']} their state" if state else "")) from None
     return trainer.history, status
 
 
@@ -303,16 +333,15 @@ def _lora_kept(lora_path: Path, state_file: dict[str, str]) -> Iterator[None]:
 
 def _before_first_write(out: Path, state: dict | None, then: Callable[[], None] | None = None
                         ) -> Callable[[], None]:
-    """What runs before a run's first file, once: `clear_earlier_outputs` (not for a resumed run: its files are
-    its own), then `then()`."""
+    """What runs before a run's first file, once: `clear_earlier_outputs` (for a resumed run, the reports and
+    images of its earlier steps), then `then()`."""
     done = False
 
     def call() -> None:
         nonlocal done
         if not done:
             done = True
-            if state is None:
-                clear_earlier_outputs(out)
+            clear_earlier_outputs(out, resumed=state is not None)
             if then is not None:
                 then()
     return call
@@ -727,6 +756,10 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
             check_state_format(state)  # before its config is read: a newer layout may hold it otherwise
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        saved_method = state.get("method") if isinstance(state, dict) else None
+        if saved_method in COMMAND_OF_METHOD and saved_method != method:  # before the note on its settings
+            raise ValueError(f"{path} is the state of a {COMMAND_OF_METHOD[saved_method]} run: resume it with "
+                             f"{COMMAND_OF_METHOD[saved_method]} --resume")
         try:  # the trainer checks all of it; its LoRA settings are needed first, to build the trainer
             saved_cfg = json.loads(state["config"])
         except (TypeError, ValueError, KeyError, IndexError):
@@ -754,11 +787,18 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         return None, {"rank": a.rank, "targets": a.targets}, None
     if not a.continue_from.is_file():
         raise FileNotFoundError(f"--continue-from {a.continue_from}: no such file (give a LoRA FocusFix saved)")
+    if a.continue_from.name == "state.pt" or a.continue_from.suffix.lower() != ".safetensors":
+        raise ValueError(f"--continue-from {a.continue_from}: give a LoRA FocusFix saved (a .safetensors file); a "
+                         f"run's state.pt is continued with --resume and that run's --out")
+    if is_output(a.continue_from, out):  # the run would replace (--overwrite: remove) the LoRA it reads
+        raise ValueError(f"--continue-from {a.continue_from} is one of the files this run writes into --out "
+                         f"{out}: copy it under another name or folder first (e.g. "
+                         f"{a.continue_from.with_name('continue_' + a.continue_from.name)}), or give another --out")
     saved = replace(read_focusfix_lora(a.continue_from), source=str(a.continue_from))  # as given: the report's
     if saved.rank > MAX_RANK:  # the config would name --rank, which this run does not use
         raise ValueError(f"--continue-from {a.continue_from}: its rank {saved.rank} is above {MAX_RANK}, the most "
                          f"FocusFix trains: start a new LoRA with --rank {MAX_RANK} or lower")
-    own = "train-fnf" if METHOD_TRAINERS.get(saved.method) == "focus-n-fix" else "train-sne"
+    own = COMMAND_OF_METHOD.get(METHOD_TRAINERS.get(saved.method), "train-sne")
     check_continued_method(saved.method, method, f"--continue-from {a.continue_from}",
                            f"continue it with {own}, or start a new LoRA (in ComfyUI, apply it to the MODEL with "
                            f"FocusFix Apply LoRA and train a new one there)")
@@ -780,10 +820,8 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
     if source == "mask" and not a.mask:
         raise ValueError("--mask-source mask needs --mask IMAGE (white = may change); paint it over the "
                          "before_0.png (1, 2, ...) an earlier run wrote")
-    out = a.out.resolve()
     for path in a.mask:  # this run writes (and with --overwrite removes) its outputs there: the mask would go
-        real = path.resolve()  # a link to an output is that output
-        if real.parent == out and (real.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(real.name)):
+        if is_output(path, a.out):
             raise ValueError(f"--mask {path} is one of the files this run writes into --out {a.out} (each item's "
                              f"before_K.png and after_K.png): the run would overwrite or remove it. Save the "
                              f"painted mask under another name, e.g. {path.with_name('mask_' + path.name)}")
@@ -816,6 +854,7 @@ def _check_prompts(model, prompts: Iterable[str], flag: str = "--prompt") -> Non
 
 def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
+    stamp = file_stamp(out / "state.pt") if a.resume else None  # before it is read
     saved, lora_kw, state = _lora_settings(a, out, "focus-n-fix")
     model, note = load_model(a.model)
     _check_prompts(model, a.prompt)
@@ -835,13 +874,14 @@ def cmd_train_fnf(a) -> dict:
                     height=size, width=size)
     for line in notes:  # once the settings are known to be valid
         print(f"note: {line}", file=sys.stderr)
-    with claim_out(out, a.overwrite, a.resume):
+    with claim_out(out, a.overwrite, a.resume, state_read=stamp):
         return run_fix(model, reward, cfg, out, masks=masks, state=state, checkpoint_every=a.checkpoint_every,
                        model_note=note, continue_from=saved, notes=notes, mask_files=a.mask)
 
 
 def cmd_train_sne(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
+    stamp = file_stamp(out / "state.pt") if a.resume else None  # before it is read
     saved, lora_kw, state = _lora_settings(a, out, "separate-and-enhance")
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
@@ -851,7 +891,7 @@ def cmd_train_sne(a) -> dict:
                                 batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
                                 lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
                                 resolution=a.resolution, height=size, width=size)
-    with claim_out(out, a.overwrite, a.resume):
+    with claim_out(out, a.overwrite, a.resume, state_read=stamp):
         return run_separate_enhance(model, cfg, out, state=state, checkpoint_every=a.checkpoint_every,
                                     model_note=note, continue_from=saved)
 
@@ -890,6 +930,15 @@ def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> st
     """A config's error in the command line's words: 'batch_size must be ...' -> '--batch-size must be ...'."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     flags = {**{a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}, **_CONFIG_FLAGS}
+    # settings named inside a message: a resume refused for other settings ("other settings: batch_size 1 (now
+    # 2); lam ..."), the advice after running out of memory ("lower batch_size (now 2) or K (now 1)") or on an
+    # empty mask ("paint the mask (mask_source mask), or set lam 0"). Underscored names anywhere (no English word
+    # has one); a one-word name only in those places, where it is no English word either
+    def swap(m: re.Match) -> str:
+        return flags.get(m[0], m[0])
+    message = re.sub(r"(?<![\w/.'\"-])[a-z]+(?:_[a-z0-9]+)+(?![\w/.'\"-])", swap, message)
+    message = re.sub(r"(?<![\w/.'\"-])[A-Za-z]+(?= \(now )|(?:(?<=other settings: )|(?<=\); )|(?<=set ))[A-Za-z]+(?= )",
+                     swap, message)
     field = re.match(r"[A-Za-z]+(?:_[a-z0-9]+)*\b", message)
     if not field or field[0] not in flags or ("_" not in field[0] and field[0] not in _ONE_WORD_FIELDS):
         return message
@@ -938,11 +987,8 @@ def main(argv=None) -> int:
         print(f"error: cannot write {e.filename or 'the outputs'}: {e.strerror or e} (check --out / the output "
               f"path)", file=sys.stderr)
         return 2
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError as e:  # before training (the base images); during, after it: _consume, _lora_kept
-        print(f"error: {e}", file=sys.stderr)
+    except (RunFailed, torch.OutOfMemoryError) as e:  # OOM before training (the base images); during, after it:
+        print(f"error: {_as_flags(str(e), parser, args.command)}", file=sys.stderr)  # _consume, _lora_kept
         return 1
     except NothingTrained as e:
         print(str(e), file=sys.stderr)
@@ -958,7 +1004,8 @@ def main(argv=None) -> int:
     status = result.get("status", "done")
     if status != "done":  # --resume keeps every setting but the iterations: no cure for a failure
         resumable = "state" in files and status.startswith("interrupted")
-        print(f"note: {status}" + (" (--resume continues it)" if resumable else ""), file=sys.stderr)
+        print(f"note: {_as_flags(status, parser, args.command)}" + (" (--resume continues it)" if resumable else ""),
+              file=sys.stderr)
     for k, v in files.items():
         print(f"{k}: {v}")
     # a script tells a partial run from a full one: 130 after Ctrl-C (as a shell does), 1 after a failure

@@ -1157,7 +1157,7 @@ class FixTrainer(_LoRATrainer):
             # every threshold mode keeps the peak of a normalised map: only a flat map (no location) gets here
             raise ValueError(f"the {c.mask_source} mask of prompt {prompt!r}, seed {seed} is empty: the reward's "
                              f"{c.mask_source} of that image is flat (it marks no place), so no threshold helps. "
-                             f"Paint the mask (the Train node's mask_source mask), or set lam 0")
+                             f"Paint the mask (mask_source mask), or set lam 0")
         return M
 
     @torch.no_grad()

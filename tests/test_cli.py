@@ -234,7 +234,9 @@ def test_out_of_memory_keeps_the_last_finished_step_and_says_what_to_lower(model
     assert report["status"].startswith("failed: out of device memory in training step 2 of 3: lower batch_size "
                                        "(now 2)"), report["status"]
     assert report["steps_trained"] == 1
-    assert "note: failed: out of device memory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: failed: out of device memory" in err
+    assert "lower --batch-size (now 2) or --K (now 1), then width and height" in err, err  # the flags, printed
     # the before/after images do not fit either: the LoRA is already written, the command fails by name
     monkeypatch.setattr(cli.FixTrainer, "train_step", real_step)
 
@@ -274,7 +276,7 @@ def test_resume_keeps_the_run_it_continues(model_file, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "4", "--prompt", "a blue square")) == 2
     err = capsys.readouterr().err
-    assert "saved by a run with other settings: prompts ['a red circle'] (now ['a red circle', 'a blue square'])" \
+    assert "saved by a run with other settings: --prompt ['a red circle'] (now ['a red circle', 'a blue square'])" \
         in err, err
     assert cli.main(fnf_args(model_file, second, "--resume", "--iterations", "2")) == 2
     assert "iterations (2) is below the 3 steps" in capsys.readouterr().err
@@ -787,3 +789,146 @@ def test_continue_from_a_lora_above_the_highest_rank_names_the_file_not_rank(mod
     assert cli.main(fnf_args(model_file, tmp_path / "more", "--continue-from", str(tmp_path / "big.safetensors"))) == 2
     err = capsys.readouterr().err
     assert f"error: --continue-from {tmp_path / 'big.safetensors'}: its rank 300 is above 256" in err, err
+
+
+# -- a run folder across commands (review of the CLI's lifecycle, session 22) ---------------------------------------
+
+def test_a_resumed_run_stopped_before_its_report_leaves_no_report_of_fewer_steps(model_file, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A resumed run stopped while its images were drawn (a second Ctrl-C, a SIGTERM) left the first run's report
+    ("steps trained: 3", status done) and images beside a LoRA and state of 5 steps."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out)) == 0
+    assert (out / "report.json").is_file() and (out / "before_0.png").is_file()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_curves", stopped)
+    assert cli.main(fnf_args(model_file, out, "--resume", "--iterations", "5")) == 130
+    assert load_tensor_file_with_metadata(out / "lora.safetensors")[1]["focusfix_steps_trained"] == "5"
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 5
+    left = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert not {"report.json", "report.md", "curves.png"} & set(left), left  # the images drawn: this run's
+    monkeypatch.undo()
+    assert cli.main(fnf_args(model_file, out, "--resume", "--iterations", "5")) == 0  # draws them again
+    assert json.loads((out / "report.json").read_text())["steps_trained"] == 5
+
+
+def test_a_resume_whose_state_another_run_replaced_meanwhile_is_refused(model_file, tmp_path, monkeypatch, capsys):
+    """--resume read state.pt before it held the folder: a run with --overwrite that finished meanwhile was
+    replaced by the state read earlier, without --overwrite."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    other = tmp_path / "other"
+    assert cli.main(fnf_args(model_file, other, "--iterations", "2")) == 0
+    real_load = cli.load_model
+
+    def meanwhile(*a, **k):  # another run finishes into --out while this one loads its model
+        (out / "state.pt").write_bytes((other / "state.pt").read_bytes())
+        (out / "lora.safetensors").write_bytes((other / "lora.safetensors").read_bytes())
+        return real_load(*a, **k)
+    monkeypatch.setattr(cli, "load_model", meanwhile)
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume", "--iterations", "3")) == 2
+    assert f"{out / 'state.pt'} changed while this run started" in capsys.readouterr().err
+    assert (out / "lora.safetensors").read_bytes() == (other / "lora.safetensors").read_bytes()
+
+
+def test_continue_from_a_file_of_the_runs_own_outputs_is_refused(model_file, tmp_path, capsys):
+    """--continue-from OUT/lora.safetensors: refused with a --resume hint that could not work (no state.pt, and
+    --resume excludes --continue-from); with --overwrite the LoRA it continued was replaced, and the report named
+    the new file as the one it continued."""
+    first, out = tmp_path / "first", tmp_path / "run"
+    assert cli.main(fnf_args(model_file, first, "--iterations", "1")) == 0
+    out.mkdir()
+    (out / "lora.safetensors").write_bytes((first / "lora.safetensors").read_bytes())
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 2
+    err = capsys.readouterr().err
+    assert "already holds ['lora.safetensors']" in err and "--resume" not in err, err  # no state.pt to resume
+    assert cli.main(fnf_args(model_file, out, "--continue-from", str(out / "lora.safetensors"), "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert f"--continue-from {out / 'lora.safetensors'} is one of the files this run writes into --out" in err
+    assert f"e.g. {out / 'continue_lora.safetensors'}" in err
+    assert (out / "lora.safetensors").read_bytes() == (first / "lora.safetensors").read_bytes()
+    assert cli.main(fnf_args(model_file, tmp_path / "x", "--continue-from", str(first / "state.pt"))) == 2
+    assert "a run's state.pt is continued with --resume and that run's --out" in capsys.readouterr().err
+
+
+def test_a_failure_before_the_first_step_keeps_the_earlier_run(model_file, tmp_path, monkeypatch, capsys):
+    """--overwrite, then out of memory (or NaN) in the first step: the earlier run's LoRA, report and images were
+    removed and an untrained LoRA with a failed report written in their place (a Ctrl-C there keeps them)."""
+    from focusfix_core.trainers import NonFiniteLossError
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def fails(self):
+        raise NonFiniteLossError("loss is nan at step 1: stopped; lower lr")
+    monkeypatch.setattr(cli.FixTrainer, "train_step", fails)
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--overwrite", "--lr", "0.5")) == 1
+    err = capsys.readouterr().err
+    assert f"loss is nan at step 1: stopped; lower lr\nno step finished: nothing was written into {out}" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_messages_name_the_command_and_flags_a_run_folder_needs(model_file, tmp_path, monkeypatch, capsys):
+    """train-sne --resume in a train-fnf folder printed the note on its rank first, then "state is for method
+    'focus-n-fix'" with no word of train-fnf; a resume refused for other settings named config fields
+    ("batch_size 1 (now 2)"); a failure after a checkpoint printed "{'state': ...}"."""
+    out = tmp_path / "run"
+    real_step = cli.FixTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    assert cli.main(fnf_args(model_file, out)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(out), "--resume", "--prompt",
+                     "a red circle and a blue square | circle, square"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out / 'state.pt'} is the state of a train-fnf run: resume it with train-fnf --resume\n"
+    assert cli.main(fnf_args(model_file, out, "--resume", "--batch-size", "1", "--lam", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "other settings: --batch-size 2 (now 1); --lam 1.0 (now 0.5)" in err, err
+
+    def bad_data(self):
+        if self.step == 2:
+            raise ValueError("the saliency mask of prompt 'a red circle', seed 1 is empty")
+        return real_step(self)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", bad_data)
+    assert cli.main(fnf_args(model_file, out, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert f"stopped after 2 steps: {out / 'lora.safetensors'} holds their LoRA and {out / 'state.pt'} their " \
+           f"state" in err, err
+
+
+def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path, capsys):
+    """before_00.png, which no run writes (it writes before_0.png), was refused as a --mask and removed by
+    --overwrite."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "before_00.png").write_bytes(b"the artist's")
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--overwrite")) == 0
+    assert (out / "before_00.png").read_bytes() == b"the artist's"
+
+
+@pytest.mark.parametrize("command, message, want", [
+    ("train-fnf", "the heatmap mask of prompt 'a red circle', seed 3 is empty: the reward's heatmap of that image is "
+     "flat. Paint the mask (mask_source mask), or set lam 0",
+     "the heatmap mask of prompt 'a red circle', seed 3 is empty: the reward's heatmap of that image is flat. Paint "
+     "the mask (--mask-source mask), or set --lam 0"),
+    ("train-sne", "failed: out of device memory in training step 1 of 3: lower batch_size (now 4), then width and "
+     "height (now 64x64)", "failed: out of device memory in training step 1 of 3: lower --batch-size (now 4), then "
+     "width and height (now 64x64)"),
+    # names in paths, quotes and words stay
+    ("train-fnf", "cannot read /tmp/batch_size/lam.png: 'mask_source' set the mask", "cannot read "
+     "/tmp/batch_size/lam.png: 'mask_source' set the mask"),
+])
+def test_settings_named_inside_a_message_are_named_by_their_flags(command, message, want):
+    assert cli._as_flags(message, cli.build_parser(), command) == want
