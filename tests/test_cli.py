@@ -879,12 +879,7 @@ def test_messages_name_the_command_and_flags_a_run_folder_needs(model_file, tmp_
     ("batch_size 1 (now 2)"); a failure after a checkpoint printed "{'state': ...}"."""
     out = tmp_path / "run"
     real_step = cli.FixTrainer.train_step
-
-    def interrupted(self):
-        if self.step == 1:
-            raise KeyboardInterrupt
-        return real_step(self)
-    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    _interrupt_at(monkeypatch, cli.FixTrainer, 1)
     assert cli.main(fnf_args(model_file, out)) == 130
     monkeypatch.undo()
     capsys.readouterr()
