@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-__all__ = ["AttentionStore", "LiveHW", "attention_capture", "level_sizes", "map_size", "word_token_indices",
+__all__ = ["AttentionStore", "LiveHW", "attention_capture", "not_recorded", "level_sizes", "map_size", "word_token_indices",
            "overlay_maps"]
 
 Resolution = int | tuple[int, int] | str
@@ -136,6 +136,21 @@ def _check_context_lengths(context_lengths: object, token_indices: list[list[lis
     return list(context_lengths)
 
 
+_NOT_RECORDED = [0]  # depth of `not_recorded` blocks
+
+
+@contextmanager
+def not_recorded() -> Iterator[None]:
+    """Layers run in this block add nothing to any `AttentionStore`: `CFGDenoiser`'s call of the negative prompt
+    alone, when it runs the two halves apart (the stores keep the prompt's maps, the rows a batched call has
+    first)."""
+    _NOT_RECORDED[0] += 1
+    try:
+        yield
+    finally:
+        _NOT_RECORDED[0] -= 1
+
+
 class AttentionStore:
     """Accumulates cross-attention maps A: [B, n_words, h, w] over the layers of one resolution.
 
@@ -222,6 +237,8 @@ class AttentionStore:
             heads: number of attention heads.
             hw: (h, w) with h*w == N.
         """
+        if _NOT_RECORDED[0]:
+            return
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
             raise TypeError(f"q and k must be tensors, got {type(q).__name__} and {type(k).__name__}")
         if q.ndim != 3 or k.ndim != 3 or q.shape[-1] != k.shape[-1]:

@@ -6,8 +6,10 @@ wrapped once here with the scalings c_skip, c_out, c_in (k-diffusion `external.p
 A conditioning `Cond` is a dict of batch-first tensors (`{"context": [B,T,D]}` for SD1.5, plus
 `{"y": [B,adm]}` for SDXL), so cond and uncond can be concatenated into one batched call. `CFGDenoiser`
 marks that call's cond with `CFG_PAIR`, an empty [2B, 0] tensor (its presence is the message, static for
-torch.compile): rows [:B] are the prompt's, rows [B:] the negative prompt's. A model whose extensions treat
-the halves differently (ComfyUI's `cond_or_uncond`) reads it; the others ignore it.
+torch.compile): rows [:B] are the prompt's, rows [B:] the negative prompt's. Where the two contexts' lengths do
+not batch cheaply (`batchable`) it runs them apart, and marks the negative prompt's call with `CFG_UNCOND`. A
+model whose extensions treat the halves differently (ComfyUI's `cond_or_uncond`) reads them; the others ignore
+them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .attention import not_recorded
 from .schedules import sigma_to_t
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "model_guidance",
     "initial_x",
     "CFG_PAIR",
+    "CFG_UNCOND",
+    "batchable",
     "EpsDenoiser",
     "VDenoiser",
     "CFGDenoiser",
@@ -44,6 +49,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 # A guidance with a true attribute `needs_uncond` gets the negative prompt's prediction at scale 1 too.
 Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 CFG_PAIR = "cfg_pair"
+CFG_UNCOND = "cfg_uncond"
 
 
 @runtime_checkable
@@ -155,6 +161,21 @@ def cat_cond(*conds: Cond) -> Cond:
     return out
 
 
+def batchable(*conds: Cond) -> bool:
+    """Whether `cat_cond` joins these into one call cheaply: their contexts' lengths have a least common multiple
+    at most 4 times the shortest (ComfyUI's `CONDCrossAttn.can_concat`). Above it, repeating every row to that
+    multiple costs more than separate calls: a style model's 8 extra tokens, 85 beside 77, make 6545.
+
+    Example:
+        >>> batchable({"context": torch.zeros(1, 154, 8)}, {"context": torch.zeros(1, 77, 8)})
+        True
+        >>> batchable({"context": torch.zeros(1, 85, 8)}, {"context": torch.zeros(1, 77, 8)})
+        False
+    """
+    lengths = [c["context"].shape[1] for c in conds if "context" in c]
+    return not lengths or math.lcm(*lengths) <= 4 * min(lengths)
+
+
 def index_cond(cond: Cond, idx) -> Cond:
     """Select batch rows: idx is an int list, slice or LongTensor."""
     return {k: v[idx] for k, v in cond.items()}
@@ -200,7 +221,8 @@ class VDenoiser(EpsDenoiser):
 
 
 class CFGDenoiser(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022): x0 = x0_u + scale * (x0_c - x0_u), one batched call.
+    """Classifier-free guidance (Ho & Salimans 2022): x0 = x0_u + scale * (x0_c - x0_u), one batched call (two
+    where the contexts do not batch cheaply: `batchable`).
 
     denoiser: the inner `denoiser(x, sigma, cond) -> x0`; uncond: Cond with batch 1 or B.
     guidance: replaces the formula above (`Guidance`; e.g. the MODEL's own in ComfyUI); called with
@@ -220,10 +242,18 @@ class CFGDenoiser(nn.Module):
         if n not in (1, B):
             raise ValueError(f"uncond has batch {n}: expected 1 (one negative prompt for all) or the batch {B}")
         uncond = self.uncond if n == B else repeat_cond(self.uncond, B)
+        if not batchable(cond, uncond):  # as ComfyUI's sampler then does
+            x0_c = self.inner(x, sigma, cond)
+            with not_recorded():  # attention stores keep the prompt's maps
+                x0_u = self.inner(x, sigma, {**uncond, CFG_UNCOND: x.new_empty(B, 0)})
+            return self._combine(x, sigma, x0_c, x0_u)
         pair = cat_cond(cond, uncond)
         pair[CFG_PAIR] = x.new_empty(2 * B, 0)
         x0 = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), pair)
         x0_c, x0_u = x0.chunk(2)  # cond first: attention stores read the first half
+        return self._combine(x, sigma, x0_c, x0_u)
+
+    def _combine(self, x, sigma, x0_c, x0_u):
         if self.guidance is not None:
             return self.guidance(x, sigma, x0_c, x0_u, self.scale)
         return x0_u + (x0_c - x0_u) * self.scale

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..focusfix_core.attention import LiveHW, attention_capture, word_token_indices
-from ..focusfix_core.denoisers import CFG_PAIR, Cond, Guidance, cat_cond
+from ..focusfix_core.denoisers import CFG_PAIR, CFG_UNCOND, Cond, Guidance, cat_cond
 from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora, release_pinned_memory
 from ..focusfix_core.saliency import fit_mask
 
@@ -369,12 +369,12 @@ class ComfyDiffusionModel:
         self._hw.hw = tuple(x.shape[-2:])
         kwargs = {}
         if self.is_adm:
-            kwargs["y"] = self._y(cond, x.shape[-2:], CFG_PAIR in cond)
+            kwargs["y"] = self._y(cond, x.shape[-2:], CFG_PAIR in cond, CFG_UNCOND in cond)
         options = self.patcher.model_options
         topts = dict(options.get("transformer_options", {}))
         # what ComfyUI's sampler tells attention patches: which batch chunks are the prompt's (0) and the negative
         # prompt's (1), as CFGDenoiser batches them (IPAdapter-style patches treat the two differently)
-        cond_or_uncond = [0, 1] if CFG_PAIR in cond else [0]
+        cond_or_uncond = [0, 1] if CFG_PAIR in cond else [1] if CFG_UNCOND in cond else [0]
         sigma = sigma.to(x.device)
         topts.update(sigmas=sigma, cond_or_uncond=cond_or_uncond)
         topts["optimized_attention_override"] = _attention_with_backward(topts.get("optimized_attention_override"))
@@ -508,9 +508,13 @@ class ComfyDiffusionModel:
         unet = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
         return (unet,) if self.vae is None else (unet, self.vae.vae_dtype)
 
-    def _y(self, cond: Cond, latent_hw, pair: bool) -> torch.Tensor:
+    def _y(self, cond: Cond, latent_hw, pair: bool, negative: bool = False) -> torch.Tensor:
         """SDXL's y [B, adm] for a denoiser call: prepared for this size, given, or built now. pair: rows [B/2:]
-        are the negative prompt's (CFGDenoiser's batch), which get the negative y where the model has one."""
+        are the negative prompt's (CFGDenoiser's batch), which get the negative y where the model has one;
+        negative: every row is (CFGDenoiser's call of the negative prompt alone)."""
+        if negative and self.adm_reads_prompt_type:
+            y = cond.get(_y_key(latent_hw, negative=True))
+            return y if y is not None else self._adm(cond["pooled"], latent_hw, cond.get("adm_args"), negative=True)
         y = cond.get(_y_key(latent_hw), cond.get("y"))
         if y is None:
             y = self._adm(cond["pooled"], latent_hw, cond.get("adm_args"))

@@ -1,6 +1,6 @@
 """Property tests (hypothesis) for focusfix_core.denoisers on toy networks: CFGDenoiser (scale 1 is the prompt's
 prediction, the result is x0_u + scale * (x0_c - x0_u) for any scale, batch order does not matter, a negative
-prompt of another token length changes nothing, one batched call) and the eps / v wrappers (the true eps or v
+prompt of another token length changes nothing, one batched call, or two where the lengths do not batch cheaply) and the eps / v wrappers (the true eps or v
 gives x0 back; a v-network built from an eps-network gives the eps wrapper's x0)."""
 import math
 
@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from focusfix_core.denoisers import CFG_PAIR, CFGDenoiser, EpsDenoiser, VDenoiser
+from focusfix_core.attention import AttentionStore
+from focusfix_core.denoisers import CFG_PAIR, CFG_UNCOND, CFGDenoiser, EpsDenoiser, VDenoiser, batchable
 
 FAST = settings(max_examples=40, deadline=None)
 D = 4  # context width
@@ -34,7 +35,9 @@ class ToyInner:
 @st.composite
 def cfg_cases(draw):
     B, C, T = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
-    Tu = draw(st.sampled_from([T, 2 * T, T + 1]))  # the negative prompt may be longer (a prompt over 75 tokens)
+    # the negative prompt may be longer (a prompt over 75 tokens), or of a length whose least common multiple with
+    # T is large (17: a style model's extra tokens, 85 beside 77), where the two halves run apart
+    Tu = draw(st.sampled_from([T, 2 * T, T + 1, 17]))
     uncond_batch = draw(st.sampled_from([1, B]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
@@ -73,7 +76,10 @@ def test_cfg_is_the_unconditional_plus_scale_times_the_difference_in_one_batched
     x, sigma, cond, uncond = case
     inner = ToyInner()
     out = CFGDenoiser(inner, uncond, scale)(x, sigma, cond)
-    assert inner.calls == [2 * x.shape[0]]  # cond and uncond in one call
+    T, Tu = cond["context"].shape[1], uncond["context"].shape[1]
+    one = math.lcm(T, Tu) <= 4 * min(T, Tu)
+    assert batchable(cond, uncond) == one
+    assert inner.calls == ([2 * x.shape[0]] if one else [x.shape[0]] * 2)  # cond and uncond in one call, or apart
     c, u = _separately(x, sigma, cond, uncond)
     torch.testing.assert_close(out, u + scale * (c - u), **_tol(x))
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -110,14 +116,45 @@ def test_the_inner_call_marks_the_pair_and_keeps_each_rows_prompt(case, scale):
         seen.update(x=xx, sigma=ss, cond=cc)
         return ToyInner()(xx, ss, cc)
 
-    CFGDenoiser(inner, uncond, scale if scale != 1.0 else 2.0)(x, sigma, cond)
+    calls = []
+    CFGDenoiser(lambda *a: calls.append(a) or inner(*a), uncond, scale if scale != 1.0 else 2.0)(x, sigma, cond)
     B = x.shape[0]
-    assert seen["cond"][CFG_PAIR].shape == (2 * B, 0)
+    if not batchable(cond, uncond):  # apart: the prompt's call as given, then the negative prompt's, marked
+        (xc, sc, cc), (xu, su, cu) = calls
+        assert torch.equal(xc, x) and torch.equal(xu, x) and torch.equal(sc, sigma) and torch.equal(su, sigma)
+        assert cc is cond and cu[CFG_UNCOND].shape == (B, 0) and CFG_PAIR not in cu
+        assert cu["context"].shape == (B, *uncond["context"].shape[1:])
+        return
+    assert len(calls) == 1 and seen["cond"][CFG_PAIR].shape == (2 * B, 0)
     assert torch.equal(seen["x"], torch.cat([x, x])) and torch.equal(seen["sigma"], torch.cat([sigma, sigma]))
     ctx = seen["cond"]["context"]
     T, n = cond["context"].shape[1], ctx.shape[1]
     assert n == math.lcm(T, uncond["context"].shape[1])
     assert torch.equal(ctx[:B], cond["context"].repeat(1, n // T, 1))  # the prompt's rows first
+
+
+def test_attention_stores_keep_the_prompts_maps_when_the_halves_run_apart():
+    """85 tokens beside 77 ran every CFG call on 6545 (their least common multiple); run apart, the negative
+    prompt's call adds no map: the store holds the prompt's maps, as from a batched call."""
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(1, 4, 2, 2, generator=g), torch.tensor([3.0])
+    Wq, Wk = torch.randn(4, 8, generator=g), torch.randn(D, 8, generator=g)
+
+    def inner(xx, ss, cc, store):
+        q = xx.flatten(2).transpose(1, 2) @ Wq                          # [B, 4 pixels, 8]
+        store.add(q, cc["context"] @ Wk, heads=2, hw=(2, 2))
+        return xx * 0.5
+
+    for T, T_neg in ((85, 77), (77, 154)):  # apart (lcm 6545), batched (lcm 154)
+        cond = {"context": torch.randn(1, T, D, generator=g)}
+        uncond = {"context": torch.randn(1, T_neg, D, generator=g)}
+        store = AttentionStore([[[1], [2]]], resolution=2, keep_grad=False,
+                               context_lengths=[cond["context"].shape[1]])
+        CFGDenoiser(lambda a, b, c: inner(a, b, c, store), uncond, 7.5)(x, sigma, cond)
+        alone = AttentionStore([[[1], [2]]], resolution=2, keep_grad=False)
+        inner(x, sigma, cond, alone)
+        assert store.n_layers == 1
+        torch.testing.assert_close(store.maps(), alone.maps())
 
 
 # Fixed, was BUG 8: CFGDenoiser's docstring says uncond has batch 1 or B; any other batch is not checked, and the

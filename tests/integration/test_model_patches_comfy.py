@@ -88,6 +88,39 @@ def _ours_and_comfys(comfy, model, clip, vae, positive, negative, cfg: float):
     return ours, want.float(), plain
 
 
+def _with_style_tokens(conditioning, n: int = 8):
+    """The conditioning with n more tokens, as a style model (StyleModelApply) appends: 85 beside the negative's 77."""
+    g = torch.Generator().manual_seed(5)
+    return [[torch.cat([c, torch.randn(len(c), n, c.shape[-1], generator=g)], 1), dict(extra)]
+            for c, extra in conditioning]
+
+
+@pytest.mark.parametrize("kind", ["plain", "uncond_attention", "rescale_cfg", "refiner"])
+def test_a_prompt_whose_length_does_not_batch_with_the_negative_runs_apart_as_in_comfyui(fresh, checkpoint,
+                                                                                       tiny_models, kind, monkeypatch):
+    """Review (session 22): a style model's 8 extra tokens (85 beside 77) made every CFG call repeat both contexts
+    to 6545 tokens, their least common multiple (57x the cross-attention cost at SD1.5 scale); ComfyUI runs the
+    two halves apart there. Ours does too, with the negative half still the negative prompt's to attention patches
+    and to the SDXL refiner's aesthetic score."""
+    model, clip, vae = checkpoint
+    if kind == "refiner":  # (beside either layout's checkpoint: it is its own model)
+        model, clip = tiny_models.tiny_sdxl_refiner(0)
+        vae = tiny_models.tiny_vae(0)
+    model = _patched(fresh, model, "plain" if kind == "refiner" else kind)
+    positive = _with_style_tokens(fresh.run("CLIPTextEncode", clip=clip, text="a cat")[0])
+    negative = fresh.run("CLIPTextEncode", clip=clip, text="blurry")[0]
+    lengths = set()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        lengths.add(k.shape[-2])
+        return sdpa(q, k, v, *a, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ours, want, _ = _ours_and_comfys(fresh, model, clip, vae, positive, negative, CFG)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert 85 in lengths and 6545 not in lengths, sorted(lengths)
+
+
 @pytest.mark.parametrize("kind", ["plain", *GUIDANCE, "uncond_attention", "unet_wrapper", "v_prediction", "zsnr"])
 @pytest.mark.parametrize("cfg", [CFG, 1.0])
 def test_one_cfg_call_matches_comfyui_sampler(fresh, checkpoint, kind, cfg):
