@@ -756,7 +756,7 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
             check_state_format(state)  # before its config is read: a newer layout may hold it otherwise
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        saved_method = state.get("method") if isinstance(state, dict) else None
+        saved_method = METHOD_TRAINERS.get(state.get("method")) if isinstance(state, dict) else None  # draft: fnf
         if saved_method in COMMAND_OF_METHOD and saved_method != method:  # before the note on its settings
             raise ValueError(f"{path} is the state of a {COMMAND_OF_METHOD[saved_method]} run: resume it with "
                              f"{COMMAND_OF_METHOD[saved_method]} --resume")
@@ -787,7 +787,7 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         return None, {"rank": a.rank, "targets": a.targets}, None
     if not a.continue_from.is_file():
         raise FileNotFoundError(f"--continue-from {a.continue_from}: no such file (give a LoRA FocusFix saved)")
-    if a.continue_from.name == "state.pt" or a.continue_from.suffix.lower() != ".safetensors":
+    if a.continue_from.name == "state.pt" or a.continue_from.suffix.lower() not in (".safetensors", ".sft"):
         raise ValueError(f"--continue-from {a.continue_from}: give a LoRA FocusFix saved (a .safetensors file); a "
                          f"run's state.pt is continued with --resume and that run's --out")
     if is_output(a.continue_from, out):  # the run would replace (--overwrite: remove) the LoRA it reads
@@ -933,12 +933,18 @@ def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> st
     # settings named inside a message: a resume refused for other settings ("other settings: batch_size 1 (now
     # 2); lam ..."), the advice after running out of memory ("lower batch_size (now 2) or K (now 1)") or on an
     # empty mask ("paint the mask (mask_source mask), or set lam 0"). Underscored names anywhere (no English word
-    # has one); a one-word name only in those places, where it is no English word either
+    # has one); a one-word name only in those places, where it is no English word either. Never inside quotes
+    # (a prompt, a file name: 'a chess set and a pawn') or a path
     def swap(m: re.Match) -> str:
         return flags.get(m[0], m[0])
-    message = re.sub(r"(?<![\w/.'\"-])[a-z]+(?:_[a-z0-9]+)+(?![\w/.'\"-])", swap, message)
-    message = re.sub(r"(?<![\w/.'\"-])[A-Za-z]+(?= \(now )|(?:(?<=other settings: )|(?<=\); )|(?<=set ))[A-Za-z]+(?= )",
-                     swap, message)
+
+    def named(text: str) -> str:
+        text = re.sub(r"(?<![\w/\\.'\"-])[a-z]+(?:_[a-z0-9]+)+(?![\w/\\.'\"-])", swap, text)
+        return re.sub(r"(?<![\w/\\.'\"-])[A-Za-z]+(?= \(now )"
+                      r"|(?:(?<=other settings: )|(?<=\); )|(?<=\bset ))[A-Za-z]+(?= )", swap, text)
+    quoted = r"(?<!\w)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")(?!\w)"  # as repr() quotes them
+    parts = re.split(f"({quoted})", message)
+    message = "".join(part if i % 2 else named(part) for i, part in enumerate(parts))
     field = re.match(r"[A-Za-z]+(?:_[a-z0-9]+)*\b", message)
     if not field or field[0] not in flags or ("_" not in field[0] and field[0] not in _ONE_WORD_FIELDS):
         return message

@@ -184,7 +184,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
 
 
 def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) -> dict:
-    from .cli import clear_earlier_outputs, load_model, run_fix, run_separate_enhance
+    from .cli import RunFailed, clear_earlier_outputs, load_model, run_fix, run_separate_enhance
     from .trainers import split_objects_prompt
     from .viz import save_png
 
@@ -257,6 +257,10 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
             raise
         se = {"status": "interrupted before its first step: nothing was written", "files": {}}
         _log(f"Separate-and-Enhance {se['status']}")
+    except RunFailed as e:  # out of memory or NaN at its first step, bad data later: the same
+        lora = out / "separate_enhance" / "lora.safetensors"
+        se = {"status": f"failed: {e}", "files": {"lora": str(lora)} if se_wrote and lora.is_file() else {}}
+        _log(f"Separate-and-Enhance {se['status']}")
     se_files = dict(se["files"])
     if "lora" in se_files:
         trained.append(se_files["lora"])
@@ -294,7 +298,10 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
     files = {"summary": str(out / "demo_summary.json"), **{f"focus_n_fix_{k}": v for k, v in
                                                              summary["focus_n_fix"]["files"].items()},
              **{f"separate_enhance_{k}": v for k, v in se_files.items()}}
-    if "separate_before" not in se:  # exit 130, as a Ctrl-C in training
+    if "separate_before" not in se:  # stopped with nothing to count: exit 1 after a failure, 130 after Ctrl-C
+        if se["status"].startswith("failed"):
+            return {"status": f"failed in Separate-and-Enhance (Focus-N-Fix is done): {se['status'][8:]}",
+                    "files": files}
         return {"status": f"interrupted before Separate-and-Enhance's first step (Focus-N-Fix is done): nothing "
                           f"was written into {out / 'separate_enhance'}", "files": files}
     n, sep, en = len(check_seeds), [_mean(se[f"separate_{w}"]) for w in ("before", "after")], \

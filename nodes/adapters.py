@@ -754,17 +754,23 @@ def conditioning_to_conds(conditioning, is_adm: bool, name: str = "positive") ->
 
 # parts of a CONDITIONING the SD UNets FocusFix trains never read (it refuses inpainting and image-conditioned
 # MODELs, which do): InpaintModelConditioning / InstructPix2Pix's latents, StyleModelApply's attention bias
-_UNREAD_BY_SD_UNETS = frozenset({"concat_latent_image", "concat_mask", "attention_mask"})
+_UNREAD_BY_SD_UNETS = frozenset({"concat_latent_image", "concat_mask", "attention_mask", "attention_mask_img_shape"})
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, numbers.Real) and value == 0
 
 
 def conditioning_ignored(conditioning, name: str = "positive") -> list[str]:
     """Report lines naming what a CONDITIONING carries besides its text (and SDXL's sizes and aesthetic score)
     that changes KSampler's images (areas, masks, ControlNets, timestep ranges): training ignores it. Left out:
-    parts these MODELs never read, and the strength of a lone entry without an area or mask (KSampler divides
-    it out again)."""
+    parts these MODELs never read, and the non-zero strength of a lone entry without an area or mask (KSampler
+    divides it out again)."""
     keys = ({k for entry in conditioning if len(entry) > 1 for k in entry[1]}
             - {"pooled_output", *_SDXL_ADM_KEYS} - _UNREAD_BY_SD_UNETS)
-    if len(conditioning) == 1 and not keys & {"area", "mask"}:
+    lone = conditioning[0][1] if len(conditioning) == 1 and len(conditioning[0]) > 1 else None
+    # strength 0 is not divided out: it zeroes the prediction (KSampler divides by a count of 1e-37)
+    if lone is not None and not keys & {"area", "mask"} and not _is_zero(lone.get("strength")):
         keys.discard("strength")
     if not keys:
         return []

@@ -363,6 +363,26 @@ def test_an_overwriting_demo_stopped_before_separate_enhance_trains_writes_its_s
     assert json.loads((out / "focus_n_fix" / "report.json").read_text())["status"] == "done"
 
 
+def test_a_demo_whose_separate_enhance_fails_at_its_first_step_writes_its_summary(tmp_path, monkeypatch, capsys):
+    """A NaN loss (or out of memory) at Separate-and-Enhance's first step writes nothing there (as a Ctrl-C): the
+    demo still writes the summary of its finished Focus-N-Fix, and exits 1."""
+    import focusfix_core.cli as c
+    from focusfix_core.trainers import NonFiniteLossError
+
+    def fails(self):
+        raise NonFiniteLossError("loss is nan at step 1: stopped")
+    monkeypatch.setattr(c.SeparateEnhanceTrainer, "train_step", fails)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "note: failed in Separate-and-Enhance (Focus-N-Fix is done): loss is nan at step 1: stopped" in err, err
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["focus_n_fix"]["status"] == "done"
+    assert summary["separate_enhance"]["status"].startswith("failed: loss is nan at step 1: stopped\nno step "
+                                                              "finished: nothing was written")
+    assert not (out / "separate_enhance" / "lora.safetensors").exists()
+
+
 def test_an_overwriting_demo_stopped_in_focus_n_fix_leaves_none_of_the_earlier_demo(tmp_path, monkeypatch, capsys):
     """--overwrite over a finished demo, Ctrl-C during Focus-N-Fix's training: the earlier demo's summary
     (saying "done") and Separate-and-Enhance outputs went on beside this demo's interrupted Focus-N-Fix."""
@@ -853,6 +873,9 @@ def test_continue_from_a_file_of_the_runs_own_outputs_is_refused(model_file, tmp
     assert (out / "lora.safetensors").read_bytes() == (first / "lora.safetensors").read_bytes()
     assert cli.main(fnf_args(model_file, tmp_path / "x", "--continue-from", str(first / "state.pt"))) == 2
     assert "a run's state.pt is continued with --resume and that run's --out" in capsys.readouterr().err
+    sft = tmp_path / "fix.sft"  # the short name io reads as safetensors too
+    sft.write_bytes((first / "lora.safetensors").read_bytes())
+    assert cli.main(fnf_args(model_file, tmp_path / "y", "--continue-from", str(sft), "--iterations", "1")) == 0
 
 
 def test_a_failure_before_the_first_step_keeps_the_earlier_run(model_file, tmp_path, monkeypatch, capsys):
@@ -887,6 +910,12 @@ def test_messages_name_the_command_and_flags_a_run_folder_needs(model_file, tmp_
                      "a red circle and a blue square | circle, square"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {out / 'state.pt'} is the state of a train-fnf run: resume it with train-fnf --resume\n"
+    draft = tmp_path / "draft"  # plain DRaFT (method "draft") is a train-fnf run too
+    assert cli.main(fnf_args(model_file, draft, "--mask-source", "none", "--lam", "0", "--iterations", "1")) == 0
+    capsys.readouterr()
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(draft), "--resume", "--prompt",
+                     "a red circle and a blue square | circle, square"]) == 2
+    assert "is the state of a train-fnf run: resume it with train-fnf --resume" in capsys.readouterr().err
     assert cli.main(fnf_args(model_file, out, "--resume", "--batch-size", "1", "--lam", "0.5")) == 2
     err = capsys.readouterr().err
     assert "other settings: --batch-size 2 (now 1); --lam 1.0 (now 0.5)" in err, err
@@ -921,9 +950,15 @@ def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path,
     ("train-sne", "failed: out of device memory in training step 1 of 3: lower batch_size (now 4), then width and "
      "height (now 64x64)", "failed: out of device memory in training step 1 of 3: lower --batch-size (now 4), then "
      "width and height (now 64x64)"),
-    # names in paths, quotes and words stay
+    # names in paths, quotes and words stay (a prompt is the artist's: 'a chess set --model and a pawn' was)
     ("train-fnf", "cannot read /tmp/batch_size/lam.png: 'mask_source' set the mask", "cannot read "
      "/tmp/batch_size/lam.png: 'mask_source' set the mask"),
+    ("train-fnf", "prompt 'a chess set model and a pawn' names the object 'pawn' twice; prompt \"draw batch_size "
+     "cats\"", "prompt 'a chess set model and a pawn' names the object 'pawn' twice; prompt \"draw batch_size "
+     "cats\""),
+    ("train-sne", "prompt line 'a sunset out at sea | boat' needs two objects; the reward's sunset out (now 2)",
+     "prompt line 'a sunset out at sea | boat' needs two objects; the reward's sunset --out (now 2)"),
+    ("train-fnf", "cannot read C:\\runs\\mask_source\\state.pt", "cannot read C:\\runs\\mask_source\\state.pt"),
 ])
 def test_settings_named_inside_a_message_are_named_by_their_flags(command, message, want):
     assert cli._as_flags(message, cli.build_parser(), command) == want

@@ -302,6 +302,16 @@ def test_conditioning_rows_keep_their_tokens_and_pooled_output(conditioning, is_
     assert all(line.startswith("negative: ") for line in ignored)
 
 
+def test_conditioning_parts_no_sd_unet_reads_are_not_named_but_a_zero_strength_is():
+    """A style model's attention bias sets attention_mask and attention_mask_img_shape (no SD UNet reads either);
+    strength 0 on a lone entry zeroes the prompt's prediction in KSampler (it divides by a count of 1e-37)."""
+    ctx = torch.zeros(1, 77, 8)
+    bias = [[ctx, {"attention_mask": torch.zeros(1, 1, 85), "attention_mask_img_shape": (64, 64)}]]
+    assert A.conditioning_ignored(bias) == []
+    assert A.conditioning_ignored([[ctx, {"strength": 3.0}]]) == []
+    assert "without its strength:" in A.conditioning_ignored([[ctx, {"strength": 0.0}]])[0]
+
+
 @FAST
 @given(conditioning=conditionings(), drop=st.integers(0, 2), name=st.sampled_from(["positive", "negative"]))
 def test_sdxl_conditioning_without_a_pooled_output_is_refused_and_empty_ones_name_the_input(conditioning, drop, name):
