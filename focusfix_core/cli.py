@@ -121,11 +121,24 @@ def load_reward_spec(spec: str):
 
 # -- output folder -------------------------------------------------------------------------------------------
 
+def _output_name(name: str) -> bool:
+    return name in OUTPUT_NAMES or bool(ITEM_IMAGES.fullmatch(name))
+
+
 def is_output(path: Path, out: Path) -> bool:
     """Whether `path` (a link: the file it points to) is one of the files a run writes into, or with --overwrite
-    removes from, `out`."""
+    removes from, `out`; on a file system that ignores case (macOS, Windows) also Before_0.png, which the run's
+    before_0.png would replace."""
     real = path.resolve()
-    return real.parent == out.resolve() and (real.name in OUTPUT_NAMES or bool(ITEM_IMAGES.fullmatch(real.name)))
+    if real.parent != out.resolve():
+        return False
+    if _output_name(real.name):
+        return True
+    lower = real.with_name(real.name.lower())
+    try:
+        return _output_name(lower.name) and lower.exists() and os.path.samefile(real, lower)
+    except OSError:
+        return False
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> Path:
@@ -248,7 +261,7 @@ def clear_earlier_outputs(out: Path, resumed: bool = False) -> None:
     drawn at fewer steps go."""
     kept = []
     for path in out.iterdir() if out.is_dir() else ():
-        if (path.name in OUTPUT_NAMES or ITEM_IMAGES.fullmatch(path.name)) and not (
+        if _output_name(path.name) and not (
                 resumed and path.name in ("lora.safetensors", "state.pt")):
             try:
                 path.unlink(missing_ok=True)

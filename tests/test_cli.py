@@ -962,3 +962,21 @@ def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path,
 ])
 def test_settings_named_inside_a_message_are_named_by_their_flags(command, message, want):
     assert cli._as_flags(message, cli.build_parser(), command) == want
+
+
+def test_on_a_file_system_that_ignores_case_a_mask_named_like_an_output_is_refused(model_file, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """On macOS or Windows the run's before_0.png replaces a painted OUT/Before_0.png: refused as the output it is.
+    (Linux tells the names apart: the two files are made here, and samefile answers as such a file system.)"""
+    import os
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    painted = out / "Before_0.png"
+    painted.write_bytes((out / "before_0.png").read_bytes())
+    assert not cli.is_output(painted, out)  # this file system tells them apart
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: str(a).lower() == str(b).lower())
+    assert cli.is_output(painted, out) and not cli.is_output(out / "Notes.png", out)
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--overwrite", "--mask-source", "mask", "--mask",
+                             str(painted))) == 2
+    assert f"--mask {painted} is one of the files this run writes into --out" in capsys.readouterr().err
