@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-__all__ = ["AttentionStore", "LiveHW", "attention_capture", "not_recorded", "level_sizes", "map_size", "word_token_indices",
-           "overlay_maps"]
+__all__ = ["AttentionStore", "LiveHW", "attention_capture", "not_recorded", "level_sizes", "map_size",
+           "word_token_indices", "overlay_maps"]
 
 Resolution = int | tuple[int, int] | str
 

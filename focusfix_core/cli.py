@@ -259,10 +259,9 @@ def clear_earlier_outputs(out: Path, resumed: bool = False) -> None:
     (nor another command's, whose file names differ), and one stopped before that first write keeps them.
     resumed: the run goes on from the LoRA and state.pt there (and replaces them): only the reports and images
     drawn at fewer steps go."""
-    kept = []
+    kept, own = [], ("lora.safetensors", "state.pt") if resumed else ()
     for path in out.iterdir() if out.is_dir() else ():
-        if _output_name(path.name) and not (
-                resumed and path.name in ("lora.safetensors", "state.pt")):
+        if _output_name(path.name) and path.name not in own:
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:  # held by another program (Windows), or the like: training must not stop for it
@@ -399,8 +398,9 @@ def _start(make: Callable, net, cfg, continue_from: SavedLoRA | None, state: dic
     if continue_from is not None:
         lora = continue_from.attach(net)
     elif state is not None:
-        lora = LoRA.attach(net, cfg.targets, cfg.rank, cfg.alpha, device="cpu", saved=True,  # the state's follow
-                           generator=torch.Generator().manual_seed(cfg.seed))  # not torch's global one
+        # adapters of the state's rank (its tensors are loaded below); seeded, not from torch's global generator
+        lora = LoRA.attach(net, cfg.targets, cfg.rank, cfg.alpha, device="cpu", saved=True,
+                           generator=torch.Generator().manual_seed(cfg.seed))
     else:
         lora = None
     trainer = trainer_on(make, lora)
@@ -1006,8 +1006,10 @@ def main(argv=None) -> int:
         print(f"error: cannot write {e.filename or 'the outputs'}: {e.strerror or e} (check --out / the output "
               f"path)", file=sys.stderr)
         return 2
-    except (RunFailed, torch.OutOfMemoryError) as e:  # OOM before training (the base images); during, after it:
-        print(f"error: {_as_flags(str(e), parser, args.command)}", file=sys.stderr)  # _consume, _lora_kept
+    # out of memory met here is before training (the base images): in it or after it, _consume and _lora_kept
+    # turn it into a failed status or a RunFailed
+    except (RunFailed, torch.OutOfMemoryError) as e:
+        print(f"error: {_as_flags(str(e), parser, args.command)}", file=sys.stderr)
         return 1
     except NothingTrained as e:
         print(str(e), file=sys.stderr)
