@@ -680,9 +680,9 @@ class _LoRATrainer:
 
     def continues(self, metadata: dict[str, str], source: str = "") -> None:
         """Record the saved LoRA this new run trains further (its metadata, and its file `source` if read from
-        one), before the first step. Its draws
-        (item order, noise, timesteps) are then seeded by (seed, the steps the LoRA already has): with the same
-        seed, a continued run would otherwise replay the first run's batches, and leave out what they missed."""
+        one), before the first step. Its draws (item order, noise, timesteps) are then seeded by (seed, the steps
+        the LoRA already has): with the same seed, a continued run would otherwise replay the first run's batches,
+        and leave out what they missed."""
         self.continued, self.continued_from = dict(metadata), str(source)
         before = steps_trained(metadata)
         if before > 0:
