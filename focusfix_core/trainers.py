@@ -37,6 +37,7 @@ from .losses import (NonFiniteScoreError, _as_mask4, enhance_loss, key_change_lo
                      resize_mask, reward_loss, separate_loss)
 from .lora import LoRA, MergedWhenNoGrad, base_model_metadata, steps_trained
 from .records import StepRecord
+from .rewards.clip_vision import CLIPVisionTower
 from .rewards.base import Reward
 from .saliency import SALIENCY_METHODS, check_mask, check_mask_settings, check_threshold, mask_from_reward, mask_noise
 from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules,
@@ -1222,9 +1223,13 @@ class FixTrainer(_LoRATrainer):
 
     def _memory_advice(self) -> str:
         c = self.cfg
-        return (f"lower batch_size (now {c.batch_size}) or K (now {c.K}), then width and height (now "
-                f"{c.width}x{c.height}); a CLIP reward (aesthetic, safety) takes about 0.6 GiB less with "
-                f"precision bf16 (Load Reward)")
+        advice = (f"lower batch_size (now {c.batch_size}) or K (now {c.K}), then width and height (now "
+                  f"{c.width}x{c.height})")
+        towers = [m for m in self.reward.modules() if isinstance(m, CLIPVisionTower)] if isinstance(
+            self.reward, nn.Module) else []
+        if any(t.vision_model.embeddings.class_embedding.dtype == torch.float32 for t in towers):
+            advice += "; a CLIP reward (aesthetic, safety) takes about 0.6 GiB less with precision bf16 (Load Reward)"
+        return advice
 
     def _set_draw_state(self, state: dict) -> None:
         super()._set_draw_state(state)

@@ -236,7 +236,7 @@ def test_out_of_memory_keeps_the_last_finished_step_and_says_what_to_lower(model
     assert report["steps_trained"] == 1
     err = capsys.readouterr().err
     assert "note: failed: out of device memory" in err
-    assert "lower --batch-size (now 2) or --K (now 1), then width and height" in err, err  # the flags, printed
+    assert "lower --batch-size (now 2) or --K (now 1), then --size (now 16)" in err, err  # the flags, printed
     # the before/after images do not fit either: the LoRA is already written, the command fails by name
     monkeypatch.setattr(cli.FixTrainer, "train_step", real_step)
 
@@ -949,7 +949,11 @@ def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path,
      "the mask (--mask-source mask), or set --lam 0"),
     ("train-sne", "failed: out of device memory in training step 1 of 3: lower batch_size (now 4), then width and "
      "height (now 64x64)", "failed: out of device memory in training step 1 of 3: lower --batch-size (now 4), then "
-     "width and height (now 64x64)"),
+     "--size (now 64)"),
+    # the command line has one size for both
+    ("train-fnf", "2 prompt(s) x 9 seed(s) = 18 items would hold 30.1 GiB of images: use fewer seeds or prompts, or a "
+     "smaller width and height", "2 prompt(s) x 9 seed(s) = 18 items would hold 30.1 GiB of images: use fewer seeds "
+     "or prompts, or a smaller --size"),
     # names in paths, quotes and words stay (a prompt is the artist's: 'a chess set --model and a pawn' was)
     ("train-fnf", "cannot read /tmp/batch_size/lam.png: 'mask_source' set the mask", "cannot read "
      "/tmp/batch_size/lam.png: 'mask_source' set the mask"),

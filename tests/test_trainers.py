@@ -908,11 +908,28 @@ def test_out_of_memory_says_where_and_what_to_lower(small_model, square_reward, 
     stage = "in training step 1 of 2" if where == "train" else "while drawing the before/after images"
     assert msg.startswith(f"out of device memory {stage}: lower batch_size (now 2) or K (now 2), then width and "
                           f"height (now 16x16)"), msg
-    assert "precision bf16" in msg and "Tried to allocate 2.00 GiB." in msg and "more lines" not in msg
+    assert "Tried to allocate 2.00 GiB." in msg and "more lines" not in msg
+    assert "precision bf16" not in msg  # advice for a CLIP reward's tower, which this reward has not
     assert info.value.__cause__ is error
     for k, v in trainer.lora.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     trainer.lora.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_memory_advises_a_bf16_tower_only_for_a_fp32_clip_reward(small_model, dtype):
+    from focusfix_core.rewards import AestheticReward, CLIPVisionConfig, CLIPVisionTower
+    from focusfix_core.rewards.aesthetic import AestheticHead
+    tower = CLIPVisionTower(CLIPVisionConfig(width=16, layers=1, heads=2, patch=8, image_size=16, proj_dim=8,
+                                             mlp_width=32)).to(dtype)
+    trainer = FixTrainer(small_model, AestheticReward(tower, AestheticHead((8, 8, 8, 4, 4)).to(dtype)),
+                         fix_cfg(iterations=1, mask_source="none", lam=0.0))
+    try:
+        advice = trainer._memory_advice()
+    finally:
+        trainer.lora.remove()
+    assert advice.startswith("lower batch_size (now 2) or K (now 1), then width and height (now 16x16)"), advice
+    assert ("takes about 0.6 GiB less with precision bf16 (Load Reward)" in advice) == (dtype == torch.float32)
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory(small_model, square_reward):
