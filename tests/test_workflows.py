@@ -74,6 +74,20 @@ def test_widget_values_match_inputs(ui):
                 assert err is None, f"{n['type']} #{n['id']}.{name}: {err}"
 
 
+def test_nodes_do_not_overlap(ui):
+    """Boxes with their title bars, at the sizes the frontend draws (tests/integration/test_workflows_browser_comfy.py
+    checks those against the real frontend)."""
+    def box(n):
+        (x, y), (w, h) = n["pos"], n["size"]
+        return x, y - bw.TITLE_HEIGHT, x + w, y + h
+    nodes = ui["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            A, B = box(a), box(b)
+            assert not (A[0] < B[2] and B[0] < A[2] and A[1] < B[3] and B[1] < A[3]), (
+                f"{a.get('title') or a['type']} #{a['id']} {A} overlaps {b.get('title') or b['type']} #{b['id']} {B}")
+
+
 def test_links_are_type_correct(ui):
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert len({l[0] for l in ui["links"]}) == len(ui["links"])

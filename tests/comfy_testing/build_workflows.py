@@ -35,6 +35,25 @@ def all_specs() -> dict:
     return specs
 
 
+# The frontend's (1.27) node sizes, below the title bar: a row per input socket or output (whichever are more), a
+# row per widget, taller rows for multiline text, an image upload's preview, and a margin. A node stored smaller is
+# grown on load, over its neighbours (tests/integration/test_workflows_browser_comfy.py measures these).
+# PreviewAny shows its value in a multiline text box of the frontend's own; image outputs get room for the image.
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT, UPLOAD_PREVIEW, MARGIN = 30, 20, 24, 54, 232, 14
+FRONTEND_MULTILINE = {"PreviewAny": 1}
+IMAGE_NODE_HEIGHT = {"PreviewImage": 246, "SaveImage": 270}
+
+
+def node_height(class_type: str, spec: dict, sockets: int) -> int:
+    """The frontend's height of a node of `spec` with `sockets` input sockets, title bar excluded."""
+    widgets = {i["name"]: i for i in spec["inputs"] if wt.is_widget(i)}
+    rows = [MULTILINE_HEIGHT if kind == "value" and widgets[name].get("multiline") else
+            WIDGET_HEIGHT + (UPLOAD_PREVIEW if kind == "upload" else 0) for name, kind in wt.widget_slots(spec)]
+    rows += [MULTILINE_HEIGHT] * FRONTEND_MULTILINE.get(class_type, 0)
+    height = MARGIN + SLOT_HEIGHT * max(sockets, len(spec["outputs"])) + sum(rows)
+    return max(height, IMAGE_NODE_HEIGHT.get(class_type, 0))
+
+
 class Graph:
     """A tiny UI-format graph writer: nodes with widgets_values in frontend order, typed links."""
 
@@ -59,7 +78,7 @@ class Graph:
         sockets = [i for i in spec["inputs"] if not wt.is_widget(i)]
         node = {
             "id": len(self.nodes) + 1, "type": class_type, "pos": list(pos),
-            "size": [320 if class_type.startswith("FocusFix") else 270, 60 + 24 * (len(sockets) + len(values))],
+            "size": [320 if class_type.startswith("FocusFix") else 270, node_height(class_type, spec, len(sockets))],
             "flags": {}, "order": 0, "mode": 0,
             "inputs": [{"name": i["name"], "type": i["type"], "link": None} for i in sockets],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": k}
@@ -126,7 +145,7 @@ def _sampler(g, model, pos_cond, neg_cond, latent, vae, x, y, title, prefix):
     dec = g.add("VAEDecode", (x + 300, y))
     g.link(ks, "LATENT", dec, "samples")
     g.link(vae, "VAE", dec, "vae")
-    save = g.add("SaveImage", (x + 520, y), filename_prefix=prefix)
+    save = g.add("SaveImage", (x + 600, y), filename_prefix=prefix)
     g.link(dec, "IMAGE", save, "images")
     return dec
 
@@ -232,7 +251,7 @@ def fix_painted_region(specs) -> dict:
     apply = g.add("FocusFixApplyLoRA", (820, 550), strength=1.0)
     g.link(ck, "MODEL", apply, "model")
     g.link(train, "lora", apply, "lora")
-    pos, neg, lat = _prompts(g, ck, "a photo of a woman waving her hand", x=400, y=800)
+    pos, neg, lat = _prompts(g, ck, "a photo of a woman waving her hand", x=400, y=900)
     _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 820, 800, "KSampler (base)", "focusfix/before")
     _sampler(g, (apply, "model"), pos, neg, lat, ck, 820, 1100, "KSampler (with the LoRA)", "focusfix/after")
     return g.ui()
@@ -244,8 +263,8 @@ def fix_what_reward_dislikes(specs) -> dict:
     ck = _checkpoint(g)
     reward = g.add("FocusFixLoadReward", (0, 450), reward_name="builtin:sharpness")
     prompt = "a photo of a cat on a sofa"
-    pos, neg, lat = _prompts(g, ck, prompt, x=0, y=650)
-    image = _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 400, 650, "KSampler", "focusfix/sample")
+    pos, neg, lat = _prompts(g, ck, prompt, x=0, y=800)
+    image = _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 400, 800, "KSampler", "focusfix/sample")
     score = g.add("FocusFixScoreImages", (1300, 500))
     g.link(image, "IMAGE", score, "image")
     g.link(reward, "reward", score, "reward")

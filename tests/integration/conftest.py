@@ -10,16 +10,23 @@ it) and the test-only tiny-checkpoint pack in tests/comfy_testing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+PACK = "ComfyUI-FocusFix"  # the pack's folder name in custom_nodes, as users install it
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
 SKIP_REASON = ("COMFYUI_DIR is not set: ComfyUI integration tests skipped "
                "(point it at a ComfyUI checkout and run with that ComfyUI's python)")
@@ -39,6 +46,73 @@ def load_tool(name: str):
 @pytest.fixture(scope="session")
 def wt():
     return load_tool("workflow_tools")
+
+
+@pytest.fixture(scope="session")
+def bw(wt):
+    """tests/comfy_testing/build_workflows.py: the shipped workflows' builder (node specs, file names)."""
+    return load_tool("build_workflows")
+
+
+class Server(NamedTuple):
+    """A running ComfyUI server: its base URL and temp folder (out/, in/, user/, server.log)."""
+    url: str
+    tmp: Path
+
+    def get(self, path: str, data=None, timeout: float = 10):
+        """The JSON answer to GET url+path, or to a POST of `data` as JSON."""
+        req = urllib.request.Request(self.url + path, data=None if data is None else json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real ComfyUI server (main.py, CPU) with FocusFix in a custom_nodes folder as users install it
+    (custom_nodes/ComfyUI-FocusFix), and the test-only tiny pack; outputs, inputs, user data and previews in a temp
+    folder, never in the ComfyUI checkout."""
+    if not COMFYUI_DIR:
+        pytest.skip(SKIP_REASON)
+    tmp = tmp_path_factory.mktemp("server")
+    custom = tmp / "custom_nodes"
+    custom.mkdir()
+    (custom / PACK).symlink_to(REPO, target_is_directory=True)
+    (custom / "focusfix_test_tiny").symlink_to(REPO / "tests" / "comfy_testing", target_is_directory=True)
+    (tmp / "extra.yaml").write_text(f"focusfix_test:\n    base_path: {tmp}\n    custom_nodes: custom_nodes/\n")
+    for d in ("out", "in", "user"):
+        (tmp / d).mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp / "server.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--database-url", "sqlite:///:memory:", "--output-directory", str(tmp / "out"),
+         "--input-directory", str(tmp / "in"), "--user-directory", str(tmp / "user"),
+         "--temp-directory", str(tmp),  # previews go to tmp/temp, not into the ComfyUI checkout
+         "--extra-model-paths-config", str(tmp / "extra.yaml")],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", tmp)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                srv.get("/object_info/FocusFixApplyLoRA", timeout=5)
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,32 +1,17 @@
 """The node help pages as ComfyUI's frontend fetches them: a real server (main.py, CPU, the `server` fixture of
-test_server_comfy.py) serves the pack's WEB_DIRECTORY, and the URL the frontend builds from /object_info's
+conftest.py) serves the pack's WEB_DIRECTORY, and the URL the frontend builds from /object_info's
 python_module returns each page.
 
 Skipped, with the reason shown, without COMFYUI_DIR (conftest.py and the `server` fixture).
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def _server_module():
-    """test_server_comfy.py by file path (tests/integration is no package), for its fixture and helpers."""
-    name = "focusfix_test_server_comfy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_server_comfy.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_srv = _server_module()
-server = _srv.server  # module-scoped fixture: a ComfyUI server with FocusFix in custom_nodes/ComfyUI-FocusFix
-_get, PACK, REPO = _srv._get, _srv.PACK, _srv.REPO
+REPO = Path(__file__).resolve().parents[2]
+PACK = "ComfyUI-FocusFix"
 DOCS = REPO / "web" / "docs"  # the root module's WEB_DIRECTORY ("./web"; test_node_docs.py checks it holds them)
 
 
@@ -70,7 +55,7 @@ def test_frontend_finds_every_page_from_object_info(server):
     """python_module names the folder ComfyUI serves the pack's web directory under, so the URL the frontend
     builds from it returns the page."""
     url, _ = server
-    info = _get(url + "/object_info", timeout=60)
+    info = server.get("/object_info", timeout=60)
     ours = sorted(k for k, v in info.items() if k.startswith("FocusFix") and v["category"] != "FocusFix/testing")
     assert ours == sorted(p.stem for p in DOCS.glob("*.md"))
     for node in ours:

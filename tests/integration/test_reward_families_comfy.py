@@ -84,19 +84,6 @@ class FocusFixTestTinyCLIPVision:
 
 
 @pytest.fixture(scope="module")
-def bw(wt):
-    """tests/comfy_testing/build_workflows.py: the file names workflow 5 expects."""
-    import importlib.util
-    import sys
-    if "build_workflows" not in sys.modules:
-        path = REPO / "tests" / "comfy_testing" / "build_workflows.py"
-        spec = importlib.util.spec_from_file_location("build_workflows", path)
-        sys.modules["build_workflows"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    return sys.modules["build_workflows"]
-
-
-@pytest.fixture(scope="module")
 def files(comfy, bw, tmp_path_factory):
     """The workflow's file names in temp model folders, holding tiny files; the test CLIP vision loader node."""
     import folder_paths
