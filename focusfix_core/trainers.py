@@ -617,32 +617,39 @@ def _check_training_state(state, trainer: _LoRATrainer
     return step, history, (continued, source)
 
 
+class _MutationContext:
+    """`allow_mutation_on_saved_tensors` entered at a net's first forward with grad enabled (`enter`, a forward
+    pre-hook) and left by `end()`, after the backward, which reads the copies it keeps. `before_backward()` notes
+    whether the graph needed it: a saved tensor was written in place, so the mode copied it (the copies go with the
+    graph's saved tensors in the backward)."""
+
+    def __init__(self, stack: ExitStack):
+        self._stack, self._ctx, self.copied = stack, None, False
+
+    def enter(self, module, args) -> None:
+        if torch.is_grad_enabled() and self._ctx is None:
+            self._ctx = self._stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
+
+    def before_backward(self) -> None:
+        # a torch without the context's `cloned` (a private attribute) is taken to need the mode: safe, slower
+        self.copied = self.copied or (self._ctx is not None and len(getattr(self._ctx, "cloned", (None,))) > 0)
+
+    def end(self) -> None:
+        self._stack.close()
+
+
 @contextmanager
-def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[Callable[[], None]]:
-    """`allow_mutation_on_saved_tensors` from `net`'s first forward with grad enabled until the `end()` this
-    yields is called, after the backward (the copies it keeps are read there), or the block ends. The graph-free
-    sampler calls before it, N - K of a Focus-N-Fix step's N, run without its per-op Python; they save nothing, so
-    their writes need no copy. Nor do the gradient clipping and the optimizer step after it: there the mode's
-    per-op Python would cost a step's every adapter tensor, and on torch 2.5 (not 2.13) its check failed on their
-    multi-tensor (foreach) kernels ("'list' object has no attribute 'data_ptr'")."""
+def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[_MutationContext]:
+    """A `_MutationContext` entered from `net`'s first forward with grad enabled until its `end()` or the block
+    ends. The graph-free sampler calls before it, N - K of a Focus-N-Fix step's N, run without its per-op Python;
+    they save nothing, so their writes need no copy. Nor do the gradient clipping and the optimizer step after it:
+    there the mode's per-op Python would cost a step's every adapter tensor, and on torch 2.5 (not 2.13) its check
+    failed on their multi-tensor (foreach) kernels ("'list' object has no attribute 'data_ptr'")."""
     with ExitStack() as stack:
-        entered = False
-
-        def enter_on_first_graph(module, args):
-            nonlocal entered
-            if torch.is_grad_enabled() and not entered:
-                stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
-                entered = True
-
-        handle = net.register_forward_pre_hook(enter_on_first_graph)
-
-        def end() -> None:
-            handle.remove()
-            stack.close()
-        try:
-            yield end
-        finally:
-            handle.remove()
+        mutation = _MutationContext(stack)
+        handle = net.register_forward_pre_hook(mutation.enter)
+        stack.callback(handle.remove)
+        yield mutation
 
 
 class _LoRATrainer:
@@ -675,8 +682,9 @@ class _LoRATrainer:
         # LoRA still counts the earlier run's steps (`lora.continued_metadata`)
         self.continued: dict[str, str] = {}
         self.continued_from = ""  # that LoRA's file, for the report (kept in the state too)
-        self.mutation_allowed = False  # set once a step met a model writing into saved tensors (see `_checked_step`)
-        self._after_backward: Callable[[], None] | None = None  # ends that step's mutation context
+        # whether the model writes into tensors autograd saved (`_checked_step`): None until the first step tells
+        self.mutation_allowed: bool | None = None
+        self._mutation: _MutationContext | None = None  # that step's context, read and ended around the backward
         self._good = self._snapshot()
 
     def continues(self, metadata: dict[str, str], source: str = "") -> None:
@@ -772,9 +780,11 @@ class _LoRATrainer:
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}: stopped; the LoRA keeps "
                                      f"the weights of step {self.step} (lower lr or lam, or check the reward)")
         scaler = self.scaler
+        if self._mutation is not None:
+            self._mutation.before_backward()
         (loss if scaler is None else scaler.scale(loss)).backward()
-        if self._after_backward is not None:
-            self._after_backward()
+        if self._mutation is not None:
+            self._mutation.end()
         if scaler is not None:
             self._scale_used = scaler.get_scale()
             scaler.unscale_(self.optimizer)  # the adapters' own (fp32) gradients
@@ -818,16 +828,22 @@ class _LoRATrainer:
 
     def _checked_step(self) -> StepRecord:
         """`train_step`, also for a model whose forward writes in place into a tensor autograd saved (ComfyUI's
-        FreeU_V2 patch rescales a block's features in place), which fails the backward. That step is drawn again
-        (its draws put back), and so is every later step, under torch's `allow_mutation_on_saved_tensors`, which
-        copies such a tensor before the write. It runs Python for every op, so only a model that needs it pays, and
-        only from the step's first UNet call that records a graph (`_mutation_allowed_from_first_graph`)."""
-        if self.mutation_allowed:
-            with _mutation_allowed_from_first_graph(self.model.net) as self._after_backward:
+        FreeU_V2 patch rescales a block's features in place), which would fail the backward. The first step runs
+        under torch's `allow_mutation_on_saved_tensors`, which copies such a tensor before the write, and the later
+        steps only if that step needed a copy: the mode runs Python for every op, so only a model that needs it
+        pays, and only from the step's first UNet call that records a graph (`_mutation_allowed_from_first_graph`).
+        A failed backward would keep its graph for good (autograd's saved tensors hold it in a cycle that only a
+        finished backward breaks: one step's activations leaked per run), so the mode comes before it. A model
+        that writes in place only in a later step still trains: that step is drawn again (its draws put back)
+        under the mode, at the cost of that one graph."""
+        if self.mutation_allowed is not False:
+            with _mutation_allowed_from_first_graph(self.model.net) as self._mutation:
                 try:
-                    return self.train_step()
+                    record = self.train_step()
                 finally:
-                    self._after_backward = None
+                    mutation, self._mutation = self._mutation, None
+            self.mutation_allowed = self.mutation_allowed or mutation.copied
+            return record
         try:
             return self.train_step()
         except RuntimeError as e:

@@ -1256,6 +1256,55 @@ def test_fix_and_separate_enhance_train_a_model_that_writes_into_saved_tensors(s
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def _live_tensors() -> int:
+    import gc
+    import warnings
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("method", ["fix", "separate_enhance"])
+def test_a_model_that_writes_into_saved_tensors_fails_no_backward_and_leaks_nothing(small_model, square_reward,
+                                                                                      method):
+    """A failed backward keeps its graph alive for good (its saved tensors hold it in a cycle autograd breaks only
+    when a backward finishes): the first step runs in the mode that copies what is written (hygiene review, 1).
+    Each run after the first leaves no tensor behind, and no step is drawn twice."""
+    handle = small_model.net.mid_block.register_forward_hook(_rescale_half_in_place)
+    calls, counts = [], []
+    try:
+        for _ in range(3):
+            trainer = (FixTrainer(small_model, square_reward, fix_cfg(iterations=2)) if method == "fix" else
+                       SeparateEnhanceTrainer(small_model, se_cfg(iterations=2)))
+            step = trainer.train_step
+            trainer.train_step = lambda: calls.append(1) or step()
+            list(trainer)
+            assert trainer.mutation_allowed
+            trainer.lora.remove()
+            del trainer, step
+            counts.append(_live_tensors())
+    finally:
+        handle.remove()
+    assert counts[2] == counts[1], counts
+    assert len(calls) == 6  # 2 steps a run, none drawn again after a failed backward
+
+
+def test_a_model_that_writes_nothing_in_place_leaves_the_mode_after_its_first_step(small_model, square_reward):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    modes = []
+    handle = small_model.net.mid_block.register_forward_hook(
+        lambda m, a, out: modes.append(_get_current_dispatch_mode() is not None) if torch.is_grad_enabled() else None)
+    try:
+        trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=3, K=1))
+        list(trainer)
+    finally:
+        handle.remove()
+        trainer.lora.remove()
+    assert trainer.mutation_allowed is False
+    assert modes == [True, False, False]  # the differentiated call of each step: only the first one in the mode
+
+
 def _bad_opt_moment(s):
     opt = {**s["optimizer"], "state": {**s["optimizer"]["state"]}}
     opt["state"][0] = {**opt["state"][0], "exp_avg": torch.zeros(7)}
