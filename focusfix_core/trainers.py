@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -617,17 +617,29 @@ def _check_training_state(state, trainer: _LoRATrainer
     return step, history, (continued, source)
 
 
+def _release_failed_backward(device: torch.device) -> None:
+    """Run an empty backward on `device`. A step whose backward stopped midway (out of memory, a cancel, an error
+    in a block's recompute) leaves its graph with autograd until the next backward on that device: an artist's
+    retry with lower settings would sample its base images beside it (hygiene review, 2)."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            torch.zeros((), device=device, requires_grad=True).backward()
+    except Exception:  # a broken device: the error being raised says more
+        pass
+
+
 class _MutationContext:
-    """`allow_mutation_on_saved_tensors` entered at a net's first forward with grad enabled (`enter`, a forward
-    pre-hook) and left by `end()`, after the backward, which reads the copies it keeps. `before_backward()` notes
+    """`allow_mutation_on_saved_tensors` entered at a step's first call with grad enabled (`enter`: a forward
+    pre-hook on the net, or `FixTrainer._differentiated`) and left by `end()`, after the backward, which reads the
+    copies it keeps. `before_backward()` notes
     whether the graph needed it: a saved tensor was written in place, so the mode copied it (the copies go with the
     graph's saved tensors in the backward)."""
 
     def __init__(self, stack: ExitStack):
         self._stack, self._ctx, self.copied = stack, None, False
 
-    def enter(self, module, args) -> None:
-        if torch.is_grad_enabled() and self._ctx is None:
+    def enter(self, module=None, args=None, *, now: bool = False) -> None:
+        if (now or torch.is_grad_enabled()) and self._ctx is None:
             self._ctx = self._stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
 
     def before_backward(self) -> None:
@@ -639,16 +651,20 @@ class _MutationContext:
 
 
 @contextmanager
-def _mutation_allowed_from_first_graph(net: nn.Module) -> Iterator[_MutationContext]:
-    """A `_MutationContext` entered from `net`'s first forward with grad enabled until its `end()` or the block
-    ends. The graph-free sampler calls before it, N - K of a Focus-N-Fix step's N, run without its per-op Python;
-    they save nothing, so their writes need no copy. Nor do the gradient clipping and the optimizer step after it:
-    there the mode's per-op Python would cost a step's every adapter tensor, and on torch 2.5 (not 2.13) its check
-    failed on their multi-tensor (foreach) kernels ("'list' object has no attribute 'data_ptr'")."""
+def _mutation_allowed_from_first_graph(net: nn.Module | None, now: bool = False) -> Iterator[_MutationContext]:
+    """A `_MutationContext` entered from `net`'s first forward with grad enabled (`now`: at once; neither: the
+    caller enters it) until its `end()` or the block ends. The graph-free sampler calls before it, N - K of a
+    Focus-N-Fix step's N, run without its per-op Python; they save nothing, so their writes need no copy. Nor do
+    the gradient clipping and the optimizer step after it: there the mode's per-op Python would cost a step's every
+    adapter tensor, and on torch 2.5 (not 2.13) its check failed on their multi-tensor (foreach) kernels ("'list'
+    object has no attribute 'data_ptr'")."""
     with ExitStack() as stack:
         mutation = _MutationContext(stack)
-        handle = net.register_forward_pre_hook(mutation.enter)
-        stack.callback(handle.remove)
+        if now:
+            mutation.enter(now=True)
+        elif net is not None:
+            handle = net.register_forward_pre_hook(mutation.enter)
+            stack.callback(handle.remove)
         yield mutation
 
 
@@ -817,13 +833,22 @@ class _LoRATrainer:
         self._set_draw_state(self._good)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _mutation_context(self) -> ContextManager[_MutationContext]:
+        """The first step's (and a writing model's every step's) `_MutationContext`, entered at the net's first
+        forward with grad enabled."""
+        return _mutation_allowed_from_first_graph(self.model.net)
+
     def train_step(self) -> StepRecord:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[StepRecord]:
         while self.step < self.cfg.iterations:
             with self._explain_oom(f"in training step {self.step + 1} of {self.cfg.iterations}"):
-                record = self._checked_step()
+                try:
+                    record = self._checked_step()
+                except BaseException:
+                    _release_failed_backward(self.device)
+                    raise
             yield record
 
     def _checked_step(self) -> StepRecord:
@@ -837,7 +862,7 @@ class _LoRATrainer:
         that writes in place only in a later step still trains: that step is drawn again (its draws put back)
         under the mode, at the cost of that one graph."""
         if self.mutation_allowed is not False:
-            with _mutation_allowed_from_first_graph(self.model.net) as self._mutation:
+            with self._mutation_context() as self._mutation:
                 try:
                     record = self.train_step()
                 finally:
@@ -1261,7 +1286,7 @@ class FixTrainer(_LoRATrainer):
         with (torch.enable_grad(), _frozen(self.model.net, self.reward, *_decoders(self.model)),
               checkpointed_modules(blocks)):
             try:
-                z = sample(self._train_denoiser, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
+                z = sample(self._differentiated, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
                            lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks,
                            callback=self.on_sampler_step, sampler_name=cfg.sampler_name)
             finally:
@@ -1289,6 +1314,20 @@ class FixTrainer(_LoRATrainer):
         self.last_images = I.detach()[::n]
         return self._finish_step(t0, loss=loss.item(), grad_norm=grad_norm, reward=scores.mean().item(),
                                  region=None if region is None else region.item())
+
+    def _mutation_context(self) -> ContextManager[_MutationContext]:
+        # entered by `_differentiated`, not a hook on the net: a hook there would recompile the compiled
+        # graph-free calls (torch.compile guards on a module's hooks). A checkpoint around whole denoiser calls
+        # (no blocks) would take it inside: the mode would then hold the tensors the checkpoint saves after it,
+        # and the recompute would no longer match them (torch's CheckpointError): entered at once there
+        return _mutation_allowed_from_first_graph(None, now=not self._checkpoint_modules)
+
+    def _differentiated(self, x, sigma, cond):
+        """The training trajectory's denoiser: `_train_denoiser`, entering the step's `_MutationContext` at its
+        first call with grad enabled."""
+        if self._mutation is not None and torch.is_grad_enabled():
+            self._mutation.enter()
+        return self._train_denoiser(x, sigma, cond)
 
     def metadata(self) -> dict:
         meta = super().metadata()

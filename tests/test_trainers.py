@@ -1290,6 +1290,33 @@ def test_a_model_that_writes_into_saved_tensors_fails_no_backward_and_leaks_noth
     assert len(calls) == 6  # 2 steps a run, none drawn again after a failed backward
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, KeyboardInterrupt])
+def test_a_backward_stopped_midway_leaves_no_graph_behind(small_model, square_reward, error):
+    """Out of memory (or a cancel) in a block's recompute during the backward: the failed step's graph stayed with
+    autograd until the next backward, beside a retry's base images (hygiene review, 2)."""
+    fired = []
+
+    def in_backward(module, args, out):
+        if torch._C._current_graph_task_id() != -1 and not fired:
+            fired.append(1)
+            raise error("CUDA out of memory.")  # a new one: a raised exception's traceback holds the step's frames
+    before = _live_tensors()
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+    inside = [m for m in trainer._checkpoint_modules[-1].modules() if not list(m.children())][0]
+    handle = inside.register_forward_hook(in_backward)  # a layer of a block the backward recomputes
+    raised = False
+    try:
+        list(trainer)
+    except error:  # not pytest.raises: its traceback would keep the step's frames and tensors
+        raised = True
+    finally:
+        handle.remove()
+        trainer.lora.remove()
+    del trainer
+    assert raised and fired
+    assert _live_tensors() == before
+
+
 def test_a_model_that_writes_nothing_in_place_leaves_the_mode_after_its_first_step(small_model, square_reward):
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     modes = []
