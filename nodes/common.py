@@ -45,28 +45,34 @@ def graph_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str,
     return out
 
 
-_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) of its last hash
+_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}  # path -> (its `_stamp`, sha256) at its last hash
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    # an atomic replace gives a new inode, and any write or os.utime a new ctime: a file rewritten with the
+    # same size on a coarse clock (FAT's 2 s, SMB), or whose old mtime a copy tool put back, is hashed again
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def file_fingerprint(folder: str, name: str) -> str:
     """IS_CHANGED of a node that loads `name` from a models folder: the sha256 of the file's bytes, as LoadImage
     hashes its image. A file rewritten under the same name is read again instead of coming from ComfyUI's
     cache, and one only touched, synced or copied back is not (a needless retrain downstream). Hashed again
-    only when its size or modification time changes ("" when missing: the node's execute names it)."""
+    only when its size, times or inode change ("" when missing: the node's execute names it)."""
     import folder_paths
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         return ""
-    st = os.stat(path)
+    stamp = _stamp(os.stat(path))
     known = _DIGESTS.get(path)
-    if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
+    if known is None or known[0] != stamp:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-        known = (st.st_size, st.st_mtime_ns, h.hexdigest())
+        known = (stamp, h.hexdigest())
         _DIGESTS[path] = known
-    return known[2]
+    return known[1]
 
 
 def scheduler_names() -> list[str]:

@@ -140,3 +140,21 @@ def test_load_lora_reads_a_rewritten_file_again(fresh, checkpoint):
     (loaded,) = fresh.run("FocusFixLoadLoRA", lora_name=name)
     assert all(torch.equal(loaded.tensors[k], second.tensors[k]) for k in second.tensors)
     assert node.IS_CHANGED(lora_name="missing.safetensors") == ""
+
+
+def test_load_lora_reads_a_file_rewritten_with_the_same_size_and_time_again(fresh, checkpoint):
+    """A coarse clock (FAT's 2 s, SMB) or a copy tool that puts the old modification time back: the same size
+    and mtime, other bytes. IS_CHANGED still follows the bytes (hygiene review, 3)."""
+    import os
+    node = fresh.node("FocusFixLoadLoRA")
+    lora, *_ = _fix(fresh, checkpoint, iterations=1)
+    (name,) = fresh.run("FocusFixSaveLoRA", lora=lora, filename="fixes/same_size", overwrite=False)
+    path = fresh.loras / name
+    before, st = node.IS_CHANGED(lora_name=name), os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: same size
+    with open(path, "r+b") as f:  # in place: same inode
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    assert node.IS_CHANGED(lora_name=name) != before
