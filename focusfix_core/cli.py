@@ -953,8 +953,8 @@ def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> st
 
     def named(text: str) -> str:
         if "--size" in flags.values():  # the command line's one square size: "width and height (now 64x64)"
-            text = re.sub(r"\bwidth and height \(now (\d+)x\1\)", r"--size (now \1)", text)
-            text = re.sub(r"\bwidth and height\b", "--size", text)
+            text = re.sub(r"(?<![\w/\\.'\"-])width and height \(now (\d+)x\1\)", r"--size (now \1)", text)
+            text = re.sub(r"(?<![\w/\\.'\"-])width and height(?![\w/\\.'\"-])", "--size", text)
         text = re.sub(r"(?<![\w/\\.'\"-])[a-z]+(?:_[a-z0-9]+)+(?![\w/\\.'\"-])", swap, text)
         return re.sub(r"(?<![\w/\\.'\"-])[A-Za-z]+(?= \(now )"
                       r"|(?:(?<=other settings: )|(?<=\); )|(?<=\bset ))[A-Za-z]+(?= )", swap, text)

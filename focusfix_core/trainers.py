@@ -27,6 +27,7 @@ from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import __version__
 from .attention import AttentionStore, map_size
@@ -638,8 +639,8 @@ class _MutationContext:
     def __init__(self, stack: ExitStack):
         self._stack, self._ctx, self.copied = stack, None, False
 
-    def enter(self, module=None, args=None, *, now: bool = False) -> None:
-        if (now or torch.is_grad_enabled()) and self._ctx is None:
+    def enter(self, module=None, args=None) -> None:
+        if torch.is_grad_enabled() and self._ctx is None:
             self._ctx = self._stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
 
     def before_backward(self) -> None:
@@ -651,18 +652,16 @@ class _MutationContext:
 
 
 @contextmanager
-def _mutation_allowed_from_first_graph(net: nn.Module | None, now: bool = False) -> Iterator[_MutationContext]:
-    """A `_MutationContext` entered from `net`'s first forward with grad enabled (`now`: at once; neither: the
-    caller enters it) until its `end()` or the block ends. The graph-free sampler calls before it, N - K of a
-    Focus-N-Fix step's N, run without its per-op Python; they save nothing, so their writes need no copy. Nor do
-    the gradient clipping and the optimizer step after it: there the mode's per-op Python would cost a step's every
-    adapter tensor, and on torch 2.5 (not 2.13) its check failed on their multi-tensor (foreach) kernels ("'list'
-    object has no attribute 'data_ptr'")."""
+def _mutation_allowed_from_first_graph(net: nn.Module | None) -> Iterator[_MutationContext]:
+    """A `_MutationContext` entered from `net`'s first forward with grad enabled (None: the caller enters it) until
+    its `end()` or the block ends. The graph-free sampler calls before it, N - K of a Focus-N-Fix step's N, run
+    without its per-op Python; they save nothing, so their writes need no copy (and a compiled call under a
+    dispatch mode would make dynamo skip its code for good). Nor do the gradient clipping and the optimizer step
+    after it: there the mode's per-op Python would cost a step's every adapter tensor, and on torch 2.5 (not 2.13)
+    its check failed on their multi-tensor (foreach) kernels ("'list' object has no attribute 'data_ptr'")."""
     with ExitStack() as stack:
         mutation = _MutationContext(stack)
-        if now:
-            mutation.enter(now=True)
-        elif net is not None:
+        if net is not None:
             handle = net.register_forward_pre_hook(mutation.enter)
             stack.callback(handle.remove)
         yield mutation
@@ -1287,7 +1286,7 @@ class FixTrainer(_LoRATrainer):
               checkpointed_modules(blocks)):
             try:
                 z = sample(self._differentiated, self._noise(idx), self.sigmas, self._cond(idx), K=cfg.K,
-                           lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=not blocks,
+                           lv_copies=cfg.lv_copies, generator=self.generator, checkpoint=False,
                            callback=self.on_sampler_step, sampler_name=cfg.sampler_name)
             finally:
                 self._train_denoiser.restore()
@@ -1316,18 +1315,25 @@ class FixTrainer(_LoRATrainer):
                                  region=None if region is None else region.item())
 
     def _mutation_context(self) -> ContextManager[_MutationContext]:
-        # entered by `_differentiated`, not a hook on the net: a hook there would recompile the compiled
-        # graph-free calls (torch.compile guards on a module's hooks). A checkpoint around whole denoiser calls
-        # (no blocks) would take it inside: the mode would then hold the tensors the checkpoint saves after it,
-        # and the recompute would no longer match them (torch's CheckpointError): entered at once there
-        return _mutation_allowed_from_first_graph(None, now=not self._checkpoint_modules)
+        # entered by `_differentiated`, not by a hook on the net: torch.compile guards on a module's hooks, and
+        # would recompile the graph-free calls when the hook comes and goes
+        return _mutation_allowed_from_first_graph(None)
 
     def _differentiated(self, x, sigma, cond):
-        """The training trajectory's denoiser: `_train_denoiser`, entering the step's `_MutationContext` at its
-        first call with grad enabled."""
-        if self._mutation is not None and torch.is_grad_enabled():
+        """The training trajectory's denoiser: `_train_denoiser`, whose calls with grad enabled enter the step's
+        `_MutationContext` and, on a model without named blocks (`checkpointed_modules`), run checkpointed whole.
+        The mode is entered before the checkpoint: entered inside one, it would take the tensors the checkpoint
+        saves after it, and the recompute would no longer match them (torch's CheckpointError). It does not reach
+        inside the checkpoint, though: a model without named blocks that writes in place into a tensor it saved
+        trains on the written values (the recompute runs under the checkpoint's own hooks). ComfyUI's SD1.5 and
+        SDXL UNets name their blocks: only another net could meet this."""
+        if not torch.is_grad_enabled():
+            return self._train_denoiser(x, sigma, cond)
+        if self._mutation is not None:
             self._mutation.enter()
-        return self._train_denoiser(x, sigma, cond)
+        if self._checkpoint_modules:
+            return self._train_denoiser(x, sigma, cond)
+        return _checkpoint(self._train_denoiser, x, sigma, cond, use_reentrant=False)
 
     def metadata(self) -> dict:
         meta = super().metadata()

@@ -954,6 +954,8 @@ def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path,
     ("train-fnf", "2 prompt(s) x 9 seed(s) = 18 items would hold 30.1 GiB of images: use fewer seeds or prompts, or a "
      "smaller width and height", "2 prompt(s) x 9 seed(s) = 18 items would hold 30.1 GiB of images: use fewer seeds "
      "or prompts, or a smaller --size"),
+    ("train-fnf", "cannot read /data/width and height/mask.png: use a smaller width and height",
+     "cannot read /data/width and height/mask.png: use a smaller --size"),
     # names in paths, quotes and words stay (a prompt is the artist's: 'a chess set --model and a pawn' was)
     ("train-fnf", "cannot read /tmp/batch_size/lam.png: 'mask_source' set the mask", "cannot read "
      "/tmp/batch_size/lam.png: 'mask_source' set the mask"),

@@ -520,6 +520,26 @@ def test_compiled_sampler_traces_once_and_trains_like_eager(small_model, square_
     other.lora.remove()
 
 
+@compile_checked
+def test_compiled_sampler_compiles_a_model_checkpointed_in_whole_calls(small_model, square_reward, compiler,
+                                                                         monkeypatch):
+    """A model without named blocks: its differentiated calls are checkpointed whole. The first step's mutation
+    mode, entered there at the step's start, put the compiled graph-free calls under a dispatch mode, so dynamo
+    skipped the sampler's code for the whole process, for every later run too (session 23 review, 1)."""
+    graphs, _ = compiler
+    monkeypatch.setattr(small_model, "checkpoint_modules", lambda: [])
+    whole, _ = run(small_model, square_reward, fix_cfg(iterations=2, compile="default"))
+    whole.lora.remove()
+    monkeypatch.undo()
+    blocks, _ = run(small_model, square_reward, fix_cfg(iterations=2, compile="default"))
+    blocks.lora.remove()
+    assert not whole._checkpoint_modules and blocks._checkpoint_modules
+    assert len(graphs) == 1
+    for trainer in (whole, blocks):
+        inner = trainer.sampling_denoiser.inner
+        assert inner.compiled_calls > 0 and inner.eager_calls == 0, (inner.compiled_calls, inner.eager_calls)
+
+
 def test_compiled_sampler_keeps_I_equal_I0_at_step_0(small_model, square_reward, compiler):
     """Compiled kernels round differently from eager ones: I0's last K steps run eagerly, like I's
     differentiated calls, so an untrained LoRA still gives I == I0 bit for bit."""
