@@ -444,6 +444,7 @@ def checkpoint_levers(trainer, model, args) -> None:
         return
     if args.no_checkpoint:
         trainer._checkpoint_modules = []
+        trainer._checkpoint_calls = False  # nor whole calls (since session 23 the trainer's, not `sample`'s)
     elif args.checkpoint_decode:
         decoder = getattr(getattr(getattr(model, "vae", None), "first_stage_model", None), "decoder", None)
         inside = {id(m) for m in decoder.modules()} if isinstance(decoder, torch.nn.Module) else set()

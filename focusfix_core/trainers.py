@@ -1032,6 +1032,7 @@ class FixTrainer(_LoRATrainer):
         self._train_denoiser = MergedWhenNoGrad(self.sampling_denoiser, self.lora)  # graph-free steps: no hooks
         # where the model names its blocks, checkpoint them one by one instead of whole denoiser calls
         self._checkpoint_modules = list(getattr(model, "checkpoint_modules", lambda: [])())
+        self._checkpoint_calls = not self._checkpoint_modules  # whole differentiated calls instead (`_differentiated`)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.last_images: torch.Tensor | None = None
         # (prompt, seed) items first met by before_after() whose derived mask is empty (a flat map): shown with
@@ -1331,7 +1332,7 @@ class FixTrainer(_LoRATrainer):
             return self._train_denoiser(x, sigma, cond)
         if self._mutation is not None:
             self._mutation.enter()
-        if self._checkpoint_modules:
+        if not self._checkpoint_calls:
             return self._train_denoiser(x, sigma, cond)
         return _checkpoint(self._train_denoiser, x, sigma, cond, use_reentrant=False)
 
