@@ -632,9 +632,8 @@ def _release_failed_backward(device: torch.device) -> None:
 class _MutationContext:
     """`allow_mutation_on_saved_tensors` entered at a step's first call with grad enabled (`enter`: a forward
     pre-hook on the net, or `FixTrainer._differentiated`) and left by `end()`, after the backward, which reads the
-    copies it keeps. `before_backward()` notes
-    whether the graph needed it: a saved tensor was written in place, so the mode copied it (the copies go with the
-    graph's saved tensors in the backward)."""
+    copies it keeps. `before_backward()` notes whether the graph needed it: a saved tensor was written in place, so
+    the mode copied it (the copies go with the graph's saved tensors in the backward)."""
 
     def __init__(self, stack: ExitStack):
         self._stack, self._ctx, self.copied = stack, None, False
