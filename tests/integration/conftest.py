@@ -58,6 +58,7 @@ class Server(NamedTuple):
     """A running ComfyUI server: its base URL and temp folder (out/, in/, user/, server.log)."""
     url: str
     tmp: Path
+    pack: str = PACK  # the pack's folder in its custom_nodes
 
     def get(self, path: str, data=None, timeout: float = 10):
         """The JSON answer to GET url+path, or to a POST of `data` as JSON."""

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = "ComfyUI-FocusFix"
 DOCS = REPO / "web" / "docs"  # the root module's WEB_DIRECTORY ("./web"; test_node_docs.py checks it holds them)
 
 
@@ -45,22 +44,20 @@ def _page(node: str, locale: str = "en") -> str:
 
 
 def test_help_page_is_served(server):
-    url, _ = server
-    status, text = _fetch(f"{url}/extensions/{PACK}/docs/FocusFixTrainFocusNFix.md")
-    assert status == 200, f"GET /extensions/{PACK}/docs/FocusFixTrainFocusNFix.md: HTTP {status}"
+    status, text = _fetch(f"{server.url}/extensions/{server.pack}/docs/FocusFixTrainFocusNFix.md")
+    assert status == 200, f"GET /extensions/{server.pack}/docs/FocusFixTrainFocusNFix.md: HTTP {status}"
     assert text == (DOCS / "FocusFixTrainFocusNFix.md").read_text(encoding="utf-8")
 
 
 def test_frontend_finds_every_page_from_object_info(server):
     """python_module names the folder ComfyUI serves the pack's web directory under, so the URL the frontend
     builds from it returns the page."""
-    url, _ = server
     info = server.get("/object_info", timeout=60)
     ours = sorted(k for k, v in info.items() if k.startswith("FocusFix") and v["category"] != "FocusFix/testing")
     assert ours == sorted(p.stem for p in DOCS.glob("*.md"))
     for node in ours:
         module = info[node]["python_module"]
-        assert _frontend_pack_name(module) == PACK, f"{node}: python_module {module!r}"
-        status, text = _frontend_help(url, _frontend_pack_name(module), node)
+        assert _frontend_pack_name(module) == server.pack, f"{node}: python_module {module!r}"
+        status, text = _frontend_help(server.url, _frontend_pack_name(module), node)
         assert status == 200, f"{node}: the frontend's help URL gives HTTP {status}"
         assert text == _page(node), node

@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = "ComfyUI-FocusFix"
 
 
 def test_pack_imports_without_failure(server):
     text = (server.tmp / "server.log").read_text()
-    failed = [line for line in text.splitlines() if "IMPORT FAILED" in line and PACK in line]
+    failed = [line for line in text.splitlines() if "IMPORT FAILED" in line and server.pack in line]
     assert not failed, failed
 
 
@@ -33,8 +32,8 @@ def test_object_info_lists_every_node_with_tooltips(server):
 
 def test_workflow_templates_served(server):
     templates = server.get("/api/workflow_templates")
-    assert sorted(templates[PACK]) == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
-    ui = server.get(f"/api/workflow_templates/{PACK}/focusfix_4_inspect_attention.json")
+    assert sorted(templates[server.pack]) == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    ui = server.get(f"/api/workflow_templates/{server.pack}/focusfix_4_inspect_attention.json")
     assert ui["nodes"]
 
 

@@ -259,7 +259,7 @@ def comfy_page(chromium, server):  # chromium first: without one, skip before st
     """A ComfyPage on the server, with the images the workflows' LoadImage nodes name in its input folder (so
     their previews load: before a user's first run the image is missing and the frontend logs a 404)."""
     from PIL import Image
-    url, tmp = server
+    url, tmp = server.url, server.tmp
     # A returning user: a first visit opens a blank graph and the templates browser instead of the default graph.
     req = urllib.request.Request(url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
     urllib.request.urlopen(req, timeout=30).close()
