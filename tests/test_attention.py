@@ -443,3 +443,41 @@ def test_word_indices_refuse_two_words_on_the_same_token():
     # "bird" is only the end of "hummingbird": no whole word of the prompt (before: both landed on one token)
     with pytest.raises(ValueError, match="'bird' is only part of the longer word 'hummingbird'"):
         word_token_indices(CLIP_TOKENS, ["hummingbird", "bird"])
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def test_any_resolution_resizes_a_larger_layer_by_area():
+    """resolution="any": an 8x8 layer stored at out_size 4 is the 2x2 average of its own 8x8 maps."""
+    q, k = _qk(N=64, seed=5)
+    words = [[[0], [3]]]
+    fine = AttentionStore(words, resolution=8)
+    fine.add(q, k, heads=2, hw=(8, 8))
+    anyres = AttentionStore(words, resolution="any", out_size=4)
+    anyres.add(q, k, heads=2, hw=(8, 8))
+    torch.testing.assert_close(anyres.maps(), F.avg_pool2d(fine.maps(), 2))
+
+
+class _Attn2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = 2
+        self.to_q, self.to_k = nn.Linear(8, 8, bias=False), nn.Linear(6, 8, bias=False)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn2 = _Attn2()
+
+
+def test_capture_adds_a_layer_once_per_query():
+    """A layer is added when to_k runs after to_q; a second to_k call with no new to_q (the text keys read alone,
+    as for key_change_loss) adds nothing, rather than pairing the old queries again."""
+    torch.manual_seed(0)
+    net, x, ctx = _Net(), torch.randn(1, 16, 8), torch.randn(1, 5, 6)
+    store = AttentionStore([[[1]]], resolution=4)
+    with attention_capture(net, store, latent_hw=(4, 4)):
+        net.attn2.to_q(x)
+        net.attn2.to_k(ctx)
+        net.attn2.to_k(ctx)
+    assert store.n_layers == 1

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from focusfix_core.losses import (
     enhance_loss,
     key_change_loss,
+    overlap_and_peaks,
     preservation_loss,
     region_loss,
     resize_mask,
@@ -369,3 +370,46 @@ def test_region_per_image_mask_gives_each_image_its_own_loss():
         assert int((M[b] == 0).sum()) == held[b]
         torch.testing.assert_close(loss[b : b + 1], region_loss(I[b : b + 1], I0[b : b + 1], M[b : b + 1]))
         assert loss[b].item() == pytest.approx(math.sqrt(C * held[b]), rel=1e-9)
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def test_region_refuses_a_negative_mask():
+    """A mask below 0 would weight the held pixels by 1 - M > 1: refused like a mask above 1."""
+    with pytest.raises(ValueError, match=r"\[0,1\]"):
+        region_loss(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), torch.full((1, 8, 8), -0.5))
+
+
+def test_resize_mask_enlarged_stays_in_0_1_and_region_loss_accepts_it():
+    """Bilinear weights of an all-ones mask can sum to 1 + 1 ulp (3x3 -> 7x7 does): the result must still lie in
+    [0,1], or region_loss refuses the resized mask."""
+    M = resize_mask(torch.ones(1, 3, 3), 7)
+    assert M.shape == (1, 1, 7, 7) and M.min() >= 0 and M.max() <= 1
+    I0 = torch.rand(1, 3, 7, 7)
+    assert region_loss(I0 + 1, I0, M).item() < 1e-5  # everything may change
+
+
+def test_reward_loss_refuses_no_scores():
+    """The mean of no scores is NaN: refused up front, as the docstring says (a non-empty [B] tensor)."""
+    with pytest.raises(ValueError, match="non-empty"):
+        reward_loss(torch.empty(0))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (1, 1, 4, 1)])
+def test_enhance_refuses_a_map_one_pixel_thin(shape):
+    """The 3x3 reflect blur needs 2 pixels along both sides: a ValueError naming the size, not kornia's error."""
+    with pytest.raises(ValueError, match="2x2"):
+        enhance_loss(torch.rand(*shape))
+
+
+def test_overlap_and_peaks_two_words_hand_values():
+    """Two words: the overlap is separate_loss's max_p A1 A2 / (A1 + A2); each peak is that word's own blurred max
+    (3x3 Gaussian, sigma 0.5: centre weight w0^2, diagonal w1^2, w0 = 1 / (1 + 2 e^-2), w1 = w0 e^-2)."""
+    A = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    A[0, 0, 1, 1] = 0.8
+    A[0, 1, 1, 1] = 0.2
+    A[0, 1, 2, 2] = 0.6
+    overlap, peaks = overlap_and_peaks(A)
+    w0 = 1 / (1 + 2 * math.exp(-2))
+    w1 = w0 * math.exp(-2)
+    assert overlap == pytest.approx(0.8 * 0.2 / (0.8 + 0.2))
+    assert peaks == pytest.approx([0.8 * w0**2, 0.6 * w0**2 + 0.2 * w1**2])

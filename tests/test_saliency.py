@@ -364,3 +364,82 @@ def test_otsu_on_a_kornia_without_it_says_which_version_it_needs(monkeypatch):
                                          r"kornia 0\.7\.1: update it .* or choose 'value' or 'top_percent'"):
         heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="otsu")
     assert heatmap_to_mask(torch.rand(1, 8, 8), threshold_mode="value", threshold=0.5).shape == (1, 1, 8, 8)
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+class RedMinusGreen(nn.Module):
+    """Gradients of opposite sign in two channels: 1/(HW) on red, -1/(HW) on green."""
+
+    def forward(self, I):
+        return (I[:, 0] - I[:, 1]).mean((1, 2))
+
+
+class SignedHeatmap(nn.Module):
+    """A reward whose heatmap is negative off a 4x4 square (a signed artifact map)."""
+
+    has_heatmap = True
+    name = "signed"
+
+    def forward(self, I):
+        return I.mean((1, 2, 3))
+
+    def heatmap(self, I):
+        H = torch.full_like(I[:, :1], -0.5)
+        H[..., 2:6, 2:6] = 1.0
+        return H
+
+
+def _square8(size=8, lo=2, hi=6):
+    M = torch.zeros(1, 1, size, size)
+    M[..., lo:hi, lo:hi] = 1
+    return M
+
+
+def test_score_and_saliency_sums_absolute_gradients_over_channels():
+    """|dr/dred| + |dr/dgreen| = 1/4 + 1/4 per pixel of a 2x2 image, not |1/4 - 1/4| = 0; the same map as
+    gradient_saliency's "grad"."""
+    I = torch.full((1, 3, 2, 2), 0.5)
+    scores, S = score_and_saliency(RedMinusGreen(), I)
+    assert scores.tolist() == [0.0]
+    torch.testing.assert_close(S, torch.full((1, 1, 2, 2), 0.5))
+    torch.testing.assert_close(S, gradient_saliency(RedMinusGreen(), I, method="grad"))
+
+
+def test_smoothgrad_refuses_zero_samples():
+    """The average of no noisy copies is 0/0: refused, naming n_samples."""
+    with pytest.raises(ValueError, match="n_samples"):
+        gradient_saliency(RedMinusGreen(), torch.rand(1, 3, 4, 4), method="smoothgrad", n_samples=0)
+
+
+def test_heatmap_threshold_is_relative_to_each_maps_minimum_and_peak():
+    """Min-max normalisation: a heatmap of 1 with a square of 2 thresholds at 1.5 (the square), not at 0.5 * 2."""
+    H = torch.ones(1, 8, 8)
+    H[0, 2:6, 2:6] = 2.0
+    assert torch.equal(heatmap_to_mask(H, blur_sigma=0, threshold_mode="value", threshold=0.5), _square8())
+
+
+def test_feather_kernel_reaches_three_sigma():
+    """Feathering a lone on pixel with sigma 1 gives the separable Gaussian of size 2 * ceil(3 sigma) + 1 = 7,
+    normalised over its window: the row through the pixel is g(0) g(d), nonzero out to d = 3."""
+    H = torch.zeros(1, 15, 15)
+    H[0, 7, 7] = 1.0
+    M = heatmap_to_mask(H, blur_sigma=0, threshold=0.5, feather=1.0)
+    g = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / 2)
+    g = g / g.sum()
+    torch.testing.assert_close(M[0, 0, 7, 4:11], g[3] * g)
+    assert M[0, 0, 7, 3] == 0 and M[0, 0, 7, 11] == 0
+
+
+def test_mask_from_reward_clamps_a_signed_heatmap():
+    """A reward's heatmap below 0 reads as 0 (no change there): mask_from_reward gives the square, where
+    heatmap_to_mask alone refuses a negative map."""
+    M = mask_from_reward(SignedHeatmap(), torch.rand(1, 3, 8, 8), "heatmap", blur_sigma=0)
+    assert torch.equal(M, _square8())
+
+
+def test_check_mask_says_full_only_when_every_pixel_may_change():
+    M = torch.ones(1, 4, 4)
+    M[0, 0] = 0  # coverage 0.75
+    assert check_mask(M) == []
+    assert check_mask(torch.ones(1, 4, 4)) == [
+        "mask M[0] is full (coverage 1): nothing is held: Focus-N-Fix becomes plain DRaFT"]

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from focusfix_core.denoisers import CFGDenoiser
-from focusfix_core.sampler import check_steps, sample, seed_noise
+from focusfix_core.sampler import (CompiledWhenNoGrad, check_sigmas, check_steps, checkpointed_modules, sample,
+                                   seed_noise)
 from focusfix_core.schedules import (get_sigmas_karras, get_sigmas_uniform, scaled_linear_alphas_cumprod, sigma_to_t,
                                      sigmas_from_alphas_cumprod, t_to_sigma)
 
@@ -616,3 +618,96 @@ def test_release_pinned_memory_reaches_the_host_cache_on_torch_2_11_6(monkeypatc
         monkeypatch.setattr(accelerator, "empty_host_cache", lambda: calls.append("accelerator"), raising=False)
         release_pinned_memory()
         assert calls == ["host", "accelerator"]
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+class Shrink(nn.Module):
+    """x0 = x / (1 + sigma^2): a closed-form denoiser."""
+
+    def forward(self, x, sigma, cond):
+        return x / (1 + sigma[:, None, None, None] ** 2)
+
+
+def test_check_steps_refuses_zero_steps():
+    with pytest.raises(ValueError, match="steps"):
+        check_steps(0, 0)
+    with pytest.raises(ValueError, match="steps"):
+        sample(Shrink(), torch.zeros(1, 1, 2, 2), torch.tensor([0.0]), {})
+
+
+def test_check_sigmas_refuses_a_zero_before_the_last():
+    """[2, 0, 0] does not increase and ends at 0, but its second step would divide by sigma 0."""
+    with pytest.raises(ValueError, match="positive"):
+        check_sigmas(torch.tensor([2.0, 0.0, 0.0]))
+
+
+def test_checkpointed_modules_gives_back_an_instance_forward():
+    """A forward someone set on the instance before is restored on exit; a class forward stays the class's."""
+    plain, custom = nn.Linear(2, 2), nn.Linear(2, 2)
+    own = lambda x: x * 0  # noqa: E731
+    custom.forward = own
+    with checkpointed_modules([plain, custom]):
+        assert custom.forward is not own
+    assert custom.forward is own
+    assert "forward" not in plain.__dict__
+
+
+def _fake_compiler(flags, static=None):
+    """A stand-in for torch.compile: runs the probed call, returns (x0, the next traced flag). With `static`, every
+    output is written into one buffer, as a CUDA graph's replay does."""
+    flags = list(flags)
+
+    def compiler(probed, mode):
+        def run(x, sigma, cond):
+            out, _ = probed(x, sigma, cond)
+            if static is not None:
+                buf = static.setdefault("out", torch.empty_like(out))
+                buf.copy_(out)
+                out = buf
+            return out, flags.pop(0)
+
+        return run
+
+    return compiler
+
+
+def test_reduce_overhead_outputs_survive_the_next_replay():
+    """Under CUDA graphs ("reduce-overhead") the compiled output lives in the graph's memory: a returned x0 must not
+    change when the next call replays the graph."""
+    den = Shrink()
+    wrapped = CompiledWhenNoGrad(den, "reduce-overhead", _fake_compiler([True, True], static={}))
+    x1, x2, sigma = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 5.0), torch.tensor([1.0])
+    with torch.no_grad():
+        first = wrapped(x1, sigma, {})
+        wrapped(x2, sigma, {})
+    torch.testing.assert_close(first, den(x1, sigma, {}))
+
+
+def test_scaled_linear_refuses_one_timestep():
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        scaled_linear_alphas_cumprod(1)
+
+
+def test_sigmas_from_alphas_cumprod_refuses_values_above_one():
+    """abar > 1 would give sqrt of a negative (NaN sigmas)."""
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        sigmas_from_alphas_cumprod(torch.tensor([0.5, 1.5]))
+
+
+def test_t_to_sigma_clamps_t_to_the_training_range():
+    sigmas = torch.tensor([0.1, 1.0, 10.0])
+    got = t_to_sigma(torch.tensor([-1.0, 0.0, 2.0, 3.5]), sigmas)
+    torch.testing.assert_close(got, torch.tensor([0.1, 0.1, 10.0, 10.0]))
+
+
+def test_karras_default_rho_is_7():
+    """Karras et al.'s rho = 7 (as ComfyUI and k-diffusion): the middle of 3 steps is the mean of the 7th roots."""
+    s = get_sigmas_karras(3, 0.1, 10.0)
+    expected = ((10.0 ** (1 / 7) + 0.1 ** (1 / 7)) / 2) ** 7
+    assert float(s[1]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("lo, hi", [(10.0, 1.0), (1.0, 1.0), (0.1, math.inf)])
+def test_karras_refuses_a_range_that_is_not_0_lt_min_lt_max(lo, hi):
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        get_sigmas_karras(4, lo, hi)
