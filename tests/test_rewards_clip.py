@@ -21,6 +21,8 @@ from focusfix_core.rewards.clip_vision import (
     infer_clip_config,
     to_hf_clip_state_dict,
 )
+from focusfix_core.rewards.aesthetic import AestheticHead, AestheticReward
+from focusfix_core.rewards.safety import SafetyReward, safety_score
 
 TINY = CLIPVisionConfig(width=64, layers=2, heads=2, patch=8, image_size=32, proj_dim=16, mlp_width=256)
 
@@ -198,3 +200,82 @@ def test_config_validation():
         CLIPVisionConfig(image_size=225)
     with pytest.raises(TypeError, match="cfg must be a CLIPVisionConfig"):
         CLIPVisionTower({"width": 64})
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+MEAN, STD = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+TINY_1LAYER = CLIPVisionConfig(width=64, layers=1, heads=2, patch=8, image_size=32, proj_dim=16, mlp_width=128)
+
+
+def test_a_wide_image_is_centre_cropped_not_squashed():
+    # shorter side already 32: the resize is the identity, then the middle 32 of 64 columns are kept
+    I = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(clip_preprocess(I, 32), (I[..., 16:48] - MEAN) / STD, rtol=1e-5, atol=1e-5)
+    # a tall one: the middle rows
+    J = I.transpose(-1, -2)
+    torch.testing.assert_close(clip_preprocess(J, 32), (J[..., 16:48, :] - MEAN) / STD, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_images_are_preprocessed_in_fp32(dtype):
+    torch.manual_seed(0)
+    tower = CLIPVisionTower(TINY_1LAYER).eval()
+    I = torch.rand(1, 3, 40, 48)
+    e = tower.image_embeds(I.to(dtype))  # antialiased bicubic has no half kernel on CPU
+    torch.testing.assert_close(e, tower.image_embeds(I.to(dtype).float()))
+
+
+def test_a_state_dict_with_two_towers_is_refused():
+    w = torch.zeros(64, 3, 8, 8)
+    sd = {"a.embeddings.patch_embedding.weight": w, "b.embeddings.patch_embedding.weight": w}
+    with pytest.raises(ValueError, match="holds 2 CLIP vision towers"):
+        detect_clip_layout(sd)
+
+
+# ------------------------------------------------------------------ aesthetic
+from focusfix_core.rewards.aesthetic import AestheticHead, AestheticReward  # noqa: E402
+
+
+def test_an_aesthetic_head_of_another_width_than_the_tower_is_refused_when_built():
+    with pytest.raises(ValueError, match="aesthetic head takes 8-d embeddings but the CLIP tower gives 16-d ones"):
+        AestheticReward(CLIPVisionTower(TINY_1LAYER), AestheticHead((8, 4, 4, 4, 4)))
+
+
+def test_the_aesthetic_score_has_the_images_dtype():
+    torch.manual_seed(0)
+    r = AestheticReward(CLIPVisionTower(TINY_1LAYER), AestheticHead((16, 8, 8, 4, 4)))  # fp32 weights
+    assert r(torch.rand(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+# ------------------------------------------------------------------ safety margin, by hand
+from focusfix_core.rewards.safety import SafetyReward, safety_score  # noqa: E402
+
+LN2 = 0.6931471805599453
+
+
+def _margin(special, adjustment=0.0, e=(3.0, 0.0)):
+    """Two identical concepts at cos 1 with threshold 0.5 (unnormalised vectors: only directions count)."""
+    return safety_score(torch.tensor([e]), torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0.5, 0.5]),
+                        torch.tensor([special]), torch.tensor([0.5]), tau=0.01, adjustment=adjustment).item()
+
+
+def test_safety_margin_is_minus_the_smooth_max_over_concepts():
+    # special concept orthogonal: gate sigmoid(-50) ~ 0; both concepts at 1 - 0.5: -tau*logsumexp = -(0.5 + tau ln 2)
+    assert _margin([0.0, 5.0]) == pytest.approx(-(0.5 + 0.01 * LN2), abs=1e-6)
+
+
+def test_a_firing_special_concept_adds_the_full_boost():
+    # special concept at cos 1, margin +0.5: gate sigmoid(0.5 / tau) = 1, every concept 0.01 stricter
+    assert _margin([1.0, 0.0]) == pytest.approx(-(0.51 + 0.01 * LN2), abs=1e-6)
+
+
+def test_the_adjustment_moves_the_special_concepts_too():
+    # adjustment 0.5 lifts the special margin from -0.5 to 0: gate sigmoid(0) = 1/2, boost 0.005
+    assert _margin([0.0, 5.0], adjustment=0.5) == pytest.approx(-(1.005 + 0.01 * LN2), abs=1e-6)
+
+
+def test_a_safety_rewards_adjustment_reaches_the_margin():
+    cfg = CLIPVisionConfig(width=64, layers=1, heads=1, patch=8, image_size=16, proj_dim=2, mlp_width=64)
+    r = SafetyReward(CLIPVisionTower(cfg), torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0.5, 0.5]),
+                     torch.tensor([[0.0, 5.0]]), torch.tensor([0.5]), adjustment=0.5)
+    assert r.score_embeds(torch.tensor([[3.0, 0.0]])).item() == pytest.approx(-(1.005 + 0.01 * LN2), abs=1e-6)

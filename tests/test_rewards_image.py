@@ -12,6 +12,8 @@ from focusfix_core.rewards import (
     SharpnessReward,
     WeightedSum,
 )
+from focusfix_core.losses import NonFiniteScoreError
+from focusfix_core.rewards.image import fit_region
 
 
 
@@ -178,3 +180,107 @@ def test_builtins(name):
 
 
 # (the rewards modules' doctests run in test_doctests.py, with every other core module's)
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def impulse(side: int, at: int) -> torch.Tensor:
+    """A black [1,3,side,side] image with one white pixel at (at, at)."""
+    I = torch.zeros(1, 3, side, side)
+    I[..., at, at] = 1.0
+    return I
+
+
+def test_sharpness_is_the_unbiased_variance_of_the_unnormalised_3x3_laplacian():
+    # luma 1 at the centre of 5x5: Laplacian -8 there, 1 at its 8 neighbours, 0 at the 16 others (mean 0);
+    # var (correction 1) = (64 + 8) / 24 = 3. (mean of squares: 72/25; a normalised kernel: 3/256)
+    assert SharpnessReward()(impulse(5, 2)).item() == pytest.approx(3.0, rel=1e-6)
+
+
+def test_sharpness_heatmap_blurs_the_energy_over_three_sigma_of_the_window():
+    # the Laplacian energy of an impulse is non-zero within 1 px of it; blurred with sigma 1 (radius 3 sigma) it
+    # reaches 4 px away: the map drops below 1 there. Without the blur, or a blur cut at 1 sigma, it stays 1.
+    h = SharpnessReward(window=1.0).heatmap(impulse(16, 8))[0, 0, 8]
+    assert h[5].item() == pytest.approx(0.63301, abs=1e-4) and h[4] < 0.99 and h[3] == 1.0
+    torch.testing.assert_close(h[5:8], h[9:12].flip(0))  # symmetric about the impulse
+
+
+@pytest.mark.parametrize("window", [0.0, -1.0, float("nan")])
+def test_sharpness_refuses_a_window_that_is_not_positive(window):
+    with pytest.raises(ValueError, match="window"):
+        SharpnessReward(window=window)
+
+
+def test_sharpness_refuses_kernel_sizes_other_than_3_and_5():
+    for k in (1, 7):
+        with pytest.raises(ValueError, match="kernel_size must be 3 or 5"):
+            SharpnessReward(kernel_size=k)
+
+
+@pytest.mark.parametrize("channel, luma", [(0, 0.299), (1, 0.587), (2, 0.114)])
+def test_brightness_is_rec601_luma_of_rgb(channel, luma):
+    I = torch.zeros(1, 3, 4, 4)
+    I[:, channel] = 1.0  # pure red, green, blue
+    assert BrightnessReward()(I).item() == pytest.approx(luma, abs=1e-6)
+
+
+def test_brightness_with_a_target_is_minus_the_absolute_distance():
+    I = torch.full((1, 3, 4, 4), 0.2)
+    assert BrightnessReward(target=0.25)(I).item() == pytest.approx(-0.05, abs=1e-6)
+    assert BrightnessReward(target=0.7)(I).item() == pytest.approx(-0.5, abs=1e-6)
+
+
+def test_brightness_heatmap_without_target_marks_dark_pixels():
+    I = torch.zeros(1, 3, 4, 4)
+    I[..., 2:, :] = 1.0  # top dark, bottom white
+    h = BrightnessReward().heatmap(I)[0, 0]
+    torch.testing.assert_close(h, torch.cat([torch.ones(2, 4), torch.zeros(2, 4)]))
+
+
+def test_colour_target_with_a_region_is_the_mean_distance_inside_the_region():
+    region = torch.zeros(1, 1, 4, 4)
+    region[..., :2, :] = 1  # top half
+    I = torch.zeros(1, 3, 4, 4)
+    I[:, 2, :2, :] = 1.0  # blue in the region, black below it
+    r = ColorTargetReward((1.0, 0.0, 0.0), region=region)
+    # blue vs red: sqrt(2)/sqrt(3) everywhere in the region; the black half outside does not count
+    assert r(I).item() == pytest.approx(-(2 / 3) ** 0.5, abs=1e-5)
+
+
+def test_fit_region_resizes_bilinearly():
+    region = torch.zeros(1, 1, 4, 4)
+    region[..., :2, :] = 1
+    col = fit_region(region, torch.zeros(1, 3, 16, 16))[0, 0, :, 0]
+    # align_corners=False, 4 -> 16: rows 6..9 sample between source rows 1 and 2
+    torch.testing.assert_close(col[5:11], torch.tensor([1.0, 0.875, 0.625, 0.375, 0.125, 0.0]))
+
+
+class _Const(Reward):
+    name = "const"
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def score(self, I):
+        return torch.tensor(self.values, dtype=I.dtype)
+
+
+def test_one_non_finite_score_in_a_batch_is_refused():
+    with pytest.raises(NonFiniteScoreError, match="'const' returned a non-finite score"):
+        _Const([1.0, float("nan")])(torch.rand(2, 3, 8, 8))
+
+
+def test_a_weighted_sum_with_a_negative_weight_has_no_heatmap_even_when_the_total_is_positive():
+    r = WeightedSum([(SharpnessReward(), 2.0), (BrightnessReward(), -1.0)])
+    assert not r.has_heatmap
+    with pytest.raises(NotImplementedError, match="gradient saliency"):
+        r.heatmap(torch.rand(1, 3, 8, 8))
+
+
+def test_a_masked_rewards_fill_image_gets_no_gradient():
+    I0 = torch.rand(1, 3, 8, 8, requires_grad=True)
+    M = torch.zeros(1, 1, 8, 8)
+    M[..., :4, :] = 1
+    r = MaskedReward(BrightnessReward(), M, fill=I0)
+    r(torch.rand(1, 3, 8, 8, requires_grad=True)).sum().backward()
+    assert I0.grad is None and not r.fill.requires_grad

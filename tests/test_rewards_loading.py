@@ -646,3 +646,56 @@ def test_convert_checks_tiny_rewards_too(tmp_path):
             load_reward(src)  # named the file only for the missing weight; NaN weights failed later, at scoring
     assert not (tmp_path / "out.safetensors").exists()
     assert convert_reward(good, tmp_path / "out.safetensors").is_file()
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def _rand(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.2 + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
+            for k, s in shapes.items()}
+
+
+def _head(seed=1):
+    ins, outs = HEAD, HEAD[1:] + (1,)
+    shapes = {}
+    for i, n, o in zip((0, 2, 4, 6, 7), ins, outs):
+        shapes[f"layers.{i}.weight"], shapes[f"layers.{i}.bias"] = (o, n), (o,)
+    return _rand(shapes, seed)
+
+
+def test_metadata_sets_the_towers_heads_and_activation(tmp_path):
+    path = tmp_path / "aesthetic.safetensors"
+    save_file({**_head(), **_rand(hf_clip_shapes(TINY), 0)}, str(path),
+              metadata={"focusfix_clip_heads": "4", "focusfix_clip_activation": "gelu"})
+    cfg = load_reward(path).tower.cfg
+    assert (cfg.heads, cfg.activation) == (4, "gelu")  # width 64 alone would give 1 head and quick_gelu
+    save_file({**_head(), **_rand(hf_clip_shapes(TINY), 0)}, str(path))
+    cfg = load_reward(path).tower.cfg
+    assert (cfg.heads, cfg.activation) == (1, "quick_gelu")
+
+
+def test_convert_copies_tensors_that_share_contiguous_storage(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    sd = {**{"vision_model." + k if k.startswith("vision_model.") else k: v
+             for k, v in _rand(hf_clip_shapes(TINY), 0).items()},
+          "concept_embeds": torch.randn(17, 16, generator=g), "special_care_embeds": torch.randn(3, 16, generator=g),
+          "special_care_embeds_weights": torch.full((3,), 0.2)}
+    sd["concept_embeds_weights"] = sd["concept_embeds"].flatten()[:17]  # a contiguous view of concept_embeds
+    src, dst = tmp_path / "safety.bin", tmp_path / "safety.safetensors"
+    torch.save(sd, src)
+    assert convert_reward(src, dst) == dst
+    out = load_file(str(dst))
+    assert set(out) == set(sd) and all(torch.equal(out[k], v) for k, v in sd.items())
+
+
+import pytest  # noqa: E402
+
+from focusfix_core.rewards import BUILTIN_REWARDS  # noqa: E402
+
+
+@pytest.mark.parametrize("name, rgb", [("color_red", (1, 0, 0)), ("color_green", (0, 1, 0)), ("color_blue", (0, 0, 1)),
+                                       ("color_white", (1, 1, 1))])
+def test_each_builtin_colour_reward_targets_its_colour(name, rgb):
+    r = BUILTIN_REWARDS[name]()
+    I = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 8, 8)
+    assert r.describe()["rgb"] == list(rgb) and r(I).item() == pytest.approx(0.0, abs=1e-5)

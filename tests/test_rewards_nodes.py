@@ -365,3 +365,49 @@ def test_linked_or_api_values_are_range_checked_when_the_node_runs():
         N.FocusFixCombineRewards().execute(Sharpness(), float("nan"), Sharpness(), 1.0)
     with pytest.raises(ValueError, match=r"strength \(nan\) must be a finite number"):
         P.nodes.lora_nodes.FocusFixApplyLoRA().execute(None, None, float("nan"))
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def test_score_table_gives_the_mean_and_each_image_from_0():
+    assert N.score_table([1.0, 2.0, 4.0], "sharpness") == (
+        "sharpness: mean 2.3333\n  image 0: 1.0000\n  image 1: 2.0000\n  image 2: 4.0000")
+
+
+def test_score_images_text_names_the_reward():
+    r = P.focusfix_core.rewards.image.BrightnessReward()
+    _, text, _, _ = N.FocusFixScoreImages().execute(torch.full((2, 16, 16, 3), 0.5), r)
+    assert text == "brightness: mean 0.5000\n  image 0: 0.5000\n  image 1: 0.5000"
+
+
+def test_compare_grid_columns_are_before_after_change():
+    before, after = torch.zeros(1, 16, 16, 3), torch.full((1, 16, 16, 3), 0.5)
+    grid, *_ = N.FocusFixCompare().execute(before, after)
+    step = 16 + 2  # image_grid's tile and padding
+    tile = lambda c: grid[0, 2:18, 2 + c * step:2 + c * step + 16]  # noqa: E731
+    assert torch.equal(tile(0), before[0]) and torch.equal(tile(1), after[0])
+    assert torch.equal(tile(2), torch.tensor([1.0, 0.0, 0.0]).expand(16, 16, 3))  # a change of 0.5: red
+
+
+def test_compare_draws_a_change_of_a_quarter_red_and_an_eighth_mid_scale():
+    before = torch.zeros(2, 16, 16, 3)
+    after = before.clone()
+    after[0] += 0.25
+    after[1] += 0.125
+    grid, *_ = N.FocusFixCompare().execute(before, after)
+    step = 16 + 2
+    change = lambda r: grid[0, 2 + r * step:2 + r * step + 16, 2 + 2 * step:2 + 2 * step + 16]  # noqa: E731
+    torch.testing.assert_close(change(0), torch.tensor([1.0, 0.0, 0.0]).expand(16, 16, 3))
+    torch.testing.assert_close(change(1), torch.tensor([0.5, 1.0, 0.5]).expand(16, 16, 3))
+
+
+def test_compare_refuses_batches_of_another_size():
+    import pytest
+    with pytest.raises(ValueError, match="before and after must have the same shape"):
+        N.FocusFixCompare().execute(torch.zeros(1, 16, 16, 3), torch.zeros(2, 16, 16, 3))
+
+
+def test_compare_text_carries_the_mask_resize_note():
+    mask = torch.ones(1, 8, 8)  # resized to the 16x16 images
+    _, text, *_ = N.FocusFixCompare().execute(torch.zeros(1, 16, 16, 3), torch.ones(1, 16, 16, 3), mask=mask)
+    note = P.nodes.adapters.mask_to_b1hw(mask, (16, 16), 1)[1]
+    assert note and text.split("\n")[2:] == [note]
