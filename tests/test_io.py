@@ -23,6 +23,7 @@ from focusfix_core.io import (
     safe_join,
     unique_path,
 )
+from focusfix_core.io import MAX_NAME_BYTES, is_read_only
 
 
 class _Evil:
@@ -575,3 +576,110 @@ def test_a_folder_this_user_may_not_write_to_is_named_by_the_file_being_saved(tm
         atomic_write_text("x", target)
     assert e.value.filename == str(target)
     assert e.value.strerror == f"Permission denied (no file can be made in {str(tmp_path)!r})"
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def test_a_suffix_in_other_case_is_not_added_twice(tmp_path):
+    """`fix.SAFETENSORS` already ends in the suffix (mutant: a case-sensitive check gave fix.SAFETENSORS.safetensors)."""
+    assert safe_join(tmp_path, "fix.SAFETENSORS").name == "fix.SAFETENSORS"
+    assert safe_join(tmp_path, "sub/Fix.SafeTensors").name == "Fix.SafeTensors"
+
+
+def test_the_name_limit_counts_bytes_not_characters(tmp_path):
+    """MAX_NAME_BYTES is in bytes: 150 'é' are 300 bytes, over every file system's 255 (mutant: len(part) counted
+    150 characters, so the save failed after training with "File name too long")."""
+    name = "é" * 150
+    assert len(name) + len(".safetensors") <= MAX_NAME_BYTES < len((name + ".safetensors").encode())
+    with pytest.raises(ValueError, match="bytes long"):
+        safe_join(tmp_path, name)
+    assert safe_join(tmp_path, "e" * 150).name == "e" * 150 + ".safetensors"  # the same length in ASCII fits
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_file_someone_may_still_write_is_not_read_only(tmp_path, monkeypatch):
+    """Read-only means nobody may write (no w bit at all): a file only its group may write is not one the owner
+    marked to keep (mutant: only the owner's bit 0o200 was read)."""
+    from focusfix_core import io as io_mod
+    monkeypatch.setattr(io_mod, "_umask", lambda: 0o022)
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(b"x")
+    os.chmod(path, 0o464)  # r--rw-r--
+    assert not is_read_only(path)
+    os.chmod(path, 0o444)
+    assert is_read_only(path)
+    os.chmod(path, 0o644)
+
+
+def test_a_namedtuple_in_a_training_state_is_refused_when_saving(tmp_path):
+    """atomic_torch_save refuses what load_training_state (weights_only) could not read back: a namedtuple needs
+    its class (mutant: the plain-list/tuple check removed, so the state was written and then unreadable)."""
+    from collections import namedtuple
+
+    from focusfix_core.io import atomic_torch_save
+    Pair = namedtuple("Pair", "a b")
+    with pytest.raises(TypeError, match=r"plain lists/tuples, got Pair at obj\['x'\]"):
+        atomic_torch_save({"x": Pair(1, 2)}, tmp_path / "state.pt")
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_load_state_checked_names_the_source_for_a_wrong_shape_or_an_extra_weight():
+    """A ValueError naming the file, before load_state_dict's RuntimeError (mutant: the name check relaxed to a
+    subset, so an extra weight gave a KeyError; the shape half is also pinned by test_reward_model_files.py)."""
+    import torch
+    from torch import nn
+
+    from focusfix_core.io import load_state_checked
+    net = nn.Linear(2, 3)
+    with pytest.raises(ValueError, match=r"^m\.safetensors: weight 'weight' has shape \(3, 3\), expected \(3, 2\)"):
+        load_state_checked(net, {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}, "m.safetensors")
+    with pytest.raises(ValueError, match=r"^m\.safetensors: weight names differ; missing \[\], unexpected \['x'\]"):
+        load_state_checked(net, {"weight": torch.zeros(3, 2), "bias": torch.zeros(3), "x": torch.zeros(1)},
+                           "m.safetensors")
+
+
+def test_a_float_mask_image_above_1_is_refused(tmp_path):
+    """A 32-bit float greyscale mask must hold 0..1 (mutant: values up to 2 passed, giving M > 1)."""
+    import numpy as np
+    from PIL import Image
+
+    from focusfix_core.io import load_mask_image
+    path = tmp_path / "m.tif"
+    Image.fromarray(np.full((4, 4), 1.5, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(ValueError, match=r"values 1\.5\.\.1\.5, expected 0\.\.1"):
+        load_mask_image(path)
+
+
+def test_a_mask_image_follows_its_exif_orientation(tmp_path):
+    """The EXIF orientation is applied, as Load Image does: a phone photo painted on stays upright (mutant: the
+    transpose dropped, so a 2x4 mask tagged 'rotate 90' read as 2x4 instead of 4x2)."""
+    import numpy as np
+    from PIL import Image
+
+    from focusfix_core.io import load_mask_image
+    im = Image.fromarray(np.array([[255, 0, 0, 0], [0, 0, 0, 0]], dtype=np.uint8), mode="L")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    path = tmp_path / "m.png"
+    im.save(path, exif=exif)
+    M = load_mask_image(path)
+    assert tuple(M.shape) == (4, 2)
+    assert M.sum().item() == 1.0 and M[0, 1].item() == 1.0  # the top-left white pixel lands top-right
+
+
+def test_the_path_limit_leaves_room_for_the_counter(tmp_path, monkeypatch):
+    """A name whose path fits only without the `_00001` counter is refused at once, not when a later save of the
+    same name adds the counter (mutant: _path_length without the counter)."""
+    from focusfix_core import io as io_mod
+    monkeypatch.setattr(io_mod, "_PLATFORM", "darwin")  # macOS's PATH_MAX: 1023 bytes
+    root = str(tmp_path.resolve()) + os.sep
+    room = 1023 - len(root.encode())  # bytes left for subfolders + the file name
+    subs = []
+    while room - 3 > MAX_NAME_BYTES:  # subfolders of 150 bytes, then a file name within MAX_NAME_BYTES
+        subs.append("d" * 150)
+        room -= 151
+    name_len = room - len(".safetensors") - 3  # fits by 3 bytes without a counter, over it by 3 with one
+    assert 0 < name_len <= MAX_NAME_BYTES - len(".safetensors")
+    with pytest.raises(ValueError, match="with a counter or temp suffix"):
+        safe_join(tmp_path, "/".join([*subs, "n" * name_len]))
+    shorter = "/".join([*subs, "n" * (name_len - 3)])  # exactly at the limit with its counter
+    assert safe_join(tmp_path, shorter).name == "n" * (name_len - 3) + ".safetensors"

@@ -18,6 +18,8 @@ from focusfix_core.lora import (
     save_lora,
 )
 from unet_skeleton import skeleton as _skeleton
+from safetensors.torch import save_file
+from focusfix_core.lora import continued_metadata, steps_trained
 
 
 
@@ -916,3 +918,83 @@ def test_a_read_lora_keeps_no_mapping_of_its_file(tmp_path):
     with open("/proc/self/maps") as f:
         assert str(path) not in f.read()
     assert saved.rank == 2
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def _kohya(down, up, alpha):
+    return {"lora_unet_0.lora_down.weight": down, "lora_unet_0.lora_up.weight": up,
+            "lora_unet_0.alpha": torch.tensor(alpha)}
+
+
+def test_load_lora_file_refuses_an_alpha_of_zero(tmp_path):
+    """`.alpha` must be one number > 0: alpha 0 scales every delta to nothing (mutant: `<= 0` -> `< 0`)."""
+    path = tmp_path / "zero.safetensors"
+    save_file(_kohya(torch.ones(2, 4), torch.ones(4, 2), 0.0), str(path))
+    with pytest.raises(ValueError, match=r"^'zero.safetensors': each .alpha must be one number > 0, got \[0.0\]"):
+        load_lora_file(path)
+
+
+def test_load_lora_file_refuses_a_3d_down_weight(tmp_path):
+    """down/up are [r,in]/[out,r] or the 4-D conv layout; a 3-D one fits no layer (mutant: ndim 3 accepted)."""
+    path = tmp_path / "three.safetensors"
+    save_file(_kohya(torch.ones(2, 4, 1), torch.ones(4, 2), 2.0), str(path))
+    with pytest.raises(ValueError, match=r"^'three.safetensors': a LoRA's down/up weights are"):
+        load_lora_file(path)
+
+
+def test_save_lora_without_overwrite_keeps_a_file_that_appears_while_it_saves(tmp_path, monkeypatch):
+    """`overwrite=False`: a file that takes the name after save_lora's first look (another ComfyUI on the same
+    folder) is kept, and the save fails (mutant: the atomic save is called with overwrite=True)."""
+    lora = LoRA.attach(nn.Sequential(nn.Linear(4, 4)), "all_linear", rank=2, alpha=1.0)
+    path = tmp_path / "fix.safetensors"
+    real = LoRA.state_dict_kohya
+
+    def other_save_meanwhile(self, *args, **kwargs):  # runs after the first look, before the write
+        path.write_bytes(b"another run's LoRA")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRA, "state_dict_kohya", other_save_meanwhile)
+    with pytest.raises(FileExistsError):
+        save_lora(path, lora, overwrite=False)
+    assert path.read_bytes() == b"another run's LoRA"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.safetensors"]  # no temp file left
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_k = nn.Linear(4, 4)
+        self.to_k_ip = nn.Linear(4, 4)  # an IP-Adapter-style extra projection: not one of the attention's own
+
+
+def test_attn_preset_takes_only_the_attention_projections_themselves():
+    """The "attn" preset is attn1/attn2 to_q, to_k, to_v, to_out.0: not a layer whose name only starts so
+    (mutant: the pattern without its `$` anchor)."""
+    net = nn.Module()
+    net.attn2 = _Attn()
+    assert resolve_targets(net, "attn") == ["attn2.to_k"]
+
+
+def test_rank_zero_is_refused_also_with_an_explicit_alpha():
+    """rank must be > 0 (mutant: `rank <= 0` -> `rank < 0`; with alpha given, rank 0 then built an adapter whose
+    scale alpha / rank divides by zero at its first forward)."""
+    with pytest.raises(ValueError, match="rank must be > 0, got 0"):
+        LoRAAdapter(4, 4, rank=0, alpha=1.0)
+    with pytest.raises(ValueError, match="rank must be > 0, got 0"):
+        LoRA.attach(nn.Sequential(nn.Linear(4, 4)), "all_linear", rank=0, alpha=1.0)
+
+
+def test_two_layers_with_the_same_kohya_name_are_refused():
+    """`a_b.c` and `a.b_c` are both saved as `lora_unet_a_b_c`: one would overwrite the other in the file, so the
+    stock LoRA loader would apply one layer's weights to both (mutant: the collision check removed)."""
+    net = nn.ModuleDict({"a_b": nn.ModuleDict({"c": nn.Linear(4, 4)}), "a": nn.ModuleDict({"b_c": nn.Linear(4, 4)})})
+    with pytest.raises(ValueError, match="kohya names collide"):
+        LoRA.attach(net, "all_linear", rank=2)
+
+
+def test_unreadable_steps_trained_count_as_zero():
+    """steps_trained: 0 when absent or unreadable, so a continued run counts only its own steps (mutant: -1)."""
+    assert steps_trained({}) == 0
+    assert steps_trained({"focusfix_steps_trained": "many"}) == 0
+    out = continued_metadata({"focusfix_steps_trained": "3"}, {"focusfix_steps_trained": "many"})
+    assert out["focusfix_steps_trained"] == "3"

@@ -1604,3 +1604,81 @@ def test_a_state_saved_with_the_old_sampler_field_resumes_and_its_value_is_still
     other.load_state_dict({**state, "config": json.dumps(old)})
     assert other.step == 1
     other.lora.remove()
+
+
+# Found by mutation testing (session 24): behaviour no earlier test pinned down.
+def test_a_state_whose_order_names_an_item_past_the_last_is_refused(small_model, square_reward):
+    """order holds item indices 0..n-1: index n would fail (IndexError) at the next batch, mid-run (mutant:
+    `order < n` -> `order <= n`)."""
+    first = FixTrainer(small_model, square_reward, fix_cfg(batch_size=1, iterations=2))
+    next(iter(first))
+    state = first.state_dict()
+    first.lora.remove()
+    state["order"] = torch.tensor([2], dtype=torch.long)  # 2 items: 0 and 1
+    again = FixTrainer(small_model, square_reward, fix_cfg(batch_size=1, iterations=2))
+    try:
+        with pytest.raises(ValueError, match=r"order must be distinct item indices in 0\.\.1"):
+            again.load_state_dict(state)
+    finally:
+        again.lora.remove()
+
+
+def test_lv_copies_compare_each_copy_with_its_own_items_base_image(small_model, square_reward, monkeypatch):
+    """DRaFT-LV puts the n copies of each image next to each other ([a, a, b, b]): the region term must pair them
+    with [I0_a, I0_a, I0_b, I0_b] and the masks alike (mutant: `.repeat` gave [a, b, a, b], each copy of a held
+    to b's base image)."""
+    from focusfix_core import trainers
+    seen = []
+    real = trainers.region_loss
+    monkeypatch.setattr(trainers, "region_loss",
+                        lambda I, I0, M: seen.append((I0.detach().clone(), M.detach().clone())) or real(I, I0, M))
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(lv_copies=2, iterations=1))
+    list(trainer)
+    I0, _, M = trainer.base([0, 1])
+    trainer.lora.remove()
+    assert not torch.equal(I0[0], I0[1])  # two seeds, two images
+    got_I0, got_M = seen[0]
+    order = [0, 0, 1, 1] if torch.equal(got_I0[0], I0[0]) else [1, 1, 0, 0]  # the batch's item order
+    assert torch.equal(got_I0, I0[order]) and torch.equal(got_M, M[order])
+
+
+def test_a_nonfinite_loss_puts_back_the_steps_draws(small_model, square_reward, monkeypatch):
+    """On a NaN/inf loss the trainer restores the last good step whole, its draws (generator, item order) too, so
+    a state saved after the error resumes as the run stood (mutant: restore_last_good skipped in that branch; the
+    LoRA was unchanged anyway, but the draws stayed one step ahead)."""
+    from focusfix_core import trainers
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(seeds=(0, 1, 2), batch_size=1, iterations=3))
+    it = iter(trainer)
+    next(it)
+    rng, order = trainer.generator.get_state().clone(), list(trainer._order)
+    monkeypatch.setattr(trainers, "reward_loss", lambda scores, target: scores.sum() * float("inf"))
+    try:
+        with pytest.raises(trainers.NonFiniteLossError, match="loss is"):
+            next(it)
+        assert torch.equal(trainer.generator.get_state(), rng) and trainer._order == order
+    finally:
+        trainer.lora.remove()
+
+
+def test_grad_clip_0_means_no_clipping_not_no_update(small_model, square_reward):
+    """grad_clip 0 = off (mutant: passed to clip_grad_norm_ as max_norm 0, which zeroes every gradient, so the
+    LoRA never moved)."""
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(grad_clip=0.0, iterations=1))
+    try:
+        (rec,) = list(trainer)
+        assert rec.grad_norm > 0
+        assert any(bool(a.up.abs().sum() > 0) for a in trainer.lora.adapters)
+    finally:
+        trainer.lora.remove()
+
+
+def test_every_pass_takes_each_item_once(small_model, square_reward):
+    """Items are drawn in seeded passes: over 10 passes of 3 items in batches of 2, each item comes exactly 10
+    times (mutant: the items left of a pass dropped when the next pass is drawn)."""
+    from collections import Counter
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(seeds=(0, 1, 2), batch_size=2, iterations=2))
+    try:
+        drawn = [i for _ in range(15) for i in trainer._next_items()]
+        assert Counter(drawn) == {0: 10, 1: 10, 2: 10}
+    finally:
+        trainer.lora.remove()
