@@ -27,7 +27,6 @@ from focusfix_core.rewards.safety import SafetyReward, safety_score
 TINY = CLIPVisionConfig(width=64, layers=2, heads=2, patch=8, image_size=32, proj_dim=16, mlp_width=256)
 
 
-
 def random_tower(cfg=TINY, seed=0) -> CLIPVisionTower:
     """A tower whose every weight (LayerNorms and class token too) is random, so no key can hide."""
     g = torch.Generator().manual_seed(seed)
@@ -233,7 +232,6 @@ def test_a_state_dict_with_two_towers_is_refused():
 
 
 # ------------------------------------------------------------------ aesthetic
-from focusfix_core.rewards.aesthetic import AestheticHead, AestheticReward  # noqa: E402
 
 
 def test_an_aesthetic_head_of_another_width_than_the_tower_is_refused_when_built():
@@ -248,7 +246,6 @@ def test_the_aesthetic_score_has_the_images_dtype():
 
 
 # ------------------------------------------------------------------ safety margin, by hand
-from focusfix_core.rewards.safety import SafetyReward, safety_score  # noqa: E402
 
 LN2 = 0.6931471805599453
 

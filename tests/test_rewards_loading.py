@@ -37,7 +37,6 @@ TINY = CLIPVisionConfig(width=64, layers=2, heads=1, patch=8, image_size=32, pro
 HEAD = (16, 32, 8, 8, 4)  # the real head is (768, 1024, 128, 64, 16)
 
 
-
 def rand_like_shapes(shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     gain = lambda k: 1.0 if k.endswith(("norm.weight", "norm1.weight", "norm2.weight")) else 0.0  # noqa: E731
@@ -686,11 +685,6 @@ def test_convert_copies_tensors_that_share_contiguous_storage(tmp_path):
     assert convert_reward(src, dst) == dst
     out = load_file(str(dst))
     assert set(out) == set(sd) and all(torch.equal(out[k], v) for k, v in sd.items())
-
-
-import pytest  # noqa: E402
-
-from focusfix_core.rewards import BUILTIN_REWARDS  # noqa: E402
 
 
 @pytest.mark.parametrize("name, rgb", [("color_red", (1, 0, 0)), ("color_green", (0, 1, 0)), ("color_blue", (0, 0, 1)),
