@@ -1682,3 +1682,33 @@ def test_every_pass_takes_each_item_once(small_model, square_reward):
         assert Counter(drawn) == {0: 10, 1: 10, 2: 10}
     finally:
         trainer.lora.remove()
+
+
+# Found by mutation testing (session 24), trainer input checks no earlier test held.
+def test_the_largest_seed_is_taken_and_one_more_is_refused():
+    from focusfix_core.trainers import MAX_SEED
+    assert fix_cfg(seed=MAX_SEED, seeds=(MAX_SEED,)).seed == MAX_SEED
+    for kw in (dict(seed=MAX_SEED + 1), dict(seeds=(0, MAX_SEED + 1))):
+        with pytest.raises(ValueError, match="seed"):
+            fix_cfg(**kw)
+
+
+@pytest.mark.parametrize("method", ["fnf", "sne"])
+def test_a_size_the_models_latents_cannot_hold_is_refused_before_setup(small_model, square_reward, monkeypatch, method):
+    """A latent model (SD's VAE: 8 px per latent pixel) needs width and height in multiples of 8."""
+    monkeypatch.setattr(small_model, "latent_scale", 8)
+    with pytest.raises(ValueError, match=r"width and height must be multiples of 8 for this model, got 16x12"):
+        if method == "fnf":
+            FixTrainer(small_model, square_reward, fix_cfg(height=12))
+        else:
+            SeparateEnhanceTrainer(small_model, se_cfg(height=12))
+
+
+def test_painted_masks_with_another_mask_source_are_refused(small_model, square_reward):
+    with pytest.raises(ValueError, match="masks were given but mask_source is 'saliency'"):
+        FixTrainer(small_model, square_reward, fix_cfg(mask_source="saliency"), masks=torch.ones(1, 16, 16))
+
+
+def test_no_preservation_term_derives_no_preservation_prompts():
+    assert se_cfg(lam_preserve=0.0).preserve_prompts == ()
+    assert se_cfg(lam_preserve=0.5).preserve_prompts == ("a red circle", "a blue square")
