@@ -1712,3 +1712,16 @@ def test_painted_masks_with_another_mask_source_are_refused(small_model, square_
 def test_no_preservation_term_derives_no_preservation_prompts():
     assert se_cfg(lam_preserve=0.0).preserve_prompts == ()
     assert se_cfg(lam_preserve=0.5).preserve_prompts == ("a red circle", "a blue square")
+
+
+def test_a_state_of_the_other_method_is_refused_by_name(small_model, square_reward):
+    fix = FixTrainer(small_model, square_reward, fix_cfg(iterations=2))
+    state = fix.state_dict()
+    fix.lora.remove()
+    sne = SeparateEnhanceTrainer(small_model, se_cfg())
+    try:
+        with pytest.raises(ValueError, match=f"training state is for method {fix.method!r}, not {sne.method!r}"):
+            sne.load_state_dict(state)
+        assert sne.step == 0
+    finally:
+        sne.lora.remove()
