@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from comfy_stubs import folder_paths_stub
 from pack_loader import load_pack
 from safetensors import safe_open
 
@@ -103,21 +104,11 @@ def test_graph_metadata_follows_disable_metadata(monkeypatch, disabled):
     assert out == ({} if disabled else {"prompt": '{"1": {"class_type": "X"}}', "workflow": '{"nodes": []}'})
 
 
-def _folder_paths(monkeypatch, folder):
-    fp = types.ModuleType("folder_paths")
-
-    def get_full_path(kind, name):
-        full = os.path.join(str(folder), name)
-        return full if os.path.isfile(full) else None
-    fp.get_full_path = get_full_path
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
-
-
 def test_file_fingerprint_follows_a_rewrite_that_keeps_size_and_mtime(tmp_path, monkeypatch):
     """IS_CHANGED is the file's sha256, hashed again when size, times or inode change: a file rewritten in place
     with the same size, its old mtime put back, is hashed again (ctime moved), so ComfyUI does not serve the old
     LoRA from its cache (mutants: the stamp not compared; the stamp without inode and ctime). A missing file is ""."""
-    _folder_paths(monkeypatch, tmp_path)
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths_stub(tmp_path))
     monkeypatch.setattr(C, "_DIGESTS", {})
     path = tmp_path / "fix.safetensors"
     path.write_bytes(b"first LoRA")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from comfy_stubs import folder_paths_stub
 from pack_loader import load_pack
 from torch import nn
 
@@ -30,34 +31,6 @@ FAST = settings(max_examples=40, deadline=None)
 
 
 # ------------------------------------------------------------------------------------------- stand-ins
-def _folder_paths(folder: Path) -> types.ModuleType:
-    fp = types.ModuleType("folder_paths")
-    fp.get_folder_paths = lambda name: [str(folder)] if name == "loras" else []
-
-    def get_full_path(name, filename):
-        if name != "loras":
-            return None
-        filename = os.path.relpath(os.path.join("/", filename), "/")  # as ComfyUI: a name cannot leave the folder
-        full = os.path.join(str(folder), filename)
-        return full if os.path.isfile(full) else None
-
-    def get_full_path_or_raise(name, filename):
-        full = get_full_path(name, filename)
-        if full is None:
-            raise FileNotFoundError(f"Model in folder '{name}' with filename '{filename}' not found.")
-        return full
-
-    def get_filename_list(name):
-        out = []
-        for dirpath, _, files in os.walk(str(folder), followlinks=True):
-            out += [os.path.relpath(os.path.join(dirpath, f), str(folder)) for f in files]
-        return sorted(f for f in out if os.path.splitext(f)[1].lower() in (".safetensors", ".pt", ".ckpt"))
-
-    fp.get_full_path, fp.get_full_path_or_raise, fp.get_filename_list = get_full_path, get_full_path_or_raise, \
-        get_filename_list
-    return fp
-
-
 def _comfy_modules():
     comfy = types.ModuleType("comfy")
     cli_args = types.ModuleType("comfy.cli_args")
@@ -73,7 +46,7 @@ class _Comfy:
         self.folder, self.mp = folder, pytest.MonkeyPatch()
 
     def __enter__(self):
-        self.mp.setitem(sys.modules, "folder_paths", _folder_paths(self.folder))
+        self.mp.setitem(sys.modules, "folder_paths", folder_paths_stub(self.folder))
         for k, v in _comfy_modules().items():
             self.mp.setitem(sys.modules, k, v)
         return self

@@ -1,0 +1,36 @@
+"""Stand-ins for ComfyUI modules, shared by the tests that run the nodes without ComfyUI."""
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+
+def folder_paths_stub(folder: Path) -> types.ModuleType:
+    """A stand-in `folder_paths` whose loras folder is `folder`, looking files up as ComfyUI's does (`get_full_path`:
+    the name joined under the folder, a file; `get_filename_list`: every file below the folder, links followed)."""
+    fp = types.ModuleType("folder_paths")
+    fp.get_folder_paths = lambda name: [str(folder)] if name == "loras" else []
+
+    def get_full_path(name, filename):
+        if name != "loras":
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")  # as ComfyUI: a name cannot leave the folder
+        full = os.path.join(str(folder), filename)
+        return full if os.path.isfile(full) else None
+
+    def get_full_path_or_raise(name, filename):
+        full = get_full_path(name, filename)
+        if full is None:
+            raise FileNotFoundError(f"Model in folder '{name}' with filename '{filename}' not found.")
+        return full
+
+    def get_filename_list(name):
+        out = []
+        for dirpath, _, files in os.walk(str(folder), followlinks=True):
+            out += [os.path.relpath(os.path.join(dirpath, f), str(folder)) for f in files]
+        return sorted(f for f in out if os.path.splitext(f)[1].lower() in (".safetensors", ".pt", ".ckpt"))
+
+    fp.get_full_path, fp.get_full_path_or_raise, fp.get_filename_list = get_full_path, get_full_path_or_raise, \
+        get_filename_list
+    return fp
