@@ -660,6 +660,30 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(square_reward, tmp_
     again.lora.remove()
 
 
+
+@pytest.mark.parametrize("scaler, found", [
+    ({"scale": math.inf}, "inf"),   # a run resumed at scale inf skips every update
+    ("high", "'high'"),
+    (None, None),                   # a missing field
+])
+def test_a_resume_with_an_invalid_loss_scaler_state_is_refused(square_reward, scaler, found):
+    # the fp16 run's loss scale comes back from the state: a damaged one is refused by name, not trained on
+    trainer = FixTrainer(_tiny(True), _Faint(square_reward), fix_cfg(iterations=3, mask_source="saliency"))
+    next(iter(trainer))
+    state = trainer.state_dict()
+    trainer.lora.remove()
+    good = state["scaler"]
+    bad = {k: v for k, v in good.items() if k != "growth_interval"} if scaler is None else (
+        {**good, **scaler} if isinstance(scaler, dict) else scaler)
+    again = FixTrainer(_tiny(True), _Faint(square_reward), fix_cfg(iterations=3, mask_source="saliency"))
+    with pytest.raises(ValueError, match="^the training state is invalid: scaler must be a GradScaler state") as e:
+        again.load_state_dict({**state, "scaler": bad})
+    assert found is None or found in str(e.value)
+    assert again.step == 0 and again.scaler.get_scale() == 2.0**16   # left as it was
+    again.load_state_dict(state)
+    assert again.step == 1 and again.scaler.get_scale() == good["scale"]
+    again.lora.remove()
+
 def test_the_models_own_guidance_drives_every_cfg_call(small_model, square_reward, monkeypatch):
     """A model with `guidance_function` (a patched ComfyUI MODEL): I0, the trajectories and I's differentiated
     step all combine predictions through it (region exactly 0 at step 0); a model that refuses its patches
@@ -1095,6 +1119,29 @@ def test_the_reward_scores_the_image_as_vae_decode_shows_it(small_model, square_
     assert raw.amin() < 0 or raw.amax() > 1                      # the case exists on this model
     assert all(0 <= float(I.amin()) and float(I.amax()) <= 1 for I in rec.seen)
 
+
+
+def test_draft_lv_shows_one_image_per_item_not_each_copy(small_model, square_reward):
+    # the preview (the train node's images) holds each item once: DRaFT-LV's copies are the reward's business
+    rec = _Recorder(square_reward)
+    trainer = FixTrainer(small_model, rec, fix_cfg(mask_source="none", iterations=1, lv_copies=3, K=1))
+    list(trainer)
+    trainer.lora.remove()
+    seen = rec.seen[-1]
+    assert seen.shape[0] == 2 * 3 and trainer.last_images.shape == (2, *seen.shape[1:])
+    assert torch.equal(trainer.last_images.clamp(0, 1), seen[::3])   # the first copy of each item
+
+
+def test_a_continued_lora_is_taken_off_the_net_when_its_trainer_cannot_be_built(small_model, square_reward):
+    # a LoRA attached for a run whose settings are refused must not stay hooked onto the (shared) MODEL
+    from focusfix_core.trainers import trainer_on
+    net = small_model.net
+    lora = LoRA.attach(net, "attn", rank=2, generator=torch.Generator().manual_seed(0))
+    assert any(m._forward_hooks for m in net.modules())
+    with pytest.raises(ValueError, match="needs a reward with a heatmap"):
+        trainer_on(lambda l: FixTrainer(small_model, _Faint(square_reward), fix_cfg(mask_source="heatmap"), lora=l),
+                   lora)
+    assert not any(m._forward_hooks for m in net.modules())
 
 def test_a_derived_mask_does_not_depend_on_its_batch_or_the_global_rng(small_model, square_reward):
     # an item's mask is the same alone or beside others (a resumed run draws other batches), and smoothgrad's
