@@ -61,6 +61,8 @@ def train(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 
     """Train and export; returns the EMA model. See the module docstring."""
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
+    if cfg.image_size != TRAIN_WORLD.size:  # the model would learn 32 px scenes, then sample at its own size
+        raise ValueError(f"cfg.image_size must be the training world's {TRAIN_WORLD.size} px, got {cfg.image_size}")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     model = TinyModel.random(seed, cfg).train()
