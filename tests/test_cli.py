@@ -986,3 +986,147 @@ def test_on_a_file_system_that_ignores_case_a_mask_named_like_an_output_is_refus
     assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--overwrite", "--mask-source", "mask", "--mask",
                              str(painted))) == 2
     assert f"--mask {painted} is one of the files this run writes into --out" in capsys.readouterr().err
+
+
+# --- found by mutation testing (session 25) ---
+
+def test_a_missing_shipped_model_is_an_error_unless_a_random_one_is_allowed(monkeypatch):
+    """`--model tiny` without the shipped weights must fail (a training run on random weights would be useless);
+    only the demo (random_ok) falls back to a random model, and says so."""
+    import focusfix_core.tiny.model as tm
+
+    def missing():
+        raise FileNotFoundError("shipped tiny weights missing")
+    monkeypatch.setattr(tm, "load_default_model", missing)
+    with pytest.raises(FileNotFoundError, match="shipped tiny weights missing"):
+        cli.load_model("tiny")
+    model, note = cli.load_model("tiny", random_ok=True)
+    assert "RANDOMLY INITIALISED" in note and isinstance(model, tm.TinyModel)
+
+
+def test_a_resumed_run_clears_only_the_reports_and_images_not_the_lora_and_state_it_goes_on_from(tmp_path):
+    """Before a resumed run's first write the earlier reports/images go, but lora.safetensors and state.pt stay
+    until the run replaces them (a crash right after must not lose the LoRA it resumed from)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("lora.safetensors", "state.pt", "report.json", "report.md", "before_0.png", "curves.png",
+                 "notes.txt"):
+        (out / name).write_bytes(b"x")
+    cli.clear_earlier_outputs(out, resumed=True)
+    assert sorted(p.name for p in out.iterdir()) == ["lora.safetensors", "notes.txt", "state.pt"]
+    cli.clear_earlier_outputs(out)  # a new run (--overwrite): every output goes, the user's own files stay
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_checkpoint_every_n_saves_state_after_every_nth_step_and_at_the_end(model_file, tmp_path, monkeypatch):
+    """--checkpoint-every 2 writes state.pt after steps 2 and 4 (not 1 and 3), then once more at the end."""
+    saved_at = []
+    real = cli.FixTrainer.save_state
+
+    def spy(self, path):
+        saved_at.append(self.step)
+        return real(self, path)
+    monkeypatch.setattr(cli.FixTrainer, "save_state", spy)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "5", "--checkpoint-every", "2", "--seeds", "0",
+                             "--batch-size", "1")) == 0
+    assert saved_at == [2, 4, 5]
+
+
+def test_an_overwriting_run_clears_the_earlier_outputs_before_its_first_checkpoint(model_file, tmp_path, monkeypatch):
+    """--overwrite: the earlier run's report and images go before the first state.pt is written mid-training, so a
+    run killed after that checkpoint never leaves the earlier report beside its own state."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    assert (out / "report.json").is_file()
+    real = cli.FixTrainer.train_step
+
+    def killed_at_step_2(self):
+        if self.step == 1:
+            raise RuntimeError("the process is killed here")
+        return real(self)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", killed_at_step_2)
+    with pytest.raises(RuntimeError, match="killed here"):
+        cli.main(fnf_args(model_file, out, "--overwrite"))
+    assert (out / "state.pt").is_file()
+    assert not (out / "report.json").exists() and not (out / "before_0.png").exists()
+
+
+def test_once_a_checkpoint_is_written_the_folder_always_holds_a_state_to_resume(model_file, tmp_path, monkeypatch):
+    """Each later state.pt replaces the previous one (atomically): a run killed at any moment after its first
+    checkpoint leaves a state.pt for --resume (the earlier outputs are cleared once, before the first write)."""
+    out = tmp_path / "run"
+    seen = []
+    real = cli.FixTrainer.save_state
+
+    def spy(self, path):
+        seen.append((self.step, (out / "state.pt").is_file()))
+        return real(self, path)
+    monkeypatch.setattr(cli.FixTrainer, "save_state", spy)
+    assert cli.main(fnf_args(model_file, out, "--seeds", "0", "--batch-size", "1")) == 0
+    assert seen == [(1, False), (2, True), (3, True), (3, True)]
+
+
+def test_the_report_measures_the_change_inside_and_outside_the_mask(model_file, tmp_path, monkeypatch):
+    """mean_abs_change_inside_mask is the change where M is white, _outside_ where it is black; mask_coverage
+    the white share."""
+    def drawn(self, progress=None):
+        I0 = torch.full((2, 3, 16, 16), 0.5)
+        M = torch.zeros(2, 1, 16, 16)
+        M[..., :, :4] = 1.0  # a quarter of each image may change
+        return I0, I0 + 0.2 * M, M
+    monkeypatch.setattr(cli.FixTrainer, "before_after", drawn)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mean_abs_change_inside_mask"] == pytest.approx(0.2, abs=1e-6)
+    assert report["mean_abs_change_outside_mask"] == pytest.approx(0.0, abs=1e-6)
+    assert report["mask_coverage"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("size, message", [("4", "--size must be at least 8 pixels, got 4"),
+                                           ("34", "--size must be a multiple of 4")])
+def test_a_size_the_tiny_unet_cannot_take_is_refused_by_name(tmp_path, capsys, size, message):
+    argv = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(tmp_path / "o"),
+            "--size", size]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_painted_mask_trains_with_lam_0(model_file, tmp_path):
+    """An all-black mask is refused only when the region term holds it (lam > 0); with --lam 0 (plain DRaFT) it
+    is no error."""
+    from PIL import Image
+    black = tmp_path / "black.png"
+    Image.new("L", (16, 16), 0).save(black)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--mask-source", "mask", "--mask", str(black), "--lam", "0",
+                             "--iterations", "1")) == 0
+    assert json.loads((out / "report.json").read_text())["status"] == "done"
+
+
+def test_a_continued_sne_runs_before_maps_are_the_base_models(model_file, tmp_path):
+    """The 'before' values of Separate-and-Enhance are measured on the base model, also when the run continues a
+    saved LoRA (whose own maps are the first run's 'after')."""
+    sne = ["train-sne", "--model", str(model_file), "--iterations", "2", "--lr", "0.05", "--resolution", "8",
+           "--prompt", "a red circle and a blue square | circle, square"]
+    assert cli.main([*sne, "--out", str(tmp_path / "s1")]) == 0
+    assert cli.main([*sne, "--out", str(tmp_path / "s2"), "--iterations", "1", "--lr", "1e-9", "--continue-from",
+                     str(tmp_path / "s1" / "lora.safetensors")]) == 0
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("s1", "s2"))
+    assert r1["separate_before"] != r1["separate_after"], "the first run must change the maps"
+    assert r2["separate_before"] == pytest.approx(r1["separate_before"], rel=1e-5)
+    assert r2["enhance_before"] == pytest.approx(r1["enhance_before"], rel=1e-5)
+
+
+def test_an_output_path_that_cannot_be_written_is_exit_2_naming_it(tmp_path, monkeypatch, capsys):
+    """An OSError from writing the outputs (no permission, a folder where a file goes) is bad input, exit 2, naming
+    the path; not exit 1 (a run that failed mid-way)."""
+    out = tmp_path / "o"
+
+    def cannot_write(*a, **k):
+        raise IsADirectoryError(21, "Is a directory", str(out / "lora.safetensors"))
+    monkeypatch.setattr(cli, "run_fix", cannot_write)
+    assert cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(out)]) == 2
+    assert f"error: cannot write {out / 'lora.safetensors'}: Is a directory (check --out" in capsys.readouterr().err

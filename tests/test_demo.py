@@ -1,7 +1,9 @@
 """The demo (`python -m focusfix_core demo`) trains Focus-N-Fix on images that really have a glitch, and reports
 what the tiny world's exact evaluator says before and after. The full demo takes about a minute: these run its
 picking on the shipped model and the --quick setting end to end."""
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -111,3 +113,147 @@ def test_a_disk_that_fills_after_the_demos_training_names_the_loras_kept(tmp_pat
     assert f"{out / 'focus_n_fix' / 'lora.safetensors'} hold the trained LoRAs; the pictures and summary are " \
            f"incomplete" in err
     assert (out / "focus_n_fix" / "lora.safetensors").is_file()
+
+
+# --- found by mutation testing (session 25) ---
+
+def test_choose_seeds_takes_a_glitch_only_when_the_reward_flags_it_strictly():
+    """The reward flags a glitch when P(glitch) > 0.5, i.e. score < -0.5: a score of exactly -0.5 is not flagged."""
+    assert demo.choose_seeds([1, 2], [True, True], [-0.5, -0.6], 1) == [2]
+
+
+def test_the_mean_of_report_losses_is_nan_when_one_is_null():
+    assert demo._mean([1.0, 3.0]) == 2.0
+    assert math.isnan(demo._mean([1.0, None])) and math.isnan(demo._mean([]))
+
+
+def _png(path, value):
+    from focusfix_core.viz import save_png
+    return save_png(torch.full((3, 8, 8), value), path)
+
+
+def test_fix_check_reads_each_items_images_and_holds_out_every_other_glitch_and_a_few_clean_seeds(
+        tmp_path, monkeypatch):
+    """The counts come from each item's own before and after PNG; the held-out seeds are every glitched candidate
+    not trained on plus the first `held_out_clean` clean ones, drawn with the saved LoRA."""
+    import focusfix_core.tiny.evaluate as ev
+    monkeypatch.setattr(ev, "has_glitch", lambda I: I.mean((1, 2, 3)) > 0.5)  # bright = glitch, for this test
+    drawn_with = []
+
+    def fresh(lora_file=None):
+        drawn_with.append(lora_file)
+        return lora_file
+    monkeypatch.setattr(demo, "_fresh_model", fresh)
+    # the model with the LoRA draws clean (dark) images; without it, the glitch stays
+    monkeypatch.setattr(demo, "base_images",
+                        lambda model, prompt, seeds, steps, cfg: torch.full((len(seeds), 3, 8, 8),
+                                                                            0.0 if model else 1.0))
+    fix = {"items": [{"seed": 10, "before": str(_png(tmp_path / "before_0.png", 1.0)),
+                      "after": str(_png(tmp_path / "after_0.png", 0.0))}],
+           "reward_before": [-0.9], "reward_after": [0.1], "files": {"lora": str(tmp_path / "lora.safetensors")}}
+    seeds, glitch = [10, 11, 12, 13, 14, 15], [True, True, True, False, False, False]
+    images = torch.stack([torch.full((3, 8, 8), 1.0 if g else 0.0) for g in glitch])
+    pick = {"seeds": seeds, "glitch": glitch, "images": images, "score": [0.0] * 6}
+    s = dataclasses.replace(demo.QUICK, held_out_clean=1)
+    check = demo._fix_check(fix, pick, [10], "a blue square", s, tmp_path)
+    assert check["items"] == [{"seed": 10, "glitch_before": True, "glitch_after": False,
+                               "reward_before": -0.9, "reward_after": 0.1}]
+    assert (check["glitches_before"], check["glitches_after"]) == (1, 0)
+    held = check["held_out"]
+    assert held["seeds"] == [11, 12, 13]
+    assert held["glitch_before"] == [True, True, False] and held["glitch_after"] == [False, False, False]
+    assert drawn_with == [fix["files"]["lora"]]
+    assert (tmp_path / "held_out.png").is_file()
+
+
+def test_both_objects_counts_each_prompts_own_images(monkeypatch):
+    """Per prompt, how many of its seeds' images show every object: prompt-major, one block of seeds each."""
+    import focusfix_core.tiny.evaluate as ev
+    monkeypatch.setattr(ev, "evaluate", lambda I, ps: [{"both_present": bool(x.mean() > 0.5)} for x in I])
+    monkeypatch.setattr(demo, "base_images", lambda model, p, seeds, steps, cfg: torch.full(
+        (len(seeds), 3, 4, 4), 1.0 if p == "both" else 0.0))
+    I, counts = demo._both_objects(None, ["both", "none", "both"], [0, 1, 2], demo.QUICK)
+    assert I.shape[0] == 9 and counts == [3, 0, 3]
+
+
+def test_a_demo_into_a_folder_another_run_writes_is_refused(tmp_path, capsys):
+    out = tmp_path / "demo"
+    with cli.claim_out(out, overwrite=False, resume=False, resumable=False):  # the other run, writing
+        assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
+        assert f"another FocusFix run is writing into --out {out}" in capsys.readouterr().err
+        assert list(out.iterdir()) == [out / cli.LOCK_NAME]
+
+
+def test_a_demo_out_that_is_a_file_is_refused_by_name(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["demo", "--quick", "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file: give a folder" in capsys.readouterr().err
+    assert afile.read_text() == "x"
+
+
+def test_a_demo_error_before_any_lora_is_trained_is_bad_input_not_a_run_that_kept_loras(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """An OSError before the first LoRA (an unreadable model file) is exit 2 naming the file, not exit 1 saying
+    trained LoRAs are kept."""
+    def unreadable(*a, **k):
+        raise PermissionError(13, "Permission denied", "tiny_t2i.safetensors")
+    monkeypatch.setattr(cli, "load_model", unreadable)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny_t2i.safetensors: Permission denied" in err and "hold the trained LoRAs" not in err
+
+
+def test_a_disk_that_fills_after_separate_enhance_names_both_loras_kept(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import focusfix_core.viz as viz
+    real = viz.save_png
+
+    def full(img, path, *a, **k):
+        if path.name == "both_objects.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(img, path, *a, **k)
+    monkeypatch.setattr(viz, "save_png", full)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"{out / 'focus_n_fix' / 'lora.safetensors'} and {out / 'separate_enhance' / 'lora.safetensors'} hold "
+            f"the trained LoRAs") in err, err
+
+
+def test_ctrl_c_while_separate_enhance_draws_its_images_stops_the_demo_without_saying_nothing_was_written(
+        tmp_path, monkeypatch, capsys):
+    """A Ctrl-C after Separate-and-Enhance wrote its LoRA (while its after images sample) exits 130; the demo must
+    not report that S&E was interrupted before its first step with nothing written."""
+    calls = []
+    real = cli._samples
+
+    def interrupted_second_time(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(cli, "_samples", interrupted_second_time)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was written" not in err, err
+    assert (out / "separate_enhance" / "lora.safetensors").is_file()
+
+
+def test_separate_enhance_counts_its_before_images_on_the_base_model(tmp_path, monkeypatch):
+    """The both-objects counts 'before' Separate-and-Enhance are of the base model's images, not of the model that
+    still has the demo's Focus-N-Fix LoRA hooked on."""
+    calls = []
+    real = demo._both_objects
+
+    def kept(model, prompts, seeds, s):
+        result = real(model, prompts, seeds, s)
+        calls.append((list(prompts), list(seeds), result[0]))
+        return result
+    monkeypatch.setattr(demo, "_both_objects", kept)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    prompts, seeds, I_before = calls[0]
+    base, _ = cli.load_model("tiny", random_ok=True)
+    assert torch.equal(I_before, real(base, prompts, seeds, demo.QUICK)[0])

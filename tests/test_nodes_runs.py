@@ -1,0 +1,165 @@
+"""Run bookkeeping without ComfyUI (nodes/runs.py): when the Train nodes' checkpoints are written, which file they
+go to when another save takes the name, and what each write holds. The loras folder is a stand-in
+`folder_paths` (tests/comfy_stubs.py); the trainer is a stand-in holding a real core LoRA whose weights are set
+to the step number, so each checkpoint file says which step it holds."""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from comfy_stubs import folder_paths_stub
+from pack_loader import load_pack
+from safetensors import safe_open
+
+PACK = load_pack()
+RUNS = PACK.nodes.runs
+CORE_LORA = sys.modules[f"{PACK.__name__}.focusfix_core.lora"]
+
+
+class _Trainer:
+    """What `_Checkpointer` reads of a trainer: its LoRA (weights = the last step done) and metadata."""
+
+    method = "focus-n-fix"
+
+    def __init__(self):
+        net = torch.nn.Module()
+        net.attn2 = torch.nn.Module()
+        net.attn2.to_k = torch.nn.Linear(4, 4)
+        self.lora = CORE_LORA.LoRA.attach(net, "to_k", rank=2, alpha=2)
+        self.model = SimpleNamespace(family=None)
+        self.steps = 0
+
+    def metadata(self):
+        return {"focusfix_steps_trained": str(self.steps)}
+
+    def step(self, n):
+        self.steps = n
+        with torch.no_grad():
+            for a in self.lora.adapters:
+                a.up.fill_(float(n))
+
+
+def _held_step(path):
+    """The step a checkpoint file holds (its up weights' value), None when there is no file."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        (key,) = [k for k in f.keys() if k.endswith(".lora_up.weight")]
+        return float(f.get_tensor(key).flatten()[0])
+
+
+@pytest.fixture
+def loras(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths_stub(tmp_path))
+    return tmp_path
+
+
+def _run(save, trainer, total):
+    """Feed `total` step records to the checkpointer; the step each write left in the file, after each step."""
+    held = []
+    for i in range(total):
+        trainer.step(i + 1)
+        save(SimpleNamespace(step=i))
+        held.append(_held_step(save.path) if save.path is not None else None)
+    return held
+
+
+@pytest.mark.parametrize("every, total, want", [
+    (3, 7, [None, None, 3, 3, 3, 6, 7]),   # every 3 steps and after the last, which is no multiple of 3
+    (2, 4, [None, 2, 2, 4]),
+    (5, 3, [None, None, 3]),               # every > iterations: once, after the last
+    (1, 3, [1, 2, 3]),
+])
+def test_checkpoints_are_written_every_n_steps_and_after_the_last(loras, every, total, want):
+    # a cancel keeps the last checkpoint: it must hold the steps the report promises ("every N and after the last")
+    trainer = _Trainer()
+    path = RUNS.checkpoint_path(every, "ckpt/fix")
+    save = RUNS._Checkpointer(trainer, every, total, path, "ckpt/fix")
+    assert _run(save, trainer, total) == want
+    assert save.written == loras / "ckpt" / "fix.safetensors" and save.error is None
+
+
+def test_checkpoint_path_is_none_when_checkpoints_are_off_and_names_the_input_for_a_bad_name(loras):
+    assert RUNS.checkpoint_path(0, "ckpt/fix") is None and RUNS.checkpoint_path(-1, "ckpt/fix") is None
+    assert RUNS.checkpoint_path(1, "ckpt/fix") == loras / "ckpt" / "fix.safetensors"
+    with pytest.raises(ValueError, match=r"^checkpoint_name: filename '\.\./escape' must stay inside"):
+        RUNS.checkpoint_path(1, "../escape")
+
+
+def test_a_checkpoint_name_another_save_takes_after_the_look_keeps_its_file(loras):
+    # a second ComfyUI (or Save LoRA) writes the name checkpoint_path found free before the first checkpoint lands:
+    # that file is kept byte for byte, and every checkpoint of the run goes to the next free name instead
+    trainer = _Trainer()
+    path = RUNS.checkpoint_path(1, "ckpt/fix")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"another save's file")
+    save = RUNS._Checkpointer(trainer, 1, 3, path, "ckpt/fix")
+    held = _run(save, trainer, 3)
+    assert path.read_bytes() == b"another save's file"
+    assert save.written == save.path == loras / "ckpt" / "fix_00001.safetensors"
+    assert held == [1, 2, 3] and save.error is None
+    assert sorted(p.name for p in (loras / "ckpt").iterdir()) == ["fix.safetensors", "fix_00001.safetensors"]
+
+
+def test_every_checkpoint_write_embeds_the_graph_that_made_it(loras):
+    # ComfyUI's saves embed the workflow; a checkpoint replaced later in the run must keep it too
+    trainer = _Trainer()
+    graph = {"prompt": '{"1": {}}', "workflow": '{"nodes": []}'}
+    save = RUNS._Checkpointer(trainer, 1, 3, RUNS.checkpoint_path(1, "fix"), "fix", graph=graph)
+    _run(save, trainer, 3)
+    with safe_open(str(save.written), "pt") as f:
+        meta = f.metadata()
+    assert meta["prompt"] == graph["prompt"] and meta["workflow"] == graph["workflow"]
+    assert meta["focusfix_steps_trained"] == "3"
+
+
+def test_a_failed_checkpoint_write_is_kept_only_until_a_later_one_succeeds(loras, monkeypatch):
+    # the report's checkpoint line names a failed write; one that worked after it must not be reported as failed
+    real, calls = RUNS.write_lora, []
+
+    def disk_full_on_second_write(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(RUNS, "write_lora", disk_full_on_second_write)
+    trainer = _Trainer()
+    save = RUNS._Checkpointer(trainer, 1, 3, RUNS.checkpoint_path(1, "fix"), "fix")
+    trainer.step(1), save(SimpleNamespace(step=0))
+    trainer.step(2), save(SimpleNamespace(step=1))
+    assert save.error.startswith("the checkpoint after step 2 was not written") and _held_step(save.path) == 1
+    trainer.step(3), save(SimpleNamespace(step=2))
+    assert save.error is None and _held_step(save.path) == 3
+
+
+def test_a_continued_run_trains_the_saved_lora_and_tells_the_trainer_how_far_it_got():
+    # the trainer gets the saved weights on the MODEL and the saved metadata (steps trained), so its draws follow on
+    # from the first run's instead of replaying its batches; a new run gets no LoRA and nothing to continue
+    first = _Trainer()
+    first.step(3)
+    data = PACK.nodes.adapters.LoraData.from_trainer(first)
+    data = PACK.nodes.adapters.LoraData(data.tensors, {**data.metadata, "focusfix_steps_trained": "3"}, data.rank,
+                                        data.alpha, data.targets, data.method)
+    net = torch.nn.Module()
+    net.attn2 = torch.nn.Module()
+    net.attn2.to_k = torch.nn.Linear(4, 4)
+    told = []
+
+    class Made:
+        def __init__(self, lora):
+            self.lora = lora
+
+        def continues(self, metadata):
+            told.append(metadata)
+
+    trainer = RUNS._trainer(Made, data, SimpleNamespace(net=net))
+    try:
+        assert told == [data.metadata]
+        assert all(float(a.up.detach().flatten()[0]) == 3.0 for a in trainer.lora.adapters)
+    finally:
+        trainer.lora.remove()
+    told.clear()
+    assert RUNS._trainer(Made, None, SimpleNamespace(net=net)).lora is None and told == []
