@@ -93,19 +93,24 @@ def test_quick_demo_counts_both_objects_and_keeps_its_layout(quick_demo):
             assert (out / part / name).is_file(), (part, name)
 
 
-def test_a_disk_that_fills_after_the_demos_training_names_the_loras_kept(tmp_path, capsys, monkeypatch):
-    """A full disk at the demo's own pictures (held_out.png, both_objects.png) or summary after its LoRAs were
-    written was exit 2 "cannot write ...", as if nothing had been saved; now exit 1 naming the LoRAs kept."""
+def _disk_full_at(monkeypatch, full) -> None:
+    """The demo's pictures: writing one for which full(path) holds fails as a full disk does."""
     import errno
 
     import focusfix_core.viz as viz
     real = viz.save_png
 
-    def full(img, path, *a, **k):
-        if path.name == "held_out.png" and path.parent.name == "focus_n_fix":
+    def save_png(img, path, *a, **k):
+        if full(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(img, path, *a, **k)
-    monkeypatch.setattr(viz, "save_png", full)
+    monkeypatch.setattr(viz, "save_png", save_png)
+
+
+def test_a_disk_that_fills_after_the_demos_training_names_the_loras_kept(tmp_path, capsys, monkeypatch):
+    """A full disk at the demo's own pictures (held_out.png, both_objects.png) or summary after its LoRAs were
+    written was exit 2 "cannot write ...", as if nothing had been saved; now exit 1 naming the LoRAs kept."""
+    _disk_full_at(monkeypatch, lambda path: path.name == "held_out.png" and path.parent.name == "focus_n_fix")
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -205,16 +210,7 @@ def test_a_demo_error_before_any_lora_is_trained_is_bad_input_not_a_run_that_kep
 
 
 def test_a_disk_that_fills_after_separate_enhance_names_both_loras_kept(tmp_path, capsys, monkeypatch):
-    import errno
-
-    import focusfix_core.viz as viz
-    real = viz.save_png
-
-    def full(img, path, *a, **k):
-        if path.name == "both_objects.png":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(img, path, *a, **k)
-    monkeypatch.setattr(viz, "save_png", full)
+    _disk_full_at(monkeypatch, lambda path: path.name == "both_objects.png")
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
     err = capsys.readouterr().err

@@ -10,6 +10,8 @@ import torch
 from comfy_stubs import folder_paths_stub
 from pack_loader import load_pack
 
+from focusfix_core.records import StepRecord
+
 PACK = load_pack()
 T = PACK.nodes.train_nodes
 A = PACK.nodes.adapters
@@ -138,7 +140,16 @@ def test_a_bad_checkpoint_name_is_refused_at_queue_time_also_when_checkpoint_eve
 
 # ------------------------------------------------------------------ the Train nodes' outputs from a finished run
 RUNS = PACK.nodes.runs
-from focusfix_core.records import StepRecord  # noqa: E402
+
+
+def _node_returns(monkeypatch, runner: str, run):
+    """The Train node's run (`runner`: run_focus_n_fix or run_separate_enhance) replaced by one that returns `run`."""
+    monkeypatch.setattr(T, "check_comfyui_trains", lambda: None)
+    monkeypatch.setattr(T, "ComfyDiffusionModel", lambda model, clip, vae=None: types.SimpleNamespace(
+        clip=clip, is_adm=False, redraw_caveats=lambda: []))
+    monkeypatch.setattr(T, runner, lambda *a, **k: run)
+    monkeypatch.setattr(T, "graph_metadata", lambda prompt, extra_pnginfo: {})
+    return run
 
 
 def _finished_fix_run(monkeypatch, M=None, grad_norm=1.0, reward=0.1):
@@ -146,13 +157,7 @@ def _finished_fix_run(monkeypatch, M=None, grad_norm=1.0, reward=0.1):
     I0, I = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5)
     history = [StepRecord(step=i, total=2, loss=0.0, grad_norm=grad_norm, seconds=1.0, reward=reward, region=0.0)
                for i in range(2)]
-    run = RUNS.FixRun(lora, history, I0, I, M, None)
-    monkeypatch.setattr(T, "check_comfyui_trains", lambda: None)
-    monkeypatch.setattr(T, "ComfyDiffusionModel", lambda model, clip, vae=None: types.SimpleNamespace(
-        clip=clip, is_adm=False, redraw_caveats=lambda: []))
-    monkeypatch.setattr(T, "run_focus_n_fix", lambda *a, **k: run)
-    monkeypatch.setattr(T, "graph_metadata", lambda prompt, extra_pnginfo: {})
-    return run
+    return _node_returns(monkeypatch, "run_focus_n_fix", RUNS.FixRun(lora, history, I0, I, M, None))
 
 
 def _execute_fix(**kw):
@@ -199,13 +204,8 @@ def test_without_clip_the_error_names_what_cannot_be_encoded(positive, negative,
 def _finished_sne_run(monkeypatch, before, after):
     history = [StepRecord(step=0, total=1, loss=0.0, grad_norm=1.0, seconds=1.0, separate=0.1, enhance=0.2,
                           preserve=0.0)]
-    run = RUNS.SeparateEnhanceRun(_lora("separate-and-enhance"), history, before, after, None)
-    monkeypatch.setattr(T, "check_comfyui_trains", lambda: None)
-    monkeypatch.setattr(T, "ComfyDiffusionModel", lambda model, clip, vae=None: types.SimpleNamespace(
-        clip=clip, is_adm=False, redraw_caveats=lambda: []))
-    monkeypatch.setattr(T, "run_separate_enhance", lambda *a, **k: run)
-    monkeypatch.setattr(T, "graph_metadata", lambda prompt, extra_pnginfo: {})
-    return run
+    return _node_returns(monkeypatch, "run_separate_enhance",
+                         RUNS.SeparateEnhanceRun(_lora("separate-and-enhance"), history, before, after, None))
 
 
 def _execute_sne(prompts):
