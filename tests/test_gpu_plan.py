@@ -128,16 +128,21 @@ def test_unknown_step_and_missing_comfyui_are_refused_6(tmp_path):
     assert proc.returncode == 2 and "gpu_plan.sh pack" in proc.stderr
 
 
+def _plan_copy(tmp_path: Path) -> Path:
+    """A copy of the script's folder (steps that read .comfy / .whl beside it, or pack, which rewrites .comfy)."""
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "benchmarks" / "gpu_plan.sh")
+    return tmp_path / "benchmarks" / "gpu_plan.sh"
+
+
 def test_pack_fetches_the_wheels_comfy_samplers_needs_6(tmp_path):
     """pack downloads torchsde and trampoline beside kornia: comfy.samplers (every Focus-N-Fix/DRaFT case)
     imports them and the device image has neither. Run in a copy of the script's folder (pack rewrites .comfy)."""
-    (tmp_path / "benchmarks").mkdir()
-    shutil.copy(SCRIPT, tmp_path / "benchmarks" / "gpu_plan.sh")
+    script = _plan_copy(tmp_path)
     (tmp_path / "src" / "comfy").mkdir(parents=True)
     bin_dir, log = _stand_ins(tmp_path)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "COMFYUI_DIR": str(tmp_path / "src")}
-    proc = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_plan.sh"), "pack"], capture_output=True,
-                          text=True, env=env, timeout=60)
+    proc = subprocess.run(["bash", str(script), "pack"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     (download,) = [c for c in _calls(log) if c[:3] == ["-m", "pip", "download"]]
     assert "--only-binary=:all:" in download and "--no-deps" in download
@@ -230,3 +235,120 @@ def test_each_suggested_call_returns_every_file_6(tmp_path):
             rel = p.relative_to(where / "out")
             assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
             assert p.stat().st_size < 16 << 20
+
+
+def test_plan_kills_a_run_that_ignores_sigterm_and_says_it_was_stopped_6(tmp_path):
+    """A hung run that ignores SIGTERM (a stuck CUDA call) is killed 10 s after its limit (timeout -k 10), and the
+    plan still reports it as stopped at its limit (rc 137), so the call ends in time."""
+    bin_dir, _ = _stand_ins(tmp_path, sleep_if="--breakdown")
+    py = bin_dir / "python3"
+    py.write_text(py.read_text().replace("exec sleep 60", "trap '' TERM; exec sleep 60"))
+    (tmp_path / "comfy").mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "COMFYUI_DIR": str(tmp_path / "comfy"), "PLAN_SECONDS": "6"}
+    proc = subprocess.run(["bash", str(SCRIPT), "sd15"], capture_output=True, text=True, env=env, timeout=45)
+    assert proc.returncode == 1
+    assert "[gpu_plan] sd15_base stopped at its" in proc.stderr and "(rc 137;" in proc.stdout, proc.stderr
+
+
+def test_plan_default_budget_is_570_seconds_6(tmp_path):
+    """PLAN_SECONDS defaults to 570 of the tool's 600 s: with under 5 s of it left a run is not started (bash takes
+    SECONDS from the environment, so the call starts as if 566 s had passed)."""
+    proc, calls = _run("se", tmp_path, env={"SECONDS": "566"})
+    assert proc.returncode == 1
+    assert "[gpu_plan] sd15_se_outputs not started" in proc.stderr and "PLAN_SECONDS=570" in proc.stderr
+    assert not [c for c in calls if c[0].startswith("benchmarks/")]
+
+
+def test_plan_finds_the_packed_comfyui_by_default_6(tmp_path):
+    """Without COMFYUI_DIR the plan uses the carried .comfy/ComfyUI (what pack writes), not .comfy."""
+    script = _plan_copy(tmp_path)
+    (tmp_path / ".comfy" / "ComfyUI" / "comfy").mkdir(parents=True)
+    bin_dir, _ = _stand_ins(tmp_path)
+    py = bin_dir / "python3"
+    py.write_text(py.read_text() + 'echo "comfyui=$COMFYUI_DIR" >&2\n')
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_DIR"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(script), "se"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "out" / "sd15_se_outputs.log").read_text()
+    assert "comfyui=" in log and log.split("comfyui=")[1].split()[0].endswith("/.comfy/ComfyUI"), log
+
+
+def test_plan_installs_the_carried_wheels_where_the_runs_import_them_6(tmp_path):
+    """Carried .whl/*.whl are installed to /tmp/site (offline, no deps) and /tmp/site leads every run's PYTHONPATH."""
+    script = _plan_copy(tmp_path)
+    (tmp_path / ".comfy" / "ComfyUI").mkdir(parents=True)
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "kornia-0.9.0-py3-none-any.whl").write_text("")
+    bin_dir, log = _stand_ins(tmp_path)
+    py = bin_dir / "python3"
+    py.write_text(py.read_text() + 'echo "pythonpath=$PYTHONPATH" >&2\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_DIR", "PYTHONPATH")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(script), "se"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (install,) = [c for c in _calls(log) if c[:3] == ["-m", "pip", "install"]]
+    assert "--no-index" in install and "--no-deps" in install and install[install.index("--target") + 1] == "/tmp/site"
+    assert ".whl/kornia-0.9.0-py3-none-any.whl" in install
+    run_log = (tmp_path / "out" / "sd15_se_outputs.log").read_text()
+    assert "pythonpath=/tmp/site" in run_log, run_log
+
+
+def test_smoke_leaves_the_native_allocator_to_the_steps_after_it_6(tmp_path):
+    """Only smoke_async runs under cudaMallocAsync: a step after smoke in the same call (the suggested
+    "smoke sd15") measures torch's native allocator again."""
+    proc, _ = _run(["smoke", "sd15"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "alloc=backend:cudaMallocAsync" in (tmp_path / "out" / "smoke_async.log").read_text()
+    assert "alloc=unset" in (tmp_path / "out" / "sd15_base.log").read_text()
+
+
+def _parsed(step: str, tmp_path: Path) -> list:
+    train_speed, _ = _scripts()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc, calls = _run(step, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return [train_speed.parse_args(c[1:]) for c in calls if c and c[0] == "benchmarks/train_speed.py"]
+
+
+@pytest.mark.parametrize("step", ["sd15", "sd15-compile", "sdxl", "sdxl-compile"])
+def test_baseline_and_compile_steps_profile_an_iteration_6(step, tmp_path):
+    """The header's promise: the baseline and compile steps profile one extra iteration per case (--profile)."""
+    runs = _parsed(step, tmp_path)
+    assert runs and all(r.profile for r in runs)
+
+
+def test_each_lever_step_sets_its_lever_6(tmp_path):
+    """sd15-memory, sdxl-memory and sd15-sampler each measure the lever the header names."""
+    no_ckpt, plain = _parsed("sd15-memory", tmp_path / "m")
+    assert no_ckpt.no_checkpoint and plain.inference_weights == "off" and not plain.no_checkpoint
+    fp8, reward_bf16 = _parsed("sdxl-memory", tmp_path / "x")
+    assert fp8.weight_dtype == "fp8_e4m3fn" and reward_bf16.reward_dtype == "bf16"
+    assert reward_bf16.weight_dtype == "default"
+    (sampler,) = _parsed("sd15-sampler", tmp_path / "s")
+    assert (sampler.sampler_name, sampler.scheduler, sampler.steps) == ("dpmpp_2m", "karras", 20)
+
+
+def test_pack_leaves_out_git_and_bytecode_6(tmp_path):
+    """pack copies ComfyUI without its .git and __pycache__ folders (the carry is 64 MiB in all)."""
+    script = _plan_copy(tmp_path)
+    src = tmp_path / "src"
+    for d in ("comfy/__pycache__", ".git/objects"):
+        (src / d).mkdir(parents=True)
+    (src / ".git" / "objects" / "pack").write_text("x")
+    (src / "comfy" / "__pycache__" / "m.pyc").write_text("x")
+    bin_dir, _ = _stand_ins(tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "COMFYUI_DIR": str(src)}
+    proc = subprocess.run(["bash", str(script), "pack"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    packed = tmp_path / ".comfy" / "ComfyUI"
+    assert (packed / "comfy").is_dir()
+    assert not (packed / ".git").exists() and not list(packed.rglob("__pycache__"))
+
+
+def test_smoke_stops_the_call_when_kornia_cannot_be_imported_6(tmp_path):
+    """kornia (a carried wheel) is part of smoke's import check: without it no run starts."""
+    proc, calls = _run(["smoke", "sd15"], tmp_path, fail_if="kornia")
+    assert proc.returncode == 1 and "cannot import comfy.samplers and kornia" in proc.stderr
+    assert not [c for c in calls if c[0].startswith("benchmarks/")]
