@@ -23,10 +23,15 @@ def load_script(name: str):
 
 
 class StandInClock:
-    """Stands in for a script's `time` module: perf_counter returns the given readings in order."""
+    """Stands in for a script's `time` module: perf_counter returns the given readings in order (each read is
+    logged as "clock" in `log`, beside whatever else a test logs there), process_time the `cpu` readings."""
 
-    def __init__(self, *readings: float):
-        self.readings = list(readings)
+    def __init__(self, *readings: float, cpu=(), log: list | None = None):
+        self.readings, self.cpu, self.log = list(readings), list(cpu), log if log is not None else []
 
     def perf_counter(self) -> float:
+        self.log.append("clock")
         return self.readings.pop(0)
+
+    def process_time(self) -> float:
+        return self.cpu.pop(0)

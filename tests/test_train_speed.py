@@ -10,10 +10,13 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from bench_scripts import StandInClock
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_speed.py"
@@ -348,10 +351,6 @@ def test_a_family_that_fails_to_build_keeps_the_others_figures_6(monkeypatch):
 def test_checkpoint_decode_swaps_the_decoders_blocks_for_one_checkpoint_6():
     """--checkpoint-decode keeps the UNet's block checkpoints and drops the VAE decoder's (the decode is then
     checkpointed whole, not nested over them); --no-checkpoint drops them all."""
-    from types import SimpleNamespace
-
-    import torch
-
     ts = _module()
     unet, decoder = torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model = SimpleNamespace(vae=SimpleNamespace(first_stage_model=SimpleNamespace(decoder=decoder)))
@@ -582,3 +581,429 @@ def test_peak_memory_reserved_is_recorded_beside_allocated_6(monkeypatch):
     monkeypatch.setattr(ts, "_memory", as_on_cuda)
     (case,) = ts.main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "draft_b1", "--breakdown"])["cases"]
     assert case["peak_memory_reserved_gib"] == 5.0 and case["breakdown_peak_memory_reserved_bytes"] == 5 * 2**30
+
+
+# -- how the figures are formed (mutation testing found these unheld) --------------------------------------------
+def _marks(durations):
+    """[0, d0, d0, d0 + d1, ...]: start and end readings of back-to-back intervals."""
+    out, t = [], 0.0
+    for d in durations:
+        out += [t, t + d]
+        t += d
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ts = _module()
+    dev = torch.device("cpu")
+    model, core = ts.build_core("tiny", dev, torch.float32)
+    reward = ts.build_reward(core, "tiny", dev, torch.float32)
+    return ts, model, reward, core, dev
+
+
+def _case(tiny, name, *flags, capture=None, monkeypatch=None):
+    ts, model, reward, core, dev = tiny
+    args = ts.parse_args([*TINY, *flags])
+    if capture is not None:
+        real = ts.make_trainer
+
+        def keep(*a, **k):
+            capture.append(real(*a, **k))
+            return capture[-1]
+
+        monkeypatch.setattr(ts, "make_trainer", keep)
+    return ts.run_case(name, model, reward, core, ts.GEOMETRY[("tiny", "tiny")], args, dev, torch.float32)
+
+
+# -- the timing window and its arithmetic ------------------------------------------------------------------------
+def test_timed_window_excludes_warmup_and_reports_median_min_first_6(tiny, monkeypatch):
+    """Warm-up iterations run but are not timed; median (not mean), min, all, iterations/s = 1/median, the first
+    iteration's seconds (a warm-up one), CPU seconds and achieved TFLOP/s = TFLOP / median."""
+    ts = tiny[0]
+    log = []
+    clock = StandInClock(*_marks([10.0, 3.0, 1.0, 8.0]), cpu=_marks([20.0, 6.0, 2.0, 16.0]), log=log)
+    monkeypatch.setattr(ts, "time", clock)
+    monkeypatch.setattr(ts, "_sync", lambda device: log.append("sync"))
+    out = _case(tiny, "se_b4", "--warmup", "1", "--iters", "3")
+    assert out["iterations_timed"] == 3
+    assert out["seconds_per_iteration"] == {"median": 3.0, "min": 1.0, "all": [3.0, 1.0, 8.0]}
+    assert out["iterations_per_second"] == pytest.approx(1 / 3.0)
+    assert out["first_iteration_seconds"] == 10.0
+    assert out["cpu_seconds_per_iteration"] == {"median": 6.0, "min": 2.0}
+    assert out["achieved_tflops"] == pytest.approx(out["tflop_per_iteration"] / 3.0)
+    assert len(out["history"]) == 1 + 3 + 1  # warm-up, timed, FLOP-counted: every iteration ran
+    # every iteration's clock reads sit between device syncs: sync, read, (step), sync, read
+    assert log == ["sync", "clock", "sync", "clock"] * 4, log
+
+
+def test_sync_synchronizes_cuda_only_6(monkeypatch):
+    """_sync waits for the device on cuda (else the clock reads time the launches, not the work), not on cpu."""
+    ts = _module()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    ts._sync(torch.device("cpu"))
+    assert calls == []
+    ts._sync(torch.device("cuda"))
+    assert calls == [torch.device("cuda")]
+
+
+# -- the device peak and the fraction of it ----------------------------------------------------------------------
+def test_measured_peak_is_the_best_of_five_matmul_rounds_6(monkeypatch):
+    """A measured peak (fp32, CPU, unknown GPUs): 2 n^3 FLOP per n x n matmul, best of 5 rounds of 4 matmuls."""
+    ts = _module()
+    monkeypatch.setattr(ts, "time", StandInClock(*_marks([8.0, 4.0, 12.0, 6.0, 10.0])))
+    peak, source = ts.device_peak_tflops(torch.device("cpu"), torch.float32, None)
+    assert peak == pytest.approx(2 * 512**3 / (4.0 / 4) / 1e12)
+    assert source == "measured 512x512 float32 matmul"
+
+
+def test_peak_tflops_override_is_used_everywhere_6(monkeypatch):
+    """--peak-tflops replaces the table and the measurement on any device, and the fraction of peak is the
+    achieved TFLOP/s (not the TFLOP per iteration) over it."""
+    ts = _module()
+    assert ts.device_peak_tflops(torch.device("cpu"), torch.float32, 123.0) == (123.0, "--peak-tflops")
+
+    def fake(name, *args):
+        return {"case": name, "achieved_tflops": 2.0, "tflop_per_iteration": 5.0}
+
+    monkeypatch.setattr(ts, "run_case", fake)
+    doc = ts.main([*TINY, "--cases", "se_b4", "--peak-tflops", "100"])
+    assert doc["peak_tflops"] == 100.0 and doc["peak_source"] == "--peak-tflops"
+    assert doc["cases"][0]["fraction_of_peak"] == pytest.approx(0.02)
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+def _fake_cuda_memory(monkeypatch, log):
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: log.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 5 * 2**30)
+
+
+def test_cuda_peak_is_reset_before_the_block_6(monkeypatch):
+    """On cuda the peak counters are reset when the block starts (else an earlier case's or the build's peak
+    shows as this case's)."""
+    ts = _module()
+    log = []
+    _fake_cuda_memory(monkeypatch, log)
+    with ts._memory(torch.device("cuda")) as mem:
+        log.append("body")
+    assert log == ["reset", "body"]
+    assert mem["peak_memory_bytes"] == 3 * 2**30
+
+
+def test_release_idle_resets_the_peak_after_the_encoders_leave_6(monkeypatch):
+    """comfy: the peak is counted from after the text encoders leave the device (idle_models_released), so the
+    peak-memory stats are reset once they are released; the core backend releases nothing."""
+    ts = _module()
+    log = []
+    _fake_cuda_memory(monkeypatch, log)
+    monkeypatch.setattr(ts, "_import_pack", lambda: SimpleNamespace(
+        release_idle_models=lambda model: log.append("released") or 2))
+    assert ts.release_idle(SimpleNamespace(patcher=object()), torch.device("cuda")) == 2
+    assert log == ["released", "reset"]
+    assert ts.release_idle(SimpleNamespace(), torch.device("cuda")) is None
+
+
+def test_peak_memory_gib_is_bytes_over_2_to_the_30_6(monkeypatch):
+    """peak_memory_gib is GiB (2^30 bytes), as peak_memory_reserved_gib."""
+    ts = _module()
+    _fake_cuda_memory(monkeypatch, [])
+    real = ts._memory
+
+    @contextmanager
+    def as_on_cuda(device):
+        with real(torch.device("cuda")) as mem:
+            yield mem
+
+    monkeypatch.setattr(ts, "_memory", as_on_cuda)
+    (case,) = ts.main([*TINY, "--iters", "1", "--warmup", "0", "--cases", "se_b4"])["cases"]
+    assert case["peak_memory_gib"] == 3.0 and case["peak_memory_reserved_gib"] == 5.0
+
+
+def test_session_enter_bytes_is_a_difference_6(monkeypatch):
+    """session_enter_bytes is what entering the session cost (the core's session is a no-op: about 0), not the
+    process's whole memory."""
+    ts = _module()
+    monkeypatch.setattr(ts, "run_case", lambda name, *a: {"case": name, "achieved_tflops": 1.0})
+    doc = ts.main([*TINY, "--cases", "se_b4"])
+    assert abs(doc["settings"]["tiny"]["session_enter_bytes"]) < 64 * 2**20
+
+
+# -- the profile's units -----------------------------------------------------------------------------------------
+def _fake_profiler(monkeypatch, events):
+    class Prof:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kw: Prof())
+
+
+def test_profile_units_on_cpu_6(monkeypatch):
+    """The profiler's microseconds become host_seconds_in_ops (s) and the top ops' self_ms (ms)."""
+    ts = _module()
+    ev = lambda key, count, us: SimpleNamespace(key=key, count=count, self_cpu_time_total=us,  # noqa: E731
+                                               device_type=None, self_device_time_total=0)
+    _fake_profiler(monkeypatch, [ev("aten::mm", 3, 2_000_000), ev("aten::add", 5, 500_000),
+                                 ev("autograd::engine", 1, 500_000)])
+    monkeypatch.setattr(ts, "time", StandInClock(0.0, 4.0))
+    out = ts.profile_iteration(lambda: None, torch.device("cpu"))
+    assert out["wall_seconds"] == 4.0 and out["aten_op_calls"] == 8
+    assert out["host_seconds_in_ops"] == pytest.approx(3.0)
+    assert out["top"] == [{"name": "aten::mm", "calls": 3, "self_ms": 2000.0},
+                          {"name": "aten::add", "calls": 5, "self_ms": 500.0}]
+
+
+def test_profile_device_busy_fractions_on_cuda_6(monkeypatch):
+    """cuda (stand-in profiler): busy seconds from the kernels, over the profiled wall time (device_busy_fraction)
+    and over the unprofiled median (device_busy_fraction_of_median)."""
+    from torch.autograd import DeviceType
+
+    ts = _module()
+    kernel = SimpleNamespace(key="sm90_gemm", count=10, self_cpu_time_total=0, device_type=DeviceType.CUDA,
+                             self_device_time_total=1_000_000)
+    launch = SimpleNamespace(key="cudaLaunchKernel", count=10, self_cpu_time_total=100, device_type=DeviceType.CPU,
+                             self_device_time_total=0)
+    _fake_profiler(monkeypatch, [kernel, launch])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(ts, "time", StandInClock(0.0, 4.0))
+    out = ts.profile_iteration(lambda: None, torch.device("cuda"), median=2.0)
+    assert out["device_busy_seconds"] == pytest.approx(1.0) and out["kernel_launches"] == 10
+    assert out["device_busy_fraction"] == pytest.approx(0.25)
+    assert out["device_busy_fraction_of_median"] == pytest.approx(0.5)
+    assert out["host_kernel_launches"] == 10 and out["top"][0]["self_ms"] == 1000.0
+
+
+# -- the breakdown -----------------------------------------------------------------------------------------------
+def test_breakdown_is_the_best_of_its_reps_6(tiny, monkeypatch):
+    """Every breakdown part is the best (min) of --breakdown-reps rounds, not the first or the last."""
+    ts = tiny[0]
+    seen = {}
+
+    def scripted(fn, device):
+        seen[fn] = seen.get(fn, -1) + 1
+        return [5.0, 2.0, 7.0][seen[fn]]
+
+    monkeypatch.setattr(ts, "_time", scripted)
+    out = _case(tiny, "draft_b1", "--iters", "1", "--warmup", "0", "--breakdown")
+    parts = out["breakdown_seconds"]
+    assert set(parts) == {"sample_no_grad_lora_on", "sample_no_grad_lora_off", "sample_no_grad_lora_merged",
+                          "decode_reward_fwd_bwd"}
+    assert all(v == 2.0 for v in parts.values()), parts
+
+
+def test_no_breakdown_for_separate_and_enhance_6(tiny):
+    """--breakdown times the Focus-N-Fix/DRaFT sampling: an S&E case has none (not an error in its place)."""
+    out = _case(tiny, "se_b4", "--iters", "1", "--warmup", "0", "--breakdown")
+    assert "breakdown_seconds" not in out and "breakdown_peak_memory_bytes" not in out
+
+
+# -- what runs: cases, trainers, settings ------------------------------------------------------------------------
+def test_each_case_runs_its_method_6(tiny):
+    """draft_b1 is DRaFT, fnf_* Focus-N-Fix with a saliency mask, se_* Separate-and-Enhance (the method the JSON
+    reports), with the case's batch."""
+    ts, model, reward, core, _ = tiny
+    args = ts.parse_args(TINY)
+    want = {"draft_b1": "draft", "fnf_b1": "focus-n-fix", "fnf_b4": "focus-n-fix",
+            "se_preserve_b4": "separate-and-enhance", "se_b4": "separate-and-enhance"}
+    for name, (kind, overrides, batch) in ts.CASES.items():
+        tr = ts.make_trainer(core, kind, overrides, batch, model, reward, ts.GEOMETRY[("tiny", "tiny")], args, 1)
+        try:
+            assert tr.method == want[name] and tr.cfg.batch_size == batch, name
+        finally:
+            tr.lora.remove()
+
+
+def test_trainers_are_built_with_the_recorded_settings_6(tiny):
+    """The overrides reach the trainers (steps, image side, scheduler, S&E resolution and preservation), and the
+    fixed settings are the ones the JSON records: CFG 7.5, K = 1, LoRA rank 4."""
+    ts, model, reward, core, _ = tiny
+    args = ts.parse_args([*TINY, "--steps", "3", "--size-px", "48", "--scheduler", "karras", "--resolution", "12",
+                          "--preservation", "outputs"])
+    geo = ts.GEOMETRY[("tiny", "tiny")]
+    fix = ts.make_trainer(core, "fix", {"mask_source": "none", "lam": 0.0}, 1, model, reward, geo, args, 1)
+    try:
+        c = fix.cfg
+        assert (c.steps, c.height, c.width, c.scheduler, c.cfg_scale, c.K, c.rank) == (3, 48, 48, "karras", 7.5, 1, 4)
+        assert len(fix.sigmas) == 3 + 1
+    finally:
+        fix.lora.remove()
+    se = ts.make_trainer(core, "se", {"lam_preserve": 1.0}, 4, model, reward, geo, args, 1)
+    try:
+        assert (se.cfg.resolution, se.cfg.preservation, se.cfg.rank, se.cfg.height) == (12, "outputs", 4, 48)
+    finally:
+        se.lora.remove()
+
+
+def test_settings_record_the_overrides_6(monkeypatch):
+    """settings: the image side and steps the run used (--size-px, --steps), the S&E resolution."""
+    ts = _module()
+    monkeypatch.setattr(ts, "run_case", lambda name, *a: {"case": name, "achieved_tflops": 1.0})
+    doc = ts.main([*TINY, "--cases", "se_b4", "--size-px", "48", "--steps", "3", "--resolution", "12"])
+    s = doc["settings"]["tiny"]
+    assert (s["image"], s["steps"], s["se_resolution"], s["cfg_scale"], s["K"]) == (48, 3, 12, 7.5, 1)
+
+
+def test_default_families_and_their_cases_6(monkeypatch):
+    """comfy without --models runs SD1.5 and SDXL; SD1.5 runs every case, SDXL draft_b1 and fnf_b1 (the GPU plan's
+    sdxl step relies on it to fit its time)."""
+    ts = _module()
+    model = SimpleNamespace(net=torch.nn.Linear(2, 2), vae=SimpleNamespace(vae_dtype=torch.float32))
+    adapters = SimpleNamespace(training_session=lambda model, rewards: nullcontext())
+    monkeypatch.setattr(ts, "build_comfy", lambda family, *a, **k: (model, adapters, "focusfix_core"))
+    monkeypatch.setattr(ts, "run_case_kept", lambda name, *a: {"case": name, "achieved_tflops": 1.0})
+    monkeypatch.setattr(ts, "device_peak_tflops", lambda *a: (1.0, "stand-in"))
+    doc = ts.main(["--backend", "comfy", "--size", "tiny", "--device", "cpu"])
+    got = [(c["model"], c["case"]) for c in doc["cases"]]
+    assert got == [("sd15", n) for n in ts.CASES] + [("sdxl", "draft_b1"), ("sdxl", "fnf_b1")]
+
+
+def test_default_dtype_is_fp32_on_cpu_6(monkeypatch):
+    """--dtype's default: fp32 on a CPU (bf16 on cuda)."""
+    ts = _module()
+    monkeypatch.setattr(ts, "run_case", lambda name, *a: {"case": name, "achieved_tflops": 1.0})
+    doc = ts.main(["--backend", "core", "--size", "tiny", "--device", "cpu", "--cases", "se_b4"])
+    assert doc["dtype"] == "float32"
+
+
+def test_core_backend_refuses_full_size_6():
+    """--backend core has --size tiny only: a full-size request is refused, not run tiny under the full name."""
+    ts = _module()
+    with pytest.raises(SystemExit, match="--size tiny only"):
+        ts.build_core("full", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("flags", [["--iters", "0"], ["--breakdown-reps", "0"], ["--warmup", "-1"]])
+def test_counts_below_their_minimum_are_usage_errors_6(flags, capsys):
+    """--iters and --breakdown-reps must be >= 1 (a median of nothing, a best of nothing), --warmup >= 0."""
+    ts = _module()
+    with pytest.raises(SystemExit):
+        ts.parse_args(flags)
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--backend", "comfy", "--models", "sd15,sdx1"], "unknown --models ['sdx1']; known: sd15, sdxl"),
+    (["--backend", "core", "--models", "sd15"], "--backend core runs its tiny model only")])
+def test_models_are_checked_when_the_arguments_are_read_6(flags, said, capsys):
+    """A misspelt family is a usage error before anything is built (not a failure after the first family's run),
+    and --models with the core backend is refused rather than ignored (its tiny model would be timed instead)."""
+    ts = _module()
+    with pytest.raises(SystemExit):
+        ts.parse_args(flags)
+    assert said in capsys.readouterr().err
+    assert ts.parse_args(["--backend", "comfy", "--models", "sdxl"]).models == ["sdxl"]
+
+
+# -- reward ------------------------------------------------------------------------------------------------------
+def test_reward_dtype_and_seed_6():
+    """--reward-dtype sets the tower's weights (the head stays fp32), and the reward's random weights come from its
+    seed, not from the process's generator: two builds are the same reward."""
+    ts = _module()
+    dev = torch.device("cpu")
+    a = ts.build_reward("focusfix_core", "tiny", dev, torch.bfloat16)
+    assert {p.dtype for p in a.tower.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in a.head.parameters()} == {torch.float32}
+    built = []
+    for global_seed in (1, 2):  # whatever the process's generator holds: the reward is seeded by `seed`
+        torch.manual_seed(global_seed)
+        built.append(ts.build_reward("focusfix_core", "tiny", dev, torch.float32))
+    b, c = built
+    assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
+
+
+# -- levers ------------------------------------------------------------------------------------------------------
+def test_fused_adam_lever_builds_a_fused_adamw_without_decay_6(tiny, monkeypatch):
+    """--fused-adam: AdamW(fused=True) with the trainer's lr and no weight decay (the trainer's own optimizer)."""
+    trainers = []
+    _case(tiny, "se_b4", "--iters", "1", "--warmup", "0", "--fused-adam", capture=trainers, monkeypatch=monkeypatch)
+    (tr,) = trainers
+    group = tr.optimizer.param_groups[0]
+    assert isinstance(tr.optimizer, torch.optim.AdamW)
+    assert group["fused"] is True and group["weight_decay"] == 0.0 and group["lr"] == tr.cfg.lr
+
+
+def test_no_cache_lever_clears_the_cache_every_iteration_6(tiny, monkeypatch):
+    """--no-cache (Focus-N-Fix/DRaFT): I0 and M are rebuilt before every timed and warm-up iteration."""
+    class Counting(dict):
+        clears = 0
+
+        def clear(self):
+            Counting.clears += 1
+            super().clear()
+
+    ts = tiny[0]
+    real = ts.make_trainer
+
+    def counted(*a, **k):
+        tr = real(*a, **k)
+        tr._cache = Counting(tr._cache)
+        return tr
+
+    monkeypatch.setattr(ts, "make_trainer", counted)
+    _case(tiny, "draft_b1", "--iters", "2", "--warmup", "1")
+    base = Counting.clears
+    _case(tiny, "draft_b1", "--iters", "2", "--warmup", "1", "--no-cache")
+    assert Counting.clears - 2 * base == 3
+
+
+def test_autocast_lever_changes_the_computation_6(tiny):
+    """--autocast runs each iteration under bf16 autocast: an fp32 run's loss changes."""
+    plain = _case(tiny, "se_b4", "--iters", "1", "--warmup", "0")
+    cast = _case(tiny, "se_b4", "--iters", "1", "--warmup", "0", "--autocast")
+    assert cast["history"][0]["loss"] != plain["history"][0]["loss"]
+
+
+def test_cudagraph_skips_count_the_change_over_the_block_6():
+    """cudagraph_skips is the change of Inductor's counter over the case, not its running total."""
+    from torch._dynamo.utils import counters
+
+    ts = _module()
+    before = counters["inductor"]["cudagraph_skips"]
+    counters["inductor"]["cudagraph_skips"] += 5  # an earlier case's skips
+    try:
+        with ts._cudagraph_skips(True) as out:
+            counters["inductor"]["cudagraph_skips"] += 1
+        assert out["cudagraph_skips"] == 1
+    finally:
+        counters["inductor"]["cudagraph_skips"] = before
+
+
+def test_no_checkpoint_also_turns_whole_call_checkpoints_off_6():
+    """--no-checkpoint empties the block list and turns the trainer's whole-call checkpoints off too."""
+    ts = _module()
+    trainer = SimpleNamespace(_checkpoint_modules=[torch.nn.Linear(2, 2)], _checkpoint_calls=True)
+    ts.checkpoint_levers(trainer, SimpleNamespace(), ts.parse_args(["--no-checkpoint"]))
+    assert trainer._checkpoint_modules == [] and trainer._checkpoint_calls is False
+
+
+@pytest.mark.comfyui
+def test_comfy_args_cannot_change_once_comfy_is_imported_6():
+    """ComfyUI's modules read their launch flags once: a later model asking for other --comfy-args is refused."""
+    reason = _comfy_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    code = ("import sys, torch; sys.path.insert(0, 'benchmarks'); import train_speed as ts\n"
+            "ts._import_comfy(torch.device('cpu'))\n"
+            "try:\n    ts._import_comfy(torch.device('cpu'), comfy_args='--fast')\n"
+            "except SystemExit as e:\n    print('REFUSED', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED --comfy-args '--fast': ComfyUI was already imported with ''" in proc.stdout
+
+
+def test_cpu_peak_is_rss_growth_at_least_one_byte_6(monkeypatch):
+    """On a CPU the peak is the RSS growth over the block (weights excluded), and a block that grew nothing still
+    reports 1 byte, so the figure stays positive (a reader divides by it)."""
+    ts = _module()
+    monkeypatch.setattr(ts, "_rss", lambda: 500 * 2**20)
+    with ts._memory(torch.device("cpu")) as mem:
+        pass
+    assert mem["peak_memory_bytes"] == 1 and mem["peak_memory_kind"].startswith("RSS growth")
