@@ -127,11 +127,7 @@ def test_train_speed_bad_case_6():
 def test_a_failed_case_keeps_the_other_cases_figures_6(monkeypatch):
     """A case that fails (here a stand-in CUDA out-of-memory) is recorded with its error, the next case still
     runs and keeps every figure, and the run lists it under failed_cases (the command line then exits 1)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import train_speed
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    train_speed = _module()
     real = train_speed.run_case
 
     def flaky(name, *args):
