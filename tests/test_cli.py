@@ -1,12 +1,14 @@
 """The command line end to end on a small random tiny model: outputs, no overwrite, interrupt, resume."""
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from reward_files import head_sd
 from safetensors.torch import save_file
 
-from focusfix_core import cli
+from focusfix_core import __version__, cli
 from focusfix_core.io import load_tensor_file_with_metadata
 from focusfix_core.tiny.model import TinyConfig, TinyModel
 
@@ -23,6 +25,9 @@ def fnf_args(model_file, out, *extra):
     return ["train-fnf", "--model", str(model_file), "--out", str(out), "--prompt", "a red circle",
             "--seeds", "0,1", "--reward", "color_red", "--mask-source", "saliency", "--iterations", "3",
             "--steps", "3", "--batch-size", "2", "--checkpoint-every", "1", *extra]
+
+
+SNE_PROMPT = "a red circle and a blue square | circle, square"
 
 
 def test_train_fnf_writes_everything(model_file, tmp_path, capsys):
@@ -1130,3 +1135,167 @@ def test_an_output_path_that_cannot_be_written_is_exit_2_naming_it(tmp_path, mon
     monkeypatch.setattr(cli, "run_fix", cannot_write)
     assert cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(out)]) == 2
     assert f"error: cannot write {out / 'lora.safetensors'}: Is a directory (check --out" in capsys.readouterr().err
+
+
+def _action(command, dest):
+    parser = cli.build_parser()
+    actions = parser._actions
+    if command is not None:
+        actions = next(a for a in actions if isinstance(a, argparse._SubParsersAction)).choices[command]._actions
+    return next(a for a in actions if a.dest == dest)
+
+
+@pytest.mark.parametrize("command, dest, value, shown", [
+    (None, "threads", 1, "default 1"),
+    ("train-fnf", "iterations", 40, "default 40"),
+    ("train-fnf", "lr", 2e-3, "default 2e-3"),
+    ("train-fnf", "rank", 4, "default 4"),
+    ("train-fnf", "targets", "attn", "default attn"),
+    ("train-fnf", "batch_size", 2, "default 2"),
+    ("train-fnf", "seed", 0, "default 0"),
+    ("train-fnf", "checkpoint_every", 10, "default 10"),
+    ("train-fnf", "seeds", (0, 1, 2, 3), "default 0-3"),
+    ("train-fnf", "lam", 1.0, "default 1"),
+    ("train-fnf", "reward_target", None, "default: unbounded"),
+    ("train-fnf", "K", 1, "default 1"),
+    ("train-fnf", "lv_copies", 0, "default 0"),
+    ("train-fnf", "steps", 20, "default 20"),
+    ("train-fnf", "sampler_name", "ddim", "default ddim"),
+    ("train-fnf", "scheduler", "normal", "default normal"),
+    ("train-fnf", "cfg", 3.0, "default 3"),
+    ("train-fnf", "negative_prompt", "", "default none"),
+    ("train-fnf", "mask_source", None, "default heatmap, or mask with --mask"),
+    ("train-fnf", "threshold_mode", "top_percent", "default top_percent"),
+    ("train-fnf", "threshold", 0.15, "default 0.15"),
+    ("train-fnf", "dilation", 2, "default 2"),
+    ("train-fnf", "saliency_method", "grad", "default grad"),
+    ("train-fnf", "size", None, "default: the model's"),
+    ("train-sne", "targets", "to_k", "default to_k"),
+    ("train-sne", "lam_sep", 1.0, "default 1"),
+    ("train-sne", "lam_en", 1.0, "default 1"),
+    ("train-sne", "lam_preserve", 1.0, ""),
+    ("train-sne", "preservation", "auto", "auto: keys where possible"),
+    ("train-sne", "resolution", 16, "default 16"),
+    ("demo", "out", Path("focusfix_demo"), "default focusfix_demo"),
+])
+def test_each_default_is_the_one_its_help_names(command, dest, value, shown):
+    """A flag left out takes the default its --help states (a changed default trained other settings silently)."""
+    action = _action(command, dest)
+    assert action.default == value and type(action.default) is type(value), (dest, action.default)
+    assert shown in action.help, action.help
+
+
+def test_train_fnf_flags_reach_the_runs_config_and_report(model_file, tmp_path):
+    """--scheduler, --cfg, --threshold-mode, --threshold, --dilation are the run's settings; report.json names the
+    model file and the FocusFix version; report.md gives its figures to 4 places and each item's own seed."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--scheduler", "karras", "--cfg", "2.5", "--threshold-mode", "value",
+                             "--threshold", "0.4", "--dilation", "1", "--iterations", "1", "--seeds", "3",
+                             "--batch-size", "1", "--steps", "2")) == 0
+    report = json.loads((out / "report.json").read_text())
+    config = report["config"]
+    assert (config["scheduler"], config["cfg_scale"], config["threshold_mode"], config["threshold"],
+            config["dilation"]) == ("karras", 2.5, "value", 0.4, 1)
+    assert report["model"] == f"tiny model from {model_file}"
+    assert report["focusfix_version"] == __version__
+    md = (out / "report.md").read_text()
+    assert f"- mean reward before: {report['mean_reward_before']:.4f}\n" in md
+    assert f"- mean reward after: {report['mean_reward_after']:.4f}\n" in md
+    assert "- 0: prompt 'a red circle', seed 3: `before_0.png`, `after_0.png`" in md
+
+
+def test_train_sne_flags_reach_the_run_and_its_report_counts_the_steps_done(model_file, tmp_path, monkeypatch):
+    """--lam-sep, --lam-en, --lam-preserve, --preservation and --seed are the run's settings; the report gives the
+    preservation the run used (auto resolved) and, after a Ctrl-C, the steps done, not the steps asked for."""
+    sne = ["train-sne", "--model", str(model_file), "--resolution", "8", "--prompt", SNE_PROMPT]
+    out = tmp_path / "set"
+    assert cli.main([*sne, "--out", str(out), "--iterations", "1", "--lam-sep", "2", "--lam-en", "0.5",
+                     "--lam-preserve", "0.25", "--preservation", "outputs", "--seed", "3"]) == 0
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["lam_sep"], config["lam_en"], config["lam_preserve"], config["preservation"], config["seed"]) \
+        == (2.0, 0.5, 0.25, "outputs", 3)
+    real_step = cli.SeparateEnhanceTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+    monkeypatch.setattr(cli.SeparateEnhanceTrainer, "train_step", interrupted)
+    out = tmp_path / "stopped"
+    assert cli.main([*sne, "--out", str(out), "--iterations", "3"]) == 130
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "interrupted after 1 steps" and report["steps_trained"] == 1
+    assert "- steps trained: 1 (" in (out / "report.md").read_text()
+    assert report["config"]["preservation"] == "auto" and report["preservation"] == "keys"
+
+
+def test_a_carriage_return_inside_a_prompt_is_a_line_break_but_one_at_its_end_is_not(model_file, tmp_path,
+                                                                                     capsys):
+    """A prompt holding '\\r' (a Windows line break) is refused as two prompts in one; a line break at its end (a
+    prompt read from a file) is the one prompt."""
+    assert cli.main(fnf_args(model_file, tmp_path / "o", "--prompt", "a red circle\ra blue square")) == 2
+    assert "holds a line break: give each prompt its own --prompt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    cli._check_prompts(TinyModel.load(model_file), ["a red circle\n", "\ta blue square \r\n"])  # no error
+
+
+def test_convert_reward_prints_the_file_it_wrote_takes_any_case_of_the_suffix_and_names_a_folder(tmp_path, capsys):
+    """convert-reward prints `output: PATH`; OUT.SAFETENSORS is a safetensors name too; an output that is a
+    folder (named like a file) is refused saying so, with the file to give instead."""
+    src = tmp_path / "head.pth"
+    torch.save(head_sd(), src)  # a lone aesthetic head: converts
+    dst = tmp_path / "HEAD.SAFETENSORS"
+    assert cli.main(["convert-reward", str(src), str(dst)]) == 0
+    assert f"output: {dst}\n" in capsys.readouterr().out
+    assert dst.is_file()
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(["convert-reward", str(src), str(folder), *extra]) == 2
+        assert f"error: output {folder} is a folder: give the file to write, e.g. {folder / 'reward.safetensors'}" \
+            in capsys.readouterr().err
+    assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_checkpoint_every_minus_1_is_refused(model_file, tmp_path, capsys):
+    """Every negative --checkpoint-every is refused by name (-1 would save the state after every step)."""
+    assert cli.main(fnf_args(model_file, tmp_path / "c", "--checkpoint-every", "-1")) == 2
+    assert "--checkpoint-every must be >= 0 (0 = at the end only), got -1" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_batch_note_counts_only_the_non_empty_prompts(model_file, tmp_path, capsys):
+    """A blank --prompt is no item: --batch-size 2 over one real prompt and one seed is noted as larger than the
+    1 item there is."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--prompt", " ", "--seeds", "0", "--batch-size", "2",
+                             "--iterations", "1", "--steps", "2")) == 0
+    assert "note: --batch-size 2 is more than the 1 (prompt, seed) items" in capsys.readouterr().err
+
+
+def test_a_run_of_exactly_grid_items_items_shows_them_all(model_file, tmp_path, monkeypatch):
+    """The grid's 'rows: the first N of M items' appears only when items were left out of it."""
+    monkeypatch.setattr(cli, "GRID_ITEMS", 2)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--seeds", "0,1", "--iterations", "1", "--steps", "2")) == 0
+    assert "rows: the first" not in (out / "report.md").read_text()
+    out = tmp_path / "three"
+    assert cli.main(fnf_args(model_file, out, "--seeds", "0-2", "--iterations", "1", "--steps", "2")) == 0
+    assert "rows: the first 2 of the 3 items" in (out / "report.md").read_text()
+
+
+def test_a_demo_stopped_in_focus_n_fix_prints_its_files_by_stage(tmp_path, monkeypatch, capsys):
+    """The files a demo stopped in Focus-N-Fix prints are named by stage (focus_n_fix_lora: ...), as a finished
+    demo's are."""
+    real_step = cli.FixTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 130
+    printed = capsys.readouterr().out
+    assert f"focus_n_fix_lora: {out / 'focus_n_fix' / 'lora.safetensors'}\n" in printed, printed
+    assert f"focus_n_fix_state: {out / 'focus_n_fix' / 'state.pt'}\n" in printed

@@ -253,3 +253,97 @@ def test_separate_enhance_counts_its_before_images_on_the_base_model(tmp_path, m
     prompts, seeds, I_before = calls[0]
     base, _ = cli.load_model("tiny", random_ok=True)
     assert torch.equal(I_before, real(base, prompts, seeds, demo.QUICK)[0])
+
+
+def test_a_demo_runs_the_full_setting_unless_quick(tmp_path, monkeypatch):
+    """`demo` trains with FULL, `demo --quick` with QUICK."""
+    used = []
+
+    def run(out, s, quick, t0, trained):
+        used.append((s, quick))
+        return {"status": "done", "files": {}}
+    monkeypatch.setattr(demo, "_run", run)
+    demo.run_demo(tmp_path / "full")
+    demo.run_demo(tmp_path / "quick", quick=True)
+    assert used == [(demo.FULL, False), (demo.QUICK, True)]
+
+
+def test_the_quick_demos_summary_names_its_settings_and_counts(quick_demo):
+    """The summary's CFG scales, steps and check seeds are the setting's; candidates_with_glitch counts every
+    glitched candidate (the trained ones and the held-out glitched ones); held_out.png is among its files."""
+    out, summary = quick_demo
+    s, fnf, se = demo.QUICK, summary["focus_n_fix"], summary["separate_enhance"]
+    assert (fnf["cfg_scale"], fnf["steps"], se["cfg_scale"]) == (s.fix_cfg, s.steps, s.se_cfg)
+    assert se["check_seeds"] == list(range(s.check_seeds))
+    assert fnf["candidates_with_glitch"] == fnf["glitches_before"] + sum(fnf["held_out"]["glitch_before"])
+    assert fnf["files"]["held_out"] == str(out / "focus_n_fix" / "held_out.png")
+    assert "file" not in fnf["held_out"]
+
+
+def test_a_full_demo_prints_the_summarys_figures(tmp_path, monkeypatch, capsys):
+    """`demo` without --quick (FULL made small here) says quick: false; candidates_with_glitch counts every glitched
+    candidate, trained or held out; and each printed figure is the summary's: the candidate range, the glitches before -> after, each prompt's both-object counts before -> after and the
+    held-out prompts' total out of seeds x prompts, and where the outputs are."""
+    # n_fix 1 of the 2 glitched --quick candidates: the other is held out
+    monkeypatch.setattr(demo, "FULL", dataclasses.replace(demo.QUICK, n_fix=1, held_out_pairs=2, fix_iterations=1,
+                                                          se_iterations=1))
+    real_check, real_both = demo._fix_check, demo._both_objects
+
+    def check(*a, **k):  # distinct figures, so that a swapped pair shows
+        result = real_check(*a, **k)
+        result["glitches_before"], result["glitches_after"] = 2, 1
+        return result
+    counter = iter(range(100))
+
+    def both(model, prompts, seeds, s):
+        I, _ = real_both(model, prompts, seeds, s)
+        return I, [next(counter) for _ in prompts]
+    monkeypatch.setattr(demo, "_fix_check", check)
+    monkeypatch.setattr(demo, "_both_objects", both)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["quick"] is False
+    fnf, se = summary["focus_n_fix"], summary["separate_enhance"]
+    # every glitched candidate: the trained one and the glitched held-out one(s)
+    assert all(it["glitch_before"] for it in fnf["items"]) and sum(fnf["held_out"]["glitch_before"]) >= 1
+    assert fnf["candidates_with_glitch"] == len(fnf["seeds"]) + sum(fnf["held_out"]["glitch_before"])
+    assert f"candidate seeds 120-123 have a glitch; training on seeds {fnf['seeds']}" in err, err
+    assert f"Focus-N-Fix: glitches (exact evaluator) 2 -> 1 of {len(fnf['seeds'])} trained images" in err, err
+    assert se["both_objects_before"] == [0, 1] and se["both_objects_after"] == [4, 5]
+    p0, p1 = se["prompts"]
+    assert f"{p0!r} 0 -> 4 of 2, {p1!r} 1 -> 5 of 2;" in err, err
+    assert "prompts it did not train on: 5 -> 13 of 4 with both objects" in err, err  # (2 + 3) -> (6 + 7)
+    assert f"; outputs in {out.resolve()}" in err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_demo_without_the_shipped_weights_runs_on_a_random_model_and_the_sharpness_reward(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Without the shipped model or reward weights the demo still runs (random model, sharpness reward), saying
+    so, instead of stopping on the missing file."""
+    import focusfix_core.tiny.model as tm
+    import focusfix_core.tiny.rewards as tr
+    from focusfix_core.rewards.image import SharpnessReward
+
+    def missing(*a, **k):
+        raise FileNotFoundError("shipped weights missing")
+    monkeypatch.setattr(tm, "load_default_model", missing)
+    monkeypatch.setattr(tr, "load_default_rewards", missing)
+    got = []
+
+    def pick(model, reward, *a):
+        got.append((model, reward))
+        raise _Stop
+    monkeypatch.setattr(demo, "pick_glitched_seeds", pick)
+    with pytest.raises(_Stop):
+        demo.run_demo(tmp_path / "demo", quick=True)
+    (model, reward), = got
+    assert isinstance(model, tm.TinyModel) and isinstance(reward, SharpnessReward)
+    err = capsys.readouterr().err
+    assert "model: RANDOMLY INITIALISED tiny model (shipped weights not found)" in err
+    assert "reward: sharpness reward (tiny artifact reward unavailable: shipped weights missing)" in err
