@@ -51,13 +51,7 @@ def test_train_fnf_writes_everything(model_file, tmp_path, capsys):
 def test_interrupt_keeps_last_finished_step_and_resume_finishes(model_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_step = cli.FixTrainer.train_step
-
-    def interrupted(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    _interrupt_at(monkeypatch, cli.FixTrainer, 2)
     assert cli.main(fnf_args(model_file, out)) == 130  # outputs written, and a script can tell it is partial
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "interrupted after 2 steps" and report["steps_trained"] == 2
@@ -312,13 +306,7 @@ def test_ctrl_c_in_the_demo_stops_the_demo(tmp_path, monkeypatch, capsys):
     """The demo's Focus-N-Fix stage interrupted: its outputs are written, Separate-and-Enhance does not start,
     and the command exits 130."""
     import focusfix_core.cli as c
-    real_step = c.FixTrainer.train_step
-
-    def interrupted(self):
-        if self.step == 1:
-            raise KeyboardInterrupt
-        return real_step(self)
-    monkeypatch.setattr(c.FixTrainer, "train_step", interrupted)
+    _interrupt_at(monkeypatch, c.FixTrainer, 1)
     monkeypatch.setattr(c, "run_separate_enhance", lambda *a, **k: pytest.fail("the demo went on after Ctrl-C"))
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 130
     assert (tmp_path / "demo" / "focus_n_fix" / "lora.safetensors").is_file()
@@ -1214,13 +1202,7 @@ def test_train_sne_flags_reach_the_run_and_its_report_counts_the_steps_done(mode
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["lam_sep"], config["lam_en"], config["lam_preserve"], config["preservation"], config["seed"]) \
         == (2.0, 0.5, 0.25, "outputs", 3)
-    real_step = cli.SeparateEnhanceTrainer.train_step
-
-    def interrupted(self):
-        if self.step == 1:
-            raise KeyboardInterrupt
-        return real_step(self)
-    monkeypatch.setattr(cli.SeparateEnhanceTrainer, "train_step", interrupted)
+    _interrupt_at(monkeypatch, cli.SeparateEnhanceTrainer, 1)
     out = tmp_path / "stopped"
     assert cli.main([*sne, "--out", str(out), "--iterations", "3"]) == 130
     report = json.loads((out / "report.json").read_text())
@@ -1287,13 +1269,7 @@ def test_a_run_of_exactly_grid_items_items_shows_them_all(model_file, tmp_path, 
 def test_a_demo_stopped_in_focus_n_fix_prints_its_files_by_stage(tmp_path, monkeypatch, capsys):
     """The files a demo stopped in Focus-N-Fix prints are named by stage (focus_n_fix_lora: ...), as a finished
     demo's are."""
-    real_step = cli.FixTrainer.train_step
-
-    def interrupted(self):
-        if self.step == 1:
-            raise KeyboardInterrupt
-        return real_step(self)
-    monkeypatch.setattr(cli.FixTrainer, "train_step", interrupted)
+    _interrupt_at(monkeypatch, cli.FixTrainer, 1)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 130
     printed = capsys.readouterr().out
