@@ -268,6 +268,11 @@ def main(argv=None) -> str:
         if k not in Setting.__dataclass_fields__:
             raise ValueError(f"--set {kv!r}: unknown field; fields are {list(Setting.__dataclass_fields__)}")
         s = replace(s, **{k: type(getattr(s, k))(v)})
+    # checked before anything runs: the artifact experiment (minutes at the full setting) comes first
+    if s.attribute_objective not in ("probability", "logit", "hinge"):
+        raise ValueError(f"attribute_objective must be probability, logit or hinge, got {s.attribute_objective!r}")
+    if s.attribute_objective == "hinge" and not 0 < s.hinge_target < 1:
+        raise ValueError(f"hinge_target must be a probability in (0, 1), got {s.hinge_target}")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t_all = time.perf_counter()
     model, rewards = load_default_model(), load_default_rewards()
@@ -280,11 +285,7 @@ def main(argv=None) -> str:
     if a.only in (None, "attribute"):
         red = [q for q in SINGLE + all_prompts(2, held_out=False) if "red" in q]
         train_p, eval_p = _split(red)
-        if s.attribute_objective not in ("probability", "logit", "hinge"):
-            raise ValueError(f"attribute_objective must be probability, logit or hinge, got {s.attribute_objective!r}")
         train_reward = None if s.attribute_objective == "probability" else LogitAttribute(rewards["attribute"])
-        if s.attribute_objective == "hinge" and not 0 < s.hinge_target < 1:
-            raise ValueError(f"hinge_target must be a probability in (0, 1), got {s.hinge_target}")
         # -logit P(red) reaches -logit(t) when P(red) falls to t: no more push on that image from then on
         target = math.log((1 - s.hinge_target) / s.hinge_target) if s.attribute_objective == "hinge" else None
         rows += fix_experiment(model, rewards["attribute"], "attribute", train_p, eval_p, s,
