@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch_versions import compile_checked
 
+from focusfix_core import trainers as tr
 from focusfix_core.lora import LoRA
 from focusfix_core.trainers import (MAX_RANK, FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
                                     SeparateEnhanceTrainer, split_objects_prompt)
@@ -1772,3 +1773,159 @@ def test_a_state_of_the_other_method_is_refused_by_name(small_model, square_rewa
         assert sne.step == 0
     finally:
         sne.lora.remove()
+
+
+# -- second mutation round: loss reductions, LV masks, optimizer and scaler, resume, S&E terms, noise, metadata
+def _painted(n):
+    """n painted masks, each a different square (1 = may change)."""
+    M = torch.zeros(n, 16, 16)
+    for k in range(n):
+        M[k, 2 * k:2 * k + 6, 3:9] = 1
+    return M
+
+
+def test_fix_loss_is_minus_mean_reward_plus_lam_times_batch_mean_region(small_model, square_reward, monkeypatch):
+    """A step's loss is -mean reward + lam * the batch MEAN of the per-item region term, and the record's reward is
+    the batch's mean score of the images as scored (clamped)."""
+    real = tr.region_loss
+    monkeypatch.setattr(tr, "region_loss", lambda I, I0, M: real(I, I0, M) + torch.tensor([1.0, 3.0]))
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(lam=0.5, iterations=1))
+    (rec,) = list(trainer)
+    scores = square_reward(trainer.last_images.clamp(0, 1))
+    trainer.lora.remove()
+    assert not torch.allclose(scores[0], scores[1])  # two seeds, two scores: a mean differs from either
+    assert rec.reward == pytest.approx(float(scores.mean()), rel=1e-5)
+    assert rec.region == pytest.approx(2.0, abs=1e-5)  # I == I0 at step 0: mean of the added [1, 3]
+    assert rec.loss == pytest.approx(-rec.reward + 0.5 * 2.0, rel=1e-5)
+
+
+def test_lv_copies_pair_each_copy_with_its_own_items_painted_mask(small_model, square_reward, monkeypatch):
+    """DRaFT-LV's adjacent copies [a, a, b, b] are held by their own item's mask (one painted mask per seed),
+    not by [a, b, a, b]."""
+    seen = []
+    real = tr.region_loss
+    monkeypatch.setattr(tr, "region_loss", lambda I, I0, M: seen.append(M.detach().clone()) or real(I, I0, M))
+    M = _painted(2)
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(lv_copies=2, iterations=1, mask_source="mask"),
+                         masks=M)
+    list(trainer)
+    trainer.lora.remove()
+    got = seen[0][:, 0]
+    order = [0, 0, 1, 1] if torch.equal(got[0], M[0]) else [1, 1, 0, 0]
+    assert torch.equal(got, M[order])
+
+
+
+
+def test_the_optimizer_is_adamw_without_weight_decay(small_model, square_reward):
+    """The LoRA's AdamW has no weight decay (torch's default 0.01 would shrink the adapters every step)."""
+    trainer = FixTrainer(small_model, square_reward, fix_cfg())
+    trainer.lora.remove()
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0]
+
+
+def test_the_loss_scaler_grows_after_100_good_steps(square_reward):
+    """fp16 training's loss scale starts at 2**16 and grows after 100 steps without overflow."""
+    trainer = FixTrainer(_tiny(True), _Faint(square_reward), fix_cfg(mask_source="saliency"))
+    trainer.lora.remove()
+    assert trainer.scaler.get_scale() == 2.0**16 and trainer.scaler.get_growth_interval() == 100
+
+
+def test_a_non_finite_gradient_at_loss_scale_1_stops_the_run(small_model, square_reward):
+    """With loss scaling, a non-finite gradient at scale 1 (or below) is not an fp16 overflow to halve away: the
+    run stops with the last good LoRA."""
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(iterations=1))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    start = {k: v.clone() for k, v in trainer.lora.state_dict().items()}
+    trainer.params[0].register_hook(lambda g: g * math.inf)
+    with pytest.raises(NonFiniteLossError, match="gradient norm is"):
+        list(trainer)
+    assert trainer.step == 0
+    for k, v in trainer.lora.state_dict().items():
+        assert torch.equal(v, start[k])
+    trainer.lora.remove()
+
+
+def test_a_resumed_run_puts_back_the_resumed_lora_not_the_fresh_one(small_model, square_reward, tmp_path):
+    """After load_state, the last good step is the resumed one: a failed step (restore_last_good) goes back to
+    the loaded LoRA and draws, not to the new trainer's start."""
+    a = FixTrainer(small_model, square_reward, fix_cfg(iterations=2))
+    list(a)
+    a.save_state(tmp_path / "state.pt")
+    saved = {k: v.clone() for k, v in a.lora.state_dict().items()}
+    a.lora.remove()
+    b = FixTrainer(small_model, square_reward, fix_cfg(iterations=4))
+    b.load_state(tmp_path / "state.pt")
+    rng = b.generator.get_state().clone()
+    b.restore_last_good()
+    assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "up" in k)
+    for k, v in b.lora.state_dict().items():
+        assert torch.equal(v, saved[k])
+    assert torch.equal(b.generator.get_state(), rng)
+    b.lora.remove()
+
+
+@pytest.mark.parametrize("preservation", ["keys", "outputs"])
+def test_separate_enhance_loss_weights_each_term(small_model, preservation):
+    """A Separate-and-Enhance step's loss is lam_sep * separate + lam_en * enhance + lam_preserve * preserve."""
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg(lam_sep=1.0, lam_en=0.5, lam_preserve=0.25,
+                                                         preservation=preservation, iterations=2))
+    rec = list(trainer)[-1]  # step 0's preserve is 0 (the LoRA starts as the base model)
+    trainer.lora.remove()
+    assert trainer.preservation == preservation and rec.preserve > 1e-8
+    assert rec.loss == pytest.approx(rec.separate + 0.5 * rec.enhance + 0.25 * rec.preserve, rel=1e-5, abs=1e-7)
+    assert rec.enhance != pytest.approx(rec.separate)
+
+
+def test_separate_enhance_records_each_term_under_its_own_name(small_model, monkeypatch):
+    """The record's separate is the Separate loss and its enhance the Enhance loss."""
+    monkeypatch.setattr(tr, "separate_loss", lambda A: A.sum((1, 2, 3)) * 0 + 1.0)
+    monkeypatch.setattr(tr, "enhance_loss", lambda A: A.sum((1, 2, 3)) * 0 + 10.0)
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg(lam_preserve=0.0, iterations=1))
+    (rec,) = list(trainer)
+    trainer.lora.remove()
+    assert (rec.separate, rec.enhance) == (pytest.approx(1.0), pytest.approx(10.0))
+
+
+def test_random_latents_are_noised_at_their_sigma(small_model):
+    """_noisy draws t in t_range (rounded to the nearest timestep), then z and eps ~ N(0, I), and returns
+    x = z + sigma * eps with that sigma."""
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg(lam_preserve=0.0))
+    trainer.lora.remove()
+    state = trainer.generator.get_state()
+    x, sigma = trainer._noisy(3)
+    g = torch.Generator()
+    g.set_state(state)
+    lo, hi = trainer.cfg.t_range
+    T = len(small_model.sigmas)
+    t = ((lo + (hi - lo) * torch.rand(3, generator=g)) * (T - 1)).round().long()  # the nearest timestep
+    z = torch.randn((3, *trainer.latent_shape), generator=g)
+    eps = torch.randn((3, *trainer.latent_shape), generator=g)
+    assert float(sigma.min()) > 1.0  # the noisier half of the schedule: sigma matters
+    assert torch.equal(sigma, small_model.sigmas.float()[t])
+    torch.testing.assert_close(x, z + sigma[:, None, None, None] * eps)
+
+
+def test_eval_maps_noises_latents_to_the_variance_of_their_sigma(small_model):
+    """eval_maps() reads the maps at x = N(0, I) * sqrt(1 + sigma^2), the spread of a noisy latent at sigma_frac
+    of the schedule, drawn from its seed."""
+    trainer = SeparateEnhanceTrainer(small_model, se_cfg(lam_preserve=0.0))
+    seen = []
+    real = trainer.attention_maps
+    trainer.attention_maps = lambda idx, x, sigma, keep_grad: seen.append((x, sigma)) or real(idx, x, sigma, keep_grad)
+    trainer.eval_maps(seed=3, sigma_frac=0.8)
+    trainer.lora.remove()
+    (x, sigma), = seen
+    T = len(small_model.sigmas)
+    assert float(sigma[0]) == pytest.approx(float(small_model.sigmas.float()[round(0.8 * (T - 1))]))
+    assert float(sigma[0]) > 1.0  # the scaling is not close to 1
+    z = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x, z * (1 + sigma[0] ** 2) ** 0.5)
+
+
+def test_fix_metadata_records_lam_K_and_sampler_steps(small_model, square_reward):
+    """A Focus-N-Fix LoRA's metadata records its lam, K and sampler steps as trained."""
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(lam=0.5, K=2, steps=4))
+    trainer.lora.remove()
+    meta = trainer.metadata()
+    assert (meta["focusfix_lam"], meta["focusfix_K"], meta["focusfix_sampler_steps"]) == (0.5, 2, 4)
