@@ -325,12 +325,13 @@ def _an_earlier_demo(out: Path) -> None:
         (out / name).write_text("earlier demo")
 
 
-def _interrupt_at(monkeypatch, trainer_class, step: int) -> None:
+def _interrupt_at(monkeypatch, trainer_class, step: int, error: BaseException | type = KeyboardInterrupt) -> None:
+    """trainer_class's train_step raises `error` (a Ctrl-C unless given) when it reaches `step`."""
     real_step = trainer_class.train_step
 
     def interrupted(self):
         if self.step == step:
-            raise KeyboardInterrupt
+            raise error
         return real_step(self)
     monkeypatch.setattr(trainer_class, "train_step", interrupted)
 
@@ -606,13 +607,7 @@ def test_a_failed_run_is_not_offered_resume_which_keeps_the_setting_that_failed(
     """Audit: after a NaN loss the note said "... lower lr (--resume continues it)", but --resume refuses any
     setting but the iterations, and with the same lr the NaN comes back. Only an interrupted run is offered it."""
     from focusfix_core.trainers import NonFiniteLossError
-    real_step = cli.FixTrainer.train_step
-
-    def diverges(self):
-        if self.step == 1:
-            raise NonFiniteLossError("the loss is NaN at step 2: lower lr")
-        return real_step(self)
-    monkeypatch.setattr(cli.FixTrainer, "train_step", diverges)
+    _interrupt_at(monkeypatch, cli.FixTrainer, 1, NonFiniteLossError("the loss is NaN at step 2: lower lr"))
     assert cli.main(fnf_args(model_file, tmp_path / "run")) == 1
     err = capsys.readouterr().err
     assert "note: failed: the loss is NaN at step 2: lower lr" in err and "--resume" not in err
@@ -1032,13 +1027,7 @@ def test_an_overwriting_run_clears_the_earlier_outputs_before_its_first_checkpoi
     out = tmp_path / "run"
     assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
     assert (out / "report.json").is_file()
-    real = cli.FixTrainer.train_step
-
-    def killed_at_step_2(self):
-        if self.step == 1:
-            raise RuntimeError("the process is killed here")
-        return real(self)
-    monkeypatch.setattr(cli.FixTrainer, "train_step", killed_at_step_2)
+    _interrupt_at(monkeypatch, cli.FixTrainer, 1, RuntimeError("the process is killed here"))
     with pytest.raises(RuntimeError, match="killed here"):
         cli.main(fnf_args(model_file, out, "--overwrite"))
     assert (out / "state.pt").is_file()
