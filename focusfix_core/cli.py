@@ -31,7 +31,7 @@ from . import __version__
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import LoRA, SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
+from .saliency import MASK_ZERO, SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
@@ -843,12 +843,17 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
         M, note = fit_mask(load_mask_image(path)[None, None], (size, size), f"--mask {path}")
         if note:
             print(note, file=sys.stderr)
-        if a.lam > 0 and not bool((M >= 0.5).any()):  # the trainer's test (coverage), in the CLI's words
-            raise ValueError(f"--mask {path} marks nothing (no pixel is at least half white): nothing may change. "
+        top, low = float(M.amax()), float(M.amin())
+        if a.lam > 0 and top < MASK_ZERO:  # the trainer's test (check_mask), in the CLI's words
+            raise ValueError(f"--mask {path} marks nothing (every pixel is black): nothing may change. "
                              f"Paint the region to fix white (an inverted mask?), or give --lam 0 for plain DRaFT")
-        if a.lam > 0 and bool((M >= 0.5).all()):
-            notes.append(f"--mask {path} is full (coverage 1): nothing is held, so Focus-N-Fix becomes plain DRaFT "
-                         f"(an inverted mask? white = may change)")
+        if a.lam > 0 and low > 1 - MASK_ZERO:
+            notes.append(f"--mask {path} is full (every pixel white): nothing is held, so Focus-N-Fix becomes plain "
+                         f"DRaFT (an inverted mask? white = may change)")
+        elif a.lam > 0 and top < 0.5:
+            notes.append(f"--mask {path} is faint (at most {top:.2f} white): even its strongest pixel is held "
+                         f"{1 - top:.0%} to I0, so the region changes only in part (paint it white to let it change "
+                         f"fully)")
         masks.append(M)  # [1,1,H,W]
     return source, torch.cat(masks) if masks else None
 

@@ -29,6 +29,7 @@ __all__ = [
     "mask_noise",
     "mask_coverage",
     "check_mask",
+    "MASK_ZERO",
     "fit_mask",
     "SALIENCY_METHODS",
     "THRESHOLD_MODES",
@@ -355,24 +356,37 @@ def mask_coverage(M: torch.Tensor) -> torch.Tensor:
     return (M >= 0.5).flatten(1).sum(1).to(M.dtype) / max(M.shape[-2] * M.shape[-1], 1)
 
 
+# Mask values below half an 8-bit level are a painted 0 (a PNG's 0, a JPEG's rounding): the region term holds
+# such a pixel whole. Soft values above it let a pixel change in part, so only a mask with none is "empty".
+MASK_ZERO = 0.5 / 255
+
+
 def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
-    """Human-readable warnings about a mask M [B,H,W] or [B,1,H,W] in [0,1]: empty, full or non-finite images.
-    [] when all is well.
+    """Human-readable warnings about a mask M [B,H,W] or [B,1,H,W] in [0,1]: empty (every value 0), full (every
+    value 1), faint (no value reaches 0.5: a soft mask changes only in part) or non-finite images. [] when all is
+    well. The region term weighs each pixel by 1 - M, so a soft mask is judged by its values, not by a threshold.
 
     Example:
         >>> check_mask(torch.zeros(1, 4, 4))
-        ['mask M[0] is empty (coverage 0): the whole image is held fixed']
+        ['mask M[0] is empty (every value 0): the whole image is held fixed']
     """
     M = _as_map4(M, name)
     warnings = []
-    bad = ~torch.isfinite(M).flatten(1).all(1)
-    for b, (c, nonfinite) in enumerate(zip(mask_coverage(M).tolist(), bad.tolist())):
-        if nonfinite:
+    flat = M.flatten(1).float()
+    finite = torch.isfinite(flat).all(1)
+    hi = flat.nan_to_num(0.0).amax(1) if flat.shape[1] else torch.zeros(len(M))
+    lo = flat.nan_to_num(1.0).amin(1) if flat.shape[1] else torch.zeros(len(M))
+    for b, (ok, top, low) in enumerate(zip(finite.tolist(), hi.tolist(), lo.tolist())):
+        if not ok:
             warnings.append(f"{name}[{b}] has NaN or inf values")
-        if c == 0:
-            warnings.append(f"{name}[{b}] is empty (coverage 0): the whole image is held fixed")
-        elif c == 1:
-            warnings.append(f"{name}[{b}] is full (coverage 1): nothing is held: Focus-N-Fix becomes plain DRaFT")
+        elif top < MASK_ZERO:
+            warnings.append(f"{name}[{b}] is empty (every value 0): the whole image is held fixed")
+        elif low > 1 - MASK_ZERO:
+            warnings.append(f"{name}[{b}] is full (every value 1): nothing is held: Focus-N-Fix becomes plain DRaFT")
+        elif top < 0.5:
+            warnings.append(f"{name}[{b}] is faint (at most {top:.2f}): even its strongest pixel is held {1 - top:.0%} "
+                            f"to I0, so the region changes only in part (a wide feather on a small region, or a "
+                            f"light brush?)")
     return warnings
 
 

@@ -60,7 +60,8 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
 
     Raises:
         TypeError: not a tensor. ValueError (naming `name`): another layout, an empty batch, a side below
-            `min_side` pixels, a non-float dtype, NaN/inf values or values above 2 (0..255 pixels).
+            `min_side` pixels, a non-float dtype, NaN/inf values, values above 2 (0..255 pixels) or below -0.25
+            ([-1,1] pixels).
     """
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be an IMAGE tensor [B,H,W,C], got {type(image).__name__}")
@@ -83,10 +84,14 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
     if not torch.isfinite(image).all():
         bad = (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} has NaN or inf values (image(s) {bad} of {B}): expected finite values in [0,1]")
-    top = float(image.max())
+    low, top = (float(v) for v in torch.aminmax(image.float()))
     if top > 2.0:  # a resampler's overshoot (1.05) is clamped below; 0..255 values would wash out to white
         raise ValueError(f"{name} has values up to {top:.4g}: expected a float IMAGE in [0,1] (0..255 pixel "
                          f"values? divide by 255)")
+    # a bicubic resize undershoots by under 0.1 (clamped below); [-1,1] values would lose their dark half to black
+    if low < -0.25:
+        raise ValueError(f"{name} has values down to {low:.4g}: expected a float IMAGE in [0,1] ([-1,1] values? "
+                         f"map them to (x + 1) / 2)")
     I = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
     return I.movedim(-1, 1).float().clamp(0, 1).contiguous()  # (B, 3, H, W)
 

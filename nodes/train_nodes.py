@@ -126,7 +126,7 @@ class FocusFixTrainFocusNFix:
     RETURN_NAMES = ("lora", "curve", "before", "after", "mask", "report")
     OUTPUT_TOOLTIPS = ("The trained LoRA (Apply LoRA / Save LoRA).", "Loss, reward and outside-mask change per step.",
                        "I0: every (prompt, seed) without the LoRA.", "I: the same with the trained LoRA.",
-                       "M used for each image (1 = may change).", "Settings, final numbers and notes.")
+                       "M of each image (1 = may change; lam 0 trains without it).", "Settings, final numbers and notes.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -216,7 +216,7 @@ class FocusFixTrainFocusNFix:
         labels, negative_prompt, cond, uncond = _text_inputs(dm, prompts, negative_prompt, positive, negative, notes)
         schedule = _schedule(sigmas, notes)
         seed_list = _seed_list(seeds, notes)
-        masks, mask_source = _mask_input(mask, mask_source, (height, width), len(labels), len(seed_list), notes)
+        masks, mask_source = _mask_input(mask, mask_source, (height, width), len(labels), len(seed_list), lam, notes)
         notes += batch_note(batch_size, len(labels) * len(seed_list))
         run = run_focus_n_fix(dm, reward, lambda: FixConfig(
             prompts=tuple(labels), seeds=tuple(seed_list), negative_prompt=negative_prompt, height=height,
@@ -229,7 +229,8 @@ class FocusFixTrainFocusNFix:
             masks=masks, cond=cond, uncond=uncond, checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name,
             continue_from=continue_from, graph=graph_metadata(prompt, extra_pnginfo))
         M = torch.ones_like(run.I0[:, :1]) if run.M is None else run.M
-        notes += [] if run.M is None else check_mask(run.M, "M")  # an image held whole, or not held at all
+        # an image held whole, not at all, or in part; with lam 0 nothing is held (_mask_input's note says so)
+        notes += [] if run.M is None or lam == 0 else check_mask(run.M, "M")
         notes += [f"prompt {p!r}, seed {s}: no mask (the reward's {mask_source} of its image is flat); training "
                   f"never drew it, and its before/after show it with an empty mask" for p, s in run.unmasked]
         report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
@@ -280,10 +281,16 @@ def _seed_list(seeds: str, notes: list[str]) -> list[int]:
     return values
 
 
-def _mask_input(mask, mask_source: str, size: tuple[int, int], n_prompts: int, n_seeds: int, notes: list[str]):
+def _mask_input(mask, mask_source: str, size: tuple[int, int], n_prompts: int, n_seeds: int, lam: float,
+                notes: list[str]):
     """(masks [N,1,H,W] or None, mask_source) from the MASK input, with report notes on how it is used."""
-    if mask is not None and mask_source != "mask":
+    if lam == 0 and (mask is not None or mask_source != "none"):  # the region term is off: no M holds anything
+        which = "the connected MASK" if mask is not None else f"mask_source {mask_source!r}"
+        notes.append(f"lam 0: plain DRaFT, the whole image may change; M ({which}) is not used in training, only "
+                     f"passed on at the mask output (Compare measures the change outside it)")
+    elif mask is not None and mask_source != "mask":
         notes.append(f"a MASK is connected: it is used instead of mask_source {mask_source!r}")
+    if mask is not None:
         mask_source = "mask"
     if mask_source == "mask" and mask is None:
         raise ValueError("mask_source is 'mask' but no MASK is connected")
@@ -321,6 +328,10 @@ def _schedule(sigmas, notes: list[str]) -> tuple[float, ...]:
     if sigmas is None:
         return ()
     values = tuple(float(s) for s in torch.as_tensor(sigmas).flatten().tolist())
+    if len(values) < 2:  # () would read as "no sigmas" downstream: steps and scheduler, while the report said sigmas
+        raise ValueError(f"sigmas is connected but holds {len(values)} value(s), expected steps + 1 (at least 2): "
+                         f"a SplitSigmas step past the end of its schedule? Connect sigmas of a full denoise, or "
+                         f"disconnect sigmas to use steps and scheduler")
     notes.append(f"sigmas connected: {len(values) - 1} steps from them (the steps and scheduler inputs are not used)")
     return values
 

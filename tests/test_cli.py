@@ -646,7 +646,7 @@ def test_the_notes_the_node_gives_are_printed_and_reported(model_file, tmp_path,
     Image.new("L", (16, 16), 255).save(white)
     assert cli.main(fnf_args(model_file, tmp_path / "full", "--mask-source", "mask", "--mask", str(white),
                              "--iterations", "1")) == 0
-    assert (f"note: --mask {white} is full (coverage 1): nothing is held, so Focus-N-Fix becomes plain DRaFT"
+    assert (f"note: --mask {white} is full (every pixel white): nothing is held, so Focus-N-Fix becomes plain DRaFT"
             in capsys.readouterr().err)
 
 

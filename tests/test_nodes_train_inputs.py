@@ -183,9 +183,24 @@ def test_focus_n_fix_report_names_empty_masks_and_a_reward_target_already_met(mo
     _finished_fix_run(monkeypatch, M=M, grad_norm=0.0, reward=0.5)
     *_, mask, report = _execute_fix(mask_source="heatmap", lam=1.0, reward_target=0.3)
     assert torch.equal(mask, M[:, 0])
-    assert "M[1] is empty (coverage 0): the whole image is held fixed" in report
-    assert "M[0] is full (coverage 1)" in report
+    assert "M[1] is empty (every value 0): the whole image is held fixed" in report
+    assert "M[0] is full (every value 1)" in report
     assert "already at or above reward_target (0.3;" in report
+
+
+def test_with_lam_0_the_report_says_the_mask_is_not_used_and_names_no_empty_mask(monkeypatch):
+    """Bad-input hunt (session 27): with lam 0 and a mask, the report said "a MASK is connected: it is used
+    instead of mask_source" and "M[0] is empty: the whole image is held fixed", though plain DRaFT holds nothing."""
+    M = torch.zeros(2, 1, 8, 8)
+    _finished_fix_run(monkeypatch, M=M)
+    *_, mask, report = _execute_fix(mask_source="heatmap", lam=0.0, mask=torch.zeros(1, 16, 16))
+    assert torch.equal(mask, M[:, 0])  # passed on for Compare
+    assert ("lam 0: plain DRaFT, the whole image may change; M (the connected MASK) is not used in training"
+            in report)
+    assert "used instead of mask_source" not in report and "is empty" not in report
+    *_, report = _execute_fix(mask_source="heatmap", lam=1.0, mask=torch.ones(1, 16, 16))
+    assert "a MASK is connected: it is used instead of mask_source 'heatmap'" in report and "lam 0" not in report
+    assert "M[0] is empty (every value 0)" in report  # the run's M (zeros here) is checked when lam > 0
 
 
 @pytest.mark.parametrize("positive, negative, missing", [

@@ -46,10 +46,10 @@ def test_image_to_bchw_and_back_keeps_every_colour_value(B, H, W, C, dtype, seed
 
 
 @FAST
-@given(H=SIDE, W=SIDE, seed=st.integers(0, 2**31), lo=st.floats(-50.0, 0.0), hi=st.floats(1.0, 2.0))
+@given(H=SIDE, W=SIDE, seed=st.integers(0, 2**31), lo=st.floats(-0.25, 0.0), hi=st.floats(1.0, 2.0))
 def test_image_values_slightly_out_of_range_are_clamped_into_0_1(H, W, seed, lo, hi):
-    """A resampler's overshoot (up to 2) and negative values are clamped, not refused: I stays in [0,1] and is
-    the clamped image."""
+    """A resampler's overshoot (up to 2) and undershoot (down to -0.25) are clamped, not refused: I stays in
+    [0,1] and is the clamped image."""
     image = _rand((2, H, W, 3), seed, lo=lo, hi=hi)
     I = A.image_to_bchw(image)
     assert I.min() >= 0 and I.max() <= 1
@@ -62,6 +62,18 @@ def test_an_image_with_values_above_2_is_refused_by_name(H, W, top, name, seed):
     image = _rand((1, H, W, 3), seed)
     image[0, seed % H, (seed // H) % W, seed % 3] = top
     with pytest.raises(ValueError, match=rf"^{name} has values up to .*expected a float IMAGE in \[0,1\]"):
+        A.image_to_bchw(image, name=name)
+
+
+@FAST
+@given(H=SIDE, W=SIDE, low=st.floats(-1e6, -0.2501), name=NAMES, seed=st.integers(0, 2**31))
+def test_an_image_with_values_below_minus_a_quarter_is_refused_by_name(H, W, low, name, seed):
+    """Bad-input hunt (session 27): an image in [-1,1] (a custom node's normalised output) was scored after its
+    dark half was clamped to black, without a word."""
+    image = _rand((1, H, W, 3), seed)
+    image[0, seed % H, (seed // H) % W, seed % 3] = low
+    with pytest.raises(ValueError, match=rf"^{name} has values down to .*expected a float IMAGE in \[0,1\] "
+                                         rf"\(\[-1,1\] values\? map them to \(x \+ 1\) / 2\)"):
         A.image_to_bchw(image, name=name)
 
 

@@ -62,8 +62,8 @@ def _mask_case(draw):
 
 
 @FAST
-@given(case=_mask_case(), source=st.sampled_from(SOURCES))
-def test_a_connected_mask_becomes_n_masks_at_the_image_size_with_true_notes(case, source):
+@given(case=_mask_case(), source=st.sampled_from(SOURCES), lam=st.sampled_from([0.0, 1.0]))
+def test_a_connected_mask_becomes_n_masks_at_the_image_size_with_true_notes(case, source, lam):
     n_prompts, n_seeds, n, size, (h, w), layout, seed = case
     g = torch.Generator().manual_seed(seed)
     M = torch.rand(n, h, w, generator=g)
@@ -71,16 +71,17 @@ def test_a_connected_mask_becomes_n_masks_at_the_image_size_with_true_notes(case
     notes = []
     if layout == "bhw" and n > 1 and h > 1 and w == 1:  # [B,H,1]: B masks 1 px wide or one [H,W,1]? refused
         with pytest.raises(ValueError, match=r"give it as \[1,H,W\] or \[H,W\]"):
-            T._mask_input(given_mask, source, size, n_prompts, n_seeds, notes)
+            T._mask_input(given_mask, source, size, n_prompts, n_seeds, lam, notes)
         return
-    masks, src = T._mask_input(given_mask, source, size, n_prompts, n_seeds, notes)
+    masks, src = T._mask_input(given_mask, source, size, n_prompts, n_seeds, lam, notes)
     assert src == "mask"
     assert masks.shape == (n, 1, *size) and masks.dtype == torch.float32
     assert float(masks.min()) >= 0 and float(masks.max()) <= 1
     if (h, w) == tuple(size):
         assert torch.equal(masks[:, 0], M)
-    # a note says the source was replaced, only when it was
-    assert any("used instead of mask_source" in s for s in notes) == (source != "mask")
+    # a note says the source was replaced, only when it was; with lam 0 that the mask is not used instead
+    assert any("used instead of mask_source" in s for s in notes) == (source != "mask" and lam > 0)
+    assert any("lam 0: plain DRaFT" in s and "M (the connected MASK) is not used" in s for s in notes) == (lam == 0)
     assert any("resized" in s for s in notes) == ((h, w) != tuple(size))
     per_item = any("one per (prompt, seed) item" in s for s in notes)
     per_seed = any("one per seed" in s for s in notes)
@@ -93,15 +94,19 @@ def test_a_connected_mask_becomes_n_masks_at_the_image_size_with_true_notes(case
 
 
 @FAST
-@given(n_prompts=st.integers(1, 3), n_seeds=st.integers(1, 3), source=st.sampled_from(SOURCES))
-def test_no_mask_keeps_the_source_and_mask_without_one_is_refused(n_prompts, n_seeds, source):
+@given(n_prompts=st.integers(1, 3), n_seeds=st.integers(1, 3), source=st.sampled_from(SOURCES),
+       lam=st.sampled_from([0.0, 1.0]))
+def test_no_mask_keeps_the_source_and_mask_without_one_is_refused(n_prompts, n_seeds, source, lam):
     notes = []
     if source == "mask":
         with pytest.raises(ValueError, match="mask_source is 'mask' but no MASK is connected"):
-            T._mask_input(None, source, (8, 8), n_prompts, n_seeds, notes)
+            T._mask_input(None, source, (8, 8), n_prompts, n_seeds, lam, notes)
     else:
-        assert T._mask_input(None, source, (8, 8), n_prompts, n_seeds, notes) == (None, source)
-        assert notes == []
+        assert T._mask_input(None, source, (8, 8), n_prompts, n_seeds, lam, notes) == (None, source)
+        # lam 0 says the mask_source's M is not used (mask_source none needs no word)
+        assert notes == ([f"lam 0: plain DRaFT, the whole image may change; M (mask_source {source!r}) is not used "
+                          f"in training, only passed on at the mask output (Compare measures the change outside it)"]
+                         if lam == 0 and source != "none" else [])
 
 
 @FAST
@@ -109,7 +114,7 @@ def test_no_mask_keeps_the_source_and_mask_without_one_is_refused(n_prompts, n_s
                             torch.ones(0, 4, 4), torch.ones(2, 3, 4, 4)]))
 def test_a_bad_mask_is_refused_naming_the_mask(bad):
     with pytest.raises(ValueError, match="mask"):
-        T._mask_input(bad, "heatmap", (4, 4), 1, 1, [])
+        T._mask_input(bad, "heatmap", (4, 4), 1, 1, 1.0, [])
 
 
 # The node's notes promise the core's rule: 1 mask for every item, one per seed (item of prompt p and the j-th
@@ -166,7 +171,7 @@ def test_each_item_gets_the_mask_the_nodes_note_promises(n_prompts, seeds, per, 
     n = {"one": 1, "seed": len(seeds), "item": n_items}[per]
     M = _distinct_masks(n, seed)
     notes = []
-    masks, _ = T._mask_input(M, "mask", (16, 16), n_prompts, len(seeds), notes)
+    masks, _ = T._mask_input(M, "mask", (16, 16), n_prompts, len(seeds), 1.0, notes)
     got = _painted_masks_used(PROMPTS[:n_prompts], seeds, masks)
     for i in range(n_items):
         p, j = divmod(i, len(seeds))
@@ -178,7 +183,7 @@ def test_each_item_gets_the_mask_the_nodes_note_promises(n_prompts, seeds, per, 
 @given(n_prompts=st.integers(2, 3), n_seeds=st.integers(1, 3), n=st.integers(2, 10))
 def test_a_mask_count_the_notes_do_not_cover_is_refused_by_the_core(n_prompts, n_seeds, n):
     assume(n not in (1, n_seeds, n_prompts * n_seeds))
-    masks, _ = T._mask_input(_distinct_masks(n, 0), "mask", (16, 16), n_prompts, n_seeds, [])
+    masks, _ = T._mask_input(_distinct_masks(n, 0), "mask", (16, 16), n_prompts, n_seeds, 1.0, [])
     with pytest.raises(ValueError, match=f"got {n} masks; expected 1, one per seed"):
         _painted_masks_used(PROMPTS[:n_prompts], list(range(n_seeds)), masks)
 
@@ -300,6 +305,15 @@ def test_connected_sigmas_become_the_configs_values_with_a_step_count_note(sigma
     assert got == tuple(float(x) for x in t.tolist())
     assert len(notes) == 1 and f"{len(sigmas) - 1} steps" in notes[0]
     assert T._schedule(None, notes := []) == () and notes == []
+
+
+@pytest.mark.parametrize("sigmas", [torch.zeros(0), torch.tensor([14.6]), torch.zeros(1, 0)])
+def test_connected_sigmas_with_no_step_are_refused_by_name(sigmas):
+    """Bad-input hunt (session 27): SplitSigmas past its end gives an empty SIGMAS; it read as "no sigmas" (steps
+    and scheduler drew the images) while the report said "sigmas connected: -1 steps from them"."""
+    with pytest.raises(ValueError, match=r"sigmas is connected but holds [01] value\(s\), expected steps \+ 1 "
+                                         r"\(at least 2\): a SplitSigmas step past the end"):
+        T._schedule(sigmas, [])
 
 
 # ------------------------------------------------------------------------------------------- _maps_grid

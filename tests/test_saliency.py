@@ -442,4 +442,25 @@ def test_check_mask_says_full_only_when_every_pixel_may_change():
     M[0, 0] = 0  # coverage 0.75
     assert check_mask(M) == []
     assert check_mask(torch.ones(1, 4, 4)) == [
-        "mask M[0] is full (coverage 1): nothing is held: Focus-N-Fix becomes plain DRaFT"]
+        "mask M[0] is full (every value 1): nothing is held: Focus-N-Fix becomes plain DRaFT"]
+
+
+def test_check_mask_judges_a_soft_mask_by_its_values_not_by_a_half_threshold():
+    """Bad-input hunt (session 27): a feathered Saliency Mask peaking at 0.44 was called empty ("coverage 0: the
+    whole image is held fixed") and a 0.5-everywhere mask full ("nothing is held"), but the region term weighs each
+    pixel by 1 - M: both change in part, and say so."""
+    faint = torch.zeros(1, 8, 8)
+    faint[0, 2:6, 2:6] = 0.44
+    assert check_mask(faint) == ["mask M[0] is faint (at most 0.44): even its strongest pixel is held 56% to I0, so "
+                                 "the region changes only in part (a wide feather on a small region, or a light "
+                                 "brush?)"]
+    assert check_mask(torch.full((1, 8, 8), 0.5)) == []  # half held everywhere: neither empty nor full
+    assert check_mask(torch.full((1, 8, 8), 0.9 / 255))[0].startswith("mask M[0] is faint (at most 0.00)")
+    assert check_mask(torch.full((1, 8, 8), 0.4 / 255)) == [  # under half an 8-bit level: a painted 0
+        "mask M[0] is empty (every value 0): the whole image is held fixed"]
+    assert check_mask(torch.full((1, 8, 8), 1 - 0.4 / 255))[0].startswith("mask M[0] is full")
+    nan = torch.zeros(1, 8, 8)
+    nan[0, 0, 0] = float("nan")  # named once, for its NaN, not also as empty
+    assert check_mask(nan) == ["mask M[0] has NaN or inf values"]
+    assert check_mask(torch.zeros(2, 0, 0)) == [f"mask M[{b}] is empty (every value 0): the whole image is held fixed"
+                                                for b in range(2)]

@@ -1048,7 +1048,7 @@ def test_graph_free_sampling_records_no_graph(small_model, square_reward, monkey
     trainer.lora.remove()
 
 
-@pytest.mark.parametrize("fill, match", [(0.0, r"mask M\[1\] is empty \(coverage 0\): the whole image is held fixed: "
+@pytest.mark.parametrize("fill, match", [(0.0, r"mask M\[1\] is empty \(every value 0\): the whole image is held fixed: "
                                                r"paint the region that may change"),
                                          (float("nan"), r"mask M\[0\] has NaN or inf values")])
 def test_an_empty_or_broken_painted_mask_is_refused(small_model, square_reward, fill, match):
@@ -1059,6 +1059,17 @@ def test_an_empty_or_broken_painted_mask_is_refused(small_model, square_reward, 
         FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask"), masks=M)
     FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask", lam=0.0), masks=torch.zeros(1, 16, 16)
                ).lora.remove()  # lam 0 (plain DRaFT) reads no mask
+
+
+def test_a_faint_painted_mask_trains_with_its_own_values(small_model, square_reward):
+    """Bad-input hunt (session 27): a feathered or light-brush mask whose values stay under 0.5 was refused as
+    "empty: the whole image is held fixed", but the region term holds it only in part: it trains."""
+    M = torch.zeros(1, 16, 16)
+    M[:, 4:12, 4:12] = 0.4
+    trainer = FixTrainer(small_model, square_reward, fix_cfg(mask_source="mask", iterations=1), masks=M)
+    list(trainer)
+    assert torch.equal(trainer.before_after()[2], M[:1, None].expand(2, 1, 16, 16))
+    trainer.lora.remove()
 
 
 @pytest.mark.parametrize("masks, error, match", [

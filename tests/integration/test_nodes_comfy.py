@@ -245,11 +245,11 @@ def test_an_empty_painted_mask_is_refused_and_a_full_one_noted(fresh, checkpoint
     """The mask editor saved nothing (or the mask is inverted): refused before training, by name. A mask that
     covers everything trains as plain DRaFT, and the report says so."""
     model = checkpoint[0]
-    with pytest.raises(ValueError, match=r"mask M\[0\] is empty \(coverage 0\).*paint the region that may change"):
+    with pytest.raises(ValueError, match=r"mask M\[0\] is empty \(every value 0\).*paint the region that may change"):
         _train_fix(fresh, checkpoint, mask=torch.zeros(1, SIZE, SIZE), mask_source="mask")
     assert _hooks(model.model.diffusion_model) == 0 and not fresh.progress
     *_, report = _train_fix(fresh, checkpoint, mask=torch.ones(1, SIZE, SIZE), mask_source="mask", iterations=1)
-    assert "M[0] is full (coverage 1): nothing is held" in report
+    assert "M[0] is full (every value 1): nothing is held" in report
 
 
 def test_a_flat_map_met_only_after_training_keeps_the_lora_and_is_noted(fresh, checkpoint, monkeypatch):
