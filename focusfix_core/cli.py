@@ -36,8 +36,8 @@ from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
                        SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note, check_continued_method,
-                       check_state_format, interrupts_held, parse_ints, repeated_seeds_note, split_objects_prompt,
-                       stop_as_interrupt, trainer_on)
+                       check_state_format, interrupts_held, parse_ints, repeated_prompts_note, repeated_seeds_note,
+                       split_objects_prompt, stop_as_interrupt, trainer_on)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -108,10 +108,11 @@ def load_reward_spec(spec: str):
     name = spec.removeprefix(loading.BUILTIN_PREFIX)  # the Load Reward node's spelling works too
     if name in loading.BUILTIN_REWARDS:
         return loading.BUILTIN_REWARDS[name]()
-    if spec in ("artifact", "attribute"):
+    tiny = spec.removeprefix("tiny_")  # the name the reward reports (report.md, a LoRA's metadata) works too
+    if tiny in ("artifact", "attribute"):
         from .tiny.rewards import load_default_rewards
 
-        return load_default_rewards()[spec]
+        return load_default_rewards()[tiny]
     path = Path(spec)
     if path.is_file():
         return loading.load_reward(path, tower_name=None)  # the command line has no input for a tower
@@ -588,6 +589,7 @@ def _loss_per_prompt(loss: Callable[[torch.Tensor], torch.Tensor], A: torch.Tens
 # every value are in report.json)
 _QUIET_SETTINGS = ("sigmas", "compile", "mask_space", "grad_clip", "lv_copies", "t_range", "alpha",
                    "preserve_prompts", "objects")
+_REPORT_FLAGS = {"cfg_scale": "--cfg", "prompts": "--prompt", "height": "--size", "width": "--size"}
 
 
 def _setting(value) -> str:
@@ -602,7 +604,9 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
     time_note = (f"{report['train_seconds']} s in this run, which resumed at step {report['resumed_at_step']}"
                  if "resumed_at_step" in report else f"{report['train_seconds']} s")
     lines = [f"# FocusFix {report['method']} run", "", f"- status: {report['status']}",
-             f"- model: {report['model']}", f"- steps trained: {report['steps_trained']} ({time_note})"]
+             f"- model: {report['model']}",
+             f"- steps trained (optimizer steps; `steps` below is the sampler's): {report['steps_trained']} "
+             f"({time_note})"]
     if "continued_from" in report:
         lines.append(f"- continued from: `{report['continued_from']}` (the LoRA now holds "
                      f"{report['lora_steps_trained']} steps in all)")
@@ -620,7 +624,9 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
     lines += ["", "Settings:"]
     if "objects" in config:  # Separate-and-Enhance: each prompt with the words its maps are of
         lines += [f"- prompt {p!r}, objects {', '.join(o)}" for p, o in zip(config["prompts"], config["objects"])]
-    lines += [f"- {k}: {_setting(v)}" for k, v in config.items() if k not in _QUIET_SETTINGS
+    # a setting whose flag has another name shows it too, so a run can be repeated from this list
+    lines += [f"- {k}{f' ({_REPORT_FLAGS[k]})' if k in _REPORT_FLAGS else ''}: {_setting(v)}"
+              for k, v in config.items() if k not in _QUIET_SETTINGS
               and not (k == "prompts" and "objects" in config) and v not in ((), [], None, "")]
     lines += [f"- painted mask: `{f}`" for f in report.get("mask_files", [])]
     lines += ["", f"Grid columns: {columns}.", "", "Files (in this folder):"]
@@ -729,10 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lam-en", type=float, default=1.0,
                    help="weight of the Enhance loss (weakest map's peak; default 1)")
     s.add_argument("--lam-preserve", type=float, default=1.0,
-                   help="weight of the term that keeps single-object prompts as the base model draws them")
+                   help="weight of the term that keeps single-object prompts as the base model draws them "
+                        "(default 1)")
     s.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
                    help="keys: keep the adapted to_k outputs on single-object prompts (exact, no extra UNet pass); "
-                        "outputs: x0 MSE against the base model (any --targets); auto: keys where possible")
+                        "outputs: x0 MSE against the base model (any --targets); auto: keys where possible "
+                        "(default auto)")
     s.add_argument("--resolution", type=int, default=16,
                    help="attention maps' shorter side (default 16; the tiny model at 32 px: 16 or 8)")
     s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
@@ -851,7 +859,7 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
             notes.append(f"--mask {path} is full (every pixel white): nothing is held, so Focus-N-Fix becomes plain "
                          f"DRaFT (an inverted mask? white = may change)")
         elif a.lam > 0 and top < 0.5:
-            notes.append(f"--mask {path} is faint (at most {top:.2f} white): even its strongest pixel is held "
+            notes.append(f"--mask {path} is faint (at most {top:.2g} white): even its strongest pixel is held "
                          f"{1 - top:.0%} to I0, so the region changes only in part (paint it white to let it change "
                          f"fully)")
         masks.append(M)  # [1,1,H,W]
@@ -880,7 +888,7 @@ def cmd_train_fnf(a) -> dict:
         _check_prompts(model, [a.negative_prompt], "--negative-prompt")
     reward = load_reward_spec(a.reward)
     size = _size(model, a.size)
-    notes = [*repeated_seeds_note(a.seeds, "--seeds"),
+    notes = [*repeated_seeds_note(a.seeds, "--seeds"), *repeated_prompts_note(a.prompt, "--prompt"),
              *batch_note(a.batch_size, len([p for p in a.prompt if p.strip()]) * len(a.seeds), "--batch-size")]
     mask_source, masks = _painted_masks(a, size, notes)
     cfg = FixConfig(prompts=tuple(a.prompt), seeds=a.seeds, iterations=a.iterations, lr=a.lr, **lora_kw,
@@ -938,7 +946,8 @@ COMMANDS = {"demo": cmd_demo, "train-fnf": cmd_train_fnf, "train-sne": cmd_train
             "convert-reward": cmd_convert_reward}
 
 
-_CONFIG_FLAGS = {"cfg_scale": "--cfg", "prompts": "--prompt"}  # config fields whose flag has another name
+_CONFIG_FLAGS = {k: v for k, v in _REPORT_FLAGS.items() if v != "--size"}  # fields whose flag has another name
+# (width and height become --size in messages by their own rule, in _as_flags)
 # one-word config fields: a message starting with one names the setting ("lr must be > 0"); other one-word
 # starts are English ("the", "model ...")
 _ONE_WORD_FIELDS = {f.name for c in (FixConfig, SeparateEnhanceConfig) for f in fields(c) if "_" not in f.name}

@@ -31,6 +31,8 @@ __all__ = [
     "release_pinned_memory",
     "BASE_FAMILIES",
     "base_model_metadata",
+    "metadata_family",
+    "family_mismatch",
     "TARGET_PRESETS",
     "diffusers_unet_names",
     "resolve_targets",
@@ -665,6 +667,30 @@ BASE_FAMILIES = {
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _STABILITY),
     "sdxl_refiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner", _STABILITY),
 }
+
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl_refiner": "the SDXL refiner"}
+
+
+def metadata_family(metadata: dict) -> str | None:
+    """The BASE_FAMILIES key a LoRA file's metadata names (kohya's `ss_base_model_version`, which FocusFix and
+    kohya write); None when it names none (the tiny model, or a file without it)."""
+    version = metadata.get("ss_base_model_version")
+    return next((f for f, (v, _, _) in BASE_FAMILIES.items() if v == version), None)
+
+
+def family_mismatch(metadata: dict, family: str | None) -> str:
+    """Why a LoRA may not fit a model, for an error message: the two families when the LoRA's metadata and the
+    model's family (a BASE_FAMILIES key) are both known and differ, else a question.
+
+    Example:
+        >>> family_mismatch({"ss_base_model_version": "sdxl_base_v1-0"}, "sd1")
+        'this LoRA was trained on SDXL, this MODEL is SD1.x'
+    """
+    trained = metadata_family(metadata)
+    if trained is not None and family in BASE_FAMILIES and trained != family:
+        return f"this LoRA was trained on {FAMILY_NAMES[trained]}, this MODEL is {FAMILY_NAMES[family]}"
+    return "trained on another model type?"
 
 
 def base_model_metadata(family: str | None, *, v_prediction: bool = False, width: int = 512, height: int = 512,

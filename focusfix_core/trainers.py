@@ -47,6 +47,7 @@ from .sampler import (COMPILE_MODES, SAMPLERS, CompiledWhenNoGrad, check_sigmas,
 __all__ = [
     "parse_ints",
     "repeated_seeds_note",
+    "repeated_prompts_note",
     "batch_note",
     "FixConfig",
     "FixTrainer",
@@ -224,6 +225,13 @@ def repeated_seeds_note(seeds: Sequence[int], name: str = "seeds") -> list[str]:
     """A note naming the seeds given more than once ([] when none is): each repeat trains the same image again."""
     repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
     return [f"{name} repeat {repeated}: each repeat trains the same image again (counts it more)"] if repeated else []
+
+
+def repeated_prompts_note(prompts: Sequence[str], name: str = "prompts") -> list[str]:
+    """A note naming the prompts given more than once, compared as trained (stripped; [] when none is): each
+    repeat trains the same images again, as a repeated seed does."""
+    repeated = [p for p, n in Counter(p.strip() for p in prompts if p.strip()).items() if n > 1]
+    return [f"{name} repeat {repeated}: each repeat trains the same images again (counts them more)"] if repeated else []
 
 
 def batch_note(batch_size: int, n_items: int, name: str = "batch_size") -> list[str]:

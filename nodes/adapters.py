@@ -29,7 +29,8 @@ from torch import nn
 
 from ..focusfix_core.attention import LiveHW, attention_capture, word_token_indices
 from ..focusfix_core.denoisers import CFG_PAIR, CFG_UNCOND, Cond, Guidance, cat_cond
-from ..focusfix_core.lora import SavedLoRA, lora_metadata, read_focusfix_lora, release_pinned_memory
+from ..focusfix_core.lora import (SavedLoRA, family_mismatch, lora_metadata, read_focusfix_lora,
+                                  release_pinned_memory)
 from ..focusfix_core.saliency import fit_mask
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "conditioning_ignored",
     "training_session",
     "LoraData",
+    "model_family",
     "register_reward_folder",
     "reward_choices",
     "load_reward_by_name",
@@ -353,7 +355,7 @@ class ComfyDiffusionModel:
         # the SDXL refiner embeds an aesthetic score in y: 6 for the prompt, 2.5 for the negative prompt unless the
         # conditioning gives one (CLIPTextEncodeSDXLRefiner's ascore); KSampler tells encode_adm which prompt it is
         self.adm_reads_prompt_type = any(c.__name__ == "SDXLRefiner" for c in type(self.base).__mro__)
-        self.family = _family(self.base.model_config)
+        self.family = model_family(self.base.model_config)
         self.v_prediction = any(c.__name__ == "V_PREDICTION" for c in type(ms).__mro__)
         self._hw = LiveHW()  # the latent size of the call running now, for attention_capture
         self._encoded: dict[str, Cond] = {}  # prompt -> its conditioning (`encode_prompts`, `encode_first`)
@@ -922,16 +924,17 @@ class LoraData:
         """The same LoRA as the core's SavedLoRA."""
         return SavedLoRA(self.tensors, self.metadata, self.targets, self.rank, self.alpha)
 
-    def attach(self, net: nn.Module):
-        """The core LoRA hooked onto `net` with these weights, trainable (adapters on CPU; remove() when done).
+    def attach(self, net: nn.Module, family: str | None = None):
+        """The core LoRA hooked onto `net` (of `family`, a BASE_FAMILIES key, when known) with these weights,
+        trainable (adapters on CPU; remove() when done).
 
         Raises:
-            ValueError: this LoRA does not fit `net` (trained on another model type)."""
+            ValueError: this LoRA does not fit `net` (trained on another model type: named when both are known)."""
         try:
             return self.saved().attach(net)
         except ValueError as e:
-            raise ValueError(f"the connected LoRA ({self!r}) does not fit this MODEL (trained on another model "
-                             f"type?): {e}") from None
+            raise ValueError(f"the connected LoRA ({self!r}) does not fit this MODEL "
+                             f"({family_mismatch(self.metadata, family)}): {e}") from None
 
     def __repr__(self) -> str:
         n = sum(1 for k in self.tensors if k.endswith(".lora_down.weight"))
@@ -1091,7 +1094,7 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     return store.maps(), z
 
 
-def _family(model_config) -> str | None:
+def model_family(model_config) -> str | None:
     """The base-model family a LoRA on this model is for (`focusfix_core.lora.BASE_FAMILIES`), by the class
     ComfyUI detected the checkpoint as (or one it derives from: SSD-1B and Vega are SDXL, SD 2.1 is SD20)."""
     names = {c.__name__ for c in type(model_config).__mro__}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LoraData, image_to_bchw
+from ..focusfix_core.lora import family_mismatch
+from .adapters import LoraData, image_to_bchw, model_family
 from .common import GRAPH_INPUTS, LORA, file_fingerprint, graph_metadata, log, tip, widgets_checked
 
 __all__ = ["FocusFixApplyLoRA", "FocusFixLoadLoRA", "FocusFixSaveLoRA", "lora_path", "lora_patches", "loras_name",
@@ -30,9 +31,10 @@ def lora_patches(model, lora: LoraData) -> dict:
     patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
     names = sorted(k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight"))
     missing = [n for n in names if n not in key_map]
+    why = family_mismatch(lora.metadata, model_family(getattr(model.model, "model_config", None)))
     if missing:
-        raise ValueError(f"{len(missing)} of {len(names)} LoRA layers match no layer of this MODEL "
-                         f"(trained on another model type?), e.g. {missing[:3]}")
+        raise ValueError(f"{len(missing)} of {len(names)} LoRA layers match no layer of this MODEL ({why}), "
+                         f"e.g. {missing[:3]}")
     # ComfyUI would skip a layer of another shape while sampling, with only a log line: a partly applied fix
     wrong = []
     for n in names:
@@ -41,8 +43,9 @@ def lora_patches(model, lora: LoraData) -> dict:
         if up.shape[0] != weight.shape[0] or up.shape[0] * down[0].numel() != weight.numel():
             wrong.append(f"{n} ({up.shape[0]}x{down[0].numel()} vs {'x'.join(map(str, weight.shape))})")
     if wrong:
+        why = "trained on another model type, e.g. SD1.5 against SD2.x?" if why.endswith("?") else why
         raise ValueError(f"{len(wrong)} of {len(names)} LoRA layers have another shape than this MODEL's "
-                         f"(trained on another model type, e.g. SD1.5 against SD2.x?), e.g. {wrong[:2]}")
+                         f"({why}), e.g. {wrong[:2]}")
     return patches
 
 

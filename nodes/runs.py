@@ -66,7 +66,7 @@ def _check_not_applied(dm: ComfyDiffusionModel, continue_from: LoraData | None) 
 def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):
     """make(lora) with the continued LoRA attached to the MODEL (None: the trainer attaches a new one); the
     attached LoRA is removed if the trainer cannot be built."""
-    trainer = trainer_on(make, continue_from.attach(dm.net) if continue_from is not None else None)
+    trainer = trainer_on(make, continue_from.attach(dm.net, dm.family) if continue_from is not None else None)
     if continue_from is not None:
         trainer.continues(continue_from.metadata)  # draws past the first run's (not a replay of its batches)
     return trainer

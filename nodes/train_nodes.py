@@ -16,7 +16,8 @@ from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
 from ..focusfix_core.trainers import (MASK_SOURCES, MAX_RANK, FixConfig, SeparateEnhanceConfig, batch_note,
-                                      check_continued_method, repeated_seeds_note, split_objects_prompt)
+                                      check_continued_method, repeated_prompts_note, repeated_seeds_note,
+                                      split_objects_prompt)
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, check_conditioning,
                        conditioning_ignored, conditioning_to_conds, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
@@ -266,7 +267,7 @@ def _text_inputs(dm, prompts: str, negative_prompt: str, positive, negative, not
                          f"KSampler the text encoding of entry i alone")
     else:
         labels = parse_lines(prompts)
-        notes += comment_notes(prompts)
+        notes += comment_notes(prompts) + repeated_prompts_note(labels)
     if negative is not None:
         negative_prompt = "negative[0]"  # the label the report and the LoRA's metadata show
         uncond = lambda: conditioning_to_conds(negative, dm.is_adm, "negative")[0]  # noqa: E731
@@ -299,6 +300,9 @@ def _mask_input(mask, mask_source: str, size: tuple[int, int], n_prompts: int, n
     masks, note = mask_to_b1hw(mask, size)
     notes += [note] if note else []
     n = len(masks)
+    if n not in (1, n_seeds, n_prompts * n_seeds):  # the core's rule, named by this node's input
+        raise ValueError(f"mask has {n} masks: expected 1 (for every image), one per seed ({n_seeds}) or one per "
+                         f"(prompt, seed) image ({n_prompts * n_seeds}, in the order of the before output)")
     if n > 1 and n_prompts > 1:  # the core's rule: one per (prompt, seed) item when the counts fit, else per seed
         notes.append(f"{n} masks: one per (prompt, seed) item, in the order of the before images" if
                      n == n_prompts * n_seeds else f"{n} masks: one per seed, for every prompt")
@@ -437,7 +441,7 @@ class FocusFixTrainSeparateEnhance:
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, "separate-and-enhance", rank, targets, notes)
         parsed = _object_prompts(prompts)
-        notes += comment_notes(prompts)
+        notes += comment_notes(prompts) + repeated_prompts_note(parse_lines(prompts))
         run = run_separate_enhance(dm, lambda: SeparateEnhanceConfig(
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,

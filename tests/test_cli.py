@@ -650,6 +650,15 @@ def test_the_notes_the_node_gives_are_printed_and_reported(model_file, tmp_path,
             in capsys.readouterr().err)
 
 
+def test_a_repeated_prompt_is_noted_as_a_repeated_seed_is(model_file, tmp_path, capsys):
+    """Bad-input hunt (session 27): --prompt given twice trains the same items twice, without a word."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--prompt", "a red circle ", "--iterations", "1")) == 0
+    note = "--prompt repeat ['a red circle']: each repeat trains the same images again (counts them more)"
+    assert f"note: {note}" in capsys.readouterr().err
+    assert note in json.loads((out / "report.json").read_text())["notes"]
+
+
 def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_file, tmp_path, capsys):
     """Audit: report.md showed no settings, named neither the painted masks (--resume needs the same) nor the
     LoRA a run continued, counted only this run's steps of a continued LoRA, and timed a resumed run as if whole.
@@ -666,7 +675,7 @@ def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_
                              "mask", "--mask", str(mask), "--iterations", "1")) == 0
     md = (out / "report.md").read_text()
     assert f"- continued from: `{first / 'lora.safetensors'}` (the LoRA now holds 3 steps in all)" in md
-    assert f"- painted mask: `{mask}`" in md and "- prompts: 'a red circle'" in md and "- seeds: 0, 1" in md
+    assert f"- painted mask: `{mask}`" in md and "- prompts (--prompt): 'a red circle'" in md and "- seeds: 0, 1" in md
     assert "- lam: 1.0" in md and "- mask_source: mask" in md and "- lora: `lora.safetensors`" in md
     report = json.loads((out / "report.json").read_text())
     assert report["mask_files"] == [str(mask)] and report["lora_steps_trained"] == 3
@@ -674,7 +683,9 @@ def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_
     assert cli.main(fnf_args(model_file, first, "--iterations", "3", "--resume", "--rank", "8")) == 0
     assert "(--rank/--targets not used)" in capsys.readouterr().err
     md = (first / "report.md").read_text()
-    assert "- steps trained: 3 (" in md and "s in this run, which resumed at step 2)" in md
+    assert ("- steps trained (optimizer steps; `steps` below is the sampler's): 3 (" in md
+            and "s in this run, which resumed at step 2)" in md)
+    assert "- cfg_scale (--cfg): " in md and "- height (--size): 16" in md and "- steps: 3" in md
     sne = tmp_path / "sne"
     assert cli.main(["train-sne", "--model", str(model_file), "--out", str(sne), "--iterations", "1", "--resolution",
                      "4", "--prompt", "a red circle and a blue square | circle, square"]) == 0
@@ -1196,7 +1207,7 @@ def test_train_sne_flags_reach_the_run_and_its_report_counts_the_steps_done(mode
     assert cli.main([*sne, "--out", str(out), "--iterations", "3"]) == 130
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "interrupted after 1 steps" and report["steps_trained"] == 1
-    assert "- steps trained: 1 (" in (out / "report.md").read_text()
+    assert "- steps trained (optimizer steps; `steps` below is the sampler's): 1 (" in (out / "report.md").read_text()
     assert report["config"]["preservation"] == "auto" and report["preservation"] == "keys"
 
 

@@ -242,6 +242,16 @@ def test_the_load_reward_nodes_builtin_names_work_on_the_command_line():
         cli.load_reward_spec("builtin:artifacts")
 
 
+def test_the_tiny_rewards_own_names_work_on_the_command_line():
+    """Docs audit (session 27): report.md and a LoRA's metadata name the reward 'tiny_artifact', and
+    `--reward tiny_artifact` was "neither a known reward"."""
+    for name in ("artifact", "attribute"):
+        reward = cli.load_reward_spec(f"tiny_{name}")
+        assert reward.name == f"tiny_{name}" and type(reward) is type(cli.load_reward_spec(name))
+    with pytest.raises(ValueError, match="neither a known reward"):
+        cli.load_reward_spec("tiny_sharpness")
+
+
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_path, capsys):
     """Two runs into one --out passed the empty-folder check together and wrote over each other: the first run's
     LoRA was silently gone (review G3). A run now holds OUT/.focusfix.lock (an OS lock) while it writes, and checks

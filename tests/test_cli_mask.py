@@ -97,7 +97,7 @@ def test_a_faint_painted_mask_trains_with_a_note(model_file, tmp_path, capsys):
     only in part (1 - M): it trains, and the note says how much of it is still held."""
     grey = png(tmp_path / "grey.png", np.full((SIZE, SIZE), 102))
     assert cli.main(args(model_file, tmp_path / "run", "--mask", str(grey))) == 0
-    assert (f"note: --mask {grey} is faint (at most 0.40 white): even its strongest pixel is held 60% to I0"
+    assert (f"note: --mask {grey} is faint (at most 0.4 white): even its strongest pixel is held 60% to I0"
             in capsys.readouterr().err)
 
 

@@ -652,6 +652,19 @@ def test_base_model_metadata_files_the_lora_under_its_base():
     assert all(isinstance(x, str) for m in got.values() for x in m.values())  # safetensors metadata is str -> str
 
 
+def test_a_lora_that_does_not_fit_names_both_families_when_its_metadata_says():
+    """Bad-input hunt (session 27): a LoRA of another family was refused with "(trained on another model type?)",
+    though its metadata names the family it was trained on: the message names both."""
+    from focusfix_core.lora import BASE_FAMILIES, base_model_metadata, family_mismatch, metadata_family
+    assert {f: metadata_family(base_model_metadata(f)) for f in BASE_FAMILIES} == {f: f for f in BASE_FAMILIES}
+    assert metadata_family({}) is None and metadata_family({"ss_base_model_version": "flux"}) is None
+    assert (family_mismatch(base_model_metadata("sd1"), "sdxl_refiner")
+            == "this LoRA was trained on SD1.x, this MODEL is the SDXL refiner")
+    assert family_mismatch(base_model_metadata("sd2"), "sd1") == "this LoRA was trained on SD2.x, this MODEL is SD1.x"
+    for metadata, family in ((base_model_metadata("sdxl"), "sdxl"), ({}, "sd1"), (base_model_metadata("sd1"), None)):
+        assert family_mismatch(metadata, family) == "trained on another model type?"  # same, or one unknown
+
+
 def test_read_focusfix_lora_refuses_targets_that_are_not_a_list(tmp_path):
     """'"attn"' (valid JSON, not a list) used to become the targets ('a', 't', 't', 'n'): regexes matching almost
     every module, and a misleading error later."""

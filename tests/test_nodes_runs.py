@@ -155,11 +155,11 @@ def test_a_continued_run_trains_the_saved_lora_and_tells_the_trainer_how_far_it_
         def continues(self, metadata):
             told.append(metadata)
 
-    trainer = RUNS._trainer(Made, data, SimpleNamespace(net=net))
+    trainer = RUNS._trainer(Made, data, SimpleNamespace(net=net, family=None))
     try:
         assert told == [data.metadata]
         assert all(float(a.up.detach().flatten()[0]) == 3.0 for a in trainer.lora.adapters)
     finally:
         trainer.lora.remove()
     told.clear()
-    assert RUNS._trainer(Made, None, SimpleNamespace(net=net)).lora is None and told == []
+    assert RUNS._trainer(Made, None, SimpleNamespace(net=net, family=None)).lora is None and told == []

@@ -241,6 +241,21 @@ def test_separate_enhance_report_reads_each_prompts_own_words_maps(monkeypatch):
     assert f"maps of 'a cat and a dog': overlap {o:.4g} -> {o:.4g};" in report
 
 
+def test_a_repeated_prompt_line_is_noted_by_both_train_nodes(monkeypatch):
+    """Bad-input hunt (session 27): a repeated seed was noted ("each repeat trains the same image again"), a
+    repeated prompt line, which is the same items again, was not."""
+    A = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    _finished_sne_run(monkeypatch, A, A)
+    *_, report = _execute_sne("a cat and a dog | cat, dog\na cat and a dog | cat, dog")
+    assert ("prompts repeat ['a cat and a dog | cat, dog']: each repeat trains the same images again (counts them "
+            "more)") in report
+    _finished_fix_run(monkeypatch)
+    *_, report = _execute_fix(prompts="a cat\n a cat \n# a cat\na dog")
+    assert "prompts repeat ['a cat']: each repeat trains the same images again" in report
+    *_, report = _execute_fix(prompts="a cat\na dog")
+    assert "prompts repeat" not in report
+
+
 def test_separate_enhance_draws_before_and_after_maps_on_one_scale_per_prompt(monkeypatch):
     # Enhance makes a word's map stronger: after must look stronger than before, and a weak word weaker than a
     # strong one (each map scaled by its own max would draw them all the same)

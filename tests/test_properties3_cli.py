@@ -393,5 +393,5 @@ def test_a_report_of_finite_numbers_or_nulls_is_written_as_strict_json_and_a_rea
     md = (out / "report.md").read_text()
     assert md.startswith("# FocusFix focus-n-fix run\n") and f"- status: {report['status']}" in md
     assert all(f"- {k}: `{Path(v).name}`" in md for k, v in report["files"].items())  # names in the folder
-    assert "Settings:\n- lr: 0.002\n- prompts: 'a red circle'" in md
+    assert "Settings:\n- lr: 0.002\n- prompts (--prompt): 'a red circle'" in md
     assert all(f"`before_{k}.png`, `after_{k}.png`" in md for k in range(len(report["items"])))

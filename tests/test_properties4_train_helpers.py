@@ -24,6 +24,18 @@ FAST = settings(max_examples=60, deadline=None)
 SOURCES = ("heatmap", "saliency", "mask", "none")
 
 
+# ------------------------------------------------------------------------------------------- repeats
+@FAST
+@given(prompts=st.lists(st.sampled_from(["a cat", " a cat", "a dog ", "a dog", "", " ", "a bird"]), max_size=8))
+def test_the_prompts_note_names_exactly_the_prompts_trained_more_than_once(prompts):
+    from focusfix_core.trainers import repeated_prompts_note
+    note = repeated_prompts_note(prompts, "--prompt")
+    stripped = [p.strip() for p in prompts if p.strip()]
+    repeated = [p for p in dict.fromkeys(stripped) if stripped.count(p) > 1]  # first-seen order
+    assert note == ([f"--prompt repeat {repeated}: each repeat trains the same images again (counts them more)"]
+                    if repeated else [])
+
+
 # ------------------------------------------------------------------------------------------- _seed_list
 @FAST
 @given(seeds=st.lists(st.integers(0, 40), min_size=1, max_size=12), sep=st.sampled_from([",", ", ", " ", "\n"]))
@@ -71,6 +83,12 @@ def test_a_connected_mask_becomes_n_masks_at_the_image_size_with_true_notes(case
     notes = []
     if layout == "bhw" and n > 1 and h > 1 and w == 1:  # [B,H,1]: B masks 1 px wide or one [H,W,1]? refused
         with pytest.raises(ValueError, match=r"give it as \[1,H,W\] or \[H,W\]"):
+            T._mask_input(given_mask, source, size, n_prompts, n_seeds, lam, notes)
+        return
+    if n not in (1, n_seeds, n_prompts * n_seeds):  # refused by the input's name, before the run
+        with pytest.raises(ValueError, match=rf"^mask has {n} masks: expected 1 \(for every image\), one per seed "
+                                             rf"\({n_seeds}\) or one per \(prompt, seed\) image "
+                                             rf"\({n_prompts * n_seeds}, in the order of the before output\)$"):
             T._mask_input(given_mask, source, size, n_prompts, n_seeds, lam, notes)
         return
     masks, src = T._mask_input(given_mask, source, size, n_prompts, n_seeds, lam, notes)
@@ -181,11 +199,13 @@ def test_each_item_gets_the_mask_the_nodes_note_promises(n_prompts, seeds, per, 
 
 @settings(max_examples=6, deadline=None)
 @given(n_prompts=st.integers(2, 3), n_seeds=st.integers(1, 3), n=st.integers(2, 10))
-def test_a_mask_count_the_notes_do_not_cover_is_refused_by_the_core(n_prompts, n_seeds, n):
+def test_a_mask_count_the_notes_do_not_cover_is_refused_by_the_node_and_the_core(n_prompts, n_seeds, n):
     assume(n not in (1, n_seeds, n_prompts * n_seeds))
-    masks, _ = T._mask_input(_distinct_masks(n, 0), "mask", (16, 16), n_prompts, n_seeds, 1.0, [])
+    M = _distinct_masks(n, 0)
+    with pytest.raises(ValueError, match=f"^mask has {n} masks: expected 1"):  # named by the node's input
+        T._mask_input(M, "mask", (16, 16), n_prompts, n_seeds, 1.0, [])
     with pytest.raises(ValueError, match=f"got {n} masks; expected 1, one per seed"):
-        _painted_masks_used(PROMPTS[:n_prompts], list(range(n_seeds)), masks)
+        _painted_masks_used(PROMPTS[:n_prompts], list(range(n_seeds)), M[:, None])
 
 
 # Fixed, was BUG 1: with a repeated seed ("5, 5", which `_seed_list` accepts with a note) and one painted mask per seed (the

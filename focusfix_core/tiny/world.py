@@ -133,7 +133,7 @@ def is_held_out(pair: list[tuple[str, str]]) -> bool:
     if len(pair) != 2:
         return False
     (c1, s1), (c2, s2) = pair
-    ci, si = list(COLOURS), list(SHAPES)
+    ci = list(COLOURS)
     key = (ci.index(c1) + ci.index(c2)) * 3 + SHAPES.index(s1) + SHAPES.index(s2)
     return key % 4 == 1
 

@@ -104,7 +104,8 @@ def test_a_lora_of_another_model_is_refused_and_nothing_stays_attached(fresh):
     sd15 = fresh.run("FocusFixTestTinyCheckpoint", layout="sd15", seed=0)
     sdxl = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl", seed=0)
     lora, *_ = _fix(fresh, sd15, iterations=1)
-    with pytest.raises(ValueError, match=r"the connected LoRA \(LoraData\(focus-n-fix.*does not fit this MODEL"):
+    with pytest.raises(ValueError, match=r"the connected LoRA \(LoraData\(focus-n-fix.*does not fit this MODEL "
+                                         r"\(this LoRA was trained on SD1.x, this MODEL is SDXL\)"):
         _fix(fresh, sdxl, continue_from=lora)
     assert _hooks(sdxl[0].model.diffusion_model) == 0
 

@@ -1,6 +1,7 @@
 """Saved FocusFix LoRAs load in ComfyUI's stock LoRA path with every key matched, and equal Apply LoRA."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -201,10 +202,19 @@ def test_save_writes_the_preview_beside_the_lora_and_keeps_a_strangers(fresh, lo
     assert not [p for p in fresh.loras.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_apply_refuses_a_lora_for_another_layout(fresh, checkpoint, lora_data):
+def test_apply_refuses_a_lora_for_another_layout(comfy, fresh, checkpoint, lora_data):
     data, _ = lora_data
-    other = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl" if "SD15" in type(checkpoint[0].model.model_config).__name__ else "sd15", seed=0)[0]
-    with pytest.raises(ValueError, match="match no layer"):
+    sd15 = "SD15" in type(checkpoint[0].model.model_config).__name__
+    other = fresh.run("FocusFixTestTinyCheckpoint", layout="sdxl" if sd15 else "sd15", seed=0)[0]
+    with pytest.raises(ValueError, match=r"match no layer of this MODEL \(trained on another model type\?\)"):
+        fresh.run("FocusFixApplyLoRA", model=other, lora=data, strength=1.0)
+    # a LoRA whose metadata names its base (as every LoRA FocusFix trains): both families named
+    family = "sd1" if sd15 else "sdxl"
+    data = dataclasses.replace(data, metadata={**data.metadata,
+                                               **comfy.pack.focusfix_core.lora.base_model_metadata(family)})
+    trained, model = ("SD1.x", "SDXL") if sd15 else ("SDXL", "SD1.x")
+    with pytest.raises(ValueError, match=rf"match no layer of this MODEL \(this LoRA was trained on {trained}, "
+                                         rf"this MODEL is {model}\)"):
         fresh.run("FocusFixApplyLoRA", model=other, lora=data, strength=1.0)
 
 
