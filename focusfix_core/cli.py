@@ -444,10 +444,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
             status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
         diff = (I - I0).abs().mean(1, keepdim=True)                            # [N,1,H,W], like M
         inside = outside = None
-        if M is not None:
-            Mb = (M >= 0.5).float()
-            inside = _finite((diff * Mb).sum() / Mb.sum().clamp_min(1))
-            outside = _finite((diff * (1 - Mb)).sum() / (1 - Mb).sum().clamp_min(1))
+        if M is not None:  # weighed by M and 1 - M, as the region term (and Compare) weigh a soft mask
+            inside, outside = _mean_over(diff, M), _mean_over(diff, 1 - M)
         g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
         tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g],
                                                  heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
@@ -466,7 +464,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
             "reward_before": [_finite(r) for r in r0], "reward_after": [_finite(r) for r in r1],
             "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
             "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
-            "mask_coverage": None if M is None else float((M >= 0.5).float().mean()),
+            "mask_coverage": None if M is None else float(M.float().mean()),  # the share that may change
             "mask_files": [str(f) for f in mask_files], **_lineage(trainer, state, continue_from),
             "notes": [*notes, *(f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training "
                                 f"never drew it, and its images show it with an empty mask"
@@ -490,10 +488,10 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
 def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state: dict | None = None,
                          checkpoint_every: int = 0, model_note: str = "", quiet: bool = False,
                          sample_steps: int = 20, cfg_scale: float = 3.0,
-                         continue_from: SavedLoRA | None = None,
+                         continue_from: SavedLoRA | None = None, notes: Iterable[str] = (),
                          on_first_write: Callable[[], None] | None = None) -> dict:
     """Train Separate-and-Enhance, then write the LoRA, attention maps and samples before/after, and a report.
-    state, continue_from, on_first_write: as in `run_fix`."""
+    state, continue_from, notes, on_first_write: as in `run_fix`."""
     t0 = time.perf_counter()
     trainer = _start(lambda lora: SeparateEnhanceTrainer(model, cfg, lora=lora), model.net, cfg, continue_from,
                      state, out)
@@ -531,6 +529,7 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
             "enhance_before": _loss_per_prompt(enhance_loss, A0, cfg.objects),
             "enhance_after": _loss_per_prompt(enhance_loss, A1, cfg.objects),
             "preservation": trainer.preservation, "preserve_prompts": list(cfg.preserve_prompts),
+            "notes": list(notes),
             "files": {"lora": str(lora_path), "attention": str(out / "attention.png"),
                       "before_after": str(out / "before_after.png"), "curves": str(out / "curves.png"),
                       **state_file},
@@ -573,6 +572,13 @@ def _finite(x: torch.Tensor) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _mean_over(D: torch.Tensor, W: torch.Tensor) -> float | None:
+    """Mean of D weighted by W (both [N,1,H,W]); None for a region of no weight (an empty or a full mask), where
+    the mean is undefined (0 would claim "unchanged")."""
+    total = W.float().sum()
+    return _finite((D * W).sum() / total) if total > 0 else None
+
+
 def _mean_or_na(values: list[float | None]) -> str:
     """The mean for report.md; "n/a" when a value is null (NaN maps of a run that diverged)."""
     return "n/a" if not values or None in values else f"{sum(values) / len(values):.4f}"
@@ -603,10 +609,9 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
     time_note = (f"{report['train_seconds']} s in this run, which resumed at step {report['resumed_at_step']}"
                  if "resumed_at_step" in report else f"{report['train_seconds']} s")
+    which = " (optimizer steps; `steps` below is the sampler's)" if "steps" in report["config"] else ""
     lines = [f"# FocusFix {report['method']} run", "", f"- status: {report['status']}",
-             f"- model: {report['model']}",
-             f"- steps trained (optimizer steps; `steps` below is the sampler's): {report['steps_trained']} "
-             f"({time_note})"]
+             f"- model: {report['model']}", f"- steps trained{which}: {report['steps_trained']} ({time_note})"]
     if "continued_from" in report:
         lines.append(f"- continued from: `{report['continued_from']}` (the LoRA now holds "
                      f"{report['lora_steps_trained']} steps in all)")
@@ -841,6 +846,10 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
     if source == "mask" and not a.mask:
         raise ValueError("--mask-source mask needs --mask IMAGE (white = may change); paint it over the "
                          "before_0.png (1, 2, ...) an earlier run wrote")
+    if a.lam == 0 and source != "none":  # the region term is off: no M holds anything
+        which = "--mask" if a.mask else f"--mask-source {source}"
+        notes.append(f"--lam 0: plain DRaFT, the whole image may change; M ({which}) is not used in training, only "
+                     f"in the report's change inside and outside it")
     for path in a.mask:  # this run writes (and with --overwrite removes) its outputs there: the mask would go
         if is_output(path, a.out):
             raise ValueError(f"--mask {path} is one of the files this run writes into --out {a.out} (each item's "
@@ -859,7 +868,7 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
             notes.append(f"--mask {path} is full (every pixel white): nothing is held, so Focus-N-Fix becomes plain "
                          f"DRaFT (an inverted mask? white = may change)")
         elif a.lam > 0 and top < 0.5:
-            notes.append(f"--mask {path} is faint (at most {top:.2g} white): even its strongest pixel is held "
+            notes.append(f"--mask {path} is faint (at most {top:.3g} white): even its strongest pixel is held "
                          f"{1 - top:.0%} to I0, so the region changes only in part (paint it white to let it change "
                          f"fully)")
         masks.append(M)  # [1,1,H,W]
@@ -912,14 +921,17 @@ def cmd_train_sne(a) -> dict:
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
     _check_prompts(model, prompts)
+    notes = repeated_prompts_note(prompts, "--prompt", objects=objects)
     size = _size(model, a.size)
     cfg = SeparateEnhanceConfig(prompts=prompts, objects=objects, iterations=a.iterations, lr=a.lr, **lora_kw,
                                 batch_size=a.batch_size, seed=a.seed, lam_sep=a.lam_sep,
                                 lam_en=a.lam_en, lam_preserve=a.lam_preserve, preservation=a.preservation,
                                 resolution=a.resolution, height=size, width=size)
+    for line in notes:  # once the settings are known to be valid
+        print(f"note: {line}", file=sys.stderr)
     with claim_out(out, a.overwrite, a.resume, state_read=stamp):
         return run_separate_enhance(model, cfg, out, state=state, checkpoint_every=a.checkpoint_every,
-                                    model_note=note, continue_from=saved)
+                                    model_note=note, continue_from=saved, notes=notes)
 
 
 def cmd_demo(a) -> dict:

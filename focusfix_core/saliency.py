@@ -383,7 +383,7 @@ def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
         elif low > 1 - MASK_ZERO:
             warnings.append(f"{name}[{b}] is full (every value 1): nothing is held: Focus-N-Fix becomes plain DRaFT")
         elif top < 0.5:
-            warnings.append(f"{name}[{b}] is faint (at most {top:.2g}): even its strongest pixel is held {1 - top:.0%} "
+            warnings.append(f"{name}[{b}] is faint (at most {top:.3g}): even its strongest pixel is held {1 - top:.0%} "
                             f"to I0, so the region changes only in part (a wide feather on a small region, or a "
                             f"light brush?)")
     return warnings

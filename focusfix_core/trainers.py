@@ -227,11 +227,18 @@ def repeated_seeds_note(seeds: Sequence[int], name: str = "seeds") -> list[str]:
     return [f"{name} repeat {repeated}: each repeat trains the same image again (counts it more)"] if repeated else []
 
 
-def repeated_prompts_note(prompts: Sequence[str], name: str = "prompts") -> list[str]:
-    """A note naming the prompts given more than once, compared as trained (stripped; [] when none is): each
-    repeat trains the same images again, as a repeated seed does."""
+def repeated_prompts_note(prompts: Sequence[str], name: str = "prompts", objects: Sequence[Sequence[str]] = ()
+                          ) -> list[str]:
+    """A note naming the prompts given more than once, compared as trained (stripped; with Separate-and-Enhance's
+    `objects`, a prompt with the same object words; [] when none is): each repeat trains the same item again, as a
+    repeated seed does."""
+    if objects:
+        prompts = [f"{p.strip()} | {', '.join(o)}" for p, o in zip(prompts, objects)]
     repeated = [p for p, n in Counter(p.strip() for p in prompts if p.strip()).items() if n > 1]
-    return [f"{name} repeat {repeated}: each repeat trains the same images again (counts them more)"] if repeated else []
+    if not repeated:
+        return []
+    again = "prompt again (counts it more)" if objects else "images again (counts them more)"
+    return [f"{name} repeat {repeated}: each repeat trains the same {again}"]
 
 
 def batch_note(batch_size: int, n_items: int, name: str = "batch_size") -> list[str]:

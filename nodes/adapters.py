@@ -62,7 +62,7 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
 
     Raises:
         TypeError: not a tensor. ValueError (naming `name`): another layout, an empty batch, a side below
-            `min_side` pixels, a non-float dtype, NaN/inf values, values above 2 (0..255 pixels) or below -0.25
+            `min_side` pixels, a non-float dtype, NaN/inf values, values above 2 (0..255 pixels) or below -0.5
             ([-1,1] pixels).
     """
     if not isinstance(image, torch.Tensor):
@@ -90,8 +90,10 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
     if top > 2.0:  # a resampler's overshoot (1.05) is clamped below; 0..255 values would wash out to white
         raise ValueError(f"{name} has values up to {top:.4g}: expected a float IMAGE in [0,1] (0..255 pixel "
                          f"values? divide by 255)")
-    # a bicubic resize undershoots by under 0.1 (clamped below); [-1,1] values would lose their dark half to black
-    if low < -0.25:
+    # ComfyUI's bicubic Upscale Image leaves its undershoot unclamped: down to -0.445 on hard 0/1 edges (the
+    # kernel's negative lobes, 2 x 1.1875 x -0.1875 in 2-D), clamped below; [-1,1] values would lose their dark
+    # half to black
+    if low < -0.5:
         raise ValueError(f"{name} has values down to {low:.4g}: expected a float IMAGE in [0,1] ([-1,1] values? "
                          f"map them to (x + 1) / 2)")
     I = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)

@@ -56,11 +56,13 @@ def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
 
 def _check_not_applied(dm: ComfyDiffusionModel, continue_from: LoraData | None) -> None:
     """Refuse a `continue_from` LoRA the MODEL already carries (Load LoRA or Apply LoRA of it upstream): the run
-    attaches it itself, so it would act twice, in the before images and in training."""
+    attaches it itself, on top of the applied one (twice at strength 1, cancelled at -1), so neither the before
+    images nor training would start from the base MODEL."""
     if continue_from is not None and (n := layers_applied(dm.patcher, continue_from)):
         raise ValueError(f"continue_from: the MODEL already carries this LoRA ({n} of its layers, applied by a Load "
-                         f"LoRA or Apply LoRA before this node): the run adds continue_from itself, so it would act "
-                         f"twice. Connect the MODEL without it (the one before that LoRA node)")
+                         f"LoRA or Apply LoRA before this node): the run adds continue_from itself on top of it, so "
+                         f"the before images would not be the base MODEL's. Connect the MODEL without it (the one "
+                         f"before that LoRA node)")
 
 
 def _trainer(make, continue_from: LoraData | None, dm: ComfyDiffusionModel):

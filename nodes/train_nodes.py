@@ -441,7 +441,7 @@ class FocusFixTrainSeparateEnhance:
         notes = []
         rank, targets, alpha = _continued_settings(continue_from, "separate-and-enhance", rank, targets, notes)
         parsed = _object_prompts(prompts)
-        notes += comment_notes(prompts) + repeated_prompts_note(parse_lines(prompts))
+        notes += comment_notes(prompts) + repeated_prompts_note([p for p, _ in parsed], objects=[o for _, o in parsed])
         run = run_separate_enhance(dm, lambda: SeparateEnhanceConfig(
             prompts=tuple(p for p, _ in parsed), objects=tuple(tuple(o) for _, o in parsed), lam_sep=lam_sep,
             lam_en=lam_en, lam_preserve=lam_preserve, resolution=resolution, height=height, width=width, rank=rank,

@@ -477,7 +477,7 @@ def test_lam_and_reward_target_reach_the_run(model_file, tmp_path):
     assert cli.main(fnf_args(model_file, out, "--lam", "0", "--reward-target", "-0.05", "--iterations", "1",
                              "--seeds", "0", "--batch-size", "1", "--steps", "2")) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "draft"
+    assert report["method"] == "draft" and "M (--mask-source saliency) is not used in training" in report["notes"][0]
     assert report["config"]["lam"] == 0 and report["config"]["reward_target"] == -0.05
     _, meta = load_tensor_file_with_metadata(out / "lora.safetensors")
     config = json.loads(meta["focusfix_config"])
@@ -657,6 +657,13 @@ def test_a_repeated_prompt_is_noted_as_a_repeated_seed_is(model_file, tmp_path, 
     note = "--prompt repeat ['a red circle']: each repeat trains the same images again (counts them more)"
     assert f"note: {note}" in capsys.readouterr().err
     assert note in json.loads((out / "report.json").read_text())["notes"]
+    sne = tmp_path / "sne"  # Separate-and-Enhance: the same (prompt, objects), however spaced
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(sne), "--iterations", "1", "--resolution",
+                     "4", "--prompt", SNE_PROMPT, "--prompt", SNE_PROMPT.replace(" | ", "|")]) == 0
+    note = f"--prompt repeat ['{SNE_PROMPT}']: each repeat trains the same prompt again (counts it more)"
+    assert f"note: {note}" in capsys.readouterr().err
+    report = json.loads((sne / "report.json").read_text())
+    assert report["notes"] == [note] and f"- note: {note}" in (sne / "report.md").read_text()
 
 
 def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_file, tmp_path, capsys):
@@ -1077,6 +1084,31 @@ def test_the_report_measures_the_change_inside_and_outside_the_mask(model_file, 
     assert report["mask_coverage"] == pytest.approx(0.25)
 
 
+def test_the_report_weighs_a_soft_mask_by_its_values(model_file, tmp_path, monkeypatch):
+    """Review (session 27): a faint mask (0.4, now trained as it is) was split at 0.5 in the report: coverage 0,
+    change inside 0 and all its change counted outside. Weighed by M and 1 - M, as the region term and Compare
+    weigh it; an empty region is null, not 0."""
+    def drawn(self, progress=None):
+        I0 = torch.full((2, 3, 16, 16), 0.5)
+        M = torch.zeros(2, 1, 16, 16)
+        M[..., :, :8] = 0.4
+        D = torch.zeros(2, 1, 16, 16)
+        D[..., :, :8], D[..., :, 8:] = 0.3, 0.1
+        return I0, I0 + D, M
+    monkeypatch.setattr(cli.FixTrainer, "before_after", drawn)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mean_abs_change_inside_mask"] == pytest.approx(0.3, abs=1e-6)  # sum(0.3 * 0.4) / sum(0.4)
+    assert report["mean_abs_change_outside_mask"] == pytest.approx((0.3 * 0.6 + 0.1) / 1.6, abs=1e-6)
+    assert report["mask_coverage"] == pytest.approx(0.2)
+    monkeypatch.setattr(cli.FixTrainer, "before_after", lambda self, progress=None: (
+        torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), torch.ones(1, 1, 16, 16)))
+    assert cli.main(fnf_args(model_file, tmp_path / "full", "--seeds", "0", "--iterations", "1")) == 0
+    report = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert report["mean_abs_change_outside_mask"] is None and report["mean_abs_change_inside_mask"] == 0.0
+
+
 @pytest.mark.parametrize("size, message", [("4", "--size must be at least 8 pixels, got 4"),
                                            ("34", "--size must be a multiple of 4")])
 def test_a_size_the_tiny_unet_cannot_take_is_refused_by_name(tmp_path, capsys, size, message):
@@ -1096,7 +1128,11 @@ def test_an_empty_painted_mask_trains_with_lam_0(model_file, tmp_path):
     out = tmp_path / "run"
     assert cli.main(fnf_args(model_file, out, "--mask-source", "mask", "--mask", str(black), "--lam", "0",
                              "--iterations", "1")) == 0
-    assert json.loads((out / "report.json").read_text())["status"] == "done"
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "done"
+    # review (session 27): the node says a mask is not used with lam 0; the command line said nothing
+    assert report["notes"] == ["--lam 0: plain DRaFT, the whole image may change; M (--mask) is not used in "
+                               "training, only in the report's change inside and outside it"]
 
 
 def test_a_continued_sne_runs_before_maps_are_the_base_models(model_file, tmp_path):
@@ -1207,7 +1243,7 @@ def test_train_sne_flags_reach_the_run_and_its_report_counts_the_steps_done(mode
     assert cli.main([*sne, "--out", str(out), "--iterations", "3"]) == 130
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "interrupted after 1 steps" and report["steps_trained"] == 1
-    assert "- steps trained (optimizer steps; `steps` below is the sampler's): 1 (" in (out / "report.md").read_text()
+    assert "- steps trained: 1 (" in (out / "report.md").read_text()  # S&E has no sampler `steps` setting
     assert report["config"]["preservation"] == "auto" and report["preservation"] == "keys"
 
 

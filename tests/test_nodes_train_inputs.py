@@ -246,8 +246,8 @@ def test_a_repeated_prompt_line_is_noted_by_both_train_nodes(monkeypatch):
     repeated prompt line, which is the same items again, was not."""
     A = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     _finished_sne_run(monkeypatch, A, A)
-    *_, report = _execute_sne("a cat and a dog | cat, dog\na cat and a dog | cat, dog")
-    assert ("prompts repeat ['a cat and a dog | cat, dog']: each repeat trains the same images again (counts them "
+    *_, report = _execute_sne("a cat and a dog | cat, dog\na cat and a dog|cat,dog")  # one item, however spaced
+    assert ("prompts repeat ['a cat and a dog | cat, dog']: each repeat trains the same prompt again (counts it "
             "more)") in report
     _finished_fix_run(monkeypatch)
     *_, report = _execute_fix(prompts="a cat\n a cat \n# a cat\na dog")

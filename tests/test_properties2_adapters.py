@@ -46,9 +46,9 @@ def test_image_to_bchw_and_back_keeps_every_colour_value(B, H, W, C, dtype, seed
 
 
 @FAST
-@given(H=SIDE, W=SIDE, seed=st.integers(0, 2**31), lo=st.floats(-0.25, 0.0), hi=st.floats(1.0, 2.0))
+@given(H=SIDE, W=SIDE, seed=st.integers(0, 2**31), lo=st.floats(-0.5, 0.0), hi=st.floats(1.0, 2.0))
 def test_image_values_slightly_out_of_range_are_clamped_into_0_1(H, W, seed, lo, hi):
-    """A resampler's overshoot (up to 2) and undershoot (down to -0.25) are clamped, not refused: I stays in
+    """A resampler's overshoot (up to 2) and undershoot (down to -0.5) are clamped, not refused: I stays in
     [0,1] and is the clamped image."""
     image = _rand((2, H, W, 3), seed, lo=lo, hi=hi)
     I = A.image_to_bchw(image)
@@ -66,8 +66,8 @@ def test_an_image_with_values_above_2_is_refused_by_name(H, W, top, name, seed):
 
 
 @FAST
-@given(H=SIDE, W=SIDE, low=st.floats(-1e6, -0.2501), name=NAMES, seed=st.integers(0, 2**31))
-def test_an_image_with_values_below_minus_a_quarter_is_refused_by_name(H, W, low, name, seed):
+@given(H=SIDE, W=SIDE, low=st.floats(-1e6, -0.5001), name=NAMES, seed=st.integers(0, 2**31))
+def test_an_image_with_values_below_minus_a_half_is_refused_by_name(H, W, low, name, seed):
     """Bad-input hunt (session 27): an image in [-1,1] (a custom node's normalised output) was scored after its
     dark half was clamped to black, without a word."""
     image = _rand((1, H, W, 3), seed)
@@ -75,6 +75,22 @@ def test_an_image_with_values_below_minus_a_quarter_is_refused_by_name(H, W, low
     with pytest.raises(ValueError, match=rf"^{name} has values down to .*expected a float IMAGE in \[0,1\] "
                                          rf"\(\[-1,1\] values\? map them to \(x \+ 1\) / 2\)"):
         A.image_to_bchw(image, name=name)
+
+
+@FAST
+@given(H=st.integers(2, 24), W=st.integers(2, 24), scale=st.floats(1.1, 4.0), seed=st.integers(0, 2**31))
+def test_a_bicubic_upscale_of_hard_edges_is_clamped_not_refused(H, W, scale, seed):
+    """Review (session 27): ComfyUI's Upscale Image (bicubic, torch's interpolate, unclamped) takes a 1-bit
+    image down to about -0.45 (the kernel's negative lobes, in 2-D): clamped as any resampler's overshoot, not
+    refused as a [-1,1] image."""
+    g = torch.Generator().manual_seed(seed)
+    bits = (torch.rand(1, 3, H, W, generator=g) > 0.5).float()
+    up = torch.nn.functional.interpolate(bits, scale_factor=scale, mode="bicubic", align_corners=False)
+    I = A.image_to_bchw(up.movedim(1, -1))
+    assert torch.equal(I, up.clamp(0, 1))
+    worst = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(1, 3, 8, 8)  # a 1-px checkerboard
+    low = torch.nn.functional.interpolate(worst, scale_factor=scale, mode="bicubic", align_corners=False).min()
+    assert float(low) > -0.5  # the bound the refusal leaves room for
 
 
 @FAST

@@ -455,7 +455,7 @@ def test_check_mask_judges_a_soft_mask_by_its_values_not_by_a_half_threshold():
                                  "the region changes only in part (a wide feather on a small region, or a light "
                                  "brush?)"]
     assert check_mask(torch.full((1, 8, 8), 0.5)) == []  # half held everywhere: neither empty nor full
-    assert check_mask(torch.full((1, 8, 8), 0.9 / 255))[0].startswith("mask M[0] is faint (at most 0.0035)")
+    assert check_mask(torch.full((1, 8, 8), 0.9 / 255))[0].startswith("mask M[0] is faint (at most 0.00353)")
     assert check_mask(torch.full((1, 8, 8), 0.4 / 255)) == [  # under half an 8-bit level: a painted 0
         "mask M[0] is empty (every value 0): the whole image is held fixed"]
     assert check_mask(torch.full((1, 8, 8), 1 - 0.4 / 255))[0].startswith("mask M[0] is full")
