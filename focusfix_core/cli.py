@@ -142,6 +142,21 @@ def is_output(path: Path, out: Path) -> bool:
         return False
 
 
+def _check_not_an_output(path: str | Path, out: Path, flag: str) -> None:
+    """Refuse an input file the run would replace (with --overwrite: remove) in `out` before it is read."""
+    path = Path(path)
+    if path.is_file() and is_output(path, out):
+        raise ValueError(f"{flag} {path} is one of the files this run writes into --out {out}: copy it under another "
+                         f"name or folder first (e.g. {path.with_name('input_' + path.name)}), or give another --out")
+
+
+def _out_folder(text: str) -> Path:
+    """--out as a Path; an empty one (an unset shell variable) is refused, not read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give an output folder (an unset shell variable?)")
+    return Path(text)
+
+
 def prepare_out(out: Path, overwrite: bool, resume: bool, resumable: bool = True) -> Path:
     """Check the output folder (created when the first file is written, so a refused run leaves no empty
     folder); refuse to overwrite earlier outputs unless asked (or resuming; `resumable`: the command has
@@ -656,7 +671,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def _add_lora_args(p, targets):
     p.add_argument("--model", default="tiny", help="'tiny' (the embedded model) or a TinyModel .safetensors")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=_out_folder, required=True, help="output folder")
     p.add_argument("--iterations", type=int, default=40, help="optimizer steps (default 40)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of AdamW on the LoRA (default 2e-3)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r (default 4)")
@@ -687,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="Focus-N-Fix and Separate-and-Enhance on the embedded tiny model")
-    d.add_argument("--out", type=Path, default=Path("focusfix_demo"), help="output folder (default focusfix_demo)")
+    d.add_argument("--out", type=_out_folder, default=Path("focusfix_demo"),
+                   help="output folder (default focusfix_demo)")
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in OUT")
 
@@ -786,6 +802,13 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         if saved_method in COMMAND_OF_METHOD and saved_method != method:  # before the note on its settings
             raise ValueError(f"{path} is the state of a {COMMAND_OF_METHOD[saved_method]} run: resume it with "
                              f"{COMMAND_OF_METHOD[saved_method]} --resume")
+        saved_kind = state.get("method") if isinstance(state, dict) else None
+        if method == "focus-n-fix" and saved_kind in ("draft", "focus-n-fix"):  # train-fnf runs both
+            now = "draft" if a.lam == 0 or a.mask_source == "none" else "focus-n-fix"
+            if saved_kind != now:  # the trainer would say "method 'draft', not 'focus-n-fix'": no flag named
+                was = ("plain DRaFT run (--lam 0 or --mask-source none)" if saved_kind == "draft" else
+                       "Focus-N-Fix run (--lam above 0, with a mask)")
+                raise ValueError(f"{path} is the state of a {was}: resume it with the same --lam and --mask-source")
         try:  # the trainer checks all of it; its LoRA settings are needed first, to build the trainer
             saved_cfg = json.loads(state["config"])
         except (TypeError, ValueError, KeyError, IndexError):
@@ -811,15 +834,15 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         return None, kw, state
     if a.continue_from is None:
         return None, {"rank": a.rank, "targets": a.targets}, None
+    if a.continue_from.is_dir():
+        raise ValueError(f"--continue-from {a.continue_from} is a folder: give the LoRA file in it (a run's "
+                         f"lora.safetensors)")
     if not a.continue_from.is_file():
         raise FileNotFoundError(f"--continue-from {a.continue_from}: no such file (give a LoRA FocusFix saved)")
     if a.continue_from.name == "state.pt" or a.continue_from.suffix.lower() not in (".safetensors", ".sft"):
         raise ValueError(f"--continue-from {a.continue_from}: give a LoRA FocusFix saved (a .safetensors file); a "
                          f"run's state.pt is continued with --resume and that run's --out")
-    if is_output(a.continue_from, out):  # the run would replace (--overwrite: remove) the LoRA it reads
-        raise ValueError(f"--continue-from {a.continue_from} is one of the files this run writes into --out "
-                         f"{out}: copy it under another name or folder first (e.g. "
-                         f"{a.continue_from.with_name('continue_' + a.continue_from.name)}), or give another --out")
+    _check_not_an_output(a.continue_from, out, "--continue-from")
     saved = replace(read_focusfix_lora(a.continue_from), source=str(a.continue_from))  # as given: the report's
     if saved.rank > MAX_RANK:  # the config would name --rank, which this run does not use
         raise ValueError(f"--continue-from {a.continue_from}: its rank {saved.rank} is above {MAX_RANK}, the most "
@@ -891,6 +914,8 @@ def cmd_train_fnf(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
     stamp = file_stamp(out / "state.pt") if a.resume else None  # before it is read
     saved, lora_kw, state = _lora_settings(a, out, "focus-n-fix")
+    _check_not_an_output(a.model, out, "--model")
+    _check_not_an_output(a.reward, out, "--reward")
     model, note = load_model(a.model)
     _check_prompts(model, a.prompt)
     if a.negative_prompt:
@@ -918,6 +943,7 @@ def cmd_train_sne(a) -> dict:
     out = prepare_out(a.out, a.overwrite, a.resume)
     stamp = file_stamp(out / "state.pt") if a.resume else None  # before it is read
     saved, lora_kw, state = _lora_settings(a, out, "separate-and-enhance")
+    _check_not_an_output(a.model, out, "--model")
     model, note = load_model(a.model)
     prompts, objects = zip(*(split_objects_prompt(p) for p in a.prompt))
     _check_prompts(model, prompts)
@@ -979,11 +1005,16 @@ def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> st
 
     def named(text: str) -> str:
         if "--size" in flags.values():  # the command line's one square size: "width and height (now 64x64)"
+            text = re.sub(r"(?<![\w/\\.'\"-])height (\d+) \(now (\d+)\); width \1 \(now \2\)", r"--size \1 (now \2)",
+                          text)  # a resume refused for another size
             text = re.sub(r"(?<![\w/\\.'\"-])width and height \(now (\d+)x\1\)", r"--size (now \1)", text)
             text = re.sub(r"(?<![\w/\\.'\"-])width and height(?![\w/\\.'\"-])", "--size", text)
         text = re.sub(r"(?<![\w/\\.'\"-])[a-z]+(?:_[a-z0-9]+)+(?![\w/\\.'\"-])", swap, text)
         return re.sub(r"(?<![\w/\\.'\"-])[A-Za-z]+(?= \(now )"
                       r"|(?:(?<=other settings: )|(?<=\); )|(?<=\bset ))[A-Za-z]+(?= )", swap, text)
+    # a setting given as a value, "use preservation='outputs'", is that flag with the value
+    message = re.sub(r"(?<![\w/\\.'\"-])([a-z]+(?:_[a-z0-9]+)*)='([\w.-]+)'",
+                     lambda m: f"{flags[m[1]]} {m[2]}" if m[1] in flags else m[0], message)
     quoted = r"(?<!\w)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")(?!\w)"  # as repr() quotes them
     parts = re.split(f"({quoted})", message)
     message = "".join(part if i % 2 else named(part) for i, part in enumerate(parts))
@@ -1006,6 +1037,23 @@ def _threads_first(argv: list[str]) -> list[str]:
     return moved + out
 
 
+def _interrupted_note(a, started: float) -> str:
+    """What a Ctrl-C outside training leaves: the demo's finished parts, or this run's LoRA and state.pt (written
+    once training ended), or nothing (a stop while the model loaded or the base images sampled)."""
+    out = getattr(a, "out", None)
+    if out is None:  # convert-reward writes whole files or none
+        return "interrupted: nothing was written"
+    if a.command == "demo":
+        return f"interrupted: the demo stopped; {out} keeps the parts it finished (run it again to redo the rest)"
+    # this run's files: written since it started (2 s: file systems that keep coarse times)
+    written = [n for n in ("lora.safetensors", "state.pt")
+               if (out / n).is_file() and (out / n).stat().st_mtime >= started - 2]
+    if not written:
+        return f"interrupted before training: nothing was written into {out}"
+    return (f"interrupted: {out} keeps what was finished ({', '.join(written)})"
+            + ("; --resume continues it" if "state.pt" in written else ""))
+
+
 def main(argv=None) -> int:
     """Run the command line on `argv` (sys.argv[1:] when None); the exit status: 0 done, 1 failed mid-run,
     2 bad input, 130 interrupted."""
@@ -1026,6 +1074,7 @@ def main(argv=None) -> int:
     term = getattr(signal, "SIGTERM", None)
     previous = (signal.signal(term, stop_as_interrupt)
                 if term is not None and threading.current_thread() is threading.main_thread() else None)
+    started = time.time()
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
@@ -1043,9 +1092,8 @@ def main(argv=None) -> int:
     except NothingTrained as e:
         print(str(e), file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # after training (a Ctrl-C during it ends training and still writes the outputs)
-        print("interrupted: the folder keeps what was finished (lora.safetensors once training ended, state.pt "
-              "for --resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # before training, or after it (a Ctrl-C during it ends training, writes the outputs)
+        print(_interrupted_note(args, started), file=sys.stderr)
         return 130
     finally:
         if previous is not None:

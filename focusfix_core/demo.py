@@ -264,14 +264,19 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
     se_files = dict(se["files"])
     if "lora" in se_files:
         trained.append(se_files["lora"])
+    stopped = False
     if se["status"] == "done":
-        tuned = _fresh_model(se["files"]["lora"])
-        S1, both1 = _both_objects(tuned, prompts, check_seeds, s)
-        H1, held1 = _both_objects(tuned, held, check_seeds, s)
-        n = len(check_seeds)
-        for name, (A, B) in (("both_objects", (S0, S1)), ("held_out", (H0, H1))):  # per prompt: base row, tuned row
-            rows = [t for i in range(len(A) // n) for t in (A[i * n:(i + 1) * n], B[i * n:(i + 1) * n])]
-            se_files[name] = str(save_png(_grid(rows, n), out / "separate_enhance" / f"{name}.png"))
+        try:
+            tuned = _fresh_model(se["files"]["lora"])
+            S1, both1 = _both_objects(tuned, prompts, check_seeds, s)
+            H1, held1 = _both_objects(tuned, held, check_seeds, s)
+            n = len(check_seeds)
+            for name, (A, B) in (("both_objects", (S0, S1)), ("held_out", (H0, H1))):  # per prompt: base, tuned rows
+                rows = [t for i in range(len(A) // n) for t in (A[i * n:(i + 1) * n], B[i * n:(i + 1) * n])]
+                se_files[name] = str(save_png(_grid(rows, n), out / "separate_enhance" / f"{name}.png"))
+        except KeyboardInterrupt:  # the summary still holds what was measured (an --overwrite removed the last one)
+            stopped = True
+            _log("interrupted while counting the tuned model's images: the counts not reached are null")
     seconds = time.perf_counter() - t0
     summary = {
         "model": note, "reward": reward_note, "seconds": round(seconds, 1), "quick": quick,
@@ -295,6 +300,8 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
         },
     }
     atomic_write_text(json.dumps(summary, indent=2), out / "demo_summary.json")
+    if stopped:
+        raise KeyboardInterrupt  # exit 130, as for a stop anywhere else
     files = {"summary": str(out / "demo_summary.json"), **{f"focus_n_fix_{k}": v for k, v in
                                                              summary["focus_n_fix"]["files"].items()},
              **{f"separate_enhance_{k}": v for k, v in se_files.items()}}

@@ -390,6 +390,8 @@ def _existing_file(path: str | os.PathLike, expected: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
+    if path.is_dir():  # "not found" would send the user looking for a path that is there
+        raise ValueError(f"{expected} file {str(path)!r} is a folder: give the file in it")
     if not path.is_file():
         raise FileNotFoundError(f"{expected} file {str(path)!r} not found")
     try:  # an OSError from deep inside a reader would read as a failed write (the CLI), or not name the file

@@ -903,10 +903,13 @@ class _LoRATrainer:
         try:
             yield
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            # MPS says "MPS backend out of memory" in a plain RuntimeError
-            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+            # MPS says "MPS backend out of memory" in a plain RuntimeError; the CPU allocator (a CPU-only
+            # ComfyUI, the command line) "DefaultCPUAllocator: can't allocate memory"
+            cpu = "can't allocate memory" in str(e)
+            if not (isinstance(e, torch.OutOfMemoryError) or cpu or "out of memory" in str(e)):
                 raise
-            raise torch.OutOfMemoryError(f"out of device memory {stage}: {self._memory_advice()}. "
+            raise torch.OutOfMemoryError(f"out of {'CPU' if cpu else 'device'} memory {stage}: "
+                                         f"{self._memory_advice()}. "
                                          f"({str(e).splitlines()[0] if str(e) else 'no details'})") from e
 
     def _record(self, t0: float, **terms) -> StepRecord:

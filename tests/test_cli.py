@@ -666,6 +666,42 @@ def test_a_repeated_prompt_is_noted_as_a_repeated_seed_is(model_file, tmp_path, 
     assert report["notes"] == [note] and f"- note: {note}" in (sne / "report.md").read_text()
 
 
+def test_a_model_or_reward_file_the_run_would_replace_is_refused(model_file, tmp_path, capsys):
+    """CLI bad-input hunt (session 27): --continue-from was checked, --model and --reward were not: with
+    --overwrite, a model file named lora.safetensors in --out was replaced by the LoRA trained on it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    model = out / "lora.safetensors"
+    model.write_bytes(model_file.read_bytes())
+    args = fnf_args(model_file, out, "--overwrite")
+    args[args.index(str(model_file))] = str(model)
+    assert cli.main(args) == 2
+    assert (f"--model {model} is one of the files this run writes into --out {out}: copy it under another name or "
+            f"folder first (e.g. {out / 'input_lora.safetensors'}), or give another --out") in capsys.readouterr().err
+    assert cli.main(["train-sne", "--model", str(model), "--out", str(out), "--overwrite", "--prompt",
+                     SNE_PROMPT]) == 2
+    assert f"--model {model} is one of the files this run writes into --out" in capsys.readouterr().err
+    assert model.read_bytes() == model_file.read_bytes()
+    from focusfix_core.tiny.rewards import DEFAULT_REWARDS
+    reward = out / "before_0.png"  # an item image's name, holding a reward file
+    reward.write_bytes(DEFAULT_REWARDS["artifact"].read_bytes())
+    assert cli.main(fnf_args(model_file, out, "--overwrite", "--reward", str(reward))) == 2
+    assert f"--reward {reward} is one of the files this run writes into --out" in capsys.readouterr().err
+    assert reward.read_bytes() == DEFAULT_REWARDS["artifact"].read_bytes()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(model_file, tmp_path, capsys, monkeypatch):
+    """CLI bad-input hunt (session 27): --out "" (an unset shell variable) wrote the whole run into the current
+    folder."""
+    monkeypatch.chdir(tmp_path)
+    for command in (fnf_args(model_file, ""), ["demo", "--out", " "]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(command)
+        assert info.value.code == 2
+        assert "--out: is empty: give an output folder (an unset shell variable?)" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [model_file.name]  # nothing written here
+
+
 def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_file, tmp_path, capsys):
     """Audit: report.md showed no settings, named neither the painted masks (--resume needs the same) nor the
     LoRA a run continued, counted only this run's steps of a continued LoRA, and timed a resumed run as if whole.
@@ -875,10 +911,13 @@ def test_continue_from_a_file_of_the_runs_own_outputs_is_refused(model_file, tmp
     assert cli.main(fnf_args(model_file, out, "--continue-from", str(out / "lora.safetensors"), "--overwrite")) == 2
     err = capsys.readouterr().err
     assert f"--continue-from {out / 'lora.safetensors'} is one of the files this run writes into --out" in err
-    assert f"e.g. {out / 'continue_lora.safetensors'}" in err
+    assert f"e.g. {out / 'input_lora.safetensors'}" in err
     assert (out / "lora.safetensors").read_bytes() == (first / "lora.safetensors").read_bytes()
     assert cli.main(fnf_args(model_file, tmp_path / "x", "--continue-from", str(first / "state.pt"))) == 2
     assert "a run's state.pt is continued with --resume and that run's --out" in capsys.readouterr().err
+    assert cli.main(fnf_args(model_file, tmp_path / "x", "--continue-from", str(first))) == 2  # said "no such file"
+    assert (f"--continue-from {first} is a folder: give the LoRA file in it (a run's lora.safetensors)"
+            in capsys.readouterr().err)
     sft = tmp_path / "fix.sft"  # the short name io reads as safetensors too
     sft.write_bytes((first / "lora.safetensors").read_bytes())
     assert cli.main(fnf_args(model_file, tmp_path / "y", "--continue-from", str(sft), "--iterations", "1")) == 0
@@ -922,6 +961,14 @@ def test_messages_name_the_command_and_flags_a_run_folder_needs(model_file, tmp_
     assert cli.main(["train-sne", "--model", str(model_file), "--out", str(draft), "--resume", "--prompt",
                      "a red circle and a blue square | circle, square"]) == 2
     assert "is the state of a train-fnf run: resume it with train-fnf --resume" in capsys.readouterr().err
+    # CLI bad-input hunt (session 27): DRaFT resumed as Focus-N-Fix (or back) said "method 'draft', not
+    # 'focus-n-fix'", naming neither flag
+    assert cli.main(fnf_args(model_file, draft, "--resume", "--iterations", "2")) == 2
+    assert capsys.readouterr().err == (f"error: {draft / 'state.pt'} is the state of a plain DRaFT run (--lam 0 or "
+                                       f"--mask-source none): resume it with the same --lam and --mask-source\n")
+    assert cli.main(fnf_args(model_file, out, "--resume", "--lam", "0")) == 2
+    assert (f"{out / 'state.pt'} is the state of a Focus-N-Fix run (--lam above 0, with a mask): resume it with the "
+            f"same --lam and --mask-source") in capsys.readouterr().err
     assert cli.main(fnf_args(model_file, out, "--resume", "--batch-size", "1", "--lam", "0.5")) == 2
     err = capsys.readouterr().err
     assert "other settings: --batch-size 2 (now 1); --lam 1.0 (now 0.5)" in err, err
@@ -971,6 +1018,16 @@ def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path,
     ("train-sne", "prompt line 'a sunset out at sea | boat' needs two objects; the reward's sunset out (now 2)",
      "prompt line 'a sunset out at sea | boat' needs two objects; the reward's sunset --out (now 2)"),
     ("train-fnf", "cannot read C:\\runs\\mask_source\\state.pt", "cannot read C:\\runs\\mask_source\\state.pt"),
+    # CLI bad-input hunt (session 27): a resume with another --size named height and width; a setting given with
+    # its value kept the config's spelling
+    ("train-fnf", "the training state was saved by a run with other settings: height 32 (now 16); width 32 (now 16); "
+     "lr 0.002 (now 0.01)", "the training state was saved by a run with other settings: --size 32 (now 16); --lr "
+     "0.002 (now 0.01)"),
+    ("train-sne", "preservation='keys' needs a LoRA only on cross-attention to_k / to_v (they read the text alone); "
+     "targets 'attn' also adapt ['a']: use preservation='outputs' or targets='to_k'", "--preservation keys needs a "
+     "LoRA only on cross-attention to_k / to_v (they read the text alone); --targets 'attn' also adapt ['a']: use "
+     "--preservation outputs or --targets to_k"),
+    ("train-sne", "prompt 'x' has colour='red' and /tmp/lr='1'", "prompt 'x' has colour='red' and /tmp/lr='1'"),
 ])
 def test_settings_named_inside_a_message_are_named_by_their_flags(command, message, want):
     assert cli._as_flags(message, cli.build_parser(), command) == want

@@ -242,6 +242,18 @@ def test_the_load_reward_nodes_builtin_names_work_on_the_command_line():
         cli.load_reward_spec("builtin:artifacts")
 
 
+def test_ctrl_c_before_training_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    """CLI bad-input hunt (session 27): a Ctrl-C while the model loaded said "the folder keeps what was finished
+    (lora.safetensors once training ended, state.pt for --resume)", with no folder written at all."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_model", interrupted)
+    out = tmp_path / "o"
+    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(out)])
+    assert rc == 130 and not out.exists()
+    assert capsys.readouterr().err == f"interrupted before training: nothing was written into {out}\n"
+
+
 def test_the_tiny_rewards_own_names_work_on_the_command_line():
     """Docs audit (session 27): report.md and a LoRA's metadata name the reward 'tiny_artifact', and
     `--reward tiny_artifact` was "neither a known reward"."""
@@ -320,7 +332,8 @@ def test_a_second_ctrl_c_while_the_lora_is_written_waits_for_it(tmp_path, capsys
     rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--iterations", "2", "--steps",
                    "3", "--seeds", "0", "--out", str(out)])
     assert rc == 130
-    assert "interrupted: the folder keeps what was finished" in capsys.readouterr().err
+    assert (f"interrupted: {out} keeps what was finished (lora.safetensors, state.pt); --resume continues it"
+            in capsys.readouterr().err)
     assert cli.read_focusfix_lora(out / "lora.safetensors").metadata["focusfix_steps_trained"] == "2"
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
 

@@ -238,6 +238,29 @@ def test_ctrl_c_while_separate_enhance_draws_its_images_stops_the_demo_without_s
     assert (out / "separate_enhance" / "lora.safetensors").is_file()
 
 
+def test_ctrl_c_while_the_tuned_model_is_counted_still_writes_the_summary(tmp_path, monkeypatch, capsys):
+    """CLI bad-input hunt (session 27): a Ctrl-C after Separate-and-Enhance finished, while the demo counted the
+    tuned model's images, left no demo_summary.json (and --overwrite had removed the earlier one): the summary
+    holds what was measured, the counts not reached are null, and the exit stays an interrupt."""
+    real, calls = demo._both_objects, []
+
+    def interrupted_on_the_tuned_model(model, prompts, seeds, s):
+        calls.append(1)
+        if len(calls) == 3:  # base pairs, base held-out pairs, then the tuned model's pairs
+            raise KeyboardInterrupt
+        return real(model, prompts, seeds, s)
+    monkeypatch.setattr(demo, "_both_objects", interrupted_on_the_tuned_model)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the demo stopped; {out} keeps the parts it finished" in err and "--resume" not in err
+    summary = json.loads((out / "demo_summary.json").read_text())
+    se = summary["separate_enhance"]
+    assert se["status"] == "done" and se["both_objects_before"] is not None and se["both_objects_after"] is None
+    assert se["held_out"]["both_objects_after"] is None
+    assert summary["focus_n_fix"]["glitches_after"] is not None
+
+
 def test_separate_enhance_counts_its_before_images_on_the_base_model(tmp_path, monkeypatch):
     """The both-objects counts 'before' Separate-and-Enhance are of the base model's images, not of the model that
     still has the demo's Focus-N-Fix LoRA hooked on."""

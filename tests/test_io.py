@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -264,6 +265,15 @@ class TestLoadTensorFile:
     def test_missing(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="nope.safetensors"):
             load_tensor_file(tmp_path / "nope.safetensors")
+
+    def test_a_folder_is_named_a_folder_not_missing(self, tmp_path):
+        """CLI bad-input hunt (session 27): `--mask runs/masks` (a folder) said "not found"."""
+        from focusfix_core.io import load_mask_image
+        folder = tmp_path / "masks.safetensors"
+        folder.mkdir()
+        for load in (load_tensor_file, load_mask_image):
+            with pytest.raises(ValueError, match=rf"file '{re.escape(str(folder))}' is a folder: give the file in it"):
+                load(folder)
 
     def test_unknown_extension(self, tmp_path):
         p = tmp_path / "w.npz"

@@ -518,6 +518,21 @@ def test_files_that_are_no_reward_say_what_they_are(tmp_path, name, sd, match):
         convert_reward(path, tmp_path / "out.safetensors")
 
 
+def test_a_focusfix_lora_given_as_a_reward_says_it_is_a_lora(tmp_path):
+    """CLI bad-input hunt (session 27): a LoRA records its reward under the reward files' own metadata key, so it
+    was refused as "metadata 'focusfix_reward' must be one of ...", never saying it is a LoRA."""
+    path = tmp_path / "fix.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
+              str(path), metadata={"focusfix_targets": '["attn"]', "focusfix_reward": '{"name": "tiny_artifact"}'})
+    match = ("fix.safetensors.*not a reward file FocusFix reads: this is a LoRA FocusFix saved \\(it goes in "
+             "models/loras; to train it further, give it as continue_from / --continue-from\\)")
+    with pytest.raises(ValueError, match=match):
+        load_reward(path)
+    with pytest.raises(ValueError, match="this is a LoRA FocusFix saved"):
+        convert_reward(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def _meta(shapes):
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 

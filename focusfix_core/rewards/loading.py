@@ -93,6 +93,9 @@ def detect_reward_family(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         torch.Size([2])
     """
     family = (metadata or {}).get(METADATA_KEY)
+    if "focusfix_targets" in (metadata or {}):  # a LoRA records the reward it was trained with under the same key
+        raise ValueError("not a reward file FocusFix reads: this is a LoRA FocusFix saved (it goes in models/loras; "
+                         "to train it further, give it as continue_from / --continue-from)")
     if family is not None:
         if family in ("aesthetic", "safety") or family.startswith("tiny_"):
             return family
