@@ -114,6 +114,8 @@ def load_reward_spec(spec: str):
 
         return load_default_rewards()[tiny]
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"--reward {spec!r} is a folder: give the reward file in it, or a known reward name")
     if path.is_file():
         return loading.load_reward(path, tower_name=None)  # the command line has no input for a tower
     known = sorted(loading.BUILTIN_REWARDS) + ["artifact", "attribute"]
@@ -802,13 +804,6 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         if saved_method in COMMAND_OF_METHOD and saved_method != method:  # before the note on its settings
             raise ValueError(f"{path} is the state of a {COMMAND_OF_METHOD[saved_method]} run: resume it with "
                              f"{COMMAND_OF_METHOD[saved_method]} --resume")
-        saved_kind = state.get("method") if isinstance(state, dict) else None
-        if method == "focus-n-fix" and saved_kind in ("draft", "focus-n-fix"):  # train-fnf runs both
-            now = "draft" if a.lam == 0 or a.mask_source == "none" else "focus-n-fix"
-            if saved_kind != now:  # the trainer would say "method 'draft', not 'focus-n-fix'": no flag named
-                was = ("plain DRaFT run (--lam 0 or --mask-source none)" if saved_kind == "draft" else
-                       "Focus-N-Fix run (--lam above 0, with a mask)")
-                raise ValueError(f"{path} is the state of a {was}: resume it with the same --lam and --mask-source")
         try:  # the trainer checks all of it; its LoRA settings are needed first, to build the trainer
             saved_cfg = json.loads(state["config"])
         except (TypeError, ValueError, KeyError, IndexError):
@@ -816,6 +811,13 @@ def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, d
         if not isinstance(saved_cfg, dict):
             raise ValueError(f"{path}: the training state is invalid: expected a dict whose 'config' holds the "
                              f"run's settings as a JSON object")
+        saved_kind = state.get("method")
+        if method == "focus-n-fix" and saved_kind in ("draft", "focus-n-fix"):  # train-fnf runs both
+            now = "draft" if a.lam == 0 or a.mask_source == "none" else "focus-n-fix"
+            if saved_kind != now:  # the trainer would say "method 'draft', not 'focus-n-fix'": no flag named
+                was = "plain DRaFT" if saved_kind == "draft" else "Focus-N-Fix"
+                raise ValueError(f"{path} is the state of a {was} run (--lam {saved_cfg.get('lam')} --mask-source "
+                                 f"{saved_cfg.get('mask_source')}): resume it with those")
         kw = {k: saved_cfg[k] for k in ("rank", "targets", "alpha") if k in saved_cfg}
         if isinstance(kw.get("targets"), list):
             kw["targets"] = tuple(kw["targets"])
@@ -1005,17 +1007,20 @@ def _as_flags(message: str, parser: argparse.ArgumentParser, command: str) -> st
 
     def named(text: str) -> str:
         if "--size" in flags.values():  # the command line's one square size: "width and height (now 64x64)"
-            text = re.sub(r"(?<![\w/\\.'\"-])height (\d+) \(now (\d+)\); width \1 \(now \2\)", r"--size \1 (now \2)",
-                          text)  # a resume refused for another size
+            # a resume refused for another size lists "height 16 (now 32)" and, later, "width 16 (now 32)"
+            h = re.search(r"(?<![\w/\\.'\"-])height (\d+) \(now (\d+)\)", text)
+            w = h and re.search(rf"(?:; )?(?<![\w/\\.'\"-])width {h[1]} \(now {h[2]}\)", text)
+            if w:
+                text = (text[:w.start()] + text[w.end():]).replace(h[0], f"--size {h[1]} (now {h[2]})", 1)
             text = re.sub(r"(?<![\w/\\.'\"-])width and height \(now (\d+)x\1\)", r"--size (now \1)", text)
             text = re.sub(r"(?<![\w/\\.'\"-])width and height(?![\w/\\.'\"-])", "--size", text)
+        # a setting given with its value, "use preservation='outputs'", is that flag with the value
+        text = re.sub(r"(?<![\w/\\.'\"-])([a-z]+(?:_[a-z0-9]+)*)='([\w.-]+)'",
+                      lambda m: f"{flags[m[1]]} {m[2]}" if m[1] in flags else m[0], text)
         text = re.sub(r"(?<![\w/\\.'\"-])[a-z]+(?:_[a-z0-9]+)+(?![\w/\\.'\"-])", swap, text)
         return re.sub(r"(?<![\w/\\.'\"-])[A-Za-z]+(?= \(now )"
                       r"|(?:(?<=other settings: )|(?<=\); )|(?<=\bset ))[A-Za-z]+(?= )", swap, text)
-    # a setting given as a value, "use preservation='outputs'", is that flag with the value
-    message = re.sub(r"(?<![\w/\\.'\"-])([a-z]+(?:_[a-z0-9]+)*)='([\w.-]+)'",
-                     lambda m: f"{flags[m[1]]} {m[2]}" if m[1] in flags else m[0], message)
-    quoted = r"(?<!\w)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")(?!\w)"  # as repr() quotes them
+    quoted = r"(?<![\w=])(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")(?!\w)"  # as repr() quotes them
     parts = re.split(f"({quoted})", message)
     message = "".join(part if i % 2 else named(part) for i, part in enumerate(parts))
     field = re.match(r"[A-Za-z]+(?:_[a-z0-9]+)*\b", message)
@@ -1037,19 +1042,35 @@ def _threads_first(argv: list[str]) -> list[str]:
     return moved + out
 
 
-def _interrupted_note(a, started: float) -> str:
-    """What a Ctrl-C outside training leaves: the demo's finished parts, or this run's LoRA and state.pt (written
-    once training ended), or nothing (a stop while the model loaded or the base images sampled)."""
+def _kept_files(a) -> dict[str, tuple | None]:
+    """The files a Ctrl-C outside training may leave (a run's LoRA and state.pt, the demo's LoRAs), by name
+    relative to --out, with their `file_stamp`: compared before and after, they say what this run wrote."""
     out = getattr(a, "out", None)
     if out is None:  # convert-reward writes whole files or none
-        return "interrupted: nothing was written"
+        return {}
+    names = (("focus_n_fix/lora.safetensors", "separate_enhance/lora.safetensors") if a.command == "demo" else
+             ("lora.safetensors", "state.pt"))
+    stamps = {}
+    for n in names:
+        try:
+            stamps[n] = file_stamp(out / n)
+        except OSError:  # --out is a file, or unreadable: refused by name when the command runs
+            stamps[n] = None
+    return stamps
+
+
+def _interrupted_note(a, before: dict[str, tuple | None]) -> str:
+    """What a Ctrl-C outside training left: what this run wrote (`_kept_files` changed since `before`), or
+    nothing (a stop while the model loaded or the base images sampled, or a second Ctrl-C before the save)."""
+    out = getattr(a, "out", None)
+    written = [n for n, stamp in _kept_files(a).items() if stamp is not None and stamp != before.get(n)]
     if a.command == "demo":
-        return f"interrupted: the demo stopped; {out} keeps the parts it finished (run it again to redo the rest)"
-    # this run's files: written since it started (2 s: file systems that keep coarse times)
-    written = [n for n in ("lora.safetensors", "state.pt")
-               if (out / n).is_file() and (out / n).stat().st_mtime >= started - 2]
+        if not written:
+            return f"interrupted: the demo stopped before it wrote a LoRA into {out}"
+        return (f"interrupted: the demo stopped; {out} keeps what it finished ({', '.join(written)}; run it again "
+                f"with --overwrite to start over)")
     if not written:
-        return f"interrupted before training: nothing was written into {out}"
+        return "interrupted: this run wrote nothing" + (f" into {out}" if out is not None else "")
     return (f"interrupted: {out} keeps what was finished ({', '.join(written)})"
             + ("; --resume continues it" if "state.pt" in written else ""))
 
@@ -1074,7 +1095,7 @@ def main(argv=None) -> int:
     term = getattr(signal, "SIGTERM", None)
     previous = (signal.signal(term, stop_as_interrupt)
                 if term is not None and threading.current_thread() is threading.main_thread() else None)
-    started = time.time()
+    before = _kept_files(args)
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
@@ -1093,7 +1114,7 @@ def main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before training, or after it (a Ctrl-C during it ends training, writes the outputs)
-        print(_interrupted_note(args, started), file=sys.stderr)
+        print(_interrupted_note(args, before), file=sys.stderr)
         return 130
     finally:
         if previous is not None:

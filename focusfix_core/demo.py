@@ -297,6 +297,8 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
             "both_objects_before": both0, "both_objects_after": both1,
             "held_out": {"prompts": list(held), "both_objects_before": held0, "both_objects_after": held1},
             "files": se_files,
+            **({"note": "interrupted while counting the tuned model's images: the counts not reached are null"}
+               if stopped else {}),
         },
     }
     atomic_write_text(json.dumps(summary, indent=2), out / "demo_summary.json")

@@ -904,8 +904,9 @@ class _LoRATrainer:
             yield
         except (torch.OutOfMemoryError, RuntimeError) as e:
             # MPS says "MPS backend out of memory" in a plain RuntimeError; the CPU allocator (a CPU-only
-            # ComfyUI, the command line) "DefaultCPUAllocator: can't allocate memory"
-            cpu = "can't allocate memory" in str(e)
+            # ComfyUI, the command line) "DefaultCPUAllocator: can't allocate memory" (Linux, macOS) or "...: not
+            # enough memory" (Windows)
+            cpu = "DefaultCPUAllocator" in str(e) or "can't allocate memory" in str(e)
             if not (isinstance(e, torch.OutOfMemoryError) or cpu or "out of memory" in str(e)):
                 raise
             raise torch.OutOfMemoryError(f"out of {'CPU' if cpu else 'device'} memory {stage}: "

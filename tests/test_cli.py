@@ -964,14 +964,18 @@ def test_messages_name_the_command_and_flags_a_run_folder_needs(model_file, tmp_
     # CLI bad-input hunt (session 27): DRaFT resumed as Focus-N-Fix (or back) said "method 'draft', not
     # 'focus-n-fix'", naming neither flag
     assert cli.main(fnf_args(model_file, draft, "--resume", "--iterations", "2")) == 2
-    assert capsys.readouterr().err == (f"error: {draft / 'state.pt'} is the state of a plain DRaFT run (--lam 0 or "
-                                       f"--mask-source none): resume it with the same --lam and --mask-source\n")
+    assert capsys.readouterr().err == (f"error: {draft / 'state.pt'} is the state of a plain DRaFT run (--lam 0.0 "
+                                       f"--mask-source none): resume it with those\n")
     assert cli.main(fnf_args(model_file, out, "--resume", "--lam", "0")) == 2
-    assert (f"{out / 'state.pt'} is the state of a Focus-N-Fix run (--lam above 0, with a mask): resume it with the "
-            f"same --lam and --mask-source") in capsys.readouterr().err
+    assert (f"{out / 'state.pt'} is the state of a Focus-N-Fix run (--lam 1.0 --mask-source saliency): resume it "
+            f"with those") in capsys.readouterr().err
     assert cli.main(fnf_args(model_file, out, "--resume", "--batch-size", "1", "--lam", "0.5")) == 2
     err = capsys.readouterr().err
     assert "other settings: --batch-size 2 (now 1); --lam 1.0 (now 0.5)" in err, err
+    # review (session 27): another --size was named "height 16 (now 32); ... width 16 (now 32)"
+    assert cli.main(fnf_args(model_file, out, "--resume", "--size", "32", "--lr", "0.01")) == 2
+    err = capsys.readouterr().err
+    assert "other settings: --size 16 (now 32); --lr 0.002 (now 0.01)" in err and "width" not in err, err
 
     def bad_data(self):
         if self.step == 2:
@@ -1020,9 +1024,11 @@ def test_only_the_item_images_a_run_writes_are_its_outputs(model_file, tmp_path,
     ("train-fnf", "cannot read C:\\runs\\mask_source\\state.pt", "cannot read C:\\runs\\mask_source\\state.pt"),
     # CLI bad-input hunt (session 27): a resume with another --size named height and width; a setting given with
     # its value kept the config's spelling
-    ("train-fnf", "the training state was saved by a run with other settings: height 32 (now 16); width 32 (now 16); "
-     "lr 0.002 (now 0.01)", "the training state was saved by a run with other settings: --size 32 (now 16); --lr "
+    ("train-fnf", "the training state was saved by a run with other settings: height 16 (now 32); lr 0.002 (now 0.01); "
+     "width 16 (now 32)", "the training state was saved by a run with other settings: --size 16 (now 32); --lr "
      "0.002 (now 0.01)"),
+    ("train-fnf", "other settings: height 16 (now 32); width 16 (now 32)", "other settings: --size 16 (now 32)"),
+    ("train-fnf", "prompt \"a red circle's seed='5'\" is refused", "prompt \"a red circle's seed='5'\" is refused"),
     ("train-sne", "preservation='keys' needs a LoRA only on cross-attention to_k / to_v (they read the text alone); "
      "targets 'attn' also adapt ['a']: use preservation='outputs' or targets='to_k'", "--preservation keys needs a "
      "LoRA only on cross-attention to_k / to_v (they read the text alone); --targets 'attn' also adapt ['a']: use "

@@ -244,14 +244,22 @@ def test_the_load_reward_nodes_builtin_names_work_on_the_command_line():
 
 def test_ctrl_c_before_training_says_nothing_was_written(tmp_path, monkeypatch, capsys):
     """CLI bad-input hunt (session 27): a Ctrl-C while the model loaded said "the folder keeps what was finished
-    (lora.safetensors once training ended, state.pt for --resume)", with no folder written at all."""
+    (lora.safetensors once training ended, state.pt for --resume)", with no folder written at all; and an
+    earlier run's files (a --resume stopped before it wrote) are not this run's."""
+    out = tmp_path / "o"
+    run = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(out), "--steps", "3",
+           "--iterations", "1", "--seeds", "0", "--checkpoint-every", "1"]
+    assert cli.main(run) == 0
+    capsys.readouterr()
+
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "load_model", interrupted)
-    out = tmp_path / "o"
-    rc = cli.main(["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(out)])
-    assert rc == 130 and not out.exists()
-    assert capsys.readouterr().err == f"interrupted before training: nothing was written into {out}\n"
+    assert cli.main([*run, "--iterations", "2", "--resume"]) == 130  # the later --iterations wins
+    assert capsys.readouterr().err == f"interrupted: this run wrote nothing into {out}\n"
+    fresh = tmp_path / "fresh"
+    assert cli.main([*run[:6], str(fresh)]) == 130 and not fresh.exists()
+    assert capsys.readouterr().err == f"interrupted: this run wrote nothing into {fresh}\n"
 
 
 def test_the_tiny_rewards_own_names_work_on_the_command_line():
@@ -262,6 +270,12 @@ def test_the_tiny_rewards_own_names_work_on_the_command_line():
         assert reward.name == f"tiny_{name}" and type(reward) is type(cli.load_reward_spec(name))
     with pytest.raises(ValueError, match="neither a known reward"):
         cli.load_reward_spec("tiny_sharpness")
+
+
+def test_a_reward_folder_is_named_a_folder(tmp_path):
+    """Review (session 27): `--reward <folder>` said "neither a known reward nor an existing file"."""
+    with pytest.raises(ValueError, match=f"--reward {str(tmp_path)!r} is a folder: give the reward file in it"):
+        cli.load_reward_spec(str(tmp_path))
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_path, capsys):

@@ -238,6 +238,17 @@ def test_ctrl_c_while_separate_enhance_draws_its_images_stops_the_demo_without_s
     assert (out / "separate_enhance" / "lora.safetensors").is_file()
 
 
+def test_ctrl_c_before_the_demo_wrote_a_lora_says_so(tmp_path, monkeypatch, capsys):
+    """Review (session 27): a stop while the demo picked its seeds said "OUT keeps the parts it finished", with
+    no OUT at all."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "pick_glitched_seeds", interrupted)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: the demo stopped before it wrote a LoRA into {out}\n")
+
+
 def test_ctrl_c_while_the_tuned_model_is_counted_still_writes_the_summary(tmp_path, monkeypatch, capsys):
     """CLI bad-input hunt (session 27): a Ctrl-C after Separate-and-Enhance finished, while the demo counted the
     tuned model's images, left no demo_summary.json (and --overwrite had removed the earlier one): the summary
@@ -253,11 +264,14 @@ def test_ctrl_c_while_the_tuned_model_is_counted_still_writes_the_summary(tmp_pa
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 130
     err = capsys.readouterr().err
-    assert f"interrupted: the demo stopped; {out} keeps the parts it finished" in err and "--resume" not in err
+    assert (f"interrupted: the demo stopped; {out} keeps what it finished (focus_n_fix/lora.safetensors, "
+            f"separate_enhance/lora.safetensors; run it again with --overwrite to start over)") in err
+    assert "--resume" not in err
     summary = json.loads((out / "demo_summary.json").read_text())
     se = summary["separate_enhance"]
     assert se["status"] == "done" and se["both_objects_before"] is not None and se["both_objects_after"] is None
     assert se["held_out"]["both_objects_after"] is None
+    assert se["note"] == "interrupted while counting the tuned model's images: the counts not reached are null"
     assert summary["focus_n_fix"]["glitches_after"] is not None
 
 

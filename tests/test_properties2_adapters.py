@@ -88,9 +88,7 @@ def test_a_bicubic_upscale_of_hard_edges_is_clamped_not_refused(H, W, scale, see
     up = torch.nn.functional.interpolate(bits, scale_factor=scale, mode="bicubic", align_corners=False)
     I = A.image_to_bchw(up.movedim(1, -1))
     assert torch.equal(I, up.clamp(0, 1))
-    worst = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(1, 3, 8, 8)  # a 1-px checkerboard
-    low = torch.nn.functional.interpolate(worst, scale_factor=scale, mode="bicubic", align_corners=False).min()
-    assert float(low) > -0.5  # the bound the refusal leaves room for
+    assert float(up.min()) > -0.5  # the bound the refusal leaves room for (one resize; two chained can pass it)
 
 
 @FAST
