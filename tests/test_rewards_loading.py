@@ -518,6 +518,50 @@ def test_files_that_are_no_reward_say_what_they_are(tmp_path, name, sd, match):
         convert_reward(path, tmp_path / "out.safetensors")
 
 
+def _without(sd, key):
+    return {k: v for k, v in sd.items() if k != key}
+
+
+@pytest.mark.parametrize("sd, match", [
+    # a damaged head, with or without its tower: the missing keys, not "a CLIP image tower" / "unknown layout"
+    (lambda: _without({**head_sd(), **tower_sd()}, "layers.4.weight"),
+     r"not a reward file FocusFix reads: an aesthetic head without \['layers.4.weight'\]: a damaged or partial "
+     r"download"),
+    (lambda: _without(head_sd(), "layers.7.bias"), r"an aesthetic head without \['layers.7.bias'\]"),
+    # another predictor beside a tower is not a bare tower for models/clip_vision
+    (lambda: {**tower_sd(), "predictor.weight": torch.zeros(1, 8), "predictor.bias": torch.zeros(1)},
+     r"it holds a CLIP image tower and head keys FocusFix cannot read as the LAION aesthetic head, e.g. "
+     r"\['predictor.weight', 'predictor.bias'\] \(another predictor\?\)"),
+    # a stray key beside a lone head was read as a broken tower ("holds no CLIP vision tower ... First keys")
+    (lambda: {**head_sd(), "n_averaged": torch.zeros(())},
+     r"the file holds an aesthetic head and 1 other key that hold no CLIP tower, e.g. \['n_averaged'\]"),
+])
+def test_damaged_or_unusual_aesthetic_files_say_what_is_wrong(sd, match):
+    """Reward-files hunt (session 27)."""
+    with pytest.raises(ValueError, match=match):
+        build_reward(sd(), clip_vision_tower=tower_sd())
+
+
+def test_a_given_tower_with_nan_weights_is_refused_naming_the_input():
+    """Reward-files hunt (session 27): a NaN in the connected CLIP_VISION loaded, and surfaced as a NaN score that
+    named neither the input nor the file."""
+    tower = tower_sd()
+    key = next(k for k in tower if k.endswith("class_embedding"))
+    tower[key] = torch.full_like(tower[key], float("nan"))
+    with pytest.raises(ValueError, match=rf"^clip_vision: 1 weights hold NaN or inf values, e.g. \['{key}'\]: that "
+                                         r"CLIP vision file is corrupt"):
+        build_reward(head_sd(), clip_vision_tower=tower, tower_name="clip_vision")
+    with pytest.raises(ValueError, match=r"^clip_vision: .*CLIP vision file is corrupt"):
+        build_reward(head_sd(), clip_vision_tower=CLIPVisionTower.from_state_dict(tower), tower_name="clip_vision")
+
+
+def test_a_safety_checker_without_concepts_is_refused():
+    """Reward-files hunt (session 27): 0 concept embeddings loaded and scored +inf."""
+    with pytest.raises(ValueError, match=r"concept_embeds must hold at least one concept, got \(0, \d+\): the "
+                                         r"safety checker file is damaged"):
+        build_reward(safety_sd(C=0))
+
+
 def test_a_focusfix_lora_given_as_a_reward_says_it_is_a_lora(tmp_path):
     """CLI bad-input hunt (session 27): a LoRA records its reward under the reward files' own metadata key, so it
     was refused as "metadata 'focusfix_reward' must be one of ...", never saying it is a LoRA."""

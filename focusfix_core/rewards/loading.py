@@ -20,13 +20,14 @@ image tower) are refused with what they are and what to do instead.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Mapping, Union
 
 import torch
 
 from ..io import atomic_save_safetensors, check_float_finite, load_tensor_file_with_metadata
-from .aesthetic import LAION_HEAD_WIDTHS, AestheticHead, AestheticReward, is_aesthetic_head
+from .aesthetic import HEAD_VARIANTS, LAION_HEAD_WIDTHS, AestheticHead, AestheticReward, is_aesthetic_head
 from .base import Reward
 from .clip_vision import CLIPVisionConfig, CLIPVisionTower, detect_clip_layout
 from .image import BrightnessReward, ColorTargetReward, SharpnessReward
@@ -128,7 +129,21 @@ def _known_non_reward(sd: Mapping[str, torch.Tensor]) -> str | None:
     if any(k.endswith(("logit_scale", "text_projection", "text_projection.weight")) for k in keys):
         return (f"this is a whole CLIP model, image and text towers (PickScore and HPSv2 files look like this; "
                 f"they are not supported: {_PROMPT_SCORED}); {_AS_TOWER}")
-    return f"this is a CLIP image tower, not a reward; {_AS_TOWER}" if tower else None
+    head = [k for k in keys if k.startswith(("layers.", "predictor.", "mlp.", "head."))]
+    # the keys of the head variant (`HEAD_VARIANTS`) the file comes closest to
+    missing = min(([f"layers.{i}.{p}" for i in idx for p in ("weight", "bias") if f"layers.{i}.{p}" not in sd]
+                   for idx in HEAD_VARIANTS.values()), key=len)
+    layers = [k for k in keys if k.startswith("layers.")]
+    if layers and missing and all(re.fullmatch(r"layers\.\d+\.(weight|bias)", k) for k in layers):
+        # a damaged download of the aesthetic head (another net's layers.* keys say more than weight/bias)
+        return f"an aesthetic head without {missing[:4]}: a damaged or partial download; download it again"
+    if not tower:
+        return None
+    if head:  # a tower beside a head FocusFix cannot read (another predictor), not a bare tower
+        return (f"it holds a CLIP image tower and head keys FocusFix cannot read as the LAION aesthetic head, e.g. "
+                f"{head[:3]} (another predictor?)")
+    return f"this is a CLIP image tower, not a reward; {_AS_TOWER}"
+
 
 
 def _tower_kwargs(metadata: Mapping[str, str]) -> dict:
@@ -161,7 +176,9 @@ def _as_tower(clip_vision_tower, dtype: torch.dtype) -> CLIPVisionTower:
 def _vit_name(cfg: CLIPVisionConfig) -> str:
     name = _VIT_NAMES.get((cfg.width, cfg.layers, cfg.patch),
                           f"a {cfg.width}-wide, {cfg.layers}-layer ViT with {cfg.patch}-px patches")
-    return f"{name} at {cfg.image_size} px ({cfg.embed_dim}-d embeddings)"
+    # otherwise "is ViT-L/14 at 224 px, but the head scores ViT-L/14 at 224 px" reads as a contradiction
+    bare = " without its visual projection (visual_projection.weight)" if cfg.proj_dim is None else ""
+    return f"{name} at {cfg.image_size} px ({cfg.embed_dim}-d embeddings){bare}"
 
 
 def _encoder_kind(sd) -> str:
@@ -187,6 +204,12 @@ def _aesthetic_tower(sd: Mapping[str, torch.Tensor], given: TowerSource | None, 
     """The head's tower and its name for messages: the file's own (it wins over a given one), else the given one."""
     rest = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     if rest:
+        try:
+            detect_clip_layout(rest)
+        except ValueError:  # a few stray keys (an SWA save's n_averaged, a mean): named, not read as a broken tower
+            raise ValueError(f"the file holds an aesthetic head and {len(rest)} other key"
+                             f"{'s' if len(rest) > 1 else ''} that hold no CLIP tower, e.g. {list(rest)[:3]}: save the head's layers.* keys alone (and connect its tower), "
+                             f"or the head with its whole tower") from None
         return CLIPVisionTower.from_state_dict(rest, **tower_kw), "the tower in this file"
     if given is None:
         how = (f"connect {L14_TOWER} to {tower_name}, or use" if tower_name is not None else  # no input for one
@@ -194,6 +217,16 @@ def _aesthetic_tower(sd: Mapping[str, torch.Tensor], given: TowerSource | None, 
         raise ValueError(f"the aesthetic head needs a CLIP ViT-L/14 image tower and this file holds none: {how} a "
                          f"file holding the head and its tower")
     return _given_tower(given, tower_kw["dtype"], tower_name), tower_name
+
+
+def _check_given_weights(tower: CLIPVisionTower, tower_name: str | None) -> None:
+    """The connected tower's weights, as `_check_weights` checks a file's: a NaN would surface as a NaN score that
+    names neither the input nor the file. Meta weights (sizes only) have no values to check."""
+    try:
+        check_float_finite({k: v for k, v in tower.state_dict().items() if not v.is_meta}, "weights", "")
+    except ValueError as e:
+        raise ValueError(f"{tower_name}: {e}: that CLIP vision file is corrupt; load it again, or another "
+                         f"copy") from None
 
 
 def _check_head_tower(head: AestheticHead, tower: CLIPVisionTower, where: str) -> None:
@@ -256,6 +289,8 @@ def build_reward(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     head = AestheticHead.from_state_dict(sd)
     tower, where = _aesthetic_tower(sd, clip_vision_tower, tower_kw, tower_name)
     _check_head_tower(head, tower, where)
+    if where == tower_name:  # the connected tower, once it fits: its values checked as a file's are
+        _check_given_weights(tower, tower_name)
     return AestheticReward(tower, head)
 
 

@@ -113,6 +113,9 @@ class SafetyReward(Reward):
         # the embeddings are [N,D] now: their lengths are the thresholds'
         _check_tensor("concept_thresholds", concept_thresholds, (len(concept_embeds),), f"[{len(concept_embeds)}]")
         _check_tensor("special_thresholds", special_thresholds, (len(special_embeds),), f"[{len(special_embeds)}]")
+        if len(concept_embeds) == 0:  # the smooth max over no concept is -inf: every score would be +inf
+            raise ValueError(f"concept_embeds must hold at least one concept, got {tuple(concept_embeds.shape)}: "
+                             f"the safety checker file is damaged")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.tower = tower.eval().requires_grad_(False)
