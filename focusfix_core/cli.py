@@ -38,7 +38,7 @@ from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTr
                        SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note, check_continued_method,
                        check_state_format, interrupts_held, parse_ints, repeated_prompts_note, repeated_seeds_note,
                        split_objects_prompt, stop_as_interrupt, trainer_on)
-from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale
+from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale, weighted_mean
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
@@ -462,7 +462,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         diff = (I - I0).abs().mean(1, keepdim=True)                            # [N,1,H,W], like M
         inside = outside = None
         if M is not None:  # weighed by M and 1 - M, as the region term (and Compare) weigh a soft mask
-            inside, outside = _mean_over(diff, M), _mean_over(diff, 1 - M)
+            inside, outside = _finite(weighted_mean(diff, M)), _finite(weighted_mean(diff, 1 - M))  # NaN: null
         g = slice(0, GRID_ITEMS)  # every item has its own before_K/after_K.png below
         tiles = [I0[g], I[g]] if M is None else [I0[g], mask_overlay(I0[g], M[g]), I[g],
                                                  heat_overlay(I[g], diff[g], vmax=CHANGE_SCALE)]
@@ -587,13 +587,6 @@ def _finite(x: torch.Tensor) -> float | None:
     """A report number; None (JSON null) for NaN/inf, which JSON cannot hold."""
     v = float(x)
     return v if math.isfinite(v) else None
-
-
-def _mean_over(D: torch.Tensor, W: torch.Tensor) -> float | None:
-    """Mean of D weighted by W (both [N,1,H,W]); None for a region of no weight (an empty or a full mask), where
-    the mean is undefined (0 would claim "unchanged")."""
-    total = W.float().sum()
-    return _finite((D * W).sum() / total) if total > 0 else None
 
 
 def _mean_or_na(values: list[float | None]) -> str:

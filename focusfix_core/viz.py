@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from .io import atomic_write_bytes
 
 __all__ = ["CHANGE_SCALE", "image_grid", "mask_overlay", "heat_overlay", "plot_curves", "to_pil", "save_png",
-           "upscale"]
+           "upscale", "weighted_mean"]
 
 _CURVE_COLORS = [(230, 80, 60), (60, 140, 230), (70, 170, 90), (200, 150, 40), (150, 90, 200), (90, 90, 90)]
 
@@ -110,3 +110,11 @@ def save_png(img: torch.Tensor, path, overwrite: bool = True) -> Path:
     buf = io.BytesIO()
     to_pil(img).save(buf, format="PNG")
     return atomic_write_bytes(buf.getvalue(), path, overwrite)
+
+
+def weighted_mean(D: torch.Tensor, W: torch.Tensor) -> float:
+    """Mean of D weighted by W (both [B,1,H,W]): the change inside a mask M (W = M) or outside it (W = 1 - M), a
+    soft M weighed as the region term weighs it. NaN for a region of no weight (an empty or a full mask), where
+    the mean is undefined (0 would claim "unchanged")."""
+    total = W.float().sum()
+    return float((D * W).sum() / total) if total > 0 else float("nan")

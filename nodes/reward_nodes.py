@@ -270,7 +270,7 @@ class FocusFixCompare:
             raise ValueError(f"before and after must have the same shape, got {tuple(before.shape)} and {tuple(after.shape)}")
         M, note = (torch.ones_like(I0[:, :1]), "") if mask is None else mask_to_b1hw(mask, I0.shape[-2:], len(I0))
         D = (I - I0).abs().mean(1, keepdim=True)                       # (B, 1, H, W)
-        inside, outside = _mean_over(D, M), _mean_over(D, 1 - M)
+        inside, outside = viz.weighted_mean(D, M), viz.weighted_mean(D, 1 - M)
         rb = ra = 0.0
         if reward is not None:
             with grad_mode(), torch.no_grad():
@@ -282,13 +282,6 @@ class FocusFixCompare:
         heat = viz.heat_overlay(torch.zeros_like(I0), D, alpha=1.0, vmax=viz.CHANGE_SCALE)
         rows = torch.stack([I0, I, heat], 1).flatten(0, 1)             # (B*3, 3, H, W)
         return (bchw_to_image(viz.image_grid(rows, nrow=3)), text, rb, ra, inside, outside)
-
-
-def _mean_over(D: torch.Tensor, W: torch.Tensor) -> float:
-    """Mean of D weighted by W (both [B,1,H,W]); NaN for an empty region, where the mean is undefined (0 would
-    claim "unchanged")."""
-    total = W.sum()
-    return float((D * W).sum() / total) if total > 0 else float("nan")
 
 
 def _fmt(value: float, empty: str) -> str:
