@@ -127,7 +127,8 @@ class FocusFixTrainFocusNFix:
     RETURN_NAMES = ("lora", "curve", "before", "after", "mask", "report")
     OUTPUT_TOOLTIPS = ("The trained LoRA (Apply LoRA / Save LoRA).", "Loss, reward and outside-mask change per step.",
                        "I0: every (prompt, seed) without the LoRA.", "I: the same with the trained LoRA.",
-                       "M of each image (1 = may change; lam 0 trains without it).", "Settings, final numbers and notes.")
+                       "M of each image (1 = may change; lam 0 trains without it).",
+                       "Settings, final numbers and notes.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -208,8 +208,9 @@ def _aesthetic_tower(sd: Mapping[str, torch.Tensor], given: TowerSource | None, 
             detect_clip_layout(rest)
         except ValueError:  # a few stray keys (an SWA save's n_averaged, a mean): named, not read as a broken tower
             raise ValueError(f"the file holds an aesthetic head and {len(rest)} other key"
-                             f"{'s' if len(rest) > 1 else ''} that hold no CLIP tower, e.g. {list(rest)[:3]}: save the head's layers.* keys alone (and connect its tower), "
-                             f"or the head with its whole tower") from None
+                             f"{'s' if len(rest) > 1 else ''} that hold no CLIP tower, e.g. {list(rest)[:3]}: save "
+                             f"the head's layers.* keys alone (and connect its tower), or the head with its whole "
+                             f"tower") from None
         return CLIPVisionTower.from_state_dict(rest, **tower_kw), "the tower in this file"
     if given is None:
         how = (f"connect {L14_TOWER} to {tower_name}, or use" if tower_name is not None else  # no input for one
