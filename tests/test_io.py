@@ -295,6 +295,24 @@ class TestLoadTensorFile:
             load_tensor_file(p)
 
 
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, 2.0], True), ([1.0, float("nan")], False), ([float("inf"), -float("inf")], False),
+    ([3e38, 3e38, 3e38], True),  # finite, though their sum overflows: the full look says so
+    ([3e38, 3e38, float("nan")], False), ([], True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_check_float_finite_finds_every_non_finite_value_and_only_those(values, finite, dtype):
+    """Review (session 27): the check sums each tensor first (fast); a sum that overflowed must not read as inf."""
+    t = torch.tensor(values, dtype=torch.float32).to(dtype)
+    want = bool(torch.isfinite(t).all())  # 3e38 is inf in fp16
+    assert want == finite or dtype == torch.float16
+    if want:
+        ffio.check_float_finite({"w": t}, "weights", "")
+    else:
+        with pytest.raises(ValueError, match=r"1 weights hold NaN or inf values, e\.g\. \['w'\]"):
+            ffio.check_float_finite({"w": t}, "weights", "")
+
+
 class TestSafeJoin:
     def test_subfolders_and_suffix(self, tmp_path):
         assert safe_join(tmp_path, "fixes/hands") == tmp_path.resolve() / "fixes" / "hands.safetensors"

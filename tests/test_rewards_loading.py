@@ -525,16 +525,31 @@ def _without(sd, key):
 @pytest.mark.parametrize("sd, match", [
     # a damaged head, with or without its tower: the missing keys, not "a CLIP image tower" / "unknown layout"
     (lambda: _without({**head_sd(), **tower_sd()}, "layers.4.weight"),
-     r"not a reward file FocusFix reads: an aesthetic head without \['layers.4.weight'\]: a damaged or partial "
-     r"download"),
+     r"not a reward file FocusFix reads: an aesthetic head without \['layers.4.weight'\]: a damaged file; download "
+     r"it again"),
     (lambda: _without(head_sd(), "layers.7.bias"), r"an aesthetic head without \['layers.7.bias'\]"),
+    # the reluMSE variant's own keys; a count when more are missing than named
+    (lambda: {f"layers.{i}.{p}": torch.zeros(1) for i in (0, 3, 6, 11) for p in ("weight", "bias")},
+     r"an aesthetic head without \['layers.9.weight', 'layers.9.bias'\]: a damaged file"),
+    (lambda: {"layers.0.weight": torch.zeros(4, 4), "layers.0.bias": torch.zeros(4)},
+     r"an aesthetic head without \['layers.2.weight', 'layers.2.bias', 'layers.4.weight', 'layers.4.bias'\] \(8 "
+     r"keys missing\)"),
+    # another MLP is not "a damaged head" to download again; another net's layers.* keys are no head at all
+    (lambda: {"layers.0.weight": torch.zeros(4, 4), "layers.0.bias": torch.zeros(4),
+              "layers.1.weight": torch.zeros(1, 4), "layers.1.bias": torch.zeros(1)},
+     r"its layers.\* keys are an MLP's that is not the LAION aesthetic head \(layers \[0, 1\]; the head has layers "
+     r"\[0, 2, 4, 6, 7\] or \[0, 3, 6, 9, 11\]\)"),
+    (lambda: {"layers.0.attention.wq.weight": torch.zeros(4, 4)}, r"unknown reward file layout"),
     # another predictor beside a tower is not a bare tower for models/clip_vision
     (lambda: {**tower_sd(), "predictor.weight": torch.zeros(1, 8), "predictor.bias": torch.zeros(1)},
      r"it holds a CLIP image tower and head keys FocusFix cannot read as the LAION aesthetic head, e.g. "
      r"\['predictor.weight', 'predictor.bias'\] \(another predictor\?\)"),
     # a stray key beside a lone head was read as a broken tower ("holds no CLIP vision tower ... First keys")
     (lambda: {**head_sd(), "n_averaged": torch.zeros(())},
-     r"the file holds an aesthetic head and 1 other key that hold no CLIP tower, e.g. \['n_averaged'\]"),
+     r"the file holds an aesthetic head and 1 other key that holds no CLIP tower, e.g. \['n_averaged'\]"),
+    # two towers beside a head keep the tower reader's own word for it
+    (lambda: {**head_sd(), **tower_sd(), **{"x." + k: v for k, v in tower_sd().items()}},
+     r"state dict holds 2 CLIP vision towers"),
 ])
 def test_damaged_or_unusual_aesthetic_files_say_what_is_wrong(sd, match):
     """Reward-files hunt (session 27)."""
@@ -549,7 +564,7 @@ def test_a_given_tower_with_nan_weights_is_refused_naming_the_input():
     key = next(k for k in tower if k.endswith("class_embedding"))
     tower[key] = torch.full_like(tower[key], float("nan"))
     with pytest.raises(ValueError, match=rf"^clip_vision: 1 weights hold NaN or inf values, e.g. \['{key}'\]: that "
-                                         r"CLIP vision file is corrupt"):
+                                         r"CLIP vision file is corrupt; download it again"):
         build_reward(head_sd(), clip_vision_tower=tower, tower_name="clip_vision")
     with pytest.raises(ValueError, match=r"^clip_vision: .*CLIP vision file is corrupt"):
         build_reward(head_sd(), clip_vision_tower=CLIPVisionTower.from_state_dict(tower), tower_name="clip_vision")
@@ -579,6 +594,18 @@ def test_a_focusfix_lora_given_as_a_reward_says_it_is_a_lora(tmp_path):
 
 def _meta(shapes):
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def test_a_vit_l14_without_its_projection_says_so():
+    """Reward-files review (session 27): "is ViT-L/14 at 224 px (1024-d embeddings), but the head scores ViT-L/14 at
+    224 px" read as a contradiction; the tower lacks visual_projection.weight."""
+    head = _meta({k: v.shape for k, v in head_sd((768, 1024, 128, 64, 16)).items()})
+    bare = _meta({k: v for k, v in hf_clip_shapes(CLIPVisionConfig()).items() if k != "visual_projection.weight"})
+    with pytest.raises(ValueError, match=r"is ViT-L/14 at 224 px \(1024-d embeddings\) without its visual projection "
+                                         r"\(visual_projection.weight\), but the LAION aesthetic head"):
+        build_reward(head, clip_vision_tower=bare, tower_name="the clip_vision input")
+    with pytest.raises(ValueError, match=r"the tower in this file is ViT-L/14 .* without its visual projection"):
+        build_reward({**head, **bare})
 
 
 @pytest.mark.parametrize("cfg, what", [

@@ -130,13 +130,18 @@ def _known_non_reward(sd: Mapping[str, torch.Tensor]) -> str | None:
         return (f"this is a whole CLIP model, image and text towers (PickScore and HPSv2 files look like this; "
                 f"they are not supported: {_PROMPT_SCORED}); {_AS_TOWER}")
     head = [k for k in keys if k.startswith(("layers.", "predictor.", "mlp.", "head."))]
-    # the keys of the head variant (`HEAD_VARIANTS`) the file comes closest to
-    missing = min(([f"layers.{i}.{p}" for i in idx for p in ("weight", "bias") if f"layers.{i}.{p}" not in sd]
-                   for idx in HEAD_VARIANTS.values()), key=len)
-    layers = [k for k in keys if k.startswith("layers.")]
-    if layers and missing and all(re.fullmatch(r"layers\.\d+\.(weight|bias)", k) for k in layers):
-        # a damaged download of the aesthetic head (another net's layers.* keys say more than weight/bias)
-        return f"an aesthetic head without {missing[:4]}: a damaged or partial download; download it again"
+    layers = [re.fullmatch(r"layers\.(\d+)\.(?:weight|bias)", k) for k in keys if k.startswith("layers.")]
+    found = {int(m[1]) for m in layers if m}
+    if layers and all(layers):  # an MLP's layers.N.weight/bias only (another net's layers.* keys say more)
+        # part of one head variant (`HEAD_VARIANTS`): a damaged file of it; any other layer: another MLP
+        part = next((idx for idx in HEAD_VARIANTS.values() if found <= set(idx)), None)
+        if part is None:
+            heads = " or ".join(str(list(i)) for i in HEAD_VARIANTS.values())
+            return (f"its layers.* keys are an MLP's that is not the LAION aesthetic head (layers {sorted(found)}; "
+                    f"the head has layers {heads})")
+        missing = [f"layers.{i}.{p}" for i in part for p in ("weight", "bias") if f"layers.{i}.{p}" not in sd]
+        more = f" ({len(missing)} keys missing)" if len(missing) > 4 else ""
+        return f"an aesthetic head without {missing[:4]}{more}: a damaged file; download it again"
     if not tower:
         return None
     if head:  # a tower beside a head FocusFix cannot read (another predictor), not a bare tower
@@ -204,13 +209,12 @@ def _aesthetic_tower(sd: Mapping[str, torch.Tensor], given: TowerSource | None, 
     """The head's tower and its name for messages: the file's own (it wins over a given one), else the given one."""
     rest = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     if rest:
-        try:
-            detect_clip_layout(rest)
-        except ValueError:  # a few stray keys (an SWA save's n_averaged, a mean): named, not read as a broken tower
-            raise ValueError(f"the file holds an aesthetic head and {len(rest)} other key"
-                             f"{'s' if len(rest) > 1 else ''} that hold no CLIP tower, e.g. {list(rest)[:3]}: save "
-                             f"the head's layers.* keys alone (and connect its tower), or the head with its whole "
-                             f"tower") from None
+        if not any(k.endswith(("patch_embedding.weight", "conv1.weight")) for k in rest):
+            # a few stray keys (an SWA save's n_averaged, a mean): named, not read as a broken tower
+            raise ValueError(f"the file holds an aesthetic head and {len(rest)} other "
+                             f"{'keys that hold' if len(rest) > 1 else 'key that holds'} no CLIP tower, e.g. "
+                             f"{list(rest)[:3]}: save the head's layers.* keys alone (and connect its tower), or the "
+                             f"head with its whole tower")
         return CLIPVisionTower.from_state_dict(rest, **tower_kw), "the tower in this file"
     if given is None:
         how = (f"connect {L14_TOWER} to {tower_name}, or use" if tower_name is not None else  # no input for one
@@ -226,8 +230,8 @@ def _check_given_weights(tower: CLIPVisionTower, tower_name: str | None) -> None
     try:
         check_float_finite({k: v for k, v in tower.state_dict().items() if not v.is_meta}, "weights", "")
     except ValueError as e:
-        raise ValueError(f"{tower_name}: {e}: that CLIP vision file is corrupt; load it again, or another "
-                         f"copy") from None
+        raise ValueError(f"{tower_name or 'the connected CLIP tower'}: {e}: that CLIP vision file is corrupt; "
+                         f"download it again") from None
 
 
 def _check_head_tower(head: AestheticHead, tower: CLIPVisionTower, where: str) -> None:
