@@ -570,6 +570,14 @@ def test_a_given_tower_with_nan_weights_is_refused_naming_the_input():
         build_reward(head_sd(), clip_vision_tower=CLIPVisionTower.from_state_dict(tower), tower_name="clip_vision")
 
 
+def test_a_safety_checker_missing_a_key_is_called_a_damaged_checker():
+    """Reward-files review (session 27): it was called a CLIP image tower to put in models/clip_vision, where Load
+    CLIP Vision cannot read its layout."""
+    with pytest.raises(ValueError, match=r"not a reward file FocusFix reads: a safety checker without "
+                                         r"\['special_care_embeds_weights'\]: a damaged file; download it again"):
+        build_reward(_without(safety_sd(), "special_care_embeds_weights"))
+
+
 def test_a_safety_checker_without_concepts_is_refused():
     """Reward-files hunt (session 27): 0 concept embeddings loaded and scored +inf."""
     with pytest.raises(ValueError, match=r"concept_embeds must hold at least one concept, got \(0, \d+\): the "

@@ -31,7 +31,7 @@ from .aesthetic import HEAD_VARIANTS, LAION_HEAD_WIDTHS, AestheticHead, Aestheti
 from .base import Reward
 from .clip_vision import CLIPVisionConfig, CLIPVisionTower, detect_clip_layout
 from .image import BrightnessReward, ColorTargetReward, SharpnessReward
-from .safety import SafetyReward, is_safety_checker
+from .safety import SAFETY_KEYS, SafetyReward, is_safety_checker
 
 __all__ = ["BUILTIN_PREFIX", "BUILTIN_REWARDS", "METADATA_KEY", "REWARD_FAMILIES", "TOWER_DTYPES", "build_reward", "convert_reward",
            "detect_reward_family", "load_reward"]
@@ -129,6 +129,10 @@ def _known_non_reward(sd: Mapping[str, torch.Tensor]) -> str | None:
     if any(k.endswith(("logit_scale", "text_projection", "text_projection.weight")) for k in keys):
         return (f"this is a whole CLIP model, image and text towers (PickScore and HPSv2 files look like this; "
                 f"they are not supported: {_PROMPT_SCORED}); {_AS_TOWER}")
+    safety = [k for k in SAFETY_KEYS if k in sd]
+    if len(safety) >= 2:  # some of the checker's own keys: a damaged safety checker, not a tower for clip_vision
+        return (f"a safety checker without {[k for k in SAFETY_KEYS if k not in sd]}: a damaged file; download it "
+                f"again")
     head = [k for k in keys if k.startswith(("layers.", "predictor.", "mlp.", "head."))]
     layers = [re.fullmatch(r"layers\.(\d+)\.(?:weight|bias)", k) for k in keys if k.startswith("layers.")]
     found = {int(m[1]) for m in layers if m}
