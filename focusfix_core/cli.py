@@ -31,7 +31,7 @@ from . import __version__
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import LoRA, SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .saliency import MASK_ZERO, SALIENCY_METHODS, THRESHOLD_MODES, fit_mask
+from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask, mask_kind
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
@@ -879,13 +879,14 @@ def _painted_masks(a, size: int, notes: list[str]) -> tuple[str, torch.Tensor | 
         if note:
             print(note, file=sys.stderr)
         top, low = float(M.amax()), float(M.amin())
-        if a.lam > 0 and top < MASK_ZERO:  # the trainer's test (check_mask), in the CLI's words
+        kind = mask_kind(low, top)  # the trainer's rule (check_mask), in the command line's words
+        if a.lam > 0 and kind == "empty":
             raise ValueError(f"--mask {path} marks nothing (every pixel is black): nothing may change. "
                              f"Paint the region to fix white (an inverted mask?), or give --lam 0 for plain DRaFT")
-        if a.lam > 0 and low > 1 - MASK_ZERO:
+        if a.lam > 0 and kind == "full":
             notes.append(f"--mask {path} is full (every pixel white): nothing is held, so Focus-N-Fix becomes plain "
                          f"DRaFT (an inverted mask? white = may change)")
-        elif a.lam > 0 and top < 0.5:
+        elif a.lam > 0 and kind == "faint":
             notes.append(f"--mask {path} is faint (at most {top:.3g} white): even its strongest pixel is held "
                          f"{1 - top:.0%} to I0, so the region changes only in part (paint it white to let it change "
                          f"fully)")

@@ -161,6 +161,9 @@ def _mean(values: list[float | None]) -> float:
     return sum(values) / len(values) if values and None not in values else float("nan")
 
 
+_COUNTS_STOPPED = "interrupted while counting the tuned model's images: the counts not reached are null"
+
+
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False) -> dict:
     """Focus-N-Fix then Separate-and-Enhance on the embedded tiny model, into `out`/focus_n_fix and
     `out`/separate_enhance, with a summary in `out`/demo_summary.json; returns {"status", "files"} as the
@@ -264,7 +267,7 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
     se_files = dict(se["files"])
     if "lora" in se_files:
         trained.append(se_files["lora"])
-    stopped = False
+    stopped = ""  # why the tuned model's counts are incomplete, if they are
     if se["status"] == "done":
         try:
             tuned = _fresh_model(se["files"]["lora"])
@@ -275,8 +278,8 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
                 rows = [t for i in range(len(A) // n) for t in (A[i * n:(i + 1) * n], B[i * n:(i + 1) * n])]
                 se_files[name] = str(save_png(_grid(rows, n), out / "separate_enhance" / f"{name}.png"))
         except KeyboardInterrupt:  # the summary still holds what was measured (an --overwrite removed the last one)
-            stopped = True
-            _log("interrupted while counting the tuned model's images: the counts not reached are null")
+            stopped = _COUNTS_STOPPED
+            _log(stopped)
     seconds = time.perf_counter() - t0
     summary = {
         "model": note, "reward": reward_note, "seconds": round(seconds, 1), "quick": quick,
@@ -297,8 +300,7 @@ def _run(out: Path, s: DemoSetting, quick: bool, t0: float, trained: list[str]) 
             "both_objects_before": both0, "both_objects_after": both1,
             "held_out": {"prompts": list(held), "both_objects_before": held0, "both_objects_after": held1},
             "files": se_files,
-            **({"note": "interrupted while counting the tuned model's images: the counts not reached are null"}
-               if stopped else {}),
+            **({"note": stopped} if stopped else {}),
         },
     }
     atomic_write_text(json.dumps(summary, indent=2), out / "demo_summary.json")

@@ -29,6 +29,7 @@ __all__ = [
     "mask_coverage",
     "check_mask",
     "MASK_ZERO",
+    "mask_kind",
     "fit_mask",
     "SALIENCY_METHODS",
     "THRESHOLD_MODES",
@@ -360,6 +361,17 @@ def mask_coverage(M: torch.Tensor) -> torch.Tensor:
 MASK_ZERO = 0.5 / 255
 
 
+def mask_kind(low: float, top: float) -> str | None:
+    """What a mask whose values span low..top is to the region term: "empty" (every value 0: held whole), "full"
+    (every value 1: nothing held), "faint" (no value reaches 0.5: its region changes only in part) or None. The
+    one rule behind `check_mask` and the command line's `--mask` messages."""
+    if top < MASK_ZERO:
+        return "empty"
+    if low > 1 - MASK_ZERO:
+        return "full"
+    return "faint" if top < 0.5 else None
+
+
 def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
     """Human-readable warnings about a mask M [B,H,W] or [B,1,H,W] in [0,1]: empty (every value 0), full (every
     value 1), faint (no value reaches 0.5: a soft mask changes only in part) or non-finite images. [] when all is
@@ -376,13 +388,14 @@ def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
     hi = flat.nan_to_num(0.0).amax(1) if flat.shape[1] else torch.zeros(len(M))
     lo = flat.nan_to_num(1.0).amin(1) if flat.shape[1] else torch.zeros(len(M))
     for b, (ok, top, low) in enumerate(zip(finite.tolist(), hi.tolist(), lo.tolist())):
+        kind = mask_kind(low, top) if ok else None
         if not ok:
             warnings.append(f"{name}[{b}] has NaN or inf values")
-        elif top < MASK_ZERO:
+        elif kind == "empty":
             warnings.append(f"{name}[{b}] is empty (every value 0): the whole image is held fixed")
-        elif low > 1 - MASK_ZERO:
+        elif kind == "full":
             warnings.append(f"{name}[{b}] is full (every value 1): nothing is held: Focus-N-Fix becomes plain DRaFT")
-        elif top < 0.5:
+        elif kind == "faint":
             warnings.append(f"{name}[{b}] is faint (at most {top:.3g}): even its strongest pixel is held {1 - top:.0%} "
                             f"to I0, so the region changes only in part (a wide feather on a small region, or a "
                             f"light brush?)")
