@@ -111,6 +111,29 @@ def test_a_windows_console_encoding_does_not_crash_the_cli(tmp_path):
     assert run.returncode == 2 and b"error: --reward 'nope'" in run.stderr
 
 
+def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback():
+    """Ctrl-C in the seconds `python -m focusfix_core` spends importing torch printed Python's traceback. It now
+    prints one line and exits 130, as a Ctrl-C later does (the import is made to raise it, so no timing is
+    involved)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import importlib.abc, runpy, sys\n"
+              "class CtrlC(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name == 'focusfix_core.cli':\n"
+              "            raise KeyboardInterrupt\n"
+              "sys.meta_path.insert(0, CtrlC())\n"
+              "sys.argv = ['focusfix_core', 'demo', '--out', 'x']\n"
+              "runpy.run_module('focusfix_core', run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode == 130, run.stderr
+    assert "Traceback" not in run.stderr and "interrupted while starting" in run.stderr
+
+
 def test_a_sigterm_ends_training_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     """`kill`, `timeout` or a job scheduler's stop (SIGTERM) ended the process at once: every step since the last
     state.pt was lost, and with --checkpoint-every 0 the whole run (review G5). The steps done are now written, as
