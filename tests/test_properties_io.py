@@ -98,7 +98,7 @@ def test_safe_join_under_windows_limits_leaves_room_for_the_counter_and_temp_fil
 
 
 def test_safe_join_names_a_surrogate_name():
-    """A lone surrogate (a ComfyUI widget value: JSON "\ud800" decodes to one) is refused naming the filename,
+    """A lone surrogate (a ComfyUI widget value: JSON "\\ud800" decodes to one) is refused naming the filename,
     as every other refusal (it was a UnicodeEncodeError naming neither the name nor the folder)."""
     with pytest.raises(ValueError, match="filename 'fix.ud800' must stay inside folder.*lone surrogate") as e:
         safe_join("/tmp/loras", "fix\ud800")
