@@ -30,7 +30,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 __all__ = ["AttentionStore", "LiveHW", "attention_capture", "not_recorded", "level_sizes", "map_size",
-           "word_token_indices", "overlay_maps"]
+           "word_token_indices", "overlay_maps", "maps_scale", "maps_tiles"]
 
 Resolution = int | tuple[int, int] | str
 
@@ -560,3 +560,39 @@ def overlay_maps(I: torch.Tensor, A: torch.Tensor, alpha: float = 0.5,
     A = F.interpolate(A, size=I.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)  # (B, n, H, W)
     heat = rearrange(_heat(A), "b n H W c -> b n c H W")
     return ((1 - alpha) * I[:, None] + alpha * heat).clamp(0, 1)  # (B, n, 3, H, W)
+
+
+def maps_scale(*maps: torch.Tensor) -> torch.Tensor:
+    """Each prompt's largest map value over every set given (before and after training). maps: [P,n,h,w] each ->
+    [P] fp32 on the CPU: the `scale` of `overlay_maps`/`maps_tiles`, so a weak word looks weak and Enhance shows.
+
+    Example:
+        >>> maps_scale(torch.ones(2, 3, 4, 4), 2 * torch.ones(2, 3, 4, 4))
+        tensor([2., 2.])
+    """
+    return torch.stack([A.detach().float().cpu().flatten(1).amax(1) for A in maps]).amax(0)
+
+
+@torch.no_grad()
+def maps_tiles(A: torch.Tensor, size: int = 128, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention maps as heat tiles on grey, as the Separate-and-Enhance node and the command line show them.
+
+    Args:
+        A: [P,n,h,w] maps (>= 0), a row of words per prompt.
+        size: the tiles' longer side; they keep the maps' aspect ratio.
+        scale: [P] each prompt's scale (`maps_scale`); None scales every map by its own max.
+
+    Returns:
+        [P,n,3,th,tw] in [0,1]; an all-zero map (a prompt with fewer objects than another) is a blank grey tile.
+
+    Example:
+        >>> maps_tiles(torch.rand(2, 3, 4, 8), size=16).shape
+        torch.Size([2, 3, 3, 8, 16])
+    """
+    P, n, h, w = A.shape
+    th, tw = max(round(size * h / max(h, w)), 1), max(round(size * w / max(h, w)), 1)
+    A = A.float().cpu()
+    grey = torch.full((P, 3, th, tw), 0.5)
+    tiles = overlay_maps(grey, A, alpha=0.85, scale=scale)                       # (P, n, 3, th, tw)
+    blank = (A.flatten(2).amax(2) == 0)[..., None, None, None]                   # (P, n, 1, 1, 1)
+    return torch.where(blank, grey[:, None], tiles)

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import __version__
+from .attention import maps_scale, maps_tiles
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import LoRA, SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
@@ -527,14 +528,11 @@ def run_separate_enhance(model, cfg: SeparateEnhanceConfig, out: Path, *, state:
         S1 = _samples(model, trainer, cfg, sample_steps, cfg_scale)
         from .losses import enhance_loss, separate_loss
 
-        # attention grid: per prompt a row: [before maps..., after maps...] as heat images
-        def heat(A):  # [P,N,r,r] -> [P,N,3,r,r]; an all-zero map (a prompt with fewer objects) is a blank grey tile
-            a = A / A.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-            tiles = heat_overlay(torch.zeros(a.numel() // a[0, 0].numel(), 3, *a.shape[-2:]), a.flatten(0, 1)[:, None],
-                                 alpha=1.0).view(*a.shape[:2], 3, *a.shape[-2:])
-            return torch.where((A.amax(dim=(-2, -1)) == 0)[..., None, None, None], torch.full_like(tiles, 0.5), tiles)
-        tiles = torch.cat([heat(A0), heat(A1)], 1)
-        save_png(image_grid(upscale(tiles.flatten(0, 1), 64), nrow=tiles.shape[1]), out / "attention.png")
+        # attention grid: per prompt a row: [before maps..., after maps...] as the node draws them, on one scale per
+        # prompt (a weak word looks weak, and Enhance's stronger peaks show)
+        top = maps_scale(A0, A1)
+        tiles = torch.cat([maps_tiles(A0, 64, top), maps_tiles(A1, 64, top)], 1)
+        save_png(image_grid(tiles.flatten(0, 1), nrow=tiles.shape[1]), out / "attention.png")
         save_png(image_grid(upscale(torch.stack([S0, S1], 1).flatten(0, 1)), nrow=2), out / "before_after.png")
         save_png(_curves(history, ("loss", "separate", "enhance", "preserve")), out / "curves.png")
         report = {

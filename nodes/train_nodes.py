@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..focusfix_core import viz
-from ..focusfix_core.attention import overlay_maps
+from ..focusfix_core.attention import maps_scale, maps_tiles
 from ..focusfix_core.losses import overlap_and_peaks
 from ..focusfix_core.lora import TARGET_PRESETS
 from ..focusfix_core.sampler import check_steps
@@ -456,8 +456,7 @@ class FocusFixTrainSeparateEnhance:
                             *_maps_notes(run.A_before, run.A_after, parsed), *dm.redraw_caveats(), *notes,
                             *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
                             *_precision_notes(run.history)])
-        # one scale per prompt for its words, before and after: a weak word's map looks weak, and Enhance shows
-        top = torch.maximum(run.A_before.flatten(1).amax(1), run.A_after.flatten(1).amax(1)).float().cpu()
+        top = maps_scale(run.A_before, run.A_after)  # one scale per prompt, before and after: Enhance shows
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)),
                 bchw_to_image(_maps_grid(run.A_before, top=top)), bchw_to_image(_maps_grid(run.A_after, top=top)),
                 report)
@@ -479,14 +478,6 @@ def _maps_notes(before: torch.Tensor, after: torch.Tensor, parsed) -> list[str]:
 
 
 def _maps_grid(A: torch.Tensor, size: int = 128, top: torch.Tensor | None = None) -> torch.Tensor:
-    """A: [P, n, h, w] -> one grid image [1,3,H,W], rows = prompts, columns = words; tiles keep the maps' aspect
-    ratio (longer side `size`), and an all-zero map (a prompt with fewer objects) is a blank grey tile. top: [P]
-    each row's scale (`overlay_maps`); None scales every map by its own max."""
-    P, n, h, w = A.shape
-    th, tw = max(round(size * h / max(h, w)), 1), max(round(size * w / max(h, w)), 1)
-    A = A.float().cpu()
-    grey = torch.full((P, 3, th, tw), 0.5)
-    tiles = overlay_maps(grey, A, alpha=0.85, scale=top)                         # (P, n, 3, th, tw)
-    blank = (A.flatten(2).amax(2) == 0)[..., None, None, None]                   # (P, n, 1, 1, 1)
-    tiles = torch.where(blank, grey[:, None], tiles)
-    return viz.image_grid(tiles.flatten(0, 1), nrow=n)[None]
+    """A: [P, n, h, w] -> one grid image [1,3,H,W], rows = prompts, columns = words (`maps_tiles`). top: [P]
+    each row's scale (`maps_scale`); None scales every map by its own max."""
+    return viz.image_grid(maps_tiles(A, size, top).flatten(0, 1), nrow=A.shape[1])[None]

@@ -107,6 +107,35 @@ def test_continue_from_a_saved_lora(model_file, tmp_path, capsys):
                              "--iterations", "1")) == 0
 
 
+def test_train_sne_draws_attention_png_on_one_scale_per_prompt_as_the_node_does(model_file, tmp_path, monkeypatch):
+    """attention.png stretched every map to its own blue-to-red range, so a weak word never looked weak and
+    Enhance's rise was invisible, while the node draws a prompt's maps before and after on one scale (review
+    health-1). The command line now draws the node's tiles (`maps_tiles`, `maps_scale`)."""
+    import numpy as np
+    from PIL import Image
+
+    from focusfix_core.attention import maps_scale, maps_tiles
+    from focusfix_core.viz import image_grid
+
+    strong = torch.zeros(1, 1, 8, 8)
+    strong[..., 2:5, 2:5] = 1.0
+    A0 = torch.cat([strong, 0.25 * strong], 1)  # [P=1, n=2, 8, 8]: the second word is weak
+    A1 = 2 * A0                                 # after training: both peaks doubled
+    drawn = iter([A0, A1])
+    monkeypatch.setattr(cli.SeparateEnhanceTrainer, "eval_maps", lambda self, *a, **k: next(drawn))
+    out = tmp_path / "sne"
+    assert cli.main(["train-sne", "--model", str(model_file), "--out", str(out), "--iterations", "1",
+                     "--resolution", "8", "--prompt", "a red circle and a blue square | circle, square"]) == 0
+    top = maps_scale(A0, A1)
+    expected = image_grid(torch.cat([maps_tiles(A0, 64, top), maps_tiles(A1, 64, top)], 1).flatten(0, 1), nrow=4)
+    png = torch.from_numpy(np.array(Image.open(out / "attention.png").convert("RGB"))).permute(2, 0, 1) / 255
+    assert png.shape == expected.shape
+    assert (png - expected).abs().max() <= 1 / 255 + 1e-6
+    # four different strengths, four different tiles (each stretched to its own range, all four were the same)
+    tiles = [png[:, 2:66, 2 + 66 * c:66 + 66 * c] for c in range(4)]
+    assert all((tiles[i] - tiles[j]).abs().max() > 0.2 for i in range(4) for j in range(i))
+
+
 def test_train_sne_and_errors(model_file, tmp_path, capsys):
     out = tmp_path / "sne"
     args = ["train-sne", "--model", str(model_file), "--out", str(out), "--iterations", "2", "--resolution", "8",
