@@ -150,11 +150,14 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
                          f"got dtype {M.dtype}")
     if not torch.isfinite(M).all():
         raise ValueError(f"{name} has NaN or inf values (shape {given}): expected finite values in [0,1]")
-    # as for an IMAGE: a blur's overshoot is clamped below, while 0..255 values would make it all "may change"
+    # the bounds of an IMAGE's (image_to_bchw): a resampler's overshoot and undershoot (a mask through a bicubic
+    # Upscale Image: down to -0.445) are clamped below, while 0..255 values would make it all "may change" and
+    # [-1,1] values would hold their lower half whole
     lo, hi = (float(v) for v in torch.aminmax(M.float()))
-    if hi > 2.0 or lo < -1.0:
-        raise ValueError(f"{name} has values from {lo:.4g} to {hi:.4g}: expected a float MASK in [0,1]"
-                         f"{' (0..255 values? divide by 255)' if hi > 2.0 else ''}")
+    if hi > 2.0 or lo < -0.5:
+        hint = (" (0..255 values? divide by 255)" if hi > 2.0 else
+                " ([-1,1] values? map them to (x + 1) / 2)" if lo >= -1.0 else "")
+        raise ValueError(f"{name} has values from {lo:.4g} to {hi:.4g}: expected a float MASK in [0,1]{hint}")
     M, note = M.float()[:, None].clamp(0, 1), ""  # (B, 1, H, W)
     if size is not None and tuple(M.shape[-2:]) != tuple(size):
         if not resize:

@@ -138,6 +138,9 @@ def test_image_min_side_defaults_to_one_pixel_review10():
     (torch.ones(1, 8, 8) * 255, r"mask has values from 255 to 255: expected a float MASK in \[0,1\] \(0\.\.255 "
                                 r"values\? divide by 255\)"),
     (torch.full((1, 8, 8), -3.0), r"mask has values from -3 to -3: expected a float MASK in \[0,1\]$"),
+    # review health-2: a [-1,1] mask was clamped, its lower half held whole without a word (an IMAGE is refused)
+    (torch.linspace(-1, 1, 64).view(1, 8, 8), r"mask has values from -1 to 1: expected a float MASK in \[0,1\] "
+                                              r"\(\[-1,1\] values\? map them to \(x \+ 1\) / 2\)"),
 ])
 def test_mask_refuses_nonfinite_empty_and_integer_review10(mask, match):
     with pytest.raises(ValueError, match=match):
@@ -148,6 +151,9 @@ def test_mask_overshoot_is_clamped_not_refused():
     """A blur or resampler's small overshoot (1.05, -0.05) is no 0..255 mask: clamped to [0,1]."""
     M, _ = A.mask_to_b1hw(torch.tensor([[[1.05, -0.05], [0.5, 2.0]]]), (2, 2), 1)
     assert M.flatten().tolist() == [1.0, 0.0, 0.5, 1.0]
+    # a mask through a bicubic Upscale Image: its undershoot (to -0.445) is clamped, as an IMAGE's is
+    M, _ = A.mask_to_b1hw(torch.tensor([[[-0.445, 1.0]]]), (1, 2), 1)
+    assert M.flatten().tolist() == [0.0, 1.0]
 
 
 def test_mask_bool_is_accepted_review10():
