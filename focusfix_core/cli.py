@@ -32,7 +32,7 @@ from .attention import maps_scale, maps_tiles
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import LoRA, SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask, mask_kind
+from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask, mask_coverage, mask_kind
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
@@ -482,7 +482,7 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
             "reward_before": [_finite(r) for r in r0], "reward_after": [_finite(r) for r in r1],
             "mean_reward_before": _finite(r0.mean()), "mean_reward_after": _finite(r1.mean()),
             "mean_abs_change_inside_mask": inside, "mean_abs_change_outside_mask": outside,
-            "mask_coverage": None if M is None else float(M.float().mean()),  # the share that may change
+            "mask_coverage": None if M is None else float(mask_coverage(M).mean()),  # the share that may change
             "mask_files": [str(f) for f in mask_files], **_lineage(trainer, state, continue_from),
             "notes": [*notes, *(f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training "
                                 f"never drew it, and its images show it with an empty mask"

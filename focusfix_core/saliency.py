@@ -351,9 +351,13 @@ def mask_from_reward(
 
 
 def mask_coverage(M: torch.Tensor) -> torch.Tensor:
-    """Fraction of pixels with M >= 0.5 per image. M: [B,H,W] or [B,1,H,W] -> [B] (never NaN)."""
+    """The share of each image that may change: the mean of M in [0,1], a soft pixel counting by its value, as the
+    region term weighs it (1 - M of it is held); a NaN counts as 0. M: [B,H,W] or [B,1,H,W] -> [B] (never NaN; 0 for
+    an image of no pixels)."""
     M = _as_map4(M, "mask M")
-    return (M >= 0.5).flatten(1).sum(1).to(M.dtype) / max(M.shape[-2] * M.shape[-1], 1)
+    if M.shape[-2] * M.shape[-1] == 0:
+        return M.new_zeros(M.shape[0])
+    return torch.nan_to_num(M, nan=0.0).clamp(0, 1).flatten(1).mean(1)
 
 
 # Mask values below half an 8-bit level are a painted 0 (a PNG's 0, a JPEG's rounding): the region term holds
