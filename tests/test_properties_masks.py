@@ -195,7 +195,8 @@ def test_fit_mask_shrinks_by_the_maximum_over_each_footprint(M, size):
 @given(M=masks(binary=True), size=SIZES)
 def test_a_painted_stroke_survives_any_resize_but_a_double_enlargement(M, size):
     """A binary stroke still reads as "may change" (>= 0.5: at least half of it may change) after fitting, unless
-    both sides are enlarged, where bilinear interpolation may fade a one-pixel stroke (documented: enlarged bilinearly)."""
+    both sides are enlarged, where bilinear interpolation may fade a one-pixel stroke (documented: enlarged
+    bilinearly)."""
     B, _, h, w = M.shape
     out, _ = fit_mask(M, size)
     painted = M.amax((1, 2, 3)) > 0
