@@ -24,6 +24,7 @@ __all__ = [
     "gradient_saliency",
     "score_and_saliency",
     "heatmap_to_mask",
+    "normalise_map",
     "mask_from_reward",
     "mask_noise",
     "mask_coverage",
@@ -155,8 +156,14 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return kornia.filters.gaussian_blur2d(x, (kh, kw), (sigma, sigma), border_type="reflect")
 
 
-def _normalise(H: torch.Tensor) -> torch.Tensor:
-    """Min-max per image to [0,1]; a constant image becomes zeros. H: [B,1,H,W]."""
+def normalise_map(H: torch.Tensor) -> torch.Tensor:
+    """Min-max per image to [0,1]; a constant image becomes zeros. H: [B,1,H,W] -> [B,1,H,W]. The map a mask is
+    cut from, and the one Score Images shows (one rule: a map of ~1e-9 still spans [0,1] in both).
+
+    Example:
+        >>> normalise_map(torch.tensor([[[[1e-9, 3e-9]]], [[[5.0, 5.0]]]])).flatten().tolist()
+        [0.0, 1.0, 0.0, 0.0]
+    """
     lo = H.flatten(1).amin(1)[:, None, None, None]
     span = H.flatten(1).amax(1)[:, None, None, None] - lo
     # relative test: saliency of a large reward model can be ~1e-7 everywhere and still well structured
@@ -271,7 +278,7 @@ def heatmap_to_mask(
     device = H.device
     if device.type == "mps":  # kthvalue (before torch 2.9) and FFTs (pytorch#124096) fail there; a mask is small
         H = H.cpu()
-    H = _normalise(_blur(H.detach(), blur_sigma))  # [B,1,H,W] in [0,1]
+    H = normalise_map(_blur(H.detach(), blur_sigma))  # [B,1,H,W] in [0,1]
     informative = (H.flatten(1).amax(1) > 0)[:, None, None, None]
     if threshold_mode == "value":
         M = H >= threshold

@@ -180,12 +180,12 @@ def _score_and_map(reward, I) -> tuple[float, torch.Tensor]:
 
 
 def _map_01(H: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
-    """A map H [B,H',W'] or [B,1,H',W'] at the size of images I [B,3,H,W], min-max normalised per image:
-    [B,1,H,W] in [0,1]."""
+    """A map H [B,H',W'] or [B,1,H',W'] at the size of images I [B,3,H,W], as the mask path reads it (negative
+    values as 0, `saliency.normalise_map`): [B,1,H,W] in [0,1]. Its own min-max with an absolute floor showed a
+    CLIP reward's ~1e-9 saliency as a dim map that Saliency Mask spans to 1."""
     H = H if H.ndim == 4 else H[:, None]
     H = torch.nn.functional.interpolate(H, size=I.shape[-2:], mode="bilinear") if H.shape[-2:] != I.shape[-2:] else H
-    lo, hi = H.amin((1, 2, 3), keepdim=True), H.amax((1, 2, 3), keepdim=True)
-    return (H - lo) / (hi - lo).clamp_min(1e-8)
+    return saliency.normalise_map(H.clamp_min(0))
 
 
 class FocusFixSaliencyMask:

@@ -168,6 +168,28 @@ def test_score_images_and_compare_score_as_the_whole_batch_does(comfy_device, re
     assert (rb, ra) == pytest.approx((float(r(I).mean()), float(r(I1).mean())), rel=1e-5)
 
 
+class _TinyHeatmap(IMAGE_REWARDS.SharpnessReward):
+    """A heatmap of ~1e-9 (a large reward model's scale) with a negative background, on a 4x4 square."""
+
+    def heatmap(self, I):
+        H = torch.full((I.shape[0], 1, *I.shape[-2:]), -1e-9)
+        H[..., 4:8, 4:8] = 1e-9
+        return H
+
+
+def test_score_images_shows_a_tiny_heatmap_as_the_saliency_mask_reads_it(comfy_device):
+    """Score Images normalised with an absolute 1e-8 floor and kept negative values: a ~1e-9 map peaked at 0.1
+    and its zero background showed as 0.5, where Saliency Mask (the relative rule, negatives as 0) spans it to 1
+    and cuts its mask from the square (review health-4)."""
+    img = _image(b=1)
+    heat = N.FocusFixScoreImages().execute(img, _TinyHeatmap())[2]
+    assert heat.shape == (1, 32, 32)
+    assert float(heat.max()) == 1.0 and float(heat[0, 5, 5]) == 1.0 and float(heat[0, 20, 20]) == 0.0
+    M = N.FocusFixSaliencyMask().execute(img, _TinyHeatmap(), **{**_mask_inputs(mask_source="heatmap"),
+                                                                  "blur_sigma": 0.0, "dilation": 0})[0]
+    assert bool((M[0, 5, 5] == 1) & (M[0, 20, 20] == 0))
+
+
 def test_score_images_scores_from_the_saliency_maps_forward():
     """A reward without a heatmap runs one forward per image: the gradient's forward gives the score too (it ran
     a second, graph-free forward for the score: a CLIP tower's forward each)."""
