@@ -455,9 +455,13 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
     _say_images_follow(status, lora_path, quiet)
     with _lora_kept(lora_path, state_file):
         I0, I, M = trainer.before_after(progress=_step_bar("before/after images", quiet))
+        finite = bool(torch.isfinite(I).all())  # before the clamp, which makes an inf 1
+        # the images as the PNGs below hold them and Compare measures them: a decode's overshoot past [0,1] (the
+        # tiny model's -0.12..1.07) is no change anyone sees
+        I0, I = I0.clamp(0, 1), I.clamp(0, 1)
         with torch.no_grad():  # `score`, unchecked: a LoRA drawing NaN images is reported (null), not an exit 2
-            r0, r1 = reward.score(I0.clamp(0, 1)).float(), reward.score(I.clamp(0, 1)).float()
-        if not (torch.isfinite(I).all() and torch.isfinite(r1).all()):
+            r0, r1 = reward.score(I0).float(), reward.score(I).float()
+        if not (finite and torch.isfinite(r1).all()):
             why = "the LoRA draws non-finite images or scores: train again with a lower lr (or --lam)"
             status = f"{status}; {why}" if status.startswith("failed") else f"failed: {why}"
         diff = (I - I0).abs().mean(1, keepdim=True)                            # [N,1,H,W], like M
@@ -471,8 +475,8 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
         save_png(grid, out / "before_after.png")
         items = []  # at full size, named by item (the order --mask takes one mask per item in)
         for k, (prompt, seed) in enumerate(trainer.items):
-            before = save_png(I0[k].clamp(0, 1), out / f"before_{k}.png")
-            after = save_png(I[k].clamp(0, 1), out / f"after_{k}.png")
+            before = save_png(I0[k], out / f"before_{k}.png")
+            after = save_png(I[k], out / f"after_{k}.png")
             items.append({"prompt": prompt, "seed": seed, "before": str(before), "after": str(after)})
         save_png(_curves(history, ("loss", "reward", "region")), out / "curves.png")
         report = {

@@ -1176,6 +1176,29 @@ def test_the_report_measures_the_change_inside_and_outside_the_mask(model_file, 
     assert report["mask_coverage"] == pytest.approx(0.25)
 
 
+def test_the_report_measures_the_change_on_the_images_as_saved(model_file, tmp_path, monkeypatch):
+    """The change inside/outside was measured on the unclamped decodes, while the PNGs, the scores and Compare use
+    [0,1] images: an overshoot that moved (-0.3 -> -0.1) counted as change no saved image shows (review
+    health-5). An inf image is still reported as failed, though the clamp makes it 1."""
+    def drawn(self, progress=None):
+        M = torch.zeros(2, 1, 16, 16)
+        M[..., :, :4] = 1.0
+        I0 = torch.where(M.bool(), 0.5, -0.3).expand(2, 3, 16, 16).clone()
+        I = torch.where(M.bool(), 0.7, -0.1).expand(2, 3, 16, 16).clone()
+        return I0, I, M
+    monkeypatch.setattr(cli.FixTrainer, "before_after", drawn)
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mean_abs_change_inside_mask"] == pytest.approx(0.2, abs=1e-6)
+    assert report["mean_abs_change_outside_mask"] == 0.0
+    monkeypatch.setattr(cli.FixTrainer, "before_after", lambda self, progress=None: (
+        torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), float("inf")), torch.ones(1, 1, 16, 16)))
+    assert cli.main(fnf_args(model_file, tmp_path / "inf", "--seeds", "0", "--iterations", "1")) == 1
+    report = json.loads((tmp_path / "inf" / "report.json").read_text())
+    assert "the LoRA draws non-finite images" in report["status"]
+
+
 def test_the_report_weighs_a_soft_mask_by_its_values(model_file, tmp_path, monkeypatch):
     """Review (session 27): a faint mask (0.4, now trained as it is) was split at 0.5 in the report: coverage 0,
     change inside 0 and all its change counted outside. Weighed by M and 1 - M, as the region term and Compare
