@@ -27,6 +27,8 @@ __all__ = [
     "Cond",
     "Denoiser",
     "DiffusionModel",
+    "MODEL_MEMBERS",
+    "missing_members",
     "cat_cond",
     "index_cond",
     "repeat_cond",
@@ -105,6 +107,22 @@ class DiffusionModel(Protocol):
     def attention_capture(self, store) -> AbstractContextManager:
         """While active, feed every cross-attention layer's (q, k) to `store.add` (see attention.py)."""
         ...
+
+
+# what every trainer calls (Separate-and-Enhance also `token_indices` and `attention_capture`)
+MODEL_MEMBERS = ("net", "sigmas", "latent_channels", "latent_scale", "denoise", "decode", "encode_prompts")
+
+
+def missing_members(model: object, members: tuple[str, ...] = MODEL_MEMBERS) -> list[str]:
+    """The `DiffusionModel` members `model` lacks, by `hasattr`: an nn.Module's submodules and buffers (the tiny
+    model's `net`, `sigmas`) count. isinstance(model, DiffusionModel) does not see them on Python 3.12 and later,
+    whose protocol check looks attributes up statically.
+
+    Example:
+        >>> missing_members(object(), ("net", "__class__"))
+        ['net']
+    """
+    return [m for m in members if not hasattr(model, m)]
 
 
 def cond_batch_size(cond: Cond) -> int:

@@ -31,8 +31,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import __version__
 from .attention import AttentionStore, map_size
-from .denoisers import (CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x, model_guidance,
-                        prepare_cond)
+from .denoisers import (MODEL_MEMBERS, CFGDenoiser, Cond, DiffusionModel, cat_cond, index_cond, initial_x,
+                        missing_members, model_guidance, prepare_cond)
 from .io import atomic_torch_save, load_training_state
 from .losses import (NonFiniteScoreError, _as_mask4, enhance_loss, key_change_loss, preservation_loss, region_loss,
                      resize_mask, reward_loss, separate_loss)
@@ -685,6 +685,15 @@ class _LoRATrainer:
     """Shared machinery: LoRA, optimizer, clipping, NaN guard, full-state save/resume."""
 
     method = "lora"
+    model_members = MODEL_MEMBERS  # what this trainer calls on its model
+
+    @classmethod
+    def _check_model(cls, model: object) -> None:
+        missing = missing_members(model, cls.model_members)
+        if missing:  # a ComfyUI MODEL or a diffusers pipeline handed over as it is: named, not an AttributeError
+            raise TypeError(f"model must be a DiffusionModel (focusfix_core.denoisers: the tiny model, or the nodes' "
+                            f"ComfyDiffusionModel around a ComfyUI MODEL), got a {type(model).__name__} without "
+                            f"{', '.join(missing)}")
 
     def __init__(self, model: DiffusionModel, cfg: _LoRAConfig, lora: LoRA | None, device=None):
         self.model, self.cfg = model, cfg
@@ -995,6 +1004,7 @@ class FixTrainer(_LoRATrainer):
                  on_sampler_step: Callable[[dict], None] | None = None):
         if not isinstance(cfg, FixConfig):
             raise TypeError(f"cfg must be a FixConfig, got {type(cfg).__name__}")
+        self._check_model(model)
         if not isinstance(reward, nn.Module) or not callable(reward):
             raise TypeError(f"reward must be a Reward module mapping [B,3,H,W] images to [B] scores, got {type(reward).__name__}")
         if cfg.mask_source == "heatmap" and not getattr(reward, "has_heatmap", False):
@@ -1395,10 +1405,12 @@ class SeparateEnhanceTrainer(_LoRATrainer):
     keys on their text ("keys", no UNet pass), or the x0 MSE against the adapters-disabled model."""
 
     method = "separate-and-enhance"
+    model_members = (*MODEL_MEMBERS, "token_indices", "attention_capture")
 
     def __init__(self, model: DiffusionModel, cfg: SeparateEnhanceConfig, *, lora: LoRA | None = None, device=None):
         if not isinstance(cfg, SeparateEnhanceConfig):
             raise TypeError(f"cfg must be a SeparateEnhanceConfig, got {type(cfg).__name__}")
+        self._check_model(model)
         scale = model.latent_scale
         if cfg.height % scale or cfg.width % scale:
             raise ValueError(f"width and height must be multiples of {scale} for this model, got "

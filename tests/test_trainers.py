@@ -41,7 +41,6 @@ def test_focus_n_fix_raises_reward_and_holds_outside(small_model, square_reward)
     results = {}
     for lam in (0.0, 2.0):
         trainer, recs = run(small_model, square_reward, fix_cfg(lam=lam))
-        idx = list(range(len(trainer.items)))
         change, I, I0 = outside_change(trainer)
         results[lam] = (float(square_reward(I).mean() - square_reward(I0).mean()), change)
         assert trainer.method == ("draft" if lam == 0 else "focus-n-fix")
@@ -276,6 +275,27 @@ def test_trainer_input_errors(small_model, square_reward):
         has_heatmap = False
     with pytest.raises(ValueError, match="heatmap"):
         FixTrainer(small_model, NoHeat(), fix_cfg(mask_source="heatmap"))
+
+
+def test_a_model_that_is_no_diffusion_model_is_named_not_an_attribute_error(small_model, square_reward):
+    """A ComfyUI MODEL (a ModelPatcher) or a diffusers pipeline handed to a trainer as it is failed with an
+    AttributeError on `latent_scale`; each trainer now names what the model lacks (Separate-and-Enhance also the
+    attention it reads)."""
+    class Patcher:  # what a script might pass: a ModelPatcher has `model`, not `net`
+        model = small_model.net
+
+    with pytest.raises(TypeError, match=r"model must be a DiffusionModel .*got a Patcher without net, sigmas, "
+                                        r"latent_channels, latent_scale, denoise, decode, encode_prompts$"):
+        FixTrainer(Patcher(), square_reward, fix_cfg())
+
+    class NoAttention:  # everything Focus-N-Fix calls, nothing to read cross-attention through
+        def __init__(self):
+            for m in tr.MODEL_MEMBERS:
+                setattr(self, m, getattr(small_model, m))
+
+    with pytest.raises(TypeError, match=r"got a NoAttention without token_indices, attention_capture$"):
+        SeparateEnhanceTrainer(NoAttention(), se_cfg())
+    assert FixTrainer(NoAttention(), square_reward, fix_cfg()).model.net is small_model.net
 
 
 def se_cfg(**kw):
