@@ -30,6 +30,7 @@ __all__ = [
     "mask_coverage",
     "check_mask",
     "MASK_ZERO",
+    "MASK_KINDS",
     "mask_kind",
     "fit_mask",
     "SALIENCY_METHODS",
@@ -240,8 +241,8 @@ def heatmap_to_mask(
     """Turn a heatmap (high = change here) into a Focus-N-Fix mask M.
 
     Steps: Gaussian blur (`blur_sigma`, pixels) -> min-max normalisation per image to [0,1] (so
-    `threshold` is relative to each image's blurred peak; a constant heatmap carries no location and
-    gives an empty mask) -> threshold -> disk dilation by `dilation` pixels -> Gaussian feathering of
+    `threshold` is relative to each image's blurred range, lowest to highest value, not to its peak alone;
+    a constant heatmap carries no location and gives an empty mask) -> threshold -> disk dilation by `dilation` pixels -> Gaussian feathering of
     the binary mask (`feather` sigma) -> clamp to [0,1].
 
     Threshold modes: "value" keeps H >= threshold; "top_percent" keeps the top `threshold` fraction
@@ -383,15 +384,23 @@ def mask_kind(low: float, top: float) -> str | None:
     return "faint" if top < 0.5 else None
 
 
-def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
+MASK_KINDS = ("nonfinite", "empty", "full", "faint")  # what `check_mask` warns of
+
+
+def check_mask(M: torch.Tensor, name: str = "mask M",
+               kinds: tuple[str, ...] = MASK_KINDS) -> list[str]:
     """Human-readable warnings about a mask M [B,H,W] or [B,1,H,W] in [0,1]: empty (every value 0), full (every
-    value 1), faint (no value reaches 0.5: a soft mask changes only in part) or non-finite images. [] when all is
-    well. The region term weighs each pixel by 1 - M, so a soft mask is judged by its values, not by a threshold.
+    value 1), faint (no value reaches 0.5: a soft mask changes only in part) or non-finite images, only those of
+    `kinds`. [] when all is well. The region term weighs each pixel by 1 - M, so a soft mask is judged by its
+    values, not by a threshold.
 
     Example:
         >>> check_mask(torch.zeros(1, 4, 4))
         ['mask M[0] is empty (every value 0): the whole image is held fixed']
     """
+    unknown = sorted(set(kinds) - set(MASK_KINDS))
+    if unknown:  # a misspelt kind would silently pass every mask
+        raise ValueError(f"kinds must be among {MASK_KINDS}, got {unknown}")
     M = _as_map4(M, name)
     warnings = []
     flat = M.flatten(1).float()
@@ -399,8 +408,10 @@ def check_mask(M: torch.Tensor, name: str = "mask M") -> list[str]:
     hi = flat.nan_to_num(0.0).amax(1) if flat.shape[1] else torch.zeros(len(M))
     lo = flat.nan_to_num(1.0).amin(1) if flat.shape[1] else torch.zeros(len(M))
     for b, (ok, top, low) in enumerate(zip(finite.tolist(), hi.tolist(), lo.tolist())):
-        kind = mask_kind(low, top) if ok else None
-        if not ok:
+        kind = mask_kind(low, top) if ok else "nonfinite"
+        if kind not in kinds:
+            continue
+        if kind == "nonfinite":
             warnings.append(f"{name}[{b}] has NaN or inf values")
         elif kind == "empty":
             warnings.append(f"{name}[{b}] is empty (every value 0): the whole image is held fixed")

@@ -1095,7 +1095,7 @@ class FixTrainer(_LoRATrainer):
                              f"(prompt, seed) item ({len(self.items)})")
         # an empty painted mask holds the whole image: training could only fight the region term (a mask editor
         # that saved nothing, or an inverted mask)
-        bad = [w for w in check_mask(M) if "is empty" in w or "NaN" in w] if cfg.lam > 0 else []
+        bad = check_mask(M, kinds=("nonfinite", "empty")) if cfg.lam > 0 else []
         if bad:
             raise ValueError(f"{bad[0]}: paint the region that may change (in ComfyUI's mask editor the painted "
                              f"part is 1 = may change), or set lam 0 for plain DRaFT")

@@ -204,6 +204,18 @@ def test_coverage_and_warnings():
     assert mask_coverage(torch.zeros(2, 0, 0)).tolist() == [0.0, 0.0]
 
 
+def test_check_mask_warns_of_the_kinds_asked_for():
+    """The trainer refuses only empty and non-finite painted masks: it asks for those kinds (it matched the
+    messages' words before, which a rewording would have silently broken: review health-6)."""
+    M = torch.stack([torch.zeros(4, 4), torch.ones(4, 4), torch.full((4, 4), 0.3), torch.full((4, 4), float("nan"))])
+    assert [w.split(" ")[1] for w in check_mask(M, "M")] == ["is", "is", "is", "has"]
+    assert check_mask(M, "M", kinds=("nonfinite", "empty")) == [
+        "M[0] is empty (every value 0): the whole image is held fixed", "M[3] has NaN or inf values"]
+    assert [w[:4] for w in check_mask(M, "M", kinds=("full", "faint"))] == ["M[1]", "M[2]"]
+    with pytest.raises(ValueError, match=r"kinds must be among .*got \['epmty'\]"):
+        check_mask(M, kinds=("epmty",))
+
+
 def test_tiny_magnitude_heatmap_still_gives_a_mask():
     """Regression: saliency of a big random reward is ~1e-7 everywhere; it must not count as constant."""
     H = torch.zeros(1, 32, 32)
