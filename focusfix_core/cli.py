@@ -35,10 +35,10 @@ from .records import StepRecord
 from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask, mask_coverage, mask_kind
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
-from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, FixConfig, FixTrainer, NonFiniteLossError,
-                       SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note, check_continued_method,
-                       check_state_format, interrupts_held, parse_ints, repeated_prompts_note, repeated_seeds_note,
-                       split_objects_prompt, stop_as_interrupt, trainer_on)
+from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, PRESERVATIONS, FixConfig, FixTrainer,
+                       NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note,
+                       check_continued_method, check_state_format, interrupts_held, parse_ints,
+                       repeated_prompts_note, repeated_seeds_note, split_objects_prompt, stop_as_interrupt, trainer_on)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale, weighted_mean
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -633,10 +633,11 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
             v = report[k]
             lines.append(f"- {k.replace('_', ' ')}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
     lines += [f"- note: {n}" for n in report.get("notes", [])]
-    for k in ("separate", "enhance"):
+    # in the words the node's report uses too: the maps' overlap, and the peaks of which Enhance raises the least
+    for k, what in (("separate", "the objects' maps' overlap"), ("enhance", "1 - the weakest object's peak")):
         if f"{k}_before" in report:
             b, a = (_mean_or_na(report[f"{k}_{when}"]) for when in ("before", "after"))
-            lines.append(f"- {k} loss (mean over prompts): {b} -> {a}")
+            lines.append(f"- {k} loss, {what} (mean over prompts): {b} -> {a}")
     config = report["config"]
     lines += ["", "Settings:"]
     if "objects" in config:  # Separate-and-Enhance: each prompt with the words its maps are of
@@ -755,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lam-preserve", type=float, default=1.0,
                    help="weight of the term that keeps single-object prompts as the base model draws them "
                         "(default 1)")
-    s.add_argument("--preservation", choices=("auto", "keys", "outputs"), default="auto",
+    s.add_argument("--preservation", choices=PRESERVATIONS, default="auto",
                    help="keys: keep the adapted to_k outputs on single-object prompts (exact, no extra UNet pass); "
                         "outputs: x0 MSE against the base model (any --targets); auto: keys where possible "
                         "(default auto)")

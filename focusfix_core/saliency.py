@@ -242,8 +242,8 @@ def heatmap_to_mask(
 
     Steps: Gaussian blur (`blur_sigma`, pixels) -> min-max normalisation per image to [0,1] (so
     `threshold` is relative to each image's blurred range, lowest to highest value, not to its peak alone;
-    a constant heatmap carries no location and gives an empty mask) -> threshold -> disk dilation by `dilation` pixels -> Gaussian feathering of
-    the binary mask (`feather` sigma) -> clamp to [0,1].
+    a constant heatmap carries no location and gives an empty mask) -> threshold -> disk dilation by
+    `dilation` pixels -> Gaussian feathering of the binary mask (`feather` sigma) -> clamp to [0,1].
 
     Threshold modes: "value" keeps H >= threshold; "top_percent" keeps the top `threshold` fraction
     of pixels (ties at the cut-off are kept; zeros never enter a mask below 100%); "otsu" picks the

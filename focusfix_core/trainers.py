@@ -318,6 +318,12 @@ METHOD_TRAINERS = {"focus-n-fix": "focus-n-fix", "draft": "focus-n-fix",
                    "separate-and-enhance": "separate-and-enhance"}
 
 
+def check_size(width: int, height: int, scale: int) -> None:
+    """ValueError unless width and height (pixels) are multiples of the model's `latent_scale` (8 for SD's VAE)."""
+    if width % scale or height % scale:
+        raise ValueError(f"width and height must be multiples of {scale} for this model, got {width}x{height}")
+
+
 def trainer_on(make: Callable[[LoRA | None], _T], lora: LoRA | None) -> _T:
     """make(lora): a trainer on `lora`, already hooked onto the net (a continued or resumed LoRA; None: the
     trainer attaches a new one). `lora` is removed again if the trainer cannot be built: the net is left as it
@@ -1011,9 +1017,7 @@ class FixTrainer(_LoRATrainer):
             raise ValueError(f"mask_source 'heatmap' needs a reward with a heatmap; reward "
                              f"{getattr(reward, 'name', type(reward).__name__)!r} has none: use 'saliency'")
         scale = model.latent_scale
-        if cfg.height % scale or cfg.width % scale:
-            raise ValueError(f"width and height must be multiples of {scale} for this model, got "
-                             f"{cfg.width}x{cfg.height}")
+        check_size(cfg.width, cfg.height, scale)
         self._order: list[int] = []  # items still to train on in this pass (part of every snapshot)
         super().__init__(model, cfg, lora, device)
         self.on_sampler_step = on_sampler_step
@@ -1412,9 +1416,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
             raise TypeError(f"cfg must be a SeparateEnhanceConfig, got {type(cfg).__name__}")
         self._check_model(model)
         scale = model.latent_scale
-        if cfg.height % scale or cfg.width % scale:
-            raise ValueError(f"width and height must be multiples of {scale} for this model, got "
-                             f"{cfg.width}x{cfg.height}")
+        check_size(cfg.width, cfg.height, scale)
         # the maps' (h, w): resolution is their shorter side, so a portrait or landscape size works too; a size
         # where the model has no cross-attention is refused here, before any UNet pass
         levels = getattr(model, "attention_levels", None)

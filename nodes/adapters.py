@@ -1079,7 +1079,8 @@ def prompt_attention_maps(dm: ComfyDiffusionModel, prompt: str, words: list[str]
     from ..focusfix_core.attention import AttentionStore, map_size
     from ..focusfix_core.denoisers import CFGDenoiser, initial_x
     from ..focusfix_core.sampler import sample, sampling_sigmas, seed_noise
-    _check_size(width, height, dm.latent_scale)
+    from ..focusfix_core.trainers import check_size
+    check_size(width, height, dm.latent_scale)
     hw = (height // dm.latent_scale, width // dm.latent_scale)
     if resolution != "any":  # the shorter side: portrait and landscape sizes have maps of their shape
         resolution = map_size(resolution, hw, attention_levels=dm.attention_levels(), latent_scale=dm.latent_scale)
@@ -1106,7 +1107,3 @@ def model_family(model_config) -> str | None:
     return next((family for cls, family in (("SDXLRefiner", "sdxl_refiner"), ("SDXL", "sdxl"), ("SD20", "sd2"),
                                               ("SD15", "sd1")) if cls in names), None)
 
-
-def _check_size(width: int, height: int, scale: int) -> None:
-    if width % scale or height % scale:
-        raise ValueError(f"width and height must be multiples of {scale} for this model, got {width}x{height}")

@@ -134,6 +134,17 @@ def test_train_sne_draws_attention_png_on_one_scale_per_prompt_as_the_node_does(
     # four different strengths, four different tiles (each stretched to its own range, all four were the same)
     tiles = [png[:, 2:66, 2 + 66 * c:66 + 66 * c] for c in range(4)]
     assert all((tiles[i] - tiles[j]).abs().max() > 0.2 for i in range(4) for j in range(i))
+    # the report's losses in the node's words: separate = the maps' overlap, enhance = 1 - the weakest peak
+    from focusfix_core.losses import overlap_and_peaks
+
+    report = json.loads((out / "report.json").read_text())
+    for when, A in (("before", A0), ("after", A1)):
+        overlap, peaks = overlap_and_peaks(A)
+        assert report[f"separate_{when}"] == [pytest.approx(overlap, abs=1e-6)]
+        assert report[f"enhance_{when}"] == [pytest.approx(1 - min(peaks), abs=1e-6)]
+    md = (out / "report.md").read_text()
+    assert "- separate loss, the objects' maps' overlap (mean over prompts): " in md
+    assert "- enhance loss, 1 - the weakest object's peak (mean over prompts): " in md
 
 
 def test_train_sne_and_errors(model_file, tmp_path, capsys):
