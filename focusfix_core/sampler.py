@@ -36,8 +36,9 @@ def check_steps(steps: int, K: int, least_K: int = 0) -> None:
     if steps < 1:
         raise ValueError(f"steps ({steps}) must be at least 1")
     if not least_K <= K <= steps:
-        raise ValueError(f"K ({K}) must be between {least_K} and steps ({steps}): K counts the last sampler steps "
-                         f"differentiated")
+        # "(now N)": the command line names a setting before it as its flag (--K, --steps)
+        raise ValueError(f"K (now {K}) must be between {least_K} and steps (now {steps}): K counts the last sampler "
+                         f"steps differentiated")
 
 
 def sampling_sigmas(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
@@ -299,8 +300,8 @@ def sample(
     if lv_copies < 0:
         raise ValueError(f"lv_copies must be >= 0, got {lv_copies}")
     if lv_copies and K != 1:
-        raise ValueError(f"DRaFT-LV differentiates only its re-noised copies of the last step: set K = 1 with "
-                         f"lv_copies > 0, got K = {K}")
+        raise ValueError(f"DRaFT-LV (lv_copies > 0) differentiates only its re-noised copies of the last step: set K "
+                         f"to 1 (now {K})")
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler_name {sampler_name!r}: expected one of {list(SAMPLERS)}")
     grad = torch.is_grad_enabled() and K > 0

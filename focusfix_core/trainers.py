@@ -54,8 +54,6 @@ __all__ = [
     "SeparateEnhanceConfig",
     "SeparateEnhanceTrainer",
     "NonFiniteLossError",
-    "train_fix",
-    "train_separate_enhance",
     "split_objects_prompt",
     "check_continued_method",
     "trainer_on",
@@ -198,7 +196,7 @@ class FixConfig(_LoRAConfig):
             raise ValueError(f"lv_copies must be >= 0, got {self.lv_copies}")
         if self.lv_copies and self.K != 1:
             raise ValueError(f"lv_copies > 0 (DRaFT-LV) differentiates only the re-noised copies of the last step: "
-                             f"set K = 1, got K = {self.K}")
+                             f"set K to 1 (now {self.K})")
         _check_positive("lam", self.lam, allow_zero=True)
         if self.reward_target is not None and not math.isfinite(self.reward_target):
             raise ValueError(f"reward_target must be a finite number or None, got {self.reward_target}")
@@ -1603,13 +1601,3 @@ class SeparateEnhanceTrainer(_LoRATrainer):
         meta.update(focusfix_lam_sep=self.cfg.lam_sep, focusfix_lam_en=self.cfg.lam_en,
                     focusfix_lam_preserve=self.cfg.lam_preserve, focusfix_preservation=self.preservation)
         return meta
-
-
-def train_fix(model: DiffusionModel, reward: Reward, cfg: FixConfig, **kwargs) -> Iterator[StepRecord]:
-    """Iterate Focus-N-Fix steps (see `FixTrainer`)."""
-    return iter(FixTrainer(model, reward, cfg, **kwargs))
-
-
-def train_separate_enhance(model: DiffusionModel, cfg: SeparateEnhanceConfig, **kwargs) -> Iterator[StepRecord]:
-    """Iterate Separate-and-Enhance steps (see `SeparateEnhanceTrainer`)."""
-    return iter(SeparateEnhanceTrainer(model, cfg, **kwargs))

@@ -779,7 +779,10 @@ def test_report_md_holds_the_settings_masks_and_what_the_run_went_on_from(model_
     (("--lr", "-1"), "error: --lr must be > 0, got -1.0"),
     # was a traceback from inside AdamW ("value cannot be converted to type float without overflow")
     (("--lr", "1e38"), "error: --lr must be at most 3.4e+37 (AdamW's first step, 10 lr, is a float32), got 1e+38"),
-    (("--K", "0"), "error: --K (0) must be between 1 and steps"),
+    (("--K", "0"), "error: --K (now 0) must be between 1 and --steps (now 20)"),
+    # review health-10: the other setting a message names is a flag too
+    (("--K", "2", "--lv-copies", "2"), "error: --lv-copies > 0 (DRaFT-LV) differentiates only the re-noised copies of "
+                                       "the last step: set --K to 1 (now 2)"),
     (("--iterations", "0"), "error: --iterations must be a whole number >= 1, got 0"),
     (("--seed", "-1"), "error: --seed: -1 is outside 0 to"),
     (("--prompt", " ", "--prompt", ""), "error: --prompt is empty: give at least one non-empty prompt"),

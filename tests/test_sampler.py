@@ -165,7 +165,7 @@ def test_draft_lv_differentiates_only_its_copies():
     sample(recording, torch.randn(2, 1, 3, 3), get_sigmas_karras(5, 0.1, 10.0), cond(), K=1, lv_copies=3,
            generator=torch.Generator().manual_seed(0))
     assert grad_calls == [False] * 5 + [True]  # the loop's graph would be discarded by the re-noising
-    with pytest.raises(ValueError, match="set K = 1"):
+    with pytest.raises(ValueError, match=r"set K to 1 \(now 2\)"):
         sample(den, torch.randn(2, 1, 3, 3), get_sigmas_karras(5, 0.1, 10.0), cond(), K=2, lv_copies=3)
 
 

@@ -231,7 +231,7 @@ def test_nonfinite_loss_guard(small_model, square_reward):
     (dict(scheduler=""), "scheduler must be a scheduler's name"),
     (dict(sigmas=(14.6, 2.0)), "sigmas must be positive and end at 0"),
     (dict(sigmas=(14.6, 1.0, 0.0), K=3), r"K \(3\) is more than the 2 steps of the sigmas"),
-    (dict(lv_copies=2, K=2), r"lv_copies > 0 \(DRaFT-LV\).*set K = 1, got K = 2"),
+    (dict(lv_copies=2, K=2), r"lv_copies > 0 \(DRaFT-LV\).*set K to 1 \(now 2\)$"),
 ])
 def test_fix_config_errors_name_the_input(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -339,7 +339,7 @@ def test_a_clip_for_another_model_is_refused_by_name(fresh, tiny_models):
 
 def test_validate_inputs_k_larger_than_steps(comfy):
     cls = comfy.node("FocusFixTrainFocusNFix")
-    assert "K (5)" in cls.VALIDATE_INPUTS(steps=3, K=5)
+    assert "K (now 5) must be between 1 and steps (now 3)" in cls.VALIDATE_INPUTS(steps=3, K=5)
     assert cls.VALIDATE_INPUTS(steps=3, K=3) is True
 
 

@@ -87,7 +87,7 @@ def test_k_larger_than_steps_is_refused_before_running(comfy, wt):
     api[train]["inputs"].update(K=30, steps=20)
     ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("v", api, None))
     assert train in node_errors
-    assert "K (30)" in json.dumps(node_errors[train]) and "steps (20)" in json.dumps(node_errors[train])
+    assert "K (now 30)" in json.dumps(node_errors[train]) and "steps (now 20)" in json.dumps(node_errors[train])
 
 
 def test_prompt_and_seed_formats_are_refused_before_running(comfy, wt):
@@ -180,7 +180,7 @@ def test_linked_steps_run_and_are_checked_when_the_node_runs(fresh, wt):
     ex = fresh.execute(api)
     errors = [d for e, d in ex.status_messages if e == "execution_error"]
     assert errors and errors[0]["node_id"] == train
-    assert "K (4) must be between 1 and steps (3)" in errors[0]["exception_message"], errors[0]["exception_message"]
+    assert "K (now 4) must be between 1 and steps (now 3)" in errors[0]["exception_message"], errors[0]["exception_message"]
 
 
 def test_painted_region_workflow_pass_1_on_a_fresh_install(fresh, wt):
