@@ -690,6 +690,7 @@ class _LoRATrainer:
 
     method = "lora"
     model_members = MODEL_MEMBERS  # what this trainer calls on its model
+    nonfinite_advice = "lower lr"  # what to change when the loss or a gradient turns NaN/inf, in its settings' names
 
     @classmethod
     def _check_model(cls, model: object) -> None:
@@ -820,7 +821,7 @@ class _LoRATrainer:
         if not torch.isfinite(loss):
             self.restore_last_good()
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}: stopped; the LoRA keeps "
-                                     f"the weights of step {self.step} (lower lr or lam, or check the reward)")
+                                     f"the weights of step {self.step} ({self.nonfinite_advice})")
         scaler = self.scaler
         if self._mutation is not None:
             self._mutation.before_backward()
@@ -835,7 +836,7 @@ class _LoRATrainer:
         if not math.isfinite(grad_norm) and (scaler is None or scaler.get_scale() <= 1.0):
             self.restore_last_good()
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}: stopped; the LoRA "
-                                     f"keeps the weights of step {self.step}")
+                                     f"keeps the weights of step {self.step} ({self.nonfinite_advice})")
         return grad_norm if math.isfinite(grad_norm) else math.inf
 
     def _finish_step(self, t0: float, **terms) -> StepRecord:
@@ -1002,6 +1003,7 @@ class FixTrainer(_LoRATrainer):
     """
 
     method = "focus-n-fix"
+    nonfinite_advice = "lower lr or lam, or check the reward"
 
     def __init__(self, model: DiffusionModel, reward: Reward, cfg: FixConfig, *, masks: torch.Tensor | None = None,
                  cond: Cond | None = None, uncond: Cond | None = None, lora: LoRA | None = None, device=None,
@@ -1408,6 +1410,7 @@ class SeparateEnhanceTrainer(_LoRATrainer):
 
     method = "separate-and-enhance"
     model_members = (*MODEL_MEMBERS, "token_indices", "attention_capture")
+    nonfinite_advice = "lower lr, lam_sep or lam_en"
 
     def __init__(self, model: DiffusionModel, cfg: SeparateEnhanceConfig, *, lora: LoRA | None = None, device=None):
         if not isinstance(cfg, SeparateEnhanceConfig):

@@ -2,7 +2,8 @@
 
 The trainer attaches its seeded LoRA (and removes it itself if its setup fails), or the run attaches the LoRA
 it continues (`continue_from`); the run removes the hooks in `finally` whatever a step raises; a cancel
-(`InterruptProcessingException`) propagates with nothing returned.
+(`InterruptProcessingException`) propagates with nothing returned. A loss that turns NaN/inf after a finished step
+ends training early with the LoRA of its last good step (`stopped` says why), as the command line does.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 
 from ..focusfix_core.io import NameTakenError
 from ..focusfix_core.lora import continued_metadata
-from ..focusfix_core.trainers import (FixConfig, FixTrainer, SeparateEnhanceConfig, SeparateEnhanceTrainer,
-                                      trainer_on)
+from ..focusfix_core.trainers import (FixConfig, FixTrainer, NonFiniteLossError, SeparateEnhanceConfig,
+                                      SeparateEnhanceTrainer, trainer_on)
 from .adapters import ComfyDiffusionModel, LoraData, release_idle_models, reward_on, training_session
 from .common import check_cancel, log, run_with_progress, sampling_progress
 from .lora_nodes import layers_applied, lora_path, save_lora_data, write_lora
@@ -32,6 +33,7 @@ class FixRun:
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
     checkpoint_error: str | None = None  # why the last checkpoint write failed (None: it did not)
     unmasked: tuple[tuple[str, int], ...] = ()  # items training never met whose derived mask is empty
+    stopped: str | None = None   # why training ended before its last iteration (None: it did not)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class SeparateEnhanceRun:
     checkpoint: Path | None      # where the run's checkpoints went (None: off)
     preserve_prompts: tuple[str, ...] = ()  # the preservation term's single-object prompts
     checkpoint_error: str | None = None  # why the last checkpoint write failed (None: it did not)
+    stopped: str | None = None   # why training ended before its last iteration (None: it did not)
 
 
 def _lora_data(trainer, continue_from: LoraData | None) -> LoraData:
@@ -99,9 +102,16 @@ class _Checkpointer:
                  continue_from: LoraData | None = None, graph: dict[str, str] | None = None):
         self.trainer, self.every, self.total, self.path, self.name = trainer, every, total, path, name
         self.continue_from, self.graph, self.written, self.error = continue_from, graph, None, None
+        self.steps_written = 0  # the trained steps the checkpoint holds
 
     def __call__(self, rec) -> None:
         if self.path is None or ((rec.step + 1) % self.every and rec.step + 1 != self.total):
+            return
+        self.write(rec.step + 1)
+
+    def write(self, steps: int) -> None:
+        """Write the LoRA as it is after `steps` trained steps (nothing when off, or already written then)."""
+        if self.path is None or steps == self.steps_written:
             return
         data = _lora_data(self.trainer, self.continue_from)
         try:
@@ -114,11 +124,26 @@ class _Checkpointer:
             else:
                 write_lora(data, self.path, self.graph)
         except OSError as e:
-            self.error = f"the checkpoint after step {rec.step + 1} was not written ({e})"
+            self.error = f"the checkpoint after step {steps} was not written ({e})"
             log.warning(f"{self.error}; training goes on")
             return
-        self.error = None
-        log.info(f"checkpoint after step {rec.step + 1}: {self.path}")
+        self.error, self.steps_written = None, steps
+        log.info(f"checkpoint after step {steps}: {self.path}")
+
+
+def _train(trainer, total: int, save: _Checkpointer, preview=None) -> tuple[list, str | None]:
+    """The trainer's steps under ComfyUI's progress bar: (their records, why training stopped early or None).
+    A loss or gradient that turns NaN/inf after a finished step ends training with the LoRA of the last good step
+    (the trainer put it back): the outputs are drawn with it and the checkpoint holds it, where an error would
+    lose every step. At the first step there is nothing to keep: the error is raised."""
+    try:
+        return run_with_progress(trainer, total, preview, save), None
+    except NonFiniteLossError as e:
+        if trainer.step == 0:
+            raise
+        log.warning(f"training stopped early: {e}")
+        save.write(trainer.step)
+        return list(trainer.history), str(e)
 
 
 def _release(dm: ComfyDiffusionModel) -> None:
@@ -147,10 +172,10 @@ def run_focus_n_fix(dm: ComfyDiffusionModel, reward, make_cfg, *, masks=None, co
             _release(dm)
             save = _Checkpointer(trainer, checkpoint_every, cfg.iterations, ckpt, checkpoint_name, continue_from,
                                  graph)
-            history = run_with_progress(trainer, cfg.iterations, lambda: trainer.last_images, save)
+            history, stopped = _train(trainer, cfg.iterations, save, lambda: trainer.last_images)
             I0, I, M = trainer.before_after(progress=lambda total: sampling_progress(dm.patcher, total))
             return FixRun(_lora_data(trainer, continue_from), history, I0, I, M, save.written, save.error,
-                          tuple(trainer.unmasked))
+                          tuple(trainer.unmasked), stopped)
         finally:
             trainer.lora.remove()
             trainer.release()  # the session's end then gives the page-locked copies back
@@ -177,8 +202,9 @@ def run_separate_enhance(dm: ComfyDiffusionModel, make_cfg, *, checkpoint_every:
             before = trainer.eval_maps(cfg.seed)
             save = _Checkpointer(trainer, checkpoint_every, cfg.iterations, ckpt, checkpoint_name, continue_from,
                                  graph)
-            history = run_with_progress(trainer, cfg.iterations, on_record=save)
+            history, stopped = _train(trainer, cfg.iterations, save)
             return SeparateEnhanceRun(_lora_data(trainer, continue_from), history, before,
-                                      trainer.eval_maps(cfg.seed), save.written, cfg.preserve_prompts, save.error)
+                                      trainer.eval_maps(cfg.seed), save.written, cfg.preserve_prompts, save.error,
+                                      stopped)
         finally:
             trainer.lora.remove()

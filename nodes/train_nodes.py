@@ -99,8 +99,18 @@ def _check_checkpoint_name(every: int | None, name: str | None) -> None:
         checkpoint_path(1, name)
 
 
-def _checkpoint_note(path, every: int, iterations: int, error: str | None = None) -> list[str]:
-    """Where the run's checkpoints went, or why there is none; `error`: why the last write failed."""
+def _stopped_notes(stopped: str | None, history, iterations: int) -> list[str]:
+    """The report's first line when training ended early (a loss turned NaN/inf): what the outputs hold."""
+    if stopped is None:
+        return []
+    return [f"WARNING: training stopped after {len(history)} of {iterations} iterations: {stopped}. The outputs "
+            f"(the LoRA, its images) are of that step"]
+
+
+def _checkpoint_note(path, every: int, iterations: int, error: str | None = None,
+                     stopped: bool = False) -> list[str]:
+    """Where the run's checkpoints went, or why there is none; `error`: why the last write failed; `stopped`:
+    training ended early, after its last good step, which the checkpoint holds."""
     if every <= 0:
         return []
     if error is not None:
@@ -108,7 +118,8 @@ def _checkpoint_note(path, every: int, iterations: int, error: str | None = None
         return [f"checkpoint: {error}; training went on ({kept}; the LoRA output holds every step)"]
     if path is None:
         return ["checkpoint: none was written"]
-    when = f"every {every} iterations and after the last" if every < iterations else "after the last iteration"
+    when = (f"every {every} iterations and after the last" if every < iterations else "after the last iteration")
+    when = "after the last good step" if stopped else when
     return [f"checkpoint: {loras_name(path)} ({when}; FocusFix Load LoRA lists it, to continue from)"]
 
 
@@ -235,10 +246,12 @@ class FocusFixTrainFocusNFix:
         notes += [] if run.M is None or lam == 0 else check_mask(run.M, "M")
         notes += [f"prompt {p!r}, seed {s}: no mask (the reward's {mask_source} of its image is flat); training "
                   f"never drew it, and its before/after show it with an empty mask" for p, s in run.unmasked]
-        report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
+        report = "\n".join([*_stopped_notes(run.stopped, run.history, iterations),
+                            repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             _redraw_note(steps, cfg, sampler_name, scheduler, sigmas, width, height),
                             *dm.redraw_caveats(), *notes,
-                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
+                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error,
+                                              run.stopped is not None),
                             *_precision_notes(run.history), *_non_finite_notes(run.I),
                             *_unchanged_notes(run.history, None if reward_target >= NO_TARGET else reward_target)])
         log.info(report)
@@ -450,11 +463,13 @@ class FocusFixTrainSeparateEnhance:
             checkpoint_every=checkpoint_every, checkpoint_name=checkpoint_name, continue_from=continue_from,
             graph=graph_metadata(prompt, extra_pnginfo))
         preservation = run.lora.metadata.get("focusfix_preservation", "none")
-        report = "\n".join([repr(run.lora), run.history[-1].summary(), _timing(run.history),
+        report = "\n".join([*_stopped_notes(run.stopped, run.history, iterations),
+                            repr(run.lora), run.history[-1].summary(), _timing(run.history),
                             f"preservation: {preservation}" + (f", on {', '.join(map(repr, run.preserve_prompts))}"
                                                                if preservation != "none" else ""),
                             *_maps_notes(run.A_before, run.A_after, parsed), *dm.redraw_caveats(), *notes,
-                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error),
+                            *_checkpoint_note(run.checkpoint, checkpoint_every, iterations, run.checkpoint_error,
+                                              run.stopped is not None),
                             *_precision_notes(run.history)])
         top = maps_scale(run.A_before, run.A_after)  # one scale per prompt, before and after: Enhance shows
         return (run.lora, bchw_to_image(_curve(run.history, CURVES_SE)),

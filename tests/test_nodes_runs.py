@@ -163,3 +163,71 @@ def test_a_continued_run_trains_the_saved_lora_and_tells_the_trainer_how_far_it_
         trainer.lora.remove()
     told.clear()
     assert RUNS._trainer(Made, None, SimpleNamespace(net=net, family=None)).lora is None and told == []
+
+
+class _Diverging:
+    """A trainer whose loss turns NaN at step `bad` (1-based), as the core's does: the steps before yield their
+    records, then NonFiniteLossError with the LoRA put back to the last good step (its weights = that step)."""
+
+    method = "focus-n-fix"
+
+    def __init__(self, bad):
+        self.inner, self.bad, self.step, self.history = _Trainer(), bad, 0, []
+        self.lora, self.model = self.inner.lora, self.inner.model
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def __iter__(self):
+        for i in range(self.bad - 1):
+            self.inner.step(i + 1)
+            self.step = i + 1
+            rec = SimpleNamespace(step=i, summary=lambda: "step")
+            self.history.append(rec)
+            yield rec
+        raise RUNS.NonFiniteLossError(f"loss is nan at step {self.bad}: stopped; the LoRA keeps the weights of step "
+                                      f"{self.bad - 1} (lower lr)")
+
+
+@pytest.fixture
+def comfy_progress(monkeypatch):
+    """Stand-ins for `comfy.model_management` (cancel never pressed) and `comfy.utils` (a silent progress bar)."""
+    import types
+    mm = types.ModuleType("comfy.model_management")
+    mm.throw_exception_if_processing_interrupted = lambda: None
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = lambda total: SimpleNamespace(update_absolute=lambda *a, **k: None)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, utils
+    for name, module in (("comfy", comfy), ("comfy.model_management", mm), ("comfy.utils", utils)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("every", [0, 5])
+def test_a_loss_turning_nan_mid_run_keeps_the_last_good_step(loras, comfy_progress, every):
+    """A NaN at step 3 of 5 raised out of the Train node: no output, and with checkpoints off (the default) steps
+    1-2 were lost, while the message said the LoRA was kept (review extreme-F1). The run now ends there with the
+    records so far and why, and a checkpoint (when on) holds step 2, though 2 is no multiple of `every`."""
+    trainer = _Diverging(bad=3)
+    save = RUNS._Checkpointer(trainer, every, 5, RUNS.checkpoint_path(every, "fix"), "fix")
+    history, stopped = RUNS._train(trainer, 5, save)
+    assert [r.step for r in history] == [0, 1]
+    assert stopped == "loss is nan at step 3: stopped; the LoRA keeps the weights of step 2 (lower lr)"
+    if every:
+        assert _held_step(save.written) == 2 and save.steps_written == 2
+    else:
+        assert save.written is None and not any(loras.iterdir())
+    with pytest.raises(RUNS.NonFiniteLossError, match="at step 1"):  # nothing trained yet: nothing to keep
+        RUNS._train(_Diverging(bad=1), 5, RUNS._Checkpointer(_Diverging(1), 0, 5, None, "fix"))
+
+
+def test_the_report_of_a_stopped_run_says_so_first_and_what_the_outputs_hold(loras):
+    T = PACK.nodes.train_nodes
+    assert T._stopped_notes(None, [1, 2], 5) == []
+    (line,) = T._stopped_notes("loss is nan at step 3: stopped; the LoRA keeps the weights of step 2", [1, 2], 5)
+    assert line.startswith("WARNING: training stopped after 2 of 5 iterations: loss is nan at step 3")
+    assert line.endswith("The outputs (the LoRA, its images) are of that step")
+    path = loras / "fix.safetensors"
+    assert T._checkpoint_note(path, 2, 5, None, True) == [
+        "checkpoint: fix.safetensors (after the last good step; FocusFix Load LoRA lists it, to continue from)"]
+    assert "every 2 iterations and after the last" in T._checkpoint_note(path, 2, 5)[0]

@@ -210,10 +210,16 @@ def test_nan_reward_stops_and_keeps_last_good_lora(small_model, square_reward):
 def test_nonfinite_loss_guard(small_model, square_reward):
     trainer = FixTrainer(small_model, square_reward, fix_cfg(mask_source="none"))
     good = {k: v.clone() for k, v in trainer.lora.state_dict().items()}
-    with pytest.raises(NonFiniteLossError, match="keeps the weights"):
+    with pytest.raises(NonFiniteLossError, match=r"keeps the weights of step 0 \(lower lr or lam, or check the "
+                                                 r"reward\)$"):
         trainer._optimizer_step(torch.tensor(float("nan"), requires_grad=True))
     assert all(torch.equal(v, good[k]) for k, v in trainer.lora.state_dict().items())
     trainer.lora.remove()
+    # Separate-and-Enhance has no reward and no lam: its advice names its own settings (review extreme-F2)
+    se = SeparateEnhanceTrainer(small_model, se_cfg())
+    with pytest.raises(NonFiniteLossError, match=r"keeps the weights of step 0 \(lower lr, lam_sep or lam_en\)$"):
+        se._optimizer_step(torch.tensor(float("inf"), requires_grad=True))
+    se.lora.remove()
 
 
 @pytest.mark.parametrize("kw, match", [

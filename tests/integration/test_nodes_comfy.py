@@ -184,6 +184,38 @@ def test_train_focus_n_fix(fresh, checkpoint, layout):
     assert _hooks(model.model.diffusion_model) == 0 and _weights_untouched(model) and not model.patches
 
 
+def test_a_reward_turning_nan_mid_run_keeps_the_steps_trained(fresh, checkpoint, monkeypatch):
+    """A NaN score at step 3 of 4 failed the node: no outputs, and with checkpoints off steps 1-2 were gone, while
+    the message said the LoRA was kept (review extreme-F1). The outputs now hold step 2's LoRA and its images,
+    the report starts with why, and the checkpoint holds step 2."""
+    import sys
+    trainers = sys.modules[f"{fresh.pack.__name__}.focusfix_core.trainers"]
+    real, calls = trainers.FixTrainer.train_step, []
+
+    def nan_score_at_step_3(self):
+        calls.append(1)
+        if len(calls) != 3:
+            return real(self)
+        score = self.reward.forward
+        self.reward.forward = lambda I, *a, **k: score(I, *a, **k) * float("nan")
+        try:
+            return real(self)
+        finally:
+            self.reward.forward = score
+    monkeypatch.setattr(trainers.FixTrainer, "train_step", nan_score_at_step_3)
+    lora, curve, before, after, mask, report = _train_fix(fresh, checkpoint, iterations=4, checkpoint_every=1,
+                                                          checkpoint_name="ff/ck")
+    assert report.startswith("WARNING: training stopped after 2 of 4 iterations: scores must be finite")
+    assert "the LoRA keeps the weights of step 2" in report and "step 2/4" in report
+    assert lora.metadata["focusfix_steps_trained"] == "2"
+    assert all(torch.isfinite(v).all() for v in lora.tensors.values()) and torch.isfinite(after).all()
+    assert not torch.equal(before, after), "two steps were trained"
+    saved = fresh.pack.nodes.adapters.LoraData.from_file(fresh.loras / "ff" / "ck.safetensors")
+    assert saved.metadata["focusfix_steps_trained"] == "2"
+    assert all(torch.equal(saved.tensors[k], v) for k, v in lora.tensors.items())
+    assert "ck.safetensors (after the last good step" in report
+
+
 def test_train_focus_n_fix_on_fp8_weights(fresh, tiny_models):
     """SDXL on a 12 GB card is often loaded with weight_dtype fp8_e4m3fn (weights stored in fp8, computed in
     a wider dtype per layer). Training must work there, and the LoRA must act in every sampler step."""
