@@ -32,13 +32,14 @@ from .attention import maps_scale, maps_tiles
 from .io import atomic_write_text, is_read_only, load_mask_image, load_training_state
 from .lora import LoRA, SavedLoRA, continued_metadata, read_focusfix_lora, save_lora
 from .records import StepRecord
-from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, fit_mask, mask_coverage, mask_kind
+from .saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, fit_mask, mask_coverage, mask_kind
 from .sampler import SAMPLERS, sample
 from .schedules import SCHEDULERS
 from .trainers import (MASK_SOURCES, MAX_RANK, METHOD_TRAINERS, PRESERVATIONS, FixConfig, FixTrainer,
                        NonFiniteLossError, SeparateEnhanceConfig, SeparateEnhanceTrainer, batch_note,
                        check_continued_method, check_state_format, interrupts_held, parse_ints,
-                       repeated_prompts_note, repeated_seeds_note, split_objects_prompt, stop_as_interrupt, trainer_on)
+                       repeated_prompts_note, repeated_seeds_note, split_objects_prompt, stop_as_interrupt, trainer_on,
+                       unchanged_notes)
 from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curves, save_png, upscale, weighted_mean
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
@@ -490,7 +491,13 @@ def run_fix(model, reward, cfg: FixConfig, out: Path, *, masks=None, state: dict
             "mask_files": [str(f) for f in mask_files], **_lineage(trainer, state, continue_from),
             "notes": [*notes, *(f"prompt {p!r}, seed {s}: no mask (its reward {cfg.mask_source} is flat); training "
                                 f"never drew it, and its images show it with an empty mask"
-                                for p, s in trainer.unmasked)],
+                                for p, s in trainer.unmasked),
+                      # what the node's report says too: a derived M that holds nothing (a threshold of 1, a huge
+                      # dilation) or little, and a run whose images were all at --reward-target from the start
+                      *(check_mask(M, "M", kinds=("full", "faint"))
+                        if M is not None and cfg.lam > 0 and cfg.mask_source in ("heatmap", "saliency") else []),
+                      *unchanged_notes(history, cfg.reward_target, "--reward-target",
+                                       "leave it out to never stop")],
             "files": {"lora": str(lora_path), "before_after": str(out / "before_after.png"),
                       "curves": str(out / "curves.png"), **state_file},
             "items": items,

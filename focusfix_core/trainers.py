@@ -49,6 +49,7 @@ __all__ = [
     "repeated_seeds_note",
     "repeated_prompts_note",
     "batch_note",
+    "unchanged_notes",
     "FixConfig",
     "FixTrainer",
     "SeparateEnhanceConfig",
@@ -237,6 +238,18 @@ def repeated_prompts_note(prompts: Sequence[str], name: str = "prompts", objects
         return []
     again = "prompt again (counts it more)" if objects else "images again (counts them more)"
     return [f"{name} repeat {repeated}: each repeat trains the same {again}"]
+
+
+def unchanged_notes(history: Sequence[StepRecord], reward_target: float | None, name: str = "reward_target",
+                    unbounded: str = "leave it unset to never stop") -> list[str]:
+    """A report line when no step moved the LoRA (every gradient exactly 0), which otherwise looks like a normal
+    run: with a reward_target (the setting's `name`) every image was already at it. `unbounded`: how to set none."""
+    if not history or any(r.grad_norm != 0 for r in history):
+        return []
+    why = (f"every image's reward was already at or above {name} ({reward_target:g}; the first step's mean reward "
+           f"was {history[0].reward:.4g}), where the reward stops pushing: raise {name}, or {unbounded}"
+           if reward_target is not None else "the loss gave no gradient")
+    return [f"the LoRA did not change: every step's gradient was 0 ({why})"]
 
 
 def batch_note(batch_size: int, n_items: int, name: str = "batch_size") -> list[str]:

@@ -17,7 +17,7 @@ from ..focusfix_core.sampler import check_steps
 from ..focusfix_core.saliency import SALIENCY_METHODS, THRESHOLD_MODES, check_mask, check_threshold
 from ..focusfix_core.trainers import (MASK_SOURCES, MAX_RANK, FixConfig, SeparateEnhanceConfig, batch_note,
                                       check_continued_method, repeated_prompts_note, repeated_seeds_note,
-                                      split_objects_prompt)
+                                      split_objects_prompt, unchanged_notes)
 from .adapters import (ComfyDiffusionModel, b1hw_to_mask, bchw_to_image, check_comfyui_trains, check_conditioning,
                        conditioning_ignored, conditioning_to_conds, mask_to_b1hw)
 from .common import (GRAPH_INPUTS, LORA, REWARD, RESOLUTION_TIP, check_map_size, check_widget_ranges, clock,
@@ -361,13 +361,8 @@ def _timing(history) -> str:
 
 
 def _unchanged_notes(history, reward_target: float | None) -> list[str]:
-    """A report line when no step moved the LoRA (every gradient exactly 0): the run looks normal otherwise."""
-    if not history or any(r.grad_norm != 0 for r in history):
-        return []
-    why = (f"every image's reward was already at or above reward_target ({reward_target:g}; the first step's mean "
-           f"reward was {history[0].reward:.4g}), where the reward stops pushing: raise reward_target, or set it "
-           f"to {NO_TARGET:g} to never stop" if reward_target is not None else "the loss gave no gradient")
-    return [f"the LoRA did not change: every step's gradient was 0 ({why})"]
+    """`unchanged_notes` in the widget's words: a FLOAT widget has no "unset", NO_TARGET is never stop."""
+    return unchanged_notes(history, reward_target, unbounded=f"set it to {NO_TARGET:g} to never stop")
 
 
 def _non_finite_notes(I: torch.Tensor) -> list[str]:

@@ -1213,6 +1213,22 @@ def test_the_report_measures_the_change_on_the_images_as_saved(model_file, tmp_p
     assert "the LoRA draws non-finite images" in report["status"]
 
 
+def test_the_report_notes_a_full_mask_and_a_run_already_at_its_reward_target(model_file, tmp_path):
+    """The node's report says when M holds nothing and when no step moved the LoRA; the command line's said
+    neither: --threshold 1 or --reward-target -1000 read as an ordinary run (review extreme-F3)."""
+    out = tmp_path / "full"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--seeds", "0", "--threshold", "1")) == 0
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert "M[0] is full (every value 1): nothing is held: Focus-N-Fix becomes plain DRaFT" in notes
+    assert "- note: M[0] is full" in (out / "report.md").read_text()
+    out = tmp_path / "reached"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "2", "--seeds", "0", "--reward-target", "-1000")) == 0
+    report = json.loads((out / "report.json").read_text())
+    (note,) = [n for n in report["notes"] if n.startswith("the LoRA did not change")]
+    assert "already at or above --reward-target (-1000;" in note and "leave it out to never stop" in note
+    assert not any(n.startswith("M[") for n in report["notes"])  # a mask that holds: no note
+
+
 def test_the_report_weighs_a_soft_mask_by_its_values(model_file, tmp_path, monkeypatch):
     """Review (session 27): a faint mask (0.4, now trained as it is) was split at 0.5 in the report: coverage 0,
     change inside 0 and all its change counted outside. Weighed by M and 1 - M, as the region term and Compare
