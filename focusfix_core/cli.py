@@ -44,6 +44,7 @@ from .viz import CHANGE_SCALE, heat_overlay, image_grid, mask_overlay, plot_curv
 
 __all__ = ["main", "run_fix", "run_separate_enhance", "ProgressBar"]
 
+MAX_SIZE = 256  # the largest --size for the tiny model (`_size`)
 COMMAND_OF_METHOD = {"focus-n-fix": "train-fnf", "separate-and-enhance": "train-sne"}
 OUTPUT_NAMES = ("lora.safetensors", "report.json", "report.md", "before_after.png", "curves.png", "state.pt",
                 "attention.png", "demo_summary.json", "both_objects.png", "held_out.png")  # the last two: the demo's
@@ -649,9 +650,13 @@ def _write_report(out: Path, report: dict, columns: str) -> None:
     lines += ["", "Settings:"]
     if "objects" in config:  # Separate-and-Enhance: each prompt with the words its maps are of
         lines += [f"- prompt {p!r}, objects {', '.join(o)}" for p, o in zip(config["prompts"], config["objects"])]
-    # a setting whose flag has another name shows it too, so a run can be repeated from this list
+    # a setting whose flag has another name shows it too, so a run can be repeated from this list; DRaFT-LV's
+    # copies when on (a K=1 run otherwise reads like plain DRaFT), and what preservation 'auto' chose
+    quiet = set(_QUIET_SETTINGS) - ({"lv_copies"} if config.get("lv_copies") else set())
+    chosen = report.get("preservation")
     lines += [f"- {k}{f' ({_REPORT_FLAGS[k]})' if k in _REPORT_FLAGS else ''}: {_setting(v)}"
-              for k, v in config.items() if k not in _QUIET_SETTINGS
+              + (f" ({chosen})" if k == "preservation" and chosen not in (None, v) else "")
+              for k, v in config.items() if k not in quiet
               and not (k == "prompts" and "objects" in config) and v not in ((), [], None, "")]
     lines += [f"- painted mask: `{f}`" for f in report.get("mask_files", [])]
     lines += ["", f"Grid columns: {columns}.", "", "Files (in this folder):"]
@@ -751,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--saliency-method", default="grad", choices=SALIENCY_METHODS,
                    help="--mask-source saliency: the reward's gradient (grad), averaged over noisy copies "
                         "(smoothgrad), or times the image (grad_x_input) (default grad)")
-    f.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    f.add_argument("--size", type=int, default=None,
+                   help="image size in pixels, a multiple of 4 up to 256 (default: the model's; tiny: 32)")
 
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
     _add_lora_args(s, "to_k")
@@ -769,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto)")
     s.add_argument("--resolution", type=int, default=16,
                    help="attention maps' shorter side (default 16; the tiny model at 32 px: 16 or 8)")
-    s.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    s.add_argument("--size", type=int, default=None,
+                   help="image size in pixels, a multiple of 4 up to 256 (default: the model's; tiny: 32)")
 
     c = sub.add_parser("convert-reward", help="write a safetensors copy of a reward file (never unpickles code)")
     c.add_argument("input", type=Path, help="a reward file (.pth/.pt/.bin read weights-only, or .safetensors)")
@@ -779,11 +786,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(model, size):
+    native = getattr(getattr(model, "cfg", None), "image_size", 512)
     if size is not None and size < 8:
         raise ValueError(f"--size must be at least 8 pixels, got {size}")
     if size is not None and size % 4:  # the tiny UNet halves the image twice, and its skips must line up again
         raise ValueError(f"--size must be a multiple of 4 (the tiny model halves the image twice), got {size}")
-    return size or getattr(getattr(model, "cfg", None), "image_size", 512)
+    # the tiny model works on pixels, its self-attention on every one: measured on 2 CPU cores, one step at 256 px
+    # takes about 25 s and 1 GB; at 1024 px a step takes over 10 minutes, and 4096 px ran out of 24 GB
+    most = max(MAX_SIZE, 8 * native)  # a TinyModel file drawing larger than the embedded one gets more room
+    if size is not None and size > most:
+        raise ValueError(f"--size must be at most {most} pixels for this model (it draws at {native} px; it computes "
+                         f"on every pixel, so larger images take minutes a step and more memory than a CPU machine "
+                         f"has), got {size}")
+    return size or native
 
 
 def _lora_settings(a, out: Path, method: str) -> tuple[SavedLoRA | None, dict, dict | None]:

@@ -200,7 +200,8 @@ class FixConfig(_LoRAConfig):
                              f"set K to 1 (now {self.K})")
         _check_positive("lam", self.lam, allow_zero=True)
         if self.reward_target is not None and not math.isfinite(self.reward_target):
-            raise ValueError(f"reward_target must be a finite number or None, got {self.reward_target}")
+            raise ValueError(f"reward_target must be a finite number, got {self.reward_target} (no target: leave it "
+                             f"unset)")
         _check_positive("cfg_scale", self.cfg_scale)
         _check_choice("mask_source", self.mask_source, MASK_SOURCES)
         if self.mask_source in ("heatmap", "saliency"):  # before any image is sampled

@@ -1255,7 +1255,10 @@ def test_the_report_weighs_a_soft_mask_by_its_values(model_file, tmp_path, monke
 
 
 @pytest.mark.parametrize("size, message", [("4", "--size must be at least 8 pixels, got 4"),
-                                           ("34", "--size must be a multiple of 4")])
+                                           ("34", "--size must be a multiple of 4"),
+                                           # was the system's out-of-memory kill at 24 GB, nothing printed
+                                           ("4096", "--size must be at most 256 pixels for this model (it draws "
+                                                    "at 32 px;")])
 def test_a_size_the_tiny_unet_cannot_take_is_refused_by_name(tmp_path, capsys, size, message):
     argv = ["train-fnf", "--prompt", "a red circle", "--reward", "artifact", "--out", str(tmp_path / "o"),
             "--size", size]
@@ -1390,6 +1393,19 @@ def test_train_sne_flags_reach_the_run_and_its_report_counts_the_steps_done(mode
     assert report["status"] == "interrupted after 1 steps" and report["steps_trained"] == 1
     assert "- steps trained: 1 (" in (out / "report.md").read_text()  # S&E has no sampler `steps` setting
     assert report["config"]["preservation"] == "auto" and report["preservation"] == "keys"
+    md = (out / "report.md").read_text()
+    assert "- preservation: auto (keys)\n" in md  # what auto chose, as report.json and the LoRA say (extreme-F4)
+    assert "- preservation: outputs\n" in (tmp_path / "set" / "report.md").read_text()
+
+
+def test_report_md_shows_drafts_lv_copies_when_on(model_file, tmp_path):
+    """A DRaFT-LV run's report.md read like a plain K=1 run: lv_copies was always left out (review extreme-F4)."""
+    out = tmp_path / "lv"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--seeds", "0", "--lv-copies", "2")) == 0
+    assert "- lv_copies: 2\n" in (out / "report.md").read_text()
+    out = tmp_path / "plain"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1", "--seeds", "0")) == 0
+    assert "lv_copies" not in (out / "report.md").read_text()
 
 
 def test_a_carriage_return_inside_a_prompt_is_a_line_break_but_one_at_its_end_is_not(model_file, tmp_path,
