@@ -255,11 +255,12 @@ def unchanged_notes(history: Sequence[StepRecord], reward_target: float | None, 
 
 def batch_note(batch_size: int, n_items: int, name: str = "batch_size") -> list[str]:
     """A note when a batch is larger than the (prompt, seed) items: an item always gives the same trajectory, so
-    a step would compute some of them twice."""
+    a step would compute some of them more than once."""
     if batch_size <= n_items:
         return []
-    return [f"{name} {batch_size} is more than the {n_items} (prompt, seed) items: a step computes some of them "
-            f"twice (add seeds or prompts, or lower {name})"]
+    # on average: a batch takes the rest of one shuffled pass and then whole ones, so one item may come once more
+    return [f"{name} {batch_size} is more than the {n_items} (prompt, seed) items: a step computes each of them "
+            f"{batch_size / n_items:.3g} times on average (add seeds or prompts, or lower {name})"]
 
 
 def parse_ints(text: str, name: str = "seeds") -> list[int]:

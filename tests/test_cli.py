@@ -675,8 +675,8 @@ def test_the_notes_the_node_gives_are_printed_and_reported(model_file, tmp_path,
     assert cli.main(fnf_args(model_file, out, "--seeds", "0,0", "--batch-size", "3", "--iterations", "1")) == 0
     err = capsys.readouterr().err
     expected = ["--seeds repeat [0]: each repeat trains the same image again (counts it more)",
-                "--batch-size 3 is more than the 2 (prompt, seed) items: a step computes some of them twice (add "
-                "seeds or prompts, or lower --batch-size)"]
+                "--batch-size 3 is more than the 2 (prompt, seed) items: a step computes each of them 1.5 times on "
+                "average (add seeds or prompts, or lower --batch-size)"]
     assert all(f"note: {n}" in err for n in expected)
     report = json.loads((out / "report.json").read_text())
     assert report["notes"] == expected and report["model"] != expected[1]

@@ -59,6 +59,8 @@ def test_batch_note_only_when_the_batch_is_larger_than_the_items(batch, n_items)
         assert notes == []
     else:
         assert len(notes) == 1 and f"batch_size {batch}" in notes[0] and f"the {n_items} (prompt, seed)" in notes[0]
+        # how many times, not "twice" at 64 over 4 (review extreme)
+        assert f"each of them {batch / n_items:.3g} times on average" in notes[0]
 
 
 # ------------------------------------------------------------------------------------------- _mask_input
