@@ -27,6 +27,7 @@ from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import __version__
@@ -663,6 +664,42 @@ def _release_failed_backward(device: torch.device) -> None:
         pass
 
 
+class _KeepWritten(TorchDispatchMode):
+    """Holds every saved tensor an op writes into until the step's backward is done (`allow_mutation_on_saved_tensors`
+    context `ctx`, entered just before this mode). That context clones such a tensor and finds the clone again by
+    the tensor's (id, data_ptr, version) alone: once the written tensor was freed, a new tensor that CPython and the
+    allocator placed at the same id and address, at the same version, got the old one's clone in the backward. Seen
+    with FreeU_V2 (it scales a block's output in place) on Python 3.13: a recomputed block got a 32-channel clone
+    for its 64-channel input; with equal shapes it would have been wrong gradients without an error."""
+
+    def __init__(self, ctx) -> None:
+        super().__init__()
+        self.ctx, self.kept = ctx, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            written = kwargs.get("out") if arg.is_out else args[i] if i < len(args) else kwargs.get(arg.name)
+            for t in written if isinstance(written, (list, tuple)) else (written,):
+                if isinstance(t, torch.Tensor) and _saved_id(t) in self.ctx.sid_to_tid:
+                    self.kept.append(t)
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc):
+        self.kept.clear()
+        return super().__exit__(*exc)
+
+
+def _saved_id(t: torch.Tensor) -> tuple[int, int]:
+    """(data_ptr, version), the key `allow_mutation_on_saved_tensors` files a saved tensor's storage under."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # a tensor without storage (fake, functional): torch files them under 0
+        return 0, t._version
+
+
 class _MutationContext:
     """`allow_mutation_on_saved_tensors` entered at a step's first call with grad enabled (`enter`: a forward
     pre-hook on the net, or `FixTrainer._differentiated`) and left by `end()`, after the backward, which reads the
@@ -675,6 +712,7 @@ class _MutationContext:
     def enter(self, module=None, args=None) -> None:
         if torch.is_grad_enabled() and self._ctx is None:
             self._ctx = self._stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
+            self._stack.enter_context(_KeepWritten(self._ctx))  # inside it: sees each op first
 
     def before_backward(self) -> None:
         # a torch without the context's `cloned` (a private attribute) is taken to need the mode: safe, slower

@@ -1529,6 +1529,36 @@ def test_an_invalid_training_state_is_refused_whole_and_leaves_the_trainer(small
     trainer.lora.remove()
 
 
+def test_a_saved_tensor_written_in_place_lives_until_the_backward_is_done():
+    """torch's allow_mutation_on_saved_tensors finds a written tensor's copy by its (id, data_ptr, version): once
+    the tensor was freed, a new one CPython and the allocator put at the same id and address got that copy in the
+    backward (FreeU_V2 on Python 3.13: a 32-channel copy for a block's 64-channel input; with equal shapes, wrong
+    gradients without an error). The trainers' mutation context keeps such tensors alive until it ends."""
+    import gc
+    import weakref
+    from contextlib import ExitStack
+
+    a = torch.randn(2, 8, 4, 4, requires_grad=True)
+    with ExitStack() as stack:
+        mutation = tr._MutationContext(stack)
+        with torch.enable_grad():
+            mutation.enter()
+            h = a * 1
+            y = h.sin().sum()         # saves h
+            h.mul_(2)                 # written in place: the mode copies the saved h
+            kept = weakref.ref(h)
+            del h
+            gc.collect()
+            assert kept() is not None, "freed: a new tensor could take its id, address and version"
+            mutation.before_backward()
+            y.backward()
+        assert mutation.copied
+        mutation.end()
+    gc.collect()
+    assert kept() is None  # released with the context
+    torch.testing.assert_close(a.grad, torch.cos(a.detach()))
+
+
 def test_the_mutation_context_covers_only_the_calls_that_record_a_graph(small_model, square_reward):
     """Its per-op Python is paid from the step's first UNet call with grad on to the backward: the N - K graph-free
     sampler calls before it run without it (they save nothing for a backward, so their in-place writes need no
