@@ -11,6 +11,7 @@ breaking the loop and saves what it has (`save_state`, or the LoRA itself).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -678,10 +679,8 @@ class _KeepWritten(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for i, arg in enumerate(func._schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            written = kwargs.get("out") if arg.is_out else args[i] if i < len(args) else kwargs.get(arg.name)
+        for i, is_out, name in _written_args(func):
+            written = kwargs.get("out") if is_out else args[i] if i < len(args) else kwargs.get(name)
             for t in written if isinstance(written, (list, tuple)) else (written,):
                 if isinstance(t, torch.Tensor) and _saved_id(t) in self.ctx.sid_to_tid:
                     self.kept.append(t)
@@ -690,6 +689,13 @@ class _KeepWritten(TorchDispatchMode):
     def __exit__(self, *exc):
         self.kept.clear()
         return super().__exit__(*exc)
+
+
+@functools.cache
+def _written_args(func) -> tuple[tuple[int, bool, str], ...]:
+    """(position, is_out, name) of each argument an op writes into; most ops write none (read once per op)."""
+    return tuple((i, a.is_out, a.name) for i, a in enumerate(func._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
 
 
 def _saved_id(t: torch.Tensor) -> tuple[int, int]:
