@@ -126,12 +126,19 @@ def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback():
               "        if name == 'focusfix_core.cli':\n"
               "            raise KeyboardInterrupt\n"
               "sys.meta_path.insert(0, CtrlC())\n"
-              "sys.argv = ['focusfix_core', 'demo', '--out', 'x']\n"
-              "runpy.run_module('focusfix_core', run_name='__main__')\n")
+              "sys.argv = ['focusfix_core', 'demo', '--out', 'x']\n")
+    # `python -m focusfix_core`, and the `focusfix` command pyproject installs (its entry point, called as the
+    # installed script calls it)
+    tomllib = pytest.importorskip("tomllib", reason="tomllib comes with Python 3.11")
+    entry = tomllib.loads((Path(cli.__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = entry["focusfix"].split(":")
+    starts = ["runpy.run_module('focusfix_core', run_name='__main__')\n",
+              f"import importlib; sys.exit(importlib.import_module({module!r}).{func}())\n"]
     env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert run.returncode == 130, run.stderr
-    assert "Traceback" not in run.stderr and "interrupted while starting" in run.stderr
+    for start in starts:
+        run = subprocess.run([sys.executable, "-c", script + start], env=env, capture_output=True, text=True)
+        assert run.returncode == 130, (start, run.stderr)
+        assert "Traceback" not in run.stderr and "interrupted while starting" in run.stderr
 
 
 def test_a_sigterm_ends_training_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
