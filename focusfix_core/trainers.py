@@ -258,7 +258,7 @@ def unchanged_notes(history: Sequence[StepRecord], reward_target: float | None, 
 def batch_note(batch_size: int, n_items: int, name: str = "batch_size") -> list[str]:
     """A note when a batch is larger than the (prompt, seed) items: an item always gives the same trajectory, so
     a step would compute some of them more than once."""
-    if batch_size <= n_items:
+    if batch_size <= n_items or n_items < 1:  # no items: the empty prompts or seeds are refused by name elsewhere
         return []
     # on average: a batch takes the rest of one shuffled pass and then whole ones, so one item may come once more
     return [f"{name} {batch_size} is more than the {n_items} (prompt, seed) items: a step computes each of them "

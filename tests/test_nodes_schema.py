@@ -130,7 +130,7 @@ def test_function_signature_matches_inputs(node_id, cls):
 def test_focus_n_fix_validate_inputs_names_k_and_steps():
     cls = PACK.NODE_CLASS_MAPPINGS["FocusFixTrainFocusNFix"]
     msg = cls.VALIDATE_INPUTS(steps=4, K=6)
-    assert isinstance(msg, str) and "K (6)" in msg and "steps (4)" in msg
+    assert isinstance(msg, str) and "K (now 6)" in msg and "steps (now 4)" in msg
     assert cls.VALIDATE_INPUTS(steps=4, K=4) is True
     assert "K (0) must be at least 1" in cls.VALIDATE_INPUTS(steps=4, K=0)
     assert "steps (0) must be at least 1" in cls.VALIDATE_INPUTS(steps=0, K=1)
