@@ -757,7 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--mask-source saliency: the reward's gradient (grad), averaged over noisy copies "
                         "(smoothgrad), or times the image (grad_x_input) (default grad)")
     f.add_argument("--size", type=int, default=None,
-                   help="image size in pixels, a multiple of 4 up to 256 (default: the model's; tiny: 32)")
+                   help="image size in pixels, a multiple of 4 up to 256, or 8 times the model's own size where that is "
+                        "more (default: the model's; tiny: 32)")
 
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
     _add_lora_args(s, "to_k")
@@ -776,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, default=16,
                    help="attention maps' shorter side (default 16; the tiny model at 32 px: 16 or 8)")
     s.add_argument("--size", type=int, default=None,
-                   help="image size in pixels, a multiple of 4 up to 256 (default: the model's; tiny: 32)")
+                   help="image size in pixels, a multiple of 4 up to 256, or 8 times the model's own size where that is "
+                        "more (default: the model's; tiny: 32)")
 
     c = sub.add_parser("convert-reward", help="write a safetensors copy of a reward file (never unpickles code)")
     c.add_argument("input", type=Path, help="a reward file (.pth/.pt/.bin read weights-only, or .safetensors)")

@@ -398,6 +398,7 @@ def check_mask(M: torch.Tensor, name: str = "mask M",
         >>> check_mask(torch.zeros(1, 4, 4))
         ['mask M[0] is empty (every value 0): the whole image is held fixed']
     """
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # one kind by name, not its letters
     unknown = sorted(set(kinds) - set(MASK_KINDS))
     if unknown:  # a misspelt kind would silently pass every mask
         raise ValueError(f"kinds must be among {MASK_KINDS}, got {unknown}")

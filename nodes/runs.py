@@ -109,8 +109,9 @@ class _Checkpointer:
             return
         self.write(rec.step + 1)
 
-    def write(self, steps: int) -> None:
-        """Write the LoRA as it is after `steps` trained steps (nothing when off, or already written then)."""
+    def write(self, steps: int, stopping: bool = False) -> None:
+        """Write the LoRA as it is after `steps` trained steps (nothing when off, or already written then);
+        `stopping`: training ends early, after this step."""
         if self.path is None or steps == self.steps_written:
             return
         data = _lora_data(self.trainer, self.continue_from)
@@ -125,7 +126,7 @@ class _Checkpointer:
                 write_lora(data, self.path, self.graph)
         except OSError as e:
             self.error = f"the checkpoint after step {steps} was not written ({e})"
-            log.warning(f"{self.error}; training goes on")
+            log.warning(f"{self.error}; {'training had stopped' if stopping else 'training goes on'}")
             return
         self.error, self.steps_written = None, steps
         log.info(f"checkpoint after step {steps}: {self.path}")
@@ -142,7 +143,7 @@ def _train(trainer, total: int, save: _Checkpointer, preview=None) -> tuple[list
         if trainer.step == 0:
             raise
         log.warning(f"training stopped early: {e}")
-        save.write(trainer.step)
+        save.write(trainer.step, stopping=True)
         return list(trainer.history), str(e)
 
 

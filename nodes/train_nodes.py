@@ -104,7 +104,7 @@ def _stopped_notes(stopped: str | None, history, iterations: int) -> list[str]:
     if stopped is None:
         return []
     return [f"WARNING: training stopped after {len(history)} of {iterations} iterations: {stopped}. The outputs "
-            f"(the LoRA, its images) are of that step"]
+            f"are of that step"]
 
 
 def _checkpoint_note(path, every: int, iterations: int, error: str | None = None,
@@ -115,7 +115,8 @@ def _checkpoint_note(path, every: int, iterations: int, error: str | None = None
         return []
     if error is not None:
         kept = f"{loras_name(path)} holds an earlier step" if path is not None else "no checkpoint was written"
-        return [f"checkpoint: {error}; training went on ({kept}; the LoRA output holds every step)"]
+        went_on = "training had stopped" if stopped else "training went on"
+        return [f"checkpoint: {error}; {went_on} ({kept}; the LoRA output holds every step trained)"]
     if path is None:
         return ["checkpoint: none was written"]
     when = (f"every {every} iterations and after the last" if every < iterations else "after the last iteration")

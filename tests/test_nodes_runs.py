@@ -226,8 +226,21 @@ def test_the_report_of_a_stopped_run_says_so_first_and_what_the_outputs_hold(lor
     assert T._stopped_notes(None, [1, 2], 5) == []
     (line,) = T._stopped_notes("loss is nan at step 3: stopped; the LoRA keeps the weights of step 2", [1, 2], 5)
     assert line.startswith("WARNING: training stopped after 2 of 5 iterations: loss is nan at step 3")
-    assert line.endswith("The outputs (the LoRA, its images) are of that step")
+    assert line.endswith("The outputs are of that step")
     path = loras / "fix.safetensors"
     assert T._checkpoint_note(path, 2, 5, None, True) == [
         "checkpoint: fix.safetensors (after the last good step; FocusFix Load LoRA lists it, to continue from)"]
     assert "every 2 iterations and after the last" in T._checkpoint_note(path, 2, 5)[0]
+
+
+def test_a_stop_whose_checkpoint_write_fails_does_not_say_training_went_on(loras, comfy_progress, monkeypatch):
+    """A NaN stop whose own checkpoint write failed was reported as "training went on" (review diffrev-2)."""
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(RUNS, "write_lora", disk_full)
+    trainer = _Diverging(bad=3)
+    save = RUNS._Checkpointer(trainer, 5, 5, RUNS.checkpoint_path(5, "fix"), "fix")
+    _, stopped = RUNS._train(trainer, 5, save)
+    assert stopped is not None and save.error.startswith("the checkpoint after step 2 was not written")
+    (note,) = PACK.nodes.train_nodes._checkpoint_note(save.written, 5, 5, save.error, True)
+    assert "; training had stopped (no checkpoint was written; the LoRA output holds every step trained)" in note

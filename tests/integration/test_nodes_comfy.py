@@ -438,7 +438,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(fresh, check
     monkeypatch.setattr(runs, "write_lora", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     *_, report = _train_fix(fresh, checkpoint, iterations=2, checkpoint_every=1, checkpoint_name="ckpt/none")
     assert ("checkpoint: the checkpoint after step 2 was not written ([Errno 28] No space left); training went on "
-            "(no checkpoint was written; the LoRA output holds every step)") in report
+            "(no checkpoint was written; the LoRA output holds every step trained)") in report
 
 
 def test_a_file_where_a_checkpoint_or_lora_subfolder_must_be_is_refused_at_queue_time(fresh, checkpoint):
