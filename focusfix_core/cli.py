@@ -757,8 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--mask-source saliency: the reward's gradient (grad), averaged over noisy copies "
                         "(smoothgrad), or times the image (grad_x_input) (default grad)")
     f.add_argument("--size", type=int, default=None,
-                   help="image size in pixels, a multiple of 4 up to 256, or 8 times the model's own size where that is "
-                        "more (default: the model's; tiny: 32)")
+                   help="image size in pixels, a multiple of 4 up to 256, or 8 times the model's own size where "
+                        "that is more (default: the model's; tiny: 32)")
 
     s = sub.add_parser("train-sne", help="Separate-and-Enhance on prompts 'a red circle and a blue square | circle, square'")
     _add_lora_args(s, "to_k")
@@ -777,8 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, default=16,
                    help="attention maps' shorter side (default 16; the tiny model at 32 px: 16 or 8)")
     s.add_argument("--size", type=int, default=None,
-                   help="image size in pixels, a multiple of 4 up to 256, or 8 times the model's own size where that is "
-                        "more (default: the model's; tiny: 32)")
+                   help="image size in pixels, a multiple of 4 up to 256, or 8 times the model's own size where "
+                        "that is more (default: the model's; tiny: 32)")
 
     c = sub.add_parser("convert-reward", help="write a safetensors copy of a reward file (never unpickles code)")
     c.add_argument("input", type=Path, help="a reward file (.pth/.pt/.bin read weights-only, or .safetensors)")
@@ -793,8 +793,8 @@ def _size(model, size):
         raise ValueError(f"--size must be at least 8 pixels, got {size}")
     if size is not None and size % 4:  # the tiny UNet halves the image twice, and its skips must line up again
         raise ValueError(f"--size must be a multiple of 4 (the tiny model halves the image twice), got {size}")
-    # the tiny model works on pixels, its self-attention on every one: measured on 2 CPU cores, one step at 256 px
-    # takes about 25 s and 1 GB; at 1024 px a step takes over 10 minutes, and 4096 px ran out of 24 GB
+    # the tiny model works on pixels, its self-attention on every one: on 2 busy CPU cores, 256 px with 20 sampler
+    # steps took 7.5 minutes a training step (1 GB with 2 steps); 1024 px ran past 10 minutes; 4096 px ran out of 24 GB
     most = max(MAX_SIZE, 8 * native)  # a TinyModel file drawing larger than the embedded one gets more room
     if size is not None and size > most:
         raise ValueError(f"--size must be at most {most} pixels for this model (it draws at {native} px; it computes "

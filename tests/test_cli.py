@@ -496,6 +496,24 @@ def test_resume_refuses_a_state_in_a_newer_format_before_reading_its_settings(mo
     assert "reads format 1 or older: update FocusFix to resume it, or start a new run" in err
 
 
+def test_resume_of_a_state_from_before_a_setting_was_recorded_says_what_to_do(model_file, tmp_path, capsys):
+    """A state.pt from FocusFix's first day (no sampler_name, scheduler or sigmas in its config) was refused as
+    "--sampler-name None (now 'ddim')", which no flag can match (review compat-1). It now says the older FocusFix
+    did not record them and to continue its LoRA in a new run, which then works."""
+    out = tmp_path / "run"
+    assert cli.main(fnf_args(model_file, out, "--iterations", "1")) == 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    old = {k: v for k, v in json.loads(state["config"]).items() if k not in ("sampler_name", "scheduler", "sigmas")}
+    torch.save({**state, "config": json.dumps(old)}, out / "state.pt")
+    capsys.readouterr()
+    assert cli.main(fnf_args(model_file, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {out / 'state.pt'}: the training state was saved by an older FocusFix, which did not record "
+            f"'sampler_name', 'scheduler': it cannot be resumed as the same run. Train its LoRA further in a new run "
+            f"instead (--continue-from its lora.safetensors)") in err, err  # sigmas () = none: nothing to miss
+    assert cli.main(fnf_args(model_file, tmp_path / "new", "--continue-from", str(out / "lora.safetensors"))) == 0
+
+
 def test_continue_from_a_nan_lora_is_refused_naming_the_file(model_file, tmp_path, capsys):
     """It trained, then failed blaming the reward and the lr (the review's finding 6)."""
     first = tmp_path / "first"
