@@ -180,7 +180,8 @@ def test_linked_steps_run_and_are_checked_when_the_node_runs(fresh, wt):
     ex = fresh.execute(api)
     errors = [d for e, d in ex.status_messages if e == "execution_error"]
     assert errors and errors[0]["node_id"] == train
-    assert "K (now 4) must be between 1 and steps (now 3)" in errors[0]["exception_message"], errors[0]["exception_message"]
+    message = errors[0]["exception_message"]
+    assert "K (now 4) must be between 1 and steps (now 3)" in message, message
 
 
 def test_painted_region_workflow_pass_1_on_a_fresh_install(fresh, wt):
