@@ -546,11 +546,11 @@ def _check_training_state(state, trainer: _LoRATrainer
         raise invalid(f"config must be the run's settings as a JSON object, got {str(state['config'])[:60]!r}")
     saved = {_RENAMED_CONFIG_FIELDS.get(k, k): v for k, v in saved.items()}
     now = json.loads(trainer.cfg.to_json())
-    # a setting added since the state was saved reads as its "off" value there (no sigmas, no negative prompt:
-    # what that FocusFix did); any other value it cannot have held
-    differ = [k for k in sorted(set(saved) | set(now)) if k not in ("iterations", "compile")
-              and saved.get(k, now.get(k) if now.get(k) in (None, [], "", 0) else None) != now.get(k)]
-    unrecorded = [k for k in differ if k not in saved]
+    # a setting added since the state was saved matches only at its "off" value (no sigmas, no negative prompt:
+    # what that FocusFix did); any other value the state cannot have held
+    free = ("iterations", "compile")  # what a resume may change
+    unrecorded = [k for k in sorted(now) if k not in saved and k not in free and now[k] not in (None, [], "", 0)]
+    differ = [k for k in sorted(saved) if k not in free and saved[k] != now.get(k)]
     if unrecorded:  # no setting can match a value the state never held ("sampler_name None (now 'ddim')")
         raise ValueError(f"the training state was saved by an older FocusFix, which did not record "
                          f"{', '.join(map(repr, unrecorded[:4]))}{' ...' if len(unrecorded) > 4 else ''}: it cannot be "

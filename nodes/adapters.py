@@ -57,6 +57,11 @@ __all__ = [
 
 
 # -- layouts ---------------------------------------------------------------------------------------------
+# the values an IMAGE or a MASK may hold past [0,1] and still be clamped (a resampler's overshoot, a bicubic
+# undershoot to -0.445); beyond them 0..255 or [-1,1] data is refused, not guessed (both inputs: one rule)
+_CLAMPED_MAX, _CLAMPED_MIN = 2.0, -0.5
+
+
 def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -> torch.Tensor:
     """ComfyUI IMAGE [B,H,W,C] (C = 1, 3 or 4) -> I: [B,3,H,W] float32 in [0,1] (alpha dropped).
 
@@ -87,13 +92,13 @@ def image_to_bchw(image: torch.Tensor, name: str = "image", min_side: int = 1) -
         bad = (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} has NaN or inf values (image(s) {bad} of {B}): expected finite values in [0,1]")
     low, top = (float(v) for v in torch.aminmax(image.float()))
-    if top > 2.0:  # a resampler's overshoot (1.05) is clamped below; 0..255 values would wash out to white
+    if top > _CLAMPED_MAX:  # a resampler's overshoot (1.05) is clamped below; 0..255 values would wash out to white
         raise ValueError(f"{name} has values up to {top:.4g}: expected a float IMAGE in [0,1] (0..255 pixel "
                          f"values? divide by 255)")
     # ComfyUI's bicubic Upscale Image leaves its undershoot unclamped: down to -0.445 on hard 0/1 edges (the
     # kernel's negative lobes, 2 x 1.1875 x -0.1875 in 2-D), clamped below; [-1,1] values would lose their dark
     # half to black
-    if low < -0.5:
+    if low < _CLAMPED_MIN:
         raise ValueError(f"{name} has values down to {low:.4g}: expected a float IMAGE in [0,1] ([-1,1] values? "
                          f"map them to (x + 1) / 2)")
     I = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
@@ -154,8 +159,8 @@ def mask_to_b1hw(mask: torch.Tensor, size: tuple[int, int] | None = None, batch:
     # Upscale Image: down to -0.445) are clamped below, while 0..255 values would make it all "may change" and
     # [-1,1] values would hold their lower half whole
     lo, hi = (float(v) for v in torch.aminmax(M.float()))
-    if hi > 2.0 or lo < -0.5:
-        hint = (" (0..255 values? divide by 255)" if hi > 2.0 else
+    if hi > _CLAMPED_MAX or lo < _CLAMPED_MIN:
+        hint = (" (0..255 values? divide by 255)" if hi > _CLAMPED_MAX else
                 " ([-1,1] values? map them to (x + 1) / 2)" if lo >= -1.0 else "")
         raise ValueError(f"{name} has values from {lo:.4g} to {hi:.4g}: expected a float MASK in [0,1]{hint}")
     M, note = M.float()[:, None].clamp(0, 1), ""  # (B, 1, H, W)
