@@ -743,7 +743,7 @@ def lora_metadata(lora: LoRA, metadata: dict | None = None) -> dict[str, str]:
 
 def save_lora(
     path: str | os.PathLike, lora: LoRA, metadata: dict | None = None, overwrite: bool = False,
-    prefix: str = "lora_unet", dtype: torch.dtype | None = None,
+    prefix: str = "lora_unet", dtype: torch.dtype | None = None, diffusers_names: bool = False,
 ) -> Path:
     """Save `lora` as a kohya .safetensors file, atomically, with `lora_metadata(lora, metadata)`.
 
@@ -753,6 +753,8 @@ def save_lora(
         metadata: extra entries (method, base model, rewards, lam, K, steps...).
         overwrite: replace an existing file.
         prefix, dtype: see `LoRA.state_dict_kohya`.
+        diffusers_names: True for an SD1.x/2.x UNet, as the nodes save it: kohya's names for those models, the
+            only ones diffusers reads there; False keeps the LDM names (SDXL's, as kohya's; any other net).
 
     Raises:
         FileExistsError: `path` exists and not `overwrite`.
@@ -762,8 +764,8 @@ def save_lora(
     path = Path(path)
     if os.path.lexists(path) and not overwrite:  # before the work; the save itself checks again, atomically
         raise FileExistsError(f"LoRA file {str(path)!r} exists; pass overwrite=True or choose another name")
-    return atomic_save_safetensors(lora.state_dict_kohya(prefix, dtype), path, lora_metadata(lora, metadata),
-                                   overwrite)
+    tensors = lora.state_dict_kohya(prefix, dtype, diffusers_names=diffusers_names)
+    return atomic_save_safetensors(tensors, path, lora_metadata(lora, metadata), overwrite)
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -860,6 +860,21 @@ def test_sd15_lora_saved_with_kohya_names_loads_back():
     assert len(merge_kohya_into(net, sd)) == 282
 
 
+def test_save_lora_writes_the_names_asked_for(tmp_path):
+    """Review s29 (diffusers): `save_lora` wrote an SD1.5 UNet's LoRA under the LDM names, which diffusers does
+    not read for SD1.x, while the nodes save kohya's diffusers names; it now takes the nodes' choice."""
+    from safetensors.torch import load_file
+    net = _skeleton(_sd15_unet_hosts(), num_res_blocks=[2, 2, 2, 2])
+    lora = LoRA.attach(net, "to_k", rank=1)
+    keys = {flag: set(load_file(save_lora(tmp_path / f"{flag}.safetensors", lora, diffusers_names=flag)))
+            for flag in (True, False)}
+    assert keys[True] == set(lora.state_dict_kohya(diffusers_names=True))
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in keys[True]
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.alpha" in keys[False]
+    assert len(keys[True]) == len(keys[False]) == 3 * 16
+    lora.remove()
+
+
 def test_read_focusfix_lora_keeps_alpha_through_a_continued_run(tmp_path):
     """Review R12: rank 4 alpha 1 (scale 1/4) read back as alpha 1, attached with alpha 1, and a run continuing it
     saves ss_network_alpha "1" again (alpha = rank would scale the delta 4x)."""
