@@ -88,6 +88,23 @@ def test_nodes_do_not_overlap(ui):
                 f"{a.get('title') or a['type']} #{a['id']} {A} overlaps {b.get('title') or b['type']} #{b['id']} {B}")
 
 
+# Inter 14 px (the title font of frontends from 1.42 on; they ship it, so every artist sees the same widths) takes
+# about 8.2 px a character in these titles; the frontend widens a node to fit its title, over its neighbours.
+TITLE_PX_PER_CHAR = 8.5
+
+
+def test_titles_fit_their_nodes(ui):
+    """Review s29 (frontend 1.58.1): 'Loss / reward / outside-mask change' (286 px in Inter) grew its 270 px node
+    over the Report node beside it, its title cut short."""
+    from pack_loader import load_pack
+    names = load_pack().NODE_DISPLAY_NAME_MAPPINGS
+    for n in ui["nodes"]:
+        title = n.get("title") or names.get(n["type"], n["type"])
+        assert len(title) * TITLE_PX_PER_CHAR <= n["size"][0], (
+            f"#{n['id']} title {title!r} (~{len(title) * TITLE_PX_PER_CHAR:.0f} px) is wider than its node "
+            f"({n['size'][0]} px)")
+
+
 def test_links_are_type_correct(ui):
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert len({l[0] for l in ui["links"]}) == len(ui["links"])

@@ -243,7 +243,7 @@ def fix_painted_region(specs) -> dict:
     g.link(paint, "MASK", train, "mask")
     _preview(g, train, "before", (820, -250), "Before (trainer)")
     _preview(g, train, "after", (1100, -250), "After (trainer)")
-    _preview(g, train, "curve", (820, 50), "Loss / reward / outside-mask change")
+    _preview(g, train, "curve", (820, 50), "Training curves")
     _text(g, train, "report", (1100, 50), "Report")
     save = g.add("FocusFixSaveLoRA", (820, 350), filename="focusfix/painted_fix")
     g.link(train, "lora", save, "lora")
