@@ -956,15 +956,20 @@ REWARD_FOLDER = "focusfix_rewards"
 
 
 def register_reward_folder() -> None:
-    """Register models/focusfix_rewards with ComfyUI's folder_paths (no-op without ComfyUI)."""
+    """Register models/focusfix_rewards with ComfyUI's folder_paths (no-op without ComfyUI), beside any folders an
+    extra_model_paths.yaml names for `focusfix_rewards`. ComfyUI reads that file before it loads node packs, and
+    enters such a folder with no extensions (every file listed): weight files only, and models/focusfix_rewards
+    first, as ComfyUI's own folders."""
     try:
         import folder_paths
     except ImportError:
         return
     import os
-    if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
-        path = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
-        folder_paths.folder_names_and_paths[REWARD_FOLDER] = ([path], set(folder_paths.supported_pt_extensions))
+    default = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
+    paths, extensions = folder_paths.folder_names_and_paths.get(REWARD_FOLDER, ([], set()))
+    if default not in paths:
+        paths.insert(0, default)
+    folder_paths.folder_names_and_paths[REWARD_FOLDER] = (paths, set(extensions) | folder_paths.supported_pt_extensions)
 
 
 def reward_choices() -> list[str]:

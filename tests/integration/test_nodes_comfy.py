@@ -1,6 +1,7 @@
 """Each FocusFix node on tiny SD1.5- and SDXL-layout models inside a real ComfyUI (in-process, CPU)."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,6 +41,33 @@ def test_reward_folder_registered(comfy):
     assert "focusfix_rewards" in folder_paths.folder_names_and_paths
     with pytest.raises(Exception):
         folder_paths.get_full_path_or_raise("focusfix_rewards", "../../etc/passwd")
+
+
+def test_reward_folder_keeps_models_folder_beside_an_extra_model_paths_entry(comfy, tmp_path):
+    """Review s29: ComfyUI reads extra_model_paths.yaml before it loads node packs (add_model_folder_path, as here),
+    and enters a `focusfix_rewards` folder it names with no extensions. The pack then kept that entry alone:
+    models/focusfix_rewards went unread, and every file in the shared folder (notes, previews) was a choice."""
+    import folder_paths
+    adapters = sys.modules[f"{comfy.pack.__name__}.nodes.adapters"]
+    shared = tmp_path / "rewards"
+    shared.mkdir()
+    (shared / "shared_head.safetensors").write_bytes(b"")
+    (shared / "README.txt").write_text("where these heads came from")
+    mine = Path(folder_paths.models_dir) / "focusfix_rewards" / "mine.safetensors"
+    mine.write_bytes(b"")
+    old = folder_paths.folder_names_and_paths.pop("focusfix_rewards")
+    try:
+        folder_paths.add_model_folder_path("focusfix_rewards", str(shared))
+        adapters.register_reward_folder()
+        adapters.register_reward_folder()  # once per Load Reward schema: nothing added twice
+        paths, _ = folder_paths.folder_names_and_paths["focusfix_rewards"]
+        assert paths == [os.path.join(folder_paths.models_dir, "focusfix_rewards"), str(shared)]
+        files = [c for c in adapters.reward_choices() if not c.startswith("builtin:")]
+        assert files == ["mine.safetensors", "shared_head.safetensors"]
+    finally:
+        folder_paths.folder_names_and_paths["focusfix_rewards"] = old
+        folder_paths.filename_list_cache.pop("focusfix_rewards", None)
+        mine.unlink()
 
 
 def test_score_saliency_compare(comfy):
