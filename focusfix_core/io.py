@@ -669,10 +669,12 @@ def safe_join(folder: str | os.PathLike, filename: str, suffix: str = ".safetens
     return path
 
 
-def unique_path(path: str | os.PathLike, overwrite: bool = False, companions: Sequence[str] = ()) -> Path:
+def unique_path(path: str | os.PathLike, overwrite: bool = False, companions: Sequence[str] = (),
+                also_taken: Callable[[Path], bool] | None = None) -> Path:
     """`path` if free (or `overwrite`), else the first free `stem_00001.ext`, `stem_00002.ext`, ...; a name is
     taken while a companion file of it exists too (`stem` + each suffix in `companions`, e.g. ".preview.png"):
-    a new file must not inherit what a deleted one left beside it.
+    a new file must not inherit what a deleted one left beside it; and where `also_taken(candidate)` holds (the
+    same name in another folder that lists as one with this one).
 
     Examples:
         >>> unique_path("/nonexistent/fix.safetensors").name
@@ -681,7 +683,8 @@ def unique_path(path: str | os.PathLike, overwrite: bool = False, companions: Se
     path = Path(path)
 
     def taken(p: Path) -> bool:  # lexists: a dangling symlink is taken too
-        return os.path.lexists(p) or any(os.path.lexists(p.with_name(p.stem + c)) for c in companions)
+        return (os.path.lexists(p) or any(os.path.lexists(p.with_name(p.stem + c)) for c in companions)
+                or (also_taken is not None and also_taken(p)))
     if overwrite or not taken(path):
         return path
     i = 1

@@ -958,8 +958,9 @@ REWARD_FOLDER = "focusfix_rewards"
 def register_reward_folder() -> None:
     """Register models/focusfix_rewards with ComfyUI's folder_paths (no-op without ComfyUI), beside any folders an
     extra_model_paths.yaml names for `focusfix_rewards`. ComfyUI reads that file before it loads node packs, and
-    enters such a folder with no extensions (every file listed): weight files only, and models/focusfix_rewards
-    first, as ComfyUI's own folders."""
+    enters such a folder with no extensions (every file listed): weight files only. The yaml's folders stay first
+    (one it marks is_default must be, and the entry cannot tell which it marked): a name in two folders loads
+    from the yaml's."""
     try:
         import folder_paths
     except ImportError:
@@ -968,7 +969,7 @@ def register_reward_folder() -> None:
     default = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
     paths, extensions = folder_paths.folder_names_and_paths.get(REWARD_FOLDER, ([], set()))
     if default not in paths:
-        paths.insert(0, default)
+        paths.append(default)
     folder_paths.folder_names_and_paths[REWARD_FOLDER] = (paths, set(extensions) | folder_paths.supported_pt_extensions)
 
 

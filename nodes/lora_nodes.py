@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import torch
@@ -87,13 +88,35 @@ def layers_applied(model, lora: LoraData) -> int:
 
 def lora_path(filename: str, overwrite: bool = False, folder: str | None = None) -> Path:
     """`<loras folder>/<filename>.safetensors`, or the first free `<filename>_00001...` when that file (or a
-    preview of that name, left by a deleted LoRA) exists and not `overwrite`. ValueError for a name that would
-    leave the folder or that Windows cannot hold."""
+    preview of that name, left by a deleted LoRA) exists and not `overwrite`. A file of that name in another of
+    ComfyUI's loras folders (extra_model_paths.yaml's) takes the name too: loaders list the folders as one, and the
+    first folder's file (where saves go) would hide that one from every loader; `overwrite` replaces only a file
+    in `folder`, so it refuses such a name. ValueError for a name that would leave the folder, that Windows cannot
+    hold, or that `overwrite` would hide that way."""
     from ..focusfix_core.io import safe_join, unique_path
-    if folder is None:
+    folders = _loras_folders()
+    folder = folders[0] if folder is None else folder
+    root = Path(folder).resolve()
+    others = [Path(f) for f in folders if Path(f).resolve() != root]
+    path = safe_join(folder, filename.strip())
+
+    def elsewhere(p: Path) -> Path | None:  # the other loras folder holding p's name, as loaders list it
+        return next((o for o in others if os.path.lexists(o / p.relative_to(root))), None)
+    if overwrite and not os.path.lexists(path) and (other := elsewhere(path)) is not None:
+        raise ValueError(f"filename {filename!r}: {str(path.relative_to(root))!r} is a LoRA in another loras folder, "
+                         f"{str(other)!r}; a save goes to {str(root)!r}, where it would hide that file from every "
+                         f"loader (the folders list as one). Choose another name, or turn overwrite off for a counter")
+    return unique_path(path, overwrite=overwrite, companions=(PREVIEW_SUFFIX,),
+                       also_taken=lambda p: elsewhere(p) is not None)
+
+
+def _loras_folders() -> list[str]:
+    """ComfyUI's loras folders, the first where saves go ([] without ComfyUI, where a caller names its folder)."""
+    try:
         import folder_paths
-        folder = folder_paths.get_folder_paths("loras")[0]
-    return unique_path(safe_join(folder, filename.strip()), overwrite=overwrite, companions=(PREVIEW_SUFFIX,))
+    except ImportError:
+        return []
+    return folder_paths.get_folder_paths("loras")
 
 
 def write_lora(lora: LoraData, path: Path, extra_metadata: dict[str, str] | None = None,
@@ -229,7 +252,8 @@ class FocusFixSaveLoRA:
                             "'..' and absolute paths are refused. .safetensors is added.", default="focusfix/fix"),
             "overwrite": tip("BOOLEAN", "Replace an existing file of that name, and its thumbnail (removed when no "
                              "preview is connected: it showed the replaced LoRA). Off: a counter is added "
-                             "(fix_00001.safetensors).", default=False),
+                             "(fix_00001.safetensors), also for a name a LoRA in another loras folder has (the new "
+                             "file would hide it); overwrite refuses such a name.", default=False),
         }, "optional": {
             "preview": tip("IMAGE", "Saved beside the LoRA as <name>.preview.png (the first image, e.g. the Train "
                            "node's after image): the thumbnail A1111/Forge, ComfyUI's model library and LoRA "
@@ -237,14 +261,15 @@ class FocusFixSaveLoRA:
         }, "hidden": GRAPH_INPUTS}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename=None):
-        # at queue time, like the Train nodes' checkpoint_name: a name that would leave the loras folder fails
-        # now, not after the training that feeds this node (None: linked, known only when it runs)
+    def VALIDATE_INPUTS(cls, filename=None, overwrite=None):
+        # at queue time, like the Train nodes' checkpoint_name: a name that would leave the loras folder (or, to
+        # overwrite, hide a LoRA in another loras folder) fails now, not after the training that feeds this node
+        # (None: linked, known only when it runs)
         if filename is not None:
             try:
-                lora_path(filename, overwrite=True)
+                lora_path(filename, overwrite=bool(overwrite))
             except ValueError as e:
-                return f"filename: {e}"
+                return str(e)  # it starts "filename '...'"
         return True
 
     def execute(self, lora, filename, overwrite, preview=None, prompt=None, extra_pnginfo=None):
@@ -259,7 +284,7 @@ class FocusFixSaveLoRA:
             text += f"\n(kept the existing {path.stem}.preview.png: turn overwrite on to replace it)"
         elif preview is None and overwrite and drop_preview(path):
             text += f"\n(removed {path.stem}.preview.png: it showed the LoRA this one replaced)"
-        log.info(f"saved LoRA {name} ({lora!r})")
+        log.info(f"saved LoRA {name} in {folder} ({lora!r})")
         return {"ui": {"text": [text]}, "result": (name,)}
 
 

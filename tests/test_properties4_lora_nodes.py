@@ -42,11 +42,11 @@ def _comfy_modules():
 class _Comfy:
     """Context: the stand-in modules installed, restored on exit."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.mp = folder, pytest.MonkeyPatch()
+    def __init__(self, folder: Path, *more: Path):
+        self.folder, self.more, self.mp = folder, more, pytest.MonkeyPatch()
 
     def __enter__(self):
-        self.mp.setitem(sys.modules, "folder_paths", folder_paths_stub(self.folder))
+        self.mp.setitem(sys.modules, "folder_paths", folder_paths_stub(self.folder, *self.more))
         for k, v in _comfy_modules().items():
             self.mp.setitem(sys.modules, k, v)
         return self
@@ -184,7 +184,7 @@ def test_a_refused_name_is_refused_at_queue_time_and_by_the_save_writing_nothing
     folder.mkdir(parents=True)
     with _Comfy(folder):
         message = L.FocusFixSaveLoRA.VALIDATE_INPUTS(filename=bad)
-        assert isinstance(message, str) and message.startswith("filename: ")
+        assert isinstance(message, str) and message.startswith("filename ")
         with pytest.raises(ValueError, match="filename"):
             L.FocusFixSaveLoRA().execute(_data(0), bad, overwrite)
     assert _snapshot(root) == {}
@@ -334,3 +334,40 @@ def test_a_loras_folder_reached_through_a_link_lists_and_loads_the_saved_name(tm
         _same_lora(_data(1), L.FocusFixLoadLoRA().execute(lora_name)[0])
     written = [p for p in (root / ("other" if linked_sub else "drive")).rglob("*.safetensors")]
     assert len(written) == 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=_NAMES, overwrite=st.booleans(), in_first=st.booleans())
+def test_a_name_in_another_loras_folder_is_never_hidden(tmp_path_factory, name, overwrite, in_first):
+    """Review s29: ComfyUI lists its loras folders (models/loras, extra_model_paths.yaml's: an A1111 models/Lora) as
+    one, a name loading from the first folder holding it. A save into the first folder under a name only a later
+    folder held hid the artist's LoRA from every loader; it now takes a counter, and overwrite (which replaces only
+    the first folder's file) is refused by name at queue time. Checkpoints take a counter too."""
+    root = tmp_path_factory.mktemp("root")
+    first, theirs = root / "models" / "loras", root / "webui" / "Lora"
+    fname = name.strip() + ".safetensors"
+    (theirs / fname).parent.mkdir(parents=True)
+    (theirs / fname).write_bytes(b"the artist's own LoRA")
+    first.mkdir(parents=True)
+    if in_first:
+        (first / fname).parent.mkdir(parents=True, exist_ok=True)
+        (first / fname).write_bytes(b"a FocusFix LoRA saved earlier")
+    with _Comfy(first, theirs):
+        fp = sys.modules["folder_paths"]
+        before = fp.get_full_path("loras", fname)
+        message = L.FocusFixSaveLoRA.VALIDATE_INPUTS(filename=name, overwrite=overwrite)
+        if overwrite and not in_first:
+            assert message.startswith(f"filename {name!r}") and str(theirs) in message and "overwrite off" in message
+            with pytest.raises(ValueError, match="another loras folder"):
+                L.FocusFixSaveLoRA().execute(_data(0), name, overwrite)
+            saved = None
+        else:
+            assert message is True
+            saved = L.FocusFixSaveLoRA().execute(_data(0), name, overwrite)["result"][0]
+            assert (saved == fname) == overwrite  # overwrite: the first folder's own file, else a counter
+            _same_lora(_data(0), L.FocusFixLoadLoRA().execute(saved)[0])
+        assert fp.get_full_path("loras", fname) == before  # the name loads what it loaded before, or the new file
+        assert (theirs / fname).read_bytes() == b"the artist's own LoRA"
+        assert saved is None or (first / saved).is_file()
+        ckpt = PACK.nodes.runs.checkpoint_path(1, name)
+        assert ckpt.parent == (first / fname).parent and ckpt.name != fname
