@@ -39,9 +39,11 @@ def all_specs() -> dict:
 # row per widget, taller rows for multiline text, an image upload's preview, and a margin. A node stored smaller is
 # grown on load, over its neighbours (tests/integration/test_workflows_browser_comfy.py measures these).
 # PreviewAny shows its value in a multiline text box of the frontend's own; image outputs get room for the image.
+# A node stored larger is drawn as stored: the minimum heights also give room for what newer frontends add
+# (PreviewAny's display-mode switch: 112 px in frontend 1.42, 122 in 1.58).
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT, UPLOAD_PREVIEW, MARGIN = 30, 20, 24, 54, 232, 14
 FRONTEND_MULTILINE = {"PreviewAny": 1}
-IMAGE_NODE_HEIGHT = {"PreviewImage": 246, "SaveImage": 270}
+MIN_NODE_HEIGHT = {"PreviewImage": 246, "SaveImage": 270, "PreviewAny": 122}
 
 
 def node_height(class_type: str, spec: dict, sockets: int) -> int:
@@ -51,7 +53,7 @@ def node_height(class_type: str, spec: dict, sockets: int) -> int:
             WIDGET_HEIGHT + (UPLOAD_PREVIEW if kind == "upload" else 0) for name, kind in wt.widget_slots(spec)]
     rows += [MULTILINE_HEIGHT] * FRONTEND_MULTILINE.get(class_type, 0)
     height = MARGIN + SLOT_HEIGHT * max(sockets, len(spec["outputs"])) + sum(rows)
-    return max(height, IMAGE_NODE_HEIGHT.get(class_type, 0))
+    return max(height, MIN_NODE_HEIGHT.get(class_type, 0))
 
 
 class Graph:

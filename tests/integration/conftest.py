@@ -30,6 +30,10 @@ PACK = "ComfyUI-FocusFix"  # the pack's folder name in custom_nodes, as users in
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
 SKIP_REASON = ("COMFYUI_DIR is not set: ComfyUI integration tests skipped "
                "(point it at a ComfyUI checkout and run with that ComfyUI's python)")
+# Another frontend for the `server` fixture (ComfyUI's --front-end-root): the `static` folder of a
+# comfyui_frontend_package, to check the workflows in a newer frontend than the checkout's requirements pin.
+FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT", "")
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "focusfix_rewards")  # the server's, under its temp folder
 
 
 def load_tool(name: str):
@@ -75,12 +79,19 @@ def server(tmp_path_factory):
     folder, never in the ComfyUI checkout."""
     if not COMFYUI_DIR:
         pytest.skip(SKIP_REASON)
+    if FRONTEND_ROOT and not Path(FRONTEND_ROOT, "index.html").is_file():
+        pytest.fail(f"COMFYUI_FRONTEND_ROOT={FRONTEND_ROOT!r} holds no index.html: point it at the static folder of "
+                    "a comfyui_frontend_package (pip install --target DIR --no-deps comfyui-frontend-package==V)")
     tmp = tmp_path_factory.mktemp("server")
     custom = tmp / "custom_nodes"
     custom.mkdir()
     (custom / PACK).symlink_to(REPO, target_is_directory=True)
     (custom / "focusfix_test_tiny").symlink_to(REPO / "tests" / "comfy_testing", target_is_directory=True)
-    (tmp / "extra.yaml").write_text(f"focusfix_test:\n    base_path: {tmp}\n    custom_nodes: custom_nodes/\n")
+    # model folders in tmp too (empty unless a test puts files there), so a test never reads the checkout's models
+    (tmp / "extra.yaml").write_text(f"focusfix_test:\n    base_path: {tmp}\n    custom_nodes: custom_nodes/\n"
+                                    + "".join(f"    {d}: models/{d}/\n" for d in MODEL_FOLDERS))
+    for d in MODEL_FOLDERS:
+        (tmp / "models" / d).mkdir(parents=True)
     for d in ("out", "in", "user"):
         (tmp / d).mkdir()
     with socket.socket() as s:
@@ -93,7 +104,8 @@ def server(tmp_path_factory):
          "--database-url", "sqlite:///:memory:", "--output-directory", str(tmp / "out"),
          "--input-directory", str(tmp / "in"), "--user-directory", str(tmp / "user"),
          "--temp-directory", str(tmp),  # previews go to tmp/temp, not into the ComfyUI checkout
-         "--extra-model-paths-config", str(tmp / "extra.yaml")],
+         "--extra-model-paths-config", str(tmp / "extra.yaml")]
+        + (["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else []),
         cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", tmp)
     try:

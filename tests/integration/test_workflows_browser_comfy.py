@@ -14,7 +14,8 @@ Run (Playwright and Chromium are test-only tools, not project dependencies):
     apt-get install -y chromium && <comfy venv>/bin/pip install playwright   # no `playwright install` needed
     COMFYUI_DIR=/path/to/ComfyUI <comfy venv>/bin/python -m pytest tests/integration/test_workflows_browser_comfy.py
 Skipped, with the reason shown, without COMFYUI_DIR, without playwright, or without a Chromium (FOCUSFIX_CHROMIUM,
-else /usr/bin/chromium, else chromium, chromium-browser or google-chrome on PATH).
+else /usr/bin/chromium, else chromium, chromium-browser or google-chrome on PATH). COMFYUI_FRONTEND_ROOT (conftest.py)
+runs them in another frontend than the one ComfyUI pins: 1.27.10 (ComfyUI 0.3.64's), 1.30.6 and 1.58.1 pass.
 """
 from __future__ import annotations
 
@@ -35,8 +36,14 @@ REPO = HERE.parents[1]
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 NOTE_SLOTS = [("text", "value")]  # Note / MarkdownNote: frontend-only nodes with one text widget
 # Widgets the frontend adds on its own and sends in the prompt, though the node does not declare them (the server
-# ignores undeclared inputs): PreviewAny's read-only text box, which shows the value after a run.
-FRONTEND_ONLY_INPUTS = {"PreviewAny": {"preview"}}
+# ignores undeclared inputs): PreviewAny's read-only text box, which shows the value after a run (and, in newer
+# frontends, its display-mode switch).
+FRONTEND_ONLY_INPUTS = {"PreviewAny": {"preview", "preview_text", "preview_markdown", "previewMode", "preview_mode"}}
+# The model files the workflows' loaders name, as empty files in the server's folders: frontends from 1.50 mark a
+# loader whose file is missing as in error (a user who has the file sees no such mark).
+MODEL_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
+                 "CLIPVisionLoader": ("clip_name", "clip_vision"),
+                 "FocusFixLoadReward": ("reward_name", "focusfix_rewards")}
 SLOT_WIDGET_NAMES = {"control": "control_after_generate", "upload": "upload"}
 LOAD_TIMEOUT_MS = 180_000  # page start on 2 shared cores, beside a CPU ComfyUI
 
@@ -112,6 +119,8 @@ class ComfyPage:
             page.wait_for_timeout(settle_ms)
             errors.clear()  # start-up noise is the frontend's, not the workflow's
             result = page.evaluate(LOAD_JS, ui)
+            for n in result["nodes"] + result["saved"]["nodes"]:
+                n["id"] = int(n["id"])  # frontends from 1.50 hold node ids as strings (saved files keep numbers)
             page.wait_for_timeout(settle_ms)  # image previews, dialogs and toasts come after loadGraphData returns
             result |= {"shown": page.evaluate(SHOWN_JS), "errors": errors}
             if then:
@@ -233,6 +242,18 @@ def diff(a, b, path: str, a_name: str, b_name: str) -> list[str]:
     return [] if same(a, b) else [f"{path}: {a_name} {a!r} != {b_name} {b!r}"]
 
 
+def model_files(ui: dict, specs: dict, wt) -> list[tuple[str, str]]:
+    """[(file name, model folder)] the UI's loader nodes name (FocusFix Load Reward's built-ins are no files)."""
+    out = []
+    for node in ui["nodes"]:
+        if node["type"] in MODEL_WIDGETS:
+            widget, folder = MODEL_WIDGETS[node["type"]]
+            value = node["widgets_values"][[n for n, _ in wt.widget_slots(specs[node["type"]])].index(widget)]
+            if not value.startswith("builtin:"):
+                out.append((value, folder))
+    return out
+
+
 # --- fixtures -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -255,7 +276,7 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def comfy_page(chromium, server):  # chromium first: without one, skip before starting a server
+def comfy_page(chromium, server, specs, wt):  # chromium first: without one, skip before starting a server
     """A ComfyPage on the server, with the images the workflows' LoadImage nodes name in its input folder (so
     their previews load: before a user's first run the image is missing and the frontend logs a 404)."""
     from PIL import Image
@@ -264,9 +285,12 @@ def comfy_page(chromium, server):  # chromium first: without one, skip before st
     req = urllib.request.Request(url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
     urllib.request.urlopen(req, timeout=30).close()
     for path in UI_FILES:
-        for node in json.loads(path.read_text())["nodes"]:
+        ui = json.loads(path.read_text())
+        for node in ui["nodes"]:
             if node["type"] == "LoadImage":
                 Image.new("RGBA", (64, 64), (128, 128, 128, 255)).save(tmp / "in" / node["widgets_values"][0])
+        for name, folder in model_files(ui, specs, wt):
+            (tmp / "models" / folder / name).write_bytes(b"")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         try:
