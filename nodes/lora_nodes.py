@@ -95,13 +95,17 @@ def lora_path(filename: str, overwrite: bool = False, folder: str | None = None)
     hold, or that `overwrite` would hide that way."""
     from ..focusfix_core.io import safe_join, unique_path
     folders = _loras_folders()
+    if folder is None and not folders:
+        raise ValueError("no loras folder: ComfyUI's folder_paths lists none (or is not loaded)")
     folder = folders[0] if folder is None else folder
     root = Path(folder).resolve()
-    others = [Path(f) for f in folders if Path(f).resolve() != root]
+    resolved = [Path(f).resolve() for f in folders]
+    # only a folder ComfyUI lists with the others can hide them (a folder of a caller's own hides nothing)
+    others = [Path(f) for f, r in zip(folders, resolved) if r != root] if root in resolved else []
     path = safe_join(folder, filename.strip())
 
-    def elsewhere(p: Path) -> Path | None:  # the other loras folder holding p's name, as loaders list it
-        return next((o for o in others if os.path.lexists(o / p.relative_to(root))), None)
+    def elsewhere(p: Path) -> Path | None:  # the other loras folder holding p's name as a file, as loaders read it
+        return next((o for o in others if os.path.isfile(o / p.relative_to(root))), None)
     if overwrite and not os.path.lexists(path) and (other := elsewhere(path)) is not None:
         raise ValueError(f"filename {filename!r}: {str(path.relative_to(root))!r} is a LoRA in another loras folder, "
                          f"{str(other)!r}; a save goes to {str(root)!r}, where it would hide that file from every "

@@ -371,3 +371,21 @@ def test_a_name_in_another_loras_folder_is_never_hidden(tmp_path_factory, name, 
         assert saved is None or (first / saved).is_file()
         ckpt = PACK.nodes.runs.checkpoint_path(1, name)
         assert ckpt.parent == (first / fname).parent and ckpt.name != fname
+
+
+def test_only_a_file_another_loras_folder_loads_takes_a_name(tmp_path):
+    """Review s29: a dangling link or a folder of that name in another loras folder is nothing a loader reads, so
+    it takes no name; nor does a LoRA in ComfyUI's folders take a name in a folder of a caller's own."""
+    first, theirs, own = tmp_path / "loras", tmp_path / "Lora", tmp_path / "exports"
+    for f in (first, theirs, own):
+        f.mkdir()
+    (theirs / "gone.safetensors").symlink_to(tmp_path / "missing.safetensors")
+    (theirs / "dir.safetensors").mkdir()
+    (theirs / "real.safetensors").write_bytes(b"a LoRA")
+    with _Comfy(first, theirs):
+        assert L.lora_path("gone", overwrite=True) == first / "gone.safetensors"
+        assert L.lora_path("dir") == first / "dir.safetensors"
+        assert L.lora_path("real") == first / "real_00001.safetensors"
+        assert L.lora_path("real", overwrite=True, folder=str(own)) == own / "real.safetensors"
+        with pytest.raises(ValueError, match="another loras folder"):
+            L.lora_path("real", overwrite=True)

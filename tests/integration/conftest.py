@@ -87,7 +87,8 @@ def server(tmp_path_factory):
     custom.mkdir()
     (custom / PACK).symlink_to(REPO, target_is_directory=True)
     (custom / "focusfix_test_tiny").symlink_to(REPO / "tests" / "comfy_testing", target_is_directory=True)
-    # model folders in tmp too (empty unless a test puts files there), so a test never reads the checkout's models
+    # model folders in tmp too (after the checkout's, empty unless a test puts files there): the files a test adds
+    # go to tmp, not into the checkout
     (tmp / "extra.yaml").write_text(f"focusfix_test:\n    base_path: {tmp}\n    custom_nodes: custom_nodes/\n"
                                     + "".join(f"    {d}: models/{d}/\n" for d in MODEL_FOLDERS))
     for d in MODEL_FOLDERS:
