@@ -18,6 +18,14 @@ def test_requirements_txt_is_pyprojects_dependencies_without_torch():
     assert any(d.startswith("torch>=") for d in deps)
 
 
+def test_requires_comfyui_is_the_version_the_train_nodes_need():
+    """The registry's ComfyUI floor (what ComfyUI-Manager warns by) and the Train nodes' own refusal say one version."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib comes with Python 3.11")
+    from pack_loader import load_pack
+    need = load_pack().nodes.adapters.MIN_COMFYUI_TO_TRAIN
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"] == f">={need}"
+
+
 def test_every_docstring_is_valid_utf8_so_python_313_can_compile_it():
     """Python 3.13 strips docstring indentation at compile time, through UTF-8: a lone surrogate in one (a
     non-raw "\\ud800") made its whole file fail to compile there while 3.10-3.12 ran it. Held on any Python."""
