@@ -283,13 +283,15 @@ class FocusFixSaveLoRA:
             preview = image_to_bchw(preview, "preview")
         path = save_lora_data(lora, filename, overwrite, folder, graph_metadata(prompt, extra_pnginfo))
         name = loras_name(path, folder)
-        text = name
+        notes = []
         if preview is not None and save_preview(preview, path, overwrite) is None:
-            text += f"\n(kept the existing {path.stem}.preview.png: turn overwrite on to replace it)"
+            notes.append(f"kept the existing {path.stem}.preview.png: turn overwrite on to replace it")
         elif preview is None and overwrite and drop_preview(path):
-            text += f"\n(removed {path.stem}.preview.png: it showed the LoRA this one replaced)"
+            notes.append(f"removed {path.stem}.preview.png: it showed the LoRA this one replaced")
         log.info(f"saved LoRA {name} in {folder} ({lora!r})")
-        return {"ui": {"text": [text]}, "result": (name,)}
+        for note in notes:  # the core frontend draws no text a node returns: the log is where an artist sees it
+            log.warning(f"Save LoRA: {note}")
+        return {"ui": {"text": ["\n".join([name, *(f"({n})" for n in notes)])]}, "result": (name,)}
 
 
 def loras_name(path: Path, folder: str | None = None) -> str:

@@ -88,25 +88,36 @@ def test_nodes_do_not_overlap(ui):
                 f"{a.get('title') or a['type']} #{a['id']} {A} overlaps {b.get('title') or b['type']} #{b['id']} {B}")
 
 
-# Frontends from 1.42 draw titles in Inter 14 px (they ship the font, so every artist sees the same widths) and
-# widen a node to its title's width + 40 px (litegraph's computeSize: a title-bar height before the text, a third
-# of one after), over its neighbours. Inter takes about 7 px a character in these titles (246 px for the 35 of
-# 'Loss / reward / outside-mask change'); 7.5 leaves room for wide letters.
-TITLE_PX_PER_CHAR, TITLE_PADDING = 7.5, 40
+# Frontends from 1.42 draw titles in Inter 14 px (they ship the font, so every artist sees the same widths) and cut
+# a title wider than the node less two title-bar heights (60 px) to "..." (litegraph's drawTitleText; the
+# frontend's 1.27 drew Arial, narrower). Inter's advance widths at 14 px, in px, for the characters titles use
+# (measured with Pillow from comfyui_frontend_package 1.58.1's inter-latin-normal.woff2); others count as 'W'.
+INTER_14 = {3.4: "ijl", 3.8: "I", 3.9: " ", 4.0: "!,.:", 4.2: "';", 4.5: "`", 4.6: "t", 4.7: "|", 5.0: "/\\",
+            5.1: "()[]", 5.2: "f", 5.3: "r", 5.7: "1", 6.0: "{}", 6.4: "-_", 6.5: '"', 6.6: "^", 7.0: "*", 7.2: "?",
+            7.4: "s", 7.6: "x", 7.7: "kz", 7.9: "7Lavy", 8.0: "Jc", 8.2: "e", 8.3: "5Fhnu", 8.4: "Eo", 8.5: "2",
+            8.6: "3bdgpq", 8.7: "689", 8.8: "0Z", 8.9: "#P", 9.0: "$&4RST", 9.2: "B", 9.3: "+<=>~", 9.4: "K",
+            9.5: "XY", 9.7: "AV", 10.1: "D", 10.2: "C", 10.4: "HU", 10.5: "GN", 10.7: "OQ", 11.5: "w", 12.3: "m",
+            12.6: "M", 13.5: "@", 13.8: "%W"}
+TITLE_MARGIN = 60
 STOCK_DISPLAY_NAMES = {"CLIPVisionLoader": "Load CLIP Vision", "CheckpointLoaderSimple": "Load Checkpoint",
                        "EmptyLatentImage": "Empty Latent Image", "MaskToImage": "Convert Mask to Image",
                        "SaveImage": "Save Image", "VAEDecode": "VAE Decode", "PreviewImage": "Preview Image",
                        "PreviewAny": "Preview Any", "CLIPTextEncode": "CLIP Text Encode (Prompt)"}
 
 
+def title_width(title: str) -> float:
+    width = {c: w for w, chars in INTER_14.items() for c in chars}
+    return sum(width.get(c, width["W"]) for c in title)
+
+
 def test_titles_fit_their_nodes(ui):
-    """Review s29 (frontend 1.58.1): 'Loss / reward / outside-mask change' grew its 270 px node to 286 px, over
-    the Report node beside it, its title cut short."""
+    """Review s29 (frontend 1.58.1): 'Loss / reward / outside-mask change' was drawn cut short, and its node grew
+    over the Report node beside it."""
     from pack_loader import load_pack
     names = {**STOCK_DISPLAY_NAMES, **load_pack().NODE_DISPLAY_NAME_MAPPINGS}
     for n in ui["nodes"]:
         title = n.get("title") or names.get(n["type"], n["type"])
-        need = len(title) * TITLE_PX_PER_CHAR + TITLE_PADDING
+        need = title_width(title) + TITLE_MARGIN
         assert need <= n["size"][0], f"#{n['id']} title {title!r} needs ~{need:.0f} px, its node is {n['size'][0]}"
 
 

@@ -44,6 +44,9 @@ def all_specs() -> dict:
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT, UPLOAD_PREVIEW, MARGIN = 30, 20, 24, 54, 232, 14
 FRONTEND_MULTILINE = {"PreviewAny": 1}
 MIN_NODE_HEIGHT = {"PreviewImage": 246, "SaveImage": 270, "PreviewAny": 122}
+# Room a run adds: Train Focus-N-Fix shows its progress preview below its widgets, and the frontend grows the node
+# by about 204 px for it (and keeps that size), unless the node has about 210 px free there already.
+RUN_PREVIEW_HEIGHT = {"FocusFixTrainFocusNFix": 220}
 
 
 def node_height(class_type: str, spec: dict, sockets: int) -> int:
@@ -53,7 +56,7 @@ def node_height(class_type: str, spec: dict, sockets: int) -> int:
             WIDGET_HEIGHT + (UPLOAD_PREVIEW if kind == "upload" else 0) for name, kind in wt.widget_slots(spec)]
     rows += [MULTILINE_HEIGHT] * FRONTEND_MULTILINE.get(class_type, 0)
     height = MARGIN + SLOT_HEIGHT * max(sockets, len(spec["outputs"])) + sum(rows)
-    return max(height, MIN_NODE_HEIGHT.get(class_type, 0))
+    return max(height, MIN_NODE_HEIGHT.get(class_type, 0)) + RUN_PREVIEW_HEIGHT.get(class_type, 0)
 
 
 class Graph:
@@ -167,10 +170,23 @@ def _preview(g, src, output, pos, title=None):
     return p
 
 
-def _text(g, src, output, pos, title=None):
+def _text(g, src, output, pos, title=None, size=None):
     p = g.add("PreviewAny", pos, title=title)
     g.link(src, output, p, "source")
+    if size is not None:  # room to read a long text (a Train node's report) without scrolling
+        p["size"] = list(size)
     return p
+
+
+def _save(g, train, pos, filename, thumbnail=True, name_pos=None):
+    """Save LoRA of `train`'s LoRA (its after image as the thumbnail), and a Preview Any beside it that shows the
+    name the file was saved under: ComfyUI draws no text output on the node itself."""
+    save = g.add("FocusFixSaveLoRA", pos, filename=filename)
+    g.link(train, "lora", save, "lora")
+    if thumbnail:
+        g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
+    _text(g, save, "lora_name", name_pos or (pos[0] + 340, pos[1]), "Saved LoRA")
+    return save
 
 
 NOTE_1 = """FIX A REGION YOU PAINT (Focus-N-Fix)
@@ -246,14 +262,12 @@ def fix_painted_region(specs) -> dict:
     _preview(g, train, "before", (820, -250), "Before (trainer)")
     _preview(g, train, "after", (1100, -250), "After (trainer)")
     _preview(g, train, "curve", (820, 50), "Training curves")
-    _text(g, train, "report", (1100, 50), "Report")
-    save = g.add("FocusFixSaveLoRA", (820, 350), filename="focusfix/painted_fix")
-    g.link(train, "lora", save, "lora")
-    g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
+    _text(g, train, "report", (1100, 50), "Report", size=(420, 260))
+    _save(g, train, (820, 350), "focusfix/painted_fix")
     apply = g.add("FocusFixApplyLoRA", (820, 550), strength=1.0)
     g.link(ck, "MODEL", apply, "model")
     g.link(train, "lora", apply, "lora")
-    pos, neg, lat = _prompts(g, ck, "a photo of a woman waving her hand", x=400, y=900)
+    pos, neg, lat = _prompts(g, ck, "a photo of a woman waving her hand", x=400, y=1150)
     _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 820, 800, "KSampler (base)", "focusfix/before")
     _sampler(g, (apply, "model"), pos, neg, lat, ck, 820, 1100, "KSampler (with the LoRA)", "focusfix/after")
     return g.ui()
@@ -266,7 +280,7 @@ def fix_what_reward_dislikes(specs) -> dict:
     reward = g.add("FocusFixLoadReward", (0, 450), reward_name="builtin:sharpness")
     prompt = "a photo of a cat on a sofa"
     pos, neg, lat = _prompts(g, ck, prompt, x=0, y=800)
-    image = _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 400, 800, "KSampler", "focusfix/sample")
+    image = _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 400, 1050, "KSampler", "focusfix/sample")
     score = g.add("FocusFixScoreImages", (1300, 500))
     g.link(image, "IMAGE", score, "image")
     g.link(reward, "reward", score, "reward")
@@ -292,9 +306,7 @@ def fix_what_reward_dislikes(specs) -> dict:
     _preview(g, cmp_, "grid", (1150, -250), "before | after | change")
     _text(g, cmp_, "text", (1450, -250), "Numbers")
     _preview(g, train, "curve", (1150, 50), "Training curves")
-    save = g.add("FocusFixSaveLoRA", (820, 250), filename="focusfix/reward_fix")
-    g.link(train, "lora", save, "lora")
-    g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
+    _save(g, train, (820, 350), "focusfix/reward_fix", name_pos=(820, 520))
     return g.ui()
 
 
@@ -314,8 +326,7 @@ def separate_and_enhance(specs) -> dict:
     _preview(g, train, "curve", (800, 0), "Training curves")
     _preview(g, train, "attention_before", (1100, 0), "Maps before (training view)")
     _preview(g, train, "attention_after", (1400, 0), "Maps after (training view)")
-    save = g.add("FocusFixSaveLoRA", (800, 300), filename="focusfix/cat_and_dog")
-    g.link(train, "lora", save, "lora")
+    _save(g, train, (800, 300), "focusfix/cat_and_dog", thumbnail=False)
     apply = g.add("FocusFixApplyLoRA", (800, 500), strength=1.0)
     g.link(ck, "MODEL", apply, "model")
     g.link(train, "lora", apply, "lora")
@@ -356,7 +367,7 @@ def fix_with_aesthetic_safety(specs) -> dict:
     g.link(safety, "reward", reward, "reward_b")
     prompt = "a portrait photo of a woman in a garden"
     pos, neg, lat = _prompts(g, ck, prompt, x=0, y=950)
-    image = _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 400, 950, "KSampler", "focusfix/sample")
+    image = _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 400, 1150, "KSampler", "focusfix/sample")
     score = g.add("FocusFixScoreImages", (1300, 800))
     g.link(image, "IMAGE", score, "image")
     g.link(reward, "reward", score, "reward")
@@ -380,9 +391,7 @@ def fix_with_aesthetic_safety(specs) -> dict:
     _preview(g, cmp_, "grid", (1150, -150), "before | after | change")
     _text(g, cmp_, "text", (1450, -150), "Numbers")
     _preview(g, train, "curve", (1150, 150), "Training curves")
-    save = g.add("FocusFixSaveLoRA", (820, 350), filename="focusfix/aesthetic_safety_fix")
-    g.link(train, "lora", save, "lora")
-    g.link(train, "after", save, "preview")  # the LoRA's thumbnail in LoRA lists
+    _save(g, train, (820, 450), "focusfix/aesthetic_safety_fix")
     return g.ui()
 
 

@@ -33,7 +33,7 @@ SKIP_REASON = ("COMFYUI_DIR is not set: ComfyUI integration tests skipped "
 # Another frontend for the `server` fixture (ComfyUI's --front-end-root): the `static` folder of a
 # comfyui_frontend_package, to check the workflows in a newer frontend than the checkout's requirements pin.
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT", "")
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "focusfix_rewards")  # the server's, under its temp folder
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "focusfix_rewards", "loras")  # the server's, under its temp folder
 
 
 def load_tool(name: str):
@@ -87,9 +87,10 @@ def server(tmp_path_factory):
     custom.mkdir()
     (custom / PACK).symlink_to(REPO, target_is_directory=True)
     (custom / "focusfix_test_tiny").symlink_to(REPO / "tests" / "comfy_testing", target_is_directory=True)
-    # model folders in tmp too (after the checkout's, empty unless a test puts files there): the files a test adds
-    # go to tmp, not into the checkout
+    # model folders in tmp, first (is_default: a Save LoRA queued here writes there, not into the checkout), empty
+    # unless a test puts files there
     (tmp / "extra.yaml").write_text(f"focusfix_test:\n    base_path: {tmp}\n    custom_nodes: custom_nodes/\n"
+                                    f"focusfix_test_models:\n    base_path: {tmp}\n    is_default: true\n"
                                     + "".join(f"    {d}: models/{d}/\n" for d in MODEL_FOLDERS))
     for d in MODEL_FOLDERS:
         (tmp / "models" / d).mkdir(parents=True)
