@@ -8,7 +8,9 @@ For each workflows/*.json, loaded with `app.loadGraphData` the way the frontend 
   (`workflow_tools.widget_slots`: control_after_generate and image upload slots included), and saving the loaded
   graph writes the same `widgets_values` and links back;
 - `app.graphToPrompt()` gives the API twin workflows/api/<name>.json and `workflow_tools.ui_to_api`'s prompt;
-- every node shows its title, and each input that /object_info gives a tooltip is a widget or a slot on it.
+- every node shows its title, and each input that /object_info gives a tooltip is a widget or a slot on it;
+- and workflow 2, queued in the page on the test-only tiny checkpoint, runs and leaves every node its stored size
+  (the progress preview Train Focus-N-Fix shows included), with the saved LoRA's name in its Preview Any.
 
 Run (Playwright and Chromium are test-only tools, not project dependencies):
     apt-get install -y chromium && <comfy venv>/bin/pip install playwright   # no `playwright install` needed
@@ -126,6 +128,23 @@ class ComfyPage:
             if then:
                 result["then"] = page.evaluate(then)
             return result
+        finally:
+            context.close()
+
+    def run(self, ui: dict, sizes: dict, timeout_s: float = 300) -> tuple[dict, str | None, list]:
+        """Load `ui`, set the widgets named in `sizes`, queue it as the Run button does and wait until ComfyUI
+        says it ended: (what `load` returns, how it ended, AFTER_RUN_JS's look at the nodes 2.5 s later)."""
+        context = self.browser.new_context(viewport={"width": 1600, "height": 1000})
+        try:
+            page = context.new_page()
+            page.goto(self.url, timeout=LOAD_TIMEOUT_MS)
+            page.wait_for_function(READY_JS, timeout=LOAD_TIMEOUT_MS)
+            page.wait_for_timeout(1500)
+            loaded = page.evaluate(LOAD_JS, ui)
+            page.evaluate(RUN_JS, sizes)
+            page.wait_for_function("() => window.__ended !== null", timeout=timeout_s * 1000, polling=500)
+            page.wait_for_timeout(2500)  # outputs and previews are drawn after the end message
+            return loaded, page.evaluate("() => window.__ended"), page.evaluate(AFTER_RUN_JS)
         finally:
             context.close()
 
@@ -380,3 +399,35 @@ def test_randomize_changes_the_seed_only_after_the_prompt(comfy_page):
     for prompt in (got["prompt"], got["then"]["sent"]):
         assert [prompt[i]["inputs"]["seed"] for i in ids] == [123] * len(ids)
     assert all(got["then"]["next"][i]["inputs"]["seed"] != 123 for i in ids)  # "randomize" was in effect
+
+
+# Queue the loaded graph as the Run button does, and note when ComfyUI says it ended.
+RUN_JS = """async (sizes) => {
+    for (const n of app.graph.nodes) for (const w of (n.widgets ?? [])) if (w.name in sizes) w.value = sizes[w.name];
+    window.__ended = null;
+    for (const t of ['execution_success', 'execution_error', 'execution_interrupted'])
+        app.api.addEventListener(t, () => { window.__ended = t; });
+    await app.queuePrompt(0, 1);
+}"""
+AFTER_RUN_JS = """() => app.graph.nodes.map(n => ({id: Number(n.id), type: n.type, title: n.title, size: [...n.size],
+    text: (n.widgets ?? []).filter(w => w.name === 'preview' || w.name === 'preview_text').map(w => w.value)}))"""
+
+
+def test_a_run_leaves_every_node_as_large_as_stored(comfy_page):
+    """Review s29: after a run, Train Focus-N-Fix had grown 204 px for its progress preview (the frontend keeps the
+    room), over the KSampler and VAE Decode below it; and Save LoRA's name showed nowhere. Workflow 2 on the tiny
+    checkpoint, queued in the page: every node keeps its stored size, and the Saved LoRA box shows the file."""
+    ui = json.loads((REPO / "workflows" / "focusfix_2_fix_what_reward_dislikes.json").read_text())
+    for node in ui["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":  # same outputs; its box keeps its stored size
+            node["type"], node["widgets_values"] = "FocusFixTestTinyCheckpoint", ["sd15", 0, "fixed"]
+    sizes = {"width": 64, "height": 64, "steps": 3, "iterations": 2, "K": 1, "resolution": 4}
+    loaded, ended, after = comfy_page.run(ui, sizes)
+    assert loaded["missing"] == [] and ended == "execution_success", (loaded["missing"], ended)
+    stored = {n["id"]: n["size"] for n in ui["nodes"]}
+    grown = [f"#{n['id']} {n['title']}: {n['size']} (stored {stored[n['id']]})" for n in after
+             if n["type"] != "FocusFixTestTinyCheckpoint" and not same(n["size"], stored[n["id"]])]
+    assert not grown, grown
+    saved = next(n for n in after if n["title"] == "Saved LoRA")
+    assert saved["text"] and saved["text"][0].startswith("focusfix/reward_fix") and saved["text"][0].endswith(
+        ".safetensors"), saved
