@@ -1,5 +1,6 @@
 """requirements.txt (what ComfyUI's Manager installs into ComfyUI's python) says what pyproject.toml says, less
 torch, which comes with ComfyUI: a bound raised in one (kornia 0.8.2 for otsu_threshold) must reach both."""
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ def test_requires_comfyui_is_the_version_the_train_nodes_need():
     tomllib = pytest.importorskip("tomllib", reason="tomllib comes with Python 3.11")
     from pack_loader import load_pack
     need = load_pack().nodes.adapters.MIN_COMFYUI_TO_TRAIN
-    assert tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"] == f">={need}"
+    floor = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
+    assert floor == f">={need}"
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", floor)  # comfy-cli takes X.Y.Z only (else it publishes no floor)
 
 
 def test_every_docstring_is_valid_utf8_so_python_313_can_compile_it():

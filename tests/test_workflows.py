@@ -76,10 +76,10 @@ def test_widget_values_match_inputs(ui):
 
 def test_nodes_do_not_overlap(ui):
     """Boxes with their title bars, at the sizes the frontend draws (tests/integration/test_workflows_browser_comfy.py
-    checks those against the real frontend)."""
-    def box(n):
+    checks those against the real frontend, also after a run with latent previews on)."""
+    def box(n):  # with the room latent previews take below a sampling node when they are on
         (x, y), (w, h) = n["pos"], n["size"]
-        return x, y - bw.TITLE_HEIGHT, x + w, y + h
+        return x, y - bw.TITLE_HEIGHT, x + w, y + h + bw.LATENT_PREVIEW_ROOM.get(n["type"], 0)
     nodes = ui["nodes"]
     for i, a in enumerate(nodes):
         for b in nodes[i + 1:]:

@@ -47,6 +47,10 @@ MIN_NODE_HEIGHT = {"PreviewImage": 246, "SaveImage": 270, "PreviewAny": 122}
 # Room a run adds: Train Focus-N-Fix shows its progress preview below its widgets, and the frontend grows the node
 # by about 204 px for it (and keeps that size), unless the node has about 210 px free there already.
 RUN_PREVIEW_HEIGHT = {"FocusFixTrainFocusNFix": 220}
+# Nodes that show ComfyUI's latent previews while they sample, when it runs with them on (--preview-method auto,
+# latent2rgb, taesd): the frontend grows them by about 212 px and keeps that size, so the layout leaves that much
+# free below them (tests/test_workflows.py); Train Focus-N-Fix's room above holds its latent previews too.
+LATENT_PREVIEW_ROOM = {"KSampler": 220, "FocusFixAttentionMaps": 220}
 
 
 def node_height(class_type: str, spec: dict, sockets: int) -> int:
@@ -195,7 +199,7 @@ Pass 1: queue once. 'KSampler (base)' draws the trainer's base image I0 for your
 Pass 2: drag that image onto Load Image (or upload it there), right-click > Open in MaskEditor, paint what should change (hands, a face...) and save. Queue again.
 
 The painted MASK replaces the reward's own localisation: the reward (here sharpness; an aesthetic model from models/focusfix_rewards works the same) is pushed up while everything outside the paint is held to I0 by lam * ||(1-M)(I0 - I)||.
-Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it.
+Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA; once that name is taken, painted_fix_00001... as the Saved LoRA box shows); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it.
 The KSamplers use the trainer's settings (same prompts, seed 0, 20 steps, cfg 5, sampler ddim, scheduler normal): 'KSampler (base)' draws the trainer's I0 and 'KSampler (with the LoRA)' its after image. Change them together: the Train node takes KSampler's sampler_name (ddim, euler, dpmpp_2m) and scheduler too.
 Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Train node's continue_from and queue again: training goes on from that LoRA."""
 
@@ -269,7 +273,7 @@ def fix_painted_region(specs) -> dict:
     g.link(train, "lora", apply, "lora")
     pos, neg, lat = _prompts(g, ck, "a photo of a woman waving her hand", x=400, y=1150)
     _sampler(g, (ck, "MODEL"), pos, neg, lat, ck, 820, 800, "KSampler (base)", "focusfix/before")
-    _sampler(g, (apply, "model"), pos, neg, lat, ck, 820, 1100, "KSampler (with the LoRA)", "focusfix/after")
+    _sampler(g, (apply, "model"), pos, neg, lat, ck, 820, 1320, "KSampler (with the LoRA)", "focusfix/after")
     return g.ui()
 
 
@@ -320,7 +324,7 @@ def separate_and_enhance(specs) -> dict:
         g.link(ck, out, before, inp)
     _preview(g, before, "overlay", (800, -400), "Before: image, cat, dog")
     _text(g, before, "text", (1100, -400), "Before: overlap / peaks")
-    train = g.add("FocusFixTrainSeparateEnhance", (400, 150), prompts=f"{prompt} | {words}", iterations=200)
+    train = g.add("FocusFixTrainSeparateEnhance", (400, 370), prompts=f"{prompt} | {words}", iterations=200)
     g.link(ck, "MODEL", train, "model")
     g.link(ck, "CLIP", train, "clip")
     _preview(g, train, "curve", (800, 0), "Training curves")

@@ -73,10 +73,10 @@ class Server(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, request):
     """A real ComfyUI server (main.py, CPU) with FocusFix in a custom_nodes folder as users install it
     (custom_nodes/ComfyUI-FocusFix), and the test-only tiny pack; outputs, inputs, user data and previews in a temp
-    folder, never in the ComfyUI checkout."""
+    folder, never in the ComfyUI checkout. A test module's SERVER_ARGS (a list) are added to main.py's arguments."""
     if not COMFYUI_DIR:
         pytest.skip(SKIP_REASON)
     if FRONTEND_ROOT and not Path(FRONTEND_ROOT, "index.html").is_file():
@@ -107,7 +107,7 @@ def server(tmp_path_factory):
          "--input-directory", str(tmp / "in"), "--user-directory", str(tmp / "user"),
          "--temp-directory", str(tmp),  # previews go to tmp/temp, not into the ComfyUI checkout
          "--extra-model-paths-config", str(tmp / "extra.yaml")]
-        + (["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else []),
+        + (["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else []) + getattr(request.module, "SERVER_ARGS", []),
         cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", tmp)
     try:

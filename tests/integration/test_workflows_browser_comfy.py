@@ -9,8 +9,9 @@ For each workflows/*.json, loaded with `app.loadGraphData` the way the frontend 
   graph writes the same `widgets_values` and links back;
 - `app.graphToPrompt()` gives the API twin workflows/api/<name>.json and `workflow_tools.ui_to_api`'s prompt;
 - every node shows its title, and each input that /object_info gives a tooltip is a widget or a slot on it;
-- and workflow 2, queued in the page on the test-only tiny checkpoint, runs and leaves every node its stored size
-  (the progress preview Train Focus-N-Fix shows included), with the saved LoRA's name in its Preview Any.
+- and workflows 2 and 3, queued in the page on the test-only tiny checkpoint with latent previews on, train and
+  leave no node covering another (Train Focus-N-Fix keeps its size with its progress preview; sampling nodes grow
+  into the room left below them), with the saved LoRA's name in its Preview Any.
 
 Run (Playwright and Chromium are test-only tools, not project dependencies):
     apt-get install -y chromium && <comfy venv>/bin/pip install playwright   # no `playwright install` needed
@@ -48,6 +49,8 @@ MODEL_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
                  "FocusFixLoadReward": ("reward_name", "focusfix_rewards")}
 SLOT_WIDGET_NAMES = {"control": "control_after_generate", "upload": "upload"}
 LOAD_TIMEOUT_MS = 180_000  # page start on 2 shared cores, beside a CPU ComfyUI
+# Latent previews on, as many artists run ComfyUI: a node that shows them while it samples grows (the run test)
+SERVER_ARGS = ["--preview-method", "latent2rgb"]
 
 
 def find_chromium() -> tuple[str | None, str]:
@@ -131,9 +134,10 @@ class ComfyPage:
         finally:
             context.close()
 
-    def run(self, ui: dict, sizes: dict, timeout_s: float = 300) -> tuple[dict, str | None, list]:
+    def run(self, ui: dict, sizes: dict, timeout_s: float = 300) -> tuple[dict, dict, list]:
         """Load `ui`, set the widgets named in `sizes`, queue it as the Run button does and wait until ComfyUI
-        says it ended: (what `load` returns, how it ended, AFTER_RUN_JS's look at the nodes 2.5 s later)."""
+        says it ended: (what `load` returns, {"ended", "error", "refused"}, AFTER_RUN_JS's look at the nodes
+        2.5 s later)."""
         context = self.browser.new_context(viewport={"width": 1600, "height": 1000})
         try:
             page = context.new_page()
@@ -141,10 +145,12 @@ class ComfyPage:
             page.wait_for_function(READY_JS, timeout=LOAD_TIMEOUT_MS)
             page.wait_for_timeout(1500)
             loaded = page.evaluate(LOAD_JS, ui)
-            page.evaluate(RUN_JS, sizes)
-            page.wait_for_function("() => window.__ended !== null", timeout=timeout_s * 1000, polling=500)
+            refused = page.evaluate(RUN_JS, sizes)
+            if not refused:  # a prompt refused whole never runs: nothing would end
+                page.wait_for_function("() => window.__ended !== null", timeout=timeout_s * 1000, polling=500)
             page.wait_for_timeout(2500)  # outputs and previews are drawn after the end message
-            return loaded, page.evaluate("() => window.__ended"), page.evaluate(AFTER_RUN_JS)
+            ended = page.evaluate("() => ({ended: window.__ended, error: window.__error})") | {"refused": refused}
+            return loaded, ended, page.evaluate(AFTER_RUN_JS)
         finally:
             context.close()
 
@@ -405,29 +411,46 @@ def test_randomize_changes_the_seed_only_after_the_prompt(comfy_page):
 RUN_JS = """async (sizes) => {
     for (const n of app.graph.nodes) for (const w of (n.widgets ?? [])) if (w.name in sizes) w.value = sizes[w.name];
     window.__ended = null;
+    window.__error = null;
     for (const t of ['execution_success', 'execution_error', 'execution_interrupted'])
-        app.api.addEventListener(t, () => { window.__ended = t; });
+        app.api.addEventListener(t, (e) => { window.__ended = t; if (t !== 'execution_success') window.__error = e.detail; });
     await app.queuePrompt(0, 1);
+    const refused = app.lastNodeErrors ?? {};  // what ComfyUI refused when the prompt was queued
+    return Object.keys(refused).length ? refused : null;
 }"""
-AFTER_RUN_JS = """() => app.graph.nodes.map(n => ({id: Number(n.id), type: n.type, title: n.title, size: [...n.size],
+AFTER_RUN_JS = """() => app.graph.nodes.map(n => ({id: Number(n.id), type: n.type, title: n.title, pos: [...n.pos],
+    size: [...n.size],
+    images: (n.imgs ?? []).length,
     text: (n.widgets ?? []).filter(w => w.name === 'preview' || w.name === 'preview_text').map(w => w.value)}))"""
 
 
-def test_a_run_leaves_every_node_as_large_as_stored(comfy_page):
+@pytest.mark.parametrize("name, trainer, saved", [
+    ("focusfix_2_fix_what_reward_dislikes", "FocusFixTrainFocusNFix", "focusfix/reward_fix"),
+    ("focusfix_3_separate_and_enhance", "FocusFixTrainSeparateEnhance", "focusfix/cat_and_dog")])
+def test_after_a_run_no_node_covers_another(comfy_page, bw, name, trainer, saved):
     """Review s29: after a run, Train Focus-N-Fix had grown 204 px for its progress preview (the frontend keeps the
-    room), over the KSampler and VAE Decode below it; and Save LoRA's name showed nowhere. Workflow 2 on the tiny
-    checkpoint, queued in the page: every node keeps its stored size, and the Saved LoRA box shows the file."""
-    ui = json.loads((REPO / "workflows" / "focusfix_2_fix_what_reward_dislikes.json").read_text())
+    room), over the KSampler and VAE Decode below it; with latent previews on, Attention Maps grew over Train
+    Separate-and-Enhance; and Save LoRA's name showed nowhere. The workflow, queued in the page on the tiny
+    checkpoint with latent previews on, trains, and no node then covers another (a sampling node grows into the
+    room left below it); the Saved LoRA box shows the file."""
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     for node in ui["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":  # same outputs; its box keeps its stored size
             node["type"], node["widgets_values"] = "FocusFixTestTinyCheckpoint", ["sd15", 0, "fixed"]
     sizes = {"width": 64, "height": 64, "steps": 3, "iterations": 2, "K": 1, "resolution": 4}
     loaded, ended, after = comfy_page.run(ui, sizes)
-    assert loaded["missing"] == [] and ended == "execution_success", (loaded["missing"], ended)
+    assert loaded["missing"] == [] and ended == {"ended": "execution_success", "error": None, "refused": None}, (
+        loaded["missing"], ended)
+    shown = {n["type"]: n for n in after}
+    assert shown[trainer]["images"] or shown["FocusFixAttentionMaps"]["images"], "nothing was drawn: did it train?"
+    def box(n):  # as drawn, title bar included
+        (x, y), (w, h) = n["pos"], n["size"]
+        return x, y - bw.TITLE_HEIGHT, x + w, y + h
+    covered = [f"#{a['id']} {a['title']} {box(a)} covers #{b['id']} {b['title']} {box(b)}"
+               for i, a in enumerate(after) for b in after[i + 1:]
+               if box(a)[0] < box(b)[2] and box(b)[0] < box(a)[2] and box(a)[1] < box(b)[3] and box(b)[1] < box(a)[3]]
+    assert not covered, covered
     stored = {n["id"]: n["size"] for n in ui["nodes"]}
-    grown = [f"#{n['id']} {n['title']}: {n['size']} (stored {stored[n['id']]})" for n in after
-             if n["type"] != "FocusFixTestTinyCheckpoint" and not same(n["size"], stored[n["id"]])]
-    assert not grown, grown
-    saved = next(n for n in after if n["title"] == "Saved LoRA")
-    assert saved["text"] and saved["text"][0].startswith("focusfix/reward_fix") and saved["text"][0].endswith(
-        ".safetensors"), saved
+    assert same(shown[trainer]["size"], stored[shown[trainer]["id"]]), shown[trainer]  # its previews have room
+    box = next(n for n in after if n["title"] == "Saved LoRA")
+    assert box["text"] and box["text"][0].startswith(saved) and box["text"][0].endswith(".safetensors"), box["text"]
