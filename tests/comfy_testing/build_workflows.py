@@ -195,13 +195,13 @@ def _save(g, train, pos, filename, thumbnail=True, name_pos=None):
 
 NOTE_1 = """FIX A REGION YOU PAINT (Focus-N-Fix)
 
-Pass 1: queue once. 'KSampler (base)' draws the trainer's base image I0 for your prompt and seed (same settings, deterministic, so the same every run) and saves it as output/focusfix/before_*.png. The Train node waits for your mask: Load Image shows a missing-file error until then, which is expected.
-Pass 2: drag that image onto Load Image (or upload it there), right-click > Open in MaskEditor, paint what should change (hands, a face...) and save. Queue again.
+Pass 1: Run once. 'KSampler (base)' draws the trainer's base image I0 for your prompt and seed (same settings, deterministic, so the same every run) and saves it as output/focusfix/before_*.png. The Train node waits for your mask: Load Image is outlined in red (its file is missing) until then, which is expected.
+Pass 2: drag that image onto Load Image (or upload it there), right-click > Open in MaskEditor, paint what should change (hands, a face...) and save. Run again.
 
 The painted MASK replaces the reward's own localisation: the reward (here sharpness; an aesthetic model from models/focusfix_rewards works the same) is pushed up while everything outside the paint is held to I0 by lam * ||(1-M)(I0 - I)||.
 Save LoRA writes models/loras/focusfix/painted_fix.safetensors (loads in the stock Load LoRA; once that name is taken, painted_fix_00001... as the Saved LoRA box shows); Apply LoRA uses it right away in a normal KSampler, beside the same KSampler without it.
 The KSamplers use the trainer's settings (same prompts, seed 0, 20 steps, cfg 5, sampler ddim, scheduler normal): 'KSampler (base)' draws the trainer's I0 and 'KSampler (with the LoRA)' its after image. Change them together: the Train node takes KSampler's sampler_name (ddim, euler, dpmpp_2m) and scheduler too.
-Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Train node's continue_from and queue again: training goes on from that LoRA."""
+Not done yet? Add FocusFix Load LoRA, pick the saved file, connect it to the Train node's continue_from and Run again: training goes on from that LoRA."""
 
 NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 
@@ -210,7 +210,7 @@ NOTE_2 = """FIX WHAT A REWARD DISLIKES (Focus-N-Fix)
 3. Train Focus-N-Fix uses the same values (mask_source heatmap, threshold_mode, threshold, dilation) on its own base images I0, and trains a LoRA that raises the reward inside M while keeping the rest.
 4. Compare shows before | after | change, the reward before/after and the change inside vs outside the mask (outside should stay near 0).
 
-TUNE THE MASK BEFORE TRAINING: a Queue runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image, right-click > Queue Selected Output Nodes, tune, then Queue.
+TUNE THE MASK BEFORE TRAINING: Run runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image and click the play button in the toolbar above it (or its ... menu > Run Branch) to run only that branch; tune, then Run.
 
 Another reward: one with a heatmap works as it is. One without (aesthetic, safety: workflow 5) needs mask_source saliency on Saliency Mask and the Train node: gradient sensitivity |dr/dI|, where a change moves the score most. That is not a map of what is bad (for sharpness it marks the parts that are already sharp), so use it only when the reward has no heatmap.
 
@@ -246,7 +246,7 @@ HOW IT RUNS
 3. Train Focus-N-Fix (mask_source saliency, same values) raises r inside M and holds the rest to I0. Learned rewards can be gamed (pushed up by changes you do not want): set reward_target to the score that is good enough (read it off Score Images), and an image stops being pushed once it gets there.
 4. Compare: before | after | change, r before/after, change inside vs outside M (outside should stay near 0).
 
-TUNE THE MASK BEFORE TRAINING: a Queue runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image, right-click > Queue Selected Output Nodes, tune, then Queue.
+TUNE THE MASK BEFORE TRAINING: Run runs the whole graph, and ComfyUI starts the Train node early (it feeds a preview). To see and tune the mask first, select the Saliency Mask's Preview Image and click the play button in the toolbar above it (or its ... menu > Run Branch) to run only that branch; tune, then Run.
 
 MEMORY: each reward holds a CLIP ViT-L/14 tower, 1.14 GiB in fp32. On an 8-12 GB card set precision bf16 on both Load Reward nodes: 0.57 GiB each."""
 

@@ -57,7 +57,7 @@ def test_queue_a_workflow_over_http(server, wt):
 
 
 def test_the_mask_can_be_tuned_before_any_training(server, wt):
-    """Workflows 2 and 5 say: 'Queue Selected Output Nodes' on the Saliency Mask's preview shows the mask
+    """Workflows 2 and 5 say: run only the Saliency Mask's preview (the toolbar's play button) to see the mask
     without training (a whole Queue starts the Train node early). The frontend sends that as
     partial_execution_targets; only the preview's own inputs may run."""
     api = wt.shrink(wt.swap_loader(json.loads(

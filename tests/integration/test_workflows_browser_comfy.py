@@ -413,7 +413,10 @@ RUN_JS = """async (sizes) => {
     window.__ended = null;
     window.__error = null;
     for (const t of ['execution_success', 'execution_error', 'execution_interrupted'])
-        app.api.addEventListener(t, (e) => { window.__ended = t; if (t !== 'execution_success') window.__error = e.detail; });
+        app.api.addEventListener(t, (e) => {
+            window.__ended = t;
+            if (t !== 'execution_success') window.__error = e.detail;
+        });
     await app.queuePrompt(0, 1);
     const refused = app.lastNodeErrors ?? {};  // what ComfyUI refused when the prompt was queued
     return Object.keys(refused).length ? refused : null;
