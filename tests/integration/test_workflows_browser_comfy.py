@@ -18,7 +18,8 @@ Run (Playwright and Chromium are test-only tools, not project dependencies):
     COMFYUI_DIR=/path/to/ComfyUI <comfy venv>/bin/python -m pytest tests/integration/test_workflows_browser_comfy.py
 Skipped, with the reason shown, without COMFYUI_DIR, without playwright, or without a Chromium (FOCUSFIX_CHROMIUM,
 else /usr/bin/chromium, else chromium, chromium-browser or google-chrome on PATH). COMFYUI_FRONTEND_ROOT (conftest.py)
-runs them in another frontend than the one ComfyUI pins: 1.27.10 (ComfyUI 0.3.64's), 1.30.6 and 1.58.1 pass.
+runs them in another frontend than the one ComfyUI pins: 1.27.10 (ComfyUI 0.3.64's), 1.30.6, 1.50.6 and 1.58.1
+pass.
 """
 from __future__ import annotations
 
