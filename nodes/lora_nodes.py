@@ -277,8 +277,7 @@ class FocusFixSaveLoRA:
         return True
 
     def execute(self, lora, filename, overwrite, preview=None, prompt=None, extra_pnginfo=None):
-        import folder_paths
-        folder = folder_paths.get_folder_paths("loras")[0]
+        folder = _loras_folders()[0]
         if preview is not None:  # a wrong input is refused before anything is written
             preview = image_to_bchw(preview, "preview")
         path = save_lora_data(lora, filename, overwrite, folder, graph_metadata(prompt, extra_pnginfo))
@@ -297,8 +296,5 @@ class FocusFixSaveLoRA:
 def loras_name(path: Path, folder: str | None = None) -> str:
     """A file's name as Load LoRA lists it: relative to the loras folder (`folder`; None = ComfyUI's first),
     with the OS's separator as ComfyUI's list has it (`focusfix\\x.safetensors` on Windows)."""
-    if folder is None:
-        import folder_paths
-        folder = folder_paths.get_folder_paths("loras")[0]
-    root = Path(folder).resolve()
+    root = Path(_loras_folders()[0] if folder is None else folder).resolve()
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)

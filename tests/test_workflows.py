@@ -105,9 +105,11 @@ STOCK_DISPLAY_NAMES = {"CLIPVisionLoader": "Load CLIP Vision", "CheckpointLoader
                        "PreviewAny": "Preview Any", "CLIPTextEncode": "CLIP Text Encode (Prompt)"}
 
 
+_INTER_WIDTH = {c: w for w, chars in INTER_14.items() for c in chars}
+
+
 def title_width(title: str) -> float:
-    width = {c: w for w, chars in INTER_14.items() for c in chars}
-    return sum(width.get(c, width["W"]) for c in title)
+    return sum(_INTER_WIDTH.get(c, _INTER_WIDTH["W"]) for c in title)
 
 
 def test_titles_fit_their_nodes(ui):
